@@ -1,0 +1,30 @@
+"""Telemetry: events, metrics, health scores, costs and the usage ledger.
+
+Layers inside: ``events`` (immutable facts) <- ``metrics``, ``health``,
+``costs``, ``ledger`` (pure state, owned by one task) <- ``handler`` (the
+``TelemetryHandler`` actor that owns them all). ``sender.Telemetry`` is the
+hot path's non-blocking way in. The public names are re-exported here.
+"""
+
+from .costs import ModelPrice as ModelPrice
+from .costs import cost_of as cost_of
+from .costs import estimate_costs as estimate_costs
+from .costs import price_for as price_for
+from .events import ActorRestarted as ActorRestarted
+from .events import AttemptFinished as AttemptFinished
+from .events import BreakerTransition as BreakerTransition
+from .events import Event as Event
+from .events import FailoverEvent as FailoverEvent
+from .events import ProviderRegistered as ProviderRegistered
+from .events import ProviderStatusEvent as ProviderStatusEvent
+from .events import ProviderUnregistered as ProviderUnregistered
+from .events import RequestFinished as RequestFinished
+from .events import RetryScheduled as RetryScheduled
+from .health import HealthParams as HealthParams
+from .health import HealthTracker as HealthTracker
+from .health import HealthView as HealthView
+from .ledger import UsageLedger as UsageLedger
+from .metrics import TelemetryMetrics as TelemetryMetrics
+from .metrics import render_prometheus as render_prometheus
+from .sender import ExtraGauges as ExtraGauges
+from .sender import Telemetry as Telemetry

@@ -1,0 +1,125 @@
+"""The hot path's side of telemetry: emit events without ever waiting.
+
+:class:`Telemetry` is the one object request code holds. ``emit`` hands an
+event to the ``TelemetryHandler`` with a non-blocking ``try_cast``; when the
+mailbox is full, or the handler is down between a crash and its restart, the
+event is counted in ``dropped`` and forgotten. Nothing here raises into the
+request or yields to the scheduler. The handler is found by name on every
+emit (through the runtime's named reference), so a restarted handler is picked
+up without anyone re-wiring. Gauges that must be exact at any instant (requests
+in flight, cache hits and misses) are plain ints kept here rather than events,
+since only the single-threaded request code writes them; the handler reads
+them when it renders ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+__all__ = ["HANDLER_NAME", "ExtraGauges", "Telemetry"]
+
+HANDLER_NAME = "telemetry_handler"
+
+
+@attrs.frozen
+class ExtraGauges:
+    """Values the handler does not own, passed to it for one ``/metrics`` render."""
+
+    in_flight: dict[str, int] = attrs.field(factory=dict)
+    dropped: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    breaker_states: dict[str, str] | None = None
+
+
+def _resolver(target: Any) -> Callable[[], Any]:
+    """A function returning the handler's ref (or None) from what we were given."""
+    if hasattr(target, "try_cast"):
+        return lambda: target
+    if callable(target):
+        return target
+    from runestone.runtime import NamedRef
+
+    ref = NamedRef(target, HANDLER_NAME)
+    return lambda: ref
+
+
+class Telemetry:
+    """Non-blocking sender of telemetry events, plus exact hot-path gauges.
+
+    ``target`` is a runtime registry (the handler is looked up by the name
+    ``"telemetry_handler"``), an actor ref with ``try_cast``, or a zero-argument
+    callable returning such a ref or None. All methods except
+    :meth:`metrics_text` are synchronous, O(1) and never raise.
+    """
+
+    __slots__ = ("_resolve", "dropped", "in_flight", "cache_hits", "cache_misses")
+
+    def __init__(self, target: Any):
+        self._resolve = _resolver(target)
+        #: Events that could not be handed to the handler.
+        self.dropped = 0
+        #: provider -> client requests being served right now.
+        self.in_flight: dict[str, int] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def emit(self, event: Any) -> None:
+        """Hand ``event`` to the handler now, or count it as dropped."""
+        try:
+            ref = self._resolve()
+            if ref is not None and ref.try_cast(event):
+                return
+        except Exception:
+            # A dead or missing handler must cost the request nothing but a count.
+            pass
+        self.dropped += 1
+
+    def request_started(self, provider: str, model: str | None = None) -> None:
+        in_flight = self.in_flight
+        in_flight[provider] = in_flight.get(provider, 0) + 1
+
+    def request_ended(self, provider: str, model: str | None = None) -> None:
+        in_flight = self.in_flight
+        n = in_flight.get(provider, 0) - 1
+        # Kept at zero rather than deleted: a series that vanishes and returns
+        # reads as a reset to Prometheus.
+        in_flight[provider] = n if n > 0 else 0
+
+    def cache_result(self, hit: bool) -> None:
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+
+    def gauges(self, breaker_states: dict[str, str] | None = None) -> ExtraGauges:
+        """A copy of this sender's gauges, to pass to the handler's ``metrics`` call."""
+        return ExtraGauges(
+            in_flight=dict(self.in_flight),
+            dropped=self.dropped,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
+            breaker_states=breaker_states,
+        )
+
+    async def metrics_text(self, *, timeout: float = 5.0, breaker_states: dict[str, str] | None = None) -> bytes:
+        """The full ``/metrics`` body: asks the handler to render with our gauges.
+
+        Not for the hot path: it waits on the handler's mailbox (``call``).
+        Raises whatever the ref's ``call`` raises when the handler is down.
+        """
+        ref = self._resolve()
+        if ref is None:
+            raise LookupError(f"{HANDLER_NAME} is not running")
+        return await ref.call(("metrics", self.gauges(breaker_states)), timeout=timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "dropped": self.dropped,
+            "in_flight": dict(self.in_flight),
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+        }
