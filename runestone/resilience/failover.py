@@ -1,0 +1,313 @@
+"""Failover groups and the strategies that order a group's providers for one request.
+
+A failover group names the providers a request may move between when one fails,
+and how to order them (``STRATEGIES``). ``order_candidates`` is the pure
+ordering; ``GroupSelector.select`` applies a group to the providers registered
+now and advances the group's round-robin counter. Both run in the caller's task
+and read only immutable inputs, so the request path never waits on the
+``FailoverManager``'s mailbox: the manager owns the groups and publishes them,
+the selector reads what was published.
+
+Whatever the strategy, providers whose breaker refuses them right now go last
+(they may be due for a probe by the time the earlier ones have failed), and in
+``select`` providers below the group's health threshold go after the healthy ones.
+"""
+
+from __future__ import annotations
+
+import math
+import random as _random
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import attrs
+
+from runestone.resilience.breaker import CLOSED, OPEN, BreakerView, Published
+
+__all__ = [
+    "STRATEGIES",
+    "DEFAULT_GROUP",
+    "DEFAULT_CAPABILITIES",
+    "GroupSpec",
+    "ProviderInfo",
+    "RouteState",
+    "FailoverEvent",
+    "GroupSelector",
+    "order_candidates",
+    "breaker_blocks",
+]
+
+STRATEGIES = frozenset({"round_robin", "priority", "load_balanced", "least_loaded", "fastest_first", "cost"})
+DEFAULT_GROUP = "default"
+DEFAULT_CAPABILITIES = frozenset({"streaming", "tools", "vision"})
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _strategy(_inst: object, _attribute: attrs.Attribute, value: str) -> None:
+    if value not in STRATEGIES:
+        raise ValueError(f"unknown failover strategy {value!r}; expected one of {sorted(STRATEGIES)}")
+
+
+@attrs.frozen
+class GroupSpec:
+    """A failover group: which providers, in what order, and how many may be tried.
+
+    An empty ``providers`` tuple is allowed only for the ``default`` group, where it
+    means every registered provider. ``select`` returns at most ``max_attempts``
+    candidates; providers whose health score is below ``health_threshold`` are
+    tried only after the healthy ones.
+    """
+
+    name: str
+    providers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    strategy: str = attrs.field(default="priority", validator=_strategy)
+    max_attempts: int = 3
+    health_threshold: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError("a failover group needs a non-empty name")
+        if not self.providers and self.name != DEFAULT_GROUP:
+            raise ValueError(f"failover group {self.name!r} lists no providers")
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError(f"failover group {self.name!r} lists a provider twice")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"failover group {self.name!r}: max_attempts must be >= 1")
+        if not 0.0 <= self.health_threshold <= 1.0:
+            raise ValueError(f"failover group {self.name!r}: health_threshold must be in [0, 1]")
+
+
+@attrs.frozen
+class ProviderInfo:
+    """What routing needs to know about one registered provider.
+
+    ``models`` lists the model names it serves; an entry ``"*"`` serves any model
+    and an entry ending in ``*`` serves every name with that prefix.
+    ``max_concurrency`` 0 means unlimited.
+    """
+
+    name: str
+    priority: int = 0
+    weight: float = 1.0
+    max_concurrency: int = 0
+    models: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    capabilities: frozenset[str] = attrs.field(default=DEFAULT_CAPABILITIES, converter=frozenset)
+    _prefixes: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"provider {self.name!r}: weight must be >= 0")
+        if self.max_concurrency < 0:
+            raise ValueError(f"provider {self.name!r}: max_concurrency must be >= 0")
+        prefixes = tuple(m[:-1] for m in self.models if m.endswith("*"))
+        object.__setattr__(self, "_prefixes", prefixes)
+
+    def serves(self, model: str) -> bool:
+        if model in self.models:
+            return True
+        for prefix in self._prefixes:
+            if model.startswith(prefix):
+                return True
+        return False
+
+
+@attrs.frozen
+class RouteState:
+    """What the request path read from the published snapshots for one decision.
+
+    ``health`` is a score in [0, 1] (missing: 1.0, nothing known against it);
+    ``ttft_ewma`` the moving average of time to first token in milliseconds;
+    ``cost`` this request's estimated cost per provider, in the pricing table's unit.
+    """
+
+    in_flight: Mapping[str, int] = _EMPTY
+    breakers: Mapping[str, BreakerView] = _EMPTY
+    health: Mapping[str, float] = _EMPTY
+    ttft_ewma: Mapping[str, float] = _EMPTY
+    cost: Mapping[str, float] = _EMPTY
+
+
+@attrs.frozen
+class FailoverEvent:
+    """A telemetry event: a request succeeded on a fallback, or ran out of providers."""
+
+    event: ClassVar[str] = "failover"
+
+    #: "fallback_success" or "fallback_exhausted".
+    kind: str
+    group: str
+    #: The provider that served the request, or the last one tried.
+    provider: str | None
+    attempts: int
+    #: Providers that failed before, in the order they were tried.
+    failed: tuple[str, ...] = ()
+
+
+def breaker_blocks(view: BreakerView | None, now: float | None) -> bool:
+    """Does this breaker refuse requests right now (open and not yet due for a probe)?
+
+    Without ``now`` every open breaker counts as refusing. A half-open breaker
+    does not: whether its probe slot is free is the manager's to decide.
+    """
+    if view is None or view.state == CLOSED or not view.enabled:
+        return False
+    if view.state == OPEN:
+        return now is None or now < view.retry_at  # type: ignore[operator]
+    return False
+
+
+def _by_priority(p: ProviderInfo) -> tuple[int, str]:
+    return (p.priority, p.name)
+
+
+def order_candidates(
+    strategy: str,
+    providers: Sequence[ProviderInfo],
+    state: RouteState,
+    *,
+    rotation: int = 0,
+    rng: Any = _random,
+    now: float | None = None,
+) -> list[str]:
+    """Order ``providers`` by ``strategy``; the names, first to try first.
+
+    * ``round_robin``: the given order, rotated left by ``rotation``.
+    * ``priority``: lower ``priority`` first, ties by name.
+    * ``load_balanced``: a random order in which each provider's chance of coming
+      before the others is proportional to its ``weight`` (weighted sampling
+      without replacement, Efraimidis-Spirakis); weight 0 goes last.
+    * ``least_loaded``: fewest requests in flight first; ties keep the round-robin
+      order, so idle providers share the load.
+    * ``fastest_first``: lowest time-to-first-token average first, then the
+      providers not measured yet.
+    * ``cost``: cheapest estimate first, then those without an estimate; ties by
+      priority.
+
+    Then providers whose breaker refuses them at ``now`` are moved last, keeping
+    their relative order.
+    """
+    n = len(providers)
+    if n == 0:
+        return []
+    if strategy == "priority":
+        ordered = sorted(providers, key=_by_priority)
+    elif strategy == "round_robin" or strategy == "least_loaded":
+        shift = rotation % n
+        ordered = list(providers[shift:]) + list(providers[:shift]) if shift else list(providers)
+        if strategy == "least_loaded":
+            in_flight = state.in_flight
+            ordered.sort(key=lambda p: in_flight.get(p.name, 0))
+    elif strategy == "load_balanced":
+        random = rng.random
+
+        def key(p: ProviderInfo) -> float:
+            # u ** (1/w) for u uniform in (0, 1]: the largest key goes first.
+            if p.weight <= 0:
+                return -1.0
+            return (1.0 - random()) ** (1.0 / p.weight)
+
+        ordered = sorted(providers, key=key, reverse=True)
+    elif strategy == "fastest_first":
+        ttft = state.ttft_ewma
+        inf = math.inf
+        ordered = sorted(providers, key=lambda p: (ttft.get(p.name, inf), p.priority, p.name))
+    elif strategy == "cost":
+        cost = state.cost
+        inf = math.inf
+        ordered = sorted(providers, key=lambda p: (cost.get(p.name, inf), p.priority, p.name))
+    else:
+        raise ValueError(f"unknown failover strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+    breakers = state.breakers
+    if not breakers:
+        return [p.name for p in ordered]
+    names = []
+    blocked = []
+    for p in ordered:
+        (blocked if breaker_blocks(breakers.get(p.name), now) else names).append(p.name)
+    if blocked:
+        names.extend(blocked)
+    return names
+
+
+@attrs.define
+class GroupSelector:
+    """Applies the published failover groups to one request, in the caller's task.
+
+    Made once by whoever builds the tree and shared by the ``FailoverManager``
+    (which publishes into ``groups``) and the request path (which calls
+    ``select``); it outlives manager restarts, so round-robin counters do too.
+    """
+
+    #: Published ``Mapping[str, GroupSpec]``, owned by the ``FailoverManager``.
+    groups: Published = attrs.field(factory=Published)
+    rng: Any = _random
+    #: Per-group count of selections, the round-robin position.
+    rotations: dict[str, int] = attrs.field(factory=dict)
+
+    def group(self, name: str) -> GroupSpec:
+        """The group called ``name``; ``default`` exists even when not configured.
+
+        Raises ``LookupError`` for an unknown group.
+        """
+        groups = self.groups.value
+        spec = groups.get(name) if groups else None
+        if spec is None:
+            if name != DEFAULT_GROUP:
+                raise LookupError(f"no failover group named {name!r}")
+            spec = _DEFAULT_SPEC
+        return spec
+
+    def select(
+        self,
+        group_name: str,
+        providers_info: Sequence[ProviderInfo] | Mapping[str, ProviderInfo],
+        state: RouteState,
+        *,
+        now: float | None = None,
+    ) -> list[str]:
+        """The providers to try for one request, first to try first.
+
+        Synchronous and without any ``await``, so under trio it runs atomically:
+        two concurrent requests never get the same round-robin position. Only
+        members of the group that are in ``providers_info`` (the registered
+        providers) are considered; at most the group's ``max_attempts`` are
+        returned. Raises ``LookupError`` for an unknown group.
+        """
+        spec = self.group(group_name)
+        if isinstance(providers_info, Mapping):
+            if spec.providers:
+                members = [providers_info[n] for n in spec.providers if n in providers_info]
+            else:
+                members = list(providers_info.values())
+        elif spec.providers:
+            by_name = {p.name: p for p in providers_info}
+            members = [by_name[n] for n in spec.providers if n in by_name]
+        else:
+            members = list(providers_info)
+        rotations = self.rotations
+        rotation = rotations.get(group_name, 0)
+        rotations[group_name] = rotation + 1
+        names = order_candidates(spec.strategy, members, state, rotation=rotation, rng=self.rng, now=now)
+        threshold = spec.health_threshold
+        health = state.health
+        if threshold > 0.0 and health:
+            healthy = []
+            unhealthy = []
+            breakers = state.breakers
+            for name in names:
+                if health.get(name, 1.0) >= threshold or breaker_blocks(breakers.get(name), now):
+                    # Blocked ones are already last; keep them there.
+                    healthy.append(name)
+                else:
+                    unhealthy.append(name)
+            if unhealthy:
+                cut = len(healthy)
+                while cut and breaker_blocks(breakers.get(healthy[cut - 1]), now):
+                    cut -= 1
+                names = healthy[:cut] + unhealthy + healthy[cut:]
+        return names[: spec.max_attempts]
+
+
+_DEFAULT_SPEC = GroupSpec(DEFAULT_GROUP)

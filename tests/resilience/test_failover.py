@@ -1,0 +1,137 @@
+"""Failover strategies' orderings, group specs, and the selector's round-robin rotation."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from runestone.resilience.breaker import BreakerView, Published
+from runestone.resilience.failover import (
+    GroupSelector,
+    GroupSpec,
+    ProviderInfo,
+    RouteState,
+    order_candidates,
+)
+
+A = ProviderInfo("a", priority=2, weight=1.0)
+B = ProviderInfo("b", priority=1, weight=3.0)
+C = ProviderInfo("c", priority=1, weight=0.0)
+D = ProviderInfo("d", priority=0, weight=1.0)
+ALL = [A, B, C, D]
+EMPTY = RouteState()
+
+
+def open_view(name: str, retry_at: float) -> BreakerView:
+    return BreakerView(provider=name, state="open", opened_at=0.0, retry_at=retry_at)
+
+
+def test_round_robin_rotates_through_every_position():
+    orders = [order_candidates("round_robin", ALL, EMPTY, rotation=r) for r in range(5)]
+    assert orders == [
+        ["a", "b", "c", "d"],
+        ["b", "c", "d", "a"],
+        ["c", "d", "a", "b"],
+        ["d", "a", "b", "c"],
+        ["a", "b", "c", "d"],
+    ]
+
+
+def test_priority_lower_first_ties_by_name():
+    assert order_candidates("priority", ALL, EMPTY) == ["d", "b", "c", "a"]
+
+
+def test_load_balanced_follows_weights():
+    rng = random.Random(1)
+    first = Counter(order_candidates("load_balanced", [A, B, C], EMPTY, rng=rng)[0] for _ in range(2000))
+    # weights a=1, b=3, c=0: b first ~75%, a ~25%, c never
+    assert first["c"] == 0
+    assert 0.68 < first["b"] / 2000 < 0.82
+    last = Counter(order_candidates("load_balanced", [A, B, C], EMPTY, rng=rng)[-1] for _ in range(200))
+    assert last == {"c": 200}
+
+
+def test_least_loaded_fewest_in_flight_ties_rotate():
+    state = RouteState(in_flight={"a": 3, "b": 0, "c": 1, "d": 0})
+    assert order_candidates("least_loaded", ALL, state, rotation=0) == ["b", "d", "c", "a"]
+    assert order_candidates("least_loaded", ALL, state, rotation=2) == ["d", "b", "c", "a"]
+
+
+def test_fastest_first_measured_then_unmeasured_then_open_breakers():
+    state = RouteState(
+        ttft_ewma={"a": 300.0, "b": 120.0, "c": 50.0},
+        breakers={"c": open_view("c", retry_at=100.0)},
+    )
+    assert order_candidates("fastest_first", ALL, state, now=10.0) == ["b", "a", "d", "c"]
+    # once c is due for a probe it takes its place again
+    assert order_candidates("fastest_first", ALL, state, now=100.0) == ["c", "b", "a", "d"]
+
+
+def test_cost_cheapest_first_unknown_last():
+    state = RouteState(cost={"a": 0.001, "b": 0.01, "d": 0.001})
+    assert order_candidates("cost", ALL, state) == ["d", "a", "b", "c"]
+
+
+def test_open_breakers_go_last_in_every_strategy():
+    state = RouteState(breakers={"d": open_view("d", 50.0), "b": open_view("b", 50.0)})
+    assert order_candidates("priority", ALL, state, now=0.0) == ["c", "a", "d", "b"]
+    assert order_candidates("round_robin", ALL, state, rotation=1, now=0.0) == ["c", "a", "b", "d"]
+
+
+def test_unknown_strategy_and_empty():
+    assert order_candidates("priority", [], EMPTY) == []
+    with pytest.raises(ValueError):
+        order_candidates("random_walk", ALL, EMPTY)
+
+
+def test_group_spec_validation():
+    GroupSpec("default")  # the default group may leave providers implicit
+    with pytest.raises(ValueError):
+        GroupSpec("g")
+    with pytest.raises(ValueError):
+        GroupSpec("g", ("a", "a"))
+    with pytest.raises(ValueError):
+        GroupSpec("g", ("a",), strategy="nope")
+    with pytest.raises(ValueError):
+        GroupSpec("g", ("a",), max_attempts=0)
+    assert GroupSpec("g", ["a", "b"]).providers == ("a", "b")
+
+
+def test_provider_info_model_patterns():
+    p = ProviderInfo("p", models={"gpt-4o", "claude-*"})
+    assert p.serves("gpt-4o") and p.serves("claude-3-haiku")
+    assert not p.serves("gpt-4") and not p.serves("llama")
+    assert ProviderInfo("any", models={"*"}).serves("whatever")
+    assert not ProviderInfo("none").serves("gpt-4o")
+
+
+def test_selector_round_robin_advances_per_call_and_per_group():
+    cell = Published()
+    cell.publish({"g": GroupSpec("g", ("a", "b", "c"), strategy="round_robin", max_attempts=3)})
+    sel = GroupSelector(cell)
+    firsts = [sel.select("g", ALL, EMPTY)[0] for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    # a group only ever offers its own members, in at most max_attempts
+    assert sorted(sel.select("g", ALL, EMPTY)) == ["a", "b", "c"]
+    assert sel.rotations == {"g": 7}
+
+
+def test_selector_truncates_to_max_attempts_and_skips_unregistered():
+    cell = Published({"g": GroupSpec("g", ("x", "a", "b", "d"), strategy="priority", max_attempts=2)})
+    sel = GroupSelector(cell)
+    assert sel.select("g", ALL, EMPTY) == ["d", "b"]
+    assert sel.select("g", {p.name: p for p in ALL}, EMPTY) == ["d", "b"]
+
+
+def test_selector_default_group_covers_all_providers():
+    sel = GroupSelector(Published({}))
+    assert sel.select("default", ALL, EMPTY) == ["d", "b", "c"]  # priority, default max_attempts 3
+    with pytest.raises(LookupError):
+        sel.select("missing", ALL, EMPTY)
+
+
+def test_selector_puts_unhealthy_after_healthy_but_before_open():
+    cell = Published({"g": GroupSpec("g", ("a", "b", "c", "d"), strategy="priority", max_attempts=4, health_threshold=0.5)})
+    sel = GroupSelector(cell)
+    state = RouteState(health={"d": 0.1, "b": 0.9}, breakers={"c": open_view("c", 99.0)})
+    assert sel.select("g", ALL, state, now=0.0) == ["b", "a", "d", "c"]
