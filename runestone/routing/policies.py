@@ -1,0 +1,264 @@
+"""Router policies: which providers may serve one request, and in what order to try them.
+
+``route`` is a pure function of the candidates and of what the request path read
+from the published snapshots (``RouteState``): it runs in the request's own task
+and never waits on an actor. It first filters -- the model, the client's
+``exclude`` and required capabilities, open breakers, full providers, the cost
+and latency ceilings -- then orders what is left by the policy, then moves the
+client's ``prefer`` list to the front. Providers below the health threshold are
+set aside as ``alternatives`` and used only when nothing healthy is left.
+A client states its wishes in the request body's ``runestone`` object, read by
+``parse_requirements``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from runestone.resilience.breaker import DENY, check
+from runestone.resilience.failover import ProviderInfo, RouteState
+
+__all__ = [
+    "POLICIES",
+    "CAPABILITIES",
+    "Requirements",
+    "RouteDecision",
+    "NO_REQUIREMENTS",
+    "parse_requirements",
+    "route",
+    "enhanced_score",
+]
+
+POLICIES = frozenset({"default", "health", "enhanced", "cost"})
+CAPABILITIES = frozenset({"streaming", "tools", "vision", "embeddings"})
+
+_NO_SKIPS: Mapping[str, str] = MappingProxyType({})
+
+
+@attrs.frozen
+class Requirements:
+    """A client's routing wishes for one request (the body's ``runestone`` object).
+
+    ``max_latency_ms`` bounds the provider's average time to first token;
+    ``max_cost`` bounds the request's estimated cost. Unmeasured or unpriced
+    providers pass those bounds: nothing is known against them.
+    """
+
+    policy: str | None = None
+    max_cost: float | None = None
+    max_latency_ms: float | None = None
+    require: frozenset[str] = frozenset()
+    prefer: tuple[str, ...] = ()
+    exclude: frozenset[str] = frozenset()
+
+
+NO_REQUIREMENTS = Requirements()
+
+
+@attrs.frozen
+class RouteDecision:
+    """The outcome of routing one request.
+
+    ``providers``: the ones to try, first to try first. ``alternatives``: providers
+    set aside as unhealthy, to try only after ``providers`` failed. ``skipped``:
+    providers serving the model that were ruled out, with the reason (``excluded``,
+    ``circuit_open``, ``at_capacity``, ``missing_capability:<name>``,
+    ``over_max_cost``, ``over_max_latency``).
+    """
+
+    providers: tuple[str, ...]
+    reason: str
+    alternatives: tuple[str, ...] = ()
+    skipped: Mapping[str, str] = _NO_SKIPS
+
+
+_FIELDS = ("policy", "max_cost", "max_latency_ms", "require", "prefer", "exclude")
+
+
+def _number(obj: Mapping, name: str, *, positive: bool) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"runestone.{name} must be a number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"runestone.{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _names(obj: Mapping, name: str) -> tuple[str, ...]:
+    value = obj.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"runestone.{name} must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def parse_requirements(obj: Any) -> Requirements:
+    """Read the body's ``runestone`` object; ``None`` means no wishes.
+
+    Raises ``ValueError`` whose message names the offending field
+    (``runestone.<field>``), ready to become a 400 for the client.
+    """
+    if obj is None:
+        return NO_REQUIREMENTS
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"runestone must be an object, got {type(obj).__name__}")
+    if not obj:
+        return NO_REQUIREMENTS
+    for key in obj:
+        if key not in _FIELDS:
+            raise ValueError(f"runestone.{key} is not a known field; expected one of {', '.join(_FIELDS)}")
+    policy = obj.get("policy")
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"runestone.policy must be one of {', '.join(sorted(POLICIES))}, got {policy!r}")
+    require = _names(obj, "require")
+    for capability in require:
+        if capability not in CAPABILITIES:
+            raise ValueError(
+                f"runestone.require: unknown capability {capability!r}; expected some of "
+                f"{', '.join(sorted(CAPABILITIES))}"
+            )
+    return Requirements(
+        policy=policy,
+        max_cost=_number(obj, "max_cost", positive=False),
+        max_latency_ms=_number(obj, "max_latency_ms", positive=True),
+        require=frozenset(require),
+        prefer=_names(obj, "prefer"),
+        exclude=frozenset(_names(obj, "exclude")),
+    )
+
+
+# Weights of the ``enhanced`` blend; they sum to 1, so the score stays in [0, 1].
+_W_HEALTH = 0.4
+_W_LATENCY = 0.3
+_W_LOAD = 0.2
+_W_PRIORITY = 0.1
+# The time to first token that scores 0.5 on latency.
+_LATENCY_REF_MS = 500.0
+
+
+def enhanced_score(p: ProviderInfo, state: RouteState, best_priority: int) -> float:
+    """The ``enhanced`` policy's blend, in [0, 1], higher is better::
+
+        0.4 * health                                    (score, 1.0 when unknown)
+      + 0.3 * 500 / (500 + ttft_ms)                     (0.5 when unmeasured)
+      + 0.2 * (1 - in_flight / max_concurrency)         (1 / (1 + in_flight) if unlimited)
+      + 0.1 * 1 / (1 + priority - best_priority)
+    """
+    name = p.name
+    health = state.health.get(name, 1.0)
+    ttft = state.ttft_ewma.get(name)
+    latency = 0.5 if ttft is None else _LATENCY_REF_MS / (_LATENCY_REF_MS + max(ttft, 0.0))
+    in_flight = state.in_flight.get(name, 0)
+    if p.max_concurrency > 0:
+        load = 1.0 - min(in_flight / p.max_concurrency, 1.0)
+    else:
+        load = 1.0 / (1.0 + in_flight)
+    rank = 1.0 / (1.0 + max(p.priority - best_priority, 0))
+    return _W_HEALTH * health + _W_LATENCY * latency + _W_LOAD * load + _W_PRIORITY * rank
+
+
+def _order(policy: str, chosen: list[ProviderInfo], state: RouteState) -> list[ProviderInfo]:
+    if len(chosen) < 2:
+        return chosen
+    if policy == "default":
+        return sorted(chosen, key=lambda p: (p.priority, -p.weight, p.name))
+    if policy == "health":
+        health = state.health
+        return sorted(chosen, key=lambda p: (-health.get(p.name, 1.0), p.priority, p.name))
+    if policy == "cost":
+        cost = state.cost
+        inf = math.inf
+        return sorted(chosen, key=lambda p: (cost.get(p.name, inf), p.priority, p.name))
+    best = min(p.priority for p in chosen)
+    return sorted(chosen, key=lambda p: (-enhanced_score(p, state, best), p.priority, p.name))
+
+
+def route(
+    model: str,
+    candidates: Sequence[ProviderInfo],
+    state: RouteState,
+    *,
+    policy: str = "default",
+    requirements: Requirements = NO_REQUIREMENTS,
+    health_threshold: float = 0.0,
+    now: float,
+) -> RouteDecision:
+    """Pick and order the providers for one request for ``model``.
+
+    The client's ``requirements.policy``, when given, overrides ``policy``.
+    Policies: ``default`` orders by priority, then higher weight; ``health`` by
+    health score; ``enhanced`` by ``enhanced_score``; ``cost`` cheapest estimate
+    first (unpriced last). Ties fall back to priority, then name, so a decision is
+    deterministic. A provider whose breaker is open but due for a probe is kept:
+    the request path asks the breaker manager for the probe slot.
+    """
+    chosen_policy = requirements.policy or policy
+    if chosen_policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {chosen_policy!r}; expected one of {sorted(POLICIES)}")
+    exclude = requirements.exclude
+    require = requirements.require
+    max_cost = requirements.max_cost
+    max_latency = requirements.max_latency_ms
+    in_flight = state.in_flight
+    breakers = state.breakers
+    health = state.health
+    skipped: dict[str, str] | None = None
+    chosen: list[ProviderInfo] = []
+    unhealthy: list[ProviderInfo] = []
+    for p in candidates:
+        if not p.serves(model):
+            continue
+        name = p.name
+        why = None
+        if name in exclude:
+            why = "excluded"
+        elif breakers and check(breakers, name, now) == DENY:
+            why = "circuit_open"
+        elif require and not require <= p.capabilities:
+            why = "missing_capability:" + ",".join(sorted(require - p.capabilities))
+        elif p.max_concurrency and in_flight.get(name, 0) >= p.max_concurrency:
+            why = "at_capacity"
+        elif max_cost is not None and state.cost.get(name, 0.0) > max_cost:
+            why = "over_max_cost"
+        elif max_latency is not None and state.ttft_ewma.get(name, 0.0) > max_latency:
+            why = "over_max_latency"
+        if why is not None:
+            if skipped is None:
+                skipped = {}
+            skipped[name] = why
+        elif health_threshold > 0.0 and health.get(name, 1.0) < health_threshold:
+            unhealthy.append(p)
+        else:
+            chosen.append(p)
+
+    reason = "policy=" + chosen_policy
+    if not chosen:
+        if unhealthy:
+            chosen, unhealthy = unhealthy, []
+            reason += "; only providers below the health threshold are left"
+        elif skipped:
+            reason = f"every provider of model {model!r} was ruled out"
+        else:
+            reason = f"no provider serves model {model!r}"
+    ordered = _order(chosen_policy, chosen, state)
+    if requirements.prefer and len(ordered) > 1:
+        rank = {name: i for i, name in enumerate(requirements.prefer)}
+        last = len(rank)
+        ordered.sort(key=lambda p: rank.get(p.name, last))  # stable: the rest keep the policy's order
+    alternatives = tuple(p.name for p in _order(chosen_policy, unhealthy, state)) if unhealthy else ()
+    return RouteDecision(
+        providers=tuple(p.name for p in ordered),
+        reason=reason,
+        alternatives=alternatives,
+        skipped=MappingProxyType(skipped) if skipped else _NO_SKIPS,
+    )
