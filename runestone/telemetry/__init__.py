@@ -22,6 +22,7 @@ from .events import RequestFinished as RequestFinished
 from .events import RetryScheduled as RetryScheduled
 from .health import HealthParams as HealthParams
 from .health import HealthTracker as HealthTracker
+from .health import HealthTable as HealthTable
 from .health import HealthView as HealthView
 from .ledger import UsageLedger as UsageLedger
 from .metrics import TelemetryMetrics as TelemetryMetrics

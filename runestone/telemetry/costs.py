@@ -4,7 +4,9 @@ A price is USD per million tokens, input and output apart. Pricing tables are
 mappings from a key to a price; a price may be a :class:`ModelPrice`, any
 object with ``input_per_mtok``/``output_per_mtok`` attributes (the config's own
 class), or a dict with those keys. A provider's model is looked up first as
-``"provider/model"`` (a provider-specific price) and then as ``"model"``.
+``"provider/model"`` (a provider-specific price), then as ``"model"``, then,
+for a dated id (``gpt-4o-2024-08-06``, ``claude-sonnet-4-5-20250929``), as
+its undated name.
 ``estimate_costs`` is the ``cost`` routing policy's view before a request runs:
 input tokens guessed as characters / 4, output tokens from ``max_tokens``
 (or ``max_completion_tokens``) or a default of 256.
@@ -58,13 +60,28 @@ def cost_of(usage_in: int, usage_out: int, price: Any) -> float:
 
 
 def price_for(pricing: Mapping[str, Any] | None, provider: str, model: str) -> Any:
-    """The price of ``model`` at ``provider``: ``"provider/model"``, then ``"model"``; None if unknown."""
+    """The price of ``model`` at ``provider``; None if unknown (lookup order in the module docstring)."""
     if not pricing:
         return None
     price = pricing.get(f"{provider}/{model}")
     if price is None:
         price = pricing.get(model)
+        if price is None:
+            base = _undated(model)
+            if base is not None:
+                price = pricing.get(base)
     return price
+
+
+def _undated(model: str) -> str | None:
+    """``gpt-4o-2024-08-06`` -> ``gpt-4o``, ``claude-x-20250929`` -> ``claude-x``; else None."""
+    head, _, tail = model.rpartition("-")
+    if head and len(tail) == 8 and tail.isdigit():
+        return head
+    parts = model.rsplit("-", 3)
+    if len(parts) == 4 and len(parts[1]) == 4 and all(p.isdigit() for p in parts[1:]):
+        return parts[0]
+    return None
 
 
 def _text_chars(content: Any) -> int:

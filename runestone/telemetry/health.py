@@ -37,7 +37,7 @@ import attrs
 
 from .events import ProviderStatusEvent
 
-__all__ = ["HealthParams", "HealthTracker", "HealthView", "ProviderHealth", "LatencyWindow"]
+__all__ = ["HealthParams", "HealthTable", "HealthTracker", "HealthView", "LatencyWindow", "ProviderHealth"]
 
 HEALTHY = "healthy"
 DEGRADED = "degraded"
@@ -54,6 +54,8 @@ class HealthParams:
     latency_weight: float = 0.3
     prior: float = 2.0
     half_open_cap: float = 0.5
+    #: Weight of the newest sample in ``ttft_ewma`` (reported, not scored).
+    ewma_alpha: float = 0.2
     healthy: float = 0.8
     degraded: float = 0.5
 
@@ -72,7 +74,8 @@ class HealthView:
     ``success_rate`` is raw (ok / attempts) over the window, 1.0 with no
     attempts yet; ``p50``/``p95``/``p99`` are seconds over the latency window
     (None before the first success); ``requests``/``errors`` count attempts
-    since the provider was first seen by this handler.
+    since the provider was first seen by this handler; ``ttft_ewma`` is the
+    moving average (seconds) of the same samples as the percentiles.
     """
 
     score: float
@@ -84,6 +87,38 @@ class HealthView:
     requests: int
     errors: int
     breaker: str = "closed"
+    ttft_ewma: float | None = None
+
+
+class HealthTable(Mapping):
+    """What the handler publishes: provider -> :class:`HealthView`, read-only.
+
+    Built once per publish, with the two plain maps the router wants ready
+    made so a request never builds one: ``scores`` (provider -> score) and
+    ``ttft_ewma_ms`` (provider -> moving average in milliseconds, measured
+    providers only).
+    """
+
+    __slots__ = ("_views", "scores", "ttft_ewma_ms")
+
+    def __init__(self, views: Mapping[str, HealthView] | None = None):
+        self._views = dict(views or {})
+        self.scores = {name: v.score for name, v in self._views.items()}
+        self.ttft_ewma_ms = {
+            name: v.ttft_ewma * 1000.0 for name, v in self._views.items() if v.ttft_ewma is not None
+        }
+
+    def __getitem__(self, provider: str) -> HealthView:
+        return self._views[provider]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __repr__(self) -> str:
+        return f"HealthTable({self.scores!r})"
 
 
 class LatencyWindow:
@@ -126,6 +161,7 @@ class ProviderHealth:
     requests: int = 0
     errors: int = 0
     breaker: str = "closed"
+    ttft_ewma: float | None = None
     score: float = 1.0
     status: str = HEALTHY
     alerted: bool = False
@@ -167,7 +203,10 @@ class HealthTracker:
         h.requests += 1
         if ok:
             h.ok_in_window += 1
-            h.latencies.add(latency if ttft is None else ttft)
+            sample = latency if ttft is None else ttft
+            h.latencies.add(sample)
+            ewma = h.ttft_ewma
+            h.ttft_ewma = sample if ewma is None else ewma + self.params.ewma_alpha * (sample - ewma)
         else:
             h.errors += 1
         return self._rescore(provider, h)
@@ -232,7 +271,12 @@ class HealthTracker:
             requests=h.requests,
             errors=h.errors,
             breaker=h.breaker,
+            ttft_ewma=h.ttft_ewma,
         )
 
-    def views(self) -> Mapping[str, HealthView]:
+    def views(self) -> dict[str, HealthView]:
         return {name: self.view(name) for name in self.providers}
+
+    def table(self) -> HealthTable:
+        """An immutable snapshot of every provider's health, for publishing."""
+        return HealthTable(self.views())

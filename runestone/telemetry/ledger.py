@@ -1,7 +1,6 @@
 """The usage ledger: one SQLite row per finished request, for accounting.
 
-``add`` only appends the record to an in-memory buffer (O(1), no I/O, the
-record itself is kept until written); ``flush`` swaps the buffer out and writes
+``add`` only appends the record's row to an in-memory buffer (O(1), no I/O); ``flush`` swaps the buffer out and writes
 it in a single transaction on a worker thread (``trio.to_thread``), so the
 event loop never waits on the disk. The database is in WAL mode with
 ``synchronous=NORMAL``: a committed flush survives a crash of the process, and
@@ -66,7 +65,7 @@ _AGGREGATES = (
 )
 
 
-def _row(r: Any) -> tuple:
+def _row(r: Any, cost: float | None) -> tuple:
     return (
         r.wall_time,
         r.key_id,
@@ -75,7 +74,7 @@ def _row(r: Any) -> tuple:
         r.endpoint,
         r.tokens_in,
         r.tokens_out,
-        r.cost,
+        r.cost if cost is None else cost,
         r.latency * 1000.0,
         r.status,
         r.http_status,
@@ -123,12 +122,14 @@ class UsageLedger:
             if self._conn is None:
                 self._conn = await trio.to_thread.run_sync(self._open_sync)
 
-    def add(self, record: Any) -> None:
-        """Buffer one record for the next flush. Never does I/O."""
-        self._buffer.append(record)
+    def add(self, record: Any, cost: float | None = None) -> None:
+        """Buffer one record for the next flush. Never does I/O.
 
-    def _write_sync(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        rows = [_row(r) for r in batch]
+        ``cost`` overrides ``record.cost`` (the handler prices unpriced requests).
+        """
+        self._buffer.append(_row(record, cost))
+
+    def _write_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
         conn.execute("BEGIN")
         try:
             conn.executemany(_INSERT, rows)

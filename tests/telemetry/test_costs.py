@@ -42,6 +42,14 @@ def test_price_for_prefers_provider_specific():
     assert price_for(None, "openai", "gpt-4o") is None
 
 
+def test_price_for_dated_model_ids():
+    pricing = {"gpt-4o": ModelPrice(5, 15), "claude-sonnet-4-5": ModelPrice(3, 15)}
+    assert price_for(pricing, "openai", "gpt-4o-2024-08-06") == ModelPrice(5, 15)
+    assert price_for(pricing, "anthropic", "claude-sonnet-4-5-20250929") == ModelPrice(3, 15)
+    assert price_for(pricing, "openai", "gpt-4o-latest") is None
+    assert price_for(pricing, "openai", "20250929") is None
+
+
 def test_input_estimate_counts_text_in_every_shape():
     body = {
         "system": "abcd" * 10,  # 40 chars

@@ -171,3 +171,20 @@ def test_latency_window_nearest_rank_small():
     for x in (4.0, 1.0, 3.0, 2.0):
         w.add(x)
     assert (w.percentile(50), w.percentile(95), w.percentile(99)) == (2.0, 4.0, 4.0)
+
+
+def test_ttft_ewma_and_published_table():
+    t = HealthTracker(HealthParams(ewma_alpha=0.5))
+    t.record_attempt("a", True, latency=9.0, ttft=0.2)
+    t.record_attempt("a", True, latency=9.0, ttft=0.4)
+    t.record_attempt("a", False, latency=0.0)
+    t.add_provider("b")
+    table = t.table()
+    assert table["a"].ttft_ewma == pytest.approx(0.3)
+    assert table.ttft_ewma_ms == {"a": pytest.approx(300.0)}
+    assert table.scores == {"a": table["a"].score, "b": 1.0}
+    assert sorted(table) == ["a", "b"] and len(table) == 2
+    t.record_attempt("b", False, 0.1)
+    assert table.scores["b"] == 1.0  # a published table never changes under its readers
+    with pytest.raises(TypeError):
+        table["c"] = table["a"]

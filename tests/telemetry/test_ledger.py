@@ -133,3 +133,13 @@ async def test_flush_before_open_is_an_error(tmp_path):
     ledger.add(rec())
     with pytest.raises(RuntimeError):
         await ledger.flush()
+
+
+async def test_add_with_cost_override(tmp_path):
+    ledger = UsageLedger(str(tmp_path / "u.db"))
+    await ledger.open()
+    ledger.add(rec(cost=0.0), cost=0.25)
+    ledger.add(rec(cost=0.5))
+    await ledger.close()
+    with sqlite3.connect(ledger.path) as c:
+        assert [r[0] for r in c.execute("SELECT cost FROM usage ORDER BY id")] == [0.25, 0.5]
