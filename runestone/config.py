@@ -146,7 +146,7 @@ class ConfigError(Exception):
 class _Check:
     """A predicate on a structured value and the phrase saying what passes."""
 
-    test: Callable[[Any], bool]
+    test: Callable[[Any], bool] = attrs.field(repr=False)
     allowed: str
 
     def __call__(self, value: Any) -> bool:
