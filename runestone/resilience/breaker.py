@@ -84,6 +84,20 @@ class BreakerSettings:
     #: its outcome was lost, and a lost outcome must not keep the breaker half open.
     probe_timeout: float = attrs.field(default=120.0, validator=_non_negative)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> BreakerSettings:
+        """From the ``[circuit_breaker]`` configuration (its times are in milliseconds)."""
+        return cls(
+            enabled=cfg.enabled,
+            failure_threshold=cfg.failure_threshold,
+            recovery_timeout=cfg.recovery_timeout_ms / 1000.0,
+            half_open_limit=cfg.half_open_limit,
+            success_threshold=cfg.success_threshold,
+            window_size=cfg.window_size,
+            failure_rate_threshold=cfg.failure_rate_threshold,
+            minimum_requests=cfg.minimum_requests,
+        )
+
     def __attrs_post_init__(self) -> None:
         if self.minimum_requests > self.window_size:
             # The rate rule could then never fire; say so rather than silently ignore it.
@@ -186,6 +200,25 @@ class CircuitBreaker:
 
     def __attrs_post_init__(self) -> None:
         self.window = deque(maxlen=self.settings.window_size)
+
+    @classmethod
+    def from_view(cls, view: BreakerView, settings: BreakerSettings) -> CircuitBreaker:
+        """Rebuild a breaker from its last published view (after its owner restarted).
+
+        State, timings and totals come back; the sliding window and probe slots
+        do not (the probes' outcomes may still arrive and are then taken as such).
+        """
+        return cls(
+            view.provider,
+            settings,
+            state=view.state,
+            opened_at=view.opened_at,
+            retry_at=view.retry_at,
+            consecutive_failures=view.consecutive_failures,
+            half_open_successes=view.half_open_successes,
+            failures=view.failures,
+            successes=view.successes,
+        )
 
     # -- questions -------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import math
 import random as _random
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 
@@ -32,7 +32,6 @@ __all__ = [
     "GroupSpec",
     "ProviderInfo",
     "RouteState",
-    "FailoverEvent",
     "GroupSelector",
     "order_candidates",
     "breaker_blocks",
@@ -64,7 +63,19 @@ class GroupSpec:
     providers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     strategy: str = attrs.field(default="priority", validator=_strategy)
     max_attempts: int = 3
-    health_threshold: float = 0.0
+    health_threshold: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str | None = None) -> GroupSpec:
+        """From a configured group (or, with ``name``, the ``[failover]`` defaults:
+        ``GroupSpec.from_config(cfg.failover, "default")``)."""
+        return cls(
+            name=name if name is not None else cfg.name,
+            providers=getattr(cfg, "providers", ()) if name is None else (),
+            strategy=cfg.strategy,
+            max_attempts=cfg.max_attempts,
+            health_threshold=cfg.health_threshold,
+        )
 
     def __attrs_post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -127,22 +138,6 @@ class RouteState:
     health: Mapping[str, float] = _EMPTY
     ttft_ewma: Mapping[str, float] = _EMPTY
     cost: Mapping[str, float] = _EMPTY
-
-
-@attrs.frozen
-class FailoverEvent:
-    """A telemetry event: a request succeeded on a fallback, or ran out of providers."""
-
-    event: ClassVar[str] = "failover"
-
-    #: "fallback_success" or "fallback_exhausted".
-    kind: str
-    group: str
-    #: The provider that served the request, or the last one tried.
-    provider: str | None
-    attempts: int
-    #: Providers that failed before, in the order they were tried.
-    failed: tuple[str, ...] = ()
 
 
 def breaker_blocks(view: BreakerView | None, now: float | None) -> bool:
@@ -243,6 +238,8 @@ class GroupSelector:
     #: Published ``Mapping[str, GroupSpec]``, owned by the ``FailoverManager``.
     groups: Published = attrs.field(factory=Published)
     rng: Any = _random
+    #: What the ``default`` group is while none named so is published.
+    default: GroupSpec = attrs.field(factory=lambda: _DEFAULT_SPEC)
     #: Per-group count of selections, the round-robin position.
     rotations: dict[str, int] = attrs.field(factory=dict)
 
@@ -256,7 +253,7 @@ class GroupSelector:
         if spec is None:
             if name != DEFAULT_GROUP:
                 raise LookupError(f"no failover group named {name!r}")
-            spec = _DEFAULT_SPEC
+            spec = self.default
         return spec
 
     def select(

@@ -62,6 +62,17 @@ class RetryPolicy:
         if self.factor < 1:
             raise ValueError(f"factor must be >= 1, got {self.factor!r}")
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> RetryPolicy:
+        """From the ``[retry]`` configuration (its times are in milliseconds)."""
+        return cls(
+            max_attempts=cfg.max_attempts,
+            base_delay=cfg.base_delay_ms / 1000.0,
+            factor=cfg.backoff_factor,
+            max_delay=cfg.max_delay_ms / 1000.0,
+            jitter=cfg.jitter,
+        )
+
     def __repr__(self) -> str:
         return (
             f"retry_policy(max_attempts={self.max_attempts}, base_delay={self.base_delay}, "

@@ -223,3 +223,39 @@ async def test_breaker_with_trio_mock_clock(autojump_clock):
     await trio.sleep(1.0)
     assert b.acquire(trio.current_time())
     assert b.state == "half_open"
+
+
+def test_from_view_restores_state_timing_and_totals():
+    b = make(failure_threshold=2, recovery_timeout=10.0)
+    b.record_success(0.0)
+    fail(b, 2, now=4.0)
+    restored = CircuitBreaker.from_view(b.view(), b.settings)
+    v = restored.view()
+    assert (v.state, v.opened_at, v.retry_at, v.failures, v.successes) == ("open", 4.0, 14.0, 2, 1)
+    assert not restored.acquire(13.0)
+    assert restored.acquire(14.0)
+
+
+def test_settings_from_config_converts_milliseconds():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(
+        enabled=True,
+        failure_threshold=3,
+        recovery_timeout_ms=1500,
+        half_open_limit=2,
+        success_threshold=1,
+        window_size=10,
+        failure_rate_threshold=0.6,
+        minimum_requests=5,
+    )
+    s = BreakerSettings.from_config(cfg)
+    assert s == BreakerSettings(
+        failure_threshold=3,
+        recovery_timeout=1.5,
+        half_open_limit=2,
+        success_threshold=1,
+        window_size=10,
+        failure_rate_threshold=0.6,
+        minimum_requests=5,
+    )

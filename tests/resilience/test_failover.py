@@ -135,3 +135,15 @@ def test_selector_puts_unhealthy_after_healthy_but_before_open():
     sel = GroupSelector(cell)
     state = RouteState(health={"d": 0.1, "b": 0.9}, breakers={"c": open_view("c", 99.0)})
     assert sel.select("g", ALL, state, now=0.0) == ["b", "a", "d", "c"]
+
+
+def test_group_spec_from_config_and_configured_default():
+    from types import SimpleNamespace
+
+    group = SimpleNamespace(name="g", providers=("a", "b"), strategy="cost", max_attempts=2, health_threshold=0.3)
+    assert GroupSpec.from_config(group) == GroupSpec("g", ("a", "b"), "cost", 2, 0.3)
+    defaults = SimpleNamespace(strategy="round_robin", max_attempts=4, health_threshold=0.5, groups=())
+    default = GroupSpec.from_config(defaults, "default")
+    assert default == GroupSpec("default", (), "round_robin", 4, 0.5)
+    sel = GroupSelector(Published(), default=default)
+    assert [sel.select("default", ALL, EMPTY)[0] for _ in range(4)] == ["a", "b", "c", "d"]

@@ -115,3 +115,12 @@ def test_parse_retry_after_http_date():
     assert later == "Wed, 01 May 2024 12:00:30 GMT"
     assert parse_retry_after({"retry-after": later}, now=now) == 30.0
     assert parse_retry_after({"retry-after": later}, now=now + 60) == 0.0
+
+
+def test_policy_from_config_converts_milliseconds():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(max_attempts=4, base_delay_ms=250, max_delay_ms=2000, backoff_factor=3.0, jitter=False)
+    assert RetryPolicy.from_config(cfg) == retry_policy(
+        max_attempts=4, base_delay=0.25, max_delay=2.0, factor=3.0, jitter="none"
+    )
