@@ -1,0 +1,96 @@
+"""Bytes the HTTP/1.1 server writes: status lines, the response head, chunk frames, error bodies.
+
+Everything here is on the per-request hot path, so it works on bytes only, builds a
+response head with a single ``join`` and caches what does not change between requests:
+status lines are precomputed and the ``Date``/``Server`` lines are rebuilt at most once
+per wall-clock second (RFC 9110 asks for one-second resolution, nothing finer).
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+import orjson
+
+_STATUS_LINES: dict[int, bytes] = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode("ascii"))
+    for status in HTTPStatus
+}
+
+# Framing and connection management belong to the server: a handler that sets them would
+# desynchronise the client's parser, so they are dropped from handler headers.
+_SERVER_OWNED = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_SERVER_OWNED_LENGTHS = frozenset(len(name) for name in _SERVER_OWNED)
+
+KEEP_ALIVE = b"connection: keep-alive\r\n\r\n"
+CLOSE = b"connection: close\r\n\r\n"
+CHUNKED = b"transfer-encoding: chunked\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_date_second = -1
+_date_lines = b""
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        if not 100 <= status <= 999:
+            raise ValueError(f"invalid HTTP status {status}")
+        line = b"HTTP/1.1 %d \r\n" % status
+    return line
+
+
+def date_server_lines() -> bytes:
+    """``date: ...`` and ``server: runestone`` lines, rebuilt once per second."""
+    global _date_second, _date_lines
+    now = int(time.time())
+    if now != _date_second:
+        _date_lines = b"date: %s\r\nserver: runestone\r\n" % formatdate(now, usegmt=True).encode("ascii")
+        _date_second = now
+    return _date_lines
+
+
+def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes:
+    """The whole response head as one bytes object.
+
+    ``framing`` is the server's own ``content-length``/``transfer-encoding`` line (or
+    empty), ``connection`` one of ``KEEP_ALIVE``/``CLOSE`` (it ends the head). Handler
+    headers may be ``str`` (encoded latin-1) or ``bytes``; a CR or LF in them raises
+    ``ValueError`` rather than letting a handler split the response.
+    """
+    parts = [status_line(status)]
+    append = parts.append
+    for name, value in headers:
+        if name.__class__ is str:
+            name = name.encode("latin-1")
+        if value.__class__ is str:
+            value = value.encode("latin-1")
+        if len(name) in _SERVER_OWNED_LENGTHS and name.lower() in _SERVER_OWNED:
+            continue
+        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or b":" in name:
+            raise ValueError(f"invalid response header {name!r}: {value!r}")
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    append(date_server_lines())
+    append(framing)
+    append(connection)
+    return b"".join(parts)
+
+
+def content_length_line(length: int) -> bytes:
+    return b"content-length: %d\r\n" % length
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; ``data`` must not be empty (that would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def error_body(message: str, error_type: str = "invalid_request_error") -> bytes:
+    """A JSON body in OpenAI's error shape."""
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": None}})
