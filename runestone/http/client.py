@@ -1,0 +1,865 @@
+"""The upstream HTTP/1.1 client: a keep-alive connection pool per origin on trio sockets, parsing with httptools.
+
+Every call the gateway makes to a model provider goes through ``Transport.stream``,
+most of them streaming server-sent events, so this module is a hot path: the
+request is written with one ``send`` and, on plain TCP, the socket is driven
+directly (non-blocking ``recv`` first, ``wait_readable`` and a cancel scope only
+when the kernel has nothing yet) rather than through trio's stream layers, which
+cost about ten times more per read. TLS goes through ``trio.SSLStream``. Each
+body chunk handed to the caller is the de-chunked data of one socket read, so a
+relay can forward it at once. Pooled connections are checked for a peer close
+before reuse; a reused connection that dies before any response byte arrives is
+replaced and the request sent once more. ``FastTransport`` is the default
+transport; ``HttpxTransport`` (in ``httpx_transport``) implements the same seam
+for proxies and HTTP/2, and ``make_transport`` picks one by name.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import attrs
+import httptools
+import trio
+from trio.lowlevel import ParkingLot, checkpoint_if_cancelled, notify_closing, wait_readable, wait_writable
+
+from .errors import (
+    ConnectError,
+    ConnectTimeout,
+    LocalProtocolError,
+    PoolTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    TransportError,
+    WriteTimeout,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "FastTransport",
+    "OriginStatistics",
+    "PoolLimits",
+    "Timeouts",
+    "Transport",
+    "TransportStatistics",
+    "UpstreamResponse",
+    "make_transport",
+]
+
+HeaderList = Sequence[tuple[bytes | str, bytes | str]]
+
+_RECV_SIZE = 65536
+_USER_AGENT = b"runestone/0.1"
+_TARGET_CACHE_SIZE = 1024
+# Idle connections of an origin nobody calls any more are closed by a sweep that
+# runs at most this often, on the way into a request (there is no background task).
+_SWEEP_INTERVAL = 5.0
+
+_positive = attrs.validators.gt(0)
+
+
+@attrs.frozen
+class Timeouts:
+    """Timeouts in seconds. ``read`` bounds the gap between two reads, not the whole response,
+    so a long stream that keeps producing never times out."""
+
+    connect: float = attrs.field(default=10.0, validator=_positive)
+    read: float = attrs.field(default=60.0, validator=_positive)
+    write: float = attrs.field(default=30.0, validator=_positive)
+    pool: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class PoolLimits:
+    """Per-origin pool limits. ``max_connections`` counts connections open, being opened and idle."""
+
+    max_connections: int = attrs.field(default=100, validator=_positive)
+    max_idle: int = attrs.field(default=32, validator=attrs.validators.ge(0))
+    idle_expiry: float = attrs.field(default=60.0, validator=_positive)
+
+
+@attrs.frozen
+class OriginStatistics:
+    """One origin's pool at the moment ``FastTransport.statistics()`` was called."""
+
+    origin: str
+    """``scheme://host:port``."""
+    open: int
+    """Connections open or being opened (idle ones included)."""
+    idle: int
+    """Open connections waiting in the pool for the next request."""
+    in_use: int
+    """Connections carrying a request, or being opened for one."""
+    waiting: int
+    """Requests waiting for a free connection slot."""
+
+
+@attrs.frozen
+class TransportStatistics:
+    """All origins the transport has talked to, in first-use order."""
+
+    origins: tuple[OriginStatistics, ...]
+
+    def origin(self, origin: str) -> OriginStatistics | None:
+        """The statistics of ``scheme://host:port``, or None if never used."""
+        for stats in self.origins:
+            if stats.origin == origin:
+                return stats
+        return None
+
+
+class UpstreamResponse:
+    """A response whose head has arrived and whose body is read on demand.
+
+    ``status`` is the final status (1xx interim responses are skipped) and
+    ``headers`` the response headers in wire order, names lowercased.
+    Iterating yields the body as it arrives, de-chunked, one item per socket
+    read. ``aclose()`` is idempotent; after a body read to its end it returns
+    the connection to the pool, otherwise it closes the connection.
+    """
+
+    __slots__ = ("headers", "status")
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (any case), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise NotImplementedError
+
+    async def read(self) -> bytes:
+        """The rest of the body, whole."""
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {getattr(self, 'status', '?')}>"
+
+
+class Transport:
+    """The seam between provider code and HTTP: one streaming request method.
+
+    ``stream()`` returns an async context manager; entering it sends the
+    request and waits for the response head, leaving it closes the response
+    (``UpstreamResponse.aclose``). Every failure is a ``TransportError``.
+    Cancellation at any point closes the connection at once: a connection
+    in an unknown state never goes back to the pool. A transport is also an
+    async context manager closing itself on exit.
+    """
+
+    def stream(
+        self,
+        method: str,
+        url: str,
+        headers: HeaderList,
+        body: bytes = b"",
+        *,
+        timeouts: Timeouts | None = None,
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Transport:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def make_transport(kind: str = "fast", **kw: Any) -> Transport:
+    """The transport named by configuration: ``"fast"`` (``FastTransport``) or ``"httpx"`` (``HttpxTransport``).
+    Keyword arguments go to the constructor."""
+    if kind == "fast":
+        return FastTransport(**kw)
+    if kind == "httpx":
+        from .httpx_transport import HttpxTransport
+
+        return HttpxTransport(**kw)
+    raise ValueError(f"unknown transport {kind!r}: expected 'fast' or 'httpx'")
+
+
+class _ConnectionLost(RemoteProtocolError):
+    """The connection failed before a single response byte arrived; safe to retry if it was a reused one."""
+
+
+# One module-level poller: registering an fd is a dict operation, only poll() is a syscall,
+# and unlike select() it works for descriptors above FD_SETSIZE.
+_poller = select.poll()
+_POLL_ANY = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+def _readable_now(fd: int) -> bool:
+    _poller.register(fd, _POLL_ANY)
+    try:
+        return bool(_poller.poll(0))
+    finally:
+        _poller.unregister(fd)
+
+
+class _Connection:
+    """One connection to an origin, carrying one request at a time. ``close()`` is synchronous and
+    frees the pool slot, so it is safe in any ``except`` or ``finally``, cancelled or not."""
+
+    __slots__ = ("closed", "idle_since", "pool", "reused")
+
+    def __init__(self, pool: _OriginPool) -> None:
+        self.pool = pool
+        self.reused = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    async def send_all(self, data: bytes, timeout: float) -> None:
+        raise NotImplementedError
+
+    async def receive(self, timeout: float) -> bytes:
+        raise NotImplementedError
+
+    def dead_while_idle(self) -> bool:
+        """Whether the idle socket became readable: the peer closed it, reset it, or sent stray bytes."""
+        raise NotImplementedError
+
+    def _close_socket(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._close_socket()
+        pool = self.pool
+        pool.open -= 1
+        if pool.waiters:
+            pool.waiters.unpark()
+
+
+class _PlainConnection(_Connection):
+    __slots__ = ("_sock",)
+
+    def __init__(self, pool: _OriginPool, sock: socket.socket) -> None:
+        super().__init__(pool)
+        self._sock = sock
+
+    async def send_all(self, data: bytes, timeout: float) -> None:
+        sock = self._sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {exc}") from exc
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            while view:
+                await wait_writable(sock)
+                try:
+                    view = view[sock.send(view) :]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {exc}") from exc
+        if scope.cancelled_caught:
+            raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s")
+
+    async def receive(self, timeout: float) -> bytes:
+        sock = self._sock
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc}") from exc
+        else:
+            # Data was already there, so nothing yielded: still honour a pending cancellation.
+            await checkpoint_if_cancelled()
+            return data
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.CancelScope(deadline=deadline) as scope:
+                await wait_readable(sock)
+            if scope.cancelled_caught:
+                raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s")
+            try:
+                return sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc}") from exc
+
+    def dead_while_idle(self) -> bool:
+        try:
+            self._sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    def _close_socket(self) -> None:
+        sock = self._sock
+        if sock.fileno() != -1:
+            notify_closing(sock)
+            sock.close()
+
+
+class _TLSConnection(_Connection):
+    __slots__ = ("_raw", "_stream")
+
+    def __init__(self, pool: _OriginPool, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        super().__init__(pool)
+        self._stream = stream
+        self._raw = stream.transport_stream.socket
+
+    async def send_all(self, data: bytes, timeout: float) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            try:
+                return await self._stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__ or exc
+                raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {cause}") from exc
+        raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s")
+
+    async def receive(self, timeout: float) -> bytes:
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            try:
+                return await self._stream.receive_some(_RECV_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc.__cause__ or exc}") from exc
+        raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s")
+
+    def dead_while_idle(self) -> bool:
+        fd = self._raw.fileno()
+        return fd == -1 or _readable_now(fd)
+
+    def _close_socket(self) -> None:
+        # No close_notify: the connection is either idle with nothing owed, or in an unknown
+        # state; HTTP/1.1 framing, not TLS closure, says whether a response was complete.
+        self._raw.close()
+
+
+@attrs.define(eq=False)
+class _OriginPool:
+    """The connections of one origin. Owned by the transport; every task using the transport
+    touches it, but only between checkpoints, so no lock is needed."""
+
+    origin: str
+    host: str
+    port: int
+    tls: bool
+    max_idle: int
+    closed: bool = False
+    """Set when the transport closes: connections are then closed instead of kept."""
+    idle: list[_Connection] = attrs.Factory(list)
+    """Most recently used last: reuse pops from the end, expiry trims from the front."""
+    open: int = 0
+    """Slots taken: connections open (idle included) or being opened."""
+    waiters: ParkingLot = attrs.Factory(ParkingLot)
+
+    def release(self, conn: _Connection) -> None:
+        """Keep ``conn``, whose last response ended cleanly, for the next request."""
+        if self.closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.reused = True
+        conn.idle_since = trio.current_time()
+        self.idle.append(conn)
+        if self.waiters:
+            self.waiters.unpark()
+
+
+def _delimited_by_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response body runs until the connection closes (RFC 9112 §6.3, rule 8)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return False
+        if name == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
+            return False
+    return True
+
+
+class _FastResponse(UpstreamResponse):
+    """The response of a ``FastTransport`` exchange; also the httptools parser's callback target.
+
+    A fresh parser per response costs a quarter of a microsecond and keeps HEAD
+    (whose body the parser cannot know to skip) from poisoning the next response.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_complete",
+        "_conn",
+        "_head_done",
+        "_informational",
+        "_is_head",
+        "_keep_alive",
+        "_parser",
+        "_read_timeout",
+        "_received",
+    )
+
+    def __init__(self, conn: _Connection, is_head: bool, read_timeout: float) -> None:
+        self.status = 0
+        self.headers = []
+        self._conn: _Connection | None = conn
+        self._is_head = is_head
+        self._read_timeout = read_timeout
+        self._chunks: list[bytes] = []
+        self._received = False
+        self._head_done = False
+        self._complete = False
+        self._informational = False
+        self._keep_alive = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Bytes after the end of the response: stop parsing; the connection is not reused.
+            raise RemoteProtocolError("data after the end of the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            # 1xx interim response (100 Continue, 103 Early Hints): the final one follows.
+            self._informational = True
+            self.headers = []
+            return
+        self.status = status
+        # Asked here: httptools no longer knows once the message is complete.
+        self._keep_alive = parser.should_keep_alive()
+        self._head_done = True
+        if self._is_head:
+            self._complete = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._complete:  # a body after a HEAD response
+            self._keep_alive = False
+        else:
+            self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+        else:
+            self._complete = True
+
+    # reading
+
+    async def _pump(self) -> None:
+        """Read once from the socket and feed the parser. Raises on timeout, on a lost connection
+        and on a malformed response; marks the body complete at a legitimate EOF."""
+        conn = self._conn
+        if conn is None:
+            raise TransportError("the response was closed before its body was read")
+        try:
+            data = await conn.receive(self._read_timeout)
+        except _ConnectionLost as exc:
+            if self._received:
+                raise RemoteProtocolError(str(exc)) from exc.__cause__
+            raise
+        if not data:
+            self._at_eof(conn)
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            raise RemoteProtocolError(f"{conn.pool.origin} switched protocols, which was not asked for") from exc
+        except httptools.HttpParserError as exc:
+            if not self._complete:
+                cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+                raise RemoteProtocolError(f"malformed response from {conn.pool.origin}: {cause}") from exc
+            self._keep_alive = False
+
+    def _at_eof(self, conn: _Connection) -> None:
+        origin = conn.pool.origin
+        if not self._received:
+            raise _ConnectionLost(f"{origin} closed the connection before sending a response")
+        if not self._head_done:
+            raise RemoteProtocolError(f"{origin} closed the connection in the middle of the response head")
+        if not _delimited_by_close(self.headers):
+            raise RemoteProtocolError(f"{origin} closed the connection before the response body ended")
+        self._complete = True
+        self._keep_alive = False
+
+    async def __anext__(self) -> bytes:
+        chunks = self._chunks
+        if not chunks:
+            if self._complete:
+                raise StopAsyncIteration
+            try:
+                while not chunks and not self._complete:
+                    await self._pump()
+            except BaseException:
+                self._abort()
+                raise
+            if not chunks:
+                raise StopAsyncIteration
+        if len(chunks) == 1:
+            data = chunks[0]
+        else:
+            data = b"".join(chunks)
+        chunks.clear()
+        return data
+
+    async def read(self) -> bytes:
+        chunks = self._chunks
+        try:
+            while not self._complete:
+                await self._pump()
+        except BaseException:
+            self._abort()
+            raise
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
+
+    def _abort(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.close()
+
+    async def aclose(self) -> None:
+        """Return the connection to the pool if the response ended cleanly, else close it. Never blocks."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        if self._complete and self._keep_alive:
+            conn.pool.release(conn)
+        else:
+            conn.close()
+
+
+class _Exchange:
+    """The context manager ``FastTransport.stream`` returns: a plain class, cheaper than a generator-based one."""
+
+    __slots__ = ("_args", "_response", "_transport")
+
+    def __init__(self, transport: FastTransport, args: tuple[Any, ...]) -> None:
+        self._transport = transport
+        self._args = args
+        self._response: _FastResponse | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        self._response = response = await self._transport._start(*self._args)
+        return response
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        response = self._response
+        if response is not None:
+            self._response = None
+            await response.aclose()
+
+
+_METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Framing is ours to set from the body we send; a caller's value could only contradict it.
+_DROPPED = frozenset({b"content-length", b"transfer-encoding"})
+_HOST = b"host"
+_USER_AGENT_NAME = b"user-agent"
+
+
+def _build_request(method: str, target: bytes, host: bytes, headers: HeaderList, body: bytes) -> bytes:
+    """The request head (and body) as one bytes object, ready for one ``send``."""
+    method_b = _METHODS.get(method)
+    if method_b is None:
+        if not method or not method.isascii() or " " in method:
+            raise LocalProtocolError(f"invalid HTTP method {method!r}")
+        method_b = method.encode("ascii")
+    parts = [method_b, b" ", target, b" HTTP/1.1\r\n"]
+    lines = 2  # the request line and the blank line ending the head
+    need_host = need_agent = True
+    try:
+        for name, value in headers:
+            if name.__class__ is not bytes:
+                name = name.encode("ascii")
+            if value.__class__ is not bytes:
+                value = value.encode("latin-1")
+            lower = name.lower()
+            if lower in _DROPPED:
+                continue
+            if lower == _HOST:
+                need_host = False
+            elif lower == _USER_AGENT_NAME:
+                need_agent = False
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"header not encodable: {exc}") from None
+    if need_host:
+        parts += (b"Host: ", host, b"\r\n")
+        lines += 1
+    if need_agent:
+        parts += (b"User-Agent: ", _USER_AGENT, b"\r\n")
+        lines += 1
+    if body or method in _BODY_METHODS:
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+        lines += 1
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # One count per byte value instead of a check per header: any CR or LF inside a name
+    # or value shows up as a surplus over the line endings we wrote ourselves.
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise LocalProtocolError("header names and values must not contain CR or LF")
+    return head + body if body else head
+
+
+class FastTransport(Transport):
+    """The default transport: a keep-alive HTTP/1.1 pool per origin (scheme, host, port).
+
+    Connection slots are limited per origin by ``PoolLimits.max_connections``;
+    a request waits for a slot at most ``Timeouts.pool`` (``PoolTimeout``).
+    An idle connection is reused newest-first after a check that the peer has
+    not closed it; idle connections past ``idle_expiry`` are closed. If a
+    reused connection fails before any response byte arrives (the server
+    closed it just as the request left), the request is sent once more on a
+    new connection; requests are assumed safe to resend in that case, as no
+    byte of them was processed by a server that answered nothing.
+    ``https`` uses ``ssl_context`` or, by default, ``ssl.create_default_context()``
+    (certificate and host name verified, SNI sent).
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: PoolLimits = PoolLimits(),
+        timeouts: Timeouts = Timeouts(),
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._limits = limits
+        self._timeouts = timeouts
+        self._ssl_context = ssl_context
+        self._pools: dict[tuple[str, str, int], _OriginPool] = {}
+        self._targets: dict[str, tuple[_OriginPool, bytes, bytes]] = {}
+        self._closed = False
+        self._next_sweep = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<FastTransport origins={len(self._pools)} {self._limits!r} {self._timeouts!r}>"
+
+    def stream(
+        self,
+        method: str,
+        url: str,
+        headers: HeaderList,
+        body: bytes = b"",
+        *,
+        timeouts: Timeouts | None = None,
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts))
+
+    def statistics(self) -> TransportStatistics:
+        return TransportStatistics(
+            origins=tuple(
+                OriginStatistics(
+                    origin=pool.origin,
+                    open=pool.open,
+                    idle=len(pool.idle),
+                    in_use=pool.open - len(pool.idle),
+                    waiting=len(pool.waiters),
+                )
+                for pool in self._pools.values()
+            )
+        )
+
+    async def aclose(self) -> None:
+        """Close idle connections now and in-use ones when their response ends; later ``stream``
+        calls fail. Tasks waiting for a slot are woken and fail."""
+        self._closed = True
+        for pool in self._pools.values():
+            pool.closed = True
+            idle, pool.idle = pool.idle, []
+            for conn in idle:
+                conn.close()
+            pool.waiters.unpark_all()
+        await checkpoint_if_cancelled()
+
+    # internals
+
+    def _resolve(self, url: str) -> tuple[_OriginPool, bytes, bytes]:
+        """Pool, Host header and request target of ``url``; cached, as a few URLs are called over and over."""
+        try:
+            parts = urlsplit(url)
+            explicit_port = parts.port
+        except ValueError as exc:
+            raise LocalProtocolError(f"invalid URL {url!r}: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme == "https":
+            tls, default_port = True, 443
+        elif scheme == "http":
+            tls, default_port = False, 80
+        else:
+            raise LocalProtocolError(f"unsupported URL scheme in {url!r}: expected http or https")
+        host = parts.hostname
+        if not host:
+            raise LocalProtocolError(f"URL {url!r} has no host")
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        port = explicit_port or default_port
+        host_header = f"[{host}]" if ":" in host else host
+        if explicit_port is not None and explicit_port != default_port:
+            host_header = f"{host_header}:{port}"
+        target = parts.path or "/"
+        if parts.query:
+            target = f"{target}?{parts.query}"
+        if not target.isascii() or any(c in target for c in " \r\n\t"):
+            raise LocalProtocolError(f"URL {url!r} must be percent-encoded (no spaces, controls or non-ASCII)")
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            bracketed = f"[{host}]" if ":" in host else host
+            pool = self._pools[key] = _OriginPool(
+                origin=f"{scheme}://{bracketed}:{port}", host=host, port=port, tls=tls, max_idle=self._limits.max_idle
+            )
+        entry = (pool, host_header.encode("ascii"), target.encode("ascii"))
+        if len(self._targets) >= _TARGET_CACHE_SIZE:
+            self._targets.clear()
+        self._targets[url] = entry
+        return entry
+
+    def _sweep(self, now: float) -> None:
+        expiry = self._limits.idle_expiry
+        for pool in self._pools.values():
+            idle = pool.idle
+            while idle and now - idle[0].idle_since >= expiry:
+                idle.pop(0).close()
+        self._next_sweep = now + min(expiry, _SWEEP_INTERVAL)
+
+    async def _start(
+        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts
+    ) -> _FastResponse:
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise TransportError("the transport is closed")
+        entry = self._targets.get(url)
+        if entry is None:
+            entry = self._resolve(url)
+        pool, host, target = entry
+        request = _build_request(method, target, host, headers, body)
+        is_head = method == "HEAD"
+        conn = await self._acquire(pool, timeouts, reuse=True)
+        try:
+            return await self._exchange(conn, request, is_head, timeouts)
+        except _ConnectionLost as exc:
+            if not conn.reused:
+                raise RemoteProtocolError(str(exc)) from exc.__cause__
+        # The server dropped a kept-alive connection as we reused it: once more, on a new one.
+        conn = await self._acquire(pool, timeouts, reuse=False)
+        try:
+            return await self._exchange(conn, request, is_head, timeouts)
+        except _ConnectionLost as exc:
+            raise RemoteProtocolError(str(exc)) from exc.__cause__
+
+    async def _exchange(self, conn: _Connection, request: bytes, is_head: bool, timeouts: Timeouts) -> _FastResponse:
+        """Send the request and read up to the end of the response head; close ``conn`` on any failure."""
+        try:
+            await conn.send_all(request, timeouts.write)
+            response = _FastResponse(conn, is_head, timeouts.read)
+            while not response._head_done:
+                await response._pump()
+        except BaseException:
+            conn.close()
+            raise
+        return response
+
+    async def _acquire(self, pool: _OriginPool, timeouts: Timeouts, *, reuse: bool) -> _Connection:
+        """An idle connection (``reuse``) or a new one, waiting up to ``timeouts.pool`` for a slot."""
+        limits = self._limits
+        deadline: float | None = None
+        while True:
+            if pool.idle:
+                now = trio.current_time()
+                if now >= self._next_sweep:
+                    self._sweep(now)
+                if reuse:
+                    idle = pool.idle
+                    while idle:
+                        conn = idle.pop()
+                        if now - conn.idle_since < limits.idle_expiry and not conn.dead_while_idle():
+                            return conn
+                        conn.close()
+                elif pool.open >= limits.max_connections and pool.idle:
+                    # A fresh connection is wanted and the pool is full: make room.
+                    pool.idle.pop(0).close()
+            if pool.open < limits.max_connections:
+                break
+            if self._closed:
+                raise TransportError("the transport is closed")
+            if deadline is None:
+                deadline = trio.current_time() + timeouts.pool
+            with trio.CancelScope(deadline=deadline) as scope:
+                await pool.waiters.park()
+            if scope.cancelled_caught:
+                raise PoolTimeout(
+                    f"all {limits.max_connections} connections to {pool.origin} stayed busy for {timeouts.pool:g} s"
+                )
+            if self._closed:
+                raise TransportError("the transport is closed")
+        pool.open += 1
+        try:
+            return await self._connect(pool, timeouts.connect)
+        except BaseException:
+            pool.open -= 1
+            if pool.waiters:
+                pool.waiters.unpark()
+            raise
+
+    async def _connect(self, pool: _OriginPool, timeout: float) -> _Connection:
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            try:
+                stream = await trio.open_tcp_stream(pool.host, pool.port)
+            except OSError as exc:
+                raise ConnectError(f"cannot connect to {pool.origin}: {exc}") from exc
+            if not pool.tls:
+                # Leave trio's stream for the bare socket (see the module docstring).
+                sock = socket.socket(fileno=stream.socket.detach())
+                sock.setblocking(False)
+                return _PlainConnection(pool, sock)
+            context = self._ssl_context
+            if context is None:
+                context = self._ssl_context = ssl.create_default_context()
+            tls_stream = trio.SSLStream(stream, context, server_hostname=pool.host, https_compatible=True)
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                stream.socket.close()
+                raise ConnectError(f"TLS handshake with {pool.origin} failed: {exc.__cause__ or exc}") from exc
+            except BaseException:
+                stream.socket.close()
+                raise
+            return _TLSConnection(pool, tls_stream)
+        raise ConnectTimeout(f"no connection to {pool.origin} within {timeout:g} s")
