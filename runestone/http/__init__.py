@@ -1,0 +1,40 @@
+"""HTTP for the gateway, knowing nothing of LLMs and importing nothing else of ours.
+
+Layout: ``server`` is the HTTP/1.1 server (with WebSocket hand-over in
+``websocket``) that the front end serves on; ``client`` is the pooled upstream
+client providers call through the one-method ``Transport`` seam, with
+``FastTransport`` as the default and ``httpx_transport.HttpxTransport`` for
+proxies and HTTP/2; ``errors`` holds the client's exception tree. This module
+re-exports the public names; everything else is private to its module.
+"""
+
+from .client import (
+    FastTransport as FastTransport,
+    OriginStatistics as OriginStatistics,
+    PoolLimits as PoolLimits,
+    Timeouts as Timeouts,
+    Transport as Transport,
+    TransportStatistics as TransportStatistics,
+    UpstreamResponse as UpstreamResponse,
+    make_transport as make_transport,
+)
+from .errors import (
+    ConnectError as ConnectError,
+    ConnectTimeout as ConnectTimeout,
+    LocalProtocolError as LocalProtocolError,
+    PoolTimeout as PoolTimeout,
+    ReadTimeout as ReadTimeout,
+    RemoteProtocolError as RemoteProtocolError,
+    TransportError as TransportError,
+    TransportTimeout as TransportTimeout,
+    WriteTimeout as WriteTimeout,
+)
+from .httpx_transport import HttpxTransport as HttpxTransport
+from .server import (
+    HttpServer as HttpServer,
+    Limits as Limits,
+    Request as Request,
+    Response as Response,
+    WebSocketAccept as WebSocketAccept,
+    serve_http as serve_http,
+)
