@@ -1,0 +1,529 @@
+"""``runestone fake-provider``: a real HTTP server that answers like OpenAI and Anthropic, with fault knobs.
+
+It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic), ``POST /v1/embeddings``
+and ``GET /v1/models`` on the project's own HTTP server, with the wire formats of the real APIs (checked in the
+tests with the official SDKs) and deterministic content from :mod:`.fake_content`. It stands in for upstream
+providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
+statuses with ``retry-after``, hangs, connections dropped before or during a response, malformed or failing
+streams) are set at start and changed at runtime with ``POST /_fake/knobs``; ``GET /_fake/stats`` reports what
+it served, including streams whose client went away. All waiting is ``trio.sleep``, so a ``MockClock`` drives it.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import struct
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+import orjson
+import trio
+
+from ..http.server import ClientDisconnected, Response, serve_http
+from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
+from .messages_inbound import InboundError, anthropic_request_to_openai
+from .sse import encode_event
+
+__all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
+
+
+@attrs.define
+class FakeKnobs:
+    """How the fake behaves; owned by its :class:`FakeProvider`, changed through ``POST /_fake/knobs``.
+
+    ``fault_status`` (0 for none) answers that status, in the API's error shape, to a ``fault_probability``
+    share of model requests (drawn from a generator seeded with ``seed``, so a run is reproducible), with a
+    ``retry-after`` header when ``retry_after`` is set. ``hang`` never answers; ``drop_before_response``
+    closes the connection without a response; ``drop_mid_stream`` cuts a stream after half its chunks;
+    ``stream_error`` sends the API's in-stream error event there instead; ``malformed_sse`` sends a broken
+    event there. ``text`` fixes the reply text, otherwise it echoes the last user message.
+    """
+
+    chunks: int = 8
+    ttfb_ms: float = 0
+    chunk_delay_ms: float = 0
+    fault_status: int = 0
+    fault_probability: float = 1.0
+    retry_after: float | None = None
+    hang: bool = False
+    drop_mid_stream: bool = False
+    drop_before_response: bool = False
+    malformed_sse: bool = False
+    stream_error: bool = False
+    seed: int = 0
+    text: str | None = None
+    embedding_dims: int = 256
+    models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding")
+
+
+# What POST /_fake/knobs accepts for each knob (bool is kept apart from int on purpose).
+_KNOB_TYPES: dict[str, tuple[type, ...]] = {
+    "chunks": (int,), "ttfb_ms": (int, float), "chunk_delay_ms": (int, float), "fault_status": (int,),
+    "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
+    "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
+    "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
+}
+
+
+@attrs.define
+class FakeStats:
+    """What the fake served since it started (or since ``POST /_fake/reset``).
+
+    ``requests`` counts by ``"METHOD /path"``; streams are ``started`` when their first byte is produced and
+    end ``finished`` (sent to the end, including deliberate mid-stream faults) or ``cancelled`` (the server
+    stopped pulling because the client went away); ``cancelled_at`` holds the ``trio.current_time()`` at
+    which each cancellation was noticed, in order; ``faults`` counts injected faults by kind.
+    """
+
+    requests: dict[str, int] = attrs.Factory(dict)
+    streams_started: int = 0
+    streams_finished: int = 0
+    streams_cancelled: int = 0
+    cancelled_at: list[float] = attrs.Factory(list)
+    faults: dict[str, int] = attrs.Factory(dict)
+
+    def as_json(self) -> dict:
+        return {
+            "requests": dict(self.requests),
+            "streams": {"started": self.streams_started, "finished": self.streams_finished, "cancelled": self.streams_cancelled},
+            "cancelled_at": list(self.cancelled_at),
+            "faults": dict(self.faults),
+        }
+
+
+class DropConnection(Exception):
+    """Raised inside a response stream to make the server cut the connection before the body's end."""
+
+
+_OPENAI_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", None),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_SSE_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"))
+_JSON_HEADERS = ((b"content-type", b"application/json"),)
+_DONE = b"data: [DONE]\n\n"
+
+
+def _openai_error(status: int, message: str, *, param: str | None = None, headers=()) -> Response:
+    type_, code = _OPENAI_ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(status, [*_JSON_HEADERS, *headers], orjson.dumps(body))
+
+
+def _anthropic_error(status: int, message: str, *, headers=()) -> Response:
+    type_ = _ANTHROPIC_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    body = {"type": "error", "error": {"type": type_, "message": message}, "request_id": f"req_fake{status}"}
+    return Response(status, [*_JSON_HEADERS, *headers], orjson.dumps(body))
+
+
+def _split(text: str, n: int) -> list[str]:
+    n = max(1, min(n, len(text)))
+    size = len(text)
+    return [text[k * size // n : (k + 1) * size // n] for k in range(n)] if size else [""]
+
+
+def _limit_to_max_tokens(pieces: list[str], max_tokens) -> tuple[list[str], bool]:
+    """Keep the pieces that fit in ``max_tokens`` (by :func:`count_tokens`); True if the reply was cut."""
+    if not isinstance(max_tokens, int) or max_tokens <= 0:
+        return pieces, False
+    kept: list[str] = []
+    used = 0
+    for piece in pieces:
+        used += count_tokens(piece)
+        if used > max_tokens:
+            return kept or [pieces[0]], True
+        kept.append(piece)
+    return kept, False
+
+
+@attrs.define(eq=False)
+class FakeProvider:
+    """The request handler of the fake server; one per server, its state touched only by trio tasks.
+
+    Handlers run concurrently but only switch at awaits, so the knob and counter updates here are atomic.
+    """
+
+    knobs: FakeKnobs = attrs.Factory(FakeKnobs)
+    stats: FakeStats = attrs.Factory(FakeStats)
+    _rng: random.Random = attrs.field(init=False)
+    _counter: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self._rng = random.Random(self.knobs.seed)
+
+    def __repr__(self) -> str:
+        return f"<FakeProvider {self.knobs!r}>"
+
+    # -- dispatch ----------------------------------------------------------------------------------------
+
+    async def __call__(self, request) -> Response:
+        path = request.path
+        if isinstance(path, bytes):
+            path = path.decode("latin-1")
+        path = path.split("?", 1)[0]
+        method = request.method
+        if isinstance(method, bytes):
+            method = method.decode("latin-1")
+        route = f"{method} {path}"
+        self.stats.requests[route] = self.stats.requests.get(route, 0) + 1
+        if path == "/v1/chat/completions":
+            return await self._model_route(request, method, self._chat) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/messages":
+            return await self._model_route(request, method, self._messages) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/embeddings":
+            return await self._model_route(request, method, self._embeddings) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/models" and method == "GET":
+            return self._models(request)
+        if path == "/_fake/knobs":
+            if method == "POST":
+                return await self._set_knobs(request)
+            return Response.json(attrs.asdict(self.knobs))
+        if path == "/_fake/stats" and method == "GET":
+            return Response.json(self.stats.as_json())
+        if path == "/_fake/reset" and method == "POST":
+            self.stats = FakeStats()
+            self._rng = random.Random(self.knobs.seed)
+            return Response.json({"ok": True})
+        return _openai_error(404, f"Invalid URL ({method} {path})")
+
+    @staticmethod
+    def _not_allowed(method: str, path: str) -> Response:
+        return _openai_error(405, f"Method {method} is not allowed for {path}")
+
+    def _fault(self, kind: str) -> None:
+        self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
+
+    async def _model_route(self, request, method: str, serve) -> Response:
+        """Apply the knobs that act before any byte of the answer, then serve the route."""
+        knobs = self.knobs
+        anthropic = serve == self._messages
+        raw = await request.body()
+        if knobs.hang:
+            self._fault("hang")
+            await trio.sleep_forever()
+        if knobs.ttfb_ms:
+            await trio.sleep(knobs.ttfb_ms / 1000)
+        if knobs.drop_before_response:
+            self._fault("drop_before_response")
+            # The server closes the connection without answering when a handler reports the client gone.
+            raise ClientDisconnected("drop_before_response knob")
+        if knobs.fault_status and (knobs.fault_probability >= 1.0 or self._rng.random() < knobs.fault_probability):
+            self._fault(str(knobs.fault_status))
+            headers = ()
+            if knobs.retry_after is not None:
+                headers = ((b"retry-after", _format_seconds(knobs.retry_after)),)
+            message = f"injected fault: HTTP {knobs.fault_status}"
+            if anthropic:
+                return _anthropic_error(knobs.fault_status, message, headers=headers)
+            return _openai_error(knobs.fault_status, message, headers=headers)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            message = "We could not parse the JSON body of your request."
+            return _anthropic_error(400, message) if anthropic else _openai_error(400, message)
+        return serve(request, body)
+
+    # -- OpenAI ------------------------------------------------------------------------------------------
+
+    def _next_id(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter:012d}fake"
+
+    def _check_model(self, body: dict) -> str | None:
+        model = body.get("model")
+        return model if isinstance(model, str) and model in self.knobs.models else None
+
+    def _chat(self, request, body: dict) -> Response:
+        model = self._check_model(body)
+        if model is None:
+            return _openai_error(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.", param="model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _openai_error(400, "'messages' must be a non-empty array.", param="messages")
+        call = fake_tool_call(body.get("tools"), body.get("tool_choice")) if body.get("tools") else None
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        prompt_tokens = count_tokens(messages)
+        created = int(time.time())
+        cid = self._next_id("chatcmpl-")
+        if call is not None:
+            arguments = orjson.dumps(call["arguments"]).decode()
+            completion_tokens = count_tokens(call["name"]) + count_tokens(arguments)
+            pieces: list[str] = []
+            finish = "tool_calls"
+        else:
+            pieces, cut = _limit_to_max_tokens(fake_reply_chunks(messages, self.knobs.chunks, self.knobs.text), max_tokens)
+            completion_tokens = count_tokens("".join(pieces))
+            finish = "length" if cut else "stop"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+        if not body.get("stream"):
+            message: dict = {"role": "assistant", "content": None if call else "".join(pieces), "refusal": None, "annotations": []}
+            if call is not None:
+                message["tool_calls"] = [{"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": arguments}}]
+            return Response.json(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": usage,
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_fake",
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "service_tier": "default", "system_fingerprint": "fp_fake"}
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+            c = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            if include_usage:
+                c["usage"] = None
+            return b"data: " + orjson.dumps(c) + b"\n\n"
+
+        frames = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        if call is not None:
+            frames.append(
+                chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}]})
+            )
+            frames.extend(chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in _split(arguments, self.knobs.chunks))
+        else:
+            frames.extend(chunk({"content": p}) for p in pieces)
+        frames.append(chunk({}, finish))
+        if include_usage:
+            frames.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        frames.append(_DONE)
+        error = b'data: {"error":{"message":"injected mid-stream fault","type":"server_error","param":null,"code":null}}\n\n'
+        return Response(200, _SSE_HEADERS, stream=self._stream(frames, error))
+
+    # -- Anthropic ---------------------------------------------------------------------------------------
+
+    def _messages(self, request, body: dict) -> Response:
+        # The API takes the key as x-api-key, or as a bearer token (which recent SDKs send).
+        if not request.header(b"x-api-key") and not request.header(b"authorization"):
+            return _anthropic_error(401, "x-api-key header is required")
+        if not request.header(b"anthropic-version"):
+            return _anthropic_error(400, "anthropic-version: header is required")
+        try:
+            translated = anthropic_request_to_openai(body)
+        except InboundError as exc:
+            return _anthropic_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
+        model = self._check_model(body)
+        if model is None:
+            return _anthropic_error(404, f"model: {body.get('model')}")
+        messages = body["messages"]
+        call = fake_tool_call(body.get("tools"), body.get("tool_choice")) if body.get("tools") else None
+        input_tokens = count_tokens(translated["messages"])
+        mid = self._next_id("msg_")
+        if call is not None:
+            arguments = orjson.dumps(call["arguments"]).decode()
+            output_tokens = count_tokens(call["name"]) + count_tokens(arguments)
+            pieces: list[str] = []
+            stop_reason = "tool_use"
+            tool_id = "toolu_" + call["id"].removeprefix("call_")
+        else:
+            pieces, cut = _limit_to_max_tokens(fake_reply_chunks(messages, self.knobs.chunks, self.knobs.text), body["max_tokens"])
+            output_tokens = count_tokens("".join(pieces))
+            stop_reason = "max_tokens" if cut else "end_turn"
+        usage = {"input_tokens": input_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": output_tokens}
+        if not body.get("stream"):
+            content: list[dict] = []
+            if call is not None:
+                content.append({"type": "tool_use", "id": tool_id, "name": call["name"], "input": call["arguments"]})
+            else:
+                content.append({"type": "text", "text": "".join(pieces)})
+            return Response.json(
+                {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": content,
+                    "stop_reason": stop_reason,
+                    "stop_sequence": None,
+                    "usage": usage,
+                }
+            )
+
+        def event(name: str, data: dict) -> bytes:
+            return encode_event(orjson.dumps(data), name)
+
+        start_usage = {**usage, "output_tokens": 1}
+        frames = [
+            event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+                        "stop_reason": None, "stop_sequence": None, "usage": start_usage,
+                    },
+                },
+            )
+        ]
+        if call is not None:
+            block = {"type": "tool_use", "id": tool_id, "name": call["name"], "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": a} for a in _split(arguments, self.knobs.chunks)]
+        else:
+            block = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": p} for p in pieces]
+        frames.append(event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}))
+        frames.append(event("ping", {"type": "ping"}))
+        frames.extend(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas)
+        frames.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        frames.append(
+            event(
+                "message_delta",
+                {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": {"output_tokens": output_tokens}},
+            )
+        )
+        frames.append(event("message_stop", {"type": "message_stop"}))
+        error = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        return Response(200, _SSE_HEADERS, stream=self._stream(frames, error))
+
+    # -- streaming and the mid-stream knobs --------------------------------------------------------------
+
+    def _stream(self, frames: list[bytes], error_frame: bytes) -> AsyncIterator[bytes]:
+        """The body of a streaming answer, one frame per write, paced by ``chunk_delay_ms``.
+
+        The mid-stream knobs act after half of the frames. Bookkeeping relies on the server closing the
+        iterator when it stops pulling (the client went away): the ``finally`` then counts a cancellation.
+        """
+        knobs = self.knobs
+        stats = self.stats
+        half = len(frames) // 2
+        delay = knobs.chunk_delay_ms / 1000
+        drop, stream_error, malformed = knobs.drop_mid_stream, knobs.stream_error, knobs.malformed_sse
+
+        async def body() -> AsyncIterator[bytes]:
+            stats.streams_started += 1
+            ended = False
+            try:
+                for i, frame in enumerate(frames):
+                    if i and delay:
+                        await trio.sleep(delay)
+                    if i == half:
+                        if drop:
+                            self._fault("drop_mid_stream")
+                            ended = True
+                            raise DropConnection("drop_mid_stream knob")
+                        if stream_error:
+                            self._fault("stream_error")
+                            ended = True
+                            yield error_frame
+                            return
+                        if malformed:
+                            self._fault("malformed_sse")
+                            yield b'data: {"id": "broken", "choices": [{"delta": \n\n'
+                    yield frame
+                ended = True
+            finally:
+                if ended:
+                    stats.streams_finished += 1
+                else:
+                    stats.streams_cancelled += 1
+                    stats.cancelled_at.append(trio.current_time())
+
+        return body()
+
+    # -- embeddings, models, knobs -----------------------------------------------------------------------
+
+    def _embeddings(self, request, body: dict) -> Response:
+        model = self._check_model(body)
+        if model is None:
+            return _openai_error(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.", param="model")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        elif isinstance(inputs, list) and inputs and all(isinstance(x, int) for x in inputs):
+            inputs = [" ".join(map(str, inputs))]  # one pre-tokenised input
+        if not isinstance(inputs, list) or not inputs:
+            return _openai_error(400, "'input' must be a non-empty string or array.", param="input")
+        dims = body.get("dimensions") or self.knobs.embedding_dims
+        if not isinstance(dims, int) or dims < 1:
+            return _openai_error(400, "'dimensions' must be a positive integer.", param="dimensions")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += count_tokens(text)
+            vec = fake_embedding(text, dims)
+            embedding = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if as_base64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        return Response.json({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def _models(self, request) -> Response:
+        if request.header(b"anthropic-version"):
+            data = [
+                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in self.knobs.models
+            ]
+            return Response.json(
+                {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+            )
+        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "runestone-fake"} for m in self.knobs.models]
+        return Response.json({"object": "list", "data": data})
+
+    async def _set_knobs(self, request) -> Response:
+        try:
+            patch = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            patch = None
+        if not isinstance(patch, dict):
+            return _openai_error(400, "knobs must be a JSON object")
+        changes = {}
+        for name, value in patch.items():
+            types = _KNOB_TYPES.get(name)
+            if types is None:
+                return _openai_error(400, f"unknown knob {name!r}; knobs are {sorted(_KNOB_TYPES)}", param=name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                return _openai_error(400, f"knob {name!r} must be of type {'/'.join(t.__name__ for t in types)}", param=name)
+            if name == "models":
+                if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+                    return _openai_error(400, "models must be an array of strings", param=name)
+                value = tuple(value)
+            changes[name] = value
+        self.knobs = attrs.evolve(self.knobs, **changes)
+        if "seed" in changes:
+            self._rng = random.Random(self.knobs.seed)
+        return Response.json(attrs.asdict(self.knobs))
+
+
+def _format_seconds(seconds: float) -> bytes:
+    return (str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))).encode()
+
+
+def make_fake_handler(knobs: FakeKnobs | None = None) -> FakeProvider:
+    """The fake server's request handler (a :class:`FakeProvider`); its ``knobs`` and ``stats`` stay reachable."""
+    return FakeProvider(knobs if knobs is not None else FakeKnobs())
+
+
+async def serve_fake_provider(host: str = "127.0.0.1", port: int = 0, knobs: FakeKnobs | None = None, *, limits=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the fake provider until cancelled; ``task_status.started(server)`` once it listens (``server.port``)."""
+    if limits is None:
+        await serve_http(make_fake_handler(knobs), host, port, task_status=task_status)
+    else:
+        await serve_http(make_fake_handler(knobs), host, port, limits=limits, task_status=task_status)
