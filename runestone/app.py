@@ -1,0 +1,206 @@
+"""Builds the supervision tree of DESIGN.md from a Config and runs it.
+
+::
+
+    runestone (root supervisor, one_for_one)
+    ├── telemetry_handler            TelemetryHandler
+    ├── circuit_breaker_manager      CircuitBreakerManager
+    ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
+    ├── failover_manager             FailoverManager
+    ├── provider_pool                ProviderPool
+    └── front                        the HTTP/SSE/WebSocket server (started last, stopped first)
+
+The published cells (provider table, breaker views, groups, health) and the in-flight table are made
+here, once, outside the actors: a restarted actor publishes into the cell its readers already hold, so
+the request path never has to be re-wired. Each child is started by a factory that builds a fresh
+actor, as a restart must.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from .config import Config, ProviderSpec
+from .front.api import Front
+from .front.auth import KeyRing, is_loopback
+from .http.server import Limits, serve_http
+from .providers.supervisor import EnhancedProviderSupervisor, ProviderTable
+from .resilience.breaker import BreakerSettings, Published
+from .resilience.breaker_manager import CircuitBreakerManager
+from .resilience.failover import GroupSelector, GroupSpec
+from .resilience.failover_manager import FailoverManager
+from .routing.executor import Gateway
+from .routing.pool import InFlightTable, ProviderPool
+from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
+from .telemetry.handler import TelemetryHandler
+from .telemetry.health import HealthParams
+from .telemetry.sender import Telemetry
+
+__all__ = ["Application", "StartupError"]
+
+log = logging.getLogger("runestone")
+
+
+class StartupError(Exception):
+    """The configuration cannot be served as asked (e.g. open mode on a public address)."""
+
+
+def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
+    async def start(*, task_status=trio.TASK_STATUS_IGNORED):
+        await make().run(task_status=task_status)
+
+    return ChildSpec(id=id, start=start, restart="permanent", shutdown=shutdown)
+
+
+class Application:
+    """One gateway: config, the tree, and the handles the request path reads."""
+
+    def __init__(self, config: Config, *, host: str | None = None, port: int | None = None) -> None:
+        self.config = config
+        self.host = host or config.server.host
+        self.port = config.server.port if port is None else port
+        keys = config.auth.api_keys
+        open_mode = not keys
+        if open_mode and not is_loopback(self.host):
+            raise StartupError(
+                f"refusing to serve on {self.host} with no client keys: set RUNESTONE_API_KEYS (or auth.api_keys), "
+                "or bind to a loopback address such as 127.0.0.1")
+        self.keys = KeyRing(keys, config.auth.admin_key or None, open_mode=open_mode)
+        self.registry = Registry()
+        self.data_dir = Path(config.data.dir)
+        # Published cells and tables: made once, outlive actor restarts.
+        self.providers = ProviderTable()
+        self.breaker_views = Published({})
+        self.health = Published(None)
+        self.selector = GroupSelector()
+        self.inflight = InFlightTable()
+        self.telemetry = Telemetry(self.registry)
+        #: The provider specs the provider supervisor (re)starts with; registrations change it.
+        self.catalog: dict[str, ProviderSpec] = {s.name: s for s in config.providers}
+        self.gateway = Gateway(
+            config,
+            providers=self.providers,
+            breakers=self.breaker_views,
+            breaker_ref=NamedRef(self.registry, "circuit_breaker_manager"),
+            groups=self.selector,
+            health=self.health,
+            telemetry=self.telemetry,
+            inflight=self.inflight,
+            failover_ref=NamedRef(self.registry, "failover_manager"),
+            pricing=config.pricing,
+        )
+        self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
+        self.root: Supervisor | None = None
+        self.provider_supervisor: EnhancedProviderSupervisor | None = None
+        self.server = None
+        self.ready = trio.Event()
+
+    # -- the tree -------------------------------------------------------------------------------------
+
+    def _children(self) -> list[ChildSpec]:
+        cfg = self.config
+        reg = self.registry
+        tel = cfg.telemetry
+        ledger_path = None
+        if tel.usage_ledger:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            ledger_path = str(self.data_dir / "usage.sqlite3")
+        emit = self.telemetry.emit
+        breaker_settings = BreakerSettings.from_config(cfg.circuit_breaker)
+        overrides = {
+            s.name: attrs.evolve(breaker_settings, enabled=False)
+            for s in cfg.providers if not s.config.circuit_breaker
+        }
+        groups = [GroupSpec.from_config(g) for g in cfg.failover.groups]
+        if not any(g.name == "default" for g in groups):
+            groups.append(GroupSpec.from_config(cfg.failover, "default"))
+
+        def telemetry_handler():
+            return TelemetryHandler(
+                registry=reg, mailbox_size=tel.mailbox_size, ledger_path=ledger_path,
+                flush_interval=tel.ledger_flush_ms / 1000, batch=tel.ledger_batch, health_params=HealthParams(),
+                pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window)
+
+        def breaker_manager():
+            return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
+                                         overrides=overrides, providers=list(self.catalog), registry=reg)
+
+        def provider_supervisor():
+            sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg)
+            self.provider_supervisor = sup
+            return sup
+
+        async def start_provider_supervisor(*, task_status=trio.TASK_STATUS_IGNORED):
+            await provider_supervisor().run(task_status=task_status)
+
+        def failover_manager():
+            return FailoverManager(self.selector, emit=emit, groups=groups, registry=reg)
+
+        def provider_pool():
+            return ProviderPool(self.inflight, registry=reg)
+
+        return [
+            _actor_child("telemetry_handler", telemetry_handler, shutdown=10.0),
+            _actor_child("circuit_breaker_manager", breaker_manager),
+            ChildSpec(id="enhanced_provider_supervisor", start=start_provider_supervisor, restart="permanent",
+                      shutdown=15.0, kind="supervisor"),
+            _actor_child("failover_manager", failover_manager),
+            _actor_child("provider_pool", provider_pool),
+            ChildSpec(id="front", start=self._serve_front, restart="permanent",
+                      shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
+        ]
+
+    async def _serve_front(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config.server
+        limits = Limits(
+            max_body_bytes=cfg.max_body_bytes,
+            max_header_bytes=cfg.max_header_bytes,
+            header_timeout=cfg.header_timeout_ms / 1000,
+            keepalive_timeout=cfg.keepalive_timeout_ms / 1000,
+            drain_timeout=max(cfg.drain_timeout_ms / 1000, 0.001),
+        )
+
+        class _Started:
+            def __init__(inner, status):
+                inner.status = status
+
+            def started(inner, server):
+                self.server = server
+                self.port = server.port
+                inner.status.started(server)
+
+        await serve_http(self.front.handle, self.host, self.port, limits=limits, task_status=_Started(task_status))
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tree until stopped; ``task_status.started(self)`` once every child is up."""
+        if self.keys.open_mode:
+            log.warning("no client keys configured: serving OPEN (no authentication) on loopback %s only; set "
+                        "RUNESTONE_API_KEYS to require keys", self.host)
+        self.root = Supervisor("runestone", self._children(), strategy="one_for_one", intensity=10, period=10.0,
+                               registry=self.registry)
+
+        class _Ready:
+            def started(inner, value=None):
+                self.ready.set()
+                task_status.started(self)
+
+        await self.root.run(task_status=_Ready())
+
+    def request_stop(self) -> None:
+        if self.root is not None:
+            self.root.request_stop()
+
+    def dump_state(self) -> dict[str, Any]:
+        tree = dump_state(self.root) if self.root is not None else None
+        return {
+            "pid": os.getpid(),
+            "tree": tree,
+            "telemetry_sender": self.telemetry.snapshot(),
+            "server": attrs.asdict(self.server.statistics()) if self.server is not None else None,
+        }

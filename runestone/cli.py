@@ -1,0 +1,171 @@
+"""The ``runestone`` command: serve the gateway, check a config, run the fake provider, and talk to a live one.
+
+``runestone serve`` runs the application's root supervisor until SIGINT or SIGTERM: the first signal
+stops gracefully (the front stops accepting, in-flight streams finish within the drain grace, the usage
+ledger is flushed), a second one stops at once. SIGUSR1 writes the whole state dump to the log as one
+JSON document. Exit status is 0 on a clean stop, 1 when the tree failed, 2 on a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import orjson
+import trio
+
+from . import __version__
+from .config import ConfigError, load_config
+
+log = logging.getLogger("runestone")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(app) -> int:
+    stop_count = 0
+    async with trio.open_nursery() as nursery:
+
+        async def signals():
+            nonlocal stop_count
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as batches:
+                async for signum in batches:
+                    if signum == signal.SIGUSR1:
+                        try:
+                            log.info("state dump: %s", orjson.dumps(app.dump_state(), default=str).decode())
+                        except Exception:
+                            log.exception("state dump failed")
+                        continue
+                    stop_count += 1
+                    if stop_count == 1:
+                        log.info("received %s: stopping gracefully (send it again to stop at once)",
+                                 signal.Signals(signum).name)
+                        app.request_stop()
+                    else:
+                        log.warning("second stop signal: stopping at once")
+                        nursery.cancel_scope.cancel()
+
+        nursery.start_soon(signals)
+
+        async def run_app(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await app.run(task_status=task_status)
+            finally:
+                # The tree stopped (gracefully or not): nothing else here has work left.
+                nursery.cancel_scope.cancel()
+
+        await nursery.start(run_app)
+        log.info("runestone %s ready on http://%s:%d (pid %d)", __version__, app.host, app.port, os.getpid())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .app import Application, StartupError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    try:
+        app = Application(config, host=args.host, port=args.port)
+    except StartupError as exc:
+        print(f"runestone: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return trio.run(_serve, app)
+    except KeyboardInterrupt:
+        return 0
+    except Exception:
+        log.exception("runestone stopped on an error")
+        return 1
+
+
+def cmd_check_config(args) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for line in (exc.problems or [str(exc)]):
+            text = str(line)
+            print(text if text.startswith("config error") else f"config error: {text}", file=sys.stderr)
+        return 1
+    names = ", ".join(p.name for p in config.providers) or "none"
+    print(f"config ok: {len(config.providers)} provider(s) ({names}), port {config.server.port}")
+    return 0
+
+
+def cmd_fake_provider(args) -> int:
+    from .providers.fake_server import FakeKnobs, serve_fake_provider
+
+    knobs = FakeKnobs()
+    if args.chunks is not None:
+        knobs.chunks = args.chunks
+    if args.ttfb_ms is not None:
+        knobs.ttfb_ms = args.ttfb_ms
+    if args.chunk_delay_ms is not None:
+        knobs.chunk_delay_ms = args.chunk_delay_ms
+    if args.fault_status:
+        knobs.fault_status = args.fault_status
+        knobs.fault_probability = args.fault_probability
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(lambda task_status: serve_fake_provider(
+                args.host, args.port, knobs, task_status=task_status))
+            log.info("fake provider ready on http://%s:%d", args.host, server.port)
+            print(f"fake provider listening on http://{args.host}:{server.port}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runestone", description="An OpenAI-compatible LLM gateway.")
+    p.add_argument("--version", action="version", version=f"runestone {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("RUNESTONE_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--config", help="config file (default: $RUNESTONE_CONFIG or the embedded default)")
+    s.add_argument("--host", help="address to bind (default from config)")
+    s.add_argument("--port", type=int, help="port to bind (default: $PORT or config, 4003)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a config file and the environment")
+    c.add_argument("file", nargs="?", help="config file (default: $RUNESTONE_CONFIG or the embedded default)")
+    c.set_defaults(func=cmd_check_config)
+
+    f = sub.add_parser("fake-provider", help="run a fake OpenAI/Anthropic upstream for demos and tests")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=4010)
+    f.add_argument("--chunks", type=int)
+    f.add_argument("--ttfb-ms", type=int)
+    f.add_argument("--chunk-delay-ms", type=int)
+    f.add_argument("--fault-status", type=int, default=0)
+    f.add_argument("--fault-probability", type=float, default=1.0)
+    f.set_defaults(func=cmd_fake_provider)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Client and admin keys: who is calling, checked in constant time.
+
+Keys are never compared as strings. Each configured key is stored as its SHA-256 digest; a presented key
+is hashed and looked up, and the match confirmed with ``hmac.compare_digest``. A dictionary lookup on a
+digest reveals nothing an attacker can use (finding a key from its digest is preimage search), so the
+check costs one hash whatever the number of keys. A key is known elsewhere only by its *key id*
+(``key_`` + 12 hex digits of the digest), which is what logs, the usage ledger and dumps show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+
+__all__ = ["KeyRing", "key_id_of", "is_loopback"]
+
+
+def _digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+def key_id_of(key: str | bytes) -> str:
+    return "key_" + _digest(key).hex()[:12]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class KeyRing:
+    """The configured client keys and the admin key. ``open_mode``: no client keys, loopback only."""
+
+    def __init__(self, api_keys, admin_key: str | None, *, open_mode: bool) -> None:
+        self._clients = {_digest(k): key_id_of(k) for k in api_keys if k}
+        self._admin = _digest(admin_key) if admin_key else None
+        self.open_mode = open_mode
+        self.has_admin = self._admin is not None
+
+    @staticmethod
+    def bearer(header: bytes | None) -> bytes | None:
+        if not header:
+            return None
+        scheme, _, token = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+        token = token.strip()
+        return token or None
+
+    def client(self, token: bytes | None) -> str | None:
+        """The key id of a valid client key (the admin key counts as one), else None."""
+        if token is None:
+            return None
+        d = _digest(token)
+        kid = self._clients.get(d)
+        if kid is not None:
+            return kid
+        if self._admin is not None and hmac.compare_digest(self._admin, d):
+            return "admin"
+        return None
+
+    def is_admin(self, token: bytes | None) -> bool:
+        if self._admin is None or token is None:
+            return False
+        return hmac.compare_digest(self._admin, _digest(token))

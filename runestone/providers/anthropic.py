@@ -1,0 +1,174 @@
+"""The ``anthropic`` provider type: OpenAI-shaped requests translated to the Messages API and back.
+
+Translation lives in :mod:`.anthropic_translate`; this module drives the wire: it posts to
+``{base_url}/v1/messages`` with ``x-api-key`` and ``anthropic-version``, parses the event stream,
+and turns each Anthropic event into OpenAI chunks, written once per upstream read.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from ..http.errors import TransportError
+from ..resilience.errors import UpstreamError
+from .anthropic_translate import (
+    AnthropicToOpenAIStream,
+    UpstreamStreamError,
+    anthropic_to_openai_response,
+    openai_to_anthropic_request,
+)
+from .base import DONE, ChatResult, Usage, loads_object, new_created, transport_error, upstream_http_error
+from .sse import SSEError, SSEParser
+
+__all__ = ["AnthropicAdapter", "AnthropicStream"]
+
+
+def _usage_into(usage: Usage, u: dict | None) -> None:
+    if u:
+        usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
+        usage.completion_tokens = int(u.get("completion_tokens") or 0)
+
+
+class AnthropicStream:
+    __slots__ = ("_provider", "_cm", "_it", "_parser", "_translator", "usage", "finished", "_closed")
+
+    def __init__(self, provider: str, cm, response, translator: AnthropicToOpenAIStream) -> None:
+        self._provider = provider
+        self._cm = cm
+        self._it = response.__aiter__()
+        self._parser = SSEParser()
+        self._translator = translator
+        self.usage = Usage()
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        provider = self._provider
+        translator = self._translator
+        dumps = orjson.dumps
+        while True:
+            try:
+                raw = await self._it.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamError(provider, "stream_cut", "upstream stream ended before message_stop") from None
+            except TransportError as exc:
+                raise transport_error(provider, exc) from None
+            try:
+                events = self._parser.feed(raw)
+            except SSEError as exc:
+                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+            out = []
+            for ev in events:
+                data = loads_object(provider, ev.data, "a stream event")
+                name = ev.event or data.get("type") or ""
+                try:
+                    chunks = translator.feed(name, data)
+                except UpstreamStreamError as exc:
+                    raise UpstreamError(
+                        provider, "http", f"upstream reported {exc.type} mid-stream: {exc.message}", status=exc.status
+                    ) from None
+                for chunk in chunks:
+                    out.append(b"data: " + dumps(chunk) + b"\n\n")
+                if translator.done:
+                    _usage_into(self.usage, translator.usage)
+                    self.finished = True
+                    out.append(DONE)
+                    break
+            if out:
+                return b"".join(out)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._cm.__aexit__(None, None, None)
+
+
+class AnthropicAdapter:
+    def __init__(self, name: str, config, transport, timeouts=None) -> None:
+        self.name = name
+        base = (getattr(config, "base_url", None) or "https://api.anthropic.com").rstrip("/")
+        if base.endswith("/v1"):
+            base = base[:-3]
+        self._url = base + "/v1/messages"
+        self._models_url = base + "/v1/models"
+        version = getattr(config, "anthropic_version", None) or "2023-06-01"
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"accept", b"application/json"),
+            (b"anthropic-version", version.encode()),
+        ]
+        key = getattr(config, "api_key", None)
+        if key:
+            headers.append((b"x-api-key", key.encode()))
+        self._headers = headers
+        self._default_max_tokens = int(getattr(config, "default_max_tokens", None) or 4096)
+        self._transport = transport
+        self._timeouts = timeouts
+
+    async def _open(self, payload: bytes, url: str | None = None, method: str = "POST"):
+        cm = self._transport.stream(method, url or self._url, self._headers, payload, timeouts=self._timeouts)
+        try:
+            response = await cm.__aenter__()
+        except TransportError as exc:
+            raise transport_error(self.name, exc) from None
+        if response.status != 200:
+            try:
+                raw = await response.read()
+            except TransportError:
+                raw = b""
+            finally:
+                await cm.__aexit__(None, None, None)
+            raise upstream_http_error(self.name, response.status, response.headers, raw)
+        return cm, response
+
+    async def _read(self, payload: bytes, url: str | None = None, method: str = "POST") -> dict:
+        cm, response = await self._open(payload, url, method)
+        try:
+            raw = await response.read()
+        except TransportError as exc:
+            raise transport_error(self.name, exc) from None
+        finally:
+            await cm.__aexit__(None, None, None)
+        return loads_object(self.name, raw, "the response")
+
+    async def complete(self, body: dict, *, request_id: str) -> ChatResult:
+        model = body["model"]
+        payload = openai_to_anthropic_request(
+            body, model=model, default_max_tokens=self._default_max_tokens, stream=False
+        )
+        msg = await self._read(orjson.dumps(payload))
+        if not isinstance(msg.get("content"), list):
+            raise UpstreamError(self.name, "malformed", "upstream message has no 'content' list")
+        resp = anthropic_to_openai_response(msg, model=model, request_id=request_id, created=new_created())
+        usage = Usage()
+        _usage_into(usage, resp.get("usage"))
+        return ChatResult(orjson.dumps(resp), usage)
+
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> AnthropicStream:
+        model = body["model"]
+        payload = openai_to_anthropic_request(
+            body, model=model, default_max_tokens=self._default_max_tokens, stream=True
+        )
+        cm, response = await self._open(orjson.dumps(payload))
+        translator = AnthropicToOpenAIStream(
+            model=model, request_id=request_id, created=new_created(), include_usage=include_usage
+        )
+        return AnthropicStream(self.name, cm, response, translator)
+
+    async def embed(self, body: dict) -> ChatResult:
+        raise UpstreamError(self.name, "http", "the Anthropic API serves no embedding models", status=404)
+
+    async def list_models(self) -> list[str]:
+        obj = await self._read(b"", self._models_url, "GET")
+        data = obj.get("data")
+        if not isinstance(data, list):
+            raise UpstreamError(self.name, "malformed", "upstream /v1/models response has no 'data' list")
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

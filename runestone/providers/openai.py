@@ -1,0 +1,179 @@
+"""The ``openai`` provider type: the OpenAI API and any OpenAI-compatible server (vLLM, Ollama, Groq, ...).
+
+The body already is the upstream's format, so the hot path does the least a gateway may: it parses each
+upstream event once (to validate it and to read ``usage``) and relays the upstream's own bytes. It always
+asks the upstream for ``stream_options.include_usage`` so that the usage ledger learns the token counts,
+and drops the usage-only chunk again when the client did not ask for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..http.errors import TransportError
+from ..resilience.errors import UpstreamError
+from .base import DONE, ChatResult, Usage, loads_object, transport_error, upstream_http_error
+from .sse import SSEError, SSEParser
+
+__all__ = ["OpenAIAdapter", "OpenAIStream"]
+
+_JSON = (b"content-type", b"application/json")
+
+
+def usage_from(provider: str, u: Any, usage: Usage) -> None:
+    if not isinstance(u, dict):
+        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
+    usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
+    usage.completion_tokens = int(u.get("completion_tokens") or 0)
+
+
+class OpenAIStream:
+    """An OpenAI SSE stream relayed event by event, validated, with usage captured."""
+
+    __slots__ = ("_provider", "_cm", "_it", "_parser", "_include_usage", "usage", "finished", "_closed")
+
+    def __init__(self, provider: str, cm, response, include_usage: bool) -> None:
+        self._provider = provider
+        self._cm = cm
+        self._it = response.__aiter__()
+        self._parser = SSEParser()
+        self._include_usage = include_usage
+        self.usage = Usage()
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        provider = self._provider
+        while True:
+            try:
+                raw = await self._it.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamError(provider, "stream_cut", "upstream stream ended before its [DONE] marker") from None
+            except TransportError as exc:
+                raise transport_error(provider, exc) from None
+            try:
+                events = self._parser.feed(raw)
+            except SSEError as exc:
+                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+            if not events:
+                continue
+            out = []
+            for ev in events:
+                data = ev.data
+                if data == b"[DONE]":
+                    self.finished = True
+                    out.append(DONE)
+                    break
+                obj = loads_object(provider, data, "a stream chunk")
+                err = obj.get("error")
+                if err is not None:
+                    msg = err.get("message") if isinstance(err, dict) else str(err)
+                    raise UpstreamError(provider, "stream_cut", f"upstream reported an error mid-stream: {msg}")
+                choices = obj.get("choices")
+                if not isinstance(choices, list):
+                    raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
+                u = obj.get("usage")
+                if u:
+                    usage_from(provider, u, self.usage)
+                    if not choices and not self._include_usage:
+                        continue
+                out.append(b"data: " + data + b"\n\n")
+            if out:
+                return b"".join(out)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._cm.__aexit__(None, None, None)
+
+
+class OpenAIAdapter:
+    """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``."""
+
+    def __init__(self, name: str, config, transport, timeouts=None) -> None:
+        self.name = name
+        base = (getattr(config, "base_url", None) or "https://api.openai.com/v1").rstrip("/")
+        self._chat_url = base + "/chat/completions"
+        self._embed_url = base + "/embeddings"
+        self._models_url = base + "/models"
+        headers = [_JSON, (b"accept", b"application/json")]
+        key = getattr(config, "api_key", None)
+        if key:
+            headers.append((b"authorization", b"Bearer " + key.encode()))
+        self._headers = headers
+        self._transport = transport
+        self._timeouts = timeouts
+
+    async def _open(self, url: str, body: bytes, method: str = "POST"):
+        cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts)
+        try:
+            response = await cm.__aenter__()
+        except TransportError as exc:
+            raise transport_error(self.name, exc) from None
+        return cm, response
+
+    async def _read_json(self, url: str, payload: bytes, method: str = "POST") -> tuple[bytes, dict]:
+        cm, response = await self._open(url, payload, method)
+        try:
+            try:
+                raw = await response.read()
+            except TransportError as exc:
+                raise transport_error(self.name, exc) from None
+        finally:
+            await cm.__aexit__(None, None, None)
+        if response.status != 200:
+            raise upstream_http_error(self.name, response.status, response.headers, raw)
+        return raw, loads_object(self.name, raw, "the response")
+
+    async def complete(self, body: dict, *, request_id: str) -> ChatResult:
+        raw, obj = await self._read_json(self._chat_url, orjson.dumps(body))
+        if not isinstance(obj.get("choices"), list):
+            raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
+        usage = Usage()
+        if obj.get("usage"):
+            usage_from(self.name, obj["usage"], usage)
+        return ChatResult(raw, usage)
+
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> OpenAIStream:
+        upstream = dict(body)
+        options = dict(upstream.get("stream_options") or {})
+        options["include_usage"] = True
+        upstream["stream_options"] = options
+        upstream["stream"] = True
+        cm, response = await self._open(self._chat_url, orjson.dumps(upstream))
+        if response.status != 200:
+            try:
+                raw = await response.read()
+            except TransportError:
+                raw = b""
+            finally:
+                await cm.__aexit__(None, None, None)
+            raise upstream_http_error(self.name, response.status, response.headers, raw)
+        return OpenAIStream(self.name, cm, response, include_usage)
+
+    async def embed(self, body: dict) -> ChatResult:
+        raw, obj = await self._read_json(self._embed_url, orjson.dumps(body))
+        if not isinstance(obj.get("data"), list):
+            raise UpstreamError(self.name, "malformed", "upstream embeddings response has no 'data' list")
+        usage = Usage()
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
+        return ChatResult(raw, usage)
+
+    async def list_models(self) -> list[str]:
+        _, obj = await self._read_json(self._models_url, b"", method="GET")
+        data = obj.get("data")
+        if not isinstance(data, list):
+            raise UpstreamError(self.name, "malformed", "upstream /models response has no 'data' list")
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

@@ -1,0 +1,230 @@
+"""EnhancedProviderSupervisor and its children: one actor per registered provider.
+
+A :class:`ProviderActor` owns what a provider is made of: its config, its connection pool (the transport)
+and its adapter. At ``init`` it builds them, learns its models (from config, or from the upstream's
+``GET /models`` when an ``openai`` provider lists none) and publishes a :class:`ProviderEntry` into the
+shared :class:`ProviderTable`; at ``terminate`` it withdraws the entry and closes its pool. The request
+path reads the table, never the actor's mailbox. The supervisor is ``one_for_one`` with dynamic
+children, so registering or unregistering a provider restarts nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import ProviderSpec, provider_spec_to_dict
+from ..http.client import PoolLimits, Timeouts, make_transport
+from ..resilience.breaker import Published
+from ..resilience.failover import ProviderInfo
+from ..runtime import Actor, ChildSpec, Supervisor
+from .anthropic import AnthropicAdapter
+from .fake import FakeAdapter
+from .openai import OpenAIAdapter
+
+__all__ = [
+    "ADAPTERS",
+    "EnhancedProviderSupervisor",
+    "ProviderActor",
+    "ProviderEntry",
+    "ProviderTable",
+    "canonical_provider",
+]
+
+log = logging.getLogger("runestone.providers")
+
+ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter}
+
+# The original's provider names, still used by old clients and configs.
+LEGACY_NAMES = {"openai": "openai-default", "anthropic": "anthropic-default"}
+
+
+def canonical_provider(name: str, table: "ProviderTable | None" = None) -> str:
+    """``openai``/``anthropic`` mean ``openai-default``/``anthropic-default`` unless registered as such."""
+    if table is not None and name in (table.value or {}):
+        return name
+    return LEGACY_NAMES.get(name, name)
+
+
+_CAPS_BY_TYPE = {
+    "openai": frozenset({"streaming", "tools", "vision", "embeddings"}),
+    "anthropic": frozenset({"streaming", "tools", "vision"}),
+    "fake": frozenset({"streaming", "tools", "vision", "embeddings"}),
+}
+
+
+@attrs.frozen
+class ProviderEntry:
+    """A registered provider as the request path sees it (immutable; replaced on change)."""
+
+    name: str
+    type: str
+    spec: ProviderSpec
+    info: ProviderInfo
+    adapter: Any
+    #: The model sent upstream when a request names a failover group or the provider itself.
+    default_model: str | None
+    #: Set while unregistering: no new request is routed here.
+    draining: bool = False
+
+
+class ProviderTable(Published):
+    """Published ``{name: ProviderEntry}``; each provider actor writes only its own entry (copy on write)."""
+
+    def __init__(self) -> None:
+        super().__init__(value={})
+
+    def put(self, entry: ProviderEntry) -> None:
+        new = dict(self.value)
+        new[entry.name] = entry
+        self.publish(new)
+
+    def remove(self, name: str, entry: ProviderEntry | None = None) -> None:
+        current = self.value.get(name)
+        if current is not None and (entry is None or current.adapter is entry.adapter):
+            new = dict(self.value)
+            del new[name]
+            self.publish(new)
+
+    def mark_draining(self, name: str) -> bool:
+        current = self.value.get(name)
+        if current is None:
+            return False
+        self.put(attrs.evolve(current, draining=True))
+        return True
+
+    def routable(self) -> dict[str, ProviderInfo]:
+        return {n: e.info for n, e in self.value.items() if not e.draining}
+
+
+def build_adapter(spec: ProviderSpec):
+    cfg = spec.config
+    if spec.type == "fake":
+        return FakeAdapter(spec.name, cfg)
+    timeouts = Timeouts(connect=cfg.connect_timeout_ms / 1000, read=cfg.timeout_ms / 1000,
+                        write=cfg.timeout_ms / 1000, pool=cfg.timeout_ms / 1000)
+    kind = cfg.transport
+    if kind == "httpx" or cfg.proxy:
+        transport = make_transport("httpx", proxy=cfg.proxy, timeouts=timeouts,
+                                   limits=PoolLimits(max_connections=cfg.pool_size))
+    else:
+        transport = make_transport("fast", timeouts=timeouts, limits=PoolLimits(max_connections=cfg.pool_size))
+    return ADAPTERS[spec.type](spec.name, cfg, transport, timeouts)
+
+
+def provider_info(spec: ProviderSpec, models) -> ProviderInfo:
+    cfg = spec.config
+    return ProviderInfo(
+        name=spec.name,
+        priority=cfg.priority,
+        weight=cfg.weight,
+        max_concurrency=cfg.max_concurrency,
+        models=frozenset(models),
+        capabilities=_CAPS_BY_TYPE.get(spec.type, frozenset({"streaming"})),
+    )
+
+
+@attrs.frozen
+class ProviderSnapshot:
+    """What a state dump shows of one provider actor (secrets redacted)."""
+
+    name: str
+    type: str
+    config: dict
+    models: list[str]
+    draining: bool
+    discovery_error: str | None
+
+
+class ProviderActor(Actor):
+    """One registered provider. Calls: ``"snapshot"``, ``"models"``, ``("crash", why)`` (fault injection)."""
+
+    mailbox_size = 64
+
+    def __init__(self, spec: ProviderSpec, table: ProviderTable, *, registry=None) -> None:
+        super().__init__(f"provider:{spec.name}", registry=registry)
+        self.spec = spec
+        self.table = table
+        self.entry: ProviderEntry | None = None
+        self.discovery_error: str | None = None
+
+    async def init(self) -> None:
+        spec = self.spec
+        adapter = build_adapter(spec)
+        models = list(spec.config.models)
+        if not models and spec.type != "fake":
+            try:
+                with trio.fail_after(10):
+                    models = await adapter.list_models()
+            except Exception as exc:  # a provider that cannot list its models still starts; it serves none
+                self.discovery_error = f"{type(exc).__name__}: {exc}"
+                log.warning("provider %s: model discovery failed (%s); it serves no model until updated",
+                            spec.name, self.discovery_error)
+        default = next((m for m in models if not m.endswith("*")), None)
+        self.entry = ProviderEntry(spec.name, spec.type, spec, provider_info(spec, models), adapter, default)
+        self.table.put(self.entry)
+
+    async def handle_call(self, message):
+        if message == "snapshot":
+            return self.snapshot()
+        if message == "models":
+            return sorted(self.entry.info.models) if self.entry else []
+        if isinstance(message, tuple) and message and message[0] == "crash":
+            raise RuntimeError(f"crash injected into {self.ref.name}")
+        raise ValueError(f"{self.ref.name}: unknown call {message!r}")
+
+    async def handle_cast(self, message):
+        if message == "crash":
+            raise RuntimeError(f"crash injected into {self.ref.name}")
+
+    async def terminate(self, reason) -> None:
+        entry = self.entry
+        if entry is not None:
+            self.table.remove(entry.name, entry)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await entry.adapter.aclose()
+
+    def snapshot(self) -> ProviderSnapshot:
+        entry = self.table.value.get(self.spec.name)
+        return ProviderSnapshot(
+            name=self.spec.name,
+            type=self.spec.type,
+            config=provider_spec_to_dict(self.spec, redact=True)["config"],
+            models=sorted(entry.info.models) if entry else [],
+            draining=bool(entry and entry.draining),
+            discovery_error=self.discovery_error,
+        )
+
+
+class EnhancedProviderSupervisor(Supervisor):
+    """``one_for_one`` supervisor of provider actors, with dynamic children named after the providers."""
+
+    def __init__(self, specs, table: ProviderTable, *, registry=None, intensity: int = 10, period: float = 10.0):
+        self.table = table
+        self._registry = registry
+        super().__init__(
+            "enhanced_provider_supervisor",
+            [self.child_for(s) for s in specs],
+            strategy="one_for_one",
+            intensity=intensity,
+            period=period,
+            registry=registry,
+        )
+
+    def child_for(self, spec: ProviderSpec) -> ChildSpec:
+        table, registry = self.table, self._registry
+
+        async def start(*, task_status=trio.TASK_STATUS_IGNORED):
+            await ProviderActor(spec, table, registry=registry).run(task_status=task_status)
+
+        return ChildSpec(id=spec.name, start=start, restart="permanent", shutdown=5.0)
+
+    async def register(self, spec: ProviderSpec):
+        """Start a provider actor; ValueError if the name is taken. Nothing else restarts."""
+        return await self.start_child(self.child_for(spec))
+
+    async def unregister(self, name: str) -> None:
+        await self.terminate_child(name)
