@@ -253,3 +253,22 @@ def test_error_shape(status, type_):
     wrapped = {"error": {"message": "nope", "type": "x", "param": None, "code": None}}
     assert openai_error_to_anthropic(status, wrapped) == {"type": "error", "error": {"type": type_, "message": "nope"}}
     assert openai_error_to_anthropic(status, wrapped["error"])["error"]["message"] == "nope"
+
+
+def test_anthropic_stream_through_openai_chunks_and_back():
+    from runestone.providers.anthropic_translate import AnthropicToOpenAIStream
+
+    original = fixture("anthropic_stream_tool_use.json")
+    to_openai = AnthropicToOpenAIStream(model="claude-x", request_id="chatcmpl-1", created=1, include_usage=True)
+    back = OpenAIToAnthropicStream(model="claude-x", message_id="msg_1", input_tokens=0)
+    events = []
+    for name, data in original:
+        for chunk in to_openai.feed(name, data):
+            events.extend(back.feed(chunk))
+    events.extend(back.finish())
+    direct = sdk_accumulate(original)
+    relayed = sdk_accumulate(events)
+    # everything but the thinking block, which OpenAI's format cannot carry, survives the two hops
+    assert [b.to_dict() for b in relayed.content] == [b.to_dict() for b in direct.content[1:]]
+    assert relayed.stop_reason == direct.stop_reason == "tool_use"
+    assert (relayed.usage.input_tokens, relayed.usage.output_tokens) == (472, 89)
