@@ -51,6 +51,11 @@ class StartupError(Exception):
     """The configuration cannot be served as asked (e.g. open mode on a public address)."""
 
 
+def _route_installers():
+    """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
+    return []
+
+
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
     async def start(*, task_status=trio.TASK_STATUS_IGNORED):
         await make().run(task_status=task_status)
@@ -96,6 +101,9 @@ class Application:
             pricing=config.pricing,
         )
         self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
+        # Route groups beyond the chat core register themselves on the front: install(front, app).
+        for install in _route_installers():
+            install(self.front, self)
         self.root: Supervisor | None = None
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
         self.server = None
