@@ -1,0 +1,40 @@
+"""Resilience: circuit breakers, retry policy and failover, for one gateway.
+
+Layers inside: ``errors`` (what went wrong, and whether it counts or may be
+retried) <- ``breaker``, ``retry``, ``failover`` (pure state machines and
+policies, time passed in) <- ``breaker_manager``, ``failover_manager`` (the
+actors that own that state and publish immutable views for the request path).
+``replies`` is how those actors refuse a call. The public names are
+re-exported here.
+"""
+
+from .breaker import ALLOW as ALLOW
+from .breaker import ASK as ASK
+from .breaker import DENY as DENY
+from .breaker import BreakerSettings as BreakerSettings
+from .breaker import BreakerView as BreakerView
+from .breaker import CircuitBreaker as CircuitBreaker
+from .breaker import Published as Published
+from .breaker import Transition as Transition
+from .breaker import check as check
+from .breaker_manager import PROBE as PROBE
+from .breaker_manager import CircuitBreakerManager as CircuitBreakerManager
+from .breaker_manager import admit as admit
+from .errors import UpstreamError as UpstreamError
+from .errors import counts_as_failure as counts_as_failure
+from .errors import is_retryable as is_retryable
+from .failover import STRATEGIES as STRATEGIES
+from .failover import GroupSelector as GroupSelector
+from .failover import GroupSpec as GroupSpec
+from .failover import ProviderInfo as ProviderInfo
+from .failover import RouteState as RouteState
+from .failover import order_candidates as order_candidates
+from .failover_manager import FailoverManager as FailoverManager
+from .failover_manager import FailoverStats as FailoverStats
+from .failover_manager import GroupStats as GroupStats
+from .failover_manager import ProviderStats as ProviderStats
+from .replies import Rejected as Rejected
+from .replies import unwrap as unwrap
+from .retry import RetryPolicy as RetryPolicy
+from .retry import parse_retry_after as parse_retry_after
+from .retry import retry_policy as retry_policy
