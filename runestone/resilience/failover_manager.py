@@ -8,7 +8,9 @@ finished request reports once, by cast::
     ("outcome", group, provider, ok, attempts[, failed])
 
 ``provider`` served the request (``ok``) or was the last one tried; ``failed``
-lists the providers of the failed attempts before it, in order. From these the
+lists the provider of each failed attempt before that last one, in the order
+tried (on an exhausted request a list that also names the last attempt, one
+entry per attempt, is accepted). From these the
 manager keeps per-group and per-provider counts and emits the telemetry
 ``FailoverEvent``\\ s ``fallback_success`` (served, but not by the first
 provider tried) and ``fallback_exhausted`` (every attempt failed).
@@ -182,6 +184,11 @@ class FailoverManager(Actor):
         if not isinstance(attempts, int) or attempts < 1:
             log.warning("failover manager: ignoring outcome with attempts=%r", attempts)
             return
+        if not ok and len(failed) >= attempts and provider in failed:
+            # The final failed attempt was listed too; it is counted once, as the last.
+            rest = list(failed)
+            rest.remove(provider)
+            failed = tuple(rest)
         counts = self.stats.get(group)
         if counts is None:
             counts = self.stats[group] = _GroupCounts()

@@ -222,6 +222,13 @@ async def test_outcomes_make_stats_and_events():
         assert (await ref.call(("get_stats", "default"))).group == GroupStats()
         assert (await ref.call(("get_stats", "nope"))).code == "not_found"
         await ref.call(("reset_stats", None))
+        # an exhausted request may list its final attempt among the failed ones too
+        ref.cast(("outcome", "g", "b", False, 2, ("a", "b")))
+        stats = await ref.call(("get_stats", "g"))
+        assert stats.group == GroupStats(requests=1, attempts=2, successes=0, failures=2, fallbacks=0, exhausted=1)
+        assert stats.providers["b"] == ProviderStats(attempts=1, successes=0, failures=1, fallbacks=0, exhausted=1)
+        assert stats.providers["a"] == ProviderStats(attempts=1, successes=0, failures=1, fallbacks=0, exhausted=0)
+        await ref.call(("reset_stats", "g"))
         assert (await ref.call(("get_stats", "g"))).group == GroupStats()
         assert "g" in mgr.snapshot()["groups"]
 
