@@ -29,3 +29,6 @@ from .metrics import TelemetryMetrics as TelemetryMetrics
 from .metrics import render_prometheus as render_prometheus
 from .sender import ExtraGauges as ExtraGauges
 from .sender import Telemetry as Telemetry
+from .handler import OverallSummary as OverallSummary
+from .handler import TelemetryHandler as TelemetryHandler
+from .handler import TelemetryStats as TelemetryStats

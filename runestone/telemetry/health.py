@@ -174,11 +174,14 @@ class HealthTracker:
     the caller forwards them. Not thread-safe: one task owns it.
     """
 
-    __slots__ = ("params", "providers")
+    __slots__ = ("params", "providers", "status_changes")
 
     def __init__(self, params: HealthParams | None = None):
         self.params = params or HealthParams()
         self.providers: dict[str, ProviderHealth] = {}
+        #: Status transitions so far (any, alerting or not): lets the owner
+        #: notice a change worth publishing at once.
+        self.status_changes = 0
 
     def _get(self, provider: str) -> ProviderHealth:
         h = self.providers.get(provider)
@@ -247,6 +250,7 @@ class HealthTracker:
         if status == h.status:
             return []
         h.status = status
+        self.status_changes += 1
         if status == UNHEALTHY:
             h.alerted = True
             return [ProviderStatusEvent("provider_unhealthy", provider, score)]

@@ -15,6 +15,7 @@ worker threads. Records are any objects with the attributes of
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -106,6 +107,9 @@ class UsageLedger:
         return len(self._buffer)
 
     def _open_sync(self) -> sqlite3.Connection:
+        directory = os.path.dirname(self.path)
+        if directory and self.path != ":memory:":
+            os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -117,7 +121,7 @@ class UsageLedger:
         return conn
 
     async def open(self) -> None:
-        """Open (creating if needed) the database; idempotent."""
+        """Open (creating it and its directory if needed) the database; idempotent."""
         async with self._lock:
             if self._conn is None:
                 self._conn = await trio.to_thread.run_sync(self._open_sync)

@@ -143,3 +143,11 @@ async def test_add_with_cost_override(tmp_path):
     await ledger.close()
     with sqlite3.connect(ledger.path) as c:
         assert [r[0] for r in c.execute("SELECT cost FROM usage ORDER BY id")] == [0.25, 0.5]
+
+
+async def test_open_creates_the_directory(tmp_path):
+    ledger = UsageLedger(str(tmp_path / "data" / "deeper" / "usage.db"))
+    await ledger.open()
+    ledger.add(rec())
+    await ledger.close()
+    assert len(rows(ledger.path)) == 1

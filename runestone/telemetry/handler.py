@@ -1,0 +1,404 @@
+"""The ``TelemetryHandler`` actor: owner of metrics, health scores and usage.
+
+Every telemetry event arrives as a cast on its mailbox (sent without blocking
+by :class:`~runestone.telemetry.Telemetry`) and is folded into the state this
+actor alone owns: the metrics behind ``/metrics``, the per-provider health
+scores, overall request statistics, and the usage ledger's write buffer.
+Health is published as an immutable :class:`~runestone.telemetry.health.
+HealthTable` into a shared cell so the router reads it without a mailbox:
+at once when a provider's status changes, otherwise at most once per
+``flush_interval``. A background task flushes the ledger every
+``flush_interval`` and as soon as ``batch`` records wait, so a crash loses
+little; ``terminate`` flushes what is left, so a graceful stop loses nothing.
+A crash loses the in-memory metrics, never rows already flushed. Live
+subscribers get every event's ``to_dict()`` with ``send_nowait``: a slow
+subscriber misses events, it never slows the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from runestone.runtime import Actor
+
+from .costs import cost_of, price_for
+from .events import (
+    ActorRestarted,
+    AttemptFinished,
+    BreakerTransition,
+    FailoverEvent,
+    ProviderRegistered,
+    ProviderStatusEvent,
+    ProviderUnregistered,
+    RequestFinished,
+    RetryScheduled,
+)
+from .health import HealthParams, HealthTable, HealthTracker, HealthView, LatencyWindow
+from .ledger import UsageLedger
+from .metrics import TelemetryMetrics, render_prometheus
+from .sender import HANDLER_NAME, ExtraGauges
+
+__all__ = ["OverallSummary", "TelemetryHandler", "TelemetryStats"]
+
+log = logging.getLogger(__name__)
+
+_NO_PRICE = object()
+
+
+@attrs.frozen
+class OverallSummary:
+    """Every request this incarnation of the handler has seen, all providers together."""
+
+    requests: int
+    """Finished client requests."""
+    errors: int
+    """Of those, how many ended in an error."""
+    success_rate: float
+    """``(requests - errors) / requests``; 1.0 before the first request."""
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    """USD."""
+    p50: float | None
+    """Request latency percentiles in seconds over the last ``latency_window`` requests."""
+    p95: float | None
+    p99: float | None
+
+
+@attrs.frozen
+class TelemetryStats:
+    """The handler's own state, for state dumps."""
+
+    events: int
+    """Events handled (all kinds)."""
+    unknown_events: int
+    """Casts that were not a telemetry event, ignored."""
+    bad_events: int
+    """Events whose fields could not be recorded (wrong types), skipped."""
+    subscribers: int
+    """Live event feeds attached."""
+    subscriber_drops: int
+    """Events a full subscriber channel missed."""
+    ledger_pending: int
+    """Usage rows waiting for the next flush."""
+    ledger_written: int
+    """Usage rows committed by this incarnation."""
+    ledger_errors: int
+    """Background flushes that failed (rows are kept and retried)."""
+    overall: OverallSummary
+    health: Mapping[str, HealthView]
+    breakers: Mapping[str, str]
+
+
+class TelemetryHandler(Actor):
+    """The telemetry actor (registered as ``"telemetry_handler"``).
+
+    Casts: any event of :mod:`runestone.telemetry.events`.
+    Calls:
+
+    - ``"metrics"`` or ``("metrics", ExtraGauges)``: the ``/metrics`` body (bytes);
+    - ``"health"``: ``{provider: HealthView}``;
+    - ``"summary"``: :class:`OverallSummary`;
+    - ``("usage", key_id | None)`` or ``("usage", key_id, group_by)``: flushes,
+      then ``{"ledger": bool, "key_id", "rows": [...], "totals": {...}}``;
+    - ``("subscribe", send_channel)`` / ``("unsubscribe", send_channel)``: bool;
+    - ``"flush"``: rows written.
+
+    Any other call is answered with None (and logged) rather than crashing.
+
+    ``pricing`` prices requests whose event carries ``cost == 0``;
+    ``health_cell`` is any object with a ``value`` attribute (the runtime's
+    ``Published``); ``ledger_path`` None keeps no ledger.
+    """
+
+    def __init__(
+        self,
+        name: str = HANDLER_NAME,
+        *,
+        registry: Any = None,
+        mailbox_size: int | None = 10_000,
+        ledger_path: str | None = None,
+        flush_interval: float = 0.5,
+        batch: int = 500,
+        health_params: HealthParams | None = None,
+        pricing: Mapping[str, Any] | None = None,
+        health_cell: Any = None,
+        latency_window: int = 1000,
+    ):
+        super().__init__(name, registry=registry, mailbox_size=mailbox_size)
+        self.ledger_path = ledger_path
+        self.flush_interval = flush_interval
+        self.batch = batch
+        self.health_params = health_params or HealthParams()
+        self.pricing = pricing
+        self.health_cell = health_cell
+        self.latency_window = latency_window
+
+    async def init(self) -> None:
+        self.metrics = TelemetryMetrics()
+        self.health = HealthTracker(self.health_params)
+        self.ledger: UsageLedger | None = None
+        self.subscribers: list[Any] = []
+        self.subscriber_drops = 0
+        self.events = 0
+        self.unknown_events = 0
+        self.bad_events = 0
+        self.ledger_errors = 0
+        self._prices: dict[tuple[str, str], Any] = {}
+        self._requests = 0
+        self._errors = 0
+        self._tokens_in = 0
+        self._tokens_out = 0
+        self._cost = 0.0
+        self._latencies = LatencyWindow(self.latency_window)
+        self._health_dirty = False
+        self._flush_wanted = trio.Event()
+        self._dispatch = {
+            RequestFinished: self._on_request,
+            AttemptFinished: self._on_attempt,
+            BreakerTransition: self._on_breaker,
+            RetryScheduled: self.metrics.record_retry,
+            FailoverEvent: self.metrics.record_failover,
+            ActorRestarted: self.metrics.record_restart,
+            ProviderRegistered: self._on_registered,
+            ProviderUnregistered: self._on_unregistered,
+            ProviderStatusEvent: _ignore,
+        }
+        if self.ledger_path is not None:
+            ledger = UsageLedger(self.ledger_path)
+            await ledger.open()
+            self.ledger = ledger
+        self._publish()
+        self.nursery.start_soon(self._background)
+
+    # -- casts ----------------------------------------------------------------
+
+    async def handle_cast(self, msg: Any) -> None:
+        """Fold one event in. A malformed event is counted and skipped: it must
+        not crash the handler and wipe every metric with it."""
+        handler = self._dispatch.get(type(msg))
+        if handler is None:
+            self.unknown_events += 1
+            return
+        self.events += 1
+        if self.subscribers:
+            # Before handling, so a feed shows an event before the alert it causes.
+            self._forward(msg)
+        try:
+            handler(msg)
+        except Exception:
+            self.bad_events += 1
+            if self.bad_events == 1 or self.bad_events % 1000 == 0:
+                log.exception("telemetry event %r could not be recorded (%d so far)", msg, self.bad_events)
+
+    def _price(self, provider: str, model: str) -> Any:
+        key = (provider, model)
+        price = self._prices.get(key, _NO_PRICE)
+        if price is _NO_PRICE:
+            price = self._prices[key] = price_for(self.pricing, provider, model)
+        return price
+
+    def _on_request(self, ev: RequestFinished) -> None:
+        cost = ev.cost
+        if not cost and (ev.tokens_in or ev.tokens_out) and self.pricing:
+            price = self._price(ev.provider, ev.model)
+            if price is not None:
+                cost = cost_of(ev.tokens_in, ev.tokens_out, price)
+        self.metrics.record_request(ev, cost)
+        self._requests += 1
+        if ev.status != "ok":
+            self._errors += 1
+        self._tokens_in += ev.tokens_in
+        self._tokens_out += ev.tokens_out
+        self._cost += cost
+        self._latencies.add(ev.latency)
+        ledger = self.ledger
+        if ledger is not None:
+            ledger.add(ev, cost)
+            if ledger.pending >= self.batch:
+                self._flush_wanted.set()
+
+    def _on_attempt(self, ev: AttemptFinished) -> None:
+        self.metrics.record_attempt(ev)
+        changes = self.health.status_changes
+        self._health_moved(self.health.record_attempt(ev.provider, ev.ok, ev.latency, ev.ttft), changes)
+
+    def _on_breaker(self, ev: BreakerTransition) -> None:
+        self.metrics.record_breaker(ev)
+        changes = self.health.status_changes
+        self._health_moved(self.health.record_breaker(ev.provider, ev.to_state), changes)
+
+    def _on_registered(self, ev: ProviderRegistered) -> None:
+        self.health.add_provider(ev.name)
+        self._publish()
+
+    def _on_unregistered(self, ev: ProviderUnregistered) -> None:
+        self.health.remove_provider(ev.name)
+        self.metrics.forget_provider(ev.name)
+        self._publish()
+
+    def _health_moved(self, alerts: list[ProviderStatusEvent], changes_before: int) -> None:
+        if self.health.status_changes == changes_before and not alerts:
+            self._health_dirty = True
+            return
+        # A status change reaches the router now, not at the next tick.
+        self._publish()
+        for alert in alerts:
+            log.warning("%s: %s (score %.2f)", alert.kind, alert.provider, alert.score)
+            if self.subscribers:
+                self._forward(alert)
+
+    def _forward(self, ev: Any) -> None:
+        data = ev.to_dict()
+        gone = None
+        for channel in self.subscribers:
+            try:
+                channel.send_nowait(data)
+            except trio.WouldBlock:
+                self.subscriber_drops += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                gone = gone or []
+                gone.append(channel)
+        if gone:
+            self.subscribers = [c for c in self.subscribers if c not in gone]
+
+    def _publish(self) -> None:
+        self._health_dirty = False
+        if self.health_cell is not None:
+            self.health_cell.value = self.health.table()
+
+    # -- calls ----------------------------------------------------------------
+
+    async def handle_call(self, msg: Any) -> Any:
+        if isinstance(msg, str):
+            if msg == "metrics":
+                return self.render_metrics(None)
+            if msg == "health":
+                return self.health.views()
+            if msg == "summary":
+                return self.overall()
+            if msg == "flush":
+                return await self._flush()
+        elif isinstance(msg, tuple) and msg:
+            op = msg[0]
+            if op == "metrics" and len(msg) == 2:
+                return self.render_metrics(msg[1])
+            if op == "usage" and len(msg) in (2, 3):
+                return await self.usage(msg[1], *msg[2:])
+            if op == "subscribe" and len(msg) == 2:
+                if msg[1] not in self.subscribers:
+                    self.subscribers.append(msg[1])
+                return True
+            if op == "unsubscribe" and len(msg) == 2:
+                if msg[1] in self.subscribers:
+                    self.subscribers.remove(msg[1])
+                    return True
+                return False
+        # Raising would crash the handler and lose every metric over a bad request.
+        log.warning("%s: unknown call %r", self.name, msg)
+        return None
+
+    def render_metrics(self, extra: ExtraGauges | None) -> bytes:
+        if extra is None:
+            return render_prometheus(self.metrics)
+        return render_prometheus(
+            self.metrics,
+            in_flight=extra.in_flight,
+            dropped=extra.dropped,
+            cache_hits=extra.cache_hits,
+            cache_misses=extra.cache_misses,
+            breaker_states=extra.breaker_states,
+        )
+
+    def overall(self) -> OverallSummary:
+        n = self._requests
+        lat = self._latencies
+        return OverallSummary(
+            requests=n,
+            errors=self._errors,
+            success_rate=(n - self._errors) / n if n else 1.0,
+            tokens_in=self._tokens_in,
+            tokens_out=self._tokens_out,
+            cost=self._cost,
+            p50=lat.percentile(50),
+            p95=lat.percentile(95),
+            p99=lat.percentile(99),
+        )
+
+    async def usage(self, key_id: str | None, group_by: Sequence[str] = ("model", "day")) -> dict[str, Any]:
+        """Usage from the ledger, flushed first so the answer includes every request seen."""
+        if self.ledger is None:
+            return {"ledger": False, "key_id": key_id, "rows": [], "totals": None}
+        await self._flush()
+        return {
+            "ledger": True,
+            "key_id": key_id,
+            "rows": await self.ledger.summary(key_id, group_by),
+            "totals": await self.ledger.totals(key_id),
+        }
+
+    # -- background and shutdown ---------------------------------------------
+
+    async def _flush(self) -> int:
+        if self.ledger is None:
+            return 0
+        try:
+            return await self.ledger.flush()
+        except sqlite3.Error as exc:
+            # The rows stay buffered (bounded) for the next try; a broken disk
+            # must not take telemetry down with it.
+            self.ledger_errors += 1
+            if self.ledger_errors == 1 or self.ledger_errors % 100 == 0:
+                log.error("usage ledger flush failed (%d times): %s", self.ledger_errors, exc)
+            return 0
+
+    async def _background(self) -> None:
+        while True:
+            with trio.move_on_after(self.flush_interval):
+                await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            await self._flush()
+            if self._health_dirty:
+                self._publish()
+
+    async def terminate(self, reason: Any) -> None:
+        """Write out the ledger buffer and close it, even if being cancelled."""
+        ledger = getattr(self, "ledger", None)
+        self.ledger = None
+        if ledger is None:
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + 10.0
+            try:
+                await ledger.close()
+            except sqlite3.Error as exc:
+                log.error("usage ledger lost %d rows at shutdown: %s", ledger.pending, exc)
+
+    def snapshot(self) -> TelemetryStats | None:
+        """The state of the running incarnation; None before the first ``init``."""
+        if not hasattr(self, "metrics"):
+            return None
+        ledger = self.ledger
+        return TelemetryStats(
+            events=self.events,
+            unknown_events=self.unknown_events,
+            bad_events=self.bad_events,
+            subscribers=len(self.subscribers),
+            subscriber_drops=self.subscriber_drops,
+            ledger_pending=ledger.pending if ledger else 0,
+            ledger_written=ledger.written if ledger else 0,
+            ledger_errors=self.ledger_errors,
+            overall=self.overall(),
+            health=self.health.views(),
+            breakers=dict(self.metrics.breaker_states),
+        )
+
+
+def _ignore(_event: Any) -> None:
+    """Status alerts from elsewhere (active checks) are only forwarded."""
