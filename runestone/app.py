@@ -53,7 +53,9 @@ class StartupError(Exception):
 
 def _route_installers():
     """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
-    return []
+    from .front.health import install as install_health
+
+    return [install_health]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:

@@ -35,7 +35,7 @@ from ..providers.anthropic_translate import TranslationError
 from ..providers.base import ChatResult
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, DENY, Published, check
-from ..resilience.errors import UpstreamError
+from ..resilience.errors import UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.retry import RetryPolicy
 from ..config import lookup_price
@@ -238,7 +238,7 @@ class Gateway:
             self.breaker_ref.try_cast(("success", provider))
             self.telemetry.emit(AttemptFinished(provider, model, True, None, latency, ttft))
             return
-        counts = error.counts_for_breaker if isinstance(error, UpstreamError) else False
+        counts = counts_as_failure(error)
         if counts:
             self.breaker_ref.try_cast(("failure", provider))
         elif probe:
@@ -264,6 +264,7 @@ class Gateway:
         table = self.providers.value
         telemetry = self.telemetry
         failed: dict[str, int] = {}
+        failed_order: list[str] = []
         last_error: BaseException | None = None
         last_target: Target | None = None
         attempts = 0
@@ -323,8 +324,20 @@ class Gateway:
                     self._outcome(provider, target.model, exc, started, None, probe)
                     last_error, last_target = exc, target
                     failed[provider] = failed.get(provider, 0) + 1
+                    failed_order.append(provider)
                     if not exc.retryable:
                         break
+                    continue
+                except Exception as exc:
+                    # Anything else escaping an adapter is still this provider failing this attempt: classify it
+                    # (so the breaker counts it) instead of letting it become a 500 with no failover.
+                    telemetry.request_ended(provider)
+                    log.warning("provider %s raised %s on request %s", provider, type(exc).__name__, ctx.request_id)
+                    err = UpstreamError(provider, "protocol", f"the provider adapter failed: {type(exc).__name__}")
+                    self._outcome(provider, target.model, err, started, None, probe)
+                    last_error, last_target = err, target
+                    failed[provider] = failed.get(provider, 0) + 1
+                    failed_order.append(provider)
                     continue
                 except BaseException:
                     telemetry.request_ended(provider)
@@ -338,11 +351,11 @@ class Gateway:
                     # A probe is judged by the whole stream, reported when it ends.
                     result.probe = True  # type: ignore[attr-defined]
                 if plan.group:
-                    self.groups_outcome(plan.group, provider, True, attempts, failed)
+                    self.groups_outcome(plan.group, provider, True, attempts, failed_order)
                 ctx.provider = provider
                 return target, result
         if plan.group and last_target is not None:
-            self.groups_outcome(plan.group, last_target.provider, False, attempts, failed)
+            self.groups_outcome(plan.group, last_target.provider, False, attempts, failed_order)
         if deadline_scope.cancelled_caught:
             raise GatewayError(504, f"the request deadline of {self.request_timeout:g}s passed after {attempts} "
                                f"attempt(s)" + (f"; last error: {last_error}" if last_error else ""),
@@ -353,10 +366,9 @@ class Gateway:
                                f"{', '.join(denied) or 'all candidates'}", "server_error", code="no_provider_available")
         raise _client_error(last_error, attempts)
 
-    def groups_outcome(self, group: str, provider: str, ok: bool, attempts: int, failed: dict[str, int]) -> None:
+    def groups_outcome(self, group: str, provider: str, ok: bool, attempts: int, failed: list[str]) -> None:
         """Group stats and the fallback_success / fallback_exhausted events are the FailoverManager's."""
-        names = tuple(n for n, count in failed.items() for _ in range(count))
-        self.failover_ref.try_cast(("outcome", group, provider, ok, attempts, names))
+        self.failover_ref.try_cast(("outcome", group, provider, ok, attempts, tuple(failed)))
 
     # -- chat -----------------------------------------------------------------------------------------
 

@@ -1,0 +1,174 @@
+"""Health, metrics and usage routes: what operators and load balancers ask of a live gateway.
+
+``/health`` is liveness (the process answers; no key needed). ``/health/ready`` is readiness: the tree
+is up and at least one provider can take a request (registered, not draining, breaker not open), so a
+load balancer stops sending traffic to a gateway that could only fail it. The detailed views combine the
+published provider table, breaker views and health table (read without a mailbox) with the telemetry
+handler's totals (one ``call``; these routes are not the hot path). ``/metrics`` is Prometheus text.
+``/v1/usage`` summarises the usage ledger for the caller's own key; the admin key sees every key.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+
+from ..http.server import Response
+from ..resilience.breaker import DENY, check
+from ..routing.executor import GatewayError
+from ..runtime import ActorError
+
+__all__ = ["install"]
+
+_TEXT_METRICS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+
+
+def _plain(value):
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    return value
+
+
+class HealthRoutes:
+    def __init__(self, app) -> None:
+        self.app = app
+        self.started_wall = time.time()
+
+    # -- shared views ---------------------------------------------------------------------------------
+
+    def providers_view(self) -> dict[str, dict]:
+        app = self.app
+        breakers = app.breaker_views.value or {}
+        health = app.health.value
+        in_flight = app.telemetry.in_flight
+        now = trio.current_time()
+        out = {}
+        for name, entry in sorted(app.providers.value.items()):
+            view = health.get(name) if health is not None else None
+            bview = breakers.get(name)
+            circuit = bview.state if bview is not None else "closed"
+            score = view.score if view is not None else 1.0
+            status = view.status if view is not None else "healthy"
+            usable = not entry.draining and check(breakers, name, now) != DENY
+            out[name] = {
+                "type": entry.type,
+                "healthy": usable and status != "unhealthy",
+                "status": "draining" if entry.draining else status,
+                "circuit_state": circuit,
+                "health_score": round(score, 4),
+                "success_rate": round(view.success_rate, 4) if view is not None else 1.0,
+                "latency_p50_ms": _ms(view.p50) if view is not None else None,
+                "latency_p95_ms": _ms(view.p95) if view is not None else None,
+                "latency_p99_ms": _ms(view.p99) if view is not None else None,
+                "requests": view.requests if view is not None else 0,
+                "errors": view.errors if view is not None else 0,
+                "in_flight": in_flight.get(name, 0),
+                "models": sorted(entry.info.models),
+            }
+        return out
+
+    def overall_status(self, providers: dict[str, dict]) -> str:
+        if not providers or not any(p["healthy"] for p in providers.values()):
+            return "unhealthy"
+        if all(p["healthy"] and p["status"] == "healthy" for p in providers.values()):
+            return "healthy"
+        return "degraded"
+
+    async def summary(self) -> dict | None:
+        ref = self.app.registry.whereis("telemetry_handler")
+        if ref is None:
+            return None
+        try:
+            return _plain(await ref.call("summary", timeout=2.0))
+        except ActorError:
+            return None
+
+    # -- routes ---------------------------------------------------------------------------------------
+
+    async def live(self, request, caller) -> Response:
+        return Response.json({"status": "ok", "uptime_s": round(time.time() - self.started_wall, 3)})
+
+    async def ready(self, request, caller) -> Response:
+        app = self.app
+        tree_up = app.root is not None and app.root.alive and app.ready.is_set()
+        usable = [n for n, p in self.providers_view().items() if p["healthy"]]
+        ok = tree_up and bool(usable)
+        body = {"ready": ok, "tree": "up" if tree_up else "down", "usable_providers": usable}
+        if not ok:
+            body["reason"] = "the supervision tree is not up" if not tree_up else "no provider can take requests"
+        return Response.json(body, status=200 if ok else 503)
+
+    async def detailed(self, request, caller) -> Response:
+        providers = self.providers_view()
+        app = self.app
+        children = []
+        if app.root is not None:
+            for info in app.root.which_children():
+                children.append({"id": info.id, "status": info.status, "restarts": info.restarts})
+        return Response.json({
+            "status": self.overall_status(providers),
+            "uptime_s": round(time.time() - self.started_wall, 3),
+            "providers": providers,
+            "totals": await self.summary(),
+            "tree": children,
+            "telemetry": app.telemetry.snapshot(),
+        })
+
+    async def providers(self, request, caller) -> Response:
+        providers = self.providers_view()
+        return Response.json({"status": self.overall_status(providers), "providers": providers})
+
+    async def metrics_json(self, request, caller) -> Response:
+        summary = await self.summary() or {}
+        return Response.json({
+            "totals": summary,
+            "success_rate": summary.get("success_rate"),
+            "latency_ms": {q: _ms(summary.get(q)) for q in ("p50", "p95", "p99")},
+            "requests_in_flight": dict(self.app.telemetry.in_flight),
+            "telemetry_events_dropped": self.app.telemetry.dropped,
+        })
+
+    async def prometheus(self, request, caller) -> Response:
+        breakers = {n: v.state for n, v in (self.app.breaker_views.value or {}).items()}
+        try:
+            text = await self.app.telemetry.metrics_text(timeout=2.0, breaker_states=breakers)
+        except (ActorError, LookupError):
+            raise GatewayError(503, "metrics are unavailable while the telemetry handler restarts; retry shortly",
+                               "server_error", code="telemetry_unavailable") from None
+        return Response(200, [_TEXT_METRICS], text)
+
+    async def usage(self, request, caller) -> Response:
+        key_id = caller.key_id
+        if caller.admin:
+            wanted = parse_qs(request.query).get("key_id")
+            key_id = wanted[0] if wanted else None
+        elif key_id is None:
+            key_id = "open"  # open loopback mode: requests are recorded without a key id
+        ref = self.app.registry.whereis("telemetry_handler")
+        if ref is None:
+            raise GatewayError(503, "usage is unavailable while the telemetry handler restarts; retry shortly",
+                               "server_error", code="telemetry_unavailable")
+        result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id), timeout=10.0)
+        if key_id == "open" and not caller.admin:
+            result = dict(result)
+            result["key_id"] = None
+        return Response.json(result)
+
+
+def _ms(seconds):
+    return round(seconds * 1000.0, 3) if isinstance(seconds, (int, float)) else None
+
+
+def install(front, app) -> None:
+    routes = HealthRoutes(app)
+    add = front.routes.add
+    add("GET", "/health", routes.live, "public")
+    add("GET", "/health/ready", routes.ready, "public")
+    add("GET", "/health/detailed", routes.detailed)
+    add("GET", "/health/providers", routes.providers)
+    add("GET", "/health/metrics", routes.metrics_json)
+    add("GET", "/metrics", routes.prometheus, "public")
+    add("GET", "/v1/usage", routes.usage)
