@@ -300,3 +300,53 @@ async def test_hot_path_sender_to_metrics(autojump_clock):
         assert got[("runestone_requests_in_flight", frozenset({("provider", "a")}))] == 1
         assert got[("runestone_cache_total", frozenset({("result", "hit")}))] == 1
         registry.whereis("telemetry_handler").request_stop()
+
+
+class Crashing(TelemetryHandler):
+    async def handle_cast(self, msg):
+        if msg == "poison":
+            raise RuntimeError("poison")
+        await super().handle_cast(msg)
+
+
+async def test_a_crash_keeps_ledger_rows_and_loses_only_memory(tmp_path, autojump_clock):
+    path = str(tmp_path / "usage.db")
+    handler = Crashing(registry=Registry(), ledger_path=path, flush_interval=100.0)
+    crashes = []
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await handler.run(task_status=task_status)
+        except RuntimeError as exc:
+            crashes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(run)
+        ref.cast(request(key="k1"))
+        ref.cast("poison")
+    assert [str(e) for e in crashes] == ["poison"]
+    assert db_rows(path) == [("k1", 0.0)]  # terminate ran on the way out of the crash
+
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(run)
+        assert (await ref.call("summary")).requests == 0
+        assert (await ref.call(("usage", "k1"), timeout=FOREVER))["totals"]["requests"] == 1
+        ref.request_stop()
+
+
+async def test_state_dump_is_plain_data(autojump_clock):
+    import orjson
+
+    from runestone.runtime import dump_state
+
+    async with trio.open_nursery() as nursery:
+        handler, ref = await start(nursery)
+        ref.cast(attempt("a"))
+        ref.cast(request("a"))
+        await ref.call("summary")
+        dumped = dump_state(ref)
+        snap = dumped["snapshot"]
+        assert snap["events"] == 2 and snap["overall"]["requests"] == 1
+        assert snap["health"]["a"]["requests"] == 1
+        orjson.dumps(dumped)
+        ref.request_stop()
