@@ -28,6 +28,7 @@ from runestone.http.errors import (
     RemoteProtocolError,
     TransportError,
     TransportTimeout,
+    WriteTimeout,
 )
 
 
@@ -347,6 +348,27 @@ async def test_server_that_never_answers_is_a_read_timeout(autojump_clock: trio.
         assert transport.statistics().origins[0].open == 0
 
 
+async def test_each_request_times_out_on_its_own_read_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    async def silent(peer: Peer) -> None:
+        await peer.read_request()
+        await trio.sleep_forever()
+
+    timed_out_at: dict[float, float] = {}
+
+    async def fetch(transport: FastTransport, url: str, read: float) -> None:
+        with pytest.raises(ReadTimeout):
+            await get(transport, url, timeouts=Timeouts(read=read))
+        timed_out_at[read] = trio.current_time()
+
+    async with serving(silent) as server, FastTransport() as transport:
+        async with trio.open_nursery() as nursery:
+            # The longer timeout is armed first: the shorter one must still fire on time.
+            for read in (10.0, 3.0, 7.0):
+                nursery.start_soon(fetch, transport, server.url(), read)
+                await trio.sleep(0)
+    assert timed_out_at == {read: pytest.approx(read) for read in (10.0, 3.0, 7.0)}
+
+
 async def test_read_timeout_is_the_gap_between_reads_not_the_whole_body(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -366,6 +388,19 @@ async def test_read_timeout_is_the_gap_between_reads_not_the_whole_body(
                     received += chunk
         assert received == b"xxxx"
         assert trio.current_time() == pytest.approx(16)
+        assert transport.statistics().origins[0].open == 0
+
+
+async def test_server_that_never_reads_is_a_write_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    async def never_reads(peer: Peer) -> None:
+        await trio.sleep_forever()
+
+    async with serving(never_reads) as server, FastTransport(timeouts=Timeouts(write=6)) as transport:
+        with pytest.raises(WriteTimeout):
+            # Far more than loopback socket buffers hold, so the write has to wait.
+            async with transport.stream("POST", server.url(), [], b"x" * 64_000_000):
+                pass
+        assert trio.current_time() == pytest.approx(6)
         assert transport.statistics().origins[0].open == 0
 
 
@@ -431,7 +466,7 @@ async def test_waiting_for_a_slot_is_bounded_by_the_pool_timeout(autojump_clock:
 
 
 def test_timeouts_are_a_family() -> None:
-    for error in (ConnectTimeout, ReadTimeout, PoolTimeout):
+    for error in (ConnectTimeout, ReadTimeout, WriteTimeout, PoolTimeout):
         assert issubclass(error, TransportTimeout)
         assert issubclass(error, TransportError)
     assert issubclass(RemoteProtocolError, TransportError)
@@ -608,4 +643,23 @@ async def test_https_with_an_untrusted_certificate_is_a_connect_error(certificat
     ):
         with pytest.raises(ConnectError, match="TLS handshake"):
             await get(transport, server.url())
+        assert transport.statistics().origins[0].open == 0
+
+
+async def test_https_server_that_never_answers_is_a_read_timeout(
+    certificate_authority: trustme.CA, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def silent(peer: Peer) -> None:
+        await peer.read_request()
+        await trio.sleep_forever()
+
+    client_context = ssl.create_default_context()
+    certificate_authority.configure_trust(client_context)
+    async with (
+        serving(silent, ssl_context=tls_server_context(certificate_authority)) as server,
+        FastTransport(ssl_context=client_context, timeouts=Timeouts(read=4)) as transport,
+    ):
+        with pytest.raises(ReadTimeout):
+            await get(transport, server.url())
+        assert trio.current_time() == pytest.approx(4)
         assert transport.statistics().origins[0].open == 0
