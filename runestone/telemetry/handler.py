@@ -4,13 +4,12 @@ Every telemetry event arrives as a cast on its mailbox (sent without blocking
 by :class:`~runestone.telemetry.Telemetry`) and is folded into the state this
 actor alone owns: the metrics behind ``/metrics``, the per-provider health
 scores, overall request statistics, and the usage ledger's write buffer.
-Health is published as an immutable :class:`~runestone.telemetry.health.
-HealthTable` into a shared cell so the router reads it without a mailbox:
-at once when a provider's status changes, otherwise at most once per
-``flush_interval``. A background task flushes the ledger every
-``flush_interval`` and as soon as ``batch`` records wait, so a crash loses
-little; ``terminate`` flushes what is left, so a graceful stop loses nothing.
-A crash loses the in-memory metrics, never rows already flushed. Live
+Health is published as an immutable ``HealthTable`` into a shared cell so the
+router reads it without a mailbox: at once when a provider's status changes,
+otherwise at most once per ``flush_interval``. A background task flushes the
+ledger every ``flush_interval`` and as soon as ``batch`` records wait;
+``terminate`` (which the runtime runs on every exit, crashes included)
+flushes what is left. A crash loses the in-memory metrics, not the usage. Live
 subscribers get every event's ``to_dict()`` with ``send_nowait``: a slow
 subscriber misses events, it never slows the handler.
 """
@@ -39,7 +38,7 @@ from .events import (
     RequestFinished,
     RetryScheduled,
 )
-from .health import HealthParams, HealthTable, HealthTracker, HealthView, LatencyWindow
+from .health import HealthParams, HealthTracker, HealthView, LatencyWindow
 from .ledger import UsageLedger
 from .metrics import TelemetryMetrics, render_prometheus
 from .sender import HANDLER_NAME, ExtraGauges
@@ -113,8 +112,8 @@ class TelemetryHandler(Actor):
     Any other call is answered with None (and logged) rather than crashing.
 
     ``pricing`` prices requests whose event carries ``cost == 0``;
-    ``health_cell`` is any object with a ``value`` attribute (the runtime's
-    ``Published``); ``ledger_path`` None keeps no ledger.
+    ``health_cell`` is any object with a ``value`` attribute (a ``Published``
+    cell), replaced on each publish; ``ledger_path`` None keeps no ledger.
     """
 
     def __init__(
