@@ -722,6 +722,18 @@ def _build_request(method: str, target: bytes, host: bytes, headers: HeaderList,
     return head + body if body else head
 
 
+_default_context: ssl.SSLContext | None = None
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    """One verifying context for every transport that was given none: loading the system
+    CA store takes milliseconds, and a context is safe to share."""
+    global _default_context
+    if _default_context is None:
+        _default_context = ssl.create_default_context()
+    return _default_context
+
+
 class FastTransport(Transport):
     """The default transport: a keep-alive HTTP/1.1 pool per origin (scheme, host, port).
 
@@ -813,6 +825,8 @@ class FastTransport(Transport):
         host = parts.hostname
         if not host:
             raise LocalProtocolError(f"URL {url!r} has no host")
+        if parts.username is not None:
+            raise LocalProtocolError("credentials in the URL are not sent; pass an Authorization header instead")
         if not host.isascii():
             host = host.encode("idna").decode("ascii")
         port = explicit_port or default_port
@@ -887,10 +901,10 @@ class FastTransport(Transport):
         limits = self._limits
         deadline: float | None = None
         while True:
+            now = trio.current_time()
+            if now >= self._next_sweep:
+                self._sweep(now)
             if pool.idle:
-                now = trio.current_time()
-                if now >= self._next_sweep:
-                    self._sweep(now)
                 if reuse:
                     idle = pool.idle
                     while idle:
@@ -935,9 +949,7 @@ class FastTransport(Transport):
                 sock = socket.socket(fileno=stream.socket.detach())
                 sock.setblocking(False)
                 return _PlainConnection(pool, sock)
-            context = self._ssl_context
-            if context is None:
-                context = self._ssl_context = ssl.create_default_context()
+            context = self._ssl_context or _default_ssl_context()
             tls_stream = trio.SSLStream(stream, context, server_hostname=pool.host, https_compatible=True)
             try:
                 await tls_stream.do_handshake()

@@ -276,6 +276,28 @@ async def test_head_204_and_304_have_no_body_and_keep_the_connection() -> None:
     assert server.connections == 1
 
 
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Long-Header: " + b"v" * 300 + b"\r\n\r\nhello world",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    ],
+    ids=["content-length", "chunked-with-extension-and-trailer"],
+)
+async def test_responses_trickling_in_byte_by_byte_parse_the_same(response: bytes) -> None:
+    async def trickles(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            for i in range(len(response)):
+                await peer.send(response[i : i + 1])
+                await trio.sleep(0)
+
+    async with serving(trickles) as server, FastTransport() as transport:
+        for _ in range(2):
+            response_, body = await get(transport, server.url())
+            assert (response_.status, body) == (200, b"hello world")
+    assert server.connections == 1
+
+
 async def test_interim_1xx_responses_are_skipped() -> None:
     async def early_hints(peer: Peer) -> None:
         await peer.read_request()
@@ -553,6 +575,17 @@ async def test_idle_connections_expire(autojump_clock: trio.testing.MockClock) -
     assert server.connections == 2
 
 
+async def test_idle_connections_of_a_quiet_origin_are_swept(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving(keep_alive) as quiet, serving(keep_alive) as busy:
+        async with FastTransport(limits=PoolLimits(idle_expiry=30)) as transport:
+            await get(transport, quiet.url())
+            await trio.sleep(40)
+            await get(transport, busy.url())
+            stats = transport.statistics()
+            assert stats.origin(quiet.origin).open == 0
+            assert stats.origin(busy.origin).idle == 1
+
+
 async def test_only_max_idle_connections_are_kept() -> None:
     both_arrived = trio.Event()
     arrived = 0
@@ -595,6 +628,7 @@ async def test_closed_transport_closes_idle_connections_and_refuses_requests() -
         ("http:///nohost", []),
         ("http://127.0.0.1:99999/", []),
         ("http://127.0.0.1/a b", []),
+        ("http://user:secret@127.0.0.1/", []),
         ("http://127.0.0.1/", [("X-Evil", "a\r\nInjected: 1")]),
         ("http://127.0.0.1/", [("X-Bad\n", "a")]),
         ("http://127.0.0.1/", [("X-Ünicode", "a")]),
