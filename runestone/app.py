@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from .config import Config, ProviderSpec
+from .control_store import ControlStore, ControlStoreError
 from .front.api import Front
 from .front.auth import KeyRing, is_loopback
 from .http.server import Limits, serve_http
@@ -35,6 +36,7 @@ from .resilience.breaker import BreakerSettings, Published
 from .resilience.breaker_manager import CircuitBreakerManager
 from .resilience.failover import GroupSelector, GroupSpec
 from .resilience.failover_manager import FailoverManager
+from .routing.aliases import AliasWatcher, aliases_path
 from .routing.executor import Gateway
 from .routing.pool import InFlightTable, ProviderPool
 from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
@@ -53,9 +55,14 @@ class StartupError(Exception):
 
 def _route_installers():
     """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
+    from .front.cache import install as install_cache
+    from .front.completions import install as install_completions
+    from .front.admin import install as install_admin
     from .front.health import install as install_health
+    from .front.messages import install as install_messages
+    from .front.ws import install as install_ws
 
-    return [install_health]
+    return [install_health, install_completions, install_messages, install_cache, install_ws, install_admin]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -88,8 +95,14 @@ class Application:
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
         self.telemetry = Telemetry(self.registry)
-        #: The provider specs the provider supervisor (re)starts with; registrations change it.
-        self.catalog: dict[str, ProviderSpec] = {s.name: s for s in config.providers}
+        # Run-time registrations and groups, persisted in the data directory, win over the file.
+        self.control_store = ControlStore(self.data_dir)
+        try:
+            self.control_state = self.control_store.load()
+            #: The provider specs the provider supervisor (re)starts with; registrations change it.
+            self.catalog: dict[str, ProviderSpec] = self.control_state.catalog(config.providers)
+        except ControlStoreError as exc:
+            raise StartupError(str(exc)) from None
         self.gateway = Gateway(
             config,
             providers=self.providers,
@@ -125,16 +138,18 @@ class Application:
         breaker_settings = BreakerSettings.from_config(cfg.circuit_breaker)
         overrides = {
             s.name: attrs.evolve(breaker_settings, enabled=False)
-            for s in cfg.providers if not s.config.circuit_breaker
+            for s in self.catalog.values() if not s.config.circuit_breaker
         }
         groups = [GroupSpec.from_config(g) for g in cfg.failover.groups]
         if not any(g.name == "default" for g in groups):
             groups.append(GroupSpec.from_config(cfg.failover, "default"))
+        groups = self.control_state.groups_over(groups)
 
         def telemetry_handler():
             return TelemetryHandler(
                 registry=reg, mailbox_size=tel.mailbox_size, ledger_path=ledger_path,
-                flush_interval=tel.ledger_flush_ms / 1000, batch=tel.ledger_batch, health_params=HealthParams(),
+                flush_interval=tel.ledger_flush_ms / 1000, batch=tel.ledger_batch,
+                health_params=HealthParams(latency_window=tel.latency_window),
                 pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window)
 
         def breaker_manager():
@@ -162,6 +177,7 @@ class Application:
                       shutdown=15.0, kind="supervisor"),
             _actor_child("failover_manager", failover_manager),
             _actor_child("provider_pool", provider_pool),
+            _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]
