@@ -57,10 +57,17 @@ class RouteTable:
     def __init__(self) -> None:
         self.exact: dict[tuple[str, str], tuple[Route, str]] = {}
         self.prefix: list[tuple[str, str, Route, str]] = []
+        #: Routes that spend model capacity: per-key limits apply to them.
+        self.limited: set = set()
         self.paths: dict[str, list[str]] = {}
 
-    def add(self, method: str, path: str, route: Route, access: str = "client") -> None:
-        """``access``: "public" (no key), "client" (a client key) or "admin" (the admin key)."""
+    def add(self, method: str, path: str, route: Route, access: str = "client", *, limited: bool = False) -> None:
+        """``access``: "public" (no key), "client" (a client key) or "admin" (the admin key).
+
+        ``limited``: the route calls a model, so the caller's per-key limits apply.
+        """
+        if limited:
+            self.limited.add(route)
         if path.endswith("*"):
             self.prefix.append((method, path[:-1], route, access))
         else:
@@ -94,10 +101,14 @@ class Front:
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.routes = RouteTable()
+        #: Per-key limits (runestone.front.limits.KeyLimiter), set by the app when any limit is configured.
+        self.limiter = None
+        #: The response cache of non-streaming chat (front/cache.py installs it when enabled), or None.
+        self.cache = None
         r = self.routes.add
-        r("POST", "/v1/chat/completions", self.chat)
-        r("POST", "/chat/completions", self.chat)
-        r("POST", "/v1/embeddings", self.embeddings)
+        r("POST", "/v1/chat/completions", self.chat, limited=True)
+        r("POST", "/chat/completions", self.chat, limited=True)
+        r("POST", "/v1/embeddings", self.embeddings, limited=True)
         r("GET", "/v1/models", self.models)
         r("GET", "/v1/models/*", self.model)
 
@@ -122,6 +133,9 @@ class Front:
                                       "/v1 (see GET /openapi.json)", code="not_found", headers=[rid_header])
             route, access = found
             caller = self.authenticate(request, access, request_id)
+            limiter = self.limiter
+            if limiter is not None and route in self.routes.limited:
+                return await self._limited(route, request, caller, limiter, rid_header)
             response = await route(request, caller)
         except GatewayError as exc:
             return gateway_error_response(exc, [rid_header])
@@ -136,6 +150,22 @@ class Front:
                                   f"{request_id}", "server_error", code="internal_error", headers=[rid_header])
         if isinstance(response, Response):
             response.headers.append(rid_header)
+        return response
+
+    async def _limited(self, route, request: Request, caller: "Caller", limiter, rid_header) -> Response:
+        lease = await limiter.admit(caller.key_id or "open")
+        try:
+            response = await route(request, caller)
+        except BaseException:
+            lease.release()
+            raise
+        if isinstance(response, Response):
+            response.headers += lease.headers
+            response.headers.append(rid_header)
+            if response.stream is not None:
+                response.stream = _release_after(response.stream, lease)
+                return response
+        lease.release()
         return response
 
     def authenticate(self, request: Request, access: str, request_id: str) -> Caller:
@@ -189,12 +219,18 @@ class Front:
         needs = shape.capability - _ALWAYS
         if needs and not needs <= requirements.require:
             requirements = attrs.evolve(requirements, require=requirements.require | needs)
+        cache = self.cache
+        if cache is not None and not shape.stream:
+            cache_key, cached = cache.lookup(request, body, caller.key_id)
+            if cached is not None:
+                return cached
         plan = gw.plan(model, body, requirements)
         ctx = gw.begin(caller.request_id, caller.key_id, "chat", model, shape.stream)
         if not shape.stream:
             target, result = await gw.complete(ctx, body, plan)
-            return Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode()),
-                                  (b"x-runestone-route", _route_header(ctx.route_reason))], result.body)
+            response = Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode()),
+                                      (b"x-runestone-route", _route_header(ctx.route_reason))], result.body)
+            return response if cache is None else cache.store(cache_key, response, target.provider)
         answer = await gw.open_stream(ctx, body, plan, shape.include_usage)
         headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode()),
                    (b"x-runestone-route", _route_header(ctx.route_reason))]
@@ -238,6 +274,18 @@ class Front:
             if m["id"] == model_id:
                 return Response.json(m)
         raise self._unknown_model(model_id)
+
+
+async def _release_after(stream, lease):
+    """Relay ``stream`` and give the limiter's lease back when it ends, however it ends."""
+    try:
+        async for data in stream:
+            yield data
+    finally:
+        lease.release()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _route_header(reason: str) -> bytes:
