@@ -30,6 +30,7 @@ from .config import Config, ProviderSpec
 from .control_store import ControlStore, ControlStoreError
 from .front.api import Front
 from .front.auth import KeyRing, is_loopback
+from .front.limits import KeyLimiter
 from .http.server import Limits, serve_http
 from .providers.supervisor import EnhancedProviderSupervisor, ProviderTable
 from .resilience.breaker import BreakerSettings, Published
@@ -116,6 +117,11 @@ class Application:
             pricing=config.pricing,
         )
         self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
+        limiter = KeyLimiter(config.limits)
+        if limiter.enabled:
+            self.front.limiter = limiter
+            if limiter.tpm:
+                self.gateway.on_tokens = limiter.record_tokens
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)

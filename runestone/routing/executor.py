@@ -124,6 +124,8 @@ class Gateway:
         self.breaker_ref = breaker_ref
         self.groups = groups
         self.failover_ref = failover_ref
+        #: Called with (key id, tokens) when a request finishes: the per-key tokens-per-minute limit.
+        self.on_tokens = None
         self.health = health
         self.telemetry = telemetry
         self.inflight = inflight
@@ -383,6 +385,8 @@ class Gateway:
                model: str | None = None) -> None:
         self.inflight.remove(ctx.request_id)
         model = model or ctx.model
+        if self.on_tokens is not None and (tokens_in or tokens_out):
+            self.on_tokens(ctx.key_id or "open", tokens_in + tokens_out)
         cost = cost_of(tokens_in, tokens_out, lookup_price(self.pricing, model)) if (tokens_in or tokens_out) else 0.0
         self.telemetry.emit(RequestFinished(
             ctx.request_id, ctx.key_id, ctx.provider or "", model, ctx.endpoint, stream, status, http_status,

@@ -1,0 +1,232 @@
+"""Per-key limits: requests per minute and per hour, concurrent requests, tokens per minute.
+
+Each client key has token buckets (capacity = the limit, refilled continuously at limit/period), so a
+key may burst up to its limit and then proceeds at the sustained rate; a concurrency counter; and a
+tokens-per-minute bucket that requests draw from *after* they finish (the usage is only known then), so a
+key over its token budget is refused until the bucket refills. A refused request gets a 429 in OpenAI's
+shape with ``Retry-After`` and the ``x-ratelimit-*`` headers OpenAI sends; an admitted one gets the
+headers too. With ``limits.queue`` on, an excess request waits instead, in its key's FIFO queue (bounded
+by ``queue_size``, with a deadline of ``queue_timeout_ms``), so one noisy key queues behind itself and never
+in front of another key. All limits are 0 = off; everything runs on trio's clock (MockClock in tests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import attrs
+import trio
+
+from ..routing.executor import GatewayError
+
+__all__ = ["KeyLimiter", "Lease"]
+
+
+@attrs.define(slots=True)
+class _Bucket:
+    capacity: float
+    rate: float  # per second
+    level: float
+    stamp: float
+
+    def refill(self, now: float) -> float:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+        return self.level
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` is available (0 if now)."""
+        missing = amount - self.level
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def reset_in(self) -> float:
+        return (self.capacity - self.level) / self.rate
+
+
+@attrs.define
+class _KeyState:
+    minute: _Bucket | None
+    hour: _Bucket | None
+    tokens: _Bucket | None
+    active: int = 0
+    waiters: deque = attrs.Factory(deque)
+
+
+class Lease:
+    """An admitted request; ``release()`` exactly once when it is finished (idempotent)."""
+
+    __slots__ = ("_limiter", "_key", "headers", "_done")
+
+    def __init__(self, limiter: "KeyLimiter", key: str, headers: list) -> None:
+        self._limiter = limiter
+        self._key = key
+        self.headers = headers
+        self._done = False
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._limiter._release(self._key)
+
+
+def _reset_text(seconds: float) -> bytes:
+    # OpenAI's format: "1s", "6m0s", "250ms".
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms".encode()
+    s = math.ceil(seconds)
+    return (f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s").encode()
+
+
+class KeyLimiter:
+    def __init__(self, cfg) -> None:
+        self.rpm = cfg.requests_per_minute
+        self.rph = cfg.requests_per_hour
+        self.tpm = cfg.tokens_per_minute
+        self.max_concurrent = cfg.max_concurrent_per_tenant
+        self.queue = cfg.queue
+        self.queue_size = cfg.queue_size
+        self.queue_timeout = cfg.queue_timeout_ms / 1000
+        self.enabled = bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
+        self._keys: dict[str, _KeyState] = {}
+        self.refused = 0
+        self.queued = 0
+
+    def _state(self, key: str, now: float) -> _KeyState:
+        st = self._keys.get(key)
+        if st is None:
+            st = self._keys[key] = _KeyState(
+                _Bucket(self.rpm, self.rpm / 60.0, self.rpm, now) if self.rpm else None,
+                _Bucket(self.rph, self.rph / 3600.0, self.rph, now) if self.rph else None,
+                _Bucket(self.tpm, self.tpm / 60.0, self.tpm, now) if self.tpm else None,
+            )
+        return st
+
+    def _blocked(self, st: _KeyState, now: float) -> tuple[float, str] | None:
+        """None when a request may start now; else (seconds to wait, which limit)."""
+        if self.max_concurrent and st.active >= self.max_concurrent:
+            return math.inf, "concurrent requests"
+        if st.minute is not None and st.minute.refill(now) < 1:
+            return st.minute.wait_for(1), "requests per minute"
+        if st.hour is not None and st.hour.refill(now) < 1:
+            return st.hour.wait_for(1), "requests per hour"
+        if st.tokens is not None and st.tokens.refill(now) < 0:
+            return st.tokens.wait_for(0.0), "tokens per minute"
+        return None
+
+    def _headers(self, st: _KeyState) -> list:
+        headers = []
+        b = st.minute or st.hour
+        if b is not None:
+            headers += [
+                (b"x-ratelimit-limit-requests", str(int(b.capacity)).encode()),
+                (b"x-ratelimit-remaining-requests", str(max(0, int(b.level))).encode()),
+                (b"x-ratelimit-reset-requests", _reset_text(b.reset_in())),
+            ]
+        t = st.tokens
+        if t is not None:
+            headers += [
+                (b"x-ratelimit-limit-tokens", str(int(t.capacity)).encode()),
+                (b"x-ratelimit-remaining-tokens", str(max(0, int(t.level))).encode()),
+                (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in())),
+            ]
+        return headers
+
+    def _take(self, key: str, st: _KeyState) -> Lease:
+        if st.minute is not None:
+            st.minute.level -= 1
+        if st.hour is not None:
+            st.hour.level -= 1
+        st.active += 1
+        return Lease(self, key, self._headers(st))
+
+    async def admit(self, key: str) -> Lease:
+        """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError."""
+        now = trio.current_time()
+        st = self._state(key, now)
+        blocked = None if st.waiters else self._blocked(st, now)
+        if blocked is None and not st.waiters:
+            return self._take(key, st)
+        if not self.queue:
+            raise self._refusal(st, blocked, key)
+        if len(st.waiters) >= self.queue_size:
+            raise self._refusal(st, (blocked[0] if blocked else 0.0, "queue"), key)
+        # Wait our turn: FIFO per key; the head of the queue wakes when capacity may be back.
+        me = trio.Event()
+        st.waiters.append(me)
+        self.queued += 1
+        deadline = now + self.queue_timeout
+        try:
+            with trio.move_on_at(deadline):
+                while True:
+                    if st.waiters[0] is me:
+                        now = trio.current_time()
+                        blocked = self._blocked(st, now)
+                        if blocked is None:
+                            st.waiters.popleft()
+                            lease = self._take(key, st)
+                            self._wake_head(st)
+                            return lease
+                        wait = blocked[0]
+                        with trio.move_on_after(wait if math.isfinite(wait) else math.inf):
+                            await me.wait()
+                        me = self._renew(st, me)
+                    else:
+                        await me.wait()
+                        me = self._renew(st, me)
+            raise self._refusal(st, self._blocked(st, trio.current_time()) or (0.0, "queue"), key, waited=True)
+        finally:
+            if me in st.waiters:
+                st.waiters.remove(me)
+                self._wake_head(st)
+
+    @staticmethod
+    def _renew(st: _KeyState, me: trio.Event) -> trio.Event:
+        if not me.is_set():
+            return me
+        fresh = trio.Event()
+        for i, w in enumerate(st.waiters):
+            if w is me:
+                st.waiters[i] = fresh
+                break
+        return fresh
+
+    @staticmethod
+    def _wake_head(st: _KeyState) -> None:
+        if st.waiters:
+            st.waiters[0].set()
+
+    def _release(self, key: str) -> None:
+        st = self._keys.get(key)
+        if st is not None:
+            st.active -= 1
+            self._wake_head(st)
+
+    def record_tokens(self, key: str, tokens: int) -> None:
+        st = self._keys.get(key)
+        if st is not None and st.tokens is not None and tokens:
+            st.tokens.refill(trio.current_time())
+            st.tokens.level -= tokens  # may go negative: the key then waits until it has paid its debt back
+
+    def _refusal(self, st: _KeyState, blocked: tuple[float, str], key: str, *, waited: bool = False) -> GatewayError:
+        self.refused += 1
+        wait, which = blocked
+        headers = self._headers(st)
+        if math.isfinite(wait) and wait > 0:
+            headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+            headers.append((b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()))
+        else:
+            headers.append((b"retry-after", b"1"))
+        if which == "concurrent requests":
+            msg = (f"rate limit reached: this key already has {st.active} requests in flight (limit "
+                   f"{self.max_concurrent}); wait for one to finish")
+        elif which == "queue":
+            msg = f"rate limit reached and this key's wait queue is full ({self.queue_size}); retry later"
+        else:
+            limit = {"requests per minute": self.rpm, "requests per hour": self.rph,
+                     "tokens per minute": self.tpm}[which]
+            msg = f"rate limit reached: {limit} {which} for this key; retry after {max(wait, 0.001):.3g}s"
+        if waited:
+            msg += f" (waited {self.queue_timeout:g}s in the queue)"
+        return GatewayError(429, msg, "rate_limit_error", code="rate_limit_exceeded", headers=headers)
