@@ -1,0 +1,234 @@
+"""What the control plane changed at run time, kept on disk so that a restart brings it back.
+
+Operators register, update and unregister providers and create, update and delete failover groups while
+the gateway runs. :class:`ControlState` is the sum of those changes *over* the configuration file: the
+providers and groups set at run time (whole, with their secrets, since a restart must be able to rebuild
+them) and the names of configured ones that were removed. At start the application overlays it on the
+configuration (:meth:`ControlState.catalog`, :meth:`ControlState.groups_over`), so a change made at run
+time wins over the file until it is undone at run time. :class:`ControlStore` keeps it as one small JSON
+document, ``control.json`` in the data directory, replaced atomically (written to a temporary file in the
+same directory, flushed to disk, then ``os.replace``): a crash leaves either the old document or the new
+one, never half of one. The file holds provider API keys, so it is created readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from .config import ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
+from .resilience.failover import GroupSpec
+
+__all__ = ["ControlState", "ControlStore", "ControlStoreError", "group_to_dict", "FILE_NAME"]
+
+FILE_NAME = "control.json"
+_VERSION = 1
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class ControlStoreError(Exception):
+    """The persisted control state cannot be read or written; the message names the file and the problem."""
+
+
+def group_to_dict(group: GroupSpec) -> dict[str, Any]:
+    """A failover group in the control plane's dict form (the same keys as a configured group)."""
+    return {
+        "name": group.name,
+        "providers": list(group.providers),
+        "strategy": group.strategy,
+        "max_attempts": group.max_attempts,
+        "health_threshold": group.health_threshold,
+    }
+
+
+def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class ControlState:
+    """Run-time changes over the configuration; immutable, each change makes a new state.
+
+    ``providers`` maps a name to the full dict form of a provider registered or updated at run time
+    (secrets included); ``removed_providers`` names providers removed at run time, so a configured
+    one stays removed after a restart. ``groups`` and ``removed_groups`` are the same for failover
+    groups. A name is never in both a mapping and its removed set.
+    """
+
+    providers: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_frozen_map)
+    removed_providers: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
+    groups: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_frozen_map)
+    removed_groups: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def with_provider(self, spec: ProviderSpec) -> ControlState:
+        providers = dict(self.providers)
+        providers[spec.name] = provider_spec_to_dict(spec, redact=False)
+        return attrs.evolve(self, providers=providers, removed_providers=self.removed_providers - {spec.name})
+
+    def without_provider(self, name: str, *, configured: bool = True) -> ControlState:
+        """Forget ``name``; a ``configured`` one (in the file) is remembered as removed, so it stays removed."""
+        providers = dict(self.providers)
+        providers.pop(name, None)
+        removed = self.removed_providers | {name} if configured else self.removed_providers - {name}
+        return attrs.evolve(self, providers=providers, removed_providers=removed)
+
+    def with_group(self, group: GroupSpec) -> ControlState:
+        groups = dict(self.groups)
+        groups[group.name] = group_to_dict(group)
+        return attrs.evolve(self, groups=groups, removed_groups=self.removed_groups - {group.name})
+
+    def without_group(self, name: str, *, configured: bool = True) -> ControlState:
+        """Forget group ``name``; a ``configured`` one is remembered as removed."""
+        groups = dict(self.groups)
+        groups.pop(name, None)
+        removed = self.removed_groups | {name} if configured else self.removed_groups - {name}
+        return attrs.evolve(self, groups=groups, removed_groups=removed)
+
+    def reverted(self, kind: str, name: str, earlier: ControlState) -> ControlState:
+        """This state with ``name``'s entries (``kind`` "provider" or "group") as they were in ``earlier``."""
+        if kind == "provider":
+            entries, removed = dict(self.providers), set(self.removed_providers)
+            old_entries, old_removed = earlier.providers, earlier.removed_providers
+        else:
+            entries, removed = dict(self.groups), set(self.removed_groups)
+            old_entries, old_removed = earlier.groups, earlier.removed_groups
+        entries.pop(name, None)
+        removed.discard(name)
+        if name in old_entries:
+            entries[name] = old_entries[name]
+        if name in old_removed:
+            removed.add(name)
+        if kind == "provider":
+            return attrs.evolve(self, providers=entries, removed_providers=removed)
+        return attrs.evolve(self, groups=entries, removed_groups=removed)
+
+    # -- overlay on the configuration ---------------------------------------------------------------
+
+    def provider_specs(self) -> dict[str, ProviderSpec]:
+        """The persisted providers, parsed; ControlStoreError names the first one that is not valid."""
+        out = {}
+        for name, data in self.providers.items():
+            try:
+                spec = provider_spec_from_dict(data)
+            except ConfigError as exc:
+                raise ControlStoreError(f"persisted provider {name!r} is not valid: {'; '.join(exc.problems) or exc}")
+            if spec.name != name:
+                raise ControlStoreError(f"persisted provider {name!r} carries the name {spec.name!r}")
+            out[name] = spec
+        return out
+
+    def catalog(self, configured: Iterable[ProviderSpec]) -> dict[str, ProviderSpec]:
+        """The providers to start with: configured ones not removed, overlaid by run-time ones, in that order."""
+        out = {s.name: s for s in configured if s.name not in self.removed_providers}
+        out.update(self.provider_specs())
+        return out
+
+    def groups_over(self, configured: Iterable[GroupSpec]) -> list[GroupSpec]:
+        """The failover groups to start with: configured ones not removed, overlaid by run-time ones."""
+        out = {g.name: g for g in configured if g.name not in self.removed_groups}
+        for name, data in self.groups.items():
+            try:
+                group = GroupSpec(
+                    name=data["name"], providers=tuple(data["providers"]), strategy=data["strategy"],
+                    max_attempts=data["max_attempts"], health_threshold=data["health_threshold"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ControlStoreError(f"persisted failover group {name!r} is not valid: {exc}") from None
+            out[name] = group
+        return list(out.values())
+
+    # -- wire form ------------------------------------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "version": _VERSION,
+            "providers": {k: dict(v) for k, v in sorted(self.providers.items())},
+            "removed_providers": sorted(self.removed_providers),
+            "groups": {k: dict(v) for k, v in sorted(self.groups.items())},
+            "removed_groups": sorted(self.removed_groups),
+        }, option=orjson.OPT_INDENT_2)
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str = FILE_NAME) -> ControlState:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ControlStoreError(f"{where} is not valid JSON ({exc.msg} at byte {exc.pos}); fix or remove it")
+        if not isinstance(data, dict) or data.get("version") != _VERSION:
+            raise ControlStoreError(f"{where} is not a version {_VERSION} control state document; fix or remove it")
+        providers = data.get("providers", {})
+        groups = data.get("groups", {})
+        removed_p = data.get("removed_providers", [])
+        removed_g = data.get("removed_groups", [])
+        if not (isinstance(providers, dict) and all(isinstance(v, dict) for v in providers.values())
+                and isinstance(groups, dict) and all(isinstance(v, dict) for v in groups.values())
+                and isinstance(removed_p, list) and all(isinstance(v, str) for v in removed_p)
+                and isinstance(removed_g, list) and all(isinstance(v, str) for v in removed_g)):
+            raise ControlStoreError(f"{where} does not have the shape of a control state document; fix or remove it")
+        state = cls(providers, removed_p, groups, removed_g)
+        # Parse now, so that a bad entry stops the start with its name rather than surfacing later.
+        state.provider_specs()
+        state.groups_over(())
+        return state
+
+
+class ControlStore:
+    """``control.json`` in a data directory. ``load`` is for start-up (synchronous, before the tree
+    runs); ``save`` runs the file work in a thread. Callers serialise their ``save`` calls."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(data_dir)
+        self.path = self.dir / FILE_NAME
+
+    def load(self) -> ControlState:
+        """The persisted state, or an empty one when nothing was ever saved."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return ControlState()
+        except OSError as exc:
+            raise ControlStoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        return ControlState.from_json(raw, str(self.path))
+
+    async def save(self, state: ControlState) -> None:
+        """Replace the file with ``state``, atomically. Raises ControlStoreError; the old file is then kept.
+
+        The write runs in a worker thread and is not abandoned on cancellation: once begun, the file
+        ends up either old or new, and the caller learns which by whether this returned.
+        """
+        data = state.to_json()
+        await trio.to_thread.run_sync(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            # The rename itself must reach the disk too, or a crash could bring the old file back.
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ControlStoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None

@@ -1,0 +1,817 @@
+"""The control plane: hot changes to a running gateway, over HTTP under ``/admin/`` and the ``/v1/control`` socket.
+
+:class:`ControlPlane` holds the operations (register, update and unregister providers; create, update
+and delete failover groups; reset a circuit; dump the state) and refuses a bad request with a
+:class:`GatewayError` naming the problem *before* changing anything. A change goes through the actor that
+owns what it changes (the EnhancedProviderSupervisor starts or stops one provider actor and nothing else;
+the FailoverManager owns the groups) and is persisted by :class:`~runestone.control_store.ControlStore`, so
+that a restart brings it back; when persisting fails the change is undone and reported. Unregistering
+marks the provider draining at once (no new request is routed to it), waits within a bounded grace for
+its requests in flight, then stops its actor; once accepted, it completes even if the caller goes away.
+Updating is unregistering and registering again with the new settings. Two changes to the same name at
+once are refused (409) rather than interleaved.
+
+HTTP: ``GET|POST /admin/providers``, ``GET|PATCH|DELETE /admin/providers/{name}``, ``GET|POST /admin/groups``,
+``GET|PATCH|DELETE /admin/groups/{name}``, ``POST /admin/circuits/{name}/reset``, ``GET /admin/state``.
+WebSocket ``/v1/control``: ``{"type": <operation>, "id", ...}`` answered by ``{"type": "result", "id", "op",
+"result"}`` or ``{"type": "error", "id", "op", "error"}``; ``subscribe`` adds a live feed of telemetry
+events as ``{"type": "event", "event"}`` messages. Everything here needs the admin key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import attrs
+import orjson
+import trio
+
+from ..config import ConfigError, ProviderSpec, group_spec_from_dict, provider_spec_from_dict, provider_spec_to_dict
+from ..control_store import ControlState, ControlStoreError, group_to_dict
+from ..http.server import Request, Response, WebSocketAccept
+from ..resilience.breaker import BreakerSettings
+from ..resilience.failover import DEFAULT_GROUP, GroupSpec
+from ..resilience.replies import Rejected
+from ..routing.executor import GatewayError
+from ..runtime import ActorError, NamedRef
+from ..telemetry.events import ProviderRegistered, ProviderUnregistered
+from .api import Caller
+from .ws import MessageConnection, serve_connection, valid_id, ws_error
+
+__all__ = ["ControlPlane", "AdminRoutes", "install"]
+
+log = logging.getLogger("runestone.control")
+
+_JSON = (b"content-type", b"application/json")
+#: Longest drain an unregister may ask for.
+MAX_GRACE = 600.0
+#: Control operations one socket may run at once.
+MAX_OPS = 8
+#: Live events buffered per subscriber; a subscriber slower than the feed misses events, it never slows it.
+EVENT_BUFFER = 512
+#: How often a subscription is renewed, so that a restarted telemetry handler resumes the feed.
+RESUBSCRIBE = 5.0
+_PROVIDER_KEYS = frozenset({"name", "type", "config"})
+_GROUP_KEYS = frozenset({"name", "providers", "strategy", "max_attempts", "health_threshold"})
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready data from attrs instances, mappings (read-only ones too), sequences and enums."""
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if attrs.has(type(value)):
+        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _bad(message: str, code: str = "invalid_value", param: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def _not_found(what: str, name: str, hint: str) -> GatewayError:
+    return GatewayError(404, f"no {what} named {name!r}; {hint}", param="name", code="not_found")
+
+
+def _problems(exc: ConfigError) -> str:
+    return "; ".join(str(p) for p in exc.problems) or str(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class ControlPlane:
+    """The operations of the control plane on one running :class:`~runestone.app.Application`.
+
+    Methods return plain JSON-ready data or raise :class:`GatewayError`. Reads work on published
+    snapshots; changes are serialised per name, and their persisted state is written under one lock so
+    that concurrent changes to different names never lose each other.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.store = app.control_store
+        self.state: ControlState = app.control_state
+        self._save_lock = trio.Lock()
+        self._busy: set[tuple[str, str]] = set()
+        self.breaker = NamedRef(app.registry, "circuit_breaker_manager")
+        self.failover = NamedRef(app.registry, "failover_manager")
+        self.breaker_settings = BreakerSettings.from_config(app.config.circuit_breaker)
+        self.default_grace = app.config.server.drain_timeout_ms / 1000
+        #: Changes made since start, for the state dump.
+        self.changes = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _changing(self, kind: str, name: str):
+        key = (kind, name)
+        if key in self._busy:
+            raise GatewayError(409, f"{kind} {name!r} is being changed by another request; retry when it is done",
+                               code="change_in_progress")
+        self._busy.add(key)
+        try:
+            yield
+        finally:
+            self._busy.discard(key)
+
+    async def _persist(self, change) -> None:
+        """Apply ``change`` (state -> state) and write it; 500 and no change when the write fails."""
+        async with self._save_lock:
+            new = change(self.state)
+            try:
+                await self.store.save(new)
+            except ControlStoreError as exc:
+                log.error("control state not saved: %s", exc)
+                raise GatewayError(500, f"the change was not made: it could not be persisted ({exc})",
+                                   "server_error", code="persistence_failed") from None
+            self.state = new
+            self.app.control_state = new
+            self.changes += 1
+
+    async def _revert(self, kind: str, name: str, earlier: ControlState) -> None:
+        try:
+            await self._persist(lambda s: s.reverted(kind, name, earlier))
+        except GatewayError:
+            log.error("control state for %s %r could not be restored after a failed change", kind, name)
+
+    def _supervisor(self):
+        sup = self.app.provider_supervisor
+        if sup is None or not sup.alive:
+            raise GatewayError(503, "the provider supervisor is not running (starting, stopping or restarting); "
+                               "retry shortly", "server_error", code="supervisor_unavailable")
+        return sup
+
+    async def _call(self, ref: NamedRef, message: Any, what: str) -> Any:
+        try:
+            reply = await ref.call(message, timeout=5.0)
+        except ActorError as exc:
+            raise GatewayError(503, f"the {what} is unavailable ({_reason(exc)}); retry shortly", "server_error",
+                               code="actor_unavailable") from None
+        if type(reply) is Rejected:
+            status = {"not_found": 404, "conflict": 409}.get(reply.code, 400)
+            raise GatewayError(status, reply.message, code=reply.code)
+        return reply
+
+    async def _configure_breaker(self, spec: ProviderSpec) -> None:
+        settings = self.breaker_settings
+        if not spec.config.circuit_breaker:
+            settings = attrs.evolve(settings, enabled=False)
+        try:
+            await self.breaker.call(("configure", spec.name, settings), timeout=5.0)
+        except ActorError as exc:
+            log.warning("circuit breaker of provider %s not configured: %s", spec.name, _reason(exc))
+
+    def _known_provider(self, name: Any) -> str:
+        if not isinstance(name, str) or not name:
+            raise _bad("'name' must name a provider (a non-empty string)", param="name")
+        if name not in self.app.catalog and name not in self.app.providers.value:
+            raise _not_found("provider", name, "list them with GET /admin/providers")
+        return name
+
+    # -- providers --------------------------------------------------------------------------------------
+
+    def _parse_provider(self, data: Any) -> ProviderSpec:
+        if not isinstance(data, dict):
+            raise _bad("a provider must be an object {\"name\", \"type\", \"config\": {...}}", "invalid_provider",
+                       "provider")
+        unknown = sorted(set(data) - _PROVIDER_KEYS)
+        if unknown:
+            raise _bad(f"unknown provider field(s) {', '.join(unknown)}: a provider has name, type and config",
+                       "invalid_provider", unknown[0])
+        try:
+            return provider_spec_from_dict(data)
+        except ConfigError as exc:
+            raise _bad(f"invalid provider: {_problems(exc)}", "invalid_provider", "provider") from None
+
+    def describe_provider(self, name: str) -> dict:
+        app = self.app
+        entry = app.providers.value.get(name)
+        spec = app.catalog.get(name) or (entry.spec if entry is not None else None)
+        if spec is None:
+            raise _not_found("provider", name, "list them with GET /admin/providers")
+        view = (app.breaker_views.value or {}).get(name)
+        described = provider_spec_to_dict(spec, redact=True)
+        described.update(
+            models=sorted(entry.info.models) if entry is not None else [],
+            status="starting" if entry is None else "draining" if entry.draining else "running",
+            in_flight=app.telemetry.in_flight.get(name, 0),
+            circuit_state=view.state if view is not None else "closed",
+            source="control" if name in self.state.providers else "config",
+        )
+        return described
+
+    def list_providers(self) -> list[dict]:
+        names = set(self.app.catalog) | set(self.app.providers.value)
+        return [self.describe_provider(n) for n in sorted(names)]
+
+    async def register_provider(self, data: Any) -> dict:
+        """Start a new provider actor (nothing else restarts), then persist it; 409 if the name is taken."""
+        spec = self._parse_provider(data)
+        name = spec.name
+        app = self.app
+        with self._changing("provider", name):
+            if name in app.catalog or name in app.providers.value:
+                raise GatewayError(409, f"provider {name!r} is already registered; change it with PATCH "
+                                   f"/admin/providers/{name} (update_provider) or remove it first",
+                                   param="name", code="conflict")
+            sup = self._supervisor()
+            with trio.CancelScope(shield=True):
+                await self._start(sup, spec)
+                try:
+                    await self._persist(lambda s: s.with_provider(spec))
+                except GatewayError:
+                    await self._stop(name)
+                    raise
+                app.catalog[name] = spec
+                if not spec.config.circuit_breaker:
+                    await self._configure_breaker(spec)
+            app.telemetry.emit(ProviderRegistered(name))
+            log.info("provider %s registered (type %s)", name, spec.type)
+        return self.describe_provider(name)
+
+    async def _start(self, sup, spec: ProviderSpec) -> None:
+        try:
+            await sup.register(spec)
+        except ValueError as exc:
+            raise GatewayError(409, f"provider {spec.name!r} cannot be started: {exc}", code="conflict") from None
+        except RuntimeError as exc:
+            raise GatewayError(503, f"provider {spec.name!r} cannot be started now: {exc}", "server_error",
+                               code="supervisor_unavailable") from None
+        except Exception as exc:
+            raise GatewayError(502, f"provider {spec.name!r} failed to start: {_reason(exc)}", "api_error",
+                               code="provider_start_failed") from None
+
+    async def _stop(self, name: str) -> None:
+        sup = self.app.provider_supervisor
+        if sup is not None:
+            try:
+                await sup.unregister(name)
+            except (KeyError, RuntimeError):
+                pass
+        # The actor withdraws its entry when it stops; one that was down (restarting) left it behind.
+        self.app.providers.remove(name)
+
+    def _undrain(self, name: str) -> None:
+        entry = self.app.providers.value.get(name)
+        if entry is not None and entry.draining:
+            self.app.providers.put(attrs.evolve(entry, draining=False))
+
+    async def _drain(self, name: str, grace: float) -> tuple[bool, int]:
+        """Wait until no request is in flight on ``name`` or ``grace`` seconds pass: (drained, left)."""
+        app = self.app
+        in_flight = app.telemetry.in_flight
+        deadline = trio.current_time() + grace
+        while in_flight.get(name, 0) > 0:
+            now = trio.current_time()
+            if now >= deadline:
+                break
+            # Short slices: the end of a request is not signalled to waiters, so look again soon.
+            await app.inflight.wait_idle(name, in_flight, min(deadline, now + 0.02))
+        left = in_flight.get(name, 0)
+        return left == 0, left
+
+    def _grace(self, value: Any) -> float:
+        if value is None:
+            return self.default_grace
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_GRACE * 1000:
+            raise _bad(f"'grace_ms' must be a number of milliseconds between 0 and {int(MAX_GRACE * 1000)}",
+                       param="grace_ms")
+        return value / 1000
+
+    async def unregister_provider(self, name: Any, grace_ms: Any = None) -> dict:
+        """Drain, then stop ``name``; returns whether it drained and how many requests were cut off."""
+        name = self._known_provider(name)
+        grace = self._grace(grace_ms)
+        app = self.app
+        with self._changing("provider", name):
+            app.providers.mark_draining(name)
+            try:
+                configured = any(s.name == name for s in app.config.providers)
+                await self._persist(lambda s: s.without_provider(name, configured=configured))
+            except GatewayError:
+                self._undrain(name)
+                raise
+            old = app.catalog.pop(name, None)
+            with trio.CancelScope(shield=True):
+                drained, left = await self._drain(name, grace)
+                await self._stop(name)
+                try:
+                    await self.breaker.call(("remove", name), timeout=5.0)
+                except ActorError:
+                    pass
+            app.telemetry.emit(ProviderUnregistered(name))
+            if left:
+                log.warning("provider %s unregistered with %d request(s) still in flight after %.1fs",
+                            name, left, grace)
+            else:
+                log.info("provider %s unregistered", name)
+        return {"name": name, "type": old.type if old is not None else None, "unregistered": True,
+                "drained": drained, "in_flight_cut": left}
+
+    async def update_provider(self, name: Any, patch: Any, grace_ms: Any = None) -> dict:
+        """Re-register ``name`` with ``patch`` merged into its settings (a ``config`` value null unsets it).
+
+        A secret given as ``"***"`` (as listings show it) keeps the current one. If the new settings do
+        not start, the old ones are started again and the error is returned.
+        """
+        name = self._known_provider(name)
+        app = self.app
+        old = app.catalog.get(name)
+        if old is None:
+            raise GatewayError(409, f"provider {name!r} is being unregistered", code="change_in_progress")
+        if not isinstance(patch, dict):
+            raise _bad("the change must be an object such as {\"config\": {\"priority\": 10}}", "invalid_provider",
+                       "provider")
+        unknown = sorted(set(patch) - _PROVIDER_KEYS)
+        if unknown:
+            raise _bad(f"unknown provider field(s) {', '.join(unknown)}: a provider has name, type and config",
+                       "invalid_provider", unknown[0])
+        if "name" in patch and patch["name"] != name:
+            raise _bad(f"a provider cannot be renamed ({name!r} to {patch['name']!r}): register the new name and "
+                       "remove the old one", "invalid_provider", "name")
+        merged = provider_spec_to_dict(old, redact=False)
+        if "type" in patch:
+            merged["type"] = patch["type"]
+        config_patch = patch.get("config", {})
+        if not isinstance(config_patch, dict):
+            raise _bad("'config' must be an object of settings", "invalid_provider", "config")
+        config = dict(merged["config"])
+        for key, value in config_patch.items():
+            if value is None:
+                config.pop(key, None)
+            elif value == "***" and key == "api_key":
+                continue
+            else:
+                config[key] = value
+        merged["config"] = config
+        try:
+            spec = provider_spec_from_dict(merged)
+        except ConfigError as exc:
+            raise _bad(f"invalid provider: {_problems(exc)}", "invalid_provider", "provider") from None
+        if spec == old:
+            return self.describe_provider(name)
+        grace = self._grace(grace_ms)
+        with self._changing("provider", name):
+            sup = self._supervisor()
+            earlier = self.state
+            app.providers.mark_draining(name)
+            try:
+                await self._persist(lambda s: s.with_provider(spec))
+            except GatewayError:
+                self._undrain(name)
+                raise
+            app.catalog[name] = spec
+            with trio.CancelScope(shield=True):
+                await self._drain(name, grace)
+                await self._stop(name)
+                try:
+                    await self._start(sup, spec)
+                except GatewayError as exc:
+                    app.catalog[name] = old
+                    try:
+                        await sup.register(old)
+                    except Exception as again:
+                        log.error("provider %s could not be restarted with its previous settings: %s", name,
+                                  _reason(again))
+                    await self._revert("provider", name, earlier)
+                    raise GatewayError(exc.status, exc.message + "; the previous settings were restored",
+                                       exc.type, code=exc.code) from None
+                if spec.config.circuit_breaker != old.config.circuit_breaker:
+                    await self._configure_breaker(spec)
+            app.telemetry.emit(ProviderRegistered(name))
+            log.info("provider %s updated (type %s)", name, spec.type)
+        return self.describe_provider(name)
+
+    # -- groups -----------------------------------------------------------------------------------------
+
+    def _groups(self) -> Mapping[str, GroupSpec]:
+        return self.app.selector.groups.value or {}
+
+    def _parse_group(self, data: dict) -> GroupSpec:
+        unknown = sorted(set(data) - _GROUP_KEYS)
+        if unknown:
+            raise _bad(f"unknown group field(s) {', '.join(unknown)}: a group has "
+                       f"{', '.join(sorted(_GROUP_KEYS))}", "invalid_group", unknown[0])
+        if data.get("name") == DEFAULT_GROUP and data.get("providers") in ((), []):
+            # The default group may list no provider: it then means every registered one.
+            try:
+                return GroupSpec(name=DEFAULT_GROUP, providers=(), strategy=data.get("strategy", "priority"),
+                                 max_attempts=data.get("max_attempts", 3),
+                                 health_threshold=data.get("health_threshold", 0.5))
+            except (TypeError, ValueError) as exc:
+                raise _bad(f"invalid group: {exc}", "invalid_group", "group") from None
+        try:
+            parsed = group_spec_from_dict(data, self.app.config.failover,
+                                          known_providers=sorted(set(self.app.catalog)))
+        except ConfigError as exc:
+            raise _bad(f"invalid group: {_problems(exc)}", "invalid_group", "group") from None
+        return GroupSpec.from_config(parsed)
+
+    async def list_groups(self) -> list[dict]:
+        stats = await self._call(self.failover, ("get_stats", None), "failover manager")
+        out = []
+        for name, group in sorted(self._groups().items()):
+            row = group_to_dict(group)
+            row["stats"] = _plain(stats.get(name)) if name in stats else None
+            row["source"] = "control" if name in self.state.groups else "config"
+            out.append(row)
+        return out
+
+    def describe_group(self, name: str) -> dict:
+        group = self._groups().get(name)
+        if group is None:
+            raise _not_found("failover group", name, "list them with GET /admin/groups")
+        return group_to_dict(group)
+
+    async def create_group(self, data: Any) -> dict:
+        if not isinstance(data, dict):
+            raise _bad("a group must be an object {\"name\", \"providers\": [...], \"strategy\", ...}",
+                       "invalid_group", "group")
+        spec = self._parse_group(data)
+        with self._changing("group", spec.name):
+            if spec.name in self._groups():
+                raise GatewayError(409, f"failover group {spec.name!r} already exists; change it with PATCH "
+                                   f"/admin/groups/{spec.name} (update_group)", param="name", code="conflict")
+            with trio.CancelScope(shield=True):
+                await self._call(self.failover, ("create_group", spec), "failover manager")
+                try:
+                    await self._persist(lambda s: s.with_group(spec))
+                except GatewayError:
+                    await self._call(self.failover, ("delete_group", spec.name), "failover manager")
+                    raise
+            log.info("failover group %s created", spec.name)
+        return group_to_dict(spec)
+
+    async def update_group(self, name: Any, patch: Any) -> dict:
+        if not isinstance(name, str) or not name:
+            raise _bad("'name' must name a failover group", param="name")
+        current = self._groups().get(name)
+        if current is None:
+            raise _not_found("failover group", name, "create it with POST /admin/groups")
+        if not isinstance(patch, dict):
+            raise _bad("the change must be an object such as {\"strategy\": \"round_robin\"}", "invalid_group",
+                       "group")
+        if "name" in patch and patch["name"] != name:
+            raise _bad(f"a group cannot be renamed ({name!r} to {patch['name']!r})", "invalid_group", "name")
+        spec = self._parse_group({**group_to_dict(current), **patch})
+        with self._changing("group", name):
+            with trio.CancelScope(shield=True):
+                await self._call(self.failover, ("update_group", spec), "failover manager")
+                try:
+                    await self._persist(lambda s: s.with_group(spec))
+                except GatewayError:
+                    await self._call(self.failover, ("update_group", current), "failover manager")
+                    raise
+            log.info("failover group %s updated", name)
+        return group_to_dict(spec)
+
+    async def delete_group(self, name: Any) -> dict:
+        if not isinstance(name, str) or not name:
+            raise _bad("'name' must name a failover group", param="name")
+        if name == DEFAULT_GROUP:
+            raise _bad("the default group cannot be deleted; change it with update_group instead",
+                       "invalid_group", "name")
+        current = self._groups().get(name)
+        if current is None:
+            raise _not_found("failover group", name, "list them with GET /admin/groups")
+        with self._changing("group", name):
+            with trio.CancelScope(shield=True):
+                await self._call(self.failover, ("delete_group", name), "failover manager")
+                try:
+                    configured = any(g.name == name for g in self.app.config.failover.groups)
+                    await self._persist(lambda s: s.without_group(name, configured=configured))
+                except GatewayError:
+                    await self._call(self.failover, ("create_group", current), "failover manager")
+                    raise
+            log.info("failover group %s deleted", name)
+        return {"name": name, "deleted": True}
+
+    # -- circuits and state -----------------------------------------------------------------------------
+
+    async def reset_circuit(self, name: Any) -> dict:
+        if not isinstance(name, str) or not name:
+            raise _bad("'name' must name a provider", param="name")
+        if name not in self.app.catalog and name not in (self.app.breaker_views.value or {}):
+            raise _not_found("provider", name, "list them with GET /admin/providers")
+        try:
+            view = await self._call(self.breaker, ("reset", name), "circuit breaker manager")
+        except GatewayError as exc:
+            if exc.status != 404:
+                raise
+            # No outcome was ever reported for it: its circuit is closed already.
+            return {"provider": name, "state": "closed"}
+        log.info("circuit of provider %s reset", name)
+        return _plain(view)
+
+    def snapshot(self) -> dict:
+        app = self.app
+        ws_routes = getattr(app, "ws_routes", None)
+        return {
+            "store": str(self.store.path),
+            "persisted_providers": sorted(self.state.providers),
+            "removed_providers": sorted(self.state.removed_providers),
+            "persisted_groups": sorted(self.state.groups),
+            "removed_groups": sorted(self.state.removed_groups),
+            "changes": self.changes,
+            "changes_in_progress": sorted(f"{k} {n}" for k, n in self._busy),
+            "websockets": _plain(ws_routes.snapshot()) if ws_routes is not None else [],
+        }
+
+    def dump_state(self) -> dict:
+        """The whole tree with live values (``Application.dump_state``) plus the control plane's own state."""
+        dump = self.app.dump_state()
+        dump["control"] = self.snapshot()
+        return dump
+
+
+# -- HTTP -------------------------------------------------------------------------------------------------
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(status, [_JSON], orjson.dumps(obj, default=str))
+
+
+class ControlConnection(MessageConnection):
+    """A ``/v1/control`` socket: a message connection that may also carry the live event feed."""
+
+    def __init__(self, ws, **kw) -> None:
+        super().__init__(ws, **kw)
+        self.subscription: trio.CancelScope | None = None
+        self.ops = 0
+
+    def statistics(self):
+        return attrs.evolve(super().statistics(), active=self.ops)
+
+
+class AdminRoutes:
+    """The HTTP and WebSocket faces of one :class:`ControlPlane`."""
+
+    def __init__(self, front, app) -> None:
+        self.front = front
+        self.app = app
+        self.plane = ControlPlane(app)
+        self.connections: set[MessageConnection] = set()
+
+    # -- HTTP routes ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _name(request: Request, prefix: str, suffix: str = "") -> str:
+        rest = request.path[len(prefix):]
+        if suffix:
+            if not rest.endswith(suffix):
+                raise GatewayError(404, f"no route for {request.method} {request.path}", code="not_found")
+            rest = rest[:-len(suffix)]
+        name = unquote(rest)
+        if not name or "/" in name:
+            raise GatewayError(404, f"no route for {request.method} {request.path}", code="not_found")
+        return name
+
+    @staticmethod
+    def _grace_param(request: Request) -> float | None:
+        values = parse_qs(request.query).get("grace_ms")
+        if not values:
+            return None
+        try:
+            return float(values[0])
+        except ValueError:
+            raise _bad("'grace_ms' must be a number of milliseconds", param="grace_ms") from None
+
+    async def list_providers(self, request: Request, caller: Caller) -> Response:
+        return _json({"object": "list", "data": self.plane.list_providers()})
+
+    async def get_provider(self, request: Request, caller: Caller) -> Response:
+        return _json(self.plane.describe_provider(self._name(request, "/admin/providers/")))
+
+    async def post_provider(self, request: Request, caller: Caller) -> Response:
+        body = await self.front.read_json(request)
+        return _json(await self.plane.register_provider(body), 201)
+
+    async def patch_provider(self, request: Request, caller: Caller) -> Response:
+        name = self._name(request, "/admin/providers/")
+        body = await self.front.read_json(request)
+        return _json(await self.plane.update_provider(name, body, self._grace_param(request)))
+
+    async def delete_provider(self, request: Request, caller: Caller) -> Response:
+        name = self._name(request, "/admin/providers/")
+        return _json(await self.plane.unregister_provider(name, self._grace_param(request)))
+
+    async def list_groups(self, request: Request, caller: Caller) -> Response:
+        return _json({"object": "list", "data": await self.plane.list_groups()})
+
+    async def get_group(self, request: Request, caller: Caller) -> Response:
+        return _json(self.plane.describe_group(self._name(request, "/admin/groups/")))
+
+    async def post_group(self, request: Request, caller: Caller) -> Response:
+        body = await self.front.read_json(request)
+        return _json(await self.plane.create_group(body), 201)
+
+    async def patch_group(self, request: Request, caller: Caller) -> Response:
+        name = self._name(request, "/admin/groups/")
+        body = await self.front.read_json(request)
+        return _json(await self.plane.update_group(name, body))
+
+    async def delete_group(self, request: Request, caller: Caller) -> Response:
+        return _json(await self.plane.delete_group(self._name(request, "/admin/groups/")))
+
+    async def reset_circuit(self, request: Request, caller: Caller) -> Response:
+        return _json(await self.plane.reset_circuit(self._name(request, "/admin/circuits/", "/reset")))
+
+    async def state(self, request: Request, caller: Caller) -> Response:
+        return _json(self.plane.dump_state())
+
+    # -- the control socket ---------------------------------------------------------------------------
+
+    def _admin(self, token: bytes) -> Caller | None:
+        return Caller("admin", True, "control") if self.front.keys.is_admin(token) else None
+
+    async def control(self, request: Request, caller: Caller) -> WebSocketAccept:
+        if not request.websocket:
+            raise GatewayError(426, f"{request.path} is a WebSocket endpoint: connect with a WebSocket client "
+                               "(Upgrade: websocket)", code="upgrade_required", headers=[(b"upgrade", b"websocket")])
+        keys = self.front.keys
+        authed = None
+        if keys.bearer(request.header(b"authorization")) is not None or request.header(b"x-api-key"):
+            authed = self.front.authenticate(request, "admin", caller.request_id)
+        elif not keys.has_admin:
+            # No admin key: open loopback mode lets the local operator in, anything else is closed.
+            authed = self.front.authenticate(request, "admin", caller.request_id)
+        max_bytes = self.app.config.server.max_ws_message_bytes
+
+        async def handler(ws) -> None:
+            conn = ControlConnection(ws, max_message_bytes=max_bytes)
+            await serve_connection(conn, authed, self._admin, "the admin key", self.dispatch, self.connections)
+
+        return WebSocketAccept(handler)
+
+    async def dispatch(self, conn: ControlConnection, caller: Caller, msg: dict, nursery: trio.Nursery) -> None:
+        op = msg.get("type")
+        rid = msg.get("id")
+        if rid is not None and not valid_id(rid):
+            await conn.send(ws_error(None, "'id' must be a string of 1 to 128 characters or an integer",
+                                     "invalid_id", param="id"))
+            return
+        if op == "ping":
+            await conn.send({"type": "pong", "id": rid})
+            return
+        if op in ("subscribe", "unsubscribe"):
+            await self._run(conn, op, rid, self._subscribe(conn, nursery) if op == "subscribe"
+                            else self._unsubscribe(conn))
+            return
+        runner = self._operation(op, msg)
+        if runner is None:
+            known = ", ".join(sorted(_OPERATIONS))
+            await conn.send({**ws_error(rid, f"unknown operation {op!r}: expected one of {known}"
+                                        if op is not None else f"a message needs a \"type\": one of {known}",
+                                        "unknown_type", param="type"), "op": op})
+            return
+        if conn.ops >= MAX_OPS:
+            await conn.send({**ws_error(rid, f"this connection already runs {MAX_OPS} operations; wait for one to "
+                                        "finish", "too_many_operations", "rate_limit_error", status=429), "op": op})
+            runner.close()
+            return
+        conn.ops += 1
+
+        async def run() -> None:
+            try:
+                await self._run(conn, op, rid, runner)
+            finally:
+                conn.ops -= 1
+
+        nursery.start_soon(run)
+
+    def _operation(self, op: Any, msg: dict):
+        plane = self.plane
+        if op == "register_provider":
+            return plane.register_provider(msg.get("provider"))
+        if op == "update_provider":
+            provider = msg.get("provider")
+            name = msg.get("name")
+            if name is None and isinstance(provider, dict):
+                name = provider.get("name")
+            return plane.update_provider(name, provider, msg.get("grace_ms"))
+        if op == "unregister_provider":
+            return plane.unregister_provider(msg.get("name"), msg.get("grace_ms"))
+        if op == "list_providers":
+            return _ready(plane.list_providers)
+        if op == "create_group":
+            return plane.create_group(msg.get("group"))
+        if op == "update_group":
+            group = msg.get("group")
+            name = msg.get("name")
+            if name is None and isinstance(group, dict):
+                name = group.get("name")
+            return plane.update_group(name, group)
+        if op == "delete_group":
+            return plane.delete_group(msg.get("name"))
+        if op == "list_groups":
+            return plane.list_groups()
+        if op == "reset_circuit":
+            return plane.reset_circuit(msg.get("name"))
+        if op == "dump_state":
+            return _ready(plane.dump_state)
+        return None
+
+    async def _run(self, conn: ControlConnection, op: str, rid: Any, runner) -> None:
+        try:
+            result = await runner
+        except GatewayError as exc:
+            await conn.send({"type": "error", "id": rid, "op": op, "error": exc.body()["error"], "status": exc.status})
+            return
+        except Exception:
+            log.exception("control operation %s failed", op)
+            await conn.send({**ws_error(rid, f"the gateway failed to run {op}; it was logged", "internal_error",
+                                        "server_error", status=500), "op": op})
+            return
+        await conn.send({"type": "result", "id": rid, "op": op, "result": result})
+
+    async def _subscribe(self, conn: ControlConnection, nursery: trio.Nursery) -> dict:
+        if conn.subscription is not None:
+            return {"subscribed": True}
+        ref = self.app.registry.whereis("telemetry_handler")
+        if ref is None:
+            raise GatewayError(503, "the live feed is unavailable while the telemetry handler restarts; retry "
+                               "shortly", "server_error", code="telemetry_unavailable")
+        send, recv = trio.open_memory_channel[dict](EVENT_BUFFER)
+        try:
+            await ref.call(("subscribe", send), timeout=5.0)
+        except ActorError as exc:
+            raise GatewayError(503, f"the live feed is unavailable ({_reason(exc)}); retry shortly", "server_error",
+                               code="telemetry_unavailable") from None
+        scope = conn.subscription = trio.CancelScope()
+        nursery.start_soon(self._forward, conn, send, recv, scope)
+        return {"subscribed": True}
+
+    async def _unsubscribe(self, conn: ControlConnection) -> dict:
+        scope, conn.subscription = conn.subscription, None
+        if scope is not None:
+            scope.cancel()
+        return {"subscribed": False}
+
+    async def _forward(self, conn: ControlConnection, send, recv, scope: trio.CancelScope) -> None:
+        """Relay the feed to ``conn`` until unsubscribed or closed; then leave the handler's list."""
+        registry = self.app.registry
+        try:
+            with scope:
+                while True:
+                    with trio.move_on_after(RESUBSCRIBE) as idle:
+                        event = await recv.receive()
+                    if idle.cancelled_caught:
+                        # Subscribing again is a no-op for a live handler and re-attaches to a restarted one.
+                        ref = registry.whereis("telemetry_handler")
+                        if ref is not None:
+                            with contextlib.suppress(ActorError):
+                                await ref.call(("subscribe", send), timeout=2.0)
+                        continue
+                    await conn.send({"type": "event", "event": event})
+        finally:
+            send.close()
+            ref = registry.whereis("telemetry_handler")
+            if ref is not None:
+                # A closed channel is dropped by the handler anyway; this only makes it prompt.
+                ref.try_cast(("unsubscribe", send))
+
+
+_OPERATIONS = frozenset({
+    "register_provider", "update_provider", "unregister_provider", "list_providers", "create_group",
+    "update_group", "delete_group", "list_groups", "reset_circuit", "dump_state", "subscribe", "unsubscribe",
+    "ping",
+})
+
+
+async def _ready(fn):
+    return fn()
+
+
+def install(front, app) -> None:
+    routes = AdminRoutes(front, app)
+    app.control = routes.plane
+    add = front.routes.add
+    add("GET", "/admin/providers", routes.list_providers, "admin")
+    add("POST", "/admin/providers", routes.post_provider, "admin")
+    add("GET", "/admin/providers/*", routes.get_provider, "admin")
+    add("PATCH", "/admin/providers/*", routes.patch_provider, "admin")
+    add("DELETE", "/admin/providers/*", routes.delete_provider, "admin")
+    add("GET", "/admin/groups", routes.list_groups, "admin")
+    add("POST", "/admin/groups", routes.post_group, "admin")
+    add("GET", "/admin/groups/*", routes.get_group, "admin")
+    add("PATCH", "/admin/groups/*", routes.patch_group, "admin")
+    add("DELETE", "/admin/groups/*", routes.delete_group, "admin")
+    add("POST", "/admin/circuits/*", routes.reset_circuit, "admin")
+    add("GET", "/admin/state", routes.state, "admin")
+    add("GET", "/v1/control", routes.control, "public")
