@@ -61,9 +61,11 @@ def _route_installers():
     from .front.admin import install as install_admin
     from .front.health import install as install_health
     from .front.messages import install as install_messages
+    from .front.openapi import install as install_openapi
     from .front.ws import install as install_ws
 
-    return [install_health, install_completions, install_messages, install_cache, install_ws, install_admin]
+    return [install_health, install_completions, install_messages, install_cache, install_ws, install_admin,
+            install_openapi]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
