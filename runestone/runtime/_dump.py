@@ -107,7 +107,7 @@ def _other_node(obj: Any, info: ChildInfo | None) -> dict[str, Any]:
             node["snapshot"] = {"error": _error(exc)}
         else:
             if isinstance(extra, dict):
-                node.update({str(key): _plain(value) for key, value in extra.items()})
+                node.update({_key(key): _plain(value) for key, value in extra.items()})
             else:
                 node["snapshot"] = _plain(extra)
         return node
@@ -141,7 +141,7 @@ def _plain(value: Any) -> Any:
     if attrs.has(type(value)):
         return {field.name: _plain(getattr(value, field.name)) for field in attrs.fields(type(value))}
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {_key(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(item) for item in value]
     if isinstance(value, bytes):
@@ -149,3 +149,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, BaseException):
         return _error(value)
     return repr(value)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "replace")
+    if isinstance(key, enum.Enum):
+        return str(key.value)
+    return str(key)

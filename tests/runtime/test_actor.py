@@ -20,6 +20,7 @@ from runestone.runtime import (
 )
 
 
+
 class Recorder(Actor):
     """Counts casts, answers calls, and can be told to block, crash or nap."""
 
@@ -405,7 +406,7 @@ async def test_named_ref_resolves_at_each_use():
         assert not named.alive
 
 
-def test_registry_unregister_only_removes_the_matching_binding():
+async def test_registry_unregister_only_removes_the_matching_binding():
     registry = Registry()
     a, b = object(), object()
     registry.register("x", a)

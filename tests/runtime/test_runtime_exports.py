@@ -1,0 +1,33 @@
+"""The runtime's public names: the list other packages code against."""
+
+from __future__ import annotations
+
+import types
+
+import runestone.runtime as runtime
+
+PUBLIC = {
+    "Actor", "ActorDead", "ActorError", "ActorLifecycle", "ActorRef", "CallTimeout", "ChildInfo", "ChildSpec",
+    "MailboxFull", "NamedRef", "Registry", "Supervisor", "SupervisorEscalation", "SupervisorSnapshot",
+    "default_registry", "dump_state",
+}
+
+
+def test_public_names_are_exactly_the_documented_ones():
+    exported = {
+        name for name, value in vars(runtime).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert exported == PUBLIC
+
+
+def test_public_names_live_in_private_modules():
+    for name in PUBLIC - {"default_registry"}:
+        module = getattr(runtime, name).__module__
+        assert module.startswith("runestone.runtime._"), (name, module)
+
+
+def test_errors_form_one_tree():
+    for name in ("ActorDead", "CallTimeout", "MailboxFull", "SupervisorEscalation"):
+        assert issubclass(getattr(runtime, name), runtime.ActorError)
+    assert issubclass(runtime.ActorError, Exception)
