@@ -133,10 +133,10 @@ class Front:
                                       "/v1 (see GET /openapi.json)", code="not_found", headers=[rid_header])
             route, access = found
             caller = self.authenticate(request, access, request_id)
-            limiter = self.limiter
-            if limiter is not None and route in self.routes.limited:
-                return await self._limited(route, request, caller, limiter, rid_header)
-            response = await route(request, caller)
+            if self.limiter is not None and route in self.routes.limited:
+                response = await self.run_limited(route, request, caller)
+            else:
+                response = await route(request, caller)
         except GatewayError as exc:
             return gateway_error_response(exc, [rid_header])
         except BodyTooLarge:
@@ -152,7 +152,11 @@ class Front:
             response.headers.append(rid_header)
         return response
 
-    async def _limited(self, route, request: Request, caller: "Caller", limiter, rid_header) -> Response:
+    async def run_limited(self, route, request: Request, caller: "Caller"):
+        """Run ``route`` under the caller's per-key limits (a 429 GatewayError when refused)."""
+        limiter = self.limiter
+        if limiter is None:
+            return await route(request, caller)
         lease = await limiter.admit(caller.key_id or "open")
         try:
             response = await route(request, caller)
@@ -161,7 +165,6 @@ class Front:
             raise
         if isinstance(response, Response):
             response.headers += lease.headers
-            response.headers.append(rid_header)
             if response.stream is not None:
                 response.stream = _release_after(response.stream, lease)
                 return response

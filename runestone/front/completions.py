@@ -231,5 +231,5 @@ class CompletionsRoute:
 
 def install(front, app) -> None:
     route = CompletionsRoute(front)
-    front.routes.add("POST", "/v1/completions", route)
-    front.routes.add("POST", "/completions", route)
+    front.routes.add("POST", "/v1/completions", route, limited=True)
+    front.routes.add("POST", "/completions", route, limited=True)

@@ -148,8 +148,11 @@ class MessagesRoute:
                 413, "request_too_large", f"the request body exceeds the limit of {self.front.max_body_bytes} bytes")
 
     async def _serve(self, request: Request, request_id: str) -> Response:
+        caller = self.front.authenticate(request, "client", request_id)
+        return await self.front.run_limited(self._answer, request, caller)
+
+    async def _answer(self, request: Request, caller) -> Response:
         front = self.front
-        caller = front.authenticate(request, "client", request_id)
         body = parse_json_object(await request.body())
         routing = body.get("runestone")
         chat = anthropic_request_to_openai(body)
