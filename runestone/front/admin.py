@@ -295,7 +295,7 @@ class ControlPlane:
         return value / 1000
 
     async def unregister_provider(self, name: Any, grace_ms: Any = None) -> dict:
-        """Drain, then stop ``name``; returns whether it drained and how many requests were cut off."""
+        """Drain, then stop ``name``; returns whether it drained and how many requests were still in flight."""
         name = self._known_provider(name)
         grace = self._grace(grace_ms)
         app = self.app
@@ -322,7 +322,7 @@ class ControlPlane:
             else:
                 log.info("provider %s unregistered", name)
         return {"name": name, "type": old.type if old is not None else None, "unregistered": True,
-                "drained": drained, "in_flight_cut": left}
+                "drained": drained, "in_flight_left": left}
 
     async def update_provider(self, name: Any, patch: Any, grace_ms: Any = None) -> dict:
         """Re-register ``name`` with ``patch`` merged into its settings (a ``config`` value null unsets it).
