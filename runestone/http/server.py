@@ -566,11 +566,11 @@ class _Connection:
             self._eof = True
 
     async def receive_body(self, request: Request) -> None:
-        """Read until more of ``request``'s body is buffered or it is complete; see Request.body."""
+        """One more read for ``request``'s body (or the outcome of a concurrent one); see Request.body."""
         if self._error_request is request:
             error = self._error
             raise type(error)(error.message)
-        if request._complete or request._chunks:
+        if request._complete:
             return
         if self._eof:
             raise ClientDisconnected("the client closed the connection before sending the whole body")
@@ -616,9 +616,12 @@ class _Connection:
         except ClientDisconnected:
             pass
         finally:
-            if linger and not self._eof:
-                await self._linger()
-            await trio.aclose_forcefully(self._stream)
+            try:
+                if linger and not self._eof:
+                    await self._linger()
+            finally:
+                # also when cancelled (hard stop, drain deadline) while lingering
+                await trio.aclose_forcefully(self._stream)
 
     async def _next_request(self) -> Request | None:
         """The next request whose head is complete, or None when the connection should close."""
