@@ -783,8 +783,9 @@ class AdminRoutes:
             send.close()
             ref = registry.whereis("telemetry_handler")
             if ref is not None:
-                # A closed channel is dropped by the handler anyway; this only makes it prompt.
-                ref.try_cast(("unsubscribe", send))
+                # The handler drops a closed channel at its next event anyway; this makes it prompt.
+                with trio.CancelScope(shield=True), contextlib.suppress(ActorError):
+                    await ref.call(("unsubscribe", send), timeout=2.0)
 
 
 _OPERATIONS = frozenset({
