@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-probability", type=float, default=1.0)
     f.set_defaults(func=cmd_fake_provider)
 
+    from .control_cli import add_control_commands
+
+    add_control_commands(sub)
     return p
 
 
