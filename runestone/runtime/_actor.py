@@ -85,21 +85,26 @@ class _CallTimer:
     :class:`CallTimeout`. Calls with the same timeout expire in the order they
     were made, so each timeout value keeps an insertion-ordered queue and only
     its head matters; answered calls leave their queue at once, so the task
-    wakes about once per timeout period, not once per call.
+    wakes about once per timeout period, not once per call. Queues left empty
+    by one-off timeout values are swept when they pile up.
     """
 
-    __slots__ = ("name", "queues", "wake_at", "scope")
+    __slots__ = ("name", "queues", "wake_at", "scope", "sweep_at")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.queues: dict[float, collections.OrderedDict[_Call, float]] = {}
         self.wake_at = math.inf
         self.scope: trio.CancelScope | None = None
+        self.sweep_at = 8
 
     def add(self, call: _Call, timeout: float) -> None:
-        queue = self.queues.get(timeout)
+        queues = self.queues
+        queue = queues.get(timeout)
         if queue is None:
-            queue = self.queues[timeout] = collections.OrderedDict()
+            if len(queues) >= self.sweep_at:
+                self._sweep()
+            queue = queues[timeout] = collections.OrderedDict()
         deadline = trio.current_time() + timeout
         queue[call] = deadline
         call.pending = queue
@@ -108,6 +113,13 @@ class _CallTimer:
             if self.scope is not None:
                 self.scope.deadline = deadline
 
+    def _sweep(self) -> None:
+        queues = self.queues
+        for timeout in [timeout for timeout, queue in queues.items() if not queue]:
+            del queues[timeout]
+        # Doubling keeps sweeps amortised O(1) even when many queues stay busy.
+        self.sweep_at = 2 * len(queues) + 8
+
     async def run(self) -> None:
         """Fail overdue calls until cancelled (it lives in the actor's nursery)."""
         while True:
@@ -115,10 +127,13 @@ class _CallTimer:
             wake_at = math.inf
             for timeout, queue in self.queues.items():
                 while queue:
-                    call, deadline = next(iter(queue.items()))
+                    call = next(iter(queue))
+                    deadline = queue[call]
                     if deadline > now:
                         wake_at = min(wake_at, deadline)
                         break
+                    del queue[call]
+                    call.pending = None
                     call.fail(CallTimeout(self.name, timeout))
             self.wake_at = wake_at
             with trio.CancelScope(deadline=wake_at) as self.scope:
@@ -182,23 +197,19 @@ class ActorRef:
         return await wait_task_rescheduled(call.abort)
 
     async def _call_when_room(self, call: _Call, timeout: float) -> Any:
-        # The rare full-mailbox case may afford a cancel scope of its own.
-        deadline = trio.current_time() + timeout
+        # The rare full-mailbox case affords a cancel scope of its own: a call
+        # queued late would break the deadline order of the timer's queues.
         call.task = _UNPARKED
-        with trio.move_on_at(deadline) as scope:
+        with trio.move_on_after(timeout):
             try:
                 await self._send.send(call)
             except _CLOSED:
                 raise _dead(self.name, self.reason) from None
-        if scope.cancelled_caught:
-            raise CallTimeout(self.name, timeout)
-        if call.early is not None:  # answered before we got to park
-            return call.early.unwrap()
-        call.task = current_task()
-        remaining = deadline - trio.current_time()
-        if remaining != math.inf:
-            self._timer.add(call, max(remaining, 0.0))
-        return await wait_task_rescheduled(call.abort)
+            if call.early is not None:  # answered before we got to park
+                return call.early.unwrap()
+            call.task = current_task()
+            return await wait_task_rescheduled(call.abort)
+        raise CallTimeout(self.name, timeout)
 
     def cast(self, message: Any) -> None:
         """Queue ``message`` for ``handle_cast`` without blocking.

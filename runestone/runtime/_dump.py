@@ -39,7 +39,9 @@ def dump_state(root: Any) -> dict[str, Any]:
 
 def _node(obj: Any, info: ChildInfo | None) -> dict[str, Any]:
     if isinstance(obj, NamedRef):
-        obj = obj.registry.whereis(obj.name)
+        named, obj = obj, obj.registry.whereis(obj.name)
+        if obj is None:
+            return _unbound(named)
     if isinstance(obj, ActorRef):
         obj = obj.actor
     if isinstance(obj, Supervisor):
@@ -54,6 +56,10 @@ def _node(obj: Any, info: ChildInfo | None) -> dict[str, Any]:
         node["restarts"] = info.restarts
         node["last_error"] = _error(info.last_error)
     return node
+
+
+def _unbound(named: NamedRef) -> dict[str, Any]:
+    return {"name": named.name, "kind": "actor", "status": "stopped", "restarts": 0, "last_error": None, "snapshot": None}
 
 
 def _supervisor_node(supervisor: Supervisor) -> dict[str, Any]:

@@ -77,11 +77,11 @@ class SupervisorEscalation(ActorError):
         self.name = name
         self.last_error = last_error
         self.child_id = child_id
-        message = f"supervisor {name!r} reached its restart intensity"
-        if intensity is not None and period is not None:
-            message += f" (more than {intensity} restarts in {period:g} s)"
+        message = f"supervisor {name!r} gave up"
         if child_id is not None:
             message += f" restarting child {child_id!r}"
+        if intensity is not None and period is not None:
+            message += f": more than {intensity} restarts in {period:g} s"
         if last_error is not None:
             message += f"; last error: {type(last_error).__name__}: {last_error}"
         super().__init__(message)

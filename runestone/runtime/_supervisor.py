@@ -189,6 +189,7 @@ class Supervisor:
         self._lock = trio.Lock()
         self._stop_requested = False
         self.restarts = 0
+        self.last_error = None
         self.status = "starting"
         failure: BaseException | None = None
         try:

@@ -120,6 +120,16 @@ async def test_calls_with_different_timeouts_each_expire_on_time(autojump_clock)
         ref.request_stop()
 
 
+async def test_one_off_timeouts_do_not_pile_up(autojump_clock):
+    actor = Recorder("varied", registry=Registry())
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(actor.run)
+        for i in range(200):
+            assert await ref.call("total", timeout=1 + i / 1000) == 0
+        assert len(ref._timer.queues) <= 16
+        ref.request_stop()
+
+
 async def test_call_without_timeout_waits_as_long_as_it_takes(autojump_clock):
     actor = Recorder("patient", registry=Registry())
     async with trio.open_nursery() as nursery:

@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from runestone.runtime import Actor, ActorDead, ChildSpec, Registry, Supervisor, dump_state
+from runestone.runtime import Actor, ActorDead, ChildSpec, NamedRef, Registry, Supervisor, dump_state
 
 
 class Mode(enum.Enum):
@@ -120,8 +120,10 @@ async def test_dump_of_a_two_level_tree_is_plain_json_with_every_field():
         for node in (state, broken, inner_node, keeper_node, ticker_node):
             assert {"name", "kind", "status", "restarts", "last_error", "snapshot"} <= node.keys()
 
-        # A single actor, by ref or by object, dumps the same node.
-        assert dump_state(ref.actor) == dump_state(registry.whereis("keeper"))
+        # A single actor, by object, ref or name, dumps the same node.
+        current = registry.whereis("keeper")
+        assert dump_state(current.actor) == dump_state(current) == dump_state(NamedRef(registry, "keeper"))
+        assert dump_state(NamedRef(registry, "nobody"))["status"] == "stopped"
         root.request_stop()
 
     after = dump_state(root)

@@ -11,6 +11,7 @@ from trio.testing import wait_all_tasks_blocked
 from runestone.runtime import (
     Actor,
     ActorDead,
+    ChildSpec,
     NamedRef,
     Registry,
     Supervisor,
@@ -408,3 +409,31 @@ async def test_a_child_supervisor_is_stopped_gracefully_with_its_own_children(au
         root.request_stop()
     assert world.take_log() == [("stop", "last"), ("stop", "y"), ("stop", "x"), ("stop", "first")]
     assert trio.current_time() - t0 == 4
+
+
+async def test_specs_and_supervisors_reject_bad_settings():
+    async def start(*, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+
+    with pytest.raises(ValueError):
+        ChildSpec("x", start, restart="sometimes")
+    with pytest.raises(ValueError):
+        ChildSpec("x", start, shutdown=-1)
+    with pytest.raises(ValueError):
+        ChildSpec("x", start, kind="daemon")
+    with pytest.raises(ValueError, match="strategy"):
+        Supervisor("s", strategy="all_for_one")
+    with pytest.raises(ValueError, match="intensity"):
+        Supervisor("s", intensity=-1)
+    with pytest.raises(ValueError, match="unique"):
+        Supervisor("s", [ChildSpec("x", start), ChildSpec("x", start)])
+
+
+async def test_a_child_that_returns_before_reporting_ready_fails_its_start():
+    async def never_ready(*, task_status=trio.TASK_STATUS_IGNORED):
+        return None
+
+    sup = Supervisor("s", [ChildSpec("lazy", never_ready)], registry=Registry())
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(RuntimeError, match="started"):
+            await nursery.start(sup.run)
