@@ -362,6 +362,19 @@ class WebSocketRoutes:
             await conn.send(final)
 
     async def _chat(self, conn: MessageConnection, caller: Caller, sid: Any, body: dict) -> dict:
+        # A stream is a request like any other: the caller's per-key limits apply for its whole length.
+        limiter = self.front.limiter
+        try:
+            lease = await limiter.admit(caller.key_id or "open") if limiter is not None else None
+        except GatewayError as exc:
+            return _gateway_error(sid, exc)
+        try:
+            return await self._limited_chat(conn, caller, sid, body)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _limited_chat(self, conn: MessageConnection, caller: Caller, sid: Any, body: dict) -> dict:
         gw = self.gateway
         try:
             shape = validate_chat(body)

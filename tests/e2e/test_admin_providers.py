@@ -79,8 +79,12 @@ async def test_register_while_100_streams_are_in_flight(gateway_factory):
             fresh = await complete(http, "fresh-model")
             assert fresh.status_code == 200 and fresh.headers["x-runestone-provider"] == "fresh"
             assert fresh.json()["choices"][0]["message"]["content"].startswith("brand new")
-            # Registered while every stream was still running.
+            # Registered while every stream was still running; the state dump shows them, with their ages.
             assert app.telemetry.in_flight["steady"] == streams
+            tree = (await http.get("/admin/state", headers=ADMIN)).json()["tree"]
+            pool = next(c for c in tree["children"] if c["id"] == "provider_pool")["snapshot"]["in_flight"]
+            assert len(pool) == streams and {r["provider"] for r in pool} == {"steady"}
+            assert all(r["stream"] and r["age_s"] > 0 for r in pool)
     assert len(results) == streams
     assert all(r == (expected, "steady") for r in results)
     children = {c.id: c for c in app.provider_supervisor.which_children()}

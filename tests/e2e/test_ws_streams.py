@@ -291,3 +291,23 @@ async def _raw_invalid_utf8(port: int) -> int | None:
         return None
     assert data[0] == 0x88, data  # a close frame
     return struct.unpack("!H", data[2:4])[0]
+
+
+async def test_per_key_limits_apply_to_streams(gateway_factory):
+    gw = await gateway_factory(KEYS + "[limits]\nmax_concurrent_per_tenant = 1\n"
+                               + provider_toml("fake", "fake", models=["fake-model"], chunk_delay_ms=20))
+    async with trio_websocket.open_websocket_url(ws_url(gw), extra_headers=AUTH) as ws:
+        await send(ws, chat("first"))
+        first = await recv(ws)
+        assert first["type"] == "chunk"
+        await send(ws, chat("second"))
+        ended = {}
+        while len(ended) < 2:
+            msg = await recv(ws)
+            if msg["type"] != "chunk":
+                ended[msg["id"]] = msg
+        assert ended["first"]["type"] == "done"
+        assert ended["second"]["status"] == 429 and ended["second"]["error"]["type"] == "rate_limit_error"
+        # The lease went back with the first stream's end.
+        await send(ws, chat("third"))
+        assert (await collect(ws, ["third"]))["third"][1]["type"] == "done"
