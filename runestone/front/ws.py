@@ -142,9 +142,9 @@ class MessageConnection:
         """The next JSON object from the client.
 
         Answers a message that is not a JSON object with an ``error`` (the connection stays up) and reads
-        on. Closes the connection with 1003 on a binary message and 1009 on one over the size limit (a
-        text frame that is not UTF-8 is closed with 1007 by the WebSocket library). Raises ``_Closed``
-        once the connection is closed.
+        on. Closes the connection with 1003 on a binary message and 1009 on one over the size limit. A
+        text frame that is not UTF-8 never gets here: wsproto rejects it (1007) and trio-websocket then
+        drops the connection. Raises ``_Closed`` once the connection is closed.
         """
         ws = self.ws
         limit = self.max_message_bytes
