@@ -864,13 +864,14 @@ class _Connection:
         for name, value in request.headers:
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n")
-        parts.append(self._upgrade_tail or b"")
+        tail = self._upgrade_tail or b""
         self._upgrade_tail = b""
         server.websockets_open += 1
         try:
             await run_websocket(
                 self._stream,
                 b"".join(parts),
+                tail,
                 accept,
                 handshake_timeout=self._limits.header_timeout,
                 close_timeout=self._limits.write_timeout,

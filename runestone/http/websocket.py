@@ -49,11 +49,16 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
     The HTTP server has consumed the upgrade request from the socket before it knows the
     handler accepts it; this puts those bytes back in front of the socket for wsproto.
+    ``head`` (the request head) is yielded at once; ``tail`` (bytes the client sent after
+    the head, i.e. early frames) only after the handshake response was written, because
+    wsproto's server handshake drops whatever arrives before it accepts.
     """
 
-    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, head: bytes, tail: bytes = b"") -> None:
         self._stream = stream
-        self._buffered = buffered
+        self._buffered = head
+        self._tail = tail
+        self._answered = trio.Event()
 
     def __repr__(self) -> str:
         try:
@@ -65,8 +70,12 @@ class ReplayStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         buffered = self._buffered
         if not buffered:
-            return await self._stream.receive_some(max_bytes)
-        await trio.lowlevel.checkpoint()
+            if not self._tail:
+                return await self._stream.receive_some(max_bytes)
+            await self._answered.wait()
+            buffered, self._tail = self._tail, b""
+        else:
+            await trio.lowlevel.checkpoint()
         if max_bytes is None or max_bytes >= len(buffered):
             self._buffered = b""
             return buffered
@@ -75,6 +84,7 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
+        self._answered.set()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -83,13 +93,15 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
-        self._buffered = b""
+        self._buffered = self._tail = b""
+        self._answered.set()
         await self._stream.aclose()
 
 
 async def run_websocket(
     stream: trio.SocketStream,
-    replay: bytes,
+    head: bytes,
+    tail: bytes,
     accept: WebSocketAccept,
     *,
     handshake_timeout: float,
@@ -97,13 +109,13 @@ async def run_websocket(
 ) -> None:
     """Complete the handshake on ``stream`` and run ``accept.handler`` to its end.
 
-    ``replay`` is the upgrade request head followed by any bytes read after it. Returns
+    ``head`` is the upgrade request head, ``tail`` any bytes read after it. Returns
     when the handler has returned and the WebSocket is closed; the stream is closed by
     then. A handshake not done within ``handshake_timeout`` (wsproto refusing the
     request) abandons the connection. Cancellation closes the stream without a close
     frame.
     """
-    replaying = ReplayStream(stream, replay)
+    replaying = ReplayStream(stream, head, tail)
     async with trio.open_nursery() as nursery:
         connection = None
         with trio.move_on_after(handshake_timeout):
