@@ -34,7 +34,7 @@ import trio
 from ..providers.anthropic_translate import TranslationError
 from ..providers.base import ChatResult
 from ..providers.supervisor import ProviderTable, canonical_provider
-from ..resilience.breaker import ALLOW, DENY, Published, check
+from ..resilience.breaker import ALLOW, CLOSED, DENY, Published, check
 from ..resilience.errors import UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.retry import RetryPolicy
@@ -138,15 +138,28 @@ class Gateway:
 
     # -- planning -------------------------------------------------------------------------------------
 
-    def _state(self, body: dict, infos, requirements: Requirements, policy: str) -> RouteState:
+    def _state(self, body: dict, infos, requirements: Requirements, policy: str,
+               models: dict[str, str] | None = None) -> RouteState:
+        """What routing reads for one decision; ``models`` maps providers to the model each would be sent."""
         health = self.health.value
+        breakers = self.breakers.value or _EMPTY
+        scores = getattr(health, "scores", None) or _EMPTY
         cost = _EMPTY
         if policy == "cost" or requirements.max_cost is not None:
-            cost = estimate_costs(body, {n: body.get("model", "") for n in infos}, self.pricing)
+            if models is None:
+                models = {n: body.get("model", "") for n in infos}
+            cost = estimate_costs(body, models, self.pricing)
+        if scores and breakers:
+            # A provider whose breaker is not closed is judged by its breaker alone: its health score is 0
+            # while open and still holds the failures that opened it while half open, so demoting it
+            # for health would keep the probes from ever reaching it and the breaker from ever closing.
+            recovering = [n for n, v in breakers.items() if v.state != CLOSED and n in scores]
+            if recovering:
+                scores = {n: s for n, s in scores.items() if n not in recovering}
         return RouteState(
             in_flight=self.telemetry.in_flight,
-            breakers=self.breakers.value or _EMPTY,
-            health=getattr(health, "scores", None) or _EMPTY,
+            breakers=breakers,
+            health=scores,
             ttft_ewma=getattr(health, "ttft_ewma_ms", None) or _EMPTY,
             cost=cost,
         )
@@ -187,7 +200,9 @@ class Gateway:
                 return Plan([Target(name, upstream_model)], f"pinned to provider {name}", None,
                             self.retry.max_attempts, {})
         if model in groups or model == "default":
-            state = self._state(body, infos, requirements, policy)
+            # A group's members are sent their own default model, so that is what a cost estimate prices.
+            state = self._state(body, infos, requirements, policy,
+                                {n: table[n].default_model or "" for n in infos})
             names = self.groups.select(model, infos, state, now=now)
             spec = self.groups.group(model)
             names = [canonical_provider(n, self.providers) for n in names
@@ -243,8 +258,12 @@ class Gateway:
         counts = counts_as_failure(error)
         if counts:
             self.breaker_ref.try_cast(("failure", provider))
-        elif probe:
-            self.breaker_ref.try_cast(("release", provider))
+        else:
+            if probe:
+                self.breaker_ref.try_cast(("release", provider))
+            # The upstream refused a request it judged wrong: that is the provider working, and as evidence
+            # against its health it would let one client's bad requests demote it for everyone.
+            return
         kind = _error_kind(error)
         self.telemetry.emit(AttemptFinished(provider, model, False, kind, latency, None))
 

@@ -27,9 +27,9 @@ def clock():
 
 def _config(primary_port: int, backup_port: int) -> str:
     return (
+        # The default health threshold stays on: a provider whose breaker is recovering must still get
+        # its probes although its health score is low.
         "[telemetry]\nusage_ledger = false\n"
-        # Health-based demotion is another mechanism; keep this test about the breaker alone.
-        "[failover]\nhealth_threshold = 0.0\n"
         f"[circuit_breaker]\nfailure_threshold = 3\nrecovery_timeout_ms = {int(RECOVERY * 1000)}\n"
         "half_open_limit = 1\nsuccess_threshold = 2\n"
         + provider_toml("primary", "openai", base_url=f"http://127.0.0.1:{primary_port}/v1", api_key="k",
