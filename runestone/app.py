@@ -41,6 +41,7 @@ from .routing.aliases import AliasWatcher, aliases_path
 from .routing.executor import Gateway
 from .routing.pool import InFlightTable, ProviderPool
 from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
+from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
 from .telemetry.sender import Telemetry
@@ -131,6 +132,8 @@ class Application:
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
         self.server = None
         self.ready = trio.Event()
+        #: child id -> restarts performed by its supervisor (actor names: provider children are provider names).
+        self.restarts: dict[str, int] = {}
 
     # -- the tree -------------------------------------------------------------------------------------
 
@@ -165,7 +168,8 @@ class Application:
                                          overrides=overrides, providers=list(self.catalog), registry=reg)
 
         def provider_supervisor():
-            sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg)
+            sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg,
+                                             on_restart=self._on_restart)
             self.provider_supervisor = sup
             return sup
 
@@ -217,7 +221,7 @@ class Application:
             log.warning("no client keys configured: serving OPEN (no authentication) on loopback %s only; set "
                         "RUNESTONE_API_KEYS to require keys", self.host)
         self.root = Supervisor("runestone", self._children(), strategy="one_for_one", intensity=10, period=10.0,
-                               registry=self.registry)
+                               registry=self.registry, on_restart=self._on_restart)
 
         class _Ready:
             def started(inner, value=None):
@@ -225,6 +229,14 @@ class Application:
                 task_status.started(self)
 
         await self.root.run(task_status=_Ready())
+
+    def _on_restart(self, supervisor: str, child: str, restarts: int, error) -> None:
+        self.restarts[child] = self.restarts.get(child, 0) + 1
+        self.telemetry.emit(ActorRestarted(child, self.restarts[child]))
+
+    def restart_counts(self) -> dict[str, int]:
+        """Restarts per actor since start, counted here so a telemetry handler restart is counted too."""
+        return dict(self.restarts)
 
     def request_stop(self) -> None:
         if self.root is not None:

@@ -134,7 +134,8 @@ class HealthRoutes:
     async def prometheus(self, request, caller) -> Response:
         breakers = {n: v.state for n, v in (self.app.breaker_views.value or {}).items()}
         try:
-            text = await self.app.telemetry.metrics_text(timeout=2.0, breaker_states=breakers)
+            text = await self.app.telemetry.metrics_text(timeout=2.0, breaker_states=breakers,
+                                                         actor_restarts=self.app.restart_counts())
         except (ActorError, LookupError):
             raise GatewayError(503, "metrics are unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable") from None

@@ -9,11 +9,13 @@ under MockClock see its timing exactly.
 from __future__ import annotations
 
 import base64
+import random
 import struct
 
 import orjson
 import trio
 
+from ..resilience.errors import UpstreamError
 from .base import DONE, ChatResult, Usage, new_created
 from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
 
@@ -59,6 +61,15 @@ class FakeAdapter:
         self._delay = (getattr(config, "chunk_delay_ms", None) or 0) / 1000
         self._text = getattr(config, "text", None) or None
         self._models = list(getattr(config, "models", None) or ["fake-model"])
+        # Fault injection: a share of model requests fails with fail_status, as an upstream error would.
+        self._fail_rate = float(getattr(config, "fail_rate", 0.0) or 0.0)
+        self._fail_status = int(getattr(config, "fail_status", 500) or 500)
+        self._rng = random.Random(0)
+
+    def _maybe_fail(self) -> None:
+        if self._fail_rate and self._rng.random() < self._fail_rate:
+            raise UpstreamError(self.name, "http", f"injected failure ({self._fail_status})",
+                                status=self._fail_status)
 
     def _answer(self, body: dict):
         messages = body.get("messages") or []
@@ -82,6 +93,7 @@ class FakeAdapter:
         return pieces, call, Usage(prompt_tokens, completion_tokens), finish
 
     async def complete(self, body: dict, *, request_id: str) -> ChatResult:
+        self._maybe_fail()
         pieces, call, usage, finish = self._answer(body)
         if self._ttfb:
             await trio.sleep(self._ttfb)
@@ -103,6 +115,7 @@ class FakeAdapter:
         return ChatResult(orjson.dumps(resp), usage)
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> FakeStream:
+        self._maybe_fail()
         pieces, call, usage, finish = self._answer(body)
         head = {"id": request_id, "object": "chat.completion.chunk", "created": new_created(), "model": body["model"],
                 "system_fingerprint": "fp_runestone_fake"}

@@ -140,7 +140,7 @@ class ProviderSnapshot:
 
 
 class ProviderActor(Actor):
-    """One registered provider. Calls: ``"snapshot"``, ``"models"``, ``("crash", why)`` (fault injection)."""
+    """One registered provider. Calls: ``"snapshot"``, ``"models"``."""
 
     mailbox_size = 64
 
@@ -164,28 +164,32 @@ class ProviderActor(Actor):
                 log.warning("provider %s: model discovery failed (%s); it serves no model until updated",
                             spec.name, self.discovery_error)
         default = next((m for m in models if not m.endswith("*")), None)
+        previous = self.table.value.get(spec.name)
         self.entry = ProviderEntry(spec.name, spec.type, spec, provider_info(spec, models), adapter, default)
         self.table.put(self.entry)
+        if previous is not None and previous.adapter is not adapter:
+            # Left behind by an incarnation that crashed: requests it was serving may still use its pool.
+            # They are bounded by the attempt timeout; close the old pool once that has passed.
+            self.nursery.start_soon(_close_later, previous.adapter, max(spec.config.timeout_ms / 1000, 1.0))
 
     async def handle_call(self, message):
         if message == "snapshot":
             return self.snapshot()
         if message == "models":
             return sorted(self.entry.info.models) if self.entry else []
-        if isinstance(message, tuple) and message and message[0] == "crash":
-            raise RuntimeError(f"crash injected into {self.ref.name}")
         raise ValueError(f"{self.ref.name}: unknown call {message!r}")
-
-    async def handle_cast(self, message):
-        if message == "crash":
-            raise RuntimeError(f"crash injected into {self.ref.name}")
 
     async def terminate(self, reason) -> None:
         entry = self.entry
-        if entry is not None:
-            self.table.remove(entry.name, entry)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await entry.adapter.aclose()
+        if entry is None:
+            return
+        if reason is not None and not isinstance(reason, trio.Cancelled):
+            # A crash: the supervisor is about to start a new incarnation. Leave the entry (and its pool)
+            # published so that requests keep routing here meanwhile; the next incarnation replaces it.
+            return
+        self.table.remove(entry.name, entry)
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await entry.adapter.aclose()
 
     def snapshot(self) -> ProviderSnapshot:
         entry = self.table.value.get(self.spec.name)
@@ -199,10 +203,19 @@ class ProviderActor(Actor):
         )
 
 
+async def _close_later(adapter, delay: float) -> None:
+    try:
+        await trio.sleep(delay)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await adapter.aclose()
+
+
 class EnhancedProviderSupervisor(Supervisor):
     """``one_for_one`` supervisor of provider actors, with dynamic children named after the providers."""
 
-    def __init__(self, specs, table: ProviderTable, *, registry=None, intensity: int = 10, period: float = 10.0):
+    def __init__(self, specs, table: ProviderTable, *, registry=None, intensity: int = 10, period: float = 10.0,
+                 on_restart=None):
         self.table = table
         self._registry = registry
         super().__init__(
@@ -212,6 +225,7 @@ class EnhancedProviderSupervisor(Supervisor):
             intensity=intensity,
             period=period,
             registry=registry,
+            on_restart=on_restart,
         )
 
     def child_for(self, spec: ProviderSpec) -> ChildSpec:

@@ -336,12 +336,12 @@ class Gateway:
                     if attempt_scope.cancelled_caught:
                         raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
                 except TranslationError as exc:
-                    telemetry.request_ended(provider)
+                    self._ended(provider)
                     if probe:
                         self.breaker_ref.try_cast(("release", provider))
                     raise GatewayError(400, exc.message, param=exc.param) from None
                 except UpstreamError as exc:
-                    telemetry.request_ended(provider)
+                    self._ended(provider)
                     self._outcome(provider, target.model, exc, started, None, probe)
                     last_error, last_target = exc, target
                     failed[provider] = failed.get(provider, 0) + 1
@@ -352,7 +352,7 @@ class Gateway:
                 except Exception as exc:
                     # Anything else escaping an adapter is still this provider failing this attempt: classify it
                     # (so the breaker counts it) instead of letting it become a 500 with no failover.
-                    telemetry.request_ended(provider)
+                    self._ended(provider)
                     log.warning("provider %s raised %s on request %s", provider, type(exc).__name__, ctx.request_id)
                     err = UpstreamError(provider, "protocol", f"the provider adapter failed: {type(exc).__name__}")
                     self._outcome(provider, target.model, err, started, None, probe)
@@ -361,12 +361,12 @@ class Gateway:
                     failed_order.append(provider)
                     continue
                 except BaseException:
-                    telemetry.request_ended(provider)
+                    self._ended(provider)
                     if probe:
                         self.breaker_ref.try_cast(("release", provider))
                     raise
                 if not isinstance(result, StreamAnswer):
-                    telemetry.request_ended(provider)
+                    self._ended(provider)
                     self._outcome(provider, target.model, None, started, None, probe)
                 elif probe:
                     # A probe is judged by the whole stream, reported when it ends.
@@ -386,6 +386,13 @@ class Gateway:
             raise GatewayError(503, f"no provider can take model {ctx.model!r} now: circuit open for "
                                f"{', '.join(denied) or 'all candidates'}", "server_error", code="no_provider_available")
         raise _client_error(last_error, attempts)
+
+    def _ended(self, provider: str) -> None:
+        """One request fewer in flight on ``provider``; wakes a drain waiting for it to reach zero."""
+        telemetry = self.telemetry
+        telemetry.request_ended(provider)
+        if not telemetry.in_flight.get(provider):
+            self.inflight.provider_done(provider)
 
     def groups_outcome(self, group: str, provider: str, ok: bool, attempts: int, failed: list[str]) -> None:
         """Group stats and the fallback_success / fallback_exhausted events are the FailoverManager's."""
@@ -492,7 +499,7 @@ class Gateway:
             http_status = 499
             raise
         finally:
-            self.telemetry.request_ended(provider)
+            self._ended(provider)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             usage = stream.usage

@@ -88,14 +88,7 @@ class ProviderPool(Actor):
     async def handle_call(self, message):
         if message == "in_flight":
             return self.snapshot().in_flight
-        if isinstance(message, tuple) and message and message[0] == "crash":
-            # Fault injection for the supervision tests: a handler that raises crashes the actor.
-            raise RuntimeError(f"crash injected into {self.ref.name}")
         raise ValueError(f"provider_pool: unknown call {message!r}")
-
-    async def handle_cast(self, message):
-        if message == "crash":
-            raise RuntimeError("crash injected into provider_pool")
 
     def snapshot(self) -> PoolSnapshot:
         now = trio.current_time()

@@ -31,6 +31,10 @@ log = logging.getLogger("runestone.runtime")
 _CLOSED = (trio.ClosedResourceError, trio.BrokenResourceError)
 
 
+# Queued messages an actor takes in a row before it lets the scheduler run others.
+_BURST = 64
+
+
 class _Call:
     """One pending request: the message and the parked caller, answered at most once.
 
@@ -469,16 +473,28 @@ class Actor:
     async def _serve(self, recv: trio.MemoryReceiveChannel[Any]) -> Exception | None:
         """Serve messages until stopped; return the exception of a handler that raised."""
         receive = recv.receive
-        handle_call = self.handle_call
-        handle_cast = self.handle_cast
+        receive_nowait = recv.receive_nowait
+        burst = 0
         while not self._stopping:
+            # Messages already queued are taken without a trip through the scheduler (a full pass costs more
+            # than most handlers), up to a burst that bounds how long other tasks wait for this one.
             try:
-                message = await receive()
+                if burst >= _BURST:
+                    raise trio.WouldBlock
+                message = receive_nowait()
+                burst += 1
+            except trio.WouldBlock:
+                burst = 0
+                try:
+                    message = await receive()
+                except trio.EndOfChannel:
+                    return None
             except trio.EndOfChannel:
                 return None
+            # Handlers are looked up per message (not cached) so that an instance may be given another one.
             if type(message) is _Call:
                 try:
-                    reply = await handle_call(message.message)
+                    reply = await self.handle_call(message.message)
                 except Exception as exc:
                     message.fail(ActorDead(self.name, exc))
                     return exc
@@ -488,7 +504,7 @@ class Actor:
                 message.resolve(reply)
             else:
                 try:
-                    await handle_cast(message)
+                    await self.handle_cast(message)
                 except Exception as exc:
                     return exc
         return None

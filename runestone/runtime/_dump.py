@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -146,7 +147,7 @@ def _plain(value: Any) -> Any:
         return _plain(value.value)
     if attrs.has(type(value)):
         return {field.name: _plain(getattr(value, field.name)) for field in attrs.fields(type(value))}
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dicts, and read-only views such as MappingProxyType
         return {_key(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(item) for item in value]

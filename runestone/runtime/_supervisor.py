@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -121,6 +121,7 @@ class Supervisor:
         intensity: int = 3,
         period: float = 5.0,
         registry: Registry | None = None,
+        on_restart: Callable[[str, str, int, BaseException | None], None] | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -139,6 +140,9 @@ class Supervisor:
         self.registry = default_registry if registry is None else registry
         self.restarts = 0
         """Restarts performed by the current (or last) run."""
+        self.on_restart = on_restart
+        """Called synchronously as each child is restarted: ``(supervisor, child id, its restarts, last error)``.
+        For telemetry; it must not block, and an exception from it is logged and ignored."""
         self.status = "stopped"
         """``"starting"``, ``"running"``, ``"stopping"`` or ``"stopped"``."""
         self.last_error: BaseException | None = None
@@ -404,6 +408,11 @@ class Supervisor:
                 if member.removed:
                     continue
                 member.restarts += 1
+                if self.on_restart is not None:
+                    try:
+                        self.on_restart(self.name, member.spec.id, member.restarts, member.last_error)
+                    except Exception:
+                        log.exception("supervisor %r: on_restart hook failed", self.name)
                 try:
                     await self._start(member)
                 except Exception as exc:

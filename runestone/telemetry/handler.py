@@ -313,6 +313,7 @@ class TelemetryHandler(Actor):
             cache_hits=extra.cache_hits,
             cache_misses=extra.cache_misses,
             breaker_states=extra.breaker_states,
+            actor_restarts=extra.actor_restarts,
         )
 
     def overall(self) -> OverallSummary:

@@ -253,13 +253,21 @@ def render_prometheus(
     cache_hits: int = 0,
     cache_misses: int = 0,
     breaker_states: Mapping[str, str] | None = None,
+    actor_restarts: Mapping[str, int] | None = None,
 ) -> bytes:
     """The Prometheus text format (0.0.4) of ``metrics`` plus the given gauges.
 
     ``breaker_states`` (provider -> ``closed``/``half_open``/``open``), when
     given, wins over the states ``metrics`` learnt from transition events, as
-    it comes straight from the breaker's published view.
+    it comes straight from the breaker's published view. ``actor_restarts``
+    (actor -> restarts), when given, is read from the supervisors themselves and
+    wins over the counts learnt from ``ActorRestarted`` events: a restart of the
+    telemetry handler itself can only be known that way.
     """
+    if actor_restarts is not None:
+        for actor, n in actor_restarts.items():
+            key = (actor,)
+            metrics.actor_restarts.values[key] = max(n, metrics.actor_restarts.values.get(key, 0))
     out: list[str] = []
     for metric in (
         metrics.requests,

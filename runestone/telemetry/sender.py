@@ -33,6 +33,7 @@ class ExtraGauges:
     cache_hits: int = 0
     cache_misses: int = 0
     breaker_states: dict[str, str] | None = None
+    actor_restarts: dict[str, int] | None = None
 
 
 def _resolver(target: Any) -> Callable[[], Any]:
@@ -95,7 +96,8 @@ class Telemetry:
         else:
             self.cache_misses += 1
 
-    def gauges(self, breaker_states: dict[str, str] | None = None) -> ExtraGauges:
+    def gauges(self, breaker_states: dict[str, str] | None = None,
+               actor_restarts: dict[str, int] | None = None) -> ExtraGauges:
         """A copy of this sender's gauges, to pass to the handler's ``metrics`` call."""
         return ExtraGauges(
             in_flight=dict(self.in_flight),
@@ -103,9 +105,11 @@ class Telemetry:
             cache_hits=self.cache_hits,
             cache_misses=self.cache_misses,
             breaker_states=breaker_states,
+            actor_restarts=actor_restarts,
         )
 
-    async def metrics_text(self, *, timeout: float = 5.0, breaker_states: dict[str, str] | None = None) -> bytes:
+    async def metrics_text(self, *, timeout: float = 5.0, breaker_states: dict[str, str] | None = None,
+                           actor_restarts: dict[str, int] | None = None) -> bytes:
         """The full ``/metrics`` body: asks the handler to render with our gauges.
 
         Not for the hot path: it waits on the handler's mailbox (``call``).
@@ -114,7 +118,7 @@ class Telemetry:
         ref = self._resolve()
         if ref is None:
             raise LookupError(f"{HANDLER_NAME} is not running")
-        return await ref.call(("metrics", self.gauges(breaker_states)), timeout=timeout)
+        return await ref.call(("metrics", self.gauges(breaker_states, actor_restarts)), timeout=timeout)
 
     def snapshot(self) -> dict[str, Any]:
         return {
