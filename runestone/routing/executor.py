@@ -189,6 +189,13 @@ class Gateway:
         policy = requirements.policy or self.policy
         if capability and capability not in requirements.require:
             requirements = attrs.evolve(requirements, require=requirements.require | {capability})
+        if requirements.prefer or requirements.exclude:
+            # A client may name providers by their legacy names, as in "openai:gpt-4o".
+            providers = self.providers
+            requirements = attrs.evolve(
+                requirements,
+                prefer=tuple(canonical_provider(n, providers) for n in requirements.prefer),
+                exclude=frozenset(canonical_provider(n, providers) for n in requirements.exclude))
         # An explicit "provider:model" pins the provider.
         provider, sep, upstream_model = model.partition(":")
         if sep and upstream_model:
