@@ -166,7 +166,15 @@ class Gateway:
 
     def resolve_alias(self, model: str) -> str:
         aliases = self.aliases.value
-        return aliases.get(model, model) if aliases else model
+        if not aliases:
+            return model
+        target = aliases.get(model)
+        if target is None:
+            return model
+        # A failover group configured under the same name is the operator's explicit choice and wins: the
+        # embedded aliases take common names ("fast", "cheap") a group may well be called.
+        groups = self.groups.groups.value
+        return model if groups and model in groups else target
 
     def known_model(self, model: str) -> bool:
         model = self.resolve_alias(model)
@@ -207,11 +215,11 @@ class Gateway:
                 return Plan([Target(name, upstream_model)], f"pinned to provider {name}", None,
                             self.retry.max_attempts, {})
         if model in groups or model == "default":
+            spec = self.groups.group(model)
             # A group's members are sent their own default model, so that is what a cost estimate prices.
-            state = self._state(body, infos, requirements, policy,
+            state = self._state(body, infos, requirements, "cost" if spec.strategy == "cost" else policy,
                                 {n: table[n].default_model or "" for n in infos})
             names = self.groups.select(model, infos, state, now=now)
-            spec = self.groups.group(model)
             names = [canonical_provider(n, self.providers) for n in names
                      if n not in requirements.exclude]
             if requirements.prefer:

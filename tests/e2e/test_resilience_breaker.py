@@ -145,6 +145,7 @@ async def test_breaker_counts_faults_of_every_kind_and_not_client_errors(clock, 
         await _state(gw.app, "primary", "closed")
         knobs.fault_status = 0
         knobs.malformed_sse = True
+        knobs.chunk_delay_ms = 10  # so that the broken event comes after the stream was committed
         r = await http.post("/chat/completions", json={**BODY, "model": f"primary:{MODEL}", "stream": True})
         assert r.status_code == 200 and '"error"' in r.text and "[DONE]" not in r.text
         await _state(gw.app, "primary", "open")
