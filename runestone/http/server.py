@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
@@ -61,6 +62,12 @@ _LISTEN_BACKLOG = 1024
 _ACCEPT_CAPACITY_ERRNOS = frozenset(
     getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, name)
 )
+# What a connection is waiting for, which decides what happens when its deadline passes.
+_BUSY = 0  # the handler runs or the server works: no deadline
+_IDLE = 1  # keep-alive wait for the next request: close silently
+_HEAD = 2  # a request head is incomplete: answer 408, close
+_WRITING = 3  # a write is blocked on a client that does not read: drop the connection
+_STOPPED = 4  # closed by request_stop() while idle
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
 _NO_BODY_STATUSES = frozenset((204, 304))
 
@@ -348,6 +355,18 @@ class HttpServer:
         for connection in self._connections:
             connection.close_if_idle()
 
+    async def _expire_deadlines(self) -> None:
+        """Enforce the connections' timeouts, with a resolution of ``tick`` seconds."""
+        limits = self.limits
+        tick = min(1.0, min(limits.header_timeout, limits.keepalive_timeout, limits.write_timeout) / 10)
+        connections = self._connections
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            expired = [connection for connection in connections if connection._deadline <= now]
+            for connection in expired:
+                connection.expire()
+
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
             connections_open=len(self._connections),
@@ -400,7 +419,8 @@ class _Connection:
     __slots__ = (
         "_server", "_limits", "_stream", "_client", "_parser", "_ready", "_parsing", "_in_head",
         "_url", "_head_size", "_head_raw", "_error", "_error_request", "_upgrade_tail", "_eof",
-        "_reading", "_read_done", "_idle_scope", "_response_started", "_served", "_opened_at",
+        "_reading", "_read_done", "_response_started", "_served", "_fd", "_scope", "_phase",
+        "_deadline", "_expired_phase",
     )
 
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
@@ -425,10 +445,16 @@ class _Connection:
         self._eof = False
         self._reading = False
         self._read_done: trio.Event | None = None
-        self._idle_scope: trio.CancelScope | None = None
         self._response_started = False
         self._served = 0
-        self._opened_at = trio.current_time()
+        self._fd = stream.socket.fileno()
+        # One cancel scope for the connection's life: timeouts are deadlines the server's
+        # watchdog checks (see HttpServer._expire_deadlines), because entering a trio
+        # cancel scope per read and per write would cost more than the rest of a request.
+        self._scope = trio.CancelScope()
+        self._phase = _HEAD
+        self._deadline = trio.current_time() + self._limits.header_timeout
+        self._expired_phase = _BUSY
 
     # -- httptools callbacks ------------------------------------------------------------
 
@@ -550,8 +576,11 @@ class _Connection:
             return
         self._reading = True
         try:
-            with trio.fail_after(timeout):
+            if timeout == math.inf:
                 data = await self._stream.receive_some(_RECEIVE_SIZE)
+            else:
+                with trio.fail_after(timeout):
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         finally:
@@ -585,36 +614,73 @@ class _Connection:
                 f"no request body data received for {self._limits.body_timeout:g} seconds") from None
 
     def close_if_idle(self) -> None:
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        """Close the connection now if it waits for a request of which no byte came yet."""
+        if self._parsing is None and (self._phase == _IDLE or self._phase == _HEAD):
+            self._expired_phase = _STOPPED
+            self._scope.cancel()
+
+    def expire(self) -> None:
+        """The deadline of what the connection waits for has passed (called by the watchdog)."""
+        self._deadline = math.inf
+        self._expired_phase = self._phase
+        self._scope.cancel()
 
     # -- writing ------------------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
-        with trio.move_on_after(self._limits.write_timeout) as scope:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _PeerGone() from exc
+        """Write all of ``data``; raises _PeerGone if the client is gone or does not read.
+
+        Most writes fit in the socket buffer: they are one ``write(2)`` without a trip
+        through the scheduler. Only a write the kernel cannot take at once waits, under
+        ``Limits.write_timeout``. Not a checkpoint when the fast path succeeds.
+        """
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _PeerGone() from exc
+        if sent == len(data):
             return
-        if scope.cancelled_caught:
-            raise _PeerGone()
+        phase = self._phase
+        self._phase = _WRITING
+        self._deadline = trio.current_time() + self._limits.write_timeout
+        try:
+            await self._stream.send_all(memoryview(data)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _PeerGone() from exc
+        finally:
+            self._phase = phase
+            self._deadline = math.inf
 
     # -- the connection's life ----------------------------------------------------------
 
     async def run(self) -> None:
         linger = True
         try:
-            while True:
-                request = await self._next_request()
-                if request is None:
-                    break
-                if not await self._serve(request):
-                    break
-        except _PeerGone:
-            linger = False
-        except ClientDisconnected:
-            pass
+            with self._scope:
+                try:
+                    while True:
+                        request = await self._next_request()
+                        if request is None:
+                            break
+                        if not await self._serve(request):
+                            break
+                except _PeerGone:
+                    linger = False
+                except ClientDisconnected:
+                    pass
+            if self._scope.cancelled_caught:
+                expired = self._expired_phase
+                if expired == _WRITING:
+                    linger = False
+                elif expired == _HEAD:
+                    with trio.move_on_after(self._limits.write_timeout):
+                        try:
+                            await self._refuse(RequestTimeout(
+                                f"request head not received within {self._limits.header_timeout:g} seconds"))
+                        except _PeerGone:
+                            linger = False
         finally:
             try:
                 if linger and not self._eof:
@@ -624,51 +690,53 @@ class _Connection:
                 await trio.aclose_forcefully(self._stream)
 
     async def _next_request(self) -> Request | None:
-        """The next request whose head is complete, or None when the connection should close."""
+        """The next request whose head is complete, or None when the connection should close.
+
+        Waits under a deadline the watchdog enforces: the keep-alive timeout while no
+        byte of a request came, then the header timeout (from the connection's start for
+        its first request).
+        """
         ready = self._ready
         if ready:
+            # answered from bytes already read: still let other connections run
+            await trio.lowlevel.checkpoint()
             return ready.popleft()
         server = self._server
         limits = self._limits
+        stream = self._stream
         if self._served == 0:
-            deadline = self._opened_at + limits.header_timeout
+            phase = _HEAD
+            deadline = self._deadline
         elif self._parsing is not None:
+            phase = _HEAD
             deadline = trio.current_time() + limits.header_timeout
         else:
-            deadline = None
+            phase = _IDLE
+            deadline = trio.current_time() + limits.keepalive_timeout
         while True:
             if self._error is not None:
                 await self._refuse(self._error)
                 return None
             if self._eof or self._upgrade_tail is not None:
                 return None
-            idle = self._parsing is None
-            if idle and server._stopping:
+            if self._parsing is None and server._stopping:
                 return None
-            scope = trio.CancelScope(
-                deadline=deadline if deadline is not None else trio.current_time() + limits.keepalive_timeout)
-            if idle:
-                self._idle_scope = scope
+            self._phase = phase
+            self._deadline = deadline
             try:
-                with scope:
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                data = await stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            finally:
-                self._idle_scope = None
-            if scope.cancelled_caught:
-                if (idle and server._stopping) or deadline is None:
-                    return None
-                await self._refuse(RequestTimeout(
-                    f"request head not received within {limits.header_timeout:g} seconds"))
-                return None
+            self._phase = _BUSY
+            self._deadline = math.inf
             if not data:
                 self._eof = True
                 return None
             self._feed(data)
             if ready:
                 return ready.popleft()
-            if deadline is None:
+            if phase == _IDLE:
+                phase = _HEAD
                 deadline = trio.current_time() + limits.header_timeout
 
     async def _refuse(self, error: HttpError) -> None:
@@ -785,15 +853,18 @@ class _Connection:
                     iterator = stream.__aiter__()
                     await self._send(head)
                     send = self._send
+                    frame = wire.chunk if chunked else None
+                    writes = 0
+                    async for item in iterator:
+                        if item:
+                            await send(frame(item) if frame is not None else item)
+                            writes += 1
+                            if not writes & 31:
+                                # Writes that fit the socket buffer do not yield; a producer
+                                # that never waits must not starve the other connections.
+                                await trio.lowlevel.checkpoint()
                     if chunked:
-                        async for item in iterator:
-                            if item:
-                                await send(wire.chunk(item))
                         await send(wire.LAST_CHUNK)
-                    else:
-                        async for item in iterator:
-                            if item:
-                                await send(item)
                     completed = True
                 except Exception as exc:
                     failure = exc
@@ -968,31 +1039,40 @@ async def serve_http(
     server = HttpServer(handler, host, sock.getsockname()[1], limits)
     listener = trio.SocketListener(sock)
     try:
-        async with trio.open_nursery() as connections:
-            server._connection_scope = connections.cancel_scope
-            with trio.CancelScope() as accept_scope:
-                server._accept_scope = accept_scope
-                task_status.started(server)
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                            raise
-                        logger.error("accept failed (%s); pausing new connections for 100 ms", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    if len(server._connections) >= limits.max_connections:
-                        connections.start_soon(_refuse_connection, server, stream)
-                    else:
-                        # Registered before the task starts so that a burst of accepts
-                        # cannot overshoot max_connections.
-                        connection = _Connection(server, stream)
-                        server._connections.add(connection)
-                        server.connections_total += 1
-                        connections.start_soon(_serve_connection, server, connection)
-            # Stop accepting: close the socket so that new connections are refused by the
-            # kernel rather than left waiting in the backlog.
-            await listener.aclose()
+        async with trio.open_nursery() as system:
+            system.start_soon(server._expire_deadlines)
+            await _accept_and_serve(server, listener, task_status)
+            system.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(listener)
+
+
+async def _accept_and_serve(server: HttpServer, listener: trio.SocketListener, task_status) -> None:
+    """Accept connections until request_stop(), then wait for the open ones to finish."""
+    limits = server.limits
+    async with trio.open_nursery() as connections:
+        server._connection_scope = connections.cancel_scope
+        with trio.CancelScope() as accept_scope:
+            server._accept_scope = accept_scope
+            task_status.started(server)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.error("accept failed (%s); pausing new connections for 100 ms", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if len(server._connections) >= limits.max_connections:
+                    connections.start_soon(_refuse_connection, server, stream)
+                else:
+                    # Registered before the task starts so that a burst of accepts
+                    # cannot overshoot max_connections.
+                    connection = _Connection(server, stream)
+                    server._connections.add(connection)
+                    server.connections_total += 1
+                    connections.start_soon(_serve_connection, server, connection)
+        # Stop accepting: close the socket so that new connections are refused by the
+        # kernel rather than left waiting in the backlog.
+        await listener.aclose()
