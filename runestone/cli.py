@@ -117,6 +117,8 @@ def cmd_fake_provider(args) -> int:
         knobs.ttfb_ms = args.ttfb_ms
     if args.chunk_delay_ms is not None:
         knobs.chunk_delay_ms = args.chunk_delay_ms
+    if args.coalesce:
+        knobs.coalesce = True
     if args.fault_status:
         knobs.fault_status = args.fault_status
         knobs.fault_probability = args.fault_probability
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--chunks", type=int)
     f.add_argument("--ttfb-ms", type=int)
     f.add_argument("--chunk-delay-ms", type=int)
+    f.add_argument("--coalesce", action="store_true", help="write each stream in one write when unpaced")
     f.add_argument("--fault-status", type=int, default=0)
     f.add_argument("--fault-probability", type=float, default=1.0)
     f.set_defaults(func=cmd_fake_provider)

@@ -53,6 +53,8 @@ class FakeKnobs:
     malformed_sse: bool = False
     stream_error: bool = False
     seed: int = 0
+    #: Write a whole stream at once when it has no pacing and no mid-stream fault (a fast upstream, for load tests).
+    coalesce: bool = False
     text: str | None = None
     embedding_dims: int = 256
     models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding")
@@ -60,7 +62,7 @@ class FakeKnobs:
 
 # What POST /_fake/knobs accepts for each knob (bool is kept apart from int on purpose).
 _KNOB_TYPES: dict[str, tuple[type, ...]] = {
-    "chunks": (int,), "ttfb_ms": (int, float), "chunk_delay_ms": (int, float), "fault_status": (int,),
+    "chunks": (int,), "coalesce": (bool,), "ttfb_ms": (int, float), "chunk_delay_ms": (int, float), "fault_status": (int,),
     "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
     "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
     "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
@@ -417,6 +419,10 @@ class FakeProvider:
         half = len(frames) // 2
         delay = knobs.chunk_delay_ms / 1000
         drop, stream_error, malformed = knobs.drop_mid_stream, knobs.stream_error, knobs.malformed_sse
+
+        if knobs.coalesce and not (delay or drop or stream_error or malformed):
+            frames = [b"".join(frames)]
+            half = -1
 
         async def body() -> AsyncIterator[bytes]:
             stats.streams_started += 1

@@ -33,6 +33,7 @@ from runestone.resilience.breaker import (
     ALLOW,
     ASK,
     DENY,
+    CLOSED,
     BreakerSettings,
     BreakerView,
     CircuitBreaker,
@@ -55,6 +56,8 @@ PROBE = "probe"
 log = logging.getLogger("runestone.resilience")
 
 _EMPTY_VIEWS: Mapping[str, BreakerView] = MappingProxyType({})
+#: Seconds between batched publications of counters that routing does not read.
+_DIRTY_INTERVAL = 0.25
 
 
 def _drop(_event: object) -> None:
@@ -100,6 +103,16 @@ class CircuitBreakerManager(Actor):
         for name in self.initial_providers:
             self._breaker(name)
         self._publish()
+        self._dirty: set[str] = set()
+        self.nursery.start_soon(self._publish_dirty)
+
+    async def _publish_dirty(self) -> None:
+        # Successes of a closed breaker change only its counters, which no reader routes by: they are
+        # published in a batch every _DIRTY_INTERVAL instead of once per request.
+        while True:
+            await trio.sleep(_DIRTY_INTERVAL)
+            if self._dirty:
+                self._publish()
 
     # -- messages ----------------------------------------------------------
 
@@ -124,6 +137,9 @@ class CircuitBreakerManager(Actor):
             transitions = None
         else:
             log.warning("circuit breaker manager: ignoring unknown cast %r", message)
+            return
+        if verb == "success" and not transitions and breaker.state == CLOSED:
+            self._dirty.add(provider)
             return
         # Published before emitting: if emitting fails and this actor restarts,
         # it resumes from the new state rather than lose the transition.
@@ -202,9 +218,11 @@ class CircuitBreakerManager(Actor):
         return MappingProxyType({name: b.view() for name, b in self.breakers.items()})
 
     def _publish(self) -> None:
+        self._dirty = set()
         self.views.publish(self._views())
 
     def _publish_one(self, breaker: CircuitBreaker) -> None:
+        self._dirty.discard(breaker.provider)
         # Copy-on-write: readers keep the mapping they loaded, untouched.
         current = self.views.value or _EMPTY_VIEWS
         updated = dict(current)

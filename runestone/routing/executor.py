@@ -124,6 +124,7 @@ class Gateway:
         self.breaker_ref = breaker_ref
         self.groups = groups
         self.failover_ref = failover_ref
+        self._view_cache: tuple | None = None
         #: Called with (key id, tokens) when a request finishes: the per-key tokens-per-minute limit.
         self.on_tokens = None
         self.health = health
@@ -176,9 +177,26 @@ class Gateway:
         groups = self.groups.groups.value
         return model if groups and model in groups else target
 
+    def _view(self) -> tuple:
+        """(version, table, routable infos, their list, exact model names) for the current provider table.
+
+        Rebuilt only when the table is republished, not per request.
+        """
+        cached = self._view_cache
+        version = self.providers.version
+        if cached is not None and cached[0] == version:
+            return cached
+        table = self.providers.value
+        infos = {n: e.info for n, e in table.items() if not e.draining}
+        exact = frozenset(m for e in table.values() for m in e.info.models if not m.endswith("*"))
+        cached = self._view_cache = (version, table, infos, list(infos.values()), exact)
+        return cached
+
     def known_model(self, model: str) -> bool:
         model = self.resolve_alias(model)
-        table = self.providers.value
+        _, table, _, _, exact = self._view()
+        if model in exact:
+            return True
         groups = self.groups.groups.value or _EMPTY
         if model in groups or model == "default":
             return True
@@ -190,8 +208,7 @@ class Gateway:
     def plan(self, model: str, body: dict, requirements: Requirements = NO_REQUIREMENTS,
              capability: str | None = None) -> Plan:
         model = self.resolve_alias(model)
-        table = self.providers.value
-        infos = {n: e.info for n, e in table.items() if not e.draining}
+        _, table, infos, info_list, _ = self._view()
         now = trio.current_time()
         groups = self.groups.groups.value or _EMPTY
         policy = requirements.policy or self.policy
@@ -238,7 +255,7 @@ class Gateway:
             return Plan(targets, f"group={model} strategy={spec.strategy}", model, spec.max_attempts, {})
         state = self._state(body, infos, requirements, policy)
         try:
-            decision = route(model, list(infos.values()), state, policy=policy, requirements=requirements,
+            decision = route(model, info_list, state, policy=policy, requirements=requirements,
                              health_threshold=self.health_threshold, now=now)
         except ValueError as exc:
             raise GatewayError(400, str(exc), param="runestone.policy") from None
@@ -306,93 +323,97 @@ class Gateway:
         attempts = 0
         denied: list[str] = []
         entry_row = self.inflight.requests.get(ctx.request_id)
-        with trio.move_on_at(ctx.deadline) as deadline_scope:
-            i = 0
-            while attempts < plan.max_attempts and targets:
-                target = targets[i % len(targets)]
-                i += 1
-                provider = target.provider
-                entry = table.get(provider)
-                if entry is None or entry.draining:
-                    targets.remove(target)
-                    continue
-                now = trio.current_time()
-                allowed, probe = await self._admit(provider, now)
-                if not allowed:
-                    denied.append(provider)
-                    targets.remove(target)
-                    continue
-                if attempts:
-                    if failed.get(provider):
-                        retry_after = getattr(last_error, "retry_after", None) if last_target == target else None
-                        delay = self.retry.delay(failed[provider], retry_after)
-                        if now + delay >= ctx.deadline:
-                            if probe:
-                                self.breaker_ref.try_cast(("release", provider))
-                            break
-                        ctx.retries += 1
-                        telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
-                        await trio.sleep(delay)
-                    else:
-                        ctx.failovers += 1
-                        telemetry.emit(FailoverEvent("failover", plan.group or "", last_target and
-                                                     last_target.provider, provider, attempts))
-                attempts += 1
-                if entry_row is not None:
-                    entry_row.provider = provider
-                    entry_row.attempts = attempts
-                upstream = body if body.get("model") == target.model else {**body, "model": target.model}
-                started = trio.current_time()
-                telemetry.request_started(provider)
-                timeout = entry.spec.config.timeout_ms / 1000
-                try:
-                    with trio.move_on_at(min(ctx.deadline, started + timeout)) as attempt_scope:
-                        result = await call(entry.adapter, upstream, target)
-                    if attempt_scope.cancelled_caught:
-                        raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
-                except TranslationError as exc:
-                    self._ended(provider)
-                    if probe:
-                        self.breaker_ref.try_cast(("release", provider))
-                    raise GatewayError(400, exc.message, param=exc.param) from None
-                except UpstreamError as exc:
-                    self._ended(provider)
-                    self._outcome(provider, target.model, exc, started, None, probe)
-                    last_error, last_target = exc, target
-                    failed[provider] = failed.get(provider, 0) + 1
-                    failed_order.append(provider)
-                    if not exc.retryable:
+        # One deadline for the whole request: each attempt's scope ends at the sooner of its own timeout
+        # and the request's deadline (one cancel scope per attempt, none around the loop).
+        deadline_hit = False
+        i = 0
+        while attempts < plan.max_attempts and targets:
+            target = targets[i % len(targets)]
+            i += 1
+            provider = target.provider
+            entry = table.get(provider)
+            if entry is None or entry.draining:
+                targets.remove(target)
+                continue
+            now = trio.current_time()
+            allowed, probe = await self._admit(provider, now)
+            if not allowed:
+                denied.append(provider)
+                targets.remove(target)
+                continue
+            if attempts:
+                if failed.get(provider):
+                    retry_after = getattr(last_error, "retry_after", None) if last_target == target else None
+                    delay = self.retry.delay(failed[provider], retry_after)
+                    if now + delay >= ctx.deadline:
+                        if probe:
+                            self.breaker_ref.try_cast(("release", provider))
                         break
-                    continue
-                except Exception as exc:
-                    # Anything else escaping an adapter is still this provider failing this attempt: classify it
-                    # (so the breaker counts it) instead of letting it become a 500 with no failover.
-                    self._ended(provider)
-                    log.warning("provider %s raised %s on request %s", provider, type(exc).__name__, ctx.request_id)
-                    err = UpstreamError(provider, "protocol", f"the provider adapter failed: {type(exc).__name__}")
-                    self._outcome(provider, target.model, err, started, None, probe)
-                    last_error, last_target = err, target
-                    failed[provider] = failed.get(provider, 0) + 1
-                    failed_order.append(provider)
-                    continue
-                except BaseException:
-                    self._ended(provider)
-                    if probe:
-                        self.breaker_ref.try_cast(("release", provider))
-                    raise
-                if not isinstance(result, StreamAnswer):
-                    self._ended(provider)
-                    self._outcome(provider, target.model, None, started, None, probe)
-                elif probe:
-                    # A probe is judged by the whole stream, reported when it ends.
-                    result.probe = True  # type: ignore[attr-defined]
-                if plan.group:
-                    self.groups_outcome(plan.group, provider, True, attempts, failed_order)
-                ctx.provider = provider
-                return target, result
+                    ctx.retries += 1
+                    telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
+                    await trio.sleep(delay)
+                else:
+                    ctx.failovers += 1
+                    telemetry.emit(FailoverEvent("failover", plan.group or "", last_target and
+                                                 last_target.provider, provider, attempts))
+            attempts += 1
+            if entry_row is not None:
+                entry_row.provider = provider
+                entry_row.attempts = attempts
+            upstream = body if body.get("model") == target.model else {**body, "model": target.model}
+            started = trio.current_time()
+            telemetry.request_started(provider)
+            timeout = entry.spec.config.timeout_ms / 1000
+            try:
+                with trio.move_on_at(min(ctx.deadline, started + timeout)) as attempt_scope:
+                    result = await call(entry.adapter, upstream, target)
+                if attempt_scope.cancelled_caught:
+                    if trio.current_time() >= ctx.deadline:
+                        deadline_hit = True
+                    raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
+            except TranslationError as exc:
+                self._ended(provider)
+                if probe:
+                    self.breaker_ref.try_cast(("release", provider))
+                raise GatewayError(400, exc.message, param=exc.param) from None
+            except UpstreamError as exc:
+                self._ended(provider)
+                self._outcome(provider, target.model, exc, started, None, probe)
+                last_error, last_target = exc, target
+                failed[provider] = failed.get(provider, 0) + 1
+                failed_order.append(provider)
+                if deadline_hit or not exc.retryable:
+                    break
+                continue
+            except Exception as exc:
+                # Anything else escaping an adapter is still this provider failing this attempt: classify it
+                # (so the breaker counts it) instead of letting it become a 500 with no failover.
+                self._ended(provider)
+                log.warning("provider %s raised %s on request %s", provider, type(exc).__name__, ctx.request_id)
+                err = UpstreamError(provider, "protocol", f"the provider adapter failed: {type(exc).__name__}")
+                self._outcome(provider, target.model, err, started, None, probe)
+                last_error, last_target = err, target
+                failed[provider] = failed.get(provider, 0) + 1
+                failed_order.append(provider)
+                continue
+            except BaseException:
+                self._ended(provider)
+                if probe:
+                    self.breaker_ref.try_cast(("release", provider))
+                raise
+            if not isinstance(result, StreamAnswer):
+                self._ended(provider)
+                self._outcome(provider, target.model, None, started, None, probe)
+            elif probe:
+                # A probe is judged by the whole stream, reported when it ends.
+                result.probe = True  # type: ignore[attr-defined]
+            if plan.group:
+                self.groups_outcome(plan.group, provider, True, attempts, failed_order)
+            ctx.provider = provider
+            return target, result
         if plan.group and last_target is not None:
             self.groups_outcome(plan.group, last_target.provider, False, attempts, failed_order)
-        if deadline_scope.cancelled_caught:
+        if deadline_hit:
             raise GatewayError(504, f"the request deadline of {self.request_timeout:g}s passed after {attempts} "
                                f"attempt(s)" + (f"; last error: {last_error}" if last_error else ""),
                                "timeout_error", code="request_timeout",
