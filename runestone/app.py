@@ -169,7 +169,8 @@ class Application:
 
         def provider_supervisor():
             sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg,
-                                             on_restart=self._on_restart)
+                                             on_restart=self._on_restart, emit=emit,
+                                             health_check_interval=tel.health_check_interval_ms / 1000)
             self.provider_supervisor = sup
             return sup
 

@@ -172,6 +172,7 @@ class FakeAdapter:
         return ChatResult(orjson.dumps(resp), Usage(tokens, 0))
 
     async def list_models(self) -> list[str]:
+        self._maybe_fail()
         return list(self._models)
 
     async def aclose(self) -> None:

@@ -137,6 +137,8 @@ class ProviderSnapshot:
     models: list[str]
     draining: bool
     discovery_error: str | None
+    #: The last active health check (ok, error, latency_s), when checks are on.
+    last_health_check: dict | None = None
 
 
 class ProviderActor(Actor):
@@ -144,12 +146,16 @@ class ProviderActor(Actor):
 
     mailbox_size = 64
 
-    def __init__(self, spec: ProviderSpec, table: ProviderTable, *, registry=None) -> None:
+    def __init__(self, spec: ProviderSpec, table: ProviderTable, *, registry=None, health_check_interval: float = 0.0,
+                 emit=None) -> None:
         super().__init__(f"provider:{spec.name}", registry=registry)
         self.spec = spec
         self.table = table
         self.entry: ProviderEntry | None = None
         self.discovery_error: str | None = None
+        self.health_check_interval = health_check_interval
+        self.emit = emit
+        self.last_check: dict | None = None
 
     async def init(self) -> None:
         spec = self.spec
@@ -167,10 +173,38 @@ class ProviderActor(Actor):
         previous = self.table.value.get(spec.name)
         self.entry = ProviderEntry(spec.name, spec.type, spec, provider_info(spec, models), adapter, default)
         self.table.put(self.entry)
+        if self.health_check_interval > 0 and self.emit is not None:
+            self.nursery.start_soon(self._health_checks)
         if previous is not None and previous.adapter is not adapter:
             # Left behind by an incarnation that crashed: requests it was serving may still use its pool.
             # They are bounded by the attempt timeout; close the old pool once that has passed.
             self.nursery.start_soon(_close_later, previous.adapter, max(spec.config.timeout_ms / 1000, 1.0))
+
+    async def _health_checks(self) -> None:
+        """Active health checks: a cheap request (list the models) every interval, fed to health scores.
+
+        Each check is reported as an attempt on the model ``(health check)``, so a provider that nobody
+        is sending traffic to still gets a measured score; a failure counts like a failed request.
+        """
+        from ..telemetry.events import AttemptFinished
+
+        interval = self.health_check_interval
+        timeout = min(interval, self.spec.config.timeout_ms / 1000, 10.0)
+        while True:
+            await trio.sleep(interval)
+            entry = self.entry
+            started = trio.current_time()
+            error = None
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await entry.adapter.list_models()
+                except Exception as exc:  # any failure of the check is the provider failing it
+                    error = type(exc).__name__ if not hasattr(exc, "kind") else f"{exc.kind}"
+            if scope.cancelled_caught:
+                error = "timeout"
+            latency = trio.current_time() - started
+            self.last_check = {"ok": error is None, "error": error, "latency_s": round(latency, 4)}
+            self.emit(AttemptFinished(self.spec.name, "(health check)", error is None, error, latency, None))
 
     async def handle_call(self, message):
         if message == "snapshot":
@@ -200,6 +234,7 @@ class ProviderActor(Actor):
             models=sorted(entry.info.models) if entry else [],
             draining=bool(entry and entry.draining),
             discovery_error=self.discovery_error,
+            last_health_check=self.last_check,
         )
 
 
@@ -215,9 +250,11 @@ class EnhancedProviderSupervisor(Supervisor):
     """``one_for_one`` supervisor of provider actors, with dynamic children named after the providers."""
 
     def __init__(self, specs, table: ProviderTable, *, registry=None, intensity: int = 10, period: float = 10.0,
-                 on_restart=None):
+                 on_restart=None, health_check_interval: float = 0.0, emit=None):
         self.table = table
         self._registry = registry
+        self._health_check_interval = health_check_interval
+        self._emit = emit
         super().__init__(
             "enhanced_provider_supervisor",
             [self.child_for(s) for s in specs],
@@ -230,9 +267,11 @@ class EnhancedProviderSupervisor(Supervisor):
 
     def child_for(self, spec: ProviderSpec) -> ChildSpec:
         table, registry = self.table, self._registry
+        interval, emit = self._health_check_interval, self._emit
 
         async def start(*, task_status=trio.TASK_STATUS_IGNORED):
-            await ProviderActor(spec, table, registry=registry).run(task_status=task_status)
+            actor = ProviderActor(spec, table, registry=registry, health_check_interval=interval, emit=emit)
+            await actor.run(task_status=task_status)
 
         return ChildSpec(id=spec.name, start=start, restart="permanent", shutdown=5.0)
 
