@@ -8,6 +8,8 @@ delay would have to pass first and the recorded time would be at least that much
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import orjson
 import pytest
@@ -90,3 +92,30 @@ async def test_many_clients_leaving_cancel_every_upstream_stream(clock, gateway_
     assert stats["streams"] == {"started": 20, "finished": 0, "cancelled": 20}
     assert max(stats["cancelled_at"]) - max(left) < 0.1
     assert gw.app.inflight.requests == {}
+
+
+@pytest.mark.xfail(strict=True, reason="the HTTP server watches the client only while it writes a streamed body, "
+                   "not while the handler waits for the upstream's first byte or whole answer")
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_leaving_before_the_first_byte_closes_the_upstream(clock, gateway_factory, nursery, stream):
+    closed: list[float] = []
+
+    async def silent_upstream(conn: trio.SocketStream) -> None:
+        # Reads the request, never answers, and notes when the gateway closes the connection.
+        while await conn.receive_some(65536):
+            pass
+        closed.append(trio.current_time())
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, silent_upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    gw = await gateway_factory(provider_toml("up", "openai", base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
+                                             models=["gpt-4o-mini"]))
+    body = orjson.dumps({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "x"}]})
+    sock = await trio.open_tcp_stream("127.0.0.1", gw.port)
+    await sock.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    await trio.sleep(1)
+    await sock.aclose()
+    left_at = trio.current_time()
+    await trio.sleep(5)  # the provider's timeout_ms is 60 s: only the client leaving can close it this soon
+    assert closed and closed[0] - left_at < 0.1
