@@ -124,3 +124,34 @@ async def test_second_signal_stops_at_once(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
+    import json
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn(tmp_path, port, drain_ms=1000)
+    try:
+        await _ready(url, proc)
+        proc.send_signal(signal.SIGUSR1)
+        line = None
+        for _ in range(200):  # bounded: the dump is written within a few ms
+            text = (tmp_path / "log").read_text()
+            hit = [ln for ln in text.splitlines() if "state dump: " in ln]
+            if hit:
+                line = hit[0]
+                break
+            await trio.sleep(0.02)
+        assert line is not None, "no state dump in the log"
+        dump = json.loads(line.split("state dump: ", 1)[1])
+        tree = dump["tree"]
+        assert tree["name"] == "runestone" and tree["kind"] == "supervisor"
+        ids = [c.get("id") or c["name"] for c in tree["children"]]
+        assert "telemetry_handler" in ids and "enhanced_provider_supervisor" in ids and ids[-1] == "front"
+        assert proc.poll() is None  # the dump does not stop the process
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
