@@ -125,6 +125,8 @@ class Gateway:
         self.groups = groups
         self.failover_ref = failover_ref
         self._view_cache: tuple | None = None
+        #: (breaker views, health table, the scores routing uses): rebuilt when either is republished.
+        self._scores_cache: tuple | None = None
         #: Called with (key id, tokens) when a request finishes: the per-key tokens-per-minute limit.
         self.on_tokens = None
         self.health = health
@@ -144,19 +146,24 @@ class Gateway:
         """What routing reads for one decision; ``models`` maps providers to the model each would be sent."""
         health = self.health.value
         breakers = self.breakers.value or _EMPTY
-        scores = getattr(health, "scores", None) or _EMPTY
         cost = _EMPTY
         if policy == "cost" or requirements.max_cost is not None:
             if models is None:
                 models = {n: body.get("model", "") for n in infos}
             cost = estimate_costs(body, models, self.pricing)
-        if scores and breakers:
-            # A provider whose breaker is not closed is judged by its breaker alone: its health score is 0
-            # while open and still holds the failures that opened it while half open, so demoting it
-            # for health would keep the probes from ever reaching it and the breaker from ever closing.
-            recovering = [n for n, v in breakers.items() if v.state != CLOSED and n in scores]
-            if recovering:
-                scores = {n: s for n, s in scores.items() if n not in recovering}
+        cached = self._scores_cache
+        if cached is not None and cached[0] is breakers and cached[1] is health:
+            scores = cached[2]
+        else:
+            scores = getattr(health, "scores", None) or _EMPTY
+            if scores and breakers:
+                # A provider whose breaker is not closed is judged by its breaker alone: its health score is 0
+                # while open and still holds the failures that opened it while half open, so demoting it
+                # for health would keep the probes from ever reaching it and the breaker from ever closing.
+                recovering = [n for n, v in breakers.items() if v.state != CLOSED and n in scores]
+                if recovering:
+                    scores = {n: s for n, s in scores.items() if n not in recovering}
+            self._scores_cache = (breakers, health, scores)
         return RouteState(
             in_flight=self.telemetry.in_flight,
             breakers=breakers,
@@ -233,9 +240,12 @@ class Gateway:
                             self.retry.max_attempts, {})
         if model in groups or model == "default":
             spec = self.groups.group(model)
-            # A group's members are sent their own default model, so that is what a cost estimate prices.
-            state = self._state(body, infos, requirements, "cost" if spec.strategy == "cost" else policy,
-                                {n: table[n].default_model or "" for n in infos})
+            by_cost = spec.strategy == "cost"
+            models = None
+            if by_cost or requirements.max_cost is not None:
+                # A group's members are sent their own default model, so that is what a cost estimate prices.
+                models = {n: table[n].default_model or "" for n in infos}
+            state = self._state(body, infos, requirements, "cost" if by_cost else policy, models)
             names = self.groups.select(model, infos, state, now=now)
             names = [canonical_provider(n, self.providers) for n in names
                      if n not in requirements.exclude]
