@@ -873,7 +873,10 @@ class _Connection:
             if failure is not None:
                 if isinstance(failure, _PeerGone):
                     raise failure
-                logger.error("response stream failed on %s %s", request.method, request.path, exc_info=failure)
+                if not isinstance(failure, (ClientDisconnected, HttpError)):
+                    # (the others are the client's doing: a body cut short or refused)
+                    logger.error("response stream failed on %s %s", request.method, request.path,
+                                 exc_info=failure)
                 return False
             return keep and completed and not self._eof
         finally:

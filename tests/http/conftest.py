@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 import h11
@@ -70,8 +71,35 @@ class H11Client:
         await self.stream.aclose()
 
 
+HANG_GUARD_SECONDS = 20.0
+
+
 @pytest.fixture
-def start_server(nursery):
+async def hang_guard(nursery):
+    """Fail a test that has not finished after HANG_GUARD_SECONDS of real time.
+
+    Real time, from a thread: under the autojump clock a trio timer would fire at once.
+    A server regression then fails its test instead of hanging the run. (pytest-trio
+    only runs trio fixtures a test asks for by name, not through usefixtures/autouse:
+    the other fixtures here depend on this one.)
+    """
+    token = trio.lowlevel.current_trio_token()
+    expired = trio.Event()
+    timer = threading.Timer(HANG_GUARD_SECONDS, lambda: token.run_sync_soon(expired.set))
+    timer.daemon = True
+
+    async def guard() -> None:
+        await expired.wait()
+        raise TimeoutError(f"test still running after {HANG_GUARD_SECONDS:g} s of real time")
+
+    nursery.start_soon(guard)
+    timer.start()
+    yield
+    timer.cancel()
+
+
+@pytest.fixture
+def start_server(nursery, hang_guard):
     """``await start_server(handler, **limits)`` -> a running HttpServer, stopped with the test."""
 
     async def start(handler, **limits) -> HttpServer:
@@ -81,7 +109,7 @@ def start_server(nursery):
 
 
 @pytest.fixture
-async def connect():
+async def connect(hang_guard):
     """``await connect(server)`` -> an H11Client on a fresh connection, closed with the test."""
     clients: list[H11Client] = []
 

@@ -16,6 +16,7 @@ from runestone.http.server import (
     Limits,
     Request,
     Response,
+    WebSocketAccept,
     serve_http,
 )
 
@@ -354,6 +355,31 @@ async def test_head_gets_the_content_length_but_no_body(start_server, connect):
     assert body == b"twelve bytes"
 
 
+async def test_head_with_a_stream_sends_headers_only_and_closes_the_stream(start_server, connect):
+    closed = []
+
+    class Parts:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise AssertionError("a HEAD response must not consume the stream")
+
+        async def aclose(self):
+            closed.append(True)
+
+    async def handler(request: Request) -> Response:
+        return Response(200, [("content-type", "text/event-stream")], stream=Parts())
+
+    server = await start_server(handler)
+    client = await connect(server)
+    response, body = await client.request("HEAD", "/")
+    assert response.status_code == 200 and body == b""
+    assert closed == [True]
+    response, _ = await client.request("HEAD", "/")  # and the connection goes on
+    assert response.status_code == 200
+
+
 # -- HTTP/1.0 and connection management -----------------------------------------------------
 
 
@@ -476,6 +502,22 @@ async def test_stream_failing_midway_truncates_the_body(start_server, connect, c
     assert closed == [True]
     assert any("upstream broke" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     await wait_connections_closed(server)
+
+
+async def test_websocket_accept_for_a_plain_request_is_a_500(start_server, connect, caplog):
+    async def session(ws):
+        raise AssertionError("never called")  # pragma: no cover
+
+    async def handler(request: Request):
+        return WebSocketAccept(session)
+
+    server = await start_server(handler)
+    client = await connect(server)
+    with caplog.at_level(logging.ERROR, logger="runestone.http"):
+        response, body = await client.request("GET", "/")
+    assert response.status_code == 500
+    assert error_message(body, "server_error") == "internal server error"
+    assert any("not a Response" in r.getMessage() for r in caplog.records)
 
 
 async def test_invalid_response_header_becomes_a_500(start_server, connect, caplog):
