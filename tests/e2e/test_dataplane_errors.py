@@ -21,6 +21,7 @@ async def gw(gateway_factory, fake_factory):
     broken, _ = await fake_factory(fault_status=500)
     busy, _ = await fake_factory(fault_status=503)
     limited, _ = await fake_factory(fault_status=429, retry_after=7)
+    refusing, _ = await fake_factory(fault_status=422)
     # A port nobody listens on: bind, read the port, close.
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
@@ -38,6 +39,7 @@ async def gw(gateway_factory, fake_factory):
         + up("broken", broken.port, "broken-model")
         + up("busy", busy.port, "busy-model")
         + up("limited", limited.port, "limited-model")
+        + up("refusing", refusing.port, "refusing-model")
         + up("dead", dead_port, "dead-model")
         + provider_toml("fake", "fake", models=["fake-embedding"])
     )
@@ -191,6 +193,7 @@ async def test_wrong_method_is_405_and_unknown_path_404(gw):
     ("busy-model", "busy", 503, "injected fault: HTTP 503"),
     ("limited-model", "limited", 429, "injected fault: HTTP 429"),
     ("dead-model", "dead", 502, "could not connect"),
+    ("refusing-model", "refusing", 422, "injected fault: HTTP 422"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_upstream_failure_carries_the_upstreams_reason(gw, model, provider, status, says, stream):
@@ -204,6 +207,9 @@ async def test_upstream_failure_carries_the_upstreams_reason(gw, model, provider
     if status == 429:
         assert r.headers["retry-after"] == "7"
         assert err["type"] == "rate_limit_error"
+    elif status == 422:
+        # The upstream judged the request itself wrong: the client can fix it.
+        assert err["type"] == "invalid_request_error" and err["code"] == "upstream_422"
     else:
         assert err["type"] in ("api_error", "api_connection_error")
 

@@ -130,6 +130,30 @@ async def test_failover_to_a_healthy_provider(clock, gateway_factory, fake_facto
     assert stats["streams"]["started"] == 0
 
 
+async def test_every_provider_failing_answers_once_with_the_last_reason(clock, gateway_factory, fake_factory):
+    first, _ = await fake_factory(fault_status=500)
+    second, _ = await fake_factory(fault_status=502)
+    gw = await gateway_factory(
+        "[telemetry]\nusage_ledger = false\n"
+        '[[failover.groups]]\nname = "chat"\nproviders = ["primary", "secondary"]\nmax_attempts = 3\n'
+        + _openai("primary", first.port, priority=1) + _openai("secondary", second.port, priority=2)
+    )
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=60) as http:
+        for stream in (False, True):
+            r = await http.post("/chat/completions", json={"model": "chat", "messages": ASK, "stream": stream})
+            assert r.status_code == 502
+            err = r.json()["error"]
+            # primary, secondary, then primary again after its backoff: the group's three attempts.
+            assert err["message"].startswith("provider 'primary': upstream returned 500: injected fault")
+            assert err["message"].endswith("(after 3 attempts)")
+            assert err["code"] == "upstream_500" and err["type"] == "api_error"
+            assert r.headers["x-runestone-provider"] == "primary"
+    async with httpx.AsyncClient() as http:
+        counts = [(await http.get(f"http://127.0.0.1:{s.port}/_fake/stats")).json()["faults"]
+                  for s in (first, second)]
+    assert counts == [{"500": 4}, {"502": 2}]
+
+
 async def test_one_deadline_for_the_whole_request(clock, gateway_factory, fake_factory):
     hangs = [await fake_factory(hang=True) for _ in range(3)]
     gw = await gateway_factory(
@@ -147,6 +171,7 @@ async def test_one_deadline_for_the_whole_request(clock, gateway_factory, fake_f
             err = r.json()["error"]
             assert err["type"] == "timeout_error" and err["code"] == "request_timeout"
             assert "1s" in err["message"]
+            assert r.headers["x-runestone-provider"] == "h2"  # the last one tried
             # 0.4 + 0.4 + the 0.2 left: one deadline, not 3 x 0.4 s nor 60 s for the fourth provider.
             assert 1.0 <= elapsed < 1.05
         for stream in (False, True):
