@@ -197,6 +197,9 @@ async def test_not_json_unknown_model_and_upstream_failure_in_anthropic_shape(ga
 async def test_failure_mid_stream_is_an_error_event_the_sdk_raises(gateway_factory, nursery):
     gw, upstream = await _gateway(gateway_factory, nursery)
     upstream.fake.knobs.stream_error = True
+    # Paced, so the first events reach the client before the failure (unpaced, they may share one read with the
+    # error, which then fails the request before its first byte: an error status instead of a partial stream).
+    upstream.fake.knobs.chunk_delay_ms = 5
     text = ""
     with pytest.raises(anthropic.APIStatusError) as caught:
         async with _client(gw).messages.stream(model="gpt-4o-mini", max_tokens=300,
