@@ -9,6 +9,7 @@ JSON document. Exit status is 0 on a clean stop, 1 when the tree failed, 2 on a 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -64,6 +65,9 @@ async def _serve(app) -> int:
                 nursery.cancel_scope.cancel()
 
         await nursery.start(run_app)
+        # Everything built at start lives as long as the process: keep it out of the collector's scans, so
+        # that a full collection under load walks only what requests allocate (shorter pauses, lower p99).
+        gc.freeze()
         log.info("runestone %s ready on http://%s:%d (pid %d)", __version__, app.host, app.port, os.getpid())
     return 0
 
