@@ -307,7 +307,7 @@ class ServerStatistics:
     connections_refused: int
     """Connections answered 503 because ``max_connections`` were open."""
     requests_total: int
-    """Requests whose handler has finished (answered or failed)."""
+    """Requests answered (or abandoned when the client went away) since the start."""
     requests_in_flight: int
     """Requests whose handler or response is running now."""
     websockets_open: int
@@ -328,11 +328,11 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._connection_scope: trio.CancelScope | None = None
-        self.connections_total = 0
-        self.connections_refused = 0
-        self.requests_total = 0
-        self.requests_in_flight = 0
-        self.websockets_open = 0
+        self._connections_total = 0
+        self._connections_refused = 0
+        self._requests_total = 0
+        self._requests_in_flight = 0
+        self._websockets_open = 0
 
     def __repr__(self) -> str:
         return f"<HttpServer {self.host}:{self.port}{' stopping' if self._stopping else ''}>"
@@ -370,11 +370,11 @@ class HttpServer:
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
             connections_open=len(self._connections),
-            connections_total=self.connections_total,
-            connections_refused=self.connections_refused,
-            requests_total=self.requests_total,
-            requests_in_flight=self.requests_in_flight,
-            websockets_open=self.websockets_open,
+            connections_total=self._connections_total,
+            connections_refused=self._connections_refused,
+            requests_total=self._requests_total,
+            requests_in_flight=self._requests_in_flight,
+            websockets_open=self._websockets_open,
             stopping=self._stopping,
         )
 
@@ -748,7 +748,7 @@ class _Connection:
     async def _serve(self, request: Request) -> bool:
         """Answer ``request``; True if the connection may carry another one."""
         server = self._server
-        server.requests_in_flight += 1
+        server._requests_in_flight += 1
         self._response_started = False
         keep = True
         try:
@@ -795,8 +795,8 @@ class _Connection:
                 keep = await self._drain(request)
             return keep
         finally:
-            server.requests_in_flight -= 1
-            server.requests_total += 1
+            server._requests_in_flight -= 1
+            server._requests_total += 1
             self._served += 1
 
     async def _write(self, request: Request, response: Response, keep: bool) -> None:
@@ -854,15 +854,14 @@ class _Connection:
                     await self._send(head)
                     send = self._send
                     frame = wire.chunk if chunked else None
-                    writes = 0
+                    checkpoint = trio.lowlevel.checkpoint
                     async for item in iterator:
                         if item:
                             await send(frame(item) if frame is not None else item)
-                            writes += 1
-                            if not writes & 31:
-                                # Writes that fit the socket buffer do not yield; a producer
-                                # that never waits must not starve the other connections.
-                                await trio.lowlevel.checkpoint()
+                            # A write that fits the socket buffer does not yield: let the
+                            # other tasks run between two items, as a trio stream would, so
+                            # a producer that never waits cannot starve them.
+                            await checkpoint()
                     if chunked:
                         await send(wire.LAST_CHUNK)
                     completed = True
@@ -940,7 +939,7 @@ class _Connection:
         parts.append(b"\r\n")
         tail = self._upgrade_tail or b""
         self._upgrade_tail = b""
-        server.websockets_open += 1
+        server._websockets_open += 1
         try:
             await run_websocket(
                 self._stream,
@@ -951,7 +950,7 @@ class _Connection:
                 close_timeout=self._limits.write_timeout,
             )
         finally:
-            server.websockets_open -= 1
+            server._websockets_open -= 1
             self._eof = True
 
 
@@ -990,7 +989,7 @@ async def _serve_connection(server: HttpServer, connection: _Connection) -> None
 
 
 async def _refuse_connection(server: HttpServer, stream: trio.SocketStream) -> None:
-    server.connections_refused += 1
+    server._connections_refused += 1
     body = wire.error_body("the server is at its connection limit; retry later", "server_error")
     head = wire.build_head(503, [(b"content-type", b"application/json"), (b"retry-after", b"1")],
                            wire.content_length_line(len(body)), wire.CLOSE)
@@ -1074,7 +1073,7 @@ async def _accept_and_serve(server: HttpServer, listener: trio.SocketListener, t
                     # cannot overshoot max_connections.
                     connection = _Connection(server, stream)
                     server._connections.add(connection)
-                    server.connections_total += 1
+                    server._connections_total += 1
                     connections.start_soon(_serve_connection, server, connection)
         # Stop accepting: close the socket so that new connections are refused by the
         # kernel rather than left waiting in the backlog.
