@@ -9,8 +9,9 @@ strictly in order: bytes of pipelined requests are parsed when they arrive but t
 handlers only run after the previous response is written. The server enforces the size
 limits and timeouts in :class:`Limits`, answers what it refuses in OpenAI's error shape,
 and never lets a handler's failure take it down. The per-request path is kept small:
-one ``receive_some``, a handful of parser callbacks, one ``send_all`` for a small
-response. Nothing here knows about LLMs.
+one ``receive_some``, a handful of parser callbacks, one ``write(2)`` for a small
+response, no cancel scope (one watchdog task per server enforces every connection's
+deadline). Nothing here knows about LLMs.
 """
 
 from __future__ import annotations
