@@ -279,6 +279,18 @@ class Front:
         raise self._unknown_model(model_id)
 
 
+async def transformed(relay, feed):
+    """Relay ``relay``'s items through ``feed`` (bytes -> bytes, b"" to write nothing), e.g. chat SSE into
+    another API's stream format. The relay's own cleanup (upstream close, telemetry) always runs."""
+    try:
+        async for item in relay:
+            data = feed(item)
+            if data:
+                yield data
+    finally:
+        await relay.aclose()
+
+
 async def _release_after(stream, lease):
     """Relay ``stream`` and give the limiter's lease back when it ends, however it ends."""
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import orjson
 
 from ..http.server import Request, Response
+from .api import transformed
 from .validate import bad, parse_json_object, validate_chat
 
 __all__ = ["chat_body_from_completion", "install", "text_completion_from_chat", "TextCompletionStream"]
@@ -190,17 +191,6 @@ class TextCompletionStream:
         return b"".join(out)
 
 
-async def _translate(relay, stream: TextCompletionStream):
-    try:
-        async for item in relay:
-            data = stream.feed(item)
-            if data:
-                yield data
-    finally:
-        # The relay's own cleanup (upstream close, telemetry) must run whether we finished or were closed.
-        await relay.aclose()
-
-
 class CompletionsRoute:
     """``POST /v1/completions`` on the front's Gateway."""
 
@@ -226,7 +216,7 @@ class CompletionsRoute:
         answer = await gw.open_stream(ctx, chat, plan, shape.include_usage)
         n = chat.get("n") or 1
         headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode())]
-        return Response(200, headers, stream=_translate(gw.relay(ctx, answer), TextCompletionStream(echo_prompt, n)))
+        return Response(200, headers, stream=transformed(gw.relay(ctx, answer), TextCompletionStream(echo_prompt, n).feed))
 
 
 def install(front, app) -> None:

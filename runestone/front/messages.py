@@ -27,6 +27,7 @@ from ..providers.messages_inbound import (
     openai_response_to_anthropic,
 )
 from ..routing.executor import GatewayError
+from .api import transformed
 from .validate import parse_json_object, validate_chat
 
 __all__ = ["MessagesRoute", "anthropic_error_response", "install"]
@@ -119,17 +120,6 @@ class AnthropicEventStream:
         return b"".join(out)
 
 
-async def _translate(relay, stream: AnthropicEventStream):
-    try:
-        async for item in relay:
-            data = stream.feed(item)
-            if data:
-                yield data
-    finally:
-        # The relay's own cleanup (upstream close, telemetry) must run whether we finished or were closed.
-        await relay.aclose()
-
-
 class MessagesRoute:
     """``POST /v1/messages`` on the front's Gateway; answers and refusals in Anthropic's shapes."""
 
@@ -175,7 +165,7 @@ class MessagesRoute:
             return Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode())], orjson.dumps(message))
         answer = await gw.open_stream(ctx, chat, plan, True)
         headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode())]
-        return Response(200, headers, stream=_translate(gw.relay(ctx, answer), AnthropicEventStream(model)))
+        return Response(200, headers, stream=transformed(gw.relay(ctx, answer), AnthropicEventStream(model).feed))
 
 
 def install(front, app) -> None:

@@ -17,33 +17,30 @@ from .anthropic_translate import (
     anthropic_to_openai_response,
     openai_to_anthropic_request,
 )
-from .base import DONE, ChatResult, Usage, loads_object, new_created, transport_error, upstream_http_error
-from .sse import SSEError, SSEParser
+from .base import (
+    DONE,
+    ChatResult,
+    UpstreamStream,
+    Usage,
+    loads_object,
+    new_created,
+    transport_error,
+    upstream_http_error,
+    usage_from,
+)
+from .sse import SSEError
 
 __all__ = ["AnthropicAdapter", "AnthropicStream"]
 
 
-def _usage_into(usage: Usage, u: dict | None) -> None:
-    if u:
-        usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
-        usage.completion_tokens = int(u.get("completion_tokens") or 0)
+class AnthropicStream(UpstreamStream):
+    """An Anthropic event stream translated into OpenAI chunks, written once per upstream read."""
 
-
-class AnthropicStream:
-    __slots__ = ("_provider", "_cm", "_it", "_parser", "_translator", "usage", "finished", "_closed")
+    __slots__ = ("_translator",)
 
     def __init__(self, provider: str, cm, response, translator: AnthropicToOpenAIStream) -> None:
-        self._provider = provider
-        self._cm = cm
-        self._it = response.__aiter__()
-        self._parser = SSEParser()
+        super().__init__(provider, cm, response)
         self._translator = translator
-        self.usage = Usage()
-        self.finished = False
-        self._closed = False
-
-    def __aiter__(self):
-        return self
 
     async def __anext__(self) -> bytes:
         if self.finished or self._closed:
@@ -75,18 +72,13 @@ class AnthropicStream:
                 for chunk in chunks:
                     out.append(b"data: " + dumps(chunk) + b"\n\n")
                 if translator.done:
-                    _usage_into(self.usage, translator.usage)
+                    if translator.usage:
+                        usage_from(provider, translator.usage, self.usage)
                     self.finished = True
                     out.append(DONE)
                     break
             if out:
                 return b"".join(out)
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._cm.__aexit__(None, None, None)
-
 
 class AnthropicAdapter:
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
@@ -146,7 +138,8 @@ class AnthropicAdapter:
             raise UpstreamError(self.name, "malformed", "upstream message has no 'content' list")
         resp = anthropic_to_openai_response(msg, model=model, request_id=request_id, created=new_created())
         usage = Usage()
-        _usage_into(usage, resp.get("usage"))
+        if resp.get("usage"):
+            usage_from(self.name, resp["usage"], usage)
         return ChatResult(orjson.dumps(resp), usage)
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> AnthropicStream:

@@ -26,12 +26,15 @@ from ..http.errors import (
     TransportTimeout,
 )
 from ..resilience.errors import UpstreamError
+from .sse import SSEParser
 
 __all__ = [
     "Adapter",
     "ChatStream",
     "ChatResult",
     "Usage",
+    "UpstreamStream",
+    "usage_from",
     "transport_error",
     "upstream_http_error",
     "DONE",
@@ -92,6 +95,39 @@ class Adapter(Protocol):
     async def list_models(self) -> list[str]: ...
 
     async def aclose(self) -> None: ...
+
+
+class UpstreamStream:
+    """The part every wire format's stream shares: the open upstream response, its SSE parser, usage and
+    the end marker flag; ``aclose()`` closes the upstream exchange (idempotent). Subclasses implement
+    ``__anext__``."""
+
+    __slots__ = ("_provider", "_cm", "_it", "_parser", "usage", "finished", "_closed")
+
+    def __init__(self, provider: str, cm, response) -> None:
+        self._provider = provider
+        self._cm = cm
+        self._it = response.__aiter__()
+        self._parser = SSEParser()
+        self.usage = Usage()
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._cm.__aexit__(None, None, None)
+
+
+def usage_from(provider: str, u: Any, usage: Usage) -> None:
+    """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``."""
+    if not isinstance(u, dict):
+        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
+    usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
+    usage.completion_tokens = int(u.get("completion_tokens") or 0)
 
 
 def transport_error(provider: str, exc: BaseException) -> UpstreamError:

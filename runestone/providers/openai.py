@@ -14,38 +14,31 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
-from .base import DONE, ChatResult, Usage, loads_object, transport_error, upstream_http_error
-from .sse import SSEError, SSEParser
+from .base import (
+    DONE,
+    ChatResult,
+    UpstreamStream,
+    Usage,
+    loads_object,
+    transport_error,
+    upstream_http_error,
+    usage_from,
+)
+from .sse import SSEError
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
 _JSON = (b"content-type", b"application/json")
 
 
-def usage_from(provider: str, u: Any, usage: Usage) -> None:
-    if not isinstance(u, dict):
-        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
-    usage.completion_tokens = int(u.get("completion_tokens") or 0)
-
-
-class OpenAIStream:
+class OpenAIStream(UpstreamStream):
     """An OpenAI SSE stream relayed event by event, validated, with usage captured."""
 
-    __slots__ = ("_provider", "_cm", "_it", "_parser", "_include_usage", "usage", "finished", "_closed")
+    __slots__ = ("_include_usage",)
 
     def __init__(self, provider: str, cm, response, include_usage: bool) -> None:
-        self._provider = provider
-        self._cm = cm
-        self._it = response.__aiter__()
-        self._parser = SSEParser()
+        super().__init__(provider, cm, response)
         self._include_usage = include_usage
-        self.usage = Usage()
-        self.finished = False
-        self._closed = False
-
-    def __aiter__(self):
-        return self
 
     async def __anext__(self) -> bytes:
         if self.finished or self._closed:
@@ -87,12 +80,6 @@ class OpenAIStream:
                 out.append(b"data: " + data + b"\n\n")
             if out:
                 return b"".join(out)
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._cm.__aexit__(None, None, None)
-
 
 class OpenAIAdapter:
     """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``."""
