@@ -40,6 +40,7 @@ from .resilience.failover_manager import FailoverManager
 from .routing.aliases import AliasWatcher, aliases_path
 from .routing.executor import Gateway
 from .routing.pool import InFlightTable, ProviderPool
+from .routing.splits import NamedRoutes
 from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
@@ -63,10 +64,11 @@ def _route_installers():
     from .front.health import install as install_health
     from .front.messages import install as install_messages
     from .front.openapi import install as install_openapi
+    from .front.splits import install as install_splits
     from .front.ws import install as install_ws
 
     return [install_health, install_completions, install_messages, install_cache, install_ws, install_admin,
-            install_openapi]
+            install_openapi, install_splits]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -119,6 +121,9 @@ class Application:
             failover_ref=NamedRef(self.registry, "failover_manager"),
             pricing=config.pricing,
         )
+        #: Pools and splits from the configuration; their metrics live as long as the application.
+        self.splits = NamedRoutes.from_config(config)
+        self.gateway.use_named(self.splits)
         self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
         limiter = KeyLimiter(config.limits)
         if limiter.enabled:

@@ -53,6 +53,7 @@ __all__ = [
     "FailoverGroupSpec",
     "LimitsConfig",
     "ModelPrice",
+    "PoolConfig",
     "OPENAI_DEFAULT_MODELS",
     "PROVIDER_TYPES",
     "ProviderConfig",
@@ -61,6 +62,8 @@ __all__ = [
     "ROUTER_POLICIES",
     "RouterConfig",
     "ServerConfig",
+    "SplitConfig",
+    "SplitVariantConfig",
     "TelemetryConfig",
     "TRANSPORTS",
     "check_config",
@@ -376,6 +379,52 @@ class FailoverConfig:
     groups: tuple[FailoverGroupSpec, ...] = _setting(())
 
 
+def _weights() -> _Check:
+    return _Check(
+        lambda v: all(w >= 0 for w in v) and (not v or sum(v) > 0),
+        "an array of numbers >= 0, not all 0",
+    )
+
+
+@attrs.frozen
+class PoolConfig:
+    """``[[pools]]``: a model name standing for providers chosen by weight.
+
+    ``weights`` pairs with ``providers`` (all 1 when left out); ``max_attempts``
+    left out means one attempt per member.
+    """
+
+    name: str = _setting(check=_name())
+    providers: tuple[str, ...] = _setting(
+        check=_Check(
+            lambda v: len(v) > 0 and all(v) and len(set(v)) == len(v),
+            "a non-empty array of distinct provider names",
+        )
+    )
+    weights: tuple[float, ...] = _setting((), _weights())
+    max_attempts: int | None = _setting(None, _optional_int_at_least(1))
+
+
+@attrs.frozen
+class SplitVariantConfig:
+    """One arm of a split: its ``model`` may be a model, ``provider:model``, an
+    alias, a failover group or a pool; weight 0 takes only forced requests."""
+
+    name: str = _setting(check=_name())
+    model: str = _setting(check=_non_empty_str())
+    weight: float = _setting(1.0, _number_at_least(0.0))
+
+
+@attrs.frozen
+class SplitConfig:
+    """``[[splits]]``: an A/B split of the requests for ``name`` between variants."""
+
+    name: str = _setting(check=_name())
+    variants: tuple[SplitVariantConfig, ...] = _setting(
+        check=_Check(lambda v: len(v) > 0, "a non-empty array of variants")
+    )
+
+
 @attrs.frozen
 class TelemetryConfig:
     mailbox_size: int = _setting(10_000, _int_at_least(1))
@@ -521,6 +570,8 @@ class Config:
     limits: LimitsConfig = _setting(factory=LimitsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
+    pools: tuple[PoolConfig, ...] = _setting(())
+    splits: tuple[SplitConfig, ...] = _setting(())
     pricing: dict[str, ModelPrice] = attrs.field(factory=dict, hash=False)
 
     def provider(self, name: str) -> ProviderSpec | None:
@@ -867,6 +918,66 @@ def _check_cross(report: _Report, cfg: Config) -> None:
                     ("failover", "groups", i, "providers", j),
                     member,
                     f"the name of a configured provider ({known})",
+                )
+    _check_pools_and_splits(report, cfg, seen, groups)
+
+
+def _check_pools_and_splits(
+    report: _Report, cfg: Config, providers: Mapping[str, int], groups: Mapping[str, int]
+) -> None:
+    """Pool and split names are unique among pools, splits and groups; pool
+    members are configured providers; a variant never routes to a split."""
+    known = ", ".join(providers) or "none configured"
+    names: dict[str, str] = {name: f"failover.groups[{i}]" for name, i in groups.items()}
+    for i, pool in enumerate(cfg.pools):
+        if pool.name in names:
+            report.bad(("pools", i, "name"), pool.name, f"unique (already the name of {names[pool.name]})")
+        else:
+            names[pool.name] = f"pools[{i}]"
+        for j, member in enumerate(pool.providers):
+            if member not in providers:
+                report.bad(
+                    ("pools", i, "providers", j),
+                    member,
+                    f"the name of a configured provider ({known})",
+                )
+        if pool.weights and len(pool.weights) != len(pool.providers):
+            report.bad(
+                ("pools", i, "weights"),
+                pool.weights,
+                f"an array of {len(pool.providers)} weights, one per provider",
+            )
+    splits: set[str] = set()
+    for i, split in enumerate(cfg.splits):
+        if split.name in names:
+            report.bad(("splits", i, "name"), split.name, f"unique (already the name of {names[split.name]})")
+        else:
+            names[split.name] = f"splits[{i}]"
+        splits.add(split.name)
+        variants: dict[str, int] = {}
+        for j, variant in enumerate(split.variants):
+            if variant.name in variants:
+                report.bad(
+                    ("splits", i, "variants", j, "name"),
+                    variant.name,
+                    f"unique in the split (already the name of variants[{variants[variant.name]}])",
+                )
+            else:
+                variants[variant.name] = j
+        if split.variants and sum(v.weight for v in split.variants) <= 0:
+            last = len(split.variants) - 1
+            report.bad(
+                ("splits", i, "variants", last, "weight"),
+                split.variants[last].weight,
+                "a number > 0 when every other variant's weight is 0",
+            )
+    for i, split in enumerate(cfg.splits):
+        for j, variant in enumerate(split.variants):
+            if variant.model in splits or variant.model.partition("/")[0] in splits:
+                report.bad(
+                    ("splits", i, "variants", j, "model"),
+                    variant.model,
+                    "a model, provider:model, alias, failover group or pool, not a split",
                 )
 
 

@@ -233,10 +233,14 @@ class Front:
             target, result = await gw.complete(ctx, body, plan)
             response = Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode()),
                                       (b"x-runestone-route", _route_header(ctx.route_reason))], result.body)
+            if ctx.variant is not None:
+                response.headers.append((b"x-runestone-variant", ctx.variant.header))
             return response if cache is None else cache.store(cache_key, response, target.provider)
         answer = await gw.open_stream(ctx, body, plan, shape.include_usage)
         headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode()),
                    (b"x-runestone-route", _route_header(ctx.route_reason))]
+        if ctx.variant is not None:
+            headers.append((b"x-runestone-variant", ctx.variant.header))
         return Response(200, headers, stream=gw.relay(ctx, answer))
 
     async def embeddings(self, request: Request, caller: Caller) -> Response:
@@ -264,6 +268,8 @@ class Front:
             seen.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": "runestone:group"})
         for alias in sorted(gw.aliases.value or ()):
             seen.setdefault(alias, {"id": alias, "object": "model", "created": 0, "owned_by": "runestone:alias"})
+        for name, owner in gw.splits.models():  # a pool's or split's name shadows a model's when routing
+            seen[name] = {"id": name, "object": "model", "created": 0, "owned_by": owner}
         return list(seen.values())
 
     async def models(self, request: Request, caller: Caller) -> Response:

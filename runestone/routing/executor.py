@@ -5,8 +5,9 @@ failover groups, health) plus the non-blocking senders (telemetry, breaker outco
 runs one client request:
 
 1. plan: the model name becomes an ordered list of ``(provider, upstream model)`` targets — an explicit
-   ``provider:model``, a failover group (its strategy orders the members), or every provider serving
-   the model, ordered by the router policy;
+   ``provider:model``, a failover group (its strategy orders the members), a pool (by weight), or every
+   provider serving the model, ordered by the router policy; a split's name is first replaced by the
+   model of the variant the request is assigned (:mod:`.splits`);
 2. attempts: each target is tried in turn under ONE deadline for the whole request (never N times the
    timeout). A provider whose breaker is open is skipped; a half-open one is tried only if the breaker
    manager grants a probe slot. A retryable failure moves on to the next provider at once (failover);
@@ -43,6 +44,7 @@ from ..telemetry.costs import cost_of, estimate_costs
 from ..telemetry.events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 from .policies import NO_REQUIREMENTS, Requirements, route
 from .pool import InFlightRequest, InFlightTable
+from .splits import NamedRoutes, UnknownVariant
 
 __all__ = ["Gateway", "GatewayError", "RequestContext", "StreamAnswer", "Target"]
 
@@ -83,6 +85,8 @@ class RequestContext:
     route_reason: str = ""
     provider: str | None = None
     model: str = ""
+    #: The split arm (runestone.routing.splits.Arm) the request was assigned, whose metrics it feeds.
+    variant: Any = None
 
 
 @attrs.frozen
@@ -98,6 +102,8 @@ class Plan:
     group: str | None
     max_attempts: int
     skipped: dict
+    #: Set when the request named a split: the arm it was assigned.
+    variant: Any = None
 
 
 @attrs.define(slots=True)
@@ -134,6 +140,9 @@ class Gateway:
         self.inflight = inflight
         self.pricing = pricing or {}
         self.aliases = aliases or Published({})
+        #: Pools and splits (runestone.routing.splits); ``named`` maps every name they answer to.
+        self.splits = NamedRoutes()
+        self.named: dict = self.splits.by_name
         self.retry = RetryPolicy.from_config(config.retry)
         self.policy = config.router.policy
         self.health_threshold = config.failover.health_threshold
@@ -172,6 +181,11 @@ class Gateway:
             cost=cost,
         )
 
+    def use_named(self, routes: NamedRoutes) -> None:
+        """Serve ``routes``' pools and splits under their names; a name of theirs shadows any other."""
+        self.splits = routes
+        self.named = routes.by_name
+
     def resolve_alias(self, model: str) -> str:
         aliases = self.aliases.value
         if not aliases:
@@ -200,12 +214,15 @@ class Gateway:
         return cached
 
     def known_model(self, model: str) -> bool:
+        asked = model
         model = self.resolve_alias(model)
         _, table, _, _, exact = self._view()
         if model in exact:
             return True
         groups = self.groups.groups.value or _EMPTY
         if model in groups or model == "default":
+            return True
+        if asked in self.named:
             return True
         provider, sep, rest = model.partition(":")
         if sep and canonical_provider(provider, self.providers) in table:
@@ -214,6 +231,7 @@ class Gateway:
 
     def plan(self, model: str, body: dict, requirements: Requirements = NO_REQUIREMENTS,
              capability: str | None = None) -> Plan:
+        asked = model
         model = self.resolve_alias(model)
         _, table, infos, info_list, _ = self._view()
         now = trio.current_time()
@@ -228,6 +246,11 @@ class Gateway:
                 requirements,
                 prefer=tuple(canonical_provider(n, providers) for n in requirements.prefer),
                 exclude=frozenset(canonical_provider(n, providers) for n in requirements.exclude))
+        named = self.named
+        if named:
+            hit = named.get(asked)
+            if hit is not None:
+                return self._plan_named(hit, body, requirements, table, infos, now)
         # An explicit "provider:model" pins the provider.
         provider, sep, upstream_model = model.partition(":")
         if sep and upstream_model:
@@ -274,6 +297,34 @@ class Gateway:
         attempts = max(self.retry.max_attempts, min(len(targets), 8))
         return Plan(targets, decision.reason, None, attempts, dict(decision.skipped))
 
+    def _plan_named(self, hit, body: dict, requirements: Requirements, table, infos, now: float) -> Plan:
+        """A split assigns a variant and plans its model; a pool orders its members by weight."""
+        if hit.kind == "split":
+            try:
+                # ``variant`` is the body's runestone.variant once the routing object carries it.
+                arm = hit.choose(body.get("user"), getattr(requirements, "variant", None))
+            except UnknownVariant as exc:
+                raise GatewayError(400, str(exc), param="runestone.variant", code="variant_not_found") from None
+            # A variant's model is never a split (checked when built), so this recursion is one level deep.
+            plan = self.plan(arm.model, body, requirements)
+            plan.variant = arm
+            plan.reason = f"split={arm.label} {plan.reason}"
+            return plan
+        names = hit.order(infos, self.breakers.value or _EMPTY, now)
+        exclude = requirements.exclude
+        require = requirements.require
+        if requirements.prefer:
+            rank = {n: i for i, n in enumerate(requirements.prefer)}
+            names.sort(key=lambda n: rank.get(n, len(rank)))
+        targets = []
+        for n in names:
+            entry = table[n]
+            if n in exclude or (require and not require <= entry.info.capabilities):
+                continue
+            if entry.default_model:
+                targets.append(Target(n, entry.default_model))
+        return Plan(targets, f"pool={hit.name}", None, hit.max_attempts, {})
+
     # -- attempts -------------------------------------------------------------------------------------
 
     async def _admit(self, provider: str, now: float) -> tuple[bool, bool]:
@@ -316,6 +367,7 @@ class Gateway:
         attempt failed, a client fault ended the request, or the deadline passed.
         """
         targets = list(plan.targets)
+        ctx.variant = plan.variant
         if not targets:
             skipped = ", ".join(f"{n} ({why})" for n, why in plan.skipped.items())
             if skipped:
@@ -460,9 +512,12 @@ class Gateway:
         if self.on_tokens is not None and (tokens_in or tokens_out):
             self.on_tokens(ctx.key_id or "open", tokens_in + tokens_out)
         cost = cost_of(tokens_in, tokens_out, lookup_price(self.pricing, model)) if (tokens_in or tokens_out) else 0.0
+        latency = trio.current_time() - ctx.started
+        if ctx.variant is not None:
+            ctx.variant.metrics.record(status, http_status, latency, ttft, tokens_in, tokens_out, cost)
         self.telemetry.emit(RequestFinished(
             ctx.request_id, ctx.key_id, ctx.provider or "", model, ctx.endpoint, stream, status, http_status,
-            error_type, trio.current_time() - ctx.started, ttft, tokens_in, tokens_out, cost, ctx.retries,
+            error_type, latency, ttft, tokens_in, tokens_out, cost, ctx.retries,
             ctx.failovers, ctx.route_reason, time.time(),
         ))
 
