@@ -533,6 +533,8 @@ class Gateway:
         try:
             target, result = await self.run(ctx, body, plan, call)
         except GatewayError as exc:
+            if ctx.variant is not None:
+                exc.headers.append((b"x-runestone-variant", ctx.variant.header))
             self.finish(ctx, status="error", http_status=exc.status, error_type=exc.type)
             raise
         except BaseException:
@@ -564,6 +566,8 @@ class Gateway:
         try:
             _, answer = await self.run(ctx, body, plan, call)
         except GatewayError as exc:
+            if ctx.variant is not None:
+                exc.headers.append((b"x-runestone-variant", ctx.variant.header))
             self.finish(ctx, status="error", http_status=exc.status, error_type=exc.type, stream=True)
             raise
         except BaseException:

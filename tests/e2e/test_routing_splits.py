@@ -110,9 +110,10 @@ async def test_one_failing_arm_shows_its_errors_and_the_other_arm_none(gateway_f
     _seed(gw, 3)
     outcomes = collections.Counter()
     async with httpx.AsyncClient(base_url=gw.url) as http:
-        for _ in range(80):
-            r = await _ask(http, "exp-1")
-            outcomes[(r.status_code, r.headers.get("x-runestone-variant", "failed"))] += 1
+        for i in range(80):
+            r = await _ask(http, "exp-1", stream=i % 5 == 0)
+            # An error says which arm failed, too.
+            outcomes[(r.status_code, r.headers["x-runestone-variant"])] += 1
             if r.status_code != 200:
                 assert r.json()["error"]["message"]
         # Pinning the failing arm by name fails every time and is counted in that arm.
@@ -121,8 +122,8 @@ async def test_one_failing_arm_shows_its_errors_and_the_other_arm_none(gateway_f
             assert r.status_code == 502, r.text
         split = (await http.get("/v1/splits/exp-1")).json()
     ok = outcomes[(200, "exp-1/control")]
-    failed = outcomes[(502, "failed")]
-    assert ok + failed == 80 and set(outcomes) == {(200, "exp-1/control"), (502, "failed")}
+    failed = outcomes[(502, "exp-1/candidate")]
+    assert ok + failed == 80 and set(outcomes) == {(200, "exp-1/control"), (502, "exp-1/candidate")}
     assert 8 <= failed <= 32, outcomes
     metrics = {v["name"]: v["metrics"] for v in split["variants"]}
     assert (metrics["control"]["requests"], metrics["control"]["errors"]) == (ok, 0)
@@ -206,3 +207,28 @@ async def test_models_listing_routes_and_access(gateway_factory):
         r = await http.post("/v1/splits/exp-1/reset", headers=admin)
         assert r.status_code == 200 and r.json()["requests"] == 0
         assert (await http.get("/v1/splits/exp-1", headers=client)).json()["requests"] == 0
+
+
+async def test_plan_honours_a_forced_variant_and_refuses_an_unknown_one(gateway_factory):
+    import attrs
+
+    from runestone.routing.executor import GatewayError
+    from runestone.routing.policies import Requirements
+
+    @attrs.frozen
+    class Forcing(Requirements):
+        # The shape of a routing object carrying runestone.variant.
+        variant: str | None = None
+
+    gw = await gateway_factory(_arms())
+    gateway = gw.app.gateway
+    for user in ("alice", "bob", "carol", None):
+        plan = gateway.plan("exp-1", {"user": user}, Forcing(variant="candidate"))
+        assert plan.variant.label == "exp-1/candidate" and [t.provider for t in plan.targets] == ["p-candidate"]
+        assert plan.reason.startswith("split=exp-1/candidate ")
+    with pytest.raises(GatewayError) as info:
+        gateway.plan("exp-1", {}, Forcing(variant="treatment"))
+    assert (info.value.status, info.value.param, info.value.code) == (400, "runestone.variant", "variant_not_found")
+    assert "'control', 'candidate'" in info.value.message
+    # Without a forced variant the ordinary requirements object works as before.
+    assert gateway.plan("exp-1/control", {}).variant.name == "control"
