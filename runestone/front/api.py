@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 import trio
 
-from ..http.server import BodyTooLarge, Request, Response
+from ..http.server import BodyTooLarge, ClientDisconnected, HttpError, Request, Response
 from ..routing.executor import Gateway, GatewayError
 from .auth import KeyRing
 from .errors import error_response, gateway_error_response
@@ -142,7 +142,9 @@ class Front:
         except BodyTooLarge:
             return error_response(413, f"the request body exceeds the limit of {self.max_body_bytes} bytes",
                                   code="request_too_large", headers=[rid_header])
-        except trio.Cancelled:
+        except HttpError as exc:  # the body was refused while reading it (too slow, malformed)
+            return error_response(exc.status, exc.message, headers=[rid_header])
+        except (trio.Cancelled, ClientDisconnected):
             raise
         except Exception:
             log.exception("request %s: %s %s failed", request_id, request.method, request.path)

@@ -18,7 +18,7 @@ import os
 import attrs
 import orjson
 
-from ..http.server import BodyTooLarge, Request, Response
+from ..http.server import BodyTooLarge, HttpError, Request, Response
 from ..providers.messages_inbound import (
     InboundError,
     OpenAIToAnthropicStream,
@@ -136,6 +136,8 @@ class MessagesRoute:
         except BodyTooLarge:
             return anthropic_error_response(
                 413, "request_too_large", f"the request body exceeds the limit of {self.front.max_body_bytes} bytes")
+        except HttpError as exc:  # the body was refused while reading it (too slow, malformed)
+            return anthropic_error_response(exc.status, "invalid_request_error", exc.message)
 
     async def _serve(self, request: Request, request_id: str) -> Response:
         caller = self.front.authenticate(request, "client", request_id)

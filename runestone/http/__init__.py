@@ -31,10 +31,17 @@ from .errors import (
 )
 from .httpx_transport import HttpxTransport as HttpxTransport
 from .server import (
+    BadRequest as BadRequest,
+    BodyTooLarge as BodyTooLarge,
+    ClientDisconnected as ClientDisconnected,
+    Handler as Handler,
+    HttpError as HttpError,
     HttpServer as HttpServer,
     Limits as Limits,
     Request as Request,
+    RequestTimeout as RequestTimeout,
     Response as Response,
+    ServerStatistics as ServerStatistics,
     WebSocketAccept as WebSocketAccept,
     serve_http as serve_http,
 )

@@ -756,7 +756,10 @@ class _Connection:
             try:
                 if request.method == "CONNECT":
                     raise BadRequest("the CONNECT method is not supported")
-                response = await server._handler(request)
+                if request._complete and not request.websocket:
+                    response = await self._handle_watched(request)
+                else:
+                    response = await server._handler(request)
             except HttpError as error:
                 response = _error_response(error.status, error.message)
                 keep = False
@@ -799,6 +802,26 @@ class _Connection:
             server._requests_in_flight -= 1
             server._requests_total += 1
             self._served += 1
+
+    async def _handle_watched(self, request: Request):
+        """Run the handler while watching the client: if it closes the connection before the answer,
+        the handler is cancelled at once (so an upstream request it is waiting on is closed), rather than
+        running on for nobody. Only for a request whose body is already in: then nothing else reads."""
+        response = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_peer, nursery.cancel_scope, request)
+                response = await self._server._handler(request)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The watcher never raises, so the group holds the handler's one exception: raise it as itself,
+            # so that an HttpError still answers its own status.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if response is None:
+            raise _PeerGone()
+        return response
 
     async def _write(self, request: Request, response: Response, keep: bool) -> None:
         status = response.status

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 CHUNK_DELAY = 0.25
 
@@ -94,8 +94,6 @@ async def test_many_clients_leaving_cancel_every_upstream_stream(clock, gateway_
     assert gw.app.inflight.requests == {}
 
 
-@pytest.mark.xfail(strict=True, reason="the HTTP server watches the client only while it writes a streamed body, "
-                   "not while the handler waits for the upstream's first byte or whole answer")
 @pytest.mark.parametrize("stream", [False, True])
 async def test_client_leaving_before_the_first_byte_closes_the_upstream(clock, gateway_factory, nursery, stream):
     closed: list[float] = []
