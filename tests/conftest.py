@@ -17,31 +17,7 @@ from runestone.app import Application
 from runestone.config import load_config
 from runestone.providers.fake_server import FakeKnobs, serve_fake_provider
 
-
-class Started:
-    """A running gateway: the app, its base URL and ``v1`` URL."""
-
-    def __init__(self, app: Application) -> None:
-        self.app = app
-        self.port = app.port
-        self.url = f"http://127.0.0.1:{app.port}"
-        self.v1 = self.url + "/v1"
-
-
-def provider_toml(name: str, type: str, **config) -> str:
-    """A ``[[providers]]`` block; config values are written as TOML literals."""
-    lines = [f'[[providers]]\nname = "{name}"\ntype = "{type}"\n[providers.config]']
-    for key, value in config.items():
-        if isinstance(value, bool):
-            lit = "true" if value else "false"
-        elif isinstance(value, str):
-            lit = f'"{value}"'
-        elif isinstance(value, (list, tuple)):
-            lit = "[" + ", ".join(f'"{v}"' for v in value) + "]"
-        else:
-            lit = repr(value)
-        lines.append(f"{key} = {lit}")
-    return "\n".join(lines) + "\n"
+from gatewaytest import Started, provider_toml  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 KEYS = '[auth]\napi_keys = ["client-key"]\nadmin_key = "admin-key"\n'
 ADMIN = {"authorization": "Bearer admin-key"}

@@ -8,7 +8,7 @@ import orjson
 import trio
 import trio_websocket
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 SECRETS = {
     "client": "ck-SECRET-CLIENT-1111",

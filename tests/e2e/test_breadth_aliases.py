@@ -6,7 +6,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.resilience.breaker import Published
 from runestone.routing.aliases import (
     DEFAULT_ALIASES_PATH,

@@ -4,7 +4,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.front.cache import ResponseCache
 from runestone.runtime import Registry
 from runestone.telemetry.sender import Telemetry

@@ -5,7 +5,7 @@ import openai
 import orjson
 import pytest
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.providers.fake_content import fake_reply_chunks
 from runestone.providers.fake_server import make_fake_handler
 from runestone.http.server import serve_http

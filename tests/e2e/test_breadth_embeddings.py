@@ -6,7 +6,7 @@ import struct
 import openai
 import pytest
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.providers.fake_content import fake_embedding
 
 

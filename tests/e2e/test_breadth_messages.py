@@ -5,7 +5,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.http.server import serve_http
 from runestone.providers.fake_content import fake_reply_chunks
 from runestone.providers.fake_server import make_fake_handler

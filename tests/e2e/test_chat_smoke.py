@@ -2,7 +2,7 @@
 
 import openai
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 
 async def test_openai_sdk_through_each_provider_type(gateway_factory, fake_factory):

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.cli import main
 
 KEYS = '[auth]\napi_keys = ["client-key"]\nadmin_key = "admin-key"\n'

@@ -9,7 +9,7 @@ import openai
 import pytest
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 KEY = {"authorization": "Bearer k1"}
 OK_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.http.server import Response, serve_http
 
 USER = [{"role": "user", "content": "hello there"}]

@@ -6,7 +6,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 ACTORS = [
     # (registry name of the actor, child id its supervisor knows it by)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import trio
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 N = 200
 

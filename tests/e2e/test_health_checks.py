@@ -1,7 +1,7 @@
 """Active health checks (off by default): a cheap request per provider every interval feeds health scores,
 so a provider nobody sends traffic to is still measured. Under MockClock the minutes pass at once."""
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 import trio
 

@@ -4,7 +4,7 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "count me"}]}
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.http.server import serve_http
 from runestone.providers.fake_server import FakeKnobs, make_fake_handler
 

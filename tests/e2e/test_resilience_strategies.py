@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 ASK = [{"role": "user", "content": "hello"}]
 

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 ASK = [{"role": "user", "content": "hello"}]
 

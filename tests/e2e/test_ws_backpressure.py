@@ -11,7 +11,7 @@ import orjson
 import trio
 import trio_websocket
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.front.api import Caller
 from runestone.front.ws import MessageConnection, serve_connection
 

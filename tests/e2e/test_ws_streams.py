@@ -9,7 +9,7 @@ import trio
 import trio_websocket
 from trio.testing import MockClock
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 
 KEYS = '[auth]\napi_keys = ["client-key"]\nadmin_key = "admin-key"\n'
 AUTH = [(b"authorization", b"Bearer client-key")]

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import provider_toml
+from gatewaytest import provider_toml
 from runestone.config import LimitsConfig
 from runestone.front.limits import KeyLimiter
 from runestone.routing.executor import GatewayError
