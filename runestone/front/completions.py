@@ -212,10 +212,10 @@ class CompletionsRoute:
         if not shape.stream:
             target, result = await gw.complete(ctx, chat, plan)
             out = text_completion_from_chat(orjson.loads(result.body), echo_prompt=echo_prompt)
-            return Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode())], orjson.dumps(out))
+            return Response(200, [_JSON, *ctx.answer_headers(target.provider)], orjson.dumps(out))
         answer = await gw.open_stream(ctx, chat, plan, shape.include_usage)
         n = chat.get("n") or 1
-        headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode())]
+        headers = [*_SSE_HEADERS, *ctx.answer_headers(answer.provider)]
         return Response(200, headers, stream=transformed(gw.relay(ctx, answer), TextCompletionStream(echo_prompt, n).feed))
 
 

@@ -164,9 +164,9 @@ class MessagesRoute:
         if not shape.stream:
             target, result = await gw.complete(ctx, chat, plan)
             message = openai_response_to_anthropic(orjson.loads(result.body), model=model)
-            return Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode())], orjson.dumps(message))
+            return Response(200, [_JSON, *ctx.answer_headers(target.provider)], orjson.dumps(message))
         answer = await gw.open_stream(ctx, chat, plan, True)
-        headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode())]
+        headers = [*_SSE_HEADERS, *ctx.answer_headers(answer.provider)]
         return Response(200, headers, stream=transformed(gw.relay(ctx, answer), AnthropicEventStream(model).feed))
 
 

@@ -20,6 +20,7 @@ import errno
 import logging
 import math
 import os
+import socket
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
@@ -68,6 +69,11 @@ _BUSY = 0  # the handler runs or the server works: no deadline
 _IDLE = 1  # keep-alive wait for the next request: close silently
 _HEAD = 2  # a request head is incomplete: answer 408, close
 _WRITING = 3  # a write is blocked on a client that does not read: drop the connection
+_GONE = 4  # the client closed the connection while its handler ran: close, nothing to answer
+
+#: A handler running longer than this gets its client watched for a disconnect (by the watchdog, whose tick
+#: is at most this): so a client that leaves is noticed within twice this, and quick requests pay nothing.
+_WATCH_AFTER = 0.03
 _STOPPED = 4  # closed by request_stop() while idle
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH")}
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -329,6 +335,9 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._connection_scope: trio.CancelScope | None = None
+        self._system: trio.Nursery | None = None
+        #: Set by a handler starting while the watchdog sleeps its long tick (see _expire_deadlines).
+        self._wake: trio.Event | None = None
         self._connections_total = 0
         self._connections_refused = 0
         self._requests_total = 0
@@ -357,16 +366,33 @@ class HttpServer:
             connection.close_if_idle()
 
     async def _expire_deadlines(self) -> None:
-        """Enforce the connections' timeouts, with a resolution of ``tick`` seconds."""
+        """Enforce the connections' timeouts, with a resolution of ``tick`` seconds, and watch the clients
+        of long-running handlers.
+
+        While handlers run it ticks every ``_WATCH_AFTER`` seconds, so that one running longer than that
+        gets a watch on its client (see ``_Connection._watch_handler``); otherwise every ``tick``, and a
+        handler starting then wakes it (``_wake``).
+        """
         limits = self.limits
         tick = min(1.0, min(limits.header_timeout, limits.keepalive_timeout, limits.write_timeout) / 10)
         connections = self._connections
         while True:
-            await trio.sleep(tick)
+            if any(c._handler_since is not None and c._watching is None for c in connections):
+                await trio.sleep(min(tick, _WATCH_AFTER))
+            else:
+                self._wake = wake = trio.Event()
+                with trio.move_on_after(tick):
+                    await wake.wait()
+                self._wake = None
             now = trio.current_time()
             expired = [connection for connection in connections if connection._deadline <= now]
             for connection in expired:
                 connection.expire()
+            started_before = now - _WATCH_AFTER
+            for connection in connections:
+                since = connection._handler_since
+                if since is not None and since <= started_before and connection._watching is None:
+                    self._system.start_soon(connection._watch_handler)
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -421,7 +447,7 @@ class _Connection:
         "_server", "_limits", "_stream", "_client", "_parser", "_ready", "_parsing", "_in_head",
         "_url", "_head_size", "_head_raw", "_error", "_error_request", "_upgrade_tail", "_eof",
         "_reading", "_read_done", "_response_started", "_served", "_fd", "_scope", "_phase",
-        "_deadline", "_expired_phase",
+        "_deadline", "_expired_phase", "_handler_since", "_watching",
     )
 
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
@@ -456,6 +482,10 @@ class _Connection:
         self._phase = _HEAD
         self._deadline = trio.current_time() + self._limits.header_timeout
         self._expired_phase = _BUSY
+        #: When the handler of a request whose body is in started (None when no handler runs).
+        self._handler_since: float | None = None
+        #: The cancel scope of the watch on a long-running handler, while one runs.
+        self._watching: trio.CancelScope | None = None
 
     # -- httptools callbacks ------------------------------------------------------------
 
@@ -757,7 +787,21 @@ class _Connection:
                 if request.method == "CONNECT":
                     raise BadRequest("the CONNECT method is not supported")
                 if request._complete and not request.websocket:
-                    response = await self._handle_watched(request)
+                    # The server's watchdog watches the client of a handler that runs long (see
+                    # _watch_handler); a quick one costs nothing more than these two stores.
+                    self._handler_since = trio.current_time()
+                    wake = server._wake
+                    if wake is not None:
+                        server._wake = None
+                        wake.set()
+                    try:
+                        response = await server._handler(request)
+                    finally:
+                        self._handler_since = None
+                        watching = self._watching
+                        if watching is not None:
+                            self._watching = None
+                            watching.cancel()
                 else:
                     response = await server._handler(request)
             except HttpError as error:
@@ -803,25 +847,34 @@ class _Connection:
             server._requests_total += 1
             self._served += 1
 
-    async def _handle_watched(self, request: Request):
-        """Run the handler while watching the client: if it closes the connection before the answer,
-        the handler is cancelled at once (so an upstream request it is waiting on is closed), rather than
-        running on for nobody. Only for a request whose body is already in: then nothing else reads."""
-        response = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_peer, nursery.cancel_scope, request)
-                response = await self._server._handler(request)
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The watcher never raises, so the group holds the handler's one exception: raise it as itself,
-            # so that an HttpError still answers its own status.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        if response is None:
-            raise _PeerGone()
-        return response
+    async def _watch_handler(self) -> None:
+        """Watch the client of a handler that has run for a while (started by the server's watchdog).
+
+        If the client closes the connection before its answer, the connection is cancelled, and with it
+        the handler, so an upstream request it waits on is closed at once instead of running on for
+        nobody. Only for a request whose body is in, so that nothing else reads the socket meanwhile;
+        bytes that arrive instead of an end of file (a pipelined request) end the watch.
+        """
+        if self._handler_since is None or self._watching is not None:
+            return
+        with trio.CancelScope() as scope:
+            self._watching = scope
+            try:
+                await trio.lowlevel.wait_readable(self._stream.socket)
+                with socket.socket(fileno=os.dup(self._fd)) as peek:
+                    gone = not peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                gone = False
+            except OSError:
+                gone = True
+            except (trio.ClosedResourceError, trio.BusyResourceError):
+                gone = False
+            if gone and self._handler_since is not None:
+                self._eof = True
+                self._expired_phase = _GONE
+                self._scope.cancel()
+        if self._watching is scope:
+            self._watching = None
 
     async def _write(self, request: Request, response: Response, keep: bool) -> None:
         status = response.status
@@ -1066,6 +1119,7 @@ async def serve_http(
     listener = trio.SocketListener(sock)
     try:
         async with trio.open_nursery() as system:
+            server._system = system
             system.start_soon(server._expire_deadlines)
             await _accept_and_serve(server, listener, task_status)
             system.cancel_scope.cancel()

@@ -88,6 +88,13 @@ class RequestContext:
     #: The split arm (runestone.routing.splits.Arm) the request was assigned, whose metrics it feeds.
     variant: Any = None
 
+    def answer_headers(self, provider: str) -> list[tuple[bytes, bytes]]:
+        """The headers every answer from a provider carries: who served it, and the A/B arm if any."""
+        headers = [(b"x-runestone-provider", provider.encode())]
+        if self.variant is not None:
+            headers.append((b"x-runestone-variant", self.variant.header))
+        return headers
+
 
 @attrs.frozen
 class Target:
@@ -301,8 +308,7 @@ class Gateway:
         """A split assigns a variant and plans its model; a pool orders its members by weight."""
         if hit.kind == "split":
             try:
-                # ``variant`` is the body's runestone.variant once the routing object carries it.
-                arm = hit.choose(body.get("user"), getattr(requirements, "variant", None))
+                arm = hit.choose(body.get("user"), requirements.variant)
             except UnknownVariant as exc:
                 raise GatewayError(400, str(exc), param="runestone.variant", code="variant_not_found") from None
             # A variant's model is never a split (checked when built), so this recursion is one level deep.

@@ -55,6 +55,8 @@ class Requirements:
     require: frozenset[str] = frozenset()
     prefer: tuple[str, ...] = ()
     exclude: frozenset[str] = frozenset()
+    #: For an A/B split: the arm to use instead of a drawn one.
+    variant: str | None = None
 
 
 NO_REQUIREMENTS = Requirements()
@@ -77,7 +79,7 @@ class RouteDecision:
     skipped: Mapping[str, str] = _NO_SKIPS
 
 
-_FIELDS = ("policy", "max_cost", "max_latency_ms", "require", "prefer", "exclude")
+_FIELDS = ("policy", "max_cost", "max_latency_ms", "require", "prefer", "exclude", "variant")
 
 
 def _number(obj: Mapping, name: str, *, positive: bool) -> float | None:
@@ -127,7 +129,11 @@ def parse_requirements(obj: Any) -> Requirements:
                 f"runestone.require: unknown capability {capability!r}; expected some of "
                 f"{', '.join(sorted(CAPABILITIES))}"
             )
+    variant = obj.get("variant")
+    if variant is not None and not (isinstance(variant, str) and variant):
+        raise ValueError(f"runestone.variant must be a non-empty string naming a split's arm, got {variant!r}")
     return Requirements(
+        variant=variant,
         policy=policy,
         max_cost=_number(obj, "max_cost", positive=False),
         max_latency_ms=_number(obj, "max_latency_ms", positive=True),

@@ -232,3 +232,16 @@ async def test_plan_honours_a_forced_variant_and_refuses_an_unknown_one(gateway_
     assert "'control', 'candidate'" in info.value.message
     # Without a forced variant the ordinary requirements object works as before.
     assert gateway.plan("exp-1/control", {}).variant.name == "control"
+
+
+async def test_a_client_forces_an_arm_with_runestone_variant(gateway_factory):
+    gw = await gateway_factory(_arms())
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        for _ in range(5):
+            r = await _ask(http, "exp-1", runestone={"variant": "candidate"})
+            assert r.status_code == 200 and r.headers["x-runestone-variant"] == "exp-1/candidate"
+            assert r.json()["choices"][0]["message"]["content"] == "candidate says hi"
+        bad = await _ask(http, "exp-1", runestone={"variant": "nope"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "runestone.variant"
+        wrong_type = await _ask(http, "exp-1", runestone={"variant": 3})
+        assert wrong_type.status_code == 400 and "runestone.variant" in wrong_type.json()["error"]["message"]
