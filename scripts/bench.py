@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -137,7 +138,7 @@ class Runner:
     def wrk_run(self, url: str, body: dict, *, connections: int, seconds: float, limit: int = 0) -> dict:
         script = self.workdir / f"post-{connections}-{limit}-{int(body.get('stream', False))}.lua"
         script.write_text(LUA.format(key=KEY, body=json.dumps(body, separators=(",", ":")), limit=limit))
-        argv = [self.wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url]
+        argv = [self.wrk, "-t1", f"-c{connections}", f"-d{math.ceil(seconds)}s", "--latency", "-s", str(script), url]
         if self.pin:
             argv = ["taskset", "-c", "1", *argv]
         before = os.times()
@@ -272,15 +273,29 @@ def main() -> None:
             rss0 = rss_kib(gw.pid)
             cpu0 = cpu_seconds(gw.pid)
             t0 = time.monotonic()
-            soak = runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", CHAT, connections=32,
-                                  seconds=600, limit=args.soak)
+            # Rounds of at most 20 s until the count is reached (wrk stops by time, not by count); bounded
+            # to 30 rounds in all.
+            done = errors = 0
+            rss_rounds = []
+            for _ in range(30):
+                if done >= args.soak:
+                    break
+                rate = max(results["cases"][1]["gateway"]["rps"], 100.0)
+                seconds = min(20, max(1, math.ceil((args.soak - done) / rate + 0.5)))  # wrk takes whole seconds
+                soak = runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", CHAT, connections=32,
+                                      seconds=seconds)
+                done += soak.get("requests", 0)
+                errors += soak["non_2xx"]
+                rss_rounds.append(round(rss_kib(gw.pid) / 1024, 1))
+            elapsed = time.monotonic() - t0
             rss1 = rss_kib(gw.pid)
             results["soak"] = {
-                "requests": soak.get("requests"), "seconds": round(time.monotonic() - t0, 1),
-                "rps": soak["rps"], "rss_start_mib": round(rss0 / 1024, 1), "rss_end_mib": round(rss1 / 1024, 1),
+                "requests": done, "seconds": round(elapsed, 1), "rps": round(done / elapsed),
+                "rss_start_mib": round(rss0 / 1024, 1), "rss_end_mib": round(rss1 / 1024, 1),
+                "rss_by_round_mib": rss_rounds,
                 "rss_growth_pct": round((rss1 - rss0) * 100 / rss0, 2) if rss0 else None,
-                "cpu_ms_per_request": round((cpu_seconds(gw.pid) - cpu0) * 1000 / max(soak.get("requests", 1), 1), 4),
-                "non_2xx": soak["non_2xx"],
+                "cpu_ms_per_request": round((cpu_seconds(gw.pid) - cpu0) * 1000 / max(done, 1), 4),
+                "non_2xx": errors,
             }
             results["peak_rss_mib"] = round(rss_kib(gw.pid, "VmHWM") / 1024, 1)
             s = results["soak"]
