@@ -789,19 +789,11 @@ class _Connection:
                 if request._complete and not request.websocket:
                     # The server's watchdog watches the client of a handler that runs long (see
                     # _watch_handler); a quick one costs nothing more than these two stores.
-                    self._handler_since = trio.current_time()
-                    wake = server._wake
-                    if wake is not None:
-                        server._wake = None
-                        wake.set()
+                    self._begin_watch()
                     try:
                         response = await server._handler(request)
                     finally:
-                        self._handler_since = None
-                        watching = self._watching
-                        if watching is not None:
-                            self._watching = None
-                            watching.cancel()
+                        self._end_watch()
                 else:
                     response = await server._handler(request)
             except HttpError as error:
@@ -846,6 +838,22 @@ class _Connection:
             server._requests_in_flight -= 1
             server._requests_total += 1
             self._served += 1
+
+    def _begin_watch(self) -> None:
+        """Something long may run now for this connection: let the watchdog watch its client after a while."""
+        self._handler_since = trio.current_time()
+        server = self._server
+        wake = server._wake
+        if wake is not None:
+            server._wake = None
+            wake.set()
+
+    def _end_watch(self) -> None:
+        self._handler_since = None
+        watching = self._watching
+        if watching is not None:
+            self._watching = None
+            watching.cancel()
 
     async def _watch_handler(self) -> None:
         """Watch the client of a handler that has run for a while (started by the server's watchdog).
@@ -924,28 +932,33 @@ class _Connection:
                 return keep
             failure: BaseException | None = None
             completed = False
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_peer, nursery.cancel_scope, request)
-                try:
-                    iterator = stream.__aiter__()
-                    await self._send(head)
-                    send = self._send
-                    frame = wire.chunk if chunked else None
-                    checkpoint = trio.lowlevel.checkpoint
-                    async for item in iterator:
-                        if item:
-                            await send(frame(item) if frame is not None else item)
-                            # A write that fits the socket buffer does not yield: let the
-                            # other tasks run between two items, as a trio stream would, so
-                            # a producer that never waits cannot starve them.
-                            await checkpoint()
-                    if chunked:
-                        await send(wire.LAST_CHUNK)
-                    completed = True
-                except Exception as exc:
-                    failure = exc
-                finally:
-                    nursery.cancel_scope.cancel()
+            # A stream that lasts gets its client watched by the server's watchdog, as a long handler does
+            # (_watch_handler): a client that leaves cancels the producer at once, even while it waits on
+            # its upstream. Only when nothing else reads the socket (the request body is in).
+            watch = request._complete
+            if watch:
+                self._begin_watch()
+            try:
+                iterator = stream.__aiter__()
+                await self._send(head)
+                send = self._send
+                frame = wire.chunk if chunked else None
+                checkpoint = trio.lowlevel.checkpoint
+                async for item in iterator:
+                    if item:
+                        await send(frame(item) if frame is not None else item)
+                        # A write that fits the socket buffer does not yield: let the
+                        # other tasks run between two items, as a trio stream would, so
+                        # a producer that never waits cannot starve them.
+                        await checkpoint()
+                if chunked:
+                    await send(wire.LAST_CHUNK)
+                completed = True
+            except Exception as exc:
+                failure = exc
+            finally:
+                if watch:
+                    self._end_watch()
             if failure is not None:
                 if isinstance(failure, _PeerGone):
                     raise failure
@@ -957,28 +970,6 @@ class _Connection:
             return keep and completed and not self._eof
         finally:
             await _close_stream(stream, iterator)
-
-    async def _watch_peer(self, cancel_scope: trio.CancelScope, request: Request) -> None:
-        """Cancel ``cancel_scope`` when the client closes the connection.
-
-        Reads only the rest of ``request``'s body and at most one read beyond, so that
-        pipelined bytes buffered meanwhile stay bounded; then it just waits.
-        """
-        try:
-            while (
-                self._error is None
-                and self._upgrade_tail is None
-                and not self._eof
-                and (not request._complete or (self._parsing is None and not self._ready))
-            ):
-                await self._receive(math.inf)
-            if self._eof:
-                cancel_scope.cancel()
-                return
-        except Exception:
-            logger.exception("watching the client connection failed")
-            return
-        await trio.sleep_forever()
 
     async def _drain(self, request: Request) -> bool:
         """Read and discard the rest of an unread body; True if the connection can go on."""
