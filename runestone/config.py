@@ -433,7 +433,7 @@ class TelemetryConfig:
     #: Latency samples kept per provider for percentiles.
     latency_window: int = _setting(100, _int_at_least(1))
     usage_ledger: bool = _setting(True)
-    ledger_flush_ms: int = _setting(500, _int_at_least(1))
+    ledger_flush_ms: int = _setting(200, _int_at_least(1))
     ledger_batch: int = _setting(500, _int_at_least(1))
 
     health_check_interval_s = _seconds("health_check_interval_ms")
