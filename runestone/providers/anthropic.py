@@ -28,7 +28,6 @@ from .base import (
     upstream_http_error,
     usage_from,
 )
-from .sse import SSEError
 
 __all__ = ["AnthropicAdapter", "AnthropicStream"]
 
@@ -49,16 +48,7 @@ class AnthropicStream(UpstreamStream):
         translator = self._translator
         dumps = orjson.dumps
         while True:
-            try:
-                raw = await self._it.__anext__()
-            except StopAsyncIteration:
-                raise UpstreamError(provider, "stream_cut", "upstream stream ended before message_stop") from None
-            except TransportError as exc:
-                raise transport_error(provider, exc) from None
-            try:
-                events = self._parser.feed(raw)
-            except SSEError as exc:
-                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+            events = await self._events("message_stop")
             out = []
             for ev in events:
                 data = loads_object(provider, ev.data, "a stream event")

@@ -26,7 +26,7 @@ from ..http.errors import (
     TransportTimeout,
 )
 from ..resilience.errors import UpstreamError
-from .sse import SSEParser
+from .sse import SSEError, SSEParser
 
 __all__ = [
     "Adapter",
@@ -115,6 +115,27 @@ class UpstreamStream:
 
     def __aiter__(self):
         return self
+
+    async def _events(self, end_marker: str) -> list:
+        """The events completed by the next upstream read(s); never an empty list.
+
+        A stream that ends before ``end_marker``, a transport failure and malformed framing are
+        UpstreamErrors, so the breaker and failover judge them like any other failure.
+        """
+        provider = self._provider
+        while True:
+            try:
+                raw = await self._it.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamError(provider, "stream_cut", f"upstream stream ended before {end_marker}") from None
+            except TransportError as exc:
+                raise transport_error(provider, exc) from None
+            try:
+                events = self._parser.feed(raw)
+            except SSEError as exc:
+                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+            if events:
+                return events
 
     async def aclose(self) -> None:
         if not self._closed:

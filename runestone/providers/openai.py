@@ -8,7 +8,6 @@ and drops the usage-only chunk again when the client did not ask for it.
 
 from __future__ import annotations
 
-from typing import Any
 
 import orjson
 
@@ -24,7 +23,6 @@ from .base import (
     upstream_http_error,
     usage_from,
 )
-from .sse import SSEError
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -45,18 +43,7 @@ class OpenAIStream(UpstreamStream):
             raise StopAsyncIteration
         provider = self._provider
         while True:
-            try:
-                raw = await self._it.__anext__()
-            except StopAsyncIteration:
-                raise UpstreamError(provider, "stream_cut", "upstream stream ended before its [DONE] marker") from None
-            except TransportError as exc:
-                raise transport_error(provider, exc) from None
-            try:
-                events = self._parser.feed(raw)
-            except SSEError as exc:
-                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
-            if not events:
-                continue
+            events = await self._events("its [DONE] marker")
             out = []
             for ev in events:
                 data = ev.data
