@@ -381,7 +381,9 @@ class Gateway:
                                    code="no_provider_available")
             raise GatewayError(503, f"no provider is available for {ctx.model!r} ({plan.reason})", "server_error",
                                code="no_provider_available")
-        ctx.route_reason = plan.reason
+        # The decision as the client's x-runestone-route header and telemetry show it: why, and in what
+        # order the providers would be tried.
+        ctx.route_reason = plan.reason + "; candidates=" + ",".join([t.provider for t in targets])
         table = self.providers.value
         telemetry = self.telemetry
         failed: dict[str, int] = {}

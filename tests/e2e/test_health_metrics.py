@@ -86,3 +86,12 @@ async def test_usage_is_per_key_and_admin_sees_all(gateway_factory):
         everyone = (await http.get("/v1/usage", headers={"authorization": "Bearer root"})).json()
         assert everyone["totals"]["requests"] == 5
         assert "alpha" not in str(everyone) and "beta" not in str(everyone)  # keys appear only as key ids
+
+
+async def test_route_header_names_the_policy_and_the_candidates_in_order(gateway_factory):
+    gw = await gateway_factory(provider_toml("a", "fake", models=["m"], priority=1)
+                               + provider_toml("b", "fake", models=["m"], priority=2))
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert r.headers["x-runestone-provider"] == "a"
+    assert r.headers["x-runestone-route"] == "policy=default; candidates=a,b"

@@ -162,8 +162,10 @@ async def test_pool_sends_three_quarters_to_the_heavier_member_and_fails_over(ga
         for i in range(200):
             r = await _ask(http, "pool-a", stream=i % 4 == 0)
             assert r.status_code == 200, r.text
-            assert r.headers["x-runestone-route"] == "pool=pool-a"
+            route = r.headers["x-runestone-route"]
             who[r.headers["x-runestone-provider"]] += 1
+            # the decision: the pool, then its members in the order they would be tried, the chosen one first
+            assert route.startswith("pool=pool-a; candidates=" + r.headers["x-runestone-provider"] + ","), route
         assert 135 <= who["p1"] <= 165 and who["p1"] + who["p2"] == 200, who
         # Each member is sent its own default model.
         assert (await _ask(http, "pool-a")).json()["model"] in ("m1", "m2")
