@@ -180,7 +180,8 @@ class Transport:
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         raise NotImplementedError
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abort_in_use: bool = False) -> None:
+        """Close the transport; with ``abort_in_use`` also the connections requests are still using."""
         raise NotImplementedError
 
     async def __aenter__(self) -> Transport:
@@ -316,6 +317,7 @@ class _Connection:
         self.closed = True
         self._close_socket()
         pool = self.pool
+        pool.busy.discard(self)
         pool.open -= 1
         if pool.waiters:
             pool.waiters.unpark()
@@ -353,7 +355,7 @@ class _PlainConnection(_Connection):
         except trio.ClosedResourceError:
             if self.timed_out:
                 raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s") from None
-            raise
+            raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
             deadlines.armed.discard(self)
 
@@ -383,7 +385,8 @@ class _PlainConnection(_Connection):
         except trio.ClosedResourceError:
             if self.timed_out:
                 raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s") from None
-            raise
+            # Closed under us by aclose(abort_in_use=True): the exchange failed, as a transport error.
+            raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
             deadlines.armed.discard(self)
 
@@ -463,9 +466,12 @@ class _OriginPool:
     open: int = 0
     """Slots taken: connections open (idle included) or being opened."""
     waiters: ParkingLot = attrs.Factory(ParkingLot)
+    busy: set = attrs.Factory(set)
+    """Connections handed out and not yet released or closed (``aclose(abort_in_use=True)`` closes them)."""
 
     def release(self, conn: _Connection) -> None:
         """Keep ``conn``, whose last response ended cleanly, for the next request."""
+        self.busy.discard(conn)
         if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
             return
@@ -794,15 +800,19 @@ class FastTransport(Transport):
             )
         )
 
-    async def aclose(self) -> None:
-        """Close idle connections now and in-use ones when their response ends; later ``stream``
-        calls fail. Tasks waiting for a slot are woken and fail."""
+    async def aclose(self, *, abort_in_use: bool = False) -> None:
+        """Close idle connections now and in-use ones when their response ends (or now, with
+        ``abort_in_use``: their readers then fail with a transport error); later ``stream`` calls fail.
+        Tasks waiting for a slot are woken and fail."""
         self._closed = True
         for pool in self._pools.values():
             pool.closed = True
             idle, pool.idle = pool.idle, []
             for conn in idle:
                 conn.close()
+            if abort_in_use:
+                for conn in list(pool.busy):
+                    conn.close()
             pool.waiters.unpark_all()
         await checkpoint_if_cancelled()
 
@@ -910,6 +920,7 @@ class FastTransport(Transport):
                     while idle:
                         conn = idle.pop()
                         if now - conn.idle_since < limits.idle_expiry and not conn.dead_while_idle():
+                            pool.busy.add(conn)
                             return conn
                         conn.close()
                 elif pool.open >= limits.max_connections and pool.idle:
@@ -931,7 +942,9 @@ class FastTransport(Transport):
                 raise TransportError("the transport is closed")
         pool.open += 1
         try:
-            return await self._connect(pool, timeouts.connect)
+            conn = await self._connect(pool, timeouts.connect)
+            pool.busy.add(conn)
+            return conn
         except BaseException:
             pool.open -= 1
             if pool.waiters:

@@ -190,5 +190,6 @@ class HttpxTransport(Transport):
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         return _HttpxExchange(self, (method, url, headers, body, timeouts))
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abort_in_use: bool = False) -> None:
+        """Close the client; httpx closes its whole pool, in-use connections included, either way."""
         await self._client.aclose()

@@ -175,5 +175,5 @@ class FakeAdapter:
         self._maybe_fail()
         return list(self._models)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abort_in_use: bool = True) -> None:
         return None

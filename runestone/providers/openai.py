@@ -149,5 +149,7 @@ class OpenAIAdapter:
             raise UpstreamError(self.name, "malformed", "upstream /models response has no 'data' list")
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
-    async def aclose(self) -> None:
-        await self._transport.aclose()
+    async def aclose(self, *, abort_in_use: bool = True) -> None:
+        # The provider is stopping (unregistered after its grace, or the gateway is): by default requests
+        # still using its connections end now, with an error their clients see.
+        await self._transport.aclose(abort_in_use=abort_in_use)

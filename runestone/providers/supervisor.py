@@ -243,7 +243,9 @@ async def _close_later(adapter, delay: float) -> None:
         await trio.sleep(delay)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await adapter.aclose()
+            # Requests the crashed incarnation started have had their attempt timeout; a stream may
+            # still be running on a connection of this pool, and is left to end by itself.
+            await adapter.aclose(abort_in_use=False)
 
 
 class EnhancedProviderSupervisor(Supervisor):

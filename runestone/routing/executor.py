@@ -606,6 +606,8 @@ class Gateway:
                 error = UpstreamError(provider, "stream_cut", "upstream stream ended early")
         except UpstreamError as exc:
             error = exc
+        except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
+            error = UpstreamError(provider, "protocol", f"the upstream stream failed: {type(exc).__name__}")
         except (GeneratorExit, trio.Cancelled) as exc:
             # The client went away: not the provider's fault, nothing more to write.
             error = exc

@@ -697,3 +697,35 @@ async def test_https_server_that_never_answers_is_a_read_timeout(
             await get(transport, server.url())
         assert trio.current_time() == pytest.approx(4)
         assert transport.statistics().origins[0].open == 0
+
+
+async def test_aclose_aborting_in_use_connections_fails_their_readers(autojump_clock: trio.testing.MockClock) -> None:
+    saw_eof = trio.Event()
+
+    async def endless(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ntick\r\n")
+        with trio.fail_after(5):
+            await peer.wait_eof()
+        saw_eof.set()
+
+    async with serving(endless) as server:
+        transport = FastTransport()
+        async with transport.stream("GET", server.url(), []) as response:
+            assert await response.__anext__() == b"tick"
+            async with trio.open_nursery() as nursery:
+                failure = []
+
+                async def read_more():
+                    try:
+                        await response.__anext__()
+                    except TransportError as exc:
+                        failure.append(exc)
+
+                nursery.start_soon(read_more)
+                await trio.sleep(0.1)  # the reader is now waiting for the next chunk
+                await transport.aclose(abort_in_use=True)
+        assert len(failure) == 1  # a transport error, not a hang or a foreign exception
+        with trio.fail_after(1):
+            await saw_eof.wait()
+        assert transport.statistics().origins[0].open == 0
