@@ -657,7 +657,7 @@ class AdminRoutes:
             conn = ControlConnection(ws, max_message_bytes=max_bytes)
             await serve_connection(conn, authed, self._admin, "the admin key", self.dispatch, self.connections)
 
-        return WebSocketAccept(handler)
+        return WebSocketAccept(handler, max_message_size=max_bytes)
 
     async def dispatch(self, conn: ControlConnection, caller: Caller, msg: dict, nursery: trio.Nursery) -> None:
         op = msg.get("type")

@@ -286,7 +286,7 @@ class WebSocketRoutes:
             conn = MessageConnection(ws, max_message_bytes=self.max_message_bytes, queue_size=self.queue_size)
             await serve_connection(conn, authed, self._client, "a client API key", self.dispatch, self.connections)
 
-        return WebSocketAccept(handler)
+        return WebSocketAccept(handler, max_message_size=self.max_message_bytes)
 
     # -- messages -------------------------------------------------------------------------------------
 

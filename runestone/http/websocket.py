@@ -42,6 +42,8 @@ class WebSocketAccept:
     handler: WebSocketHandler
     subprotocol: str | None = None
     extra_headers: list[tuple[bytes, bytes]] = attrs.field(default=(), converter=_header_list)
+    #: The largest message the connection takes; a larger one closes it with code 1009.
+    max_message_size: int = 1024 * 1024
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -119,7 +121,8 @@ async def run_websocket(
     async with trio.open_nursery() as nursery:
         connection = None
         with trio.move_on_after(handshake_timeout):
-            request = await trio_websocket.wrap_server_stream(nursery, replaying)
+            request = await trio_websocket.wrap_server_stream(nursery, replaying,
+                                                              max_message_size=accept.max_message_size)
             subprotocol = accept.subprotocol
             if subprotocol is not None and subprotocol not in request.proposed_subprotocols:
                 logger.warning("websocket subprotocol %r was not proposed by the client; none selected", subprotocol)

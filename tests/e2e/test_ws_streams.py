@@ -311,3 +311,17 @@ async def test_per_key_limits_apply_to_streams(gateway_factory):
         # The lease went back with the first stream's end.
         await send(ws, chat("third"))
         assert (await collect(ws, ["third"]))["third"][1]["type"] == "done"
+
+
+async def test_message_limit_above_one_mebibyte_is_honoured(gateway_factory):
+    # trio-websocket's own default limit is 1 MiB; the configured limit must be what applies.
+    server = '[server]\nhost = "127.0.0.1"\nport = 0\nmax_ws_message_bytes = 2097152\n'
+    gw = await gateway_factory(server + KEYS + provider_toml("fake", "fake", models=["fake-model"]))
+    async with trio_websocket.open_websocket_url(ws_url(gw), extra_headers=AUTH,
+                                                 max_message_size=4 * 1024 * 1024) as ws:
+        await send(ws, {"type": "ping", "pad": "x" * 1_500_000})
+        assert await recv(ws) == {"type": "pong"}
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # during the send or the receive
+            await send(ws, {"type": "ping", "pad": "x" * 2_200_000})
+            await recv(ws)
+        assert closed.value.reason.code == 1009
