@@ -208,6 +208,11 @@ class Front:
 
     # -- routes ---------------------------------------------------------------------------------------
 
+    def require_model(self, model: str) -> None:
+        """A 404 naming the way to list models, unless some provider, group, pool, split or alias serves it."""
+        if not self.gateway.known_model(model):
+            raise self._unknown_model(model)
+
     def _unknown_model(self, model: str) -> GatewayError:
         return GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
                             "list the available models and failover groups with GET /v1/models",
@@ -218,8 +223,7 @@ class Front:
         shape = validate_chat(body)
         gw = self.gateway
         model = shape.model
-        if not gw.known_model(model):
-            raise self._unknown_model(model)
+        self.require_model(model)
         requirements = shape.requirements
         needs = shape.capability - _ALWAYS
         if needs and not needs <= requirements.require:
@@ -233,24 +237,19 @@ class Front:
         ctx = gw.begin(caller.request_id, caller.key_id, "chat", model, shape.stream)
         if not shape.stream:
             target, result = await gw.complete(ctx, body, plan)
-            response = Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode()),
+            response = Response(200, [_JSON, *ctx.answer_headers(target.provider),
                                       (b"x-runestone-route", _route_header(ctx.route_reason))], result.body)
-            if ctx.variant is not None:
-                response.headers.append((b"x-runestone-variant", ctx.variant.header))
             return response if cache is None else cache.store(cache_key, response, target.provider)
         answer = await gw.open_stream(ctx, body, plan, shape.include_usage)
-        headers = [*_SSE_HEADERS, (b"x-runestone-provider", answer.provider.encode()),
+        headers = [*_SSE_HEADERS, *ctx.answer_headers(answer.provider),
                    (b"x-runestone-route", _route_header(ctx.route_reason))]
-        if ctx.variant is not None:
-            headers.append((b"x-runestone-variant", ctx.variant.header))
         return Response(200, headers, stream=gw.relay(ctx, answer))
 
     async def embeddings(self, request: Request, caller: Caller) -> Response:
         body = await self.read_json(request)
         model, requirements = validate_embeddings(body)
         gw = self.gateway
-        if not gw.known_model(model):
-            raise self._unknown_model(model)
+        self.require_model(model)
         plan = gw.plan(model, body, requirements, "embeddings")
         ctx = gw.begin(caller.request_id, caller.key_id, "embeddings", model, False)
         target, result = await gw.complete(ctx, body, plan, kind="embed")

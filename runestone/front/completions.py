@@ -204,8 +204,7 @@ class CompletionsRoute:
         shape = validate_chat(chat)
         gw = front.gateway
         model = shape.model
-        if not gw.known_model(model):
-            raise front._unknown_model(model)
+        front.require_model(model)
         plan = gw.plan(model, chat, shape.requirements)
         ctx = gw.begin(caller.request_id, caller.key_id, "completions", model, shape.stream)
         echo_prompt = prompt if echo else None

@@ -153,8 +153,7 @@ class MessagesRoute:
         shape = validate_chat(chat)
         gw = front.gateway
         model = shape.model
-        if not gw.known_model(model):
-            raise front._unknown_model(model)
+        front.require_model(model)
         requirements = shape.requirements
         needs = shape.capability - _ALWAYS
         if needs and not needs <= requirements.require:

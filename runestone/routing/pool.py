@@ -55,9 +55,6 @@ class InFlightTable:
         if event is not None:
             event.set()
 
-    def count(self, provider: str) -> int:
-        return sum(1 for r in self.requests.values() if r.provider == provider)
-
     async def wait_idle(self, provider: str, in_flight: dict[str, int], deadline: float) -> bool:
         """Wait until ``in_flight[provider]`` is zero or ``deadline`` passes; True when it drained."""
         with trio.move_on_at(deadline):
