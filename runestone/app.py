@@ -127,7 +127,7 @@ class Application:
         self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
         limiter = KeyLimiter(config.limits)
         if limiter.enabled:
-            self.front.limiter = limiter
+            self.gateway.admission = limiter
             if limiter.tpm:
                 self.gateway.on_tokens = limiter.record_tokens
         # Route groups beyond the chat core register themselves on the front: install(front, app).
@@ -217,7 +217,7 @@ class Application:
             def started(inner, server):
                 self.server = server
                 self.port = server.port
-                inner.status.started(server)
+                inner.status.started(_GracefulFront(server, self.gateway))
 
         await serve_http(self.front.handle, self.host, self.port, limits=limits, task_status=_Started(task_status))
 
@@ -256,3 +256,23 @@ class Application:
             "telemetry_sender": self.telemetry.snapshot(),
             "server": attrs.asdict(self.server.statistics()) if self.server is not None else None,
         }
+
+
+class _GracefulFront:
+    """The front child as its supervisor stops it: streams still running near the end of the drain end
+    with an error event saying the gateway is stopping (recorded as ``shutdown``), before the server's
+    drain deadline cuts whatever is left. Everything else is the server's."""
+
+    def __init__(self, server, gateway) -> None:
+        self._server = server
+        self._gateway = gateway
+
+    def request_stop(self) -> None:
+        drain = self._server.limits.drain_timeout
+        # Leave the streams a moment to write their error event before the connections are cut.
+        self._gateway.stop_streams_at(trio.current_time() + max(drain - 0.5, drain * 0.5))
+        self._server.request_stop()
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
+

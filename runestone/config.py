@@ -72,7 +72,6 @@ __all__ = [
     "group_spec_to_dict",
     "load_config",
     "load_pricing",
-    "lookup_price",
     "provider_spec_from_dict",
     "provider_spec_to_dict",
 ]
@@ -1150,21 +1149,6 @@ def load_pricing(path: str | os.PathLike[str] | None = None) -> dict[str, ModelP
     except OSError:
         mtime = 0  # _read_toml reports it
     return dict(_load_pricing_cached(str(p), mtime))
-
-
-def lookup_price(pricing: Mapping[str, ModelPrice], model: str) -> ModelPrice | None:
-    """The price of ``model``, also under a dated id (``gpt-4o-2024-08-06``,
-    ``claude-sonnet-4-5-20250929``) of a model in the table."""
-    price = pricing.get(model)
-    if price is not None:
-        return price
-    base, _, tail = model.rpartition("-")
-    if len(tail) == 8 and tail.isdigit():  # -YYYYMMDD
-        return pricing.get(base)
-    parts = model.rsplit("-", 3)  # -YYYY-MM-DD
-    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]) and len(parts[1]) == 4:
-        return pricing.get(parts[0])
-    return None
 
 
 def load_config(

@@ -5,6 +5,7 @@ import textwrap
 import attrs
 import pytest
 
+from runestone.telemetry.costs import price_for
 from runestone.config import (
     ANTHROPIC_DEFAULT_MODELS,
     DEFAULT_CONFIG_PATH,
@@ -22,7 +23,6 @@ from runestone.config import (
     group_spec_to_dict,
     load_config,
     load_pricing,
-    lookup_price,
     provider_spec_from_dict,
     provider_spec_to_dict,
 )
@@ -542,16 +542,16 @@ def test_pricing_table_overrides_and_lookup(write):
     assert pricing["gpt-4o"] == ModelPrice(1.0, 2.0)
     assert pricing["local"] == ModelPrice(0.5, 0.0)
     assert pricing["gpt-4.1"] == load_pricing()["gpt-4.1"]
-    assert lookup_price(pricing, "gpt-4o-2024-08-06") == ModelPrice(1.0, 2.0)
-    assert lookup_price(pricing, "claude-sonnet-4-5-20250929") == pricing["claude-sonnet-4-5"]
-    assert lookup_price(pricing, "no-such-model") is None
+    assert price_for(pricing, "openai", "gpt-4o-2024-08-06") == ModelPrice(1.0, 2.0)
+    assert price_for(pricing, "anthropic", "claude-sonnet-4-5-20250929") == pricing["claude-sonnet-4-5"]
+    assert price_for(pricing, "openai", "no-such-model") is None
     assert ModelPrice(2.0, 8.0).cost(1_000, 500) == pytest.approx(0.006)
 
 
 def test_default_pricing_covers_the_default_providers_models():
     pricing = load_pricing()
     for model in (*OPENAI_DEFAULT_MODELS, *ANTHROPIC_DEFAULT_MODELS, "fake-model", "fake-embedding"):
-        assert lookup_price(pricing, model) is not None, model
+        assert price_for(pricing, "any", model) is not None, model
 
 
 def test_bad_pricing_file_names_the_file(write):

@@ -39,6 +39,7 @@ from ..resilience.breaker import BreakerSettings
 from ..resilience.failover import DEFAULT_GROUP, GroupSpec
 from ..resilience.replies import Rejected
 from ..routing.executor import GatewayError
+from ..wire.errors import openai_error_object
 from ..runtime import ActorError, NamedRef
 from ..telemetry.events import ProviderRegistered, ProviderUnregistered
 from .api import Caller
@@ -731,7 +732,7 @@ class AdminRoutes:
         try:
             result = await runner
         except GatewayError as exc:
-            await conn.send({"type": "error", "id": rid, "op": op, "error": exc.body()["error"], "status": exc.status})
+            await conn.send({"type": "error", "id": rid, "op": op, "error": openai_error_object(exc.message, exc.type, exc.param, exc.code), "status": exc.status})
             return
         except Exception:
             log.exception("control operation %s failed", op)

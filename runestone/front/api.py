@@ -2,10 +2,12 @@
 
 ``Front.handle`` is the handler given to the project's HTTP server. It finds the route by exact path
 (a dict lookup; a few prefixes for paths with ids), authenticates, and calls the route. Routes raise
-:class:`~runestone.routing.executor.GatewayError` to refuse; anything else that escapes a route is
-logged and answered with a generic 500 in OpenAI's shape, never a traceback. The hot route,
-``POST /v1/chat/completions``, does: read body, one ``orjson.loads``, validation, a route decision on
-published snapshots, and the attempt — no mailbox waits.
+:class:`~runestone.routing.errors.GatewayError` or :class:`~runestone.wire.errors.InvalidRequest` to
+refuse; anything else that escapes a route is logged and answered with a generic 500 in OpenAI's shape,
+never a traceback. A model route decodes its wire format into a
+:class:`~runestone.routing.executor.ModelRequest`, calls the one pipeline (``Gateway.serve``) and encodes
+the answer: the hot route, ``POST /v1/chat/completions``, does one ``orjson.loads``, validation, a route
+decision on published snapshots and the attempt — no mailbox waits.
 """
 
 from __future__ import annotations
@@ -14,28 +16,34 @@ import logging
 import os
 from typing import Any, Awaitable, Callable
 
-import attrs
 import trio
 
 from ..http.server import BodyTooLarge, ClientDisconnected, HttpError, Request, Response
-from ..routing.executor import Gateway, GatewayError
+from ..routing.errors import GatewayError
+from ..routing.executor import Completed, Gateway, ModelRequest
+from ..routing.policies import NO_REQUIREMENTS, Requirements, parse_requirements
+from ..wire.errors import InvalidRequest
+from ..wire.openai import parse_json_object, validate_chat, validate_embeddings
 from .auth import KeyRing
 from .errors import error_response, gateway_error_response
-from .validate import parse_json_object, validate_chat, validate_embeddings
+from .streams import SSE_HEADERS, openai_sse
 
 __all__ = ["Front", "RouteTable"]
 
 log = logging.getLogger("runestone.front")
 
 _JSON = (b"content-type", b"application/json")
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 
-# Every provider type streams; only tools and vision narrow the choice.
-_ALWAYS = frozenset({"streaming"})
+
+def requirements_of(routing) -> Requirements:
+    """The client's ``runestone`` routing object, parsed; a 400 naming it when it is wrong."""
+    if routing is None:
+        return NO_REQUIREMENTS
+    try:
+        return parse_requirements(routing)
+    except (ValueError, TypeError) as exc:
+        raise GatewayError(400, f"invalid 'runestone' routing object: {exc}", param="runestone",
+                           code="invalid_value") from None
 
 Route = Callable[[Request, "Caller"], Awaitable[Any]]
 
@@ -57,17 +65,13 @@ class RouteTable:
     def __init__(self) -> None:
         self.exact: dict[tuple[str, str], tuple[Route, str]] = {}
         self.prefix: list[tuple[str, str, Route, str]] = []
-        #: Routes that spend model capacity: per-key limits apply to them.
-        self.limited: set = set()
         self.paths: dict[str, list[str]] = {}
 
-    def add(self, method: str, path: str, route: Route, access: str = "client", *, limited: bool = False) -> None:
+    def add(self, method: str, path: str, route: Route, access: str = "client") -> None:
         """``access``: "public" (no key), "client" (a client key) or "admin" (the admin key).
 
-        ``limited``: the route calls a model, so the caller's per-key limits apply.
+        Per-key limits are not the route's business: the pipeline admits every model request.
         """
-        if limited:
-            self.limited.add(route)
         if path.endswith("*"):
             self.prefix.append((method, path[:-1], route, access))
         else:
@@ -101,14 +105,12 @@ class Front:
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.routes = RouteTable()
-        #: Per-key limits (runestone.front.limits.KeyLimiter), set by the app when any limit is configured.
-        self.limiter = None
         #: The response cache of non-streaming chat (front/cache.py installs it when enabled), or None.
         self.cache = None
         r = self.routes.add
-        r("POST", "/v1/chat/completions", self.chat, limited=True)
-        r("POST", "/chat/completions", self.chat, limited=True)
-        r("POST", "/v1/embeddings", self.embeddings, limited=True)
+        r("POST", "/v1/chat/completions", self.chat)
+        r("POST", "/chat/completions", self.chat)
+        r("POST", "/v1/embeddings", self.embeddings)
         r("GET", "/v1/models", self.models)
         r("GET", "/v1/models/*", self.model)
 
@@ -133,12 +135,11 @@ class Front:
                                       "/v1 (see GET /openapi.json)", code="not_found", headers=[rid_header])
             route, access = found
             caller = self.authenticate(request, access, request_id)
-            if self.limiter is not None and route in self.routes.limited:
-                response = await self.run_limited(route, request, caller)
-            else:
-                response = await route(request, caller)
+            response = await route(request, caller)
         except GatewayError as exc:
             return gateway_error_response(exc, [rid_header])
+        except InvalidRequest as exc:
+            return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=[rid_header])
         except BodyTooLarge:
             return error_response(413, f"the request body exceeds the limit of {self.max_body_bytes} bytes",
                                   code="request_too_large", headers=[rid_header])
@@ -152,25 +153,6 @@ class Front:
                                   f"{request_id}", "server_error", code="internal_error", headers=[rid_header])
         if isinstance(response, Response):
             response.headers.append(rid_header)
-        return response
-
-    async def run_limited(self, route, request: Request, caller: "Caller"):
-        """Run ``route`` under the caller's per-key limits (a 429 GatewayError when refused)."""
-        limiter = self.limiter
-        if limiter is None:
-            return await route(request, caller)
-        lease = await limiter.admit(caller.key_id or "open")
-        try:
-            response = await route(request, caller)
-        except BaseException:
-            lease.release()
-            raise
-        if isinstance(response, Response):
-            response.headers += lease.headers
-            if response.stream is not None:
-                response.stream = _release_after(response.stream, lease)
-                return response
-        lease.release()
         return response
 
     def authenticate(self, request: Request, access: str, request_id: str) -> Caller:
@@ -208,52 +190,33 @@ class Front:
 
     # -- routes ---------------------------------------------------------------------------------------
 
-    def require_model(self, model: str) -> None:
-        """A 404 naming the way to list models, unless some provider, group, pool, split or alias serves it."""
-        if not self.gateway.known_model(model):
-            raise self._unknown_model(model)
-
     def _unknown_model(self, model: str) -> GatewayError:
         return GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
                             "list the available models and failover groups with GET /v1/models",
-                            param="model", code="model_not_found")
+                            "not_found_error", param="model", code="model_not_found")
 
     async def chat(self, request: Request, caller: Caller) -> Response:
         body = await self.read_json(request)
         shape = validate_chat(body)
-        gw = self.gateway
-        model = shape.model
-        self.require_model(model)
-        requirements = shape.requirements
-        needs = shape.capability - _ALWAYS
-        if needs and not needs <= requirements.require:
-            requirements = attrs.evolve(requirements, require=requirements.require | needs)
         cache = self.cache
         if cache is not None and not shape.stream:
             cache_key, cached = cache.lookup(request, body, caller.key_id)
             if cached is not None:
                 return cached
-        plan = gw.plan(model, body, requirements)
-        ctx = gw.begin(caller.request_id, caller.key_id, "chat", model, shape.stream)
-        if not shape.stream:
-            target, result = await gw.complete(ctx, body, plan)
-            response = Response(200, [_JSON, *ctx.answer_headers(target.provider),
-                                      (b"x-runestone-route", _route_header(ctx.route_reason))], result.body)
-            return response if cache is None else cache.store(cache_key, response, target.provider)
-        answer = await gw.open_stream(ctx, body, plan, shape.include_usage)
-        headers = [*_SSE_HEADERS, *ctx.answer_headers(answer.provider),
-                   (b"x-runestone-route", _route_header(ctx.route_reason))]
-        return Response(200, headers, stream=gw.relay(ctx, answer))
+        result = await self.gateway.serve(ModelRequest(
+            caller.request_id, caller.key_id, "chat", shape.model, body, "chat", shape.stream, shape.include_usage,
+            requirements_of(shape.routing), shape.capability))
+        if type(result) is Completed:
+            response = Response(200, [_JSON, *result.headers], result.body)
+            return response if cache is None else cache.store(cache_key, response, result.provider)
+        return Response(200, [*SSE_HEADERS, *result.headers], stream=openai_sse(result))
 
     async def embeddings(self, request: Request, caller: Caller) -> Response:
         body = await self.read_json(request)
-        model, requirements = validate_embeddings(body)
-        gw = self.gateway
-        self.require_model(model)
-        plan = gw.plan(model, body, requirements, "embeddings")
-        ctx = gw.begin(caller.request_id, caller.key_id, "embeddings", model, False)
-        target, result = await gw.complete(ctx, body, plan, kind="embed")
-        return Response(200, [_JSON, (b"x-runestone-provider", target.provider.encode())], result.body)
+        model, routing = validate_embeddings(body)
+        result = await self.gateway.serve(ModelRequest(
+            caller.request_id, caller.key_id, "embeddings", model, body, "embed", requirements=requirements_of(routing)))
+        return Response(200, [_JSON, *result.headers], result.body)
 
     def model_list(self) -> list[dict]:
         gw = self.gateway
@@ -284,32 +247,3 @@ class Front:
             if m["id"] == model_id:
                 return Response.json(m)
         raise self._unknown_model(model_id)
-
-
-async def transformed(relay, feed):
-    """Relay ``relay``'s items through ``feed`` (bytes -> bytes, b"" to write nothing), e.g. chat SSE into
-    another API's stream format. The relay's own cleanup (upstream close, telemetry) always runs."""
-    try:
-        async for item in relay:
-            data = feed(item)
-            if data:
-                yield data
-    finally:
-        await relay.aclose()
-
-
-async def _release_after(stream, lease):
-    """Relay ``stream`` and give the limiter's lease back when it ends, however it ends."""
-    try:
-        async for data in stream:
-            yield data
-    finally:
-        lease.release()
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _route_header(reason: str) -> bytes:
-    # Header values must be visible ASCII; route reasons are ours, but model names come from clients.
-    return reason.encode("ascii", "replace")[:200].replace(b"\r", b" ").replace(b"\n", b" ")

@@ -1,33 +1,49 @@
-"""Client-facing errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""Client-facing errors, in the shape of the API the client speaks.
 
-Every refusal the gateway makes goes through :func:`error_response`, with a message a person can act on
-(what was wrong, and what to do instead). Nothing here ever includes a traceback or a secret.
+Routing raises :class:`~runestone.routing.errors.GatewayError` and decoders raise
+:class:`~runestone.wire.errors.InvalidRequest`, neither in any wire format; this module alone turns them
+into responses: OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (:func:`error_response`,
+:func:`gateway_error_response`) or Anthropic's ``{"type": "error", "error": {"type", "message"}}``
+(:func:`anthropic_response`). Nothing here ever includes a traceback or a secret.
 """
 
 from __future__ import annotations
 
-import orjson
-
 from ..http.server import Response
-from ..routing.executor import GatewayError
+from ..routing.errors import GatewayError
+from ..wire.errors import ErrorInfo, InvalidRequest, anthropic_error_body, openai_error_body
 
-__all__ = ["ApiError", "error_response", "gateway_error_response"]
+__all__ = ["anthropic_response", "error_response", "gateway_error", "gateway_error_response"]
 
 _JSON = (b"content-type", b"application/json")
 
 
-class ApiError(GatewayError):
-    """Raised anywhere in a route to answer with an error; same fields as GatewayError."""
+def gateway_error(exc: InvalidRequest) -> GatewayError:
+    """A decoder's refusal as the request path's error (a 400 naming the field)."""
+    return GatewayError(exc.status, exc.message, param=exc.param, code=exc.code)
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
                    code: str | None = None, headers=()) -> Response:
-    body = orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
-    return Response(status, [_JSON, *headers], body)
+    return Response(status, [_JSON, *headers], openai_error_body(ErrorInfo(status, message, type, param, code)))
+
+
+def _headers(exc: GatewayError, extra) -> list:
+    headers = [_JSON, *exc.headers, *extra]
+    if exc.provider:
+        headers.append((b"x-runestone-provider", exc.provider.encode()))
+    return headers
 
 
 def gateway_error_response(exc: GatewayError, extra_headers=()) -> Response:
-    headers = [*exc.headers, *extra_headers]
-    if exc.provider:
-        headers.append((b"x-runestone-provider", exc.provider.encode()))
-    return error_response(exc.status, exc.message, exc.type, param=exc.param, code=exc.code, headers=headers)
+    """OpenAI's shape."""
+    info = ErrorInfo(exc.status, exc.message, exc.type, exc.param, exc.code)
+    return Response(exc.status, _headers(exc, extra_headers), openai_error_body(info))
+
+
+def anthropic_response(exc: GatewayError | InvalidRequest, extra_headers=()) -> Response:
+    """Anthropic's shape."""
+    if isinstance(exc, InvalidRequest):
+        exc = gateway_error(exc)
+    info = ErrorInfo(exc.status, exc.message, exc.type, exc.param, exc.code)
+    return Response(exc.status, _headers(exc, extra_headers), anthropic_error_body(info))

@@ -16,12 +16,12 @@ wire and break every other stream of the connection, whereas a task cancelled wh
 queue leaves nothing behind. The queue is what gives backpressure: when the client reads slowly the
 writer waits on the socket, the queue fills, and each stream waits to enqueue its next chunk instead of
 reading further from its upstream, so memory per connection stays bounded by the queue and the stream
-limit. Per chunk the relay's SSE bytes are spliced into the message without being parsed.
+limit. A stream is served by the one pipeline; each chunk payload is spliced into its ``chunk`` message
+without being parsed again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -33,9 +33,12 @@ import trio
 import trio_websocket
 
 from ..http.server import Request, WebSocketAccept
-from ..routing.executor import GatewayError
-from .api import Caller
-from .validate import validate_chat
+from ..routing.errors import GatewayError
+from ..routing.executor import Chunks, Failed, ModelRequest
+from ..wire.errors import InvalidRequest, openai_error_object
+from ..wire.openai import validate_chat
+from .api import Caller, requirements_of
+from .errors import gateway_error
 
 __all__ = ["AUTH_TIMEOUT", "MessageConnection", "ConnectionStatistics", "WebSocketRoutes", "install", "ws_error"]
 
@@ -55,22 +58,20 @@ CLOSE_POLICY = 1008
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TOO_BIG = 1009
 
-# Every provider type streams; only tools and vision narrow the choice (as on the HTTP route).
-_ALWAYS = frozenset({"streaming"})
-_DATA = b"data: "
 
 
 def ws_error(id: Any, message: str, code: str | None, type: str = "invalid_request_error", *,
              param: str | None = None, status: int | None = None) -> dict:
     """An ``error`` message: OpenAI's error object under ``error``, and the HTTP status it stands for."""
-    out = {"type": "error", "id": id, "error": {"message": message, "type": type, "param": param, "code": code}}
+    out = {"type": "error", "id": id, "error": openai_error_object(message, type, param, code)}
     if status is not None:
         out["status"] = status
     return out
 
 
 def _gateway_error(id: Any, exc: GatewayError) -> dict:
-    out = {"type": "error", "id": id, "error": exc.body()["error"], "status": exc.status}
+    out = {"type": "error", "id": id, "error": openai_error_object(exc.message, exc.type, exc.param, exc.code),
+           "status": exc.status}
     if exc.provider:
         out["provider"] = exc.provider
     return out
@@ -362,75 +363,32 @@ class WebSocketRoutes:
             await conn.send(final)
 
     async def _chat(self, conn: MessageConnection, caller: Caller, sid: Any, body: dict) -> dict:
-        # A stream is a request like any other: the caller's per-key limits apply for its whole length.
-        limiter = self.front.limiter
-        try:
-            lease = await limiter.admit(caller.key_id or "open") if limiter is not None else None
-        except GatewayError as exc:
-            return _gateway_error(sid, exc)
-        try:
-            return await self._limited_chat(conn, caller, sid, body)
-        finally:
-            if lease is not None:
-                lease.release()
-
-    async def _limited_chat(self, conn: MessageConnection, caller: Caller, sid: Any, body: dict) -> dict:
-        gw = self.gateway
+        """One stream through the one pipeline (per-key limits apply for its whole length); its final message."""
         try:
             shape = validate_chat(body)
-            model = shape.model
-            if not gw.known_model(model):
-                raise self.front._unknown_model(model)
-            requirements = shape.requirements
-            needs = shape.capability - _ALWAYS
-            if needs and not needs <= requirements.require:
-                requirements = attrs.evolve(requirements, require=requirements.require | needs)
-            body["stream"] = True
-            plan = gw.plan(model, body, requirements)
-            ctx = gw.begin("ws_" + os.urandom(12).hex(), caller.key_id, "chat", model, True)
-            answer = await gw.open_stream(ctx, body, plan, shape.include_usage)
+            streaming = await self.gateway.serve(ModelRequest(
+                "ws_" + os.urandom(12).hex(), caller.key_id, "chat", shape.model, body, "chat", True,
+                shape.include_usage, requirements_of(shape.routing), shape.capability))
+        except InvalidRequest as exc:
+            return _gateway_error(sid, gateway_error(exc))
         except GatewayError as exc:
             return _gateway_error(sid, exc)
-        sid_json = orjson.dumps(sid)
-        prefix = b'{"type":"chunk","id":' + sid_json + b',"chunk":'
+        prefix = b'{"type":"chunk","id":' + orjson.dumps(sid) + b',"chunk":'
         send = conn.send
-        failure = None
-        rest = b""
-        async with contextlib.aclosing(gw.relay(ctx, answer)) as relay:
-            async for data in relay:
-                if rest:
-                    data = rest + data
-                events = data.split(b"\n\n")
-                rest = events.pop()
-                for event in events:
-                    payload = _event_data(event)
-                    if payload is None or payload == b"[DONE]":
-                        continue
-                    if payload.startswith(b'{"error"'):
-                        # The relay's honest end after a failure mid-stream; it is always the last event.
-                        failure = payload
-                        continue
-                    await send(prefix + payload + b"}")
-        if failure is not None:
-            try:
-                error = orjson.loads(failure)["error"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                error = {"message": "the stream failed", "type": "api_error", "param": None, "code": None}
-            return {"type": "error", "id": sid, "error": error, "status": 502, "provider": answer.provider}
-        return {"type": "done", "id": sid, "usage": answer.stream.usage.as_openai(), "provider": answer.provider,
-                "model": answer.model}
+        try:
+            async for event in streaming:
+                if type(event) is Chunks:
+                    for payload in event.payloads:
+                        await send(prefix + payload + b"}")
+                elif type(event) is Failed:
+                    return _gateway_error(sid, event.error)
+        finally:
+            await streaming.aclose()
+        return {"type": "done", "id": sid, "usage": streaming.usage.as_openai(), "provider": streaming.provider,
+                "model": streaming.model}
 
     def snapshot(self) -> list[ConnectionStatistics]:
         return [c.statistics() for c in list(self.connections)]
-
-
-def _event_data(event: bytes) -> bytes | None:
-    """The data of one SSE event (its ``data:`` lines joined), or None for an event without data."""
-    if event.startswith(_DATA) and b"\n" not in event:
-        return event[6:]
-    lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in event.split(b"\n")]
-    data = [line for line in lines if line is not None]
-    return b"\n".join(data) if data else None
 
 
 def install(front, app) -> None:

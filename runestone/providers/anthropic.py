@@ -1,6 +1,6 @@
 """The ``anthropic`` provider type: OpenAI-shaped requests translated to the Messages API and back.
 
-Translation lives in :mod:`.anthropic_translate`; this module drives the wire: it posts to
+Translation lives in :mod:`runestone.wire.anthropic_upstream`; this module drives the wire: it posts to
 ``{base_url}/v1/messages`` with ``x-api-key`` and ``anthropic-version``, parses the event stream,
 and turns each Anthropic event into OpenAI chunks, written once per upstream read.
 """
@@ -11,19 +11,20 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
-from .anthropic_translate import (
+from ..wire.errors import UpstreamErrorBody, scrub
+from ..wire.anthropic_upstream import (
     AnthropicToOpenAIStream,
     UpstreamStreamError,
     anthropic_to_openai_response,
     openai_to_anthropic_request,
 )
 from .base import (
-    DONE,
     ChatResult,
     UpstreamStream,
     Usage,
     loads_object,
     new_created,
+    secrets_of,
     transport_error,
     upstream_http_error,
     usage_from,
@@ -37,11 +38,11 @@ class AnthropicStream(UpstreamStream):
 
     __slots__ = ("_translator",)
 
-    def __init__(self, provider: str, cm, response, translator: AnthropicToOpenAIStream) -> None:
-        super().__init__(provider, cm, response)
+    def __init__(self, provider: str, cm, response, translator: AnthropicToOpenAIStream, secrets=()) -> None:
+        super().__init__(provider, cm, response, secrets)
         self._translator = translator
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         if self.finished or self._closed:
             raise StopAsyncIteration
         provider = self._provider
@@ -56,19 +57,18 @@ class AnthropicStream(UpstreamStream):
                 try:
                     chunks = translator.feed(name, data)
                 except UpstreamStreamError as exc:
-                    raise UpstreamError(
-                        provider, "http", f"upstream reported {exc.type} mid-stream: {exc.message}", status=exc.status
-                    ) from None
+                    detail = UpstreamErrorBody(scrub(exc.message, self._secrets), exc.type, None, None, "anthropic")
+                    raise UpstreamError(provider, "http", f"upstream reported {exc.type} mid-stream: {detail.message}",
+                                        status=exc.status, detail=detail) from None
                 for chunk in chunks:
-                    out.append(b"data: " + dumps(chunk) + b"\n\n")
+                    out.append(dumps(chunk))
                 if translator.done:
                     if translator.usage:
                         usage_from(provider, translator.usage, self.usage)
                     self.finished = True
-                    out.append(DONE)
-                    break
+                    return out
             if out:
-                return b"".join(out)
+                return out
 
 class AnthropicAdapter:
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
@@ -88,6 +88,7 @@ class AnthropicAdapter:
         if key:
             headers.append((b"x-api-key", key.encode()))
         self._headers = headers
+        self._secrets = secrets_of(config)
         self._default_max_tokens = int(getattr(config, "default_max_tokens", None) or 4096)
         self._transport = transport
         self._timeouts = timeouts
@@ -97,7 +98,7 @@ class AnthropicAdapter:
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
-            raise transport_error(self.name, exc) from None
+            raise transport_error(self.name, exc, self._secrets) from None
         if response.status != 200:
             try:
                 raw = await response.read()
@@ -105,7 +106,7 @@ class AnthropicAdapter:
                 raw = b""
             finally:
                 await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw)
+            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return cm, response
 
     async def _read(self, payload: bytes, url: str | None = None, method: str = "POST") -> dict:
@@ -113,7 +114,7 @@ class AnthropicAdapter:
         try:
             raw = await response.read()
         except TransportError as exc:
-            raise transport_error(self.name, exc) from None
+            raise transport_error(self.name, exc, self._secrets) from None
         finally:
             await cm.__aexit__(None, None, None)
         return loads_object(self.name, raw, "the response")
@@ -141,7 +142,7 @@ class AnthropicAdapter:
         translator = AnthropicToOpenAIStream(
             model=model, request_id=request_id, created=new_created(), include_usage=include_usage
         )
-        return AnthropicStream(self.name, cm, response, translator)
+        return AnthropicStream(self.name, cm, response, translator, self._secrets)
 
     async def embed(self, body: dict) -> ChatResult:
         raise UpstreamError(self.name, "http", "the Anthropic API serves no embedding models", status=404)

@@ -2,9 +2,10 @@
 
 An *adapter* knows one wire format (OpenAI, Anthropic, the built-in fake). The request path hands it an
 OpenAI-shaped chat body (already validated, ``model`` set to the upstream model) and gets back either a
-finished ``chat.completion`` or a :class:`ChatStream`: an async iterator of ``bytes`` that are OpenAI SSE
-events ready to write to the client (``data: {chunk}\\n\\n`` … ``data: [DONE]\\n\\n``). Each item is what
-one upstream read produced, so relaying it is one socket write (DESIGN.md: write once per upstream read).
+finished ``chat.completion`` or a :class:`ChatStream`: an async iterator whose items are lists of
+``chat.completion.chunk`` JSON payloads (``bytes``, unframed: the front door's encoder frames them in its own
+wire format). Each item is what one upstream read produced, so relaying it is one socket write (DESIGN.md:
+write once per upstream read). The end marker is not an item: ``finished`` turns true with the last one.
 
 Failures are :class:`~runestone.resilience.errors.UpstreamError`; an adapter raises them for anything the
 upstream did wrong, including a stream that ends before its end marker or carries a malformed chunk, so the
@@ -26,7 +27,9 @@ from ..http.errors import (
     TransportTimeout,
 )
 from ..resilience.errors import UpstreamError
-from .sse import SSEError, SSEParser
+from ..resilience.retry import parse_retry_after
+from ..wire.errors import parse_upstream_error, scrub
+from ..wire.sse import SSEError, SSEParser
 
 __all__ = [
     "Adapter",
@@ -37,10 +40,8 @@ __all__ = [
     "usage_from",
     "transport_error",
     "upstream_http_error",
-    "DONE",
+    "upstream_stream_error",
 ]
-
-DONE = b"data: [DONE]\n\n"
 
 
 @attrs.define(slots=True)
@@ -67,18 +68,18 @@ class ChatResult:
 
 
 class ChatStream(Protocol):
-    """An open upstream stream; iterate for SSE bytes, always ``aclose()`` (idempotent).
+    """An open upstream stream; iterate for lists of chunk payloads, always ``aclose()`` (idempotent).
 
     ``usage`` is filled in as the upstream reports it; ``finished`` turns true once the upstream's end
-    marker was seen (the last item yielded then ends with ``data: [DONE]``).
+    marker was seen (with the last item, which may be an empty list).
     """
 
     usage: Usage
     finished: bool
 
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    def __aiter__(self) -> AsyncIterator[list[bytes]]: ...
 
-    async def __anext__(self) -> bytes: ...
+    async def __anext__(self) -> list[bytes]: ...
 
     async def aclose(self) -> None: ...
 
@@ -102,10 +103,11 @@ class UpstreamStream:
     the end marker flag; ``aclose()`` closes the upstream exchange (idempotent). Subclasses implement
     ``__anext__``."""
 
-    __slots__ = ("_provider", "_cm", "_it", "_parser", "usage", "finished", "_closed")
+    __slots__ = ("_provider", "_cm", "_it", "_parser", "usage", "finished", "_closed", "_secrets")
 
-    def __init__(self, provider: str, cm, response) -> None:
+    def __init__(self, provider: str, cm, response, secrets=()) -> None:
         self._provider = provider
+        self._secrets = secrets
         self._cm = cm
         self._it = response.__aiter__()
         self._parser = SSEParser()
@@ -129,7 +131,7 @@ class UpstreamStream:
             except StopAsyncIteration:
                 raise UpstreamError(provider, "stream_cut", f"upstream stream ended before {end_marker}") from None
             except TransportError as exc:
-                raise transport_error(provider, exc) from None
+                raise transport_error(provider, exc, self._secrets) from None
             try:
                 events = self._parser.feed(raw)
             except SSEError as exc:
@@ -143,6 +145,12 @@ class UpstreamStream:
             await self._cm.__aexit__(None, None, None)
 
 
+def secrets_of(config) -> tuple[str, ...]:
+    """The credentials an adapter sends upstream, to be scrubbed from anything the upstream says back."""
+    key = getattr(config, "api_key", None)
+    return (key,) if key else ()
+
+
 def usage_from(provider: str, u: Any, usage: Usage) -> None:
     """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``."""
     if not isinstance(u, dict):
@@ -151,46 +159,39 @@ def usage_from(provider: str, u: Any, usage: Usage) -> None:
     usage.completion_tokens = int(u.get("completion_tokens") or 0)
 
 
-def transport_error(provider: str, exc: BaseException) -> UpstreamError:
+def transport_error(provider: str, exc: BaseException, secrets=()) -> UpstreamError:
     """Classify a transport failure once, for breaker, retry and the client's error message."""
     if isinstance(exc, TransportTimeout):
         return UpstreamError(provider, "timeout", f"upstream timed out ({type(exc).__name__})")
     if isinstance(exc, ConnectError):
-        return UpstreamError(provider, "connect", f"could not connect to upstream: {exc}")
+        return UpstreamError(provider, "connect", scrub(f"could not connect to upstream: {exc}", secrets))
     if isinstance(exc, RemoteProtocolError):
-        return UpstreamError(provider, "protocol", f"upstream broke the HTTP protocol: {exc}")
+        return UpstreamError(provider, "protocol", scrub(f"upstream broke the HTTP protocol: {exc}", secrets))
     if isinstance(exc, TransportError):
-        return UpstreamError(provider, "connect", f"upstream connection failed: {exc}")
+        return UpstreamError(provider, "connect", scrub(f"upstream connection failed: {exc}", secrets))
     return UpstreamError(provider, "connect", f"upstream connection failed: {type(exc).__name__}")
 
 
-def _error_message(body: bytes) -> str:
-    # Both OpenAI and Anthropic wrap the reason in {"error": {"message": ...}}; anything else is shown
-    # truncated so that a proxy's HTML page does not flood the client's error.
-    try:
-        data = orjson.loads(body)
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-        if isinstance(err, str):
-            return err
-    except orjson.JSONDecodeError:
-        pass
-    text = body[:200].decode("utf-8", "replace").strip()
-    return text or "no details"
-
-
-def upstream_http_error(provider: str, status: int, headers, body: bytes) -> UpstreamError:
-    """An upstream HTTP error status as an UpstreamError, with its reason and requested pause."""
-    from ..resilience.retry import parse_retry_after
-
+def upstream_http_error(provider: str, status: int, headers, body: bytes, secrets=()) -> UpstreamError:
+    """An upstream HTTP error status as an UpstreamError: its own words (scrubbed of ``secrets`` and of
+    anything shaped like a credential) and its requested pause."""
+    detail = parse_upstream_error(body, secrets)
     return UpstreamError(
         provider,
         "http",
-        f"upstream returned {status}: {_error_message(body)}",
+        f"upstream returned {status}: {detail.message}",
         status=status,
         retry_after=parse_retry_after(headers),
+        detail=detail,
     )
+
+
+def upstream_stream_error(provider: str, err, secrets=(), status: int | None = None) -> UpstreamError:
+    """An error event in the middle of an upstream stream (OpenAI's ``{"error": ...}`` chunk, Anthropic's
+    ``error`` event): the stream is cut, with the upstream's words kept for the client."""
+    detail = parse_upstream_error(orjson.dumps({"error": err}) if err is not None else b"", secrets)
+    return UpstreamError(provider, "stream_cut", f"upstream reported an error mid-stream: {detail.message}",
+                         detail=detail)
 
 
 def new_created() -> int:

@@ -16,7 +16,7 @@ import orjson
 import trio
 
 from ..resilience.errors import UpstreamError
-from .base import DONE, ChatResult, Usage, new_created
+from .base import ChatResult, Usage, new_created
 from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
 
 __all__ = ["FakeAdapter"]
@@ -25,7 +25,7 @@ __all__ = ["FakeAdapter"]
 class FakeStream:
     __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "usage", "finished", "_closed")
 
-    def __init__(self, pieces: list[bytes], usage: Usage, ttfb: float, delay: float) -> None:
+    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float) -> None:
         self._pieces = pieces
         self._i = 0
         self._ttfb = ttfb
@@ -37,7 +37,7 @@ class FakeStream:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         i = self._i
         if self._closed or i >= len(self._pieces):
             raise StopAsyncIteration
@@ -126,27 +126,27 @@ class FakeAdapter:
             c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
             if include_usage:
                 c["usage"] = None
-            return b"data: " + dumps(c) + b"\n\n"
+            return dumps(c)
 
-        out: list[bytes] = []
+        # One item per simulated upstream read: a list of chunk payloads.
+        out: list[list[bytes]] = []
         if call:
-            out.append(chunk({"role": "assistant", "content": None, "tool_calls": [{
+            out.append([chunk({"role": "assistant", "content": None, "tool_calls": [{
                 "index": 0, "id": call["id"], "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}]}))
-            out.append(chunk({"tool_calls": [{"index": 0, "function": {
-                "arguments": dumps(call["arguments"]).decode()}}]}))
+                "function": {"name": call["name"], "arguments": ""}}]})])
+            out.append([chunk({"tool_calls": [{"index": 0, "function": {
+                "arguments": dumps(call["arguments"]).decode()}}]})])
         else:
-            out.append(chunk({"role": "assistant", "content": "", "refusal": None}))
+            out.append([chunk({"role": "assistant", "content": "", "refusal": None})])
             for p in pieces:
-                out.append(chunk({"content": p}))
+                out.append([chunk({"content": p})])
         # The finish chunk rides with the last content piece: one write, as an upstream read would be.
-        tail = chunk({}, finish)
+        out[-1].append(chunk({}, finish))
         if include_usage:
             u = dict(head)
             u["choices"] = []
             u["usage"] = usage.as_openai()
-            tail += b"data: " + dumps(u) + b"\n\n"
-        out[-1] += tail + DONE
+            out[-1].append(dumps(u))
         # The role chunk goes with the first content piece.
         if len(out) > 1:
             out[0:2] = [out[0] + out[1]]

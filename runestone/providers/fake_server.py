@@ -23,8 +23,8 @@ import trio
 
 from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
-from .messages_inbound import InboundError, anthropic_request_to_openai
-from .sse import encode_event
+from ..wire.anthropic import InboundError, anthropic_request_to_openai
+from ..wire.sse import encode_event
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
 

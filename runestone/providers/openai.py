@@ -14,13 +14,14 @@ import orjson
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .base import (
-    DONE,
     ChatResult,
     UpstreamStream,
     Usage,
     loads_object,
+    secrets_of,
     transport_error,
     upstream_http_error,
+    upstream_stream_error,
     usage_from,
 )
 
@@ -34,11 +35,11 @@ class OpenAIStream(UpstreamStream):
 
     __slots__ = ("_include_usage",)
 
-    def __init__(self, provider: str, cm, response, include_usage: bool) -> None:
-        super().__init__(provider, cm, response)
+    def __init__(self, provider: str, cm, response, include_usage: bool, secrets=()) -> None:
+        super().__init__(provider, cm, response, secrets)
         self._include_usage = include_usage
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[bytes]:
         if self.finished or self._closed:
             raise StopAsyncIteration
         provider = self._provider
@@ -49,13 +50,11 @@ class OpenAIStream(UpstreamStream):
                 data = ev.data
                 if data == b"[DONE]":
                     self.finished = True
-                    out.append(DONE)
-                    break
+                    return out
                 obj = loads_object(provider, data, "a stream chunk")
                 err = obj.get("error")
                 if err is not None:
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                    raise UpstreamError(provider, "stream_cut", f"upstream reported an error mid-stream: {msg}")
+                    raise upstream_stream_error(provider, err, self._secrets)
                 choices = obj.get("choices")
                 if not isinstance(choices, list):
                     raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
@@ -64,9 +63,9 @@ class OpenAIStream(UpstreamStream):
                     usage_from(provider, u, self.usage)
                     if not choices and not self._include_usage:
                         continue
-                out.append(b"data: " + data + b"\n\n")
+                out.append(data)
             if out:
-                return b"".join(out)
+                return out
 
 class OpenAIAdapter:
     """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``."""
@@ -82,6 +81,7 @@ class OpenAIAdapter:
         if key:
             headers.append((b"authorization", b"Bearer " + key.encode()))
         self._headers = headers
+        self._secrets = secrets_of(config)
         self._transport = transport
         self._timeouts = timeouts
 
@@ -90,7 +90,7 @@ class OpenAIAdapter:
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
-            raise transport_error(self.name, exc) from None
+            raise transport_error(self.name, exc, self._secrets) from None
         return cm, response
 
     async def _read_json(self, url: str, payload: bytes, method: str = "POST") -> tuple[bytes, dict]:
@@ -99,11 +99,11 @@ class OpenAIAdapter:
             try:
                 raw = await response.read()
             except TransportError as exc:
-                raise transport_error(self.name, exc) from None
+                raise transport_error(self.name, exc, self._secrets) from None
         finally:
             await cm.__aexit__(None, None, None)
         if response.status != 200:
-            raise upstream_http_error(self.name, response.status, response.headers, raw)
+            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return raw, loads_object(self.name, raw, "the response")
 
     async def complete(self, body: dict, *, request_id: str) -> ChatResult:
@@ -129,8 +129,8 @@ class OpenAIAdapter:
                 raw = b""
             finally:
                 await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw)
-        return OpenAIStream(self.name, cm, response, include_usage)
+            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
+        return OpenAIStream(self.name, cm, response, include_usage, self._secrets)
 
     async def embed(self, body: dict) -> ChatResult:
         raw, obj = await self._read_json(self._embed_url, orjson.dumps(body))

@@ -17,6 +17,8 @@ The tree::
     Exception
     └── UpstreamError            kind:
           "http"        status >= 500, 408, 429: breaker failure, retryable
+                        401, 403: the upstream refused the gateway's own credential:
+                        breaker failure, retryable (another provider may take it)
                         other 4xx: the client's fault, neither
           "timeout"     connect/read/first-token deadline passed: both
           "connect"     could not reach the upstream: both
@@ -39,17 +41,11 @@ KINDS = frozenset({"http", "timeout", "connect", "protocol", "stream_cut", "malf
 # 408 and 429 are the upstream telling us it is overwhelmed or slow, not that the
 # request was wrong; 409 is what OpenAI returns on a transient lock conflict and its
 # SDK retries it, but it is not a sign of an unwell provider.
-_RETRYABLE_4XX = frozenset({408, 409, 429})
-_BREAKER_4XX = frozenset({408, 429})
+_RETRYABLE_4XX = frozenset({401, 403, 408, 409, 429})
+_BREAKER_4XX = frozenset({401, 403, 408, 429})
+#: The upstream refused the gateway's provider credential: never the client's key, whatever the status says.
+CREDENTIAL_REFUSED = frozenset({401, 403})
 
-# Error "type" values of OpenAI's error shape, by kind, for the client-facing body.
-_OPENAI_TYPE = {
-    "timeout": "timeout_error",
-    "connect": "api_connection_error",
-    "protocol": "api_error",
-    "stream_cut": "api_error",
-    "malformed": "api_error",
-}
 
 
 class UpstreamError(Exception):
@@ -57,10 +53,14 @@ class UpstreamError(Exception):
 
     ``status`` is the upstream's HTTP status when it sent one; ``retry_after`` is
     the upstream's requested pause in seconds, already parsed (see
-    ``runestone.resilience.retry.parse_retry_after``).
+    ``runestone.resilience.retry.parse_retry_after``); ``detail`` is what the
+    upstream said of its error (``runestone.wire.errors.UpstreamErrorBody``:
+    message, type, code, param), already scrubbed of credentials, so that the
+    client can be given it unchanged. ``message`` is the gateway's one-line
+    account, for logs and for clients when there is no ``detail``.
     """
 
-    __slots__ = ("provider", "status", "kind", "message", "retry_after")
+    __slots__ = ("provider", "status", "kind", "message", "retry_after", "detail")
 
     def __init__(
         self,
@@ -70,6 +70,7 @@ class UpstreamError(Exception):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        detail=None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown upstream error kind {kind!r}; expected one of {sorted(KINDS)}")
@@ -81,6 +82,7 @@ class UpstreamError(Exception):
         self.kind = kind
         self.message = message
         self.retry_after = retry_after
+        self.detail = detail
 
     def __str__(self) -> str:
         status = f" {self.status}" if self.status is not None else ""
@@ -94,7 +96,7 @@ class UpstreamError(Exception):
 
     @property
     def client_fault(self) -> bool:
-        """True when the upstream rejected the request itself (a 4xx other than 408/409/429)."""
+        """True when the upstream rejected the request itself (a 4xx other than 401/403/408/409/429)."""
         status = self.status
         return self.kind == "http" and status is not None and 400 <= status < 500 and status not in _RETRYABLE_4XX
 
@@ -114,30 +116,6 @@ class UpstreamError(Exception):
         status = self.status
         return status >= 500 or status in _BREAKER_4XX  # type: ignore[operator]
 
-    def to_openai(self) -> dict:
-        """The error as OpenAI's wire shape ``{"error": {message, type, param, code}}``.
-
-        A client fault passes the upstream's status through as ``invalid_request_error``
-        (the client can fix it); anything else is the gateway's problem to report.
-        """
-        if self.kind == "http":
-            status = self.status
-            if status == 429:
-                type_, code = "rate_limit_error", "rate_limit_exceeded"
-            elif self.client_fault:
-                type_, code = "invalid_request_error", f"upstream_{status}"
-            else:
-                type_, code = "api_error", f"upstream_{status}"
-        else:
-            type_, code = _OPENAI_TYPE[self.kind], f"upstream_{self.kind}"
-        return {
-            "error": {
-                "message": f"provider {self.provider!r}: {self.message}",
-                "type": type_,
-                "param": None,
-                "code": code,
-            }
-        }
 
 
 def _status_of(error: object) -> int | None:

@@ -1,74 +1,123 @@
-"""The request path: route a request, try providers under one deadline, relay the answer.
+"""The one request pipeline: every front door hands the gateway a typed request and gets an answer back.
 
-``Gateway`` holds read-only handles on everything the tree publishes (provider table, breaker views,
-failover groups, health) plus the non-blocking senders (telemetry, breaker outcomes). ``Gateway.chat``
-runs one client request:
+A front door (chat, completions, messages, embeddings, the WebSocket API) decodes its wire format into a
+:class:`ModelRequest` (caller, endpoint, the canonical OpenAI-shaped body, requirements) and calls
+:meth:`Gateway.serve`, which owns everything after, once:
 
-1. plan: the model name becomes an ordered list of ``(provider, upstream model)`` targets — an explicit
-   ``provider:model``, a failover group (its strategy orders the members), a pool (by weight), or every
-   provider serving the model, ordered by the router policy; a split's name is first replaced by the
-   model of the variant the request is assigned (:mod:`.splits`);
-2. attempts: each target is tried in turn under ONE deadline for the whole request (never N times the
-   timeout). A provider whose breaker is open is skipped; a half-open one is tried only if the breaker
-   manager grants a probe slot. A retryable failure moves on to the next provider at once (failover);
-   coming back to a provider that already failed waits the retry policy's backoff, never less than the
-   upstream's ``Retry-After``. A client-caused 4xx ends the request at once: another provider would
-   refuse it too.
-3. a stream is committed only once its first bytes are in hand, so a provider that fails before the first
-   byte is failed over invisibly; after that a failure ends the stream with an SSE error event — never a
-   silent truncation, never a clean end with a partial answer.
+1. resolution and plan: the model name (an alias, a split, a pool, a failover group, ``provider:model``,
+   or a model some providers serve) becomes an ordered list of ``(provider, upstream model)`` targets;
+2. admission: the caller's per-key limits (``admission``), before anything is recorded;
+3. attempts, each an :class:`Attempt`, under ONE deadline for the whole request: a provider whose breaker
+   is open is skipped, a half-open one is tried only with a probe slot; a retryable failure moves on to
+   the next provider at once; coming back to one that failed waits the retry policy's backoff. A
+   client-caused 4xx ends the request at once, with the upstream's own error passed through;
+4. the answer: a :class:`Completed` body, or a :class:`Streaming` committed once its first upstream read
+   is in hand (so a provider failing before the first byte is failed over invisibly), which yields
+   :class:`Chunks` per upstream read and then exactly one :class:`Done` or :class:`Failed`;
+5. accounting: each attempt reports its one outcome (breaker, ``AttemptFinished``); the request is
+   recorded once (``RequestFinished``: metrics, the usage ledger, split metrics, the key's tokens).
 
-Every attempt reports to the breaker (cast), to telemetry (``AttemptFinished``) and the request as a
-whole once (``RequestFinished``, which feeds metrics and the usage ledger).
+Errors are :class:`~runestone.routing.errors.GatewayError`, in no wire format: the front door encodes
+them, and the events, in its API's shape.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import attrs
-import orjson
 import trio
 
-from ..providers.anthropic_translate import TranslationError
-from ..providers.base import ChatResult
+from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, CLOSED, DENY, Published, check
-from ..resilience.errors import UpstreamError, counts_as_failure
+from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.retry import RetryPolicy
-from ..config import lookup_price
-from ..telemetry.costs import cost_of, estimate_costs
+from ..telemetry.costs import cost_of, estimate_costs, price_for
 from ..telemetry.events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
+from ..wire.errors import InvalidRequest
+from .errors import GatewayError
 from .policies import NO_REQUIREMENTS, Requirements, route
 from .pool import InFlightRequest, InFlightTable
 from .splits import NamedRoutes, UnknownVariant
 
-__all__ = ["Gateway", "GatewayError", "RequestContext", "StreamAnswer", "Target"]
+__all__ = ["Attempt", "Chunks", "Completed", "Done", "Failed", "Gateway", "GatewayError", "ModelRequest",
+           "RequestContext", "Streaming", "Target", "client_error"]
 
 log = logging.getLogger("runestone.routing")
 
 _EMPTY: dict = {}
 
 
-class GatewayError(Exception):
-    """A request the gateway answers with an error: OpenAI's error shape, a status, optional headers."""
+@attrs.frozen
+class ModelRequest:
+    """One client request as every front door hands it to :meth:`Gateway.serve`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
-                 code: str | None = None, headers: list | None = None, provider: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or []
-        self.provider = provider
+    request_id: str
+    key_id: str | None
+    #: The front door, as telemetry and the ledger name it: "chat", "completions", "messages", "embeddings".
+    endpoint: str
+    model: str
+    #: The canonical body: OpenAI's chat (or embeddings) request, validated, without the ``runestone`` field.
+    body: dict
+    #: "chat" or "embed".
+    operation: str = "chat"
+    stream: bool = False
+    #: The client asked for the usage chunk (OpenAI's ``stream_options.include_usage``).
+    include_usage: bool = False
+    requirements: Requirements = NO_REQUIREMENTS
+    #: What the body needs of a provider beyond chat: "tools", "vision".
+    capabilities: frozenset = frozenset()
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+@attrs.frozen
+class Completed:
+    """A finished non-streaming answer: the upstream's JSON (OpenAI-shaped) and who gave it."""
+
+    provider: str
+    model: str
+    body: bytes
+    usage: Usage
+    #: x-runestone-provider, -variant, -route, and the caller's x-ratelimit-* headers.
+    headers: list
+
+
+@attrs.frozen
+class Chunks:
+    """One upstream read's ``chat.completion.chunk`` payloads; ``last`` when the upstream's end came with it."""
+
+    payloads: list
+    last: bool
+
+
+@attrs.frozen
+class Done:
+    """The stream ended as the upstream ended it."""
+
+    usage: Usage
+
+
+@attrs.frozen
+class Failed:
+    """The stream ended early: ``error`` says why (an upstream failure, the deadline, the gateway stopping)."""
+
+    error: GatewayError
+
+
+@attrs.define(slots=True)
+class Attempt:
+    """One try of one provider: reported exactly once (:meth:`Gateway.report`)."""
+
+    provider: str
+    model: str
+    started: float  # trio clock
+    #: Holds the breaker's half-open probe slot: the outcome closes or reopens it, or it is given back.
+    probe: bool = False
+    ttft: float | None = None
+    reported: bool = False
 
 
 @attrs.define(slots=True)
@@ -87,13 +136,8 @@ class RequestContext:
     model: str = ""
     #: The split arm (runestone.routing.splits.Arm) the request was assigned, whose metrics it feeds.
     variant: Any = None
-
-    def answer_headers(self, provider: str) -> list[tuple[bytes, bytes]]:
-        """The headers every answer from a provider carries: who served it, and the A/B arm if any."""
-        headers = [(b"x-runestone-provider", provider.encode())]
-        if self.variant is not None:
-            headers.append((b"x-runestone-variant", self.variant.header))
-        return headers
+    #: The admission lease (per-key limits), released when the request ends.
+    lease: Any = None
 
 
 @attrs.frozen
@@ -111,18 +155,6 @@ class Plan:
     skipped: dict
     #: Set when the request named a split: the arm it was assigned.
     variant: Any = None
-
-
-@attrs.define(slots=True)
-class StreamAnswer:
-    """A committed stream: the first bytes and the open upstream stream to relay after them."""
-
-    provider: str
-    model: str
-    first: bytes
-    stream: Any
-    attempt_started: float
-    ttft: float
 
 
 class Gateway:
@@ -154,6 +186,11 @@ class Gateway:
         self.policy = config.router.policy
         self.health_threshold = config.failover.health_threshold
         self.request_timeout = config.server.request_timeout_ms / 1000
+        #: The caller's per-key limits: ``await admission.admit(key) -> lease`` (runestone.front.limits).
+        self.admission = None
+        #: When the gateway stops: streams still reading then end with a "stopping" error.
+        self.stop_deadline = float("inf")
+        self._reading: set = set()
 
     # -- planning -------------------------------------------------------------------------------------
 
@@ -331,10 +368,109 @@ class Gateway:
                 targets.append(Target(n, entry.default_model))
         return Plan(targets, f"pool={hit.name}", None, hit.max_attempts, {})
 
+    # -- the one entry --------------------------------------------------------------------------------
+
+    async def serve(self, request: ModelRequest) -> Completed | Streaming:
+        """Serve one client request, whatever its front door: the whole pipeline, once.
+
+        Model resolution and the plan first (a 404/400 changes nothing), then admission (the caller's
+        per-key limits: a 429 before anything is recorded), then the attempts under one deadline. Returns
+        a :class:`Completed` answer or a committed :class:`Streaming` (its first upstream read in hand);
+        raises :class:`GatewayError` when the request is refused or every attempt failed. Every request
+        that got past admission is recorded exactly once (``RequestFinished``), however it ends.
+        """
+        model = request.model
+        if not self.known_model(model):
+            raise GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
+                               "list the available models and failover groups with GET /v1/models",
+                               "not_found_error", param="model", code="model_not_found")
+        capability = "embeddings" if request.operation == "embed" else None
+        requirements = request.requirements
+        needs = request.capabilities
+        if needs and not needs <= requirements.require:
+            requirements = attrs.evolve(requirements, require=requirements.require | needs)
+        plan = self.plan(model, request.body, requirements, capability)
+        lease = None
+        if self.admission is not None:
+            lease = await self.admission.admit(request.key_id or "open")
+        ctx = self.begin(request.request_id, request.key_id, request.endpoint, model, request.stream)
+        ctx.lease = lease
+        stream = request.stream and request.operation == "chat"
+        try:
+            if stream:
+                return await self._open_stream(ctx, request, plan)
+            return await self._complete(ctx, request, plan)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+
+    async def _complete(self, ctx: RequestContext, request: ModelRequest, plan: Plan) -> Completed:
+        request_id = ctx.request_id
+        if request.operation == "embed":
+            async def call(adapter, upstream, attempt):
+                return await adapter.embed(upstream)
+        else:
+            async def call(adapter, upstream, attempt):
+                return await adapter.complete(upstream, request_id=request_id)
+        try:
+            attempt, result = await self.run(ctx, request.body, plan, call)
+        except GatewayError as exc:
+            self._refused(ctx, exc, stream=False)
+            raise
+        except BaseException:
+            self.finish(ctx, status="error", http_status=499, error_type="cancelled")
+            raise
+        usage = result.usage
+        self.finish(ctx, status="ok", http_status=200, error_type=None, tokens_in=usage.prompt_tokens,
+                    tokens_out=usage.completion_tokens, model=attempt.model)
+        if ctx.lease is not None:
+            ctx.lease.release()
+        return Completed(attempt.provider, attempt.model, result.body, usage, _answer_headers(ctx))
+
+    async def _open_stream(self, ctx: RequestContext, request: ModelRequest, plan: Plan) -> Streaming:
+        request_id = ctx.request_id
+        include_usage = request.include_usage
+
+        async def call(adapter, upstream, attempt):
+            stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage)
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                await stream.aclose()
+                raise UpstreamError(attempt.provider, "stream_cut",
+                                    "upstream stream ended before any event") from None
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+            attempt.ttft = trio.current_time() - attempt.started
+            return stream, first
+
+        try:
+            attempt, (stream, first) = await self.run(ctx, request.body, plan, call, keep_open=True)
+        except GatewayError as exc:
+            self._refused(ctx, exc, stream=True)
+            raise
+        except BaseException:
+            self.finish(ctx, status="error", http_status=499, error_type="cancelled", stream=True)
+            raise
+        return Streaming(self, ctx, attempt, stream, first)
+
+    def _refused(self, ctx: RequestContext, exc: GatewayError, *, stream: bool) -> None:
+        if ctx.variant is not None:
+            exc.headers.append((b"x-runestone-variant", ctx.variant.header))
+        self.finish(ctx, status="error", http_status=exc.status, error_type=exc.type, stream=stream)
+
     # -- attempts -------------------------------------------------------------------------------------
 
     async def _admit(self, provider: str, now: float) -> tuple[bool, bool]:
-        """May an attempt go to ``provider``? Returns (allowed, holds a half-open probe slot)."""
+        """May an attempt go to ``provider``? Returns (allowed, holds a half-open probe slot).
+
+        Fails open: when the breaker manager cannot answer (it is restarting), the attempt goes ahead;
+        a gateway that refuses traffic because its own bookkeeping restarts would turn a hiccup into an
+        outage, and the attempt's outcome is still reported.
+        """
         verdict = check(self.breakers.value, provider, now)
         if verdict == ALLOW:
             return True, False
@@ -343,34 +479,49 @@ class Gateway:
         try:
             granted = await self.breaker_ref.call(("acquire", provider), timeout=1.0)
         except Exception:
-            # The breaker manager is down (restarting): let the request through rather than fail it.
             return True, False
         return bool(granted), bool(granted)
 
-    def _outcome(self, provider: str, model: str, error: BaseException | None, started: float,
-                 ttft: float | None, probe: bool) -> None:
-        latency = trio.current_time() - started
+    def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False) -> None:
+        """The attempt's one outcome: in-flight count, breaker (success, failure, or the probe slot given
+        back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it."""
+        if attempt.reported:
+            return
+        attempt.reported = True
+        provider = attempt.provider
+        telemetry = self.telemetry
+        telemetry.request_ended(provider)
+        if not telemetry.in_flight.get(provider):
+            self.inflight.provider_done(provider)
+        latency = trio.current_time() - attempt.started
+        if cancelled:
+            # The client left or the gateway is stopping: nothing was learned about the provider.
+            if attempt.probe:
+                self.breaker_ref.try_cast(("release", provider))
+            return
         if error is None:
             self.breaker_ref.try_cast(("success", provider))
-            self.telemetry.emit(AttemptFinished(provider, model, True, None, latency, ttft))
+            telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
             return
-        counts = counts_as_failure(error)
-        if counts:
-            self.breaker_ref.try_cast(("failure", provider))
-        else:
-            if probe:
-                self.breaker_ref.try_cast(("release", provider))
+        if not counts_as_failure(error):
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
             # against its health it would let one client's bad requests demote it for everyone.
+            if attempt.probe:
+                self.breaker_ref.try_cast(("release", provider))
             return
-        kind = _error_kind(error)
-        self.telemetry.emit(AttemptFinished(provider, model, False, kind, latency, None))
+        self.breaker_ref.try_cast(("failure", provider))
+        telemetry.emit(AttemptFinished(provider, attempt.model, False, _error_kind(error), latency, None))
 
-    async def run(self, ctx: RequestContext, body: dict, plan: Plan, call) -> tuple[Target, Any]:
-        """Try ``plan``'s targets with ``call(adapter, upstream_body, target)`` until one succeeds.
+    async def run(self, ctx: RequestContext, body: dict, plan: Plan, call, *, keep_open: bool = False):
+        """Try ``plan``'s targets with ``call(adapter, upstream_body, attempt)`` until one succeeds.
 
-        Returns the target that answered and what ``call`` returned. Raises GatewayError when every
-        attempt failed, a client fault ended the request, or the deadline passed.
+        Returns the :class:`Attempt` that answered and what ``call`` returned; with ``keep_open`` (a
+        stream) the attempt stays open and its owner reports it when the stream ends. Raises GatewayError
+        when every attempt failed, a client fault ended the request, or the deadline passed.
+
+        The targets are tried in the plan's order; one whose breaker refuses it is dropped and the next is
+        tried (never skipped over); after the last, the loop comes back round to those that failed, each
+        after the retry policy's backoff, until ``plan.max_attempts`` or the deadline.
         """
         targets = list(plan.targets)
         ctx.variant = plan.variant
@@ -398,19 +549,21 @@ class Gateway:
         deadline_hit = False
         i = 0
         while attempts < plan.max_attempts and targets:
-            target = targets[i % len(targets)]
-            i += 1
+            if i >= len(targets):
+                i = 0
+            target = targets[i]
             provider = target.provider
             entry = table.get(provider)
             if entry is None or entry.draining:
-                targets.remove(target)
+                del targets[i]
                 continue
             now = trio.current_time()
             allowed, probe = await self._admit(provider, now)
             if not allowed:
                 denied.append(provider)
-                targets.remove(target)
+                del targets[i]
                 continue
+            i += 1
             if attempts:
                 if failed.get(provider):
                     retry_after = getattr(last_error, "retry_after", None) if last_target == target else None
@@ -431,24 +584,22 @@ class Gateway:
                 entry_row.provider = provider
                 entry_row.attempts = attempts
             upstream = body if body.get("model") == target.model else {**body, "model": target.model}
-            started = trio.current_time()
+            attempt = Attempt(provider, target.model, trio.current_time(), probe)
             telemetry.request_started(provider)
             timeout = entry.spec.config.timeout_ms / 1000
             try:
-                with trio.move_on_at(min(ctx.deadline, started + timeout)) as attempt_scope:
-                    result = await call(entry.adapter, upstream, target)
+                with trio.move_on_at(min(ctx.deadline, attempt.started + timeout)) as attempt_scope:
+                    result = await call(entry.adapter, upstream, attempt)
                 if attempt_scope.cancelled_caught:
                     if trio.current_time() >= ctx.deadline:
                         deadline_hit = True
                     raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
-            except TranslationError as exc:
-                self._ended(provider)
-                if probe:
-                    self.breaker_ref.try_cast(("release", provider))
-                raise GatewayError(400, exc.message, param=exc.param) from None
+            except InvalidRequest as exc:
+                # The body cannot be said in this provider's wire format: the client's to fix.
+                self.report(attempt, None, cancelled=True)
+                raise GatewayError(exc.status, exc.message, param=exc.param, code=exc.code) from None
             except UpstreamError as exc:
-                self._ended(provider)
-                self._outcome(provider, target.model, exc, started, None, probe)
+                self.report(attempt, exc)
                 last_error, last_target = exc, target
                 failed[provider] = failed.get(provider, 0) + 1
                 failed_order.append(provider)
@@ -458,29 +609,23 @@ class Gateway:
             except Exception as exc:
                 # Anything else escaping an adapter is still this provider failing this attempt: classify it
                 # (so the breaker counts it) instead of letting it become a 500 with no failover.
-                self._ended(provider)
                 log.warning("provider %s raised %s on request %s", provider, type(exc).__name__, ctx.request_id)
                 err = UpstreamError(provider, "protocol", f"the provider adapter failed: {type(exc).__name__}")
-                self._outcome(provider, target.model, err, started, None, probe)
+                self.report(attempt, err)
                 last_error, last_target = err, target
                 failed[provider] = failed.get(provider, 0) + 1
                 failed_order.append(provider)
                 continue
             except BaseException:
-                self._ended(provider)
-                if probe:
-                    self.breaker_ref.try_cast(("release", provider))
+                self.report(attempt, None, cancelled=True)
                 raise
-            if not isinstance(result, StreamAnswer):
-                self._ended(provider)
-                self._outcome(provider, target.model, None, started, None, probe)
-            elif probe:
-                # A probe is judged by the whole stream, reported when it ends.
-                result.probe = True  # type: ignore[attr-defined]
+            if not keep_open:
+                self.report(attempt, None)
             if plan.group:
                 self.groups_outcome(plan.group, provider, True, attempts, failed_order)
             ctx.provider = provider
-            return target, result
+            ctx.model = target.model if plan.group or plan.variant else ctx.model
+            return attempt, result
         if plan.group and last_target is not None:
             self.groups_outcome(plan.group, last_target.provider, False, attempts, failed_order)
         if deadline_hit:
@@ -491,20 +636,13 @@ class Gateway:
         if last_error is None:
             raise GatewayError(503, f"no provider can take model {ctx.model!r} now: circuit open for "
                                f"{', '.join(denied) or 'all candidates'}", "server_error", code="no_provider_available")
-        raise _client_error(last_error, attempts)
-
-    def _ended(self, provider: str) -> None:
-        """One request fewer in flight on ``provider``; wakes a drain waiting for it to reach zero."""
-        telemetry = self.telemetry
-        telemetry.request_ended(provider)
-        if not telemetry.in_flight.get(provider):
-            self.inflight.provider_done(provider)
+        raise client_error(last_error, attempts)
 
     def groups_outcome(self, group: str, provider: str, ok: bool, attempts: int, failed: list[str]) -> None:
         """Group stats and the fallback_success / fallback_exhausted events are the FailoverManager's."""
         self.failover_ref.try_cast(("outcome", group, provider, ok, attempts, tuple(failed)))
 
-    # -- chat -----------------------------------------------------------------------------------------
+    # -- accounting -----------------------------------------------------------------------------------
 
     def begin(self, request_id: str, key_id: str | None, endpoint: str, model: str, stream: bool) -> RequestContext:
         now = trio.current_time()
@@ -515,125 +653,165 @@ class Gateway:
     def finish(self, ctx: RequestContext, *, status: str, http_status: int, error_type: str | None,
                tokens_in: int = 0, tokens_out: int = 0, ttft: float | None = None, stream: bool = False,
                model: str | None = None) -> None:
+        """Record the request once: in-flight table, the key's token budget, split metrics, the ledger."""
         self.inflight.remove(ctx.request_id)
         model = model or ctx.model
         if self.on_tokens is not None and (tokens_in or tokens_out):
             self.on_tokens(ctx.key_id or "open", tokens_in + tokens_out)
-        cost = cost_of(tokens_in, tokens_out, lookup_price(self.pricing, model)) if (tokens_in or tokens_out) else 0.0
+        provider = ctx.provider or ""
+        cost = (cost_of(tokens_in, tokens_out, price_for(self.pricing, provider, model))
+                if (tokens_in or tokens_out) else 0.0)
         latency = trio.current_time() - ctx.started
         if ctx.variant is not None:
             ctx.variant.metrics.record(status, http_status, latency, ttft, tokens_in, tokens_out, cost)
         self.telemetry.emit(RequestFinished(
-            ctx.request_id, ctx.key_id, ctx.provider or "", model, ctx.endpoint, stream, status, http_status,
+            ctx.request_id, ctx.key_id, provider, model, ctx.endpoint, stream, status, http_status,
             error_type, latency, ttft, tokens_in, tokens_out, cost, ctx.retries,
             ctx.failovers, ctx.route_reason, time.time(),
         ))
 
-    async def complete(self, ctx: RequestContext, body: dict, plan: Plan, kind: str = "chat") -> tuple[Target, ChatResult]:
-        """A non-streaming request; ``kind`` "chat" or "embed"."""
-        request_id = ctx.request_id
-        if kind == "embed":
-            async def call(adapter, upstream, target):
-                return await adapter.embed(upstream)
-        else:
-            async def call(adapter, upstream, target):
-                return await adapter.complete(upstream, request_id=request_id)
+    # -- graceful stop --------------------------------------------------------------------------------
+
+    def stop_streams_at(self, deadline: float) -> None:
+        """The gateway is stopping: streams still running at ``deadline`` end then with an error event
+        saying so (recorded as ``shutdown``), before the server's drain cuts their connections."""
+        self.stop_deadline = deadline
+        for scope in list(self._reading):
+            if scope.deadline > deadline:
+                scope.deadline = deadline
+
+
+class Streaming:
+    """A committed stream: iterate for :class:`Chunks`, then exactly one :class:`Done` or :class:`Failed`.
+
+    The relay contract: each ``__anext__`` reads the upstream once (one upstream read's chunk payloads per
+    item, so a front door writes once per read) under its own cancel scope that ends at the request's
+    deadline; no scope is open between items, so whatever the consumer does between reads (a slow client
+    blocking its write, a WebSocket queue) is never cancelled by this request's deadline. A deadline passed
+    while the consumer was away is noticed at the next read. The first item is the read that committed
+    the stream. ``aclose()`` (idempotent; front doors call it in a ``finally``) closes the upstream and,
+    if no end was produced, records the request as the client's disconnect. The attempt's outcome and the
+    request's record are made exactly once, when the end is produced or at ``aclose()``.
+    """
+
+    __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers")
+
+    def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
+        self._gw = gw
+        self._ctx = ctx
+        self.attempt = attempt
+        self._stream = stream
+        self._first: list[bytes] | None = first
+        self._ended = False
+        self._closed = False
+        self.provider = attempt.provider
+        self.model = attempt.model
+        self.headers = _answer_headers(ctx)
+
+    @property
+    def usage(self) -> Usage:
+        return self._stream.usage
+
+    @property
+    def request_id(self) -> str:
+        return self._ctx.request_id
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._ended:
+            raise StopAsyncIteration
+        stream = self._stream
+        first = self._first
+        if first is not None:
+            self._first = None
+            return Chunks(first, stream.finished)
+        if stream.finished:
+            return self._end(None)
+        gw = self._gw
+        deadline = min(self._ctx.deadline, gw.stop_deadline)
         try:
-            target, result = await self.run(ctx, body, plan, call)
-        except GatewayError as exc:
-            if ctx.variant is not None:
-                exc.headers.append((b"x-runestone-variant", ctx.variant.header))
-            self.finish(ctx, status="error", http_status=exc.status, error_type=exc.type)
-            raise
-        except BaseException:
-            self.finish(ctx, status="error", http_status=499, error_type="cancelled")
-            raise
-        self.finish(ctx, status="ok", http_status=200, error_type=None, tokens_in=result.usage.prompt_tokens,
-                    tokens_out=result.usage.completion_tokens, model=target.model)
-        return target, result
-
-    async def open_stream(self, ctx: RequestContext, body: dict, plan: Plan, include_usage: bool) -> StreamAnswer:
-        """Open a stream on the first provider that yields its first bytes; the caller relays it."""
-        request_id = ctx.request_id
-
-        async def call(adapter, upstream, target):
-            started = trio.current_time()
-            stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage)
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                await stream.aclose()
-                raise UpstreamError(target.provider, "stream_cut", "upstream stream ended before any event") from None
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
-                raise
-            return StreamAnswer(target.provider, target.model, first, stream, started,
-                                trio.current_time() - started)
-
-        try:
-            _, answer = await self.run(ctx, body, plan, call)
-        except GatewayError as exc:
-            if ctx.variant is not None:
-                exc.headers.append((b"x-runestone-variant", ctx.variant.header))
-            self.finish(ctx, status="error", http_status=exc.status, error_type=exc.type, stream=True)
-            raise
-        except BaseException:
-            self.finish(ctx, status="error", http_status=499, error_type="cancelled", stream=True)
-            raise
-        return answer
-
-    async def relay(self, ctx: RequestContext, answer: StreamAnswer) -> AsyncIterator[bytes]:
-        """The bytes of a committed stream, then its end; an error after the first byte becomes an SSE event.
-
-        Runs in the server's connection task; closing it (the client left) closes the upstream at once.
-        """
-        stream = answer.stream
-        provider = answer.provider
-        probe = getattr(answer, "probe", False)
-        error: BaseException | None = None
-        http_status = 200
-        try:
-            yield answer.first
-            if not stream.finished:
-                with trio.move_on_at(ctx.deadline) as scope:
-                    async for data in stream:
-                        yield data
-                if scope.cancelled_caught:
-                    error = UpstreamError(provider, "timeout",
-                                          f"the request deadline of {self.request_timeout:g}s passed mid-stream")
-            if error is None and not stream.finished:
-                error = UpstreamError(provider, "stream_cut", "upstream stream ended early")
+            with trio.move_on_at(deadline) as scope:
+                gw._reading.add(scope)
+                try:
+                    items = await stream.__anext__()
+                finally:
+                    gw._reading.discard(scope)
+        except StopAsyncIteration:
+            return self._end(UpstreamError(self.provider, "stream_cut", "upstream stream ended early"))
         except UpstreamError as exc:
-            error = exc
+            return self._end(exc)
         except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
-            error = UpstreamError(provider, "protocol", f"the upstream stream failed: {type(exc).__name__}")
-        except (GeneratorExit, trio.Cancelled) as exc:
-            # The client went away: not the provider's fault, nothing more to write.
-            error = exc
-            http_status = 499
-            raise
-        finally:
-            self._ended(provider)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-            usage = stream.usage
-            if http_status == 499:
-                if probe:
-                    self.breaker_ref.try_cast(("release", provider))
-                self.finish(ctx, status="error", http_status=499, error_type="client_disconnected",
-                            tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens,
-                            ttft=answer.ttft, stream=True, model=answer.model)
+            return self._end(UpstreamError(self.provider, "protocol",
+                                           f"the upstream stream failed: {type(exc).__name__}"))
+        if scope.cancelled_caught:
+            if trio.current_time() >= gw.stop_deadline:
+                return self._end(_STOPPING)
+            return self._end(UpstreamError(self.provider, "timeout",
+                                           f"the request deadline of {gw.request_timeout:g}s passed mid-stream"))
+        return Chunks(items, stream.finished)
+
+    def _end(self, error: BaseException | None):
+        """Produce the stream's one end event; the upstream is closed by ``aclose()``."""
+        self._ended = True
+        gw, ctx, attempt = self._gw, self._ctx, self.attempt
+        usage = self._stream.usage
+        common = dict(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens, ttft=attempt.ttft,
+                      stream=True, model=attempt.model)
+        if error is _STOPPING:
+            gw.report(attempt, None, cancelled=True)
+            gw.finish(ctx, status="error", http_status=503, error_type="shutdown", **common)
+            event = Failed(GatewayError(503, "the gateway is stopping and ended this stream before it finished; "
+                                        "retry the request", "server_error", code="gateway_stopping",
+                                        provider=self.provider))
+        else:
+            gw.report(attempt, error)
+            if error is None:
+                gw.finish(ctx, status="ok", http_status=200, error_type=None, **common)
+                event = Done(usage)
             else:
-                self._outcome(provider, answer.model, error, answer.attempt_started, answer.ttft, probe)
-                self.finish(ctx, status="ok" if error is None else "error", http_status=200 if error is None else 502,
-                            error_type=None if error is None else _error_kind(error), tokens_in=usage.prompt_tokens,
-                            tokens_out=usage.completion_tokens, ttft=answer.ttft, stream=True, model=answer.model)
-        if error is not None:
-            # Honest end: an error event the SDKs raise on, and no [DONE] after a partial answer.
-            payload = error.to_openai() if isinstance(error, UpstreamError) else {
-                "error": {"message": "stream failed", "type": "api_error", "param": None, "code": None}}
-            yield b"data: " + orjson.dumps(payload) + b"\n\n"
+                gw.finish(ctx, status="error", http_status=502, error_type=_error_kind(error), **common)
+                event = Failed(stream_error(error))
+        if ctx.lease is not None:
+            ctx.lease.release()
+        return event
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+        if not self._ended:
+            # The consumer stopped reading before the end: the client went away.
+            self._ended = True
+            gw, ctx, attempt = self._gw, self._ctx, self.attempt
+            usage = self._stream.usage
+            gw.report(attempt, None, cancelled=True)
+            gw.finish(ctx, status="error", http_status=499, error_type="client_disconnected",
+                      tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens, ttft=attempt.ttft,
+                      stream=True, model=attempt.model)
+            if ctx.lease is not None:
+                ctx.lease.release()
+
+
+_STOPPING = trio.Cancelled  # a sentinel: the stream was ended by the gateway's graceful stop
+
+
+def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """Who served the request, the A/B arm if any, and why it was routed so."""
+    headers = [(b"x-runestone-provider", (ctx.provider or "").encode())]
+    if ctx.lease is not None:
+        headers += ctx.lease.headers
+    if ctx.variant is not None:
+        headers.append((b"x-runestone-variant", ctx.variant.header))
+    reason = ctx.route_reason
+    if reason:
+        # Header values must be visible ASCII; route reasons are ours, but model names come from clients.
+        headers.append((b"x-runestone-route",
+                        reason.encode("ascii", "replace")[:200].replace(b"\r", b" ").replace(b"\n", b" ")))
+    return headers
 
 
 def _error_kind(error: BaseException | None) -> str:
@@ -644,28 +822,56 @@ def _error_kind(error: BaseException | None) -> str:
     return type(error).__name__ if error is not None else "unknown"
 
 
-def _client_error(error: BaseException, attempts: int) -> GatewayError:
-    """What the client sees when every attempt failed: the last upstream's reason, in OpenAI's shape."""
+_DEFAULT_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                  404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                  422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def client_error(error: BaseException, attempts: int = 1) -> GatewayError:
+    """What the client hears when the attempts ended in ``error``.
+
+    An upstream's refusal of the request (a 4xx) and its rate limit (429) reach the client as the
+    upstream said them: status, type, code, param and message unchanged. The upstream refusing the
+    gateway's own credential (401/403) is the gateway's misconfiguration, a 502 that says so, never the
+    client's 401. Upstream failures are 502 (503 for 503/529 overload, 504 for a timeout) naming the
+    provider, with the upstream's own words kept.
+    """
     if not isinstance(error, UpstreamError):
         return GatewayError(502, f"upstream failed: {type(error).__name__}", "api_error", code="upstream_error")
-    body = error.to_openai()["error"]
-    tried = f" (after {attempts} attempt{'s' if attempts != 1 else ''})" if attempts > 1 else ""
-    headers = []
+    provider = error.provider
+    detail = error.detail
+    tried = f" (after {attempts} attempts)" if attempts > 1 else ""
     if error.kind == "http":
         status = error.status or 502
-        if status == 429:
-            out = 429
-            if error.retry_after is not None:
+        said = detail.message if detail is not None else error.message
+        if status in CREDENTIAL_REFUSED:
+            return GatewayError(502, f"provider {provider!r} refused the gateway's own credential for it (HTTP "
+                                f"{status}: {said}); this is the gateway's configuration, not your API key"
+                                + tried, "api_error", code="provider_auth_failed", provider=provider)
+        if status == 429 or error.client_fault:
+            headers = []
+            if status == 429 and error.retry_after is not None:
                 headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
-        elif error.client_fault:
-            out = status
-        elif status in (503, 529):
-            out = 503
-        else:
-            out = 502
-    elif error.kind == "timeout":
-        out = 504
-    else:
-        out = 502
-    return GatewayError(out, body["message"] + tried, body["type"], code=body["code"], headers=headers,
-                        provider=error.provider)
+            if detail is not None:
+                return GatewayError(status, detail.message, detail.type or _DEFAULT_TYPES.get(status, "invalid_request_error"),
+                                    param=detail.param, code=detail.code, headers=headers, provider=provider)
+            return GatewayError(status, error.message, _DEFAULT_TYPES.get(status, "invalid_request_error"),
+                                headers=headers, provider=provider)
+        out = 503 if status in (503, 529) else 502
+        code = (detail.code if detail is not None and detail.code else None) or f"upstream_{status}"
+        return GatewayError(out, f"provider {provider!r}: upstream returned {status}: {said}{tried}",
+                            "server_error" if out == 503 else "api_error", code=code, provider=provider)
+    if error.kind == "timeout":
+        return GatewayError(504, f"provider {provider!r}: {error.message}{tried}", "timeout_error",
+                            code="upstream_timeout", provider=provider)
+    return GatewayError(502, f"provider {provider!r}: {error.message}{tried}", "api_error",
+                        code=f"upstream_{error.kind}", provider=provider)
+
+
+def stream_error(error: BaseException) -> GatewayError:
+    """The error a stream ends with after its first byte: the upstream's words where it gave them."""
+    if isinstance(error, UpstreamError) and error.detail is not None and error.kind != "http":
+        detail = error.detail
+        return GatewayError(502, f"provider {error.provider!r}: {detail.message}", detail.type or "api_error",
+                            param=detail.param, code=detail.code or "upstream_stream_error", provider=error.provider)
+    return client_error(error)

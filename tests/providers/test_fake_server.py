@@ -20,7 +20,7 @@ import trio.testing
 
 from runestone.providers.fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
 from runestone.providers.fake_server import FakeKnobs, serve_fake_provider
-from runestone.providers.sse import SSEParser
+from runestone.wire.sse import SSEParser
 
 WEATHER_TOOL = {
     "type": "function",

@@ -1,6 +1,8 @@
 """The upstream error taxonomy: what counts against a breaker, what may be retried."""
 
 import pytest
+
+from runestone.routing.executor import client_error
 import trio
 
 from runestone.resilience.errors import UpstreamError, counts_as_failure, is_retryable
@@ -22,8 +24,9 @@ def http(status: int, **kw) -> UpstreamError:
         (408, True, True),
         (409, False, True),
         (400, False, False),
-        (401, False, False),
-        (403, False, False),
+        # The upstream refusing the gateway's own credential: the provider is unusable, another may serve.
+        (401, True, True),
+        (403, True, True),
         (404, False, False),
         (413, False, False),
         (422, False, False),
@@ -43,7 +46,7 @@ def test_http_status_matrix(status, counts, retryable):
 def test_transport_and_stream_kinds_count_and_retry(kind):
     err = UpstreamError("p1", kind, "boom")
     assert counts_as_failure(err) and is_retryable(err)
-    assert err.to_openai()["error"]["code"] == f"upstream_{kind}"
+    assert client_error(err).code == f"upstream_{kind}"
 
 
 @pytest.mark.parametrize(
@@ -63,7 +66,7 @@ def test_unknown_exception_counts_but_is_not_retried():
 
 def test_other_libraries_errors_classified_by_status():
     class Response:
-        status_code = 401
+        status_code = 422
 
     class StatusError(Exception):
         response = Response()
@@ -95,15 +98,15 @@ def test_constructor_validates_and_formats():
     err = http(429, retry_after=2.5)
     assert err.retry_after == 2.5
     assert str(err) == "p1: http 429: status 429"
-    body = err.to_openai()["error"]
-    assert body["type"] == "rate_limit_error" and body["param"] is None
-    assert http(400).to_openai()["error"]["type"] == "invalid_request_error"
-    assert http(502).to_openai()["error"] == {
-        "message": "provider 'p1': status 502",
-        "type": "api_error",
-        "param": None,
-        "code": "upstream_502",
-    }
+    refusal = client_error(err)
+    assert refusal.status == 429 and refusal.type == "rate_limit_error" and refusal.param is None
+    assert refusal.headers == [(b"retry-after", b"2")]
+    assert client_error(http(400)).type == "invalid_request_error"
+    failure = client_error(http(502))
+    assert (failure.status, failure.message, failure.type, failure.code) == (
+        502, "provider 'p1': upstream returned 502: status 502", "api_error", "upstream_502")
+    refused = client_error(http(401))
+    assert refused.status == 502 and refused.code == "provider_auth_failed" and "not your API key" in refused.message
     with pytest.raises(UpstreamError) as info:
         raise http(503)
     assert info.value.status == 503

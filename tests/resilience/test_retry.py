@@ -70,7 +70,9 @@ def test_should_retry_only_retryable_and_within_attempts():
     assert p.should_retry(err(503), 2, False)
     assert not p.should_retry(err(503), 3, False)
     assert not p.should_retry(err(400), 1, False)
-    assert not p.should_retry(err(401), 1, False)
+    assert not p.should_retry(err(422), 1, False)
+    # 401/403 from an upstream refuse the gateway's own credential: another provider may take the request.
+    assert p.should_retry(err(401), 1, False)
     assert p.should_retry(UpstreamError("p1", "stream_cut", "eof"), 1, False)
     assert p.should_retry(TimeoutError(), 1, False)
     assert not p.should_retry(ValueError("our bug"), 1, False)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runestone.providers.sse import SSEError, SSEEvent, SSEParser, encode_event
+from runestone.wire.sse import SSEError, SSEEvent, SSEParser, encode_event
 
 ANTHROPIC_STREAM = (
     b"event: message_start\n"

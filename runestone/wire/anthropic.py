@@ -4,21 +4,24 @@ A client using the Anthropic SDK against the gateway sends a Messages body; :fun
 turns it into the gateway's internal OpenAI chat request, so the same routing, failover and providers serve
 it. The OpenAI answer comes back as a ``chat.completion`` (:func:`openai_response_to_anthropic`), a stream of
 ``chat.completion.chunk`` (:class:`OpenAIToAnthropicStream`, which emits Anthropic's events in the order the
-real API sends them), or an error (:func:`openai_error_to_anthropic`). Plain dicts throughout.
+real API sends them), framed as Anthropic's SSE by :class:`AnthropicEventStream`. Errors are
+:func:`runestone.wire.errors.anthropic_error_body`. Plain dicts throughout.
 """
 
 from __future__ import annotations
 
+import os
+
 import attrs
 import orjson
 
-from runestone.providers.anthropic_translate import TranslationError
+from .anthropic_upstream import TranslationError
 
 __all__ = [
     "InboundError",
+    "AnthropicEventStream",
     "OpenAIToAnthropicStream",
     "anthropic_request_to_openai",
-    "openai_error_to_anthropic",
     "openai_response_to_anthropic",
 ]
 
@@ -26,10 +29,12 @@ __all__ = [
 class InboundError(TranslationError):
     """A ``/v1/messages`` body is invalid; ``param`` names the field (``messages[2].content[0].type``)."""
 
-    def to_anthropic(self) -> dict:
-        """Anthropic's error body for a 400 answer."""
-        where = f"{self.param}: " if self.param else ""
-        return {"type": "error", "error": {"type": "invalid_request_error", "message": where + self.message}}
+
+def _block_text(block: dict, param: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise InboundError(f"{param}.text", "text must be a string")
+    return text
 
 
 def _text(content, param: str) -> str:
@@ -46,7 +51,7 @@ def _text(content, param: str) -> str:
             raise InboundError(f"{param}[{k}]", "content blocks must be objects")
         kind = block.get("type")
         if kind == "text":
-            texts.append(block.get("text") or "")
+            texts.append(_block_text(block, f"{param}[{k}]"))
         elif kind not in ("image", "document"):
             raise InboundError(f"{param}[{k}].type", f"block type {kind!r} is not allowed here")
         # Images inside tool results have no place in an OpenAI tool message; only the text goes through.
@@ -73,6 +78,8 @@ def _source_url(block: dict, param: str) -> str:
 
 def _require_int(body: dict, name: str, *, minimum: int) -> int:
     value = body.get(name)
+    if isinstance(value, float) and value.is_integer():  # 1.0 is a JSON Schema integer
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise InboundError(name, f"{name} must be an integer >= {minimum}")
     return value
@@ -108,7 +115,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
         if not isinstance(msg, dict):
             raise InboundError(f"messages[{i}]", "each message must be an object")
         role = msg.get("role")
-        if role not in ("user", "assistant"):
+        if not isinstance(role, str) or role not in ("user", "assistant"):
             raise InboundError(f"messages[{i}].role", "role must be 'user' or 'assistant'")
         content = msg.get("content")
         if isinstance(content, str):
@@ -122,10 +129,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
             for k, block in enumerate(content):
                 kind = block.get("type") if isinstance(block, dict) else None
                 if kind == "text":
-                    text = block.get("text")
-                    if not isinstance(text, str):
-                        raise InboundError(f"{param}[{k}].text", "text must be a string")
-                    parts.append({"type": "text", "text": text})
+                    parts.append({"type": "text", "text": _block_text(block, f"{param}[{k}]")})
                 elif kind == "image":
                     parts.append({"type": "image_url", "image_url": {"url": _source_url(block, f"{param}[{k}]")}})
                 elif kind == "document":
@@ -151,7 +155,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
             for k, block in enumerate(content):
                 kind = block.get("type") if isinstance(block, dict) else None
                 if kind == "text":
-                    texts.append(block.get("text") or "")
+                    texts.append(_block_text(block, f"{param}[{k}]"))
                 elif kind == "tool_use":
                     name = block.get("name")
                     if not isinstance(name, str) or not name:
@@ -176,7 +180,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
     req: dict = {"model": model, "messages": out, "max_tokens": max_tokens}
 
     tools = body.get("tools")
-    if tools:
+    if tools is not None:
         if not isinstance(tools, list):
             raise InboundError("tools", "tools must be an array")
         converted = []
@@ -187,8 +191,11 @@ def anthropic_request_to_openai(body: dict) -> dict:
             if not isinstance(name, str) or not name:
                 raise InboundError(f"tools[{k}].name", "name is required")
             fn: dict = {"name": name}
-            if tool.get("description"):
-                fn["description"] = tool["description"]
+            description = tool.get("description")
+            if description is not None and not isinstance(description, str):
+                raise InboundError(f"tools[{k}].description", "description must be a string")
+            if description:
+                fn["description"] = description
             schema = tool.get("input_schema")
             if not isinstance(schema, dict):
                 raise InboundError(f"tools[{k}].input_schema", "input_schema is required")
@@ -230,9 +237,17 @@ def anthropic_request_to_openai(body: dict) -> dict:
     if body.get("stream"):
         req["stream"] = True
         req["stream_options"] = {"include_usage": True}
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InboundError("stream", "stream must be a boolean")
     metadata = body.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("user_id"):
-        req["user"] = metadata["user_id"]
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InboundError("metadata", "metadata must be an object")
+    if metadata and metadata.get("user_id") is not None:
+        user_id = metadata["user_id"]
+        if not isinstance(user_id, str) or len(user_id) > 256:
+            raise InboundError("metadata.user_id", "metadata.user_id must be a string of at most 256 characters")
+        req["user"] = user_id
     return req
 
 
@@ -480,12 +495,45 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def openai_error_to_anthropic(status: int, error: dict) -> dict:
-    """Anthropic's error body for an OpenAI error object (bare or inside ``{"error": ...}``), typed by status."""
-    if isinstance(error, dict) and isinstance(error.get("error"), dict):
-        error = error["error"]
-    message = error.get("message") if isinstance(error, dict) else None
-    type_ = _ANTHROPIC_TYPES.get(status)
-    if type_ is None:
-        type_ = "invalid_request_error" if 400 <= status < 500 else "api_error"
-    return {"type": "error", "error": {"type": type_, "message": message or f"request failed with HTTP {status}"}}
+# -- the stream encoder ---------------------------------------------------------------------------------
+
+def sse_event(name: str, data: dict) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class AnthropicEventStream:
+    """Encodes a stream's chat chunk payloads as Anthropic's SSE events; one per response.
+
+    The translator is made from the first chunk (its id names the message). The end of the upstream
+    stream closes the message (``message_delta``, ``message_stop``) if the chunks did not; a failure ends
+    the stream with Anthropic's ``error`` event and nothing after it, as the real API does.
+    """
+
+    __slots__ = ("model", "_translator")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._translator: OpenAIToAnthropicStream | None = None
+
+    def _tr(self, chat_id) -> OpenAIToAnthropicStream:
+        tr = self._translator
+        if tr is None:
+            if isinstance(chat_id, str) and chat_id:
+                message_id = chat_id if chat_id.startswith("msg_") else "msg_" + chat_id.removeprefix("chatcmpl-")
+            else:
+                message_id = "msg_" + os.urandom(12).hex()
+            tr = self._translator = OpenAIToAnthropicStream(model=self.model, message_id=message_id)
+        return tr
+
+    def feed(self, payloads: list, last: bool) -> bytes:
+        out: list[bytes] = []
+        for data in payloads:
+            obj = orjson.loads(data)
+            out.extend(sse_event(n, d) for n, d in self._tr(obj.get("id")).feed(obj))
+        if last:
+            out.extend(sse_event(n, d) for n, d in self._tr(None).finish())
+        return b"".join(out)
+
+    @staticmethod
+    def error(error_type: str, message: str) -> bytes:
+        return sse_event("error", {"type": "error", "error": {"type": error_type, "message": message}})

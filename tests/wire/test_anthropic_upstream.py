@@ -12,7 +12,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from runestone.providers.anthropic_translate import (
+from runestone.wire.anthropic_upstream import (
     AnthropicToOpenAIStream,
     TranslationError,
     UpstreamStreamError,
@@ -159,7 +159,7 @@ def test_untranslatable_requests_name_the_field(messages, param):
     with pytest.raises(TranslationError) as info:
         openai_to_anthropic_request({"messages": messages}, model="m", stream=False)
     assert info.value.param == param
-    assert info.value.to_openai()["type"] == "invalid_request_error"
+    assert info.value.status == 400 and info.value.message
 
 
 def test_text_response():

@@ -7,18 +7,20 @@ from our events exactly as a client does and fails on events out of order.
 import json
 import pathlib
 
+import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 
-from runestone.providers.anthropic_translate import openai_to_anthropic_request
-from runestone.providers.messages_inbound import (
+from runestone.wire.anthropic_upstream import openai_to_anthropic_request
+from runestone.wire.anthropic import (
     InboundError,
     OpenAIToAnthropicStream,
     anthropic_request_to_openai,
-    openai_error_to_anthropic,
     openai_response_to_anthropic,
 )
+
+from runestone.wire.errors import ErrorInfo, anthropic_error_body
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -133,7 +135,7 @@ def test_validation_errors_name_the_field(patch, param):
     with pytest.raises(InboundError) as info:
         anthropic_request_to_openai(body)
     assert info.value.param == param
-    err = info.value.to_anthropic()
+    err = orjson.loads(anthropic_error_body(ErrorInfo(400, info.value.message, param=info.value.param)))
     assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error" and param in err["error"]["message"]
 
 
@@ -250,13 +252,12 @@ def test_empty_stream_still_makes_a_valid_message():
      (500, "api_error"), (503, "overloaded_error"), (504, "timeout_error"), (422, "invalid_request_error"), (599, "api_error")],
 )
 def test_error_shape(status, type_):
-    wrapped = {"error": {"message": "nope", "type": "x", "param": None, "code": None}}
-    assert openai_error_to_anthropic(status, wrapped) == {"type": "error", "error": {"type": type_, "message": "nope"}}
-    assert openai_error_to_anthropic(status, wrapped["error"])["error"]["message"] == "nope"
+    body = anthropic_error_body(ErrorInfo(status, "nope", "x"))
+    assert orjson.loads(body) == {"type": "error", "error": {"type": type_, "message": "nope"}}
 
 
 def test_anthropic_stream_through_openai_chunks_and_back():
-    from runestone.providers.anthropic_translate import AnthropicToOpenAIStream
+    from runestone.wire.anthropic_upstream import AnthropicToOpenAIStream
 
     original = fixture("anthropic_stream_tool_use.json")
     to_openai = AnthropicToOpenAIStream(model="claude-x", request_id="chatcmpl-1", created=1, include_usage=True)

@@ -1,9 +1,14 @@
-"""Request validation for the OpenAI-compatible routes: clear 400s that name the field, nothing else.
+"""OpenAI's wire format: request validation, the SSE encoding of a stream, and the legacy completions API.
 
-Validation checks what the gateway itself relies on (``model``, ``messages``, ``stream``, the
-``runestone`` routing object) and the types of the common sampling parameters, so that a wrong type is
-refused here with the field's name rather than by an upstream in its own words. Every other field passes
-through untouched to providers that accept it.
+Validation checks what the gateway itself relies on (``model``, ``messages``, ``stream``) and the types of
+the common sampling parameters, so that a wrong type is refused here with the field's name (an
+:class:`~runestone.wire.errors.InvalidRequest`, a 400) rather than by an upstream in its own words. Every
+other field passes through untouched to providers that accept it. Integers may be written as integral
+floats (``1.0``: a JSON Schema integer) and are normalised to ``int`` in place. The ``runestone`` routing
+object is taken out of the body and handed back raw; routing parses it.
+
+The stream encoders frame the pipeline's chunk payloads as ``data: {chunk}\\n\\n`` events, one write per
+upstream read, ending with ``data: [DONE]`` or, after a failure, an error event and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from typing import Any
 
 import orjson
 
-from ..routing.executor import GatewayError
-from ..routing.policies import NO_REQUIREMENTS, Requirements, parse_requirements
+from .errors import InvalidRequest, openai_error_object
 
-__all__ = ["parse_json_object", "validate_chat", "validate_embeddings", "ChatShape"]
+__all__ = ["DONE", "ChatShape", "parse_json_object", "sse_error_event", "sse_chunks", "validate_chat",
+           "validate_embeddings"]
+
+DONE = b"data: [DONE]\n\n"
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -52,25 +59,35 @@ _RANGES = {
 }
 
 
-def bad(param: str, message: str) -> GatewayError:
-    return GatewayError(400, message, param=param, code="invalid_value" if "must" in message else None)
+_INTEGERS = frozenset(name for name, (types, _) in _TYPED.items() if types == (int,))
+
+
+def bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(param, message, "invalid_value" if "must" in message else None)
 
 
 def parse_json_object(raw: bytes) -> dict:
     if not raw:
-        raise GatewayError(400, "the request body is empty; send a JSON object", code="invalid_json")
+        raise InvalidRequest(None, "the request body is empty; send a JSON object", "invalid_json")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"the request body is not valid JSON ({exc.msg}, at byte {exc.pos}); send a JSON "
-                           "object encoded as UTF-8", code="invalid_json") from None
+        raise InvalidRequest(None, f"the request body is not valid JSON ({exc.msg}, at byte {exc.pos}); send a "
+                             "JSON object encoded as UTF-8", "invalid_json") from None
     if not isinstance(body, dict):
-        raise GatewayError(400, f"the request body must be a JSON object, not a JSON {_kind(body)}",
-                           code="invalid_json")
+        raise InvalidRequest(None, f"the request body must be a JSON object, not a JSON {kind_of(body)}",
+                             "invalid_json")
     return body
 
 
-def _kind(value: Any) -> str:
+def integral(value: Any) -> Any:
+    """``value`` as an int when it is an integral float (``1.0``), else unchanged."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def kind_of(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, (int, float)):
@@ -87,14 +104,16 @@ def _kind(value: Any) -> str:
 class ChatShape:
     """What the request path needs to know of a validated chat body."""
 
-    __slots__ = ("model", "stream", "include_usage", "requirements", "capability")
+    __slots__ = ("model", "stream", "include_usage", "routing", "capability")
 
-    def __init__(self, model: str, stream: bool, include_usage: bool, requirements: Requirements,
+    def __init__(self, model: str, stream: bool, include_usage: bool, routing: Any,
                  capability: frozenset[str]) -> None:
         self.model = model
         self.stream = stream
         self.include_usage = include_usage
-        self.requirements = requirements
+        #: The raw ``runestone`` routing object the client sent (None if none), taken out of the body.
+        self.routing = routing
+        #: What the body needs of a provider: "tools", "vision" (streaming is served by every provider).
         self.capability = capability
 
 
@@ -103,28 +122,23 @@ def _model(body: dict) -> str:
     if model is None:
         raise bad("model", "'model' is required: name a model (GET /v1/models lists them) or a failover group")
     if not isinstance(model, str) or not model.strip():
-        raise bad("model", f"'model' must be a non-empty string, not a {_kind(model)}")
+        raise bad("model", f"'model' must be a non-empty string, not a {kind_of(model)}")
     return model
 
 
-def _requirements(body: dict) -> Requirements:
-    extra = body.pop("runestone", None)
-    if extra is None:
-        return NO_REQUIREMENTS
-    try:
-        return parse_requirements(extra)
-    except (ValueError, TypeError) as exc:
-        raise bad("runestone", f"invalid 'runestone' routing object: {exc}") from None
-
-
-def _check_typed(body: dict) -> None:
+def check_typed(body: dict) -> None:
+    """The common sampling fields' types and ranges; integral floats become ints in place."""
     for name, value in body.items():
         spec = _TYPED.get(name)
         if spec is None or value is None:
             continue
         types, what = spec
+        if name in _INTEGERS and isinstance(value, float):
+            value = integral(value)
+            if isinstance(value, int):
+                body[name] = value
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise bad(name, f"'{name}' must be {what}, not a {_kind(value)}")
+            raise bad(name, f"'{name}' must be {what}, not a {kind_of(value)}")
         rng = _RANGES.get(name)
         if rng is not None:
             low, high = rng
@@ -146,9 +160,9 @@ def validate_chat(body: dict) -> ChatShape:
     vision = False
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise bad(f"messages[{i}]", f"messages[{i}] must be an object, not a {_kind(msg)}")
+            raise bad(f"messages[{i}]", f"messages[{i}] must be an object, not a {kind_of(msg)}")
         role = msg.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise bad(f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}; "
                       f"got {role!r}" if isinstance(role, str) else f"messages[{i}].role is required")
         content = msg.get("content")
@@ -165,12 +179,12 @@ def validate_chat(body: dict) -> ChatShape:
                     vision = True
         elif not isinstance(content, str):
             raise bad(f"messages[{i}].content",
-                      f"messages[{i}].content must be a string or an array of content parts, not a {_kind(content)}")
+                      f"messages[{i}].content must be a string or an array of content parts, not a {kind_of(content)}")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise bad("stream", f"'stream' must be a boolean, not a {_kind(stream)}")
+        raise bad("stream", f"'stream' must be a boolean, not a {kind_of(stream)}")
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
@@ -180,19 +194,18 @@ def validate_chat(body: dict) -> ChatShape:
         if not isinstance(iu, bool):
             raise bad("stream_options.include_usage", "'stream_options.include_usage' must be a boolean")
         include_usage = iu and stream
-    _check_typed(body)
-    requirements = _requirements(body)
+    check_typed(body)
+    routing = body.pop("runestone", None)
     caps = []
     if body.get("tools"):
         caps.append("tools")
     if vision:
         caps.append("vision")
-    if stream:
-        caps.append("streaming")
-    return ChatShape(model, stream, include_usage, requirements, frozenset(caps))
+    return ChatShape(model, stream, include_usage, routing, frozenset(caps))
 
 
-def validate_embeddings(body: dict) -> tuple[str, Requirements]:
+def validate_embeddings(body: dict) -> tuple[str, Any]:
+    """Validate an embeddings body in place; returns the model and the raw ``runestone`` object."""
     model = _model(body)
     inp = body.get("input")
     if inp is None:
@@ -214,11 +227,26 @@ def validate_embeddings(body: dict) -> tuple[str, Requirements]:
                 continue
             raise bad(f"input[{i}]", f"input[{i}] must be a string or an array of token ids")
     else:
-        raise bad("input", f"'input' must be a string or an array of strings, not a {_kind(inp)}")
+        raise bad("input", f"'input' must be a string or an array of strings, not a {kind_of(inp)}")
     fmt = body.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise bad("encoding_format", "'encoding_format' must be \"float\" or \"base64\"")
-    dims = body.get("dimensions")
+    dims = integral(body.get("dimensions"))
+    if dims is not None and isinstance(dims, int):
+        body["dimensions"] = dims
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 8192):
         raise bad("dimensions", "'dimensions' must be an integer between 1 and 8192")
-    return model, _requirements(body)
+    return model, body.pop("runestone", None)
+
+
+# -- streams ------------------------------------------------------------------------------------------
+
+def sse_chunks(payloads: list, last: bool) -> bytes:
+    """One upstream read's chunk payloads as OpenAI SSE events (and ``[DONE]`` when it was the last)."""
+    out = b"".join([b"data: " + p + b"\n\n" for p in payloads])
+    return out + DONE if last else out
+
+
+def sse_error_event(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:
+    """The honest end of a failed stream: an error event the SDKs raise on, and no ``[DONE]`` after it."""
+    return b"data: " + orjson.dumps({"error": openai_error_object(message, type, param, code)}) + b"\n\n"

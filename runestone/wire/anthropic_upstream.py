@@ -13,6 +13,8 @@ from __future__ import annotations
 import attrs
 import orjson
 
+from .errors import InvalidRequest
+
 __all__ = [
     "AnthropicToOpenAIStream",
     "TranslationError",
@@ -23,17 +25,11 @@ __all__ = [
 ]
 
 
-class TranslationError(ValueError):
+class TranslationError(InvalidRequest):
     """A request cannot be expressed in the other API's format; the client should get a 400 naming ``param``."""
 
     def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
-
-    def to_openai(self) -> dict:
-        """The OpenAI error object (without the ``{"error": ...}`` envelope) for a 400 answer."""
-        return {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": None}
+        super().__init__(param, message)
 
 
 @attrs.frozen

@@ -1,0 +1,53 @@
+"""Front doors' stream encoding: a :class:`~runestone.routing.executor.Streaming` as one API's bytes.
+
+:func:`encoded` is the one relay loop every HTTP front door uses: one write per upstream read (each
+:class:`~runestone.routing.executor.Chunks` becomes at most one item), the failure's error event in the
+API's shape, and ``aclose()`` of the stream however the loop ends (the client left, the server stopped).
+It holds no cancel scope: the stream bounds each of its own reads by the request's deadline.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable
+
+from ..routing.errors import GatewayError
+from ..routing.executor import Chunks, Failed, Streaming
+from ..wire.anthropic import AnthropicEventStream
+from ..wire.errors import anthropic_type
+from ..wire.openai import sse_chunks, sse_error_event
+
+__all__ = ["SSE_HEADERS", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def openai_failure(error: GatewayError) -> bytes:
+    return sse_error_event(error.message, error.type, error.param, error.code)
+
+
+def anthropic_failure(error: GatewayError) -> bytes:
+    return AnthropicEventStream.error(anthropic_type(error.status, error.type), error.message)
+
+
+async def encoded(streaming: Streaming, feed: Callable[[list, bool], bytes],
+                  failure: Callable[[GatewayError], bytes]) -> AsyncIterator[bytes]:
+    """``streaming``'s events through ``feed(payloads, last)`` and ``failure(error)``, as write-ready bytes."""
+    try:
+        async for event in streaming:
+            if type(event) is Chunks:
+                data = feed(event.payloads, event.last)
+                if data:
+                    yield data
+            elif type(event) is Failed:
+                yield failure(event.error)
+    finally:
+        await streaming.aclose()
+
+
+def openai_sse(streaming: Streaming) -> AsyncIterator[bytes]:
+    """A chat stream as OpenAI's SSE: the upstream's chunk payloads framed, then ``[DONE]``."""
+    return encoded(streaming, sse_chunks, openai_failure)

@@ -1,0 +1,18 @@
+"""The wire formats the gateway speaks, in one place, importing nothing else of Runestone's.
+
+- :mod:`.errors`: a client-facing error in no API's shape (``ErrorInfo``), each API's error body, the
+  upstream's own error read back (``parse_upstream_error``), credentials scrubbed from upstream text.
+- :mod:`.openai`: chat and embeddings validation (``InvalidRequest`` naming the field), SSE encoding.
+- :mod:`.completions`: the legacy completions API as a one-message chat and back.
+- :mod:`.anthropic`: the Messages API as clients speak it to the gateway (validation, translation to the
+  canonical chat body, the answer and the stream translated back).
+- :mod:`.anthropic_upstream`: the canonical chat body sent to an Anthropic upstream, and its answers back.
+- :mod:`.sse`: the server-sent events parser and encoder.
+"""
+
+from .errors import ErrorInfo as ErrorInfo
+from .errors import InvalidRequest as InvalidRequest
+from .errors import anthropic_error_body as anthropic_error_body
+from .errors import openai_error_body as openai_error_body
+from .errors import parse_upstream_error as parse_upstream_error
+from .errors import scrub as scrub
