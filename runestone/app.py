@@ -29,6 +29,7 @@ import trio
 from .config import Config, ProviderSpec
 from .control_store import ControlStore, ControlStoreError
 from .front.api import Front
+from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
 from .http.server import Limits, serve_http
@@ -219,7 +220,8 @@ class Application:
                 self.port = server.port
                 inner.status.started(_GracefulFront(server, self.gateway))
 
-        await serve_http(self.front.handle, self.host, self.port, limits=limits, task_status=_Started(task_status))
+        await serve_http(self.front.handle, self.host, self.port, limits=limits, error_body=http_error_body,
+                         task_status=_Started(task_status))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until stopped; ``task_status.started(self)`` once every child is up."""

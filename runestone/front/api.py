@@ -25,7 +25,7 @@ from ..routing.policies import NO_REQUIREMENTS, Requirements, parse_requirements
 from ..wire.errors import InvalidRequest
 from ..wire.openai import parse_json_object, validate_chat, validate_embeddings
 from .auth import KeyRing
-from .errors import error_response, gateway_error_response
+from .errors import anthropic_response, error_response, gateway_error_response, is_anthropic_path
 from .streams import SSE_HEADERS, openai_sse
 
 __all__ = ["Front", "RouteTable"]
@@ -128,11 +128,15 @@ class Front:
             if found is None:
                 allowed = self.routes.allowed(request.path)
                 if allowed:
-                    return error_response(405, f"{request.method} is not allowed on {request.path}; use "
-                                          f"{' or '.join(allowed)}", code="method_not_allowed",
-                                          headers=[(b"allow", ", ".join(allowed).encode()), rid_header])
-                return error_response(404, f"no route for {request.method} {request.path}; the API lives under "
-                                      "/v1 (see GET /openapi.json)", code="not_found", headers=[rid_header])
+                    exc = GatewayError(405, f"{request.method} is not allowed on {request.path}; use "
+                                       f"{' or '.join(allowed)}", code="method_not_allowed",
+                                       headers=[(b"allow", ", ".join(allowed).encode())])
+                else:
+                    exc = GatewayError(404, f"no route for {request.method} {request.path}; see GET /openapi.json "
+                                       "for the routes this gateway serves", "not_found_error", code="not_found")
+                if is_anthropic_path(request.path.encode()):
+                    return anthropic_response(exc, [rid_header])
+                return gateway_error_response(exc, [rid_header])
             route, access = found
             caller = self.authenticate(request, access, request_id)
             response = await route(request, caller)

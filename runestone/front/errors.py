@@ -13,7 +13,21 @@ from ..http.server import Response
 from ..routing.errors import GatewayError
 from ..wire.errors import ErrorInfo, InvalidRequest, anthropic_error_body, openai_error_body
 
-__all__ = ["anthropic_response", "error_response", "gateway_error", "gateway_error_response"]
+__all__ = ["anthropic_response", "error_response", "gateway_error", "gateway_error_response", "http_error_body",
+           "is_anthropic_path"]
+
+#: Paths of Anthropic's API: refusals there are in Anthropic's shape, whatever refuses.
+ANTHROPIC_PREFIX = b"/v1/messages"
+
+
+def is_anthropic_path(target: bytes) -> bool:
+    return target.startswith(ANTHROPIC_PREFIX)
+
+
+def http_error_body(status: int, message: str, error_type: str, target: bytes) -> bytes:
+    """The HTTP server's own refusals (malformed request, body over the limit) in the path's API's shape."""
+    info = ErrorInfo(status, message, "request_too_large" if status == 413 else error_type)
+    return anthropic_error_body(info) if is_anthropic_path(target) else openai_error_body(info)
 
 _JSON = (b"content-type", b"application/json")
 

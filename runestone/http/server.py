@@ -296,8 +296,20 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response | WebSocketAccept]]
 
 
-def _error_response(status: int, message: str, error_type: str = "invalid_request_error") -> Response:
-    return Response(status, [(b"content-type", b"application/json")], wire.error_body(message, error_type))
+#: ``error_body(status, message, error_type, target) -> bytes``: the JSON body of the server's own refusals
+#: (malformed HTTP, a body over the limit, a timeout); ``target`` is the request target as received, so
+#: that an application can answer each of its APIs in that API's error shape.
+ErrorBody = Callable[[int, str, str, bytes], bytes]
+
+
+def _default_error_body(status: int, message: str, error_type: str, target: bytes) -> bytes:
+    return wire.error_body(message, error_type)
+
+
+def _error_response(server: "HttpServer", status: int, message: str, target: bytes,
+                    error_type: str = "invalid_request_error") -> Response:
+    return Response(status, [(b"content-type", b"application/json")],
+                    server.error_body(status, message, error_type, target))
 
 
 _INTERNAL_ERROR_BODY = wire.error_body("internal server error", "server_error")
@@ -326,10 +338,12 @@ class ServerStatistics:
 class HttpServer:
     """A running server, as given to ``task_status.started()`` by :func:`serve_http`."""
 
-    def __init__(self, handler: Handler, host: str, port: int, limits: Limits) -> None:
+    def __init__(self, handler: Handler, host: str, port: int, limits: Limits,
+                 error_body: ErrorBody | None = None) -> None:
         self.host = host
         self.port = port
         self.limits = limits
+        self.error_body = error_body or _default_error_body
         self._handler = handler
         self._stopping = False
         self._connections: set[_Connection] = set()
@@ -771,7 +785,7 @@ class _Connection:
                 deadline = trio.current_time() + limits.header_timeout
 
     async def _refuse(self, error: HttpError) -> None:
-        response = _error_response(error.status, error.message)
+        response = _error_response(self._server, error.status, error.message, self._url)
         head = wire.build_head(response.status, response.headers, wire.content_length_line(len(response.body)),
                                wire.CLOSE)
         await self._send(head + response.body)
@@ -797,7 +811,7 @@ class _Connection:
                 else:
                     response = await server._handler(request)
             except HttpError as error:
-                response = _error_response(error.status, error.message)
+                response = _error_response(server, error.status, error.message, request.path.encode())
                 keep = False
             except (ClientDisconnected, _PeerGone):
                 raise
@@ -1096,6 +1110,7 @@ async def serve_http(
     port: int,
     *,
     limits: Limits = Limits(),
+    error_body: ErrorBody | None = None,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HTTP/1.1 (and WebSocket upgrades) on ``host:port`` until stopped.
@@ -1106,7 +1121,7 @@ async def serve_http(
     every connection is closed at once.
     """
     sock = await _listen(host, port)
-    server = HttpServer(handler, host, sock.getsockname()[1], limits)
+    server = HttpServer(handler, host, sock.getsockname()[1], limits, error_body)
     listener = trio.SocketListener(sock)
     try:
         async with trio.open_nursery() as system:

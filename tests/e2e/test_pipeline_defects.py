@@ -282,3 +282,18 @@ async def test_graceful_stop_ends_a_long_stream_with_an_error_event(clock, gatew
     assert "[DONE]" not in text
     last = text.strip().rsplit("\n\n", 1)[-1]
     assert last.startswith("data: ") and orjson.loads(last[6:])["error"]["code"] == "gateway_stopping"
+
+
+async def test_anthropic_paths_refuse_in_anthropics_shape(gateway_factory, fake_only_toml):
+    gw = await gateway_factory(LEDGER_OFF + fake_only_toml)
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        r = await http.get("/messages")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+        r = await http.post("/messages/batches", json={})
+        assert r.status_code == 404
+        assert r.json() == {"type": "error", "error": {"type": "not_found_error", "message": r.json()["error"]["message"]}}
+        r = await http.post("/messages", content=b"x" * (4 * 1024 * 1024 + 10))
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+        r = await http.get("/nothing")  # OpenAI's routes keep OpenAI's shape
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
