@@ -6,6 +6,8 @@ pytest has loaded: ``from gatewaytest import provider_toml``.
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class Started:
     """A running gateway: the app, its base URL and ``v1`` URL."""
@@ -31,3 +33,18 @@ def provider_toml(name: str, type: str, **config) -> str:
             lit = repr(value)
         lines.append(f"{key} = {lit}")
     return "\n".join(lines) + "\n"
+
+
+def fail_next_ledger_write(ledger) -> list:
+    """Make ``ledger``'s next write fail as a broken disk would; the returned list gets an item when it did."""
+    write = ledger._write_sync
+    failed: list = []
+
+    def failing_once(*args):
+        if not failed:
+            failed.append(True)
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return write(*args)
+
+    ledger._write_sync = failing_once
+    return failed

@@ -213,8 +213,9 @@ def usage_from(provider: str, u: Any, usage: Usage) -> None:
     """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``, each checked by :func:`token_count`."""
     if not isinstance(u, dict):
         raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    usage.prompt_tokens = token_count(provider, u, "prompt_tokens")
-    usage.completion_tokens = token_count(provider, u, "completion_tokens")
+    prompt = token_count(provider, u, "prompt_tokens")
+    completion = token_count(provider, u, "completion_tokens")
+    usage.prompt_tokens, usage.completion_tokens = prompt, completion  # both or neither
 
 
 def transport_error(provider: str, exc: BaseException) -> UpstreamError:

@@ -232,6 +232,7 @@ class UsageLedger:
         """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""
         refused: list[tuple[tuple, str]] = []
         good: list[tuple] = []
+        originals: list[tuple] = []
         for row in rows:
             field = _problem(row)
             if field is not None:
@@ -246,6 +247,8 @@ class UsageLedger:
                 refused.append((row, "cost out of range"))
                 continue
             good.append(stored)
+            originals.append(row)
+        written = len(good)
         conn.execute("BEGIN")
         try:
             try:
@@ -256,23 +259,22 @@ class UsageLedger:
                 # One row the checks let through: store the others one by one, keep that one aside.
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN")
-                kept = []
-                for i, stored in enumerate(good):
+                written = 0
+                for stored, row in zip(good, originals):
                     try:
                         conn.execute(_INSERT, stored)
                     except sqlite3.OperationalError:
                         raise
                     except _ROW_ERRORS as exc:
-                        refused.append((stored, f"{type(exc).__name__}: {exc}"))
+                        refused.append((row, f"{type(exc).__name__}: {exc}"))
                     else:
-                        kept.append(stored)
-                good = kept
+                        written += 1
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return len(good), refused
+        return written, refused
 
     def _quarantine_sync(self, refused: list[tuple[tuple, str]]) -> int:
         """Append the refused rows to the quarantine file; return how many could not be written."""

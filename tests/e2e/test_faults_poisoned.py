@@ -21,7 +21,7 @@ import uuid
 import httpx
 import trio
 
-from gatewaytest import provider_toml
+from gatewaytest import fail_next_ledger_write, provider_toml
 from runestone.http.server import Response, serve_http
 
 MODEL = "gpt-4o-mini"
@@ -166,17 +166,7 @@ async def test_a_telemetry_crash_under_traffic_loses_no_row(gateway_factory):
     def inject_crash() -> None:
         """The live handler's next cast raises, and the flush it makes on its way out fails too."""
         ref = app.registry.whereis("telemetry_handler")
-        ledger = ref.actor.ledger
-        write = ledger._write_sync
-        failed = []
-
-        def failing_once(*args):
-            if not failed:
-                failed.append(True)
-                raise sqlite3.OperationalError("disk I/O error (injected)")
-            return write(*args)
-
-        ledger._write_sync = failing_once
+        fail_next_ledger_write(ref.actor.ledger)
 
         async def boom(message):
             raise RuntimeError("injected crash in telemetry_handler")
