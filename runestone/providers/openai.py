@@ -15,6 +15,7 @@ from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .base import (
     DONE,
+    MAX_NAME_CHARS,
     ChatResult,
     UpstreamStream,
     Usage,
@@ -61,8 +62,9 @@ class OpenAIStream(UpstreamStream):
                 choices = obj.get("choices")
                 if not isinstance(choices, list):
                     raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
-                check_name(provider, obj, "id")
-                check_name(provider, obj, "model")
+                if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
+                    check_name(provider, obj, "id")
+                    check_name(provider, obj, "model")
                 u = obj.get("usage")
                 if u:
                     usage_from(provider, u, self.usage)

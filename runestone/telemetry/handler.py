@@ -88,7 +88,7 @@ class TelemetryStats:
     ledger_pending: int
     """Usage rows waiting for the next flush."""
     ledger_written: int
-    """Usage rows committed by this incarnation."""
+    """Usage rows committed since the ledger was made (across handler restarts, when it outlives them)."""
     ledger_errors: int
     """Background flushes that failed (rows are kept and retried)."""
     ledger_quarantined: int
