@@ -44,8 +44,8 @@ from .routing.splits import NamedRoutes
 from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
-from .telemetry.ledger import UsageLedger
 from .telemetry.health import HealthParams
+from .telemetry.ledger import UsageLedger
 from .telemetry.sender import Telemetry
 
 __all__ = ["Application", "StartupError"]

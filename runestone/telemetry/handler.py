@@ -397,8 +397,8 @@ class TelemetryHandler(Actor):
                     log.error("usage ledger lost %d rows at shutdown: %s: %s", ledger.pending, type(exc).__name__,
                               exc)
                 else:
-                    log.error("usage ledger: %d rows stay buffered for the next start: %s: %s", ledger.pending,
-                              type(exc).__name__, exc)
+                    log.error("usage ledger: %d rows stay buffered for the handler's next start (lost if the "
+                              "gateway is stopping): %s: %s", ledger.pending, type(exc).__name__, exc)
 
     def snapshot(self) -> TelemetryStats | None:
         """The state of the running incarnation; None before the first ``init``."""
