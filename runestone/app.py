@@ -46,6 +46,7 @@ from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
+from .telemetry.ledger import UsageLedger
 from .telemetry.sender import Telemetry
 
 __all__ = ["Application", "StartupError"]
@@ -101,7 +102,12 @@ class Application:
         self.health = Published(None)
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
-        self.telemetry = Telemetry(self.registry)
+        tel = config.telemetry
+        #: The usage ledger: made once, so its buffer outlives telemetry handler restarts; the request path
+        #: adds rows to it through the sender, the handler writes them.
+        self.ledger = UsageLedger(str(self.data_dir / "usage.sqlite3"), pricing=config.pricing,
+                                  batch=tel.ledger_batch) if tel.usage_ledger else None
+        self.telemetry = Telemetry(self.registry, ledger=self.ledger)
         # Run-time registrations and groups, persisted in the data directory, win over the file.
         self.control_store = ControlStore(self.data_dir)
         try:
@@ -147,10 +153,6 @@ class Application:
         cfg = self.config
         reg = self.registry
         tel = cfg.telemetry
-        ledger_path = None
-        if tel.usage_ledger:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            ledger_path = str(self.data_dir / "usage.sqlite3")
         emit = self.telemetry.emit
         breaker_settings = BreakerSettings.from_config(cfg.circuit_breaker)
         overrides = {
@@ -164,7 +166,7 @@ class Application:
 
         def telemetry_handler():
             return TelemetryHandler(
-                registry=reg, mailbox_size=tel.mailbox_size, ledger_path=ledger_path,
+                registry=reg, mailbox_size=tel.mailbox_size, ledger=self.ledger,
                 flush_interval=tel.ledger_flush_ms / 1000, batch=tel.ledger_batch,
                 health_params=HealthParams(latency_window=tel.latency_window),
                 pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window)

@@ -1,10 +1,20 @@
-"""Helpers for tests that run the whole gateway: a started gateway's URLs, and provider blocks of config.
+"""Helpers for tests that run the whole gateway: a started gateway's URLs, provider blocks of config, and the
+gateway as a real process (``runestone serve``).
 
 A plain module (not a conftest) so that test files can import it by name whatever other conftest files
 pytest has loaded: ``from gatewaytest import provider_toml``.
 """
 
 from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import trio
 
 
 class Started:
@@ -31,3 +41,49 @@ def provider_toml(name: str, type: str, **config) -> str:
             lit = repr(value)
         lines.append(f"{key} = {lit}")
     return "\n".join(lines) + "\n"
+
+
+def fail_next_ledger_write(ledger) -> list:
+    """Make ``ledger``'s next write fail as a broken disk would; the returned list gets an item when it did."""
+    write = ledger._write_sync
+    failed: list = []
+
+    def failing_once(*args):
+        if not failed:
+            failed.append(True)
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return write(*args)
+
+    ledger._write_sync = failing_once
+    return failed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway_process(config: str, port: int, log_path) -> subprocess.Popen:
+    """``runestone serve`` with ``config`` on ``port``, its output appended to ``log_path``, in an environment
+    without RUNESTONE_/OPENAI_/ANTHROPIC_ variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
+    env.pop("PORT", None)
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "runestone.cli", "serve", "--config", config, "--port", str(port)],
+                            stdout=log, stderr=log, env=env)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    """Until ``url``/health answers 200 (at most ~10 s); an early exit of ``proc`` fails at once."""
+    async with httpx.AsyncClient() as http:
+        for _ in range(200):
+            if proc.poll() is not None:
+                raise AssertionError(f"gateway exited early with {proc.returncode}")
+            try:
+                if (await http.get(url + "/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.05)
+    raise AssertionError("gateway did not become ready")

@@ -22,15 +22,46 @@ from .base import (
     ChatResult,
     UpstreamStream,
     Usage,
+    check_name,
     loads_object,
+    model_ids,
     new_created,
     secrets_of,
+    token_count,
     transport_error,
     upstream_http_error,
     usage_from,
 )
 
 __all__ = ["AnthropicAdapter", "AnthropicStream"]
+
+
+_USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _check_usage(provider: str, u) -> None:
+    """Anthropic's token counts, checked before the translator adds them up (see :func:`token_count`)."""
+    if u is None:
+        return
+    if not isinstance(u, dict):
+        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
+    for name in _USAGE_COUNTS:
+        token_count(provider, u, name)
+
+
+def _check_event(provider: str, name: str, data: dict) -> None:
+    """The values of one stream event the gateway keeps or relays: usage counts, tool call ids and names."""
+    if name == "message_delta":
+        _check_usage(provider, data.get("usage"))
+    elif name == "message_start":
+        message = data.get("message")
+        if isinstance(message, dict):
+            _check_usage(provider, message.get("usage"))
+    elif name == "content_block_start":
+        block = data.get("content_block")
+        if isinstance(block, dict):
+            check_name(provider, block, "id")
+            check_name(provider, block, "name")
 
 
 class AnthropicStream(UpstreamStream):
@@ -54,6 +85,8 @@ class AnthropicStream(UpstreamStream):
             for ev in events:
                 data = loads_object(provider, ev.data, "a stream event")
                 name = ev.event or data.get("type") or ""
+                if name != "content_block_delta":
+                    _check_event(provider, name, data)
                 try:
                     chunks = translator.feed(name, data)
                 except UpstreamStreamError as exc:
@@ -127,6 +160,11 @@ class AnthropicAdapter:
         msg = await self._read(orjson.dumps(payload))
         if not isinstance(msg.get("content"), list):
             raise UpstreamError(self.name, "malformed", "upstream message has no 'content' list")
+        _check_usage(self.name, msg.get("usage"))
+        for block in msg["content"]:
+            if isinstance(block, dict):
+                check_name(self.name, block, "id")
+                check_name(self.name, block, "name")
         resp = anthropic_to_openai_response(msg, model=model, request_id=request_id, created=new_created())
         usage = Usage()
         if resp.get("usage"):
@@ -152,7 +190,7 @@ class AnthropicAdapter:
         data = obj.get("data")
         if not isinstance(data, list):
             raise UpstreamError(self.name, "malformed", "upstream /v1/models response has no 'data' list")
-        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return model_ids(self.name, data)
 
     async def aclose(self, *, abort_in_use: bool = True) -> None:
         # The provider is stopping (unregistered after its grace, or the gateway is): by default requests

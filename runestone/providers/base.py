@@ -10,10 +10,17 @@ write once per upstream read). The end marker is not an item: ``finished`` turns
 Failures are :class:`~runestone.resilience.errors.UpstreamError`; an adapter raises them for anything the
 upstream did wrong, including a stream that ends before its end marker or carries a malformed chunk, so the
 breaker, retry and failover logic judge them all the same way.
+
+Every value the gateway keeps from an upstream is checked here, where it enters: token counts are integers
+(integral floats accepted, ``bool`` not) in ``0..MAX_TOKENS``; ids and model names are strings of at most
+``MAX_NAME_CHARS``. (Numbers are finite by construction: orjson refuses ``NaN`` and ``Infinity``.) A value out
+of range is a ``protocol`` error of that attempt, so it fails over like any broken answer; it is logged once per
+provider (then every 1000th time), not per request.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, AsyncIterator, Protocol
 
@@ -30,6 +37,7 @@ from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
 from ..wire.errors import parse_upstream_error, scrub
 from ..wire.sse import SSEError, SSEParser
+from ..telemetry.ledger import MAX_NAME_CHARS, MAX_TOKENS
 
 __all__ = [
     "Adapter",
@@ -41,7 +49,16 @@ __all__ = [
     "transport_error",
     "upstream_http_error",
     "upstream_stream_error",
+    "MAX_NAME_CHARS",
+    "MAX_TOKENS",
+    "check_name",
+    "model_ids",
+    "out_of_range",
+    "secrets_of",
+    "token_count",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @attrs.define(slots=True)
@@ -149,14 +166,63 @@ def secrets_of(config) -> tuple[str, ...]:
     """The credentials an adapter sends upstream, to be scrubbed from anything the upstream says back."""
     key = getattr(config, "api_key", None)
     return (key,) if key else ()
+# provider -> out-of-range values seen, for a log line per provider that does not repeat per request.
+_out_of_range_seen: dict[str, int] = {}
+
+
+def out_of_range(provider: str, what: str, shown: str) -> UpstreamError:
+    """The ``protocol`` error for an upstream value out of range, logged once per provider (then every 1000th)."""
+    n = _out_of_range_seen.get(provider, 0) + 1
+    if n > 1 or len(_out_of_range_seen) < 1000:  # bounded: registered providers are far fewer
+        _out_of_range_seen[provider] = n
+    if n == 1 or n % 1000 == 0:
+        log.warning("provider %r sent an out-of-range %s (%s); each such answer fails its attempt (%d so far)",
+                    provider, what, shown, n)
+    return UpstreamError(provider, "protocol", f"upstream sent an out-of-range {what} ({shown})")
+
+
+def token_count(provider: str, u: dict, name: str) -> int:
+    """``u[name]`` as a token count: missing or null is 0; anything but an integer in ``0..MAX_TOKENS`` is an
+    out-of-range protocol error."""
+    v = u.get(name)
+    if v is None:
+        return 0
+    t = type(v)
+    if t is int:
+        if 0 <= v <= MAX_TOKENS:
+            return v
+    elif t is float and 0 <= v <= MAX_TOKENS and v.is_integer():
+        return int(v)
+    shown = repr(v) if t in (int, float, bool) else t.__name__
+    raise out_of_range(provider, f"usage.{name}", shown[:40])
+
+
+def check_name(provider: str, obj: dict, name: str) -> None:
+    """``obj[name]`` (an id or a model name) is absent, null or a string of at most ``MAX_NAME_CHARS``."""
+    v = obj.get(name)
+    if v is None or (type(v) is str and len(v) <= MAX_NAME_CHARS):
+        return
+    shown = f"{len(v)} characters" if type(v) is str else type(v).__name__
+    raise out_of_range(provider, name, shown)
+
+
+def model_ids(provider: str, data: list) -> list[str]:
+    """The string ``id`` of each model object of a ``/models`` listing, each checked by :func:`check_name`."""
+    ids = []
+    for m in data:
+        if isinstance(m, dict) and isinstance(m.get("id"), str):
+            check_name(provider, m, "id")
+            ids.append(m["id"])
+    return ids
 
 
 def usage_from(provider: str, u: Any, usage: Usage) -> None:
-    """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``."""
+    """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``, each checked by :func:`token_count`."""
     if not isinstance(u, dict):
         raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
-    usage.completion_tokens = int(u.get("completion_tokens") or 0)
+    prompt = token_count(provider, u, "prompt_tokens")
+    completion = token_count(provider, u, "completion_tokens")
+    usage.prompt_tokens, usage.completion_tokens = prompt, completion  # both or neither
 
 
 def transport_error(provider: str, exc: BaseException, secrets=()) -> UpstreamError:

@@ -14,10 +14,13 @@ import orjson
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .base import (
+    MAX_NAME_CHARS,
     ChatResult,
     UpstreamStream,
     Usage,
+    check_name,
     loads_object,
+    model_ids,
     secrets_of,
     transport_error,
     upstream_http_error,
@@ -58,6 +61,9 @@ class OpenAIStream(UpstreamStream):
                 choices = obj.get("choices")
                 if not isinstance(choices, list):
                     raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
+                if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
+                    check_name(provider, obj, "id")
+                    check_name(provider, obj, "model")
                 u = obj.get("usage")
                 if u:
                     usage_from(provider, u, self.usage)
@@ -110,6 +116,8 @@ class OpenAIAdapter:
         raw, obj = await self._read_json(self._chat_url, orjson.dumps(body))
         if not isinstance(obj.get("choices"), list):
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
+        check_name(self.name, obj, "id")
+        check_name(self.name, obj, "model")
         usage = Usage()
         if obj.get("usage"):
             usage_from(self.name, obj["usage"], usage)
@@ -136,10 +144,11 @@ class OpenAIAdapter:
         raw, obj = await self._read_json(self._embed_url, orjson.dumps(body))
         if not isinstance(obj.get("data"), list):
             raise UpstreamError(self.name, "malformed", "upstream embeddings response has no 'data' list")
+        check_name(self.name, obj, "model")
         usage = Usage()
         u = obj.get("usage")
         if isinstance(u, dict):
-            usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
+            usage_from(self.name, u, usage)
         return ChatResult(raw, usage)
 
     async def list_models(self) -> list[str]:
@@ -147,7 +156,7 @@ class OpenAIAdapter:
         data = obj.get("data")
         if not isinstance(data, list):
             raise UpstreamError(self.name, "malformed", "upstream /models response has no 'data' list")
-        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        return model_ids(self.name, data)
 
     async def aclose(self, *, abort_in_use: bool = True) -> None:
         # The provider is stopping (unregistered after its grace, or the gateway is): by default requests

@@ -23,6 +23,7 @@ import attrs
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
     "ModelPrice",
+    "Pricer",
     "cost_of",
     "estimate_costs",
     "estimate_input_tokens",
@@ -71,6 +72,32 @@ def price_for(pricing: Mapping[str, Any] | None, provider: str, model: str) -> A
             if base is not None:
                 price = pricing.get(base)
     return price
+
+
+_NO_PRICE = object()
+
+
+class Pricer:
+    """A finished request's cost: the one it carries, or, when that is 0 and it used tokens, its price from
+    ``pricing`` (looked up by :func:`price_for`, cached per provider and model). Used by one task (or one
+    thread) at a time."""
+
+    __slots__ = ("pricing", "_prices")
+
+    def __init__(self, pricing: Mapping[str, Any] | None) -> None:
+        self.pricing = pricing
+        self._prices: dict[tuple[str, str], Any] = {}
+
+    def __call__(self, cost: float, provider: str, model: str, tokens_in: int, tokens_out: int) -> float:
+        if cost or not (tokens_in or tokens_out) or not self.pricing:
+            return cost
+        key = (provider, model)
+        price = self._prices.get(key, _NO_PRICE)
+        if price is _NO_PRICE:
+            if len(self._prices) >= 10_000:  # bounded, whatever names come by
+                self._prices.clear()
+            price = self._prices[key] = price_for(self.pricing, provider, model)
+        return cost if price is None else cost_of(tokens_in, tokens_out, price)
 
 
 def _undated(model: str) -> str | None:

@@ -3,13 +3,17 @@
 Every telemetry event arrives as a cast on its mailbox (sent without blocking
 by :class:`~runestone.telemetry.Telemetry`) and is folded into the state this
 actor alone owns: the metrics behind ``/metrics``, the per-provider health
-scores, overall request statistics, and the usage ledger's write buffer.
+scores, overall request statistics, and the writes of the usage ledger.
 Health is published as an immutable ``HealthTable`` into a shared cell so the
 router reads it without a mailbox: at once when a provider's status changes,
 otherwise at most once per ``flush_interval``. A background task flushes the
-ledger every ``flush_interval`` and as soon as ``batch`` records wait;
-``terminate`` (which the runtime runs on every exit, crashes included)
-flushes what is left. A crash loses the in-memory metrics, not the usage. Live
+ledger on a fixed schedule, every ``flush_interval`` (at once again if a write
+took longer), and as soon as ``batch`` records wait; ``terminate`` (which the
+runtime runs on every exit, crashes included) flushes what is left. The
+ledger given as ``ledger`` outlives the handler (the application's, fed by the
+sender on the request path), so a crash loses the in-memory metrics, never a
+usage row: what a failed exit flush leaves is written by the next incarnation.
+Flush failures are counted and logged, never a crash. Live
 subscribers get every event's ``to_dict()`` with ``send_nowait``: a slow
 subscriber misses events, it never slows the handler.
 """
@@ -17,7 +21,6 @@ subscriber misses events, it never slows the handler.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +29,7 @@ import trio
 
 from runestone.runtime import Actor
 
-from .costs import cost_of, price_for
+from .costs import Pricer
 from .events import (
     ActorRestarted,
     AttemptFinished,
@@ -46,8 +49,6 @@ from .sender import HANDLER_NAME, ExtraGauges
 __all__ = ["OverallSummary", "TelemetryHandler", "TelemetryStats"]
 
 log = logging.getLogger(__name__)
-
-_NO_PRICE = object()
 
 
 @attrs.frozen
@@ -87,9 +88,13 @@ class TelemetryStats:
     ledger_pending: int
     """Usage rows waiting for the next flush."""
     ledger_written: int
-    """Usage rows committed by this incarnation."""
+    """Usage rows committed since the ledger was made (across handler restarts, when it outlives them)."""
     ledger_errors: int
     """Background flushes that failed (rows are kept and retried)."""
+    ledger_quarantined: int
+    """Usage rows that could not be stored, kept in the quarantine file beside the database."""
+    ledger_lost: int
+    """Usage rows dropped: the buffer was full, or a quarantine line could not be written."""
     overall: OverallSummary
     health: Mapping[str, HealthView]
     breakers: Mapping[str, str]
@@ -113,7 +118,12 @@ class TelemetryHandler(Actor):
 
     ``pricing`` prices requests whose event carries ``cost == 0``;
     ``health_cell`` is any object with a ``value`` attribute (a ``Published``
-    cell), replaced on each publish; ``ledger_path`` None keeps no ledger.
+    cell), replaced on each publish. ``ledger`` is a
+    :class:`~runestone.telemetry.ledger.UsageLedger` that outlives this handler
+    and that someone else feeds (the sender, ``Telemetry(..., ledger=)``): the
+    handler opens, flushes and closes it. Without it, ``ledger_path`` makes the
+    handler a ledger of its own, fed from the events it handles (a crash whose
+    exit flush fails loses its buffer); both None keep no ledger.
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class TelemetryHandler(Actor):
         registry: Any = None,
         mailbox_size: int | None = 10_000,
         ledger_path: str | None = None,
+        ledger: UsageLedger | None = None,
         flush_interval: float = 0.5,
         batch: int = 500,
         health_params: HealthParams | None = None,
@@ -132,6 +143,7 @@ class TelemetryHandler(Actor):
     ):
         super().__init__(name, registry=registry, mailbox_size=mailbox_size)
         self.ledger_path = ledger_path
+        self._given_ledger = ledger
         self.flush_interval = flush_interval
         self.batch = batch
         self.health_params = health_params or HealthParams()
@@ -143,13 +155,14 @@ class TelemetryHandler(Actor):
         self.metrics = TelemetryMetrics()
         self.health = HealthTracker(self.health_params)
         self.ledger: UsageLedger | None = None
+        self._feeds_ledger = False
         self.subscribers: list[Any] = []
         self.subscriber_drops = 0
         self.events = 0
         self.unknown_events = 0
         self.bad_events = 0
         self.ledger_errors = 0
-        self._prices: dict[tuple[str, str], Any] = {}
+        self._price = Pricer(self.pricing)
         self._requests = 0
         self._errors = 0
         self._tokens_in = 0
@@ -157,7 +170,6 @@ class TelemetryHandler(Actor):
         self._cost = 0.0
         self._latencies = LatencyWindow(self.latency_window)
         self._health_dirty = False
-        self._flush_wanted = trio.Event()
         self._dispatch = {
             RequestFinished: self._on_request,
             AttemptFinished: self._on_attempt,
@@ -169,8 +181,11 @@ class TelemetryHandler(Actor):
             ProviderUnregistered: self._on_unregistered,
             ProviderStatusEvent: _ignore,
         }
-        if self.ledger_path is not None:
-            ledger = UsageLedger(self.ledger_path)
+        ledger = self._given_ledger
+        if ledger is None and self.ledger_path is not None:
+            ledger = UsageLedger(self.ledger_path, pricing=self.pricing, batch=self.batch)
+            self._feeds_ledger = True
+        if ledger is not None:
             await ledger.open()
             self.ledger = ledger
         self._publish()
@@ -196,19 +211,12 @@ class TelemetryHandler(Actor):
             if self.bad_events == 1 or self.bad_events % 1000 == 0:
                 log.exception("telemetry event %r could not be recorded (%d so far)", msg, self.bad_events)
 
-    def _price(self, provider: str, model: str) -> Any:
-        key = (provider, model)
-        price = self._prices.get(key, _NO_PRICE)
-        if price is _NO_PRICE:
-            price = self._prices[key] = price_for(self.pricing, provider, model)
-        return price
-
     def _on_request(self, ev: RequestFinished) -> None:
-        cost = ev.cost
-        if not cost and (ev.tokens_in or ev.tokens_out) and self.pricing:
-            price = self._price(ev.provider, ev.model)
-            if price is not None:
-                cost = cost_of(ev.tokens_in, ev.tokens_out, price)
+        if self._feeds_ledger:
+            # First: add never raises, so a record the metrics choke on still reaches the ledger (which
+            # checks it and stores or quarantines it).
+            self.ledger.add(ev)
+        cost = self._price(ev.cost, ev.provider, ev.model, ev.tokens_in, ev.tokens_out)
         self.metrics.record_request(ev, cost)
         self._requests += 1
         if ev.status != "ok":
@@ -217,11 +225,6 @@ class TelemetryHandler(Actor):
         self._tokens_out += ev.tokens_out
         self._cost += cost
         self._latencies.add(ev.latency)
-        ledger = self.ledger
-        if ledger is not None:
-            ledger.add(ev, cost)
-            if ledger.pending >= self.batch:
-                self._flush_wanted.set()
 
     def _on_attempt(self, ev: AttemptFinished) -> None:
         self.metrics.record_attempt(ev)
@@ -305,7 +308,7 @@ class TelemetryHandler(Actor):
 
     def render_metrics(self, extra: ExtraGauges | None) -> bytes:
         if extra is None:
-            return render_prometheus(self.metrics)
+            extra = ExtraGauges()
         return render_prometheus(
             self.metrics,
             in_flight=extra.in_flight,
@@ -314,6 +317,7 @@ class TelemetryHandler(Actor):
             cache_misses=extra.cache_misses,
             breaker_states=extra.breaker_states,
             actor_restarts=extra.actor_restarts,
+            ledger_quarantined=self.ledger.quarantined if self.ledger is not None else 0,
         )
 
     def overall(self) -> OverallSummary:
@@ -350,25 +354,36 @@ class TelemetryHandler(Actor):
             return 0
         try:
             return await self.ledger.flush()
-        except sqlite3.Error as exc:
+        except Exception as exc:
             # The rows stay buffered (bounded) for the next try; a broken disk
             # must not take telemetry down with it.
             self.ledger_errors += 1
             if self.ledger_errors == 1 or self.ledger_errors % 100 == 0:
-                log.error("usage ledger flush failed (%d times): %s", self.ledger_errors, exc)
+                log.error("usage ledger flush failed (%d times): %s: %s", self.ledger_errors,
+                          type(exc).__name__, exc)
             return 0
 
     async def _background(self) -> None:
+        # A fixed schedule: a row waits at most one interval for its flush to start, or one write when a
+        # write takes longer than the interval.
+        interval = self.flush_interval
+        tick = trio.current_time() + interval
         while True:
-            with trio.move_on_after(self.flush_interval):
-                await self._flush_wanted.wait()
-            self._flush_wanted = trio.Event()
+            ledger = self.ledger
+            with trio.move_on_at(tick):
+                if ledger is None:
+                    await trio.sleep_forever()
+                await ledger.batch_full.wait()
+            now = trio.current_time()
+            if now >= tick:
+                tick = max(tick + interval, now)
             await self._flush()
             if self._health_dirty:
                 self._publish()
 
     async def terminate(self, reason: Any) -> None:
-        """Write out the ledger buffer and close it, even if being cancelled."""
+        """Write out the ledger buffer and close the database, even if being cancelled. What a failed write
+        leaves stays in the ledger's buffer: a ledger given to the handler keeps it for the next start."""
         ledger = getattr(self, "ledger", None)
         self.ledger = None
         if ledger is None:
@@ -377,8 +392,13 @@ class TelemetryHandler(Actor):
             scope.deadline = trio.current_time() + 10.0
             try:
                 await ledger.close()
-            except sqlite3.Error as exc:
-                log.error("usage ledger lost %d rows at shutdown: %s", ledger.pending, exc)
+            except Exception as exc:
+                if self._feeds_ledger:
+                    log.error("usage ledger lost %d rows at shutdown: %s: %s", ledger.pending, type(exc).__name__,
+                              exc)
+                else:
+                    log.error("usage ledger: %d rows stay buffered for the handler's next start (lost if the "
+                              "gateway is stopping): %s: %s", ledger.pending, type(exc).__name__, exc)
 
     def snapshot(self) -> TelemetryStats | None:
         """The state of the running incarnation; None before the first ``init``."""
@@ -394,6 +414,8 @@ class TelemetryHandler(Actor):
             ledger_pending=ledger.pending if ledger else 0,
             ledger_written=ledger.written if ledger else 0,
             ledger_errors=self.ledger_errors,
+            ledger_quarantined=ledger.quarantined if ledger else 0,
+            ledger_lost=ledger.lost if ledger else 0,
             overall=self.overall(),
             health=self.health.views(),
             breakers=dict(self.metrics.breaker_states),

@@ -1,30 +1,54 @@
 """The usage ledger: one SQLite row per finished request, for accounting.
 
-``add`` only appends the record's row to an in-memory buffer (O(1), no I/O); ``flush`` swaps the buffer out and writes
-it in a single transaction on a worker thread (``trio.to_thread``), so the
-event loop never waits on the disk. The database is in WAL mode with
-``synchronous=NORMAL``: a committed flush survives a crash of the process, and
-readers (``summary``, ``totals``) never block a writer. Rows are kept across
-restarts: reopening the same path continues the same ledger. All database
-work is serialised by one lock, as the single connection is shared across
-worker threads. Records are any objects with the attributes of
-:class:`~runestone.telemetry.events.RequestFinished` used by the schema
-(``wall_time`` becomes ``ts``, ``latency`` seconds become ``latency_ms``).
+``add`` only appends the record's fields to an in-memory buffer (O(1), no I/O, never raises), so the request
+path itself may call it: rows then never wait in, or get lost with, the telemetry handler's mailbox. ``flush``
+swaps the buffer out and writes it in a single transaction on a worker thread (``trio.to_thread``), so the event
+loop never waits on the disk. The ledger object is meant to outlive the actor that flushes it (the application
+makes one and hands it to each incarnation of the telemetry handler), so a crash of that actor loses no
+buffered row; ``close`` closes the database but keeps the buffer, and ``open`` opens it again.
+
+The database is in WAL mode with ``synchronous=NORMAL``: a committed flush survives a crash of the process (a
+power loss may take the last ones). So a SIGKILL loses the rows added since the last committed flush: with the
+handler flushing on a fixed schedule, at most one flush interval of rows plus the batch being written. Readers
+(``summary``, ``totals``) never block a writer. Rows are kept across restarts: reopening the same path continues
+the same ledger (a database from before the ``request_id`` column gets it added).
+
+The writer trusts no row. Each is checked before it is stored: names and ids are strings of at most
+``MAX_NAME_CHARS`` (``key_id`` and ``request_id`` may be null), token counts integers in ``0..MAX_TOKENS``, cost,
+latency and time finite and non-negative, the HTTP status in ``0..999``. A row that fails a check, or that SQLite
+still refuses, is *quarantined*: appended as one JSON line to ``<path>.quarantine.jsonl`` beside the database
+and counted in ``quarantined``, while the rest of its batch is stored. Only a failure of the database itself
+(``sqlite3.OperationalError``: a full disk, a lock) fails a flush; its batch goes back to the buffer.
+
+Records are any objects with the attributes of :class:`~runestone.telemetry.events.RequestFinished` used by the
+schema (``wall_time`` becomes ``ts``, ``latency`` seconds become ``latency_ms``); a missing attribute makes a
+row that is quarantined, not an error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
 
-__all__ = ["SUMMARY_COLUMNS", "UsageLedger"]
+from .costs import Pricer
+
+__all__ = ["MAX_NAME_CHARS", "MAX_TOKENS", "SUMMARY_COLUMNS", "UsageLedger"]
 
 log = logging.getLogger(__name__)
+
+#: The most tokens one count of one request may be: far beyond any context window, and small enough that
+#: sums over billions of rows fit SQLite's 64-bit integers. Upstream usage beyond it is a protocol error.
+MAX_TOKENS = 1_000_000_000
+#: The longest id or model name an upstream may send, and the ledger store.
+MAX_NAME_CHARS = 512
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -39,15 +63,20 @@ CREATE TABLE IF NOT EXISTS usage (
     cost REAL NOT NULL,
     latency_ms REAL NOT NULL,
     status TEXT NOT NULL,
-    http_status INTEGER NOT NULL
+    http_status INTEGER NOT NULL,
+    request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
 """
 
 _INSERT = (
-    "INSERT INTO usage (ts, key_id, provider, model, endpoint, tokens_in, tokens_out, cost,"
-    " latency_ms, status, http_status) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    "INSERT INTO usage (ts, request_id, key_id, provider, model, endpoint, tokens_in, tokens_out, cost,"
+    " latency_ms, status, http_status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+
+#: The fields of a buffered row, in order (``latency`` in seconds, as the record has it).
+_FIELDS = ("wall_time", "request_id", "key_id", "provider", "model", "endpoint", "tokens_in", "tokens_out",
+           "cost", "latency", "status", "http_status")
 
 #: What ``summary`` may group by, and the SQL for each (a whitelist: these are
 #: pasted into the query, so nothing else may be).
@@ -65,40 +94,85 @@ _AGGREGATES = (
     " COALESCE(SUM(status != 'ok'), 0)"
 )
 
+# What SQLite may still refuse about one row (beyond the checks): the row is quarantined. An
+# OperationalError is the database failing, not the row, and fails the flush instead.
+_ROW_ERRORS = (OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+               sqlite3.DataError, sqlite3.ProgrammingError)
 
-def _row(r: Any, cost: float | None) -> tuple:
-    return (
-        r.wall_time,
-        r.key_id,
-        r.provider,
-        r.model,
-        r.endpoint,
-        r.tokens_in,
-        r.tokens_out,
-        r.cost if cost is None else cost,
-        r.latency * 1000.0,
-        r.status,
-        r.http_status,
-    )
+
+def _text(v: Any) -> bool:
+    return type(v) is str and len(v) <= MAX_NAME_CHARS
+
+
+def _optional_text(v: Any) -> bool:
+    return v is None or (type(v) is str and len(v) <= MAX_NAME_CHARS)
+
+
+def _tokens(v: Any) -> bool:
+    t = type(v)
+    return (t is int or (t is float and v.is_integer())) and 0 <= v <= MAX_TOKENS
+
+
+def _amount(v: Any) -> bool:
+    t = type(v)
+    return (t is float and 0.0 <= v < math.inf) or (t is int and 0 <= v <= 2**53)
+
+
+def _status_code(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= 999
+
+
+_CHECKS = (_amount, _optional_text, _optional_text, _text, _text, _text, _tokens, _tokens, _amount, _amount,
+           _text, _status_code)
+
+
+def _problem(row: tuple) -> str | None:
+    """The first field of ``row`` that may not be stored, or None."""
+    for name, check, value in zip(_FIELDS, _CHECKS, row):
+        if not check(value):
+            return name
+    return None
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as JSON can hold it, for the quarantine file: long text cut, odd numbers and objects as text."""
+    if v is None or type(v) in (bool, int):
+        return v
+    if type(v) is float:
+        return v if math.isfinite(v) else repr(v)
+    text = v if type(v) is str else repr(v)
+    if len(text) > 1000:
+        return text[:1000] + f"...[{len(text)} characters]"
+    return text
 
 
 class UsageLedger:
     """A buffered, append-only usage table in SQLite at ``path``.
 
-    ``max_buffer`` bounds what is kept when writes keep failing (a full disk):
-    past it the oldest unwritten records are dropped and counted in
-    ``lost``, since the ledger must not grow memory without bound.
+    ``pricing`` prices rows that carry no cost (see :class:`~runestone.telemetry.costs.Pricer`). ``batch``
+    rows waiting set :attr:`batch_full`, which the flushing task waits on between its ticks. ``max_buffer``
+    bounds what is kept when writes keep failing (a full disk) or nobody flushes: past it the oldest records
+    are dropped and counted in ``lost``, since the ledger must not grow memory without bound.
     """
 
-    def __init__(self, path: str, *, max_buffer: int = 100_000):
+    def __init__(self, path: str, *, pricing: Mapping[str, Any] | None = None, batch: int = 500,
+                 max_buffer: int = 100_000):
         self.path = path
+        #: Where rows that cannot be stored are kept, one JSON object per line.
+        self.quarantine_path = None if path == ":memory:" else path + ".quarantine.jsonl"
+        self.batch = batch
         self.max_buffer = max_buffer
-        self._buffer: list[Any] = []
+        self._price = Pricer(pricing)
+        self._buffer: list[tuple] = []
         self._conn: sqlite3.Connection | None = None
         self._lock = trio.Lock()
-        #: Rows committed by this instance.
+        #: Set when ``batch`` rows wait; a new event after each flush.
+        self.batch_full = trio.Event()
+        #: Rows committed by this ledger (across its opens).
         self.written = 0
-        #: Records dropped after failed writes overflowed ``max_buffer``.
+        #: Rows that could not be stored and were written to the quarantine file instead.
+        self.quarantined = 0
+        #: Records dropped: the buffer was full, or a quarantine line could not be written.
         self.lost = 0
 
     @property
@@ -115,6 +189,8 @@ class UsageLedger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            if "request_id" not in {r[1] for r in conn.execute("PRAGMA table_info(usage)")}:
+                conn.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
         except BaseException:
             conn.close()
             raise
@@ -127,30 +203,110 @@ class UsageLedger:
                 self._conn = await trio.to_thread.run_sync(self._open_sync)
 
     def add(self, record: Any, cost: float | None = None) -> None:
-        """Buffer one record for the next flush. Never does I/O.
+        """Buffer one record for the next flush. Never does I/O, never raises.
 
-        ``cost`` overrides ``record.cost`` (the handler prices unpriced requests).
+        ``cost`` overrides ``record.cost``. The record's fields are checked when written, not here.
         """
-        self._buffer.append(_row(record, cost))
+        buffer = self._buffer
+        if len(buffer) >= self.max_buffer:
+            del buffer[0]  # the oldest goes; only when writes keep failing
+            self.lost += 1
+        g = getattr
+        buffer.append((
+            g(record, "wall_time", None), g(record, "request_id", None), g(record, "key_id", None),
+            g(record, "provider", None), g(record, "model", None), g(record, "endpoint", None),
+            g(record, "tokens_in", None), g(record, "tokens_out", None),
+            g(record, "cost", None) if cost is None else cost,
+            g(record, "latency", None), g(record, "status", None), g(record, "http_status", None),
+        ))
+        if len(buffer) >= self.batch:
+            self.batch_full.set()
 
-    def _write_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    def _stored(self, row: tuple) -> tuple:
+        """The row as inserted: priced, latency in milliseconds."""
+        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http = row
+        cost = self._price(cost, provider, model, tin, tout)
+        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http)
+
+    def _write_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
+        """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""
+        refused: list[tuple[tuple, str]] = []
+        good: list[tuple] = []
+        originals: list[tuple] = []
+        for row in rows:
+            field = _problem(row)
+            if field is not None:
+                refused.append((row, f"{field} out of range"))
+                continue
+            try:
+                stored = self._stored(row)
+            except Exception as exc:
+                refused.append((row, f"{type(exc).__name__}: {exc}"))
+                continue
+            if not _amount(stored[8]):
+                refused.append((row, "cost out of range"))
+                continue
+            good.append(stored)
+            originals.append(row)
+        written = len(good)
         conn.execute("BEGIN")
         try:
-            conn.executemany(_INSERT, rows)
+            try:
+                conn.executemany(_INSERT, good)
+            except sqlite3.OperationalError:
+                raise
+            except _ROW_ERRORS:
+                # One row the checks let through: store the others one by one, keep that one aside.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN")
+                written = 0
+                for stored, row in zip(good, originals):
+                    try:
+                        conn.execute(_INSERT, stored)
+                    except sqlite3.OperationalError:
+                        raise
+                    except _ROW_ERRORS as exc:
+                        refused.append((row, f"{type(exc).__name__}: {exc}"))
+                    else:
+                        written += 1
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
+        return written, refused
+
+    def _quarantine_sync(self, refused: list[tuple[tuple, str]]) -> int:
+        """Append the refused rows to the quarantine file; return how many could not be written."""
+        now = time.time()
+        lines = []
+        for row, reason in refused:
+            fields = {name: _plain(v) for name, v in zip(_FIELDS, row)}
+            lines.append(json.dumps({"quarantined_at": now, "reason": reason, "row": fields}) + "\n")
+        if self.quarantine_path is None:
+            return len(lines)
+        try:
+            with open(self.quarantine_path, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+        except OSError as exc:
+            log.error("usage ledger: %d rows it could not store are lost too: %s: %s", len(lines),
+                      self.quarantine_path, exc)
+            return len(lines)
+        return 0
+
+    def _flush_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, int, int]:
+        written, refused = self._write_sync(conn, rows)
+        lost = self._quarantine_sync(refused) if refused else 0
+        return written, len(refused) - lost, lost
 
     async def flush(self) -> int:
-        """Write every buffered record in one transaction; return how many.
+        """Write every buffered record in one transaction; return how many were stored.
 
-        Atomic: either the whole batch is committed or none of it is, and a
-        failed batch goes back to the front of the buffer for the next flush
-        (then the error propagates). The write runs to its end on its thread
-        even if the caller is cancelled meanwhile, so a cancelled flush never
-        leaves a half-written batch; records added during the write wait for
-        the next flush.
+        Rows that cannot be stored are quarantined (the others are stored). If the database itself fails,
+        none of the batch is, and it goes back to the front of the buffer for the next flush (then the error
+        propagates). The write runs to its end on its thread even if the caller is cancelled meanwhile, so a
+        cancelled flush never leaves a half-written batch; records added during the write wait for the next
+        flush.
         """
         async with self._lock:
             if not self._buffer:
@@ -158,8 +314,9 @@ class UsageLedger:
             if self._conn is None:
                 raise RuntimeError("UsageLedger.flush before open()")
             batch, self._buffer = self._buffer, []
+            self.batch_full = trio.Event()
             try:
-                await trio.to_thread.run_sync(self._write_sync, self._conn, batch)
+                written, quarantined, lost = await trio.to_thread.run_sync(self._flush_sync, self._conn, batch)
             except BaseException:
                 self._buffer[:0] = batch
                 overflow = len(self._buffer) - self.max_buffer
@@ -167,11 +324,19 @@ class UsageLedger:
                     del self._buffer[:overflow]
                     self.lost += overflow
                 raise
-            self.written += len(batch)
-            return len(batch)
+            self.written += written
+            if quarantined or lost:
+                before = self.quarantined + self.lost
+                self.quarantined += quarantined
+                self.lost += lost
+                if before == 0 or before // 1000 != (before + quarantined + lost) // 1000:  # not every flush
+                        log.warning("usage ledger: rows it could not store were quarantined in %s (%d so far)",
+                                self.quarantine_path, self.quarantined)
+            return written
 
     async def close(self) -> None:
-        """Flush what is buffered, then close the database. Idempotent."""
+        """Flush what is buffered, then close the database; idempotent. What a failed flush leaves stays
+        buffered, for the next ``open`` and ``flush``."""
         if self._conn is None:
             return
         try:

@@ -254,6 +254,7 @@ def render_prometheus(
     cache_misses: int = 0,
     breaker_states: Mapping[str, str] | None = None,
     actor_restarts: Mapping[str, int] | None = None,
+    ledger_quarantined: int = 0,
 ) -> bytes:
     """The Prometheus text format (0.0.4) of ``metrics`` plus the given gauges.
 
@@ -320,5 +321,12 @@ def render_prometheus(
             ("runestone_cache_total", '{result="hit"}', cache_hits),
             ("runestone_cache_total", '{result="miss"}', cache_misses),
         ),
+    )
+    _family(
+        out,
+        "runestone_ledger_quarantined_total",
+        "Usage rows the ledger could not store, kept in its quarantine file instead.",
+        "counter",
+        (("runestone_ledger_quarantined_total", "", ledger_quarantined),),
     )
     return "".join(out).encode()

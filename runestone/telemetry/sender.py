@@ -9,7 +9,9 @@ emit (through the runtime's named reference), so a restarted handler is picked
 up without anyone re-wiring. Gauges that must be exact at any instant (requests
 in flight, cache hits and misses) are plain ints kept here rather than events,
 since only the single-threaded request code writes them; the handler reads
-them when it renders ``/metrics``.
+them when it renders ``/metrics``. With a ``ledger``, each ``RequestFinished``
+is also added to it here (an O(1) append): a usage row never waits in, nor is
+lost with, the handler's mailbox, nor while the handler restarts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+
+from .events import RequestFinished
 
 __all__ = ["HANDLER_NAME", "ExtraGauges", "Telemetry"]
 
@@ -53,14 +57,17 @@ class Telemetry:
 
     ``target`` is a runtime registry (the handler is looked up by the name
     ``"telemetry_handler"``), an actor ref with ``try_cast``, or a zero-argument
-    callable returning such a ref or None. All methods except
-    :meth:`metrics_text` are synchronous, O(1) and never raise.
+    callable returning such a ref or None. ``ledger`` (a
+    :class:`~runestone.telemetry.ledger.UsageLedger`) gets a row per
+    ``RequestFinished`` emitted. All methods except :meth:`metrics_text` are
+    synchronous, O(1) and never raise.
     """
 
-    __slots__ = ("_resolve", "dropped", "in_flight", "cache_hits", "cache_misses")
+    __slots__ = ("_resolve", "ledger", "dropped", "in_flight", "cache_hits", "cache_misses")
 
-    def __init__(self, target: Any):
+    def __init__(self, target: Any, ledger: Any = None):
         self._resolve = _resolver(target)
+        self.ledger = ledger
         #: Events that could not be handed to the handler.
         self.dropped = 0
         #: provider -> client requests being served right now.
@@ -69,7 +76,10 @@ class Telemetry:
         self.cache_misses = 0
 
     def emit(self, event: Any) -> None:
-        """Hand ``event`` to the handler now, or count it as dropped."""
+        """Hand ``event`` to the handler now, or count it as dropped (its ledger row is kept either way)."""
+        ledger = self.ledger
+        if ledger is not None and type(event) is RequestFinished:
+            ledger.add(event)
         try:
             ref = self._resolve()
             if ref is not None and ref.try_cast(event):

@@ -5,47 +5,17 @@ requests finish, the ledger is flushed, exit 0). The ledger's totals must then e
 fake provider reported in the responses the clients actually received.
 """
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import httpx
 import trio
 
+from gatewaytest import free_port, start_gateway_process, wait_ready
+
 TOTAL = 1000
 WORKERS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(config: str, port: int, log_path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
-    env.pop("PORT", None)
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "runestone.cli", "serve", "--config", config, "--port", str(port)],
-                            stdout=log, stderr=log, env=env)
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(200):  # bounded: at most ~10 s
-            if proc.poll() is not None:
-                raise AssertionError(f"gateway exited early with {proc.returncode}")
-            try:
-                if (await http.get(url + "/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.05)
-    raise AssertionError("gateway did not become ready")
 
 
 async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
@@ -66,7 +36,7 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
         [providers.config]
         models = ["fake-model"]
     """))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     headers = {"authorization": "Bearer ledger-key"}
     got = {"requests": 0, "tokens_in": 0, "tokens_out": 0}
@@ -99,9 +69,9 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
                 for _ in range(WORKERS):
                     n.start_soon(worker, http)
 
-    proc = _start(str(config), port, tmp_path / "log1")
+    proc = start_gateway_process(str(config), port, tmp_path / "log1")
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url, proc)
         async with trio.open_nursery() as n:
             n.start_soon(run_batch, TOTAL)
             while sent < TOTAL // 2:
@@ -114,9 +84,9 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
     first = got["requests"]
     assert TOTAL // 4 < first < TOTAL
 
-    proc = _start(str(config), port, tmp_path / "log2")
+    proc = start_gateway_process(str(config), port, tmp_path / "log2")
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url, proc)
         await run_batch(TOTAL)
         assert got["requests"] == TOTAL
         async with httpx.AsyncClient(base_url=url) as http:

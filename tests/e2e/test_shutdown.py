@@ -3,7 +3,6 @@ new connections, flushes the ledger and exits 0; a second signal stops at once."
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,13 +10,9 @@ import textwrap
 import httpx
 import trio
 
+from gatewaytest import free_port, wait_ready
+
 BODY = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "slow please"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(tmp_path, port: int, drain_ms: int) -> subprocess.Popen:
@@ -41,19 +36,6 @@ def _spawn(tmp_path, port: int, drain_ms: int) -> subprocess.Popen:
                              str(port)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"), env=env)
 
 
-async def _ready(url: str, proc) -> None:
-    async with httpx.AsyncClient() as http:
-        for _ in range(200):
-            assert proc.poll() is None, "gateway exited early"
-            try:
-                if (await http.get(url + "/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.05)
-    raise AssertionError("gateway did not start")
-
-
 async def _stream(http, started: trio.Event, results: list) -> None:
     async with http.stream("POST", "/v1/chat/completions", json=BODY) as r:
         assert r.status_code == 200
@@ -66,11 +48,11 @@ async def _stream(http, started: trio.Event, results: list) -> None:
 
 
 async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=10_000)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             async with trio.open_nursery() as n:
@@ -97,11 +79,11 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path):
 
 
 async def test_second_signal_stops_at_once(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=60_000)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             started = trio.Event()
@@ -129,11 +111,11 @@ async def test_second_signal_stops_at_once(tmp_path):
 async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
     import json
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=1000)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         proc.send_signal(signal.SIGUSR1)
         line = None
         for _ in range(200):  # bounded: the dump is written within a few ms

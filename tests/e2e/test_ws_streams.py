@@ -325,3 +325,29 @@ async def test_message_limit_above_one_mebibyte_is_honoured(gateway_factory):
             await send(ws, {"type": "ping", "pad": "x" * 2_200_000})
             await recv(ws)
         assert closed.value.reason.code == 1009
+
+
+async def test_a_client_that_stops_reading_gets_its_own_timeout_and_keeps_its_connection(
+        gateway_factory, fake_factory, slow_autojump_clock):
+    # The client reads nothing while a large stream fills the connection's queue and socket buffers and the
+    # request deadline passes: the stream's wait for the queue is never cancelled by its deadline (which
+    # ended the connection with 1007 before); the client then reads everything, the stream's own timeout
+    # error, and the connection still answers.
+    upstream, _ = await fake_factory(chunks=400, chunk_delay_ms=2, text="x" * 2_000_000)
+    gw = await gateway_factory(KEYS + "[server]\nhost = \"127.0.0.1\"\nport = 0\nrequest_timeout_ms = 1500\n"
+                               + provider_toml("up", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1",
+                                               api_key="sk-up", models=["gpt-4o-mini"]))
+    async with trio_websocket.open_websocket_url(ws_url(gw), extra_headers=AUTH, message_queue_size=1) as ws:
+        await send(ws, chat("big", model="gpt-4o-mini"))
+        await trio.sleep(5)  # past the deadline, reading nothing
+        chunks = 0
+        while True:
+            msg = await recv(ws)
+            if msg["type"] != "chunk":
+                break
+            chunks += 1
+        assert msg["type"] == "error" and msg["id"] == "big", msg
+        assert msg["error"]["type"] == "timeout_error"
+        await send(ws, {"type": "ping"})
+        assert (await recv(ws))["type"] == "pong"
+    assert chunks >= 1

@@ -1,5 +1,6 @@
 """The TelemetryHandler actor end to end: casts in; metrics, health, summaries, usage and feeds out."""
 
+import json
 import math
 import sqlite3
 
@@ -8,6 +9,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from gatewaytest import fail_next_ledger_write
 from runestone.runtime import Registry
 from runestone.telemetry import (
     AttemptFinished,
@@ -22,6 +24,7 @@ from runestone.telemetry import (
     RequestFinished,
     Telemetry,
     TelemetryHandler,
+    UsageLedger,
 )
 
 DAY = 1_700_000_000.0  # 2023-11-14 UTC
@@ -350,3 +353,55 @@ async def test_state_dump_is_plain_data(autojump_clock):
         assert snap["health"]["a"]["requests"] == 1
         orjson.dumps(dumped)
         ref.request_stop()
+
+
+async def test_rows_the_ledger_cannot_store_never_crash_the_handler(tmp_path, autojump_clock):
+    path = str(tmp_path / "usage.db")
+    async with trio.open_nursery() as nursery:
+        handler, ref = await start(nursery, ledger_path=path, flush_interval=100.0)
+        ref.cast(request(key="k1"))
+        ref.cast(request(key="huge", tin=2**64))
+        ref.cast(request(key="nan", cost=float("nan")))
+        ref.cast(request(key="k2"))
+        assert await ref.call("flush", timeout=FOREVER) == 2
+        got = samples(await ref.call("metrics"))
+        assert got[("runestone_ledger_quarantined_total", frozenset())] == 2
+        stats = handler.snapshot()
+        assert (stats.ledger_quarantined, stats.ledger_errors, stats.ledger_pending) == (2, 0, 0)
+        ref.cast(request(key="k3"))
+        assert (await ref.call(("usage", None), timeout=FOREVER))["totals"]["requests"] == 3
+        ref.request_stop()
+    assert [k for k, _ in db_rows(path)] == ["k1", "k2", "k3"]
+    assert [json.loads(line)["row"]["key_id"] for line in open(path + ".quarantine.jsonl")] == ["huge", "nan"]
+
+
+async def test_a_crash_whose_exit_flush_fails_leaves_every_row_to_the_next_incarnation(tmp_path, autojump_clock):
+    path = str(tmp_path / "usage.db")
+    ledger = UsageLedger(path)
+    registry = Registry()
+    telemetry = Telemetry(registry, ledger=ledger)  # the request path's sender: rows go to the ledger directly
+    crashes = []
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await Crashing(registry=registry, ledger=ledger, flush_interval=100.0).run(task_status=task_status)
+        except RuntimeError as exc:
+            crashes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(run)
+        telemetry.emit(request(key="k1"))
+        telemetry.emit(request(key="k2"))
+        failures = fail_next_ledger_write(ledger)
+        ref.cast("poison")
+    assert [str(e) for e in crashes] == ["poison"] and failures == [True]
+    assert db_rows(path) == [] and ledger.pending == 2  # the exit flush failed; the rows wait in the ledger
+    telemetry.emit(request(key="k3"))  # while no handler runs: the event is dropped, its row is not
+    assert telemetry.dropped == 1
+
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(run)
+        assert (await ref.call(("usage", None), timeout=FOREVER))["totals"]["requests"] == 3
+        telemetry.emit(request(key="k4"))
+        ref.request_stop()
+    assert [k for k, _ in db_rows(path)] == ["k1", "k2", "k3", "k4"]  # each once: the handler adds none itself

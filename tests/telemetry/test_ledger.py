@@ -1,5 +1,6 @@
 """The usage ledger: buffered batch writes, persistence across reopen, summaries."""
 
+import json
 import sqlite3
 
 import pytest
@@ -151,3 +152,91 @@ async def test_open_creates_the_directory(tmp_path):
     ledger.add(rec())
     await ledger.close()
     assert len(rows(ledger.path)) == 1
+
+
+def poisoned(**fields):
+    """A record as an upstream or a bug could make it: ``rec()`` with ``fields`` replaced, types unchecked."""
+    import attrs
+
+    return attrs.evolve(rec(), **fields)
+
+
+POISONED = {
+    "tokens 2**64": dict(tokens_in=2**64),
+    "tokens 2**63 - 1": dict(tokens_out=2**63 - 1),
+    "negative tokens": dict(tokens_in=-1),
+    "tokens as text": dict(tokens_in="12"),
+    "tokens as bool": dict(tokens_out=True),
+    "tokens 1e300": dict(tokens_in=1e300),
+    "NaN cost": dict(cost=float("nan")),
+    "infinite cost": dict(cost=float("inf")),
+    "negative cost": dict(cost=-0.5),
+    "huge model": dict(model="m" * 100_000),
+    "lone surrogate key": dict(key_id="\ud800"),
+    "no provider": dict(provider=None),
+    "latency as text": dict(latency="slow"),
+    "NaN wall time": dict(wall_time=float("nan")),
+    "status 10**6": dict(http_status=10**6),
+}
+
+
+async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is_stored(tmp_path):
+    path = str(tmp_path / "usage.db")
+    ledger = UsageLedger(path)
+    await ledger.open()
+    ledger.add(rec(key="before"))
+    for fields in POISONED.values():
+        ledger.add(poisoned(**fields))
+    ledger.add(object())  # not a record at all
+    ledger.add(rec(key="after", tin=1))
+    assert await ledger.flush() == 2
+    assert [(k, t) for k, _, t, *_ in rows(path)] == [("before", 10), ("after", 1)]
+    assert ledger.quarantined == len(POISONED) + 1 and ledger.pending == 0 and ledger.lost == 0
+    lines = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert len(lines) == len(POISONED) + 1
+    assert lines[0]["reason"] == "tokens_in out of range" and lines[0]["row"]["tokens_in"] == 2**64
+    assert lines[0]["row"]["request_id"] == "r" and lines[0]["row"]["key_id"] == "k1"
+    assert lines[6]["reason"] == "cost out of range" and lines[6]["row"]["cost"] == "nan"
+    assert lines[9]["row"]["model"].endswith("...[100000 characters]")
+    # Text SQLite cannot encode passes the checks; the insert refuses it, and that row alone is set aside.
+    assert lines[-1]["reason"].startswith("UnicodeEncodeError") and lines[-1]["row"]["key_id"] == "\ud800"
+    assert lines[-1]["row"]["latency"] == 0.25  # as the record had it
+    # The ledger goes on as before.
+    ledger.add(rec(key="later"))
+    assert await ledger.flush() == 1
+    assert (await ledger.totals())["requests"] == 3
+    await ledger.close()
+
+
+async def test_a_row_sqlite_refuses_after_the_checks_is_quarantined_alone(tmp_path, monkeypatch):
+    path = str(tmp_path / "usage.db")
+    ledger = UsageLedger(path)
+    await ledger.open()
+    with sqlite3.connect(path) as c:  # a constraint the checks know nothing of
+        c.execute("CREATE TRIGGER no_k2 BEFORE INSERT ON usage WHEN NEW.key_id = 'k2' "
+                  "BEGIN SELECT RAISE(ABORT, 'k2 refused'); END")
+    for key in ("k1", "k2", "k3"):
+        ledger.add(rec(key=key))
+    assert await ledger.flush() == 2
+    assert [r[0] for r in rows(path)] == ["k1", "k3"]
+    [line] = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert line["reason"] == "IntegrityError: k2 refused" and line["row"]["key_id"] == "k2"
+    await ledger.close()
+
+
+async def test_a_database_from_before_request_ids_gets_the_column(tmp_path):
+    path = str(tmp_path / "usage.db")
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE TABLE usage (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, key_id TEXT,"
+                  " provider TEXT NOT NULL, model TEXT NOT NULL, endpoint TEXT NOT NULL, tokens_in INTEGER NOT NULL,"
+                  " tokens_out INTEGER NOT NULL, cost REAL NOT NULL, latency_ms REAL NOT NULL, status TEXT NOT NULL,"
+                  " http_status INTEGER NOT NULL)")
+        c.execute("INSERT INTO usage (ts, key_id, provider, model, endpoint, tokens_in, tokens_out, cost, latency_ms,"
+                  " status, http_status) VALUES (1, 'old', 'p', 'm', 'chat', 1, 2, 0.0, 5.0, 'ok', 200)")
+    ledger = UsageLedger(path)
+    await ledger.open()
+    ledger.add(rec(key="new"))
+    await ledger.flush()
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT key_id, request_id FROM usage ORDER BY id").fetchall() == [("old", None), ("new", "r")]
+    await ledger.close()

@@ -113,3 +113,21 @@ def test_in_flight_and_cache_gauges():
     assert (g.in_flight, g.cache_hits, g.cache_misses, g.breaker_states) == ({"a": 1, "b": 0}, 1, 2, {"a": "open"})
     t.request_started("a")
     assert g.in_flight == {"a": 1, "b": 0}  # a copy: later changes do not leak into a render in progress
+
+
+async def test_a_full_mailbox_drops_the_event_not_its_ledger_row(tmp_path, autojump_clock):
+    from runestone.telemetry import RequestFinished, UsageLedger
+
+    registry = Registry()
+    ledger = UsageLedger(str(tmp_path / "usage.db"))
+    telemetry = Telemetry(registry, ledger=ledger)
+    finished = [RequestFinished(f"r{i}", "k", "p", "m", "chat", False, "ok", 200, None, 0.1, None, 1, 2, 0.0, 0, 0,
+                                "default", 1_700_000_000.0) for i in range(10)]
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(TelemetryHandler(registry=registry, mailbox_size=3, ledger=ledger).run)
+        for ev in finished:  # no checkpoint: the mailbox overflows
+            telemetry.emit(retry())
+            telemetry.emit(ev)
+        assert telemetry.dropped > 10 and ledger.pending == 10
+        assert (await ref.call(("usage", None), timeout=float("inf")))["totals"]["requests"] == 10
+        ref.request_stop()
