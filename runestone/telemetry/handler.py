@@ -226,7 +226,8 @@ class TelemetryHandler(Actor):
     def _on_attempt(self, ev: AttemptFinished) -> None:
         self.metrics.record_attempt(ev)
         changes = self.health.status_changes
-        self._health_moved(self.health.record_attempt(ev.provider, ev.ok, ev.latency, ev.ttft), changes)
+        self._health_moved(
+            self.health.record_attempt(ev.provider, ev.ok, ev.latency, ev.ttft, now=trio.current_time()), changes)
 
     def _on_breaker(self, ev: BreakerTransition) -> None:
         self.metrics.record_breaker(ev)
