@@ -235,6 +235,9 @@ class TelemetryHandler(Actor):
         self._health_moved(self.health.record_breaker(ev.provider, ev.to_state), changes)
 
     def _on_registered(self, ev: ProviderRegistered) -> None:
+        # A registration (an update too: it stops the provider and starts it with new settings) starts
+        # afresh, as unregistering and registering again does: what the old settings did is not its record.
+        self.health.remove_provider(ev.name)
         self.health.add_provider(ev.name)
         self._publish()
 

@@ -8,7 +8,8 @@ made to fail and then healed, and each test states the time within which ``prima
   gets one passive probe per 5 s, and is back to its normal share within 35 s of healing;
 * breaker: open -> half-open after ``recovery_timeout`` -> closed after ``success_threshold`` probes:
   back within ``recovery_timeout`` of healing, first again in its priority group's listed order;
-* drain: unregistered while others serve, registered again: first again at once.
+* drain: unregistered while others serve, registered again, or updated (a drain and a new registration):
+  first again at once.
 """
 
 from __future__ import annotations
@@ -217,3 +218,22 @@ async def test_a_provider_unregistered_and_registered_again_is_first_again_at_on
             assert r.status_code == 201, r.text
             assert [await _who(v1) for _ in range(5)] == ["primary"] * 5
             assert await _upstream_requests(primary_port) == seen + 5
+
+
+async def test_a_provider_updated_while_set_aside_for_health_is_first_again_at_once(
+        clock, gateway_factory, fake_factory):
+    """An update is a drain and a new registration: the new settings start with a clean record."""
+    gw, primary_port, knobs = await _failing_primary_and_backup(gateway_factory, fake_factory,
+                                                                '[auth]\nadmin_key = "admin-key"\n',
+                                                                circuit_breaker=False)
+    app = gw.app
+    async with httpx.AsyncClient(base_url=gw.url, timeout=60) as http, \
+            httpx.AsyncClient(base_url=gw.v1, timeout=60) as v1:
+        for _ in range(3):
+            assert await _who(v1) == "backup"
+        await _until(lambda: _score(app, "primary") < 0.5, "primary below the threshold")
+        knobs.fault_status = 0
+        r = await http.patch("/admin/providers/primary", headers=ADMIN, json={"config": {"timeout_ms": 30_000}})
+        assert r.status_code == 200, r.text
+        await _until(lambda: _score(app, "primary") == 1.0, "primary's record started afresh")
+        assert [await _who(v1) for _ in range(5)] == ["primary"] * 5
