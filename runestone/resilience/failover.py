@@ -11,6 +11,19 @@ the selector reads what was published.
 Whatever the strategy, providers whose breaker refuses them right now go last
 (they may be due for a probe by the time the earlier ones have failed), and in
 ``select`` providers below the group's health threshold go after the healthy ones.
+
+Passive probes: a provider set aside for its health score would get no traffic
+while healthy ones answer, so its score could never change (active health
+checks are off by default). So it gets one request every ``PROBE_INTERVAL``
+(5 s) as a probe: the first time a request is routed while the provider is set
+aside and its last probe is at least 5 s old (or it never had one), it is put
+first for that request; if it fails, the request fails over as usual. So a
+provider set aside gets at most one probe per 5 s whatever the traffic, the
+first as soon as it is set aside. ``ProbeSchedule`` keeps the time of each
+provider's last probe; ``select`` and ``runestone.routing.policies.route``
+claim a probe inside their synchronous call, so under trio two requests never
+take the same one. How the probes' outcomes lift the score again is in
+``runestone.telemetry.health``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ __all__ = [
     "DEFAULT_GROUP",
     "DEFAULT_CAPABILITIES",
     "GroupSpec",
+    "PROBE_INTERVAL",
+    "ProbeSchedule",
     "ProviderInfo",
     "RouteState",
     "GroupSelector",
@@ -42,6 +57,8 @@ DEFAULT_GROUP = "default"
 DEFAULT_CAPABILITIES = frozenset({"streaming", "tools", "vision"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+#: Seconds between two passive probes of a provider set aside for its health score.
+PROBE_INTERVAL = 5.0
 
 
 def _strategy(_inst: object, _attribute: attrs.Attribute, value: str) -> None:
@@ -124,13 +141,42 @@ class ProviderInfo:
         return False
 
 
+@attrs.define
+class ProbeSchedule:
+    """When each provider set aside for its health score last got a passive probe.
+
+    Request-path state like ``GroupSelector.rotations``: written only by the
+    routing calls in trio's single thread, never across an ``await``.
+    """
+
+    interval: float = PROBE_INTERVAL
+    #: provider -> the clock time of its last probe.
+    last: dict[str, float] = attrs.field(factory=dict)
+
+    def claim(self, provider: str, now: float) -> bool:
+        """Take ``provider``'s probe at ``now`` if one is due (none for ``interval`` seconds)."""
+        last = self.last.get(provider)
+        if last is not None and now < last + self.interval:
+            return False
+        self.last[provider] = now
+        return True
+
+    def first_due(self, names: Sequence[str], now: float) -> str | None:
+        """Claim the probe of the first of ``names`` that is due; None when none is."""
+        for name in names:
+            if self.claim(name, now):
+                return name
+        return None
+
+
 @attrs.frozen
 class RouteState:
     """What the request path read from the published snapshots for one decision.
 
     ``health`` is a score in [0, 1] (missing: 1.0, nothing known against it);
     ``ttft_ewma`` the moving average of time to first token in milliseconds;
-    ``cost`` this request's estimated cost per provider, in the pricing table's unit.
+    ``cost`` this request's estimated cost per provider, in the pricing table's unit;
+    ``probes`` where passive probes are claimed (None: no probes).
     """
 
     in_flight: Mapping[str, int] = _EMPTY
@@ -138,6 +184,7 @@ class RouteState:
     health: Mapping[str, float] = _EMPTY
     ttft_ewma: Mapping[str, float] = _EMPTY
     cost: Mapping[str, float] = _EMPTY
+    probes: ProbeSchedule | None = None
 
 
 def breaker_blocks(view: BreakerView | None, now: float | None) -> bool:
@@ -153,8 +200,8 @@ def breaker_blocks(view: BreakerView | None, now: float | None) -> bool:
     return False
 
 
-def _by_priority(p: ProviderInfo) -> tuple[int, str]:
-    return (p.priority, p.name)
+def _by_priority(p: ProviderInfo) -> int:
+    return p.priority
 
 
 def order_candidates(
@@ -169,7 +216,8 @@ def order_candidates(
     """Order ``providers`` by ``strategy``; the names, first to try first.
 
     * ``round_robin``: the given order, rotated left by ``rotation``.
-    * ``priority``: lower ``priority`` first, ties by name.
+    * ``priority``: the given order (a group's listed order), except that a lower
+      ``priority`` goes first when the providers' priorities differ.
     * ``load_balanced``: a random order in which each provider's chance of coming
       before the others is proportional to its ``weight`` (weighted sampling
       without replacement, Efraimidis-Spirakis); weight 0 goes last.
@@ -187,7 +235,7 @@ def order_candidates(
     if n == 0:
         return []
     if strategy == "priority":
-        ordered = sorted(providers, key=_by_priority)
+        ordered = sorted(providers, key=_by_priority)  # stable: equal priorities keep the given order
     elif strategy == "round_robin" or strategy == "least_loaded":
         shift = rotation % n
         ordered = list(providers[shift:]) + list(providers[:shift]) if shift else list(providers)
@@ -242,6 +290,8 @@ class GroupSelector:
     default: GroupSpec = attrs.field(factory=lambda: _DEFAULT_SPEC)
     #: Per-group count of selections, the round-robin position.
     rotations: dict[str, int] = attrs.field(factory=dict)
+    #: Passive probes of providers set aside for health, shared with the default router.
+    probes: ProbeSchedule = attrs.field(factory=ProbeSchedule)
 
     def group(self, name: str) -> GroupSpec:
         """The group called ``name``; ``default`` exists even when not configured.
@@ -267,10 +317,14 @@ class GroupSelector:
         """The providers to try for one request, first to try first.
 
         Synchronous and without any ``await``, so under trio it runs atomically:
-        two concurrent requests never get the same round-robin position. Only
-        members of the group that are in ``providers_info`` (the registered
-        providers) are considered; at most the group's ``max_attempts`` are
-        returned. Raises ``LookupError`` for an unknown group.
+        two concurrent requests never get the same round-robin position or the
+        same passive probe. Only members of the group that are in
+        ``providers_info`` (the registered providers) are considered, in the
+        group's listed order (the ``default`` group, which lists none, takes
+        them by name); at most the group's ``max_attempts`` are returned. A
+        member below the group's health threshold goes first when its passive
+        probe is due (``now`` given; see the module docstring). Raises
+        ``LookupError`` for an unknown group.
         """
         spec = self.group(group_name)
         if isinstance(providers_info, Mapping):
@@ -283,6 +337,8 @@ class GroupSelector:
             members = [by_name[n] for n in spec.providers if n in by_name]
         else:
             members = list(providers_info)
+        if not spec.providers:
+            members.sort(key=_by_name)
         rotations = self.rotations
         rotation = rotations.get(group_name, 0)
         rotations[group_name] = rotation + 1
@@ -303,8 +359,17 @@ class GroupSelector:
                 cut = len(healthy)
                 while cut and breaker_blocks(breakers.get(healthy[cut - 1]), now):
                     cut -= 1
-                names = healthy[:cut] + unhealthy + healthy[cut:]
+                probe = self.probes.first_due(unhealthy, now) if cut and now is not None else None
+                if probe is not None:
+                    unhealthy.remove(probe)
+                    names = [probe] + healthy[:cut] + unhealthy + healthy[cut:]
+                else:
+                    names = healthy[:cut] + unhealthy + healthy[cut:]
         return names[: spec.max_attempts]
+
+
+def _by_name(p: ProviderInfo) -> str:
+    return p.name
 
 
 _DEFAULT_SPEC = GroupSpec(DEFAULT_GROUP)

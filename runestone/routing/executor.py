@@ -223,6 +223,7 @@ class Gateway:
             health=scores,
             ttft_ewma=getattr(health, "ttft_ewma_ms", None) or _EMPTY,
             cost=cost,
+            probes=self.groups.probes,
         )
 
     def use_named(self, routes: NamedRoutes) -> None:

@@ -6,7 +6,10 @@ and never waits on an actor. It first filters -- the model, the client's
 ``exclude`` and required capabilities, open breakers, full providers, the cost
 and latency ceilings -- then orders what is left by the policy, then moves the
 client's ``prefer`` list to the front. Providers below the health threshold are
-set aside as ``alternatives`` and used only when nothing healthy is left.
+set aside as ``alternatives`` and used only when nothing healthy is left, except
+for passive probes: one of them whose probe is due (at most one per provider
+every 5 s, claimed in ``state.probes``; see ``runestone.resilience.failover``)
+is tried first for this request, so that its health score can recover.
 A client states its wishes in the request body's ``runestone`` object, read by
 ``parse_requirements``.
 """
@@ -67,7 +70,9 @@ class RouteDecision:
     """The outcome of routing one request.
 
     ``providers``: the ones to try, first to try first. ``alternatives``: providers
-    set aside as unhealthy, to try only after ``providers`` failed. ``skipped``:
+    set aside as unhealthy, to try only after ``providers`` failed. ``probe``: the
+    provider set aside as unhealthy that this request probes (then first of
+    ``providers``), if any. ``skipped``:
     providers serving the model that were ruled out, with the reason (``excluded``,
     ``circuit_open``, ``at_capacity``, ``missing_capability:<name>``,
     ``over_max_cost``, ``over_max_latency``).
@@ -77,6 +82,7 @@ class RouteDecision:
     reason: str
     alternatives: tuple[str, ...] = ()
     skipped: Mapping[str, str] = _NO_SKIPS
+    probe: str | None = None
 
 
 _FIELDS = ("policy", "max_cost", "max_latency_ms", "require", "prefer", "exclude", "variant")
@@ -206,7 +212,10 @@ def route(
     health score; ``enhanced`` by ``enhanced_score``; ``cost`` cheapest estimate
     first (unpriced last). Ties fall back to priority, then name, so a decision is
     deterministic. A provider whose breaker is open but due for a probe is kept:
-    the request path asks the breaker manager for the probe slot.
+    the request path asks the breaker manager for the probe slot. A provider set
+    aside below ``health_threshold`` whose passive probe is due goes first, unless
+    the client prefers others; claiming it is the one write ``route`` makes (into
+    ``state.probes``, when given).
     """
     chosen_policy = requirements.policy or policy
     if chosen_policy not in POLICIES:
@@ -257,14 +266,25 @@ def route(
         else:
             reason = f"no provider serves model {model!r}"
     ordered = _order(chosen_policy, chosen, state)
+    aside = _order(chosen_policy, unhealthy, state) if unhealthy else unhealthy
+    probe = None
+    probes = state.probes
+    if aside and probes is not None:
+        for p in aside:
+            if probes.claim(p.name, now):
+                probe = p.name
+                aside.remove(p)
+                ordered.insert(0, p)
+                reason += f"; passive probe of {probe} (below the health threshold)"
+                break
     if requirements.prefer and len(ordered) > 1:
         rank = {name: i for i, name in enumerate(requirements.prefer)}
         last = len(rank)
         ordered.sort(key=lambda p: rank.get(p.name, last))  # stable: the rest keep the policy's order
-    alternatives = tuple(p.name for p in _order(chosen_policy, unhealthy, state)) if unhealthy else ()
     return RouteDecision(
         providers=tuple(p.name for p in ordered),
         reason=reason,
-        alternatives=alternatives,
+        alternatives=tuple(p.name for p in aside),
         skipped=MappingProxyType(skipped) if skipped else _NO_SKIPS,
+        probe=probe,
     )

@@ -229,7 +229,8 @@ class TelemetryHandler(Actor):
     def _on_attempt(self, ev: AttemptFinished) -> None:
         self.metrics.record_attempt(ev)
         changes = self.health.status_changes
-        self._health_moved(self.health.record_attempt(ev.provider, ev.ok, ev.latency, ev.ttft), changes)
+        self._health_moved(
+            self.health.record_attempt(ev.provider, ev.ok, ev.latency, ev.ttft, now=trio.current_time()), changes)
 
     def _on_breaker(self, ev: BreakerTransition) -> None:
         self.metrics.record_breaker(ev)
@@ -237,6 +238,9 @@ class TelemetryHandler(Actor):
         self._health_moved(self.health.record_breaker(ev.provider, ev.to_state), changes)
 
     def _on_registered(self, ev: ProviderRegistered) -> None:
+        # A registration (an update too: it stops the provider and starts it with new settings) starts
+        # afresh, as unregistering and registering again does: what the old settings did is not its record.
+        self.health.remove_provider(ev.name)
         self.health.add_provider(ev.name)
         self._publish()
 

@@ -1,12 +1,13 @@
 """Health scores: how well each provider is doing, from what it actually did.
 
-Inputs per provider are the outcomes of its last ``window`` upstream attempts,
-the latencies of its last ``latency_window`` successful attempts (time to
-first token for streamed attempts, whole duration otherwise: what a client
-waits before anything happens), and its circuit breaker's state. The score,
+Inputs per provider are the outcomes of its last ``window`` upstream attempts
+made in the last ``max_age`` seconds, the latencies of its last
+``latency_window`` successful attempts (time to first token for streamed
+attempts, whole duration otherwise: what a client waits before anything
+happens), and its circuit breaker's state. The score,
 in [0, 1]::
 
-    success  = (ok + prior) / (attempts + prior)      # over the last `window` attempts
+    success  = (ok + prior) / (attempts + prior)      # over the last `window` attempts of the last `max_age` s
     latency  = 1                      if p50 <= latency_ref
                latency_ref / p50      otherwise        # 2 x the reference -> 0.5
     score    = success * ((1 - latency_weight) + latency_weight * latency)
@@ -23,12 +24,27 @@ unhealthy, ``provider_failed`` when the breaker opens, ``provider_recovered``
 when a provider so alerted is healthy again; each transition alerts once. A
 breaker closing again clears the outcome window (its probes succeeded; the
 failures that opened it are not held against the provider twice).
+
+Recovery: an outcome counts for ``max_age`` (30 s) at most, so old failures
+cannot hold a provider down for good once it gets no traffic. The router
+sets a provider below its health threshold aside and gives it one passive
+probe every 5 s (``runestone.resilience.failover.ProbeSchedule``); each probe
+is an attempt recorded here, and recording drops the outcomes older than
+``max_age``. A provider that heals therefore has its success term back at
+1.0 (a score of at least 0.7 whatever its latency: above the default
+threshold of 0.5) at the first probe made ``max_age`` after its last
+failure: within 30 s + 5 s = 35 s of healing, after at most 7 successful
+probes. While it stays broken its probes keep failing and keep it down
+(a failure every 5 s: 6 or 7 in the window, score at most 2 / 8 = 0.25),
+and five in a row open its breaker (the default ``failure_threshold``),
+whose own half-open probes take over.
 Percentiles are nearest-rank over the latency window, kept sorted on insert
 so each attempt costs O(log n) comparisons and a small memmove, not a sort.
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Mapping
@@ -49,6 +65,8 @@ class HealthParams:
     """Tuning of the health score; see the module docstring for the formula."""
 
     window: int = 100
+    #: Seconds an outcome counts; older ones are dropped when the next attempt is recorded.
+    max_age: float = 30.0
     latency_window: int = 200
     latency_ref: float = 1.0
     latency_weight: float = 0.3
@@ -155,6 +173,7 @@ class LatencyWindow:
 class ProviderHealth:
     """Mutable health state of one provider, owned by the handler's task."""
 
+    #: ``(recorded at, 1 ok / 0 failed)``, oldest first.
     outcomes: deque = attrs.field(factory=deque)
     ok_in_window: int = 0
     latencies: LatencyWindow = attrs.field(factory=lambda: LatencyWindow(200))
@@ -196,13 +215,20 @@ class HealthTracker:
         self.providers.pop(provider, None)
 
     def record_attempt(
-        self, provider: str, ok: bool, latency: float, ttft: float | None = None
+        self, provider: str, ok: bool, latency: float, ttft: float | None = None, now: float | None = None
     ) -> list[ProviderStatusEvent]:
+        """One finished attempt at time ``now`` (the owner's clock; None: this one never ages out)."""
         h = self._get(provider)
         outcomes = h.outcomes
+        if now is not None:
+            oldest = now - self.params.max_age
+            while outcomes and outcomes[0][0] < oldest:
+                h.ok_in_window -= outcomes.popleft()[1]
+        else:
+            now = math.inf
         if len(outcomes) >= self.params.window:
-            h.ok_in_window -= outcomes.popleft()
-        outcomes.append(1 if ok else 0)
+            h.ok_in_window -= outcomes.popleft()[1]
+        outcomes.append((now, 1 if ok else 0))
         h.requests += 1
         if ok:
             h.ok_in_window += 1

@@ -292,7 +292,7 @@ async def test_models_list_and_retrieve(gateway_factory, fake_factory):
         r = await http.get("/v1/models/gpt-4o-mini")
         assert r.status_code == 200 and r.json()["id"] == "gpt-4o-mini"
         assert r.headers["x-request-id"]
-        # The group is a model name a client may use; under "priority" equal priorities go by name.
+        # The group is a model name a client may use; under "priority" equal priorities keep the listed order.
         chat = await http.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
-        assert chat.status_code == 200 and chat.headers["x-runestone-provider"] == "up-anthropic"
+        assert chat.status_code == 200 and chat.headers["x-runestone-provider"] == "up-openai"
         assert chat.json()["choices"][0]["message"]["content"].startswith("Echo: hello there")

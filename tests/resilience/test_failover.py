@@ -37,8 +37,23 @@ def test_round_robin_rotates_through_every_position():
     ]
 
 
-def test_priority_lower_first_ties_by_name():
+def test_priority_lower_first_ties_keep_the_given_order():
     assert order_candidates("priority", ALL, EMPTY) == ["d", "b", "c", "a"]
+    assert order_candidates("priority", [C, B], EMPTY) == ["c", "b"]
+
+
+def test_priority_group_tries_its_members_in_the_listed_order_unless_priorities_differ():
+    # Members configured alike (every provider's priority defaults to 100): the order the group lists.
+    z, m, a = ProviderInfo("z", priority=100), ProviderInfo("m", priority=100), ProviderInfo("a", priority=100)
+    cell = Published({"g": GroupSpec("g", ("z", "m", "a"), strategy="priority", max_attempts=3)})
+    sel = GroupSelector(cell)
+    assert sel.select("g", [a, m, z], EMPTY) == ["z", "m", "a"]
+    assert sel.select("g", {"a": a, "m": m, "z": z}, EMPTY) == ["z", "m", "a"]
+    # An explicit priority still wins over the listing; equal ones keep it.
+    cell.publish({"g": GroupSpec("g", ("z", "m", "a"), strategy="priority", max_attempts=3)})
+    assert sel.select("g", [a, m, ProviderInfo("z", priority=200)], EMPTY) == ["m", "a", "z"]
+    # The default group lists nobody: by priority, then by name, whatever the registration order.
+    assert GroupSelector(Published({})).select("default", [z, m, a], EMPTY) == ["a", "m", "z"]
 
 
 def test_load_balanced_follows_weights():
@@ -134,7 +149,26 @@ def test_selector_puts_unhealthy_after_healthy_but_before_open():
     cell = Published({"g": GroupSpec("g", ("a", "b", "c", "d"), strategy="priority", max_attempts=4, health_threshold=0.5)})
     sel = GroupSelector(cell)
     state = RouteState(health={"d": 0.1, "b": 0.9}, breakers={"c": open_view("c", 99.0)})
+    sel.probes.claim("d", 0.0)  # d's passive probe was just taken (see the next test)
     assert sel.select("g", ALL, state, now=0.0) == ["b", "a", "d", "c"]
+
+
+def test_selector_gives_a_member_below_the_threshold_one_passive_probe_every_5s():
+    cell = Published({"g": GroupSpec("g", ("a", "b", "c", "d"), strategy="priority", max_attempts=4,
+                                     health_threshold=0.5)})
+    sel = GroupSelector(cell)
+    state = RouteState(health={"d": 0.1, "a": 0.2}, breakers={"c": open_view("c", 999.0)})
+    # Set aside at t=100: its first probe at once, then none for 5 s, then the next one.
+    firsts = {t: sel.select("g", ALL, state, now=t) for t in (100.0, 100.1, 102.0, 104.9, 105.0, 105.05, 105.1, 110.0)}
+    assert firsts[100.0] == ["d", "b", "a", "c"]  # d is due first (priority order); a's probe waits
+    assert firsts[100.1] == ["a", "b", "d", "c"]  # a's own probe
+    assert firsts[102.0] == firsts[104.9] == ["b", "d", "a", "c"]
+    assert [firsts[t][0] for t in (105.0, 105.05, 105.1, 110.0)] == ["d", "b", "a", "d"]
+    # Without a clock, or when no healthy member is admitted (all are tried anyway), no probe is spent.
+    assert sel.select("g", ALL, state) == ["b", "d", "a", "c"]
+    everyone_down = RouteState(health={"a": 0.1, "b": 0.1, "d": 0.1}, breakers=state.breakers)
+    assert sel.select("g", ALL, everyone_down, now=200.0) == ["d", "b", "a", "c"]
+    assert sel.probes.last == {"d": 110.0, "a": 105.1}
 
 
 def test_group_spec_from_config_and_configured_default():

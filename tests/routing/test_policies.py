@@ -3,7 +3,7 @@
 import pytest
 
 from runestone.resilience.breaker import BreakerView
-from runestone.resilience.failover import ProviderInfo, RouteState
+from runestone.resilience.failover import ProbeSchedule, ProviderInfo, RouteState
 from runestone.routing.policies import (
     NO_REQUIREMENTS,
     Requirements,
@@ -85,6 +85,39 @@ def test_unhealthy_set_aside_unless_nothing_else():
     assert d.providers == ("b", "c", "a")
     assert d.alternatives == ()
     assert "health threshold" in d.reason
+
+
+def test_a_provider_set_aside_for_health_gets_one_passive_probe_every_5s():
+    probes = ProbeSchedule()
+    state = RouteState(health={"b": 0.2, "a": 0.3, "c": 0.9}, probes=probes)
+    # b and a are set aside; b (priority 0) is probed first, at once, then a on the next request.
+    d = r(state, threshold=0.5, now=50.0)
+    assert (d.providers, d.alternatives, d.probe) == (("b", "c"), ("a",), "b")
+    assert "passive probe of b" in d.reason
+    d = r(state, threshold=0.5, now=50.0)
+    assert (d.providers, d.alternatives, d.probe) == (("a", "c"), ("b",), "a")
+    # Then neither until 5 s have passed since its own probe: a bounded share whatever the traffic.
+    decisions = [r(state, threshold=0.5, now=50.0 + i * 0.01) for i in range(1, 500)]
+    assert all((x.providers, x.probe) == (("c",), None) for x in decisions)
+    assert r(state, threshold=0.5, now=55.0).probe == "b"
+    assert r(state, threshold=0.5, now=55.0).probe == "a"
+    assert r(state, threshold=0.5, now=59.9).probe is None
+    # A client's prefer list still comes first; its exclude list is never probed.
+    d = r(state, threshold=0.5, now=60.0, req=Requirements(prefer=("c",)))
+    assert (d.providers, d.probe) == (("c", "b"), "b")
+    d = r(state, threshold=0.5, now=65.0, req=Requirements(exclude=frozenset({"b"})))
+    assert (d.providers, d.probe) == (("a", "c"), "a")
+    assert probes.last == {"b": 60.0, "a": 65.0}
+    # Without a schedule (state.probes None) nobody is probed: today's set-aside as it was.
+    assert r(RouteState(health={"b": 0.2}), threshold=0.5, now=0.0).providers == ("c", "a")
+
+
+def test_no_probe_is_spent_when_only_providers_below_the_threshold_are_left():
+    probes = ProbeSchedule()
+    state = RouteState(health={"a": 0.1, "b": 0.2, "c": 0.3}, probes=probes)
+    d = r(state, threshold=0.5, now=0.0)
+    assert (d.providers, d.probe) == (("b", "c", "a"), None)
+    assert probes.last == {}
 
 
 def test_health_policy_orders_by_score():

@@ -64,6 +64,46 @@ def test_window_forgets_old_outcomes():
     assert (t.view("a").requests, t.view("a").errors) == (20, 10)
 
 
+def test_old_outcomes_age_out_so_a_probed_provider_recovers_within_35s_of_healing():
+    """A burst fills the window with failures; a healed provider gets a passive probe every 5 s (the
+    router's rule) and is back above the 0.5 threshold at the first probe 30 s after its last failure."""
+    t = HealthTracker()  # the defaults: window 100, max_age 30 s, prior 2
+    for i in range(100):
+        t.record_attempt("a", False, 0.1, now=1000.0 + i * 0.01)
+    assert t.view("a").score == pytest.approx(2 / 102) and t.view("a").status == "unhealthy"
+    # Still broken: probes every 5 s keep failing and keep it down.
+    for k in range(1, 13):
+        t.record_attempt("a", False, 0.1, now=1001.0 + 5 * k)
+        assert t.view("a").score <= 0.25
+    last_failure = 1061.0
+    healed = last_failure + 0.5
+    alerts, scores = [], []
+    now = last_failure
+    above = None
+    while t.view("a").score < 1.0:
+        now += 5.0
+        alerts += t.record_attempt("a", True, 0.1, now=now)
+        scores.append(t.view("a").score)
+        if above is None and scores[-1] >= 0.5:
+            above = now
+    assert above is not None and above - healed <= 35.0
+    assert now - healed <= 35.0 and len(scores) <= 7  # the last failure aged out: the window is all probes
+    assert scores == sorted(scores) and t.view("a").status == "healthy"
+    assert kinds(alerts) == ["provider_recovered"]
+    # The counters are totals, not the window.
+    assert (t.view("a").requests, t.view("a").errors) == (112 + len(scores), 112)
+
+
+def test_outcomes_without_a_time_never_age_out():
+    t = HealthTracker(HealthParams(max_age=1.0))
+    for _ in range(3):
+        t.record_attempt("a", False, 0.1)
+    t.record_attempt("b", False, 0.1, now=0.0)
+    t.record_attempt("b", True, 0.1, now=10.0)
+    assert t.view("a").score == pytest.approx(2 / 5)
+    assert t.view("b").success_rate == 1.0
+
+
 def test_unhealthy_then_recovered_each_alert_once():
     t = HealthTracker(HealthParams(window=10, prior=2.0))
     alerts = []
