@@ -170,7 +170,6 @@ async def test_a_priority_group_member_whose_breaker_opened_is_first_again_after
         await _until(breaker("closed"), "zeta's breaker closed")
 
 
-@pytest.mark.xfail(strict=True, reason="executor skips the member after a denied one: lead's pipeline rewrite")
 async def test_a_priority_group_tries_the_second_member_when_the_first_is_refused_by_its_breaker(
         clock, gateway_factory, fake_factory):
     recovery = 5.0
