@@ -135,8 +135,6 @@ class Application:
         limiter = KeyLimiter(config.limits)
         if limiter.enabled:
             self.gateway.admission = limiter
-            if limiter.tpm:
-                self.gateway.on_tokens = limiter.record_tokens
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)

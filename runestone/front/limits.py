@@ -70,6 +70,11 @@ class Lease:
             self._done = True
             self._limiter._release(self._key)
 
+    def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+        """The tokens the request used count against the key's tokens-per-minute bucket."""
+        if tokens_in or tokens_out:
+            self._limiter.record_tokens(self._key, tokens_in + tokens_out)
+
 
 def _reset_text(seconds: float) -> bytes:
     # OpenAI's format: "1s", "6m0s", "250ms".
@@ -140,6 +145,10 @@ class KeyLimiter:
             st.hour.level -= 1
         st.active += 1
         return Lease(self, key, self._headers(st))
+
+    async def admit_request(self, request, plan) -> Lease:
+        """The pipeline's admission (runestone.routing.executor.Admission): the caller's key's limits."""
+        return await self.admit(request.key_id or "open")
 
     async def admit(self, key: str) -> Lease:
         """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError."""

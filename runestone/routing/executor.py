@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -71,6 +71,26 @@ class ModelRequest:
     requirements: Requirements = NO_REQUIREMENTS
     #: What the body needs of a provider beyond chat: "tools", "vision".
     capabilities: frozenset = frozenset()
+
+
+class Lease(Protocol):
+    """An admitted request's claim on its caller's allowances; the pipeline settles it once and releases it."""
+
+    #: Response headers the client gets with the answer (``x-ratelimit-*``).
+    headers: list
+
+    def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+        """What the request really used (0s for a request that got no answer)."""
+
+    def release(self) -> None:
+        """The request is over (idempotent)."""
+
+
+class Admission(Protocol):
+    """Decides, before any upstream call, whether the caller may make ``request`` as ``plan`` would serve it."""
+
+    async def admit_request(self, request: "ModelRequest", plan: "Plan") -> Lease:
+        """A lease, or raise GatewayError (429 and its headers, 403 for a model not allowed, ...)."""
 
 
 @attrs.frozen
@@ -172,8 +192,6 @@ class Gateway:
         self._view_cache: tuple | None = None
         #: (breaker views, health table, the scores routing uses): rebuilt when either is republished.
         self._scores_cache: tuple | None = None
-        #: Called with (key id, tokens) when a request finishes: the per-key tokens-per-minute limit.
-        self.on_tokens = None
         self.health = health
         self.telemetry = telemetry
         self.inflight = inflight
@@ -186,8 +204,8 @@ class Gateway:
         self.policy = config.router.policy
         self.health_threshold = config.failover.health_threshold
         self.request_timeout = config.server.request_timeout_ms / 1000
-        #: The caller's per-key limits: ``await admission.admit(key) -> lease`` (runestone.front.limits).
-        self.admission = None
+        #: Who may spend what (:class:`Admission`): per-key limits today, budgets next. None admits all.
+        self.admission: Admission | None = None
         #: When the gateway stops: streams still reading then end with a "stopping" error.
         self.stop_deadline = float("inf")
         self._reading: set = set()
@@ -393,7 +411,7 @@ class Gateway:
         plan = self.plan(model, request.body, requirements, capability)
         lease = None
         if self.admission is not None:
-            lease = await self.admission.admit(request.key_id or "open")
+            lease = await self.admission.admit_request(request, plan)
         ctx = self.begin(request.request_id, request.key_id, request.endpoint, model, request.stream)
         ctx.lease = lease
         stream = request.stream and request.operation == "chat"
@@ -654,14 +672,14 @@ class Gateway:
     def finish(self, ctx: RequestContext, *, status: str, http_status: int, error_type: str | None,
                tokens_in: int = 0, tokens_out: int = 0, ttft: float | None = None, stream: bool = False,
                model: str | None = None) -> None:
-        """Record the request once: in-flight table, the key's token budget, split metrics, the ledger."""
+        """Record the request once: in-flight table, the admission lease settled, split metrics, the ledger."""
         self.inflight.remove(ctx.request_id)
         model = model or ctx.model
-        if self.on_tokens is not None and (tokens_in or tokens_out):
-            self.on_tokens(ctx.key_id or "open", tokens_in + tokens_out)
         provider = ctx.provider or ""
         cost = (cost_of(tokens_in, tokens_out, price_for(self.pricing, provider, model))
                 if (tokens_in or tokens_out) else 0.0)
+        if ctx.lease is not None:
+            ctx.lease.settle(tokens_in, tokens_out, cost)
         latency = trio.current_time() - ctx.started
         if ctx.variant is not None:
             ctx.variant.metrics.record(status, http_status, latency, ttft, tokens_in, tokens_out, cost)
