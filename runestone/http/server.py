@@ -16,7 +16,6 @@ deadline). Nothing here knows about LLMs.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import orjson
 import trio
 
 from runestone.http import _server_wire as wire
+from runestone.http.errors import LOCAL_RESOURCE_ERRNOS, local_resource_errors
 from runestone.http.websocket import WebSocketAccept, run_websocket
 
 __all__ = [
@@ -61,9 +61,6 @@ _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 262144
 _SMALL_BODY = 65536
 _LISTEN_BACKLOG = 1024
-_ACCEPT_CAPACITY_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, name)
-)
 # What a connection is waiting for, which decides what happens when its deadline passes.
 _BUSY = 0  # the handler runs or the server works: no deadline
 _IDLE = 1  # keep-alive wait for the next request: close silently
@@ -1126,15 +1123,27 @@ async def _accept_and_serve(server: HttpServer, listener: trio.SocketListener, t
         with trio.CancelScope() as accept_scope:
             server._accept_scope = accept_scope
             task_status.started(server)
+            starved = False
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    # Out of descriptors or memory (as trio's serve_listeners does): the pending
+                    # connection stays in the backlog, so retrying at once would spin. Pause, log
+                    # once per episode; connections already open are served meanwhile.
+                    kind = LOCAL_RESOURCE_ERRNOS.get(exc.errno)  # type: ignore[arg-type]
+                    if kind is None:
                         raise
-                    logger.error("accept failed (%s); pausing new connections for 100 ms", exc)
+                    local_resource_errors["accept", kind] += 1
+                    if not starved:
+                        starved = True
+                        logger.error("accept failed (%s): the gateway is out of local resources; new "
+                                     "connections wait in the backlog, retried every 100 ms", exc)
                     await trio.sleep(0.1)
                     continue
+                if starved:
+                    starved = False
+                    logger.warning("accepting connections again")
                 if len(server._connections) >= limits.max_connections:
                     connections.start_soon(_refuse_connection, server, stream)
                 else:

@@ -23,6 +23,8 @@ The tree::
           "protocol"    the upstream broke HTTP: both
           "stream_cut"  the body ended before its end marker: both
           "malformed"   the body was not what the wire format says: both
+          "local"       the gateway itself ran out (file descriptors, memory, its pool):
+                        neither; the client gets the gateway's own 503
 
 ``trio.Cancelled`` (the client went away, or the request deadline) is neither:
 it says nothing about the provider.
@@ -34,7 +36,7 @@ import trio
 
 __all__ = ["UpstreamError", "KINDS", "counts_as_failure", "is_retryable"]
 
-KINDS = frozenset({"http", "timeout", "connect", "protocol", "stream_cut", "malformed"})
+KINDS = frozenset({"http", "timeout", "connect", "protocol", "stream_cut", "malformed", "local"})
 
 # 408 and 429 are the upstream telling us it is overwhelmed or slow, not that the
 # request was wrong; 409 is what OpenAI returns on a transient lock conflict and its
@@ -100,9 +102,10 @@ class UpstreamError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """May another attempt succeed? False for a request the upstream judged wrong."""
+        """May another attempt succeed? False for a request the upstream judged wrong, and for
+        local exhaustion: any other provider would meet the same limits."""
         if self.kind != "http":
-            return True
+            return self.kind != "local"
         status = self.status
         return status >= 500 or status in _RETRYABLE_4XX  # type: ignore[operator]
 
@@ -110,7 +113,7 @@ class UpstreamError(Exception):
     def counts_for_breaker(self) -> bool:
         """Is this evidence that the provider is unwell?"""
         if self.kind != "http":
-            return True
+            return self.kind != "local"
         status = self.status
         return status >= 500 or status in _BREAKER_4XX  # type: ignore[operator]
 
@@ -120,6 +123,12 @@ class UpstreamError(Exception):
         A client fault passes the upstream's status through as ``invalid_request_error``
         (the client can fix it); anything else is the gateway's problem to report.
         """
+        if self.kind == "local":
+            return {"error": {
+                "message": f"the gateway ran out of local resources and did not send the request to provider "
+                           f"{self.provider!r} ({self.message}); this is the gateway's overload, not the "
+                           "provider's: retry shortly",
+                "type": "server_error", "param": None, "code": "gateway_overloaded"}}
         if self.kind == "http":
             status = self.status
             if status == 429:

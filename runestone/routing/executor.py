@@ -665,6 +665,8 @@ def _client_error(error: BaseException, attempts: int) -> GatewayError:
             out = 502
     elif error.kind == "timeout":
         out = 504
+    elif error.kind == "local":  # the gateway's own overload (resilience.errors): its 503, not a bad gateway
+        out = 503
     else:
         out = 502
     return GatewayError(out, body["message"] + tried, body["type"], code=body["code"], headers=headers,
