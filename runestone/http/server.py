@@ -30,7 +30,7 @@ import trio
 
 from runestone.http import _server_wire as wire
 from runestone.http.errors import LOCAL_RESOURCE_ERRNOS, local_resource_errors
-from runestone.http.websocket import WebSocketAccept, run_websocket
+from runestone.http.websocket import WebSocketAccept, run_websocket, valid_websocket_key
 
 __all__ = [
     "BadRequest",
@@ -420,15 +420,17 @@ def _is_websocket(request: Request) -> bool:
             version = value
         elif name == b"host":
             host = value
-    return (
+    if not (
         upgrade is not None
         and upgrade.strip().lower() == b"websocket"
         and connection is not None
         and b"upgrade" in (token.strip() for token in connection.lower().split(b","))
-        and key is not None
-        and version == b"13"
-        and host is not None
-    )
+    ):
+        return False
+    if key is None or not valid_websocket_key(key):
+        # RFC 6455 section 4.2.1: a handshake the server cannot accept is answered 400.
+        raise BadRequest("a WebSocket upgrade needs a Sec-WebSocket-Key that is the base64 encoding of 16 bytes")
+    return version == b"13" and host is not None
 
 
 class _Connection:
@@ -522,6 +524,14 @@ class _Connection:
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1")
+        hosts = 0
+        for name, _ in request.headers:
+            if name == b"host":
+                hosts += 1
+        if hosts != 1 and (hosts or version == "1.1"):
+            # RFC 9112 section 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it.
+            raise BadRequest("an HTTP/1.1 request needs a Host header" if not hosts
+                             else "a request may carry only one Host header")
         limits = self._limits
         if request._content_length > limits.max_body_bytes:
             raise BodyTooLarge(f"request body exceeds the limit of {limits.max_body_bytes} bytes")
