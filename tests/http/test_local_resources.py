@@ -87,23 +87,20 @@ async def test_a_refused_connect_is_still_the_upstreams_failure(which: str) -> N
 
 async def test_a_full_pool_is_local_too(autojump_clock: trio.testing.MockClock) -> None:
     """The pool's slots are the gateway's own limit: waiting for one in vain is not the provider's failure."""
+    async def head_then_wait(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        await trio.sleep_forever()
+
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
+    url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/"
     transport = FastTransport(limits=PoolLimits(max_connections=1), timeouts=Timeouts(pool=1.0))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, lambda s: trio.sleep_forever(), [listener])
-
-        async def hold(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            with trio.move_on_after(60):
-                task_status.started()
-                async with transport.stream("GET", f"http://127.0.0.1:{port}/", []):
+        nursery.start_soon(trio.serve_listeners, head_then_wait, [listener])
+        async with transport.stream("GET", url, []):  # holds the only slot: its body never ends
+            with pytest.raises(PoolTimeout) as info:
+                async with transport.stream("GET", url, []):
                     pass
-
-        nursery.start_soon(hold)
-        await trio.sleep(0.1)
-        with pytest.raises(PoolTimeout) as info:
-            async with transport.stream("GET", f"http://127.0.0.1:{port}/", []):
-                pass
         assert isinstance(info.value, TransportTimeout) and isinstance(info.value, LocalResourceError)
         assert info.value.kind == "pool_full"
         error = transport_error("up", info.value)
