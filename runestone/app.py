@@ -113,7 +113,7 @@ class Application:
         try:
             self.control_state = self.control_store.load()
             #: The provider specs the provider supervisor (re)starts with; registrations change it.
-            self.catalog: dict[str, ProviderSpec] = self.control_state.catalog(config.providers)
+            self.catalog: dict[str, ProviderSpec] = self.control_state.catalog(config.providers, config.admin.upstream_hosts)
         except ControlStoreError as exc:
             raise StartupError(str(exc)) from None
         self.gateway = Gateway(

@@ -25,6 +25,7 @@ import typing
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 import cattrs
@@ -38,6 +39,7 @@ from cattrs.gen import mapping_structure_factory
 
 __all__ = [
     "ANTHROPIC_DEFAULT_MODELS",
+    "AdminConfig",
     "AuthConfig",
     "CacheConfig",
     "CircuitBreakerConfig",
@@ -178,6 +180,18 @@ def _number_above(low: float) -> _Check:
     return _Check(lambda v: v > low, f"a number > {low:g}")
 
 
+def _number_in(low: float, high: float, *, low_open: bool = False) -> _Check:
+    # Chained comparisons are False for NaN, and an infinity is above any bound.
+    shown = f"{int(high)}" if float(high).is_integer() else f"{high:g}"
+    if low_open:
+        return _Check(lambda v: low < v <= high, f"a number > {low:g} and <= {shown}")
+    return _Check(lambda v: low <= v <= high, f"a number in {low:g}..{shown}")
+
+
+def _optional_int_between(low: int, high: int) -> _Check:
+    return _Check(lambda v: v is None or low <= v <= high, f"an integer in {low}..{high}")
+
+
 def _fraction(*, zero_ok: bool = True) -> _Check:
     if zero_ok:
         return _Check(lambda v: 0.0 <= v <= 1.0, "a number in 0..1")
@@ -205,15 +219,85 @@ def _distinct_strings() -> _Check:
     )
 
 
-def _is_http_url(v: str | None) -> bool:
-    if v is None:
+# What a host (and port) may be made of: a DNS name (punycode for non-ASCII ones), IPv4, or [IPv6].
+_AUTHORITY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:[]")
+_USERINFO_CHARS = _AUTHORITY_CHARS | frozenset("~!$&'()*+,;=%@")
+
+
+def parse_upstream_url(url: str, *, userinfo: bool = False) -> SplitResult:
+    """``url`` split by the one parser the gateway uses for upstream URLs (``urllib.parse.urlsplit``,
+    as the fast transport does), after refusing everything two parsers could read differently.
+
+    Raises ValueError saying what is wrong: not printable ASCII (control characters such as CR or LF,
+    spaces, backslashes), a scheme other than http/https, no host, user info (unless ``userinfo``, as a
+    proxy may carry credentials), a query or fragment, or an invalid port. So ``http://X#@127.0.0.1`` is
+    refused rather than shown as 127.0.0.1 while requests go to X.
+    """
+    if not url.isascii() or any(c <= " " or c in "\\\x7f" for c in url):
+        raise ValueError("must be printable ASCII: no spaces, backslashes or control characters such as CR or LF")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
+        raise ValueError("must start with http:// or https://")
+    if "#" in url or "?" in url:
+        raise ValueError("must have no query or fragment ('?' or '#')")
+    allowed = _USERINFO_CHARS if userinfo else _AUTHORITY_CHARS
+    if "@" in parts.netloc and not userinfo:
+        raise ValueError("must have no user info ('user@'): send credentials as api_key")
+    if not allowed.issuperset(parts.netloc):
+        raise ValueError("must have a host of letters, digits, '-', '.', an IPv4 or a [bracketed] IPv6 address")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.port == 0:  # raises ValueError for a port out of range or not a number
+        raise ValueError("must have a port in 1..65535")
+    return parts
+
+
+def _url_check(*, userinfo: bool) -> _Check:
+    def ok(v: str | None) -> bool:
+        if v is None:
+            return True
+        try:
+            parse_upstream_url(v, userinfo=userinfo)
+        except ValueError:
+            return False
         return True
-    scheme, sep, rest = v.partition("://")
-    return bool(sep) and scheme in ("http", "https") and bool(rest.split("/", 1)[0])
+
+    extra = "" if userinfo else ", no user info"
+    return _Check(ok, f"an http:// or https:// URL of printable ASCII with a host{extra}, no query or fragment")
 
 
 def _http_url() -> _Check:
-    return _Check(_is_http_url, "an http:// or https:// URL")
+    return _url_check(userinfo=False)
+
+
+def _proxy_url() -> _Check:
+    return _url_check(userinfo=True)
+
+
+def _is_host_pattern(v: str) -> bool:
+    host = v[2:] if v.startswith("*.") else v
+    return bool(host) and _AUTHORITY_CHARS.issuperset(host)
+
+
+def upstream_host_allowed(url: str | None, hosts: Collection[str]) -> bool:
+    """Is ``url``'s host in the allow-list ``hosts`` (``[admin] upstream_hosts``; empty allows any)?
+
+    An entry is a host name or address, compared case-insensitively, or ``*.example.com`` for any
+    name under example.com. ``url`` is parsed as it will be used (:func:`parse_upstream_url`).
+    """
+    if not hosts or url is None:
+        return True
+    try:
+        host = parse_upstream_url(url).hostname or ""
+    except ValueError:
+        return False
+    for entry in hosts:
+        entry = entry.lower().strip("[]")
+        if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
+            return True
+        if host == entry:
+            return True
+    return False
 
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -300,6 +384,16 @@ class AuthConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """What the admin API (and the configuration) may register. ``upstream_hosts`` empty: any host;
+    else a provider's base URL must name one of them (``*.example.com`` for names under a domain)."""
+
+    upstream_hosts: tuple[str, ...] = _setting((), _Check(
+        lambda v: all(_is_host_pattern(h) for h in v),
+        "an array of host names or addresses, optionally starting with '*.'"))
+
+
+@attrs.frozen
 class DataConfig:
     """Where the usage ledger and persisted registrations live."""
 
@@ -340,7 +434,7 @@ class RetryConfig:
     delay before attempt n+1 is ``base_delay * backoff_factor**(n-1)``, capped
     at ``max_delay``, with full jitter when ``jitter``."""
 
-    max_attempts: int = _setting(3, _int_at_least(1))
+    max_attempts: int = _setting(3, _int_between(1, 100))
     base_delay_ms: int = _setting(100, _int_at_least(0))
     max_delay_ms: int = _setting(5_000, _int_at_least(0))
     backoff_factor: float = _setting(2.0, _number_at_least(1.0))
@@ -366,22 +460,22 @@ class FailoverGroupSpec:
         )
     )
     strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGIES))
-    max_attempts: int = _setting(3, _int_at_least(1))
+    max_attempts: int = _setting(3, _int_between(1, 100))
     health_threshold: float = _setting(0.5, _fraction())
 
 
 @attrs.frozen
 class FailoverConfig:
     strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGIES))
-    max_attempts: int = _setting(3, _int_at_least(1))
+    max_attempts: int = _setting(3, _int_between(1, 100))
     health_threshold: float = _setting(0.5, _fraction())
     groups: tuple[FailoverGroupSpec, ...] = _setting(())
 
 
 def _weights() -> _Check:
     return _Check(
-        lambda v: all(w >= 0 for w in v) and (not v or sum(v) > 0),
-        "an array of numbers >= 0, not all 0",
+        lambda v: all(0 <= w <= 1_000_000 for w in v) and (not v or sum(v) > 0),
+        "an array of numbers in 0..1000000, not all 0",
     )
 
 
@@ -401,7 +495,7 @@ class PoolConfig:
         )
     )
     weights: tuple[float, ...] = _setting((), _weights())
-    max_attempts: int | None = _setting(None, _optional_int_at_least(1))
+    max_attempts: int | None = _setting(None, _optional_int_between(1, 100))
 
 
 @attrs.frozen
@@ -411,7 +505,7 @@ class SplitVariantConfig:
 
     name: str = _setting(check=_name())
     model: str = _setting(check=_non_empty_str())
-    weight: float = _setting(1.0, _number_at_least(0.0))
+    weight: float = _setting(1.0, _number_in(0.0, 1_000_000.0))
 
 
 @attrs.frozen
@@ -466,14 +560,16 @@ class CacheConfig:
 
 
 def _redact_url(url: str | None) -> str | None:
-    """``http://user:pw@host/x`` -> ``http://***@host/x``; other URLs unchanged."""
+    """``http://user:pw@host/x`` -> ``http://***@host/x``; other URLs unchanged. Split as the URL is used."""
     if not url:
         return url
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not sep or "@" not in authority:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparsable (a bad [IPv6]): show nothing that could be a credential
+        return "***" if "@" in url else url
+    if "@" not in parts.netloc:
         return url
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _url_repr(url: str | None) -> str:
@@ -492,31 +588,31 @@ class ProviderConfig:
     api_key: str | None = _setting(None, secret=True)
     models: tuple[str, ...] = _setting((), _distinct_strings())
     #: Per attempt; the request as a whole is bounded by server.request_timeout_ms.
-    timeout_ms: int = _setting(60_000, _int_at_least(1))
-    connect_timeout_ms: int = _setting(10_000, _int_at_least(1))
+    timeout_ms: int = _setting(60_000, _int_between(1, 3_600_000))
+    connect_timeout_ms: int = _setting(10_000, _int_between(1, 600_000))
     #: Requests in flight at once; 0 = unlimited.
-    max_concurrency: int = _setting(0, _int_at_least(0))
+    max_concurrency: int = _setting(0, _int_between(0, 1_000_000))
     #: Lower is preferred.
-    priority: int = _setting(100)
-    weight: float = _setting(1.0, _number_above(0.0))
+    priority: int = _setting(100, _int_between(-1_000_000, 1_000_000))
+    weight: float = _setting(1.0, _number_in(0.0, 1_000_000.0, low_open=True))
     #: Orders providers under the cost policy when a model has no price.
     cost_tier: str = _setting("medium", _one_of(COST_TIERS))
     transport: str = _setting("fast", _one_of(TRANSPORTS))
-    proxy: str | None = _setting(None, _http_url(), repr_=_url_repr)
+    proxy: str | None = _setting(None, _proxy_url(), repr_=_url_repr)
     http2: bool = _setting(False)
-    retry_attempts: int | None = _setting(None, _optional_int_at_least(1))
+    retry_attempts: int | None = _setting(None, _optional_int_between(1, 100))
     circuit_breaker: bool = _setting(True)
-    pool_size: int = _setting(100, _int_at_least(1))
+    pool_size: int = _setting(100, _int_between(1, 100_000))
     # fake provider
-    chunks: int = _setting(8, _int_at_least(0))
-    ttfb_ms: int = _setting(0, _int_at_least(0))
-    chunk_delay_ms: int = _setting(0, _int_at_least(0))
+    chunks: int = _setting(8, _int_between(0, 1_000_000))
+    ttfb_ms: int = _setting(0, _int_between(0, 3_600_000))
+    chunk_delay_ms: int = _setting(0, _int_between(0, 3_600_000))
     text: str | None = _setting(None)
     #: Share of requests that fail with ``fail_status`` before any byte.
     fail_rate: float = _setting(0.0, _fraction())
     fail_status: int = _setting(500, _int_between(400, 599))
     # anthropic
-    default_max_tokens: int = _setting(4096, _int_at_least(1))
+    default_max_tokens: int = _setting(4096, _int_between(1, 100_000_000))
     anthropic_version: str = _setting("2023-06-01", _non_empty_str())
 
     timeout_s = _seconds("timeout_ms")
@@ -560,6 +656,7 @@ class Config:
 
     server: ServerConfig = _setting(factory=ServerConfig)
     auth: AuthConfig = _setting(factory=AuthConfig)
+    admin: AdminConfig = _setting(factory=AdminConfig)
     data: DataConfig = _setting(factory=DataConfig)
     router: RouterConfig = _setting(factory=RouterConfig)
     circuit_breaker: CircuitBreakerConfig = _setting(factory=CircuitBreakerConfig)
@@ -663,6 +760,7 @@ _converter.register_structure_hook_factory(
 
 _Path = tuple[str | int, ...]
 _SECRET_NAMES = frozenset(("api_key", "api_keys", "admin_key"))
+_URL_NAMES = frozenset(("base_url", "proxy"))
 _BARE_KEY_CHARS = _NAME_CHARS - {"."}
 _MISSING = object()
 
@@ -678,8 +776,15 @@ def _dotted(path: _Path) -> str:
     return "".join(out)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    # Control characters escaped as TOML writes them: a problem line stays one line, and shows a CR.
+    s = s.replace("\\", "\\\\").replace('"', '\\"')
+    if any(c < " " or c == "\x7f" for c in s):
+        s = "".join(c if " " <= c != "\x7f" else _ESCAPES.get(c, f"\\u{ord(c):04x}") for c in s)
+    return '"' + s + '"'
 
 
 def _show(value: Any) -> str:
@@ -775,6 +880,8 @@ class _Report:
     problems: list[str] = attrs.field(factory=list)
 
     def bad(self, path: _Path, value: Any, allowed: str) -> None:
+        if path and path[-1] in _URL_NAMES and isinstance(value, str):
+            value = _redact_url(value)  # a refused URL may still carry a password
         shown = "***" if _is_secret_path(path) and value not in (None, "", ()) else _show(value)
         source = self.sources.get(path)
         origin = f" (from {source})" if source else ""
@@ -864,8 +971,11 @@ def _structure(report: _Report, data: Any, cls: type) -> Any:
     return obj
 
 
-def _check_provider(report: _Report, spec: ProviderSpec, path: _Path) -> None:
+def _check_provider(report: _Report, spec: ProviderSpec, path: _Path, upstream_hosts: Collection[str] = ()) -> None:
     cfg = spec.config
+    if not upstream_host_allowed(spec.base_url, upstream_hosts):
+        report.bad(path + ("config", "base_url"), spec.base_url,
+                   "a URL whose host is in admin.upstream_hosts (" + ", ".join(upstream_hosts) + ")")
     if cfg.transport == "fast" and (cfg.proxy or cfg.http2):
         report.bad(
             path + ("config", "transport"),
@@ -899,7 +1009,7 @@ def _check_cross(report: _Report, cfg: Config) -> None:
             )
         else:
             seen[spec.name] = i
-        _check_provider(report, spec, ("providers", i))
+        _check_provider(report, spec, ("providers", i), cfg.admin.upstream_hosts)
     known = ", ".join(seen) or "none configured"
     groups: dict[str, int] = {}
     for i, group in enumerate(cfg.failover.groups):
@@ -1190,11 +1300,14 @@ def check_config(
 # The control plane's dict forms.
 
 
-def provider_spec_from_dict(d: Mapping[str, Any]) -> ProviderSpec:
-    """A provider from ``{"name", "type", "config": {...}}``; ConfigError names the bad field."""
+def provider_spec_from_dict(d: Mapping[str, Any], upstream_hosts: Collection[str] = ()) -> ProviderSpec:
+    """A provider from ``{"name", "type", "config": {...}}``; ConfigError names the bad field.
+
+    The same checks as a provider of the configuration file, ``[admin] upstream_hosts`` included
+    when given: the admin API, the control socket and the persisted registrations all come here."""
     report = _Report(ProviderSpec, d)
     spec = _structure(report, d, ProviderSpec)
-    _check_provider(report, spec, ())
+    _check_provider(report, spec, (), upstream_hosts)
     report.raise_if_any()
     return spec
 

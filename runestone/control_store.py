@@ -14,7 +14,7 @@ one, never half of one. The file holds provider API keys, so it is created reada
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -113,12 +113,12 @@ class ControlState:
 
     # -- overlay on the configuration ---------------------------------------------------------------
 
-    def provider_specs(self) -> dict[str, ProviderSpec]:
+    def provider_specs(self, upstream_hosts: Collection[str] = ()) -> dict[str, ProviderSpec]:
         """The persisted providers, parsed; ControlStoreError names the first one that is not valid."""
         out = {}
         for name, data in self.providers.items():
             try:
-                spec = provider_spec_from_dict(data)
+                spec = provider_spec_from_dict(data, upstream_hosts)
             except ConfigError as exc:
                 raise ControlStoreError(f"persisted provider {name!r} is not valid: {'; '.join(exc.problems) or exc}")
             if spec.name != name:
@@ -126,10 +126,11 @@ class ControlState:
             out[name] = spec
         return out
 
-    def catalog(self, configured: Iterable[ProviderSpec]) -> dict[str, ProviderSpec]:
+    def catalog(self, configured: Iterable[ProviderSpec],
+                upstream_hosts: Collection[str] = ()) -> dict[str, ProviderSpec]:
         """The providers to start with: configured ones not removed, overlaid by run-time ones, in that order."""
         out = {s.name: s for s in configured if s.name not in self.removed_providers}
-        out.update(self.provider_specs())
+        out.update(self.provider_specs(upstream_hosts))
         return out
 
     def groups_over(self, configured: Iterable[GroupSpec]) -> list[GroupSpec]:

@@ -243,7 +243,7 @@ def test_key_updates_an_openai_default_declared_in_the_file(write):
         (
             {"OPENAI_API_KEY": SECRET, "OPENAI_TIMEOUT": "soon"},
             'config error: providers[1].config.timeout_ms = "soon" (from OPENAI_TIMEOUT): '
-            "must be an integer >= 1",
+            "must be an integer in 1..3600000",
         ),
     ],
 )
@@ -300,15 +300,16 @@ def provider(name="p", type="fake", config=""):
         (provider(type="gemini"), 'providers[0].type = "gemini": must be one of openai, anthropic, fake'),
         (provider(name="a b"), "providers[0].name = \"a b\": must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         (provider() + provider(), 'providers[1].name = "p": must be unique (already the name of providers[0])'),
-        (provider(config="timeout_ms = 0"), "providers[0].config.timeout_ms = 0: must be an integer >= 1"),
-        (provider(config="weight = 0.0"), "providers[0].config.weight = 0.0: must be a number > 0"),
-        (provider(config='base_url = "ftp://x"'), 'providers[0].config.base_url = "ftp://x": must be an http:// or https:// URL'),
+        (provider(config="timeout_ms = 0"), "providers[0].config.timeout_ms = 0: must be an integer in 1..3600000"),
+        (provider(config="weight = 0.0"), "providers[0].config.weight = 0.0: must be a number > 0 and <= 1000000"),
+        (provider(config='base_url = "ftp://x"'), 'providers[0].config.base_url = "ftp://x": must be an http:// or https:// URL of printable '
+                                                  'ASCII with a host, no user info, no query or fragment'),
         (provider(config='models = "gpt-4o"'), 'providers[0].config.models = "gpt-4o": must be an array of distinct non-empty strings'),
         (provider(config='models = ["a", "a"]'), 'providers[0].config.models = ["a", "a"]: must be an array of distinct non-empty strings'),
         (provider(config="models = [1]"), "providers[0].config.models[0] = 1: must be a string"),
         (provider(config='transport = "curl"'), 'providers[0].config.transport = "curl": must be one of fast, httpx'),
         (provider(config="http2 = true"), 'providers[0].config.transport = "fast": must be "httpx" when proxy or http2 is set'),
-        (provider(config="retry_attempts = 0"), "providers[0].config.retry_attempts = 0: must be an integer >= 1"),
+        (provider(config="retry_attempts = 0"), "providers[0].config.retry_attempts = 0: must be an integer in 1..100"),
         (provider(config="fail_rate = 2.0"), "providers[0].config.fail_rate = 2.0: must be a number in 0..1"),
         ('[[providers]]\ntype = "fake"\n', "providers[0].name is required: must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         ("providers = 3\n", "providers = 3: must be an array of tables"),
@@ -353,7 +354,7 @@ def test_groups_inherit_failover_settings_from_file_and_environment(write):
     # An inherited bad value names where it came from.
     message = error_of(path, {"FAILOVER_MAX_ATTEMPTS": "0"})
     assert message == (
-        "config error: failover.max_attempts = 0 (from FAILOVER_MAX_ATTEMPTS): must be an integer >= 1"
+        "config error: failover.max_attempts = 0 (from FAILOVER_MAX_ATTEMPTS): must be an integer in 1..100"
     )
 
 
@@ -381,7 +382,7 @@ def test_check_config_lists_every_problem(write):
             "config error: server.port = -1: must be an integer in 0..65535",
             "config error: unknown key server.prot (did you mean port?)",
             'config error: retry.jitter = "no": must be true or false',
-            "config error: retry.max_attempts = 0: must be an integer >= 1",
+            "config error: retry.max_attempts = 0: must be an integer in 1..100",
             'config error: router.policy = "x" (from RUNESTONE_ROUTER_POLICY): must be one of '
             "default, health, enhanced, cost",
         ]
@@ -489,7 +490,7 @@ def test_provider_to_dict_redacts():
 @pytest.mark.parametrize(
     ("d", "problem"),
     [
-        ({"name": "x", "type": "fake", "config": {"chunks": -1}}, "config.chunks = -1: must be an integer >= 0"),
+        ({"name": "x", "type": "fake", "config": {"chunks": -1}}, "config.chunks = -1: must be an integer in 0..1000000"),
         ({"name": "x", "type": "grok"}, 'type = "grok": must be one of openai, anthropic, fake'),
         ({"type": "fake"}, "name is required: must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         ({"name": "x", "type": "fake", "extra": 1}, "unknown key extra"),
@@ -529,7 +530,7 @@ def test_group_from_dict_checks_members_and_values():
     assert info.value.problems == ('providers[1] = "x": must be the name of a configured provider (a, b)',)
     with pytest.raises(ConfigError) as info:
         group_spec_from_dict({"name": "g", "providers": ["a"], "max_attempts": 0})
-    assert info.value.problems == ("max_attempts = 0: must be an integer >= 1",)
+    assert info.value.problems == ("max_attempts = 0: must be an integer in 1..100",)
 
 
 # --------------------------------------------------------------------------

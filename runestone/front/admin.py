@@ -196,7 +196,7 @@ class ControlPlane:
             raise _bad(f"unknown provider field(s) {', '.join(unknown)}: a provider has name, type and config",
                        "invalid_provider", unknown[0])
         try:
-            return provider_spec_from_dict(data)
+            return provider_spec_from_dict(data, self.app.config.admin.upstream_hosts)
         except ConfigError as exc:
             raise _bad(f"invalid provider: {_problems(exc)}", "invalid_provider", "provider") from None
 
@@ -362,7 +362,7 @@ class ControlPlane:
                 config[key] = value
         merged["config"] = config
         try:
-            spec = provider_spec_from_dict(merged)
+            spec = provider_spec_from_dict(merged, self.app.config.admin.upstream_hosts)
         except ConfigError as exc:
             raise _bad(f"invalid provider: {_problems(exc)}", "invalid_provider", "provider") from None
         if spec == old:
@@ -410,13 +410,13 @@ class ControlPlane:
             raise _bad(f"unknown group field(s) {', '.join(unknown)}: a group has "
                        f"{', '.join(sorted(_GROUP_KEYS))}", "invalid_group", unknown[0])
         if data.get("name") == DEFAULT_GROUP and data.get("providers") in ((), []):
-            # The default group may list no provider: it then means every registered one.
+            # The default group may list no provider (it then means every registered one); its other
+            # settings are checked as any group's, so a stand-in member passes the members' check.
             try:
-                return GroupSpec(name=DEFAULT_GROUP, providers=(), strategy=data.get("strategy", "priority"),
-                                 max_attempts=data.get("max_attempts", 3),
-                                 health_threshold=data.get("health_threshold", 0.5))
-            except (TypeError, ValueError) as exc:
-                raise _bad(f"invalid group: {exc}", "invalid_group", "group") from None
+                parsed = group_spec_from_dict({**data, "providers": ["*"]}, self.app.config.failover)
+            except ConfigError as exc:
+                raise _bad(f"invalid group: {_problems(exc)}", "invalid_group", "group") from None
+            return attrs.evolve(GroupSpec.from_config(parsed), providers=())
         try:
             parsed = group_spec_from_dict(data, self.app.config.failover,
                                           known_providers=sorted(set(self.app.catalog)))

@@ -16,10 +16,12 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
+from ..http.errors import local_resource_errors
 from ..http.server import Response
 from ..resilience.breaker import DENY, check
 from ..routing.executor import GatewayError
 from ..runtime import ActorError
+from ..telemetry.metrics import render_counter
 
 __all__ = ["install"]
 
@@ -139,6 +141,11 @@ class HealthRoutes:
         except (ActorError, LookupError):
             raise GatewayError(503, "metrics are unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable") from None
+        text += render_counter(
+            "runestone_local_resource_errors_total",
+            "Requests the gateway could not make, and connections it could not accept, for want of its own "
+            "resources (op connect|accept; kind emfile, enfile, enomem, enobufs, pool_full).",
+            ("op", "kind"), local_resource_errors)
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:

@@ -21,13 +21,17 @@ from .client import (
 from .errors import (
     ConnectError as ConnectError,
     ConnectTimeout as ConnectTimeout,
+    LOCAL_RESOURCE_ERRNOS as LOCAL_RESOURCE_ERRNOS,
     LocalProtocolError as LocalProtocolError,
+    LocalResourceError as LocalResourceError,
     PoolTimeout as PoolTimeout,
     ReadTimeout as ReadTimeout,
     RemoteProtocolError as RemoteProtocolError,
     TransportError as TransportError,
     TransportTimeout as TransportTimeout,
     WriteTimeout as WriteTimeout,
+    local_resource_errors as local_resource_errors,
+    local_resource_kind as local_resource_kind,
 )
 from .httpx_transport import HttpxTransport as HttpxTransport
 from .server import (

@@ -35,11 +35,13 @@ from .errors import (
     ConnectError,
     ConnectTimeout,
     LocalProtocolError,
+    LocalResourceError,
     PoolTimeout,
     ReadTimeout,
     RemoteProtocolError,
     TransportError,
     WriteTimeout,
+    local_resource_kind,
 )
 
 if TYPE_CHECKING:
@@ -956,6 +958,11 @@ class FastTransport(Transport):
             try:
                 stream = await trio.open_tcp_stream(pool.host, pool.port)
             except OSError as exc:
+                kind = local_resource_kind(exc)
+                if kind is not None:
+                    # Our own socket() or connect() failed: the origin was never asked.
+                    raise LocalResourceError(f"no connection to {pool.origin}: out of local resources ({kind})",
+                                             kind) from exc
                 raise ConnectError(f"cannot connect to {pool.origin}: {exc}") from exc
             if not pool.tls:
                 # Leave trio's stream for the bare socket (see the module docstring).

@@ -25,11 +25,13 @@ from .errors import (
     ConnectError,
     ConnectTimeout,
     LocalProtocolError,
+    LocalResourceError,
     PoolTimeout,
     ReadTimeout,
     RemoteProtocolError,
     TransportError,
     WriteTimeout,
+    local_resource_kind,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +60,9 @@ _DROPPED = frozenset({"content-length", "transfer-encoding"})
 
 def _translate(exc: Exception) -> TransportError:
     message = str(exc) or type(exc).__name__
+    kind = local_resource_kind(exc)
+    if kind is not None:
+        return LocalResourceError(f"{message}: out of local resources ({kind})", kind)
     for source, target in _ERRORS:
         if isinstance(exc, source):
             return target(message)

@@ -16,7 +16,6 @@ deadline). Nothing here knows about LLMs.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -30,7 +29,8 @@ import orjson
 import trio
 
 from runestone.http import _server_wire as wire
-from runestone.http.websocket import WebSocketAccept, run_websocket
+from runestone.http.errors import LOCAL_RESOURCE_ERRNOS, local_resource_errors
+from runestone.http.websocket import WebSocketAccept, run_websocket, valid_websocket_key
 
 __all__ = [
     "BadRequest",
@@ -61,9 +61,6 @@ _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 262144
 _SMALL_BODY = 65536
 _LISTEN_BACKLOG = 1024
-_ACCEPT_CAPACITY_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, name)
-)
 # What a connection is waiting for, which decides what happens when its deadline passes.
 _BUSY = 0  # the handler runs or the server works: no deadline
 _IDLE = 1  # keep-alive wait for the next request: close silently
@@ -437,15 +434,17 @@ def _is_websocket(request: Request) -> bool:
             version = value
         elif name == b"host":
             host = value
-    return (
+    if not (
         upgrade is not None
         and upgrade.strip().lower() == b"websocket"
         and connection is not None
         and b"upgrade" in (token.strip() for token in connection.lower().split(b","))
-        and key is not None
-        and version == b"13"
-        and host is not None
-    )
+    ):
+        return False
+    if key is None or not valid_websocket_key(key):
+        # RFC 6455 section 4.2.1: a handshake the server cannot accept is answered 400.
+        raise BadRequest("a WebSocket upgrade needs a Sec-WebSocket-Key that is the base64 encoding of 16 bytes")
+    return version == b"13" and host is not None
 
 
 class _Connection:
@@ -539,6 +538,14 @@ class _Connection:
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1")
+        hosts = 0
+        for name, _ in request.headers:
+            if name == b"host":
+                hosts += 1
+        if hosts != 1 and (hosts or version == "1.1"):
+            # RFC 9112 section 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it.
+            raise BadRequest("an HTTP/1.1 request needs a Host header" if not hosts
+                             else "a request may carry only one Host header")
         limits = self._limits
         if request._content_length > limits.max_body_bytes:
             raise BodyTooLarge(f"request body exceeds the limit of {limits.max_body_bytes} bytes")
@@ -1141,15 +1148,27 @@ async def _accept_and_serve(server: HttpServer, listener: trio.SocketListener, t
         with trio.CancelScope() as accept_scope:
             server._accept_scope = accept_scope
             task_status.started(server)
+            starved = False
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    # Out of descriptors or memory (as trio's serve_listeners does): the pending
+                    # connection stays in the backlog, so retrying at once would spin. Pause, log
+                    # once per episode; connections already open are served meanwhile.
+                    kind = LOCAL_RESOURCE_ERRNOS.get(exc.errno)  # type: ignore[arg-type]
+                    if kind is None:
                         raise
-                    logger.error("accept failed (%s); pausing new connections for 100 ms", exc)
+                    local_resource_errors["accept", kind] += 1
+                    if not starved:
+                        starved = True
+                        logger.error("accept failed (%s): the gateway is out of local resources; new "
+                                     "connections wait in the backlog, retried every 100 ms", exc)
                     await trio.sleep(0.1)
                     continue
+                if starved:
+                    starved = False
+                    logger.warning("accepting connections again")
                 if len(server._connections) >= limits.max_connections:
                     connections.start_soon(_refuse_connection, server, stream)
                 else:

@@ -10,7 +10,9 @@ subprotocols, ping/pong and close codes as that library provides them.
 
 from __future__ import annotations
 
+import binascii
 import logging
+from base64 import b64decode
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -28,6 +30,16 @@ def _header_list(headers) -> list[tuple[bytes, bytes]]:
          value.encode("latin-1") if isinstance(value, str) else value)
         for name, value in headers
     ]
+
+
+def valid_websocket_key(key: bytes) -> bool:
+    """Is ``key`` a ``Sec-WebSocket-Key`` as RFC 6455 section 4.1 has it: base64 of 16 bytes (wsproto does not check)?"""
+    if len(key) != 24:
+        return False
+    try:
+        return len(b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 @attrs.frozen

@@ -29,6 +29,7 @@ import orjson
 
 from ..http.errors import (
     ConnectError,
+    LocalResourceError,
     RemoteProtocolError,
     TransportError,
     TransportTimeout,
@@ -227,6 +228,8 @@ def usage_from(provider: str, u: Any, usage: Usage) -> None:
 
 def transport_error(provider: str, exc: BaseException, secrets=()) -> UpstreamError:
     """Classify a transport failure once, for breaker, retry and the client's error message."""
+    if isinstance(exc, LocalResourceError):  # before timeouts: PoolTimeout is both
+        return UpstreamError(provider, "local", f"out of {exc.resource}")
     if isinstance(exc, TransportTimeout):
         return UpstreamError(provider, "timeout", f"upstream timed out ({type(exc).__name__})")
     if isinstance(exc, ConnectError):

@@ -25,6 +25,8 @@ The tree::
           "protocol"    the upstream broke HTTP: both
           "stream_cut"  the body ended before its end marker: both
           "malformed"   the body was not what the wire format says: both
+          "local"       the gateway itself ran out (file descriptors, memory, its pool):
+                        neither; the client gets the gateway's own 503
 
 ``trio.Cancelled`` (the client went away, or the request deadline) is neither:
 it says nothing about the provider.
@@ -36,7 +38,7 @@ import trio
 
 __all__ = ["UpstreamError", "KINDS", "counts_as_failure", "is_retryable"]
 
-KINDS = frozenset({"http", "timeout", "connect", "protocol", "stream_cut", "malformed"})
+KINDS = frozenset({"http", "timeout", "connect", "protocol", "stream_cut", "malformed", "local"})
 
 # 408 and 429 are the upstream telling us it is overwhelmed or slow, not that the
 # request was wrong; 409 is what OpenAI returns on a transient lock conflict and its
@@ -102,9 +104,10 @@ class UpstreamError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """May another attempt succeed? False for a request the upstream judged wrong."""
+        """May another attempt succeed? False for a request the upstream judged wrong, and for
+        local exhaustion: any other provider would meet the same limits."""
         if self.kind != "http":
-            return True
+            return self.kind != "local"
         status = self.status
         return status >= 500 or status in _RETRYABLE_4XX  # type: ignore[operator]
 
@@ -112,7 +115,7 @@ class UpstreamError(Exception):
     def counts_for_breaker(self) -> bool:
         """Is this evidence that the provider is unwell?"""
         if self.kind != "http":
-            return True
+            return self.kind != "local"
         status = self.status
         return status >= 500 or status in _BREAKER_4XX  # type: ignore[operator]
 

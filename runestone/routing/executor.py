@@ -880,6 +880,10 @@ def client_error(error: BaseException, attempts: int = 1) -> GatewayError:
         code = (detail.code if detail is not None and detail.code else None) or f"upstream_{status}"
         return GatewayError(out, f"provider {provider!r}: upstream returned {status}: {said}{tried}",
                             "server_error" if out == 503 else "api_error", code=code, provider=provider)
+    if error.kind == "local":
+        return GatewayError(503, f"the gateway ran out of local resources and did not send the request to provider "
+                            f"{provider!r} ({error.message}); this is the gateway's overload, not the provider's: "
+                            "retry shortly", "server_error", code="gateway_overloaded", provider=provider)
     if error.kind == "timeout":
         return GatewayError(504, f"provider {provider!r}: {error.message}{tried}", "timeout_error",
                             code="upstream_timeout", provider=provider)

@@ -38,6 +38,7 @@ __all__ = [
     "Gauge",
     "Histogram",
     "TelemetryMetrics",
+    "render_counter",
     "render_prometheus",
 ]
 
@@ -243,6 +244,15 @@ def _family(out: list[str], name: str, help: str, type: str, samples: Iterable[t
     out.append(f"# HELP {name} {_escape_help(help)}\n# TYPE {name} {type}\n")
     for sample_name, labels, value in samples:
         out.append(f"{sample_name}{labels} {_fmt(value)}\n")
+
+
+def render_counter(name: str, help: str, labelnames: tuple[str, ...], values: Mapping[tuple, float]) -> bytes:
+    """One counter family whose values another layer keeps (the HTTP layer's local resource errors)."""
+    counter = Counter(name, help, labelnames)
+    counter.values = dict(values)
+    out: list[str] = []
+    _family(out, name, help, counter.type, counter.samples())
+    return "".join(out).encode()
 
 
 def render_prometheus(

@@ -64,9 +64,14 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
                     "name": "rt-anthropic", "type": "anthropic",
                     "config": {"base_url": base, "api_key": SECRETS["runtime_key"], "models": ["claude-haiku-4-5"]}})
                 assert r.status_code == 201, r.text
+                # Credentials in a base URL are refused (send them as api_key), without echoing them.
+                r = await call("POST", "/admin/providers", headers=admin, json={
+                    "name": "url-credentials", "type": "fake",
+                    "config": {"base_url": f"http://user:{SECRETS['url_password']}@example.invalid/v1"}})
+                assert r.status_code == 400 and "base_url" in r.text, r.text
                 r = await call("POST", "/admin/providers", headers=admin, json={
                     "name": "with-credentials", "type": "fake",
-                    "config": {"base_url": f"http://user:{SECRETS['url_password']}@example.invalid/v1",
+                    "config": {"base_url": "http://example.invalid/v1",
                                "proxy": f"http://proxy:{SECRETS['proxy_password']}@proxy.invalid:8080",
                                "transport": "httpx", "models": ["cred-model"]}})
                 assert r.status_code == 201, r.text
@@ -118,7 +123,7 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
     providers = next(c for c in state["tree"]["children"] if c["id"] == "enhanced_provider_supervisor")
     snapshots = {c["id"]: c["snapshot"] for c in providers["children"]}
     assert snapshots["cfg-openai"]["config"]["api_key"] == "***"
-    assert snapshots["with-credentials"]["config"]["base_url"] == "http://***@example.invalid/v1"
+    assert snapshots["with-credentials"]["config"]["proxy"] == "http://***@proxy.invalid:8080"
     assert {"request_finished", "attempt_finished", "provider_registered", "provider_unregistered"} <= {
         e["kind"] for e in events}
     # The secrets were really in use: the runtime provider served with its (updated) key.

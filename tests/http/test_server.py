@@ -856,3 +856,24 @@ async def test_request_stop_cancels_what_outlives_the_drain_timeout(nursery, con
         await client.next_event()
     await returned.wait()
     assert len(cancelled) == 1 and 3 <= cancelled[0] - stop_at < 4
+
+
+@pytest.mark.parametrize("head, why", [
+    (b"GET / HTTP/1.1\r\n\r\n", b"needs a Host header"),
+    (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", b"needs a Host header"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"only one Host header"),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", b"only one Host header"),
+])
+async def test_http_11_without_exactly_one_host_is_400_and_not_served(start_server, head, why):
+    seen = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return Response(200, body=b"served")
+
+    server = await start_server(handler)
+    data = await raw_exchange(server.port, head)
+    [(response, body)] = parse_responses(data, ["GET"])
+    assert response.status_code == 400 and header(response, b"connection") == b"close"
+    assert why in body
+    assert seen == []

@@ -172,3 +172,28 @@ async def test_other_upgrades_are_plain_requests_and_close_the_connection(start_
     assert received.startswith(b"HTTP/1.1 200 ")
     assert b"\r\nconnection: close\r\n" in received and received.endswith(b"plain")
     assert not seen[0].websocket
+
+
+@pytest.mark.parametrize("key", [
+    None,
+    b"not base64 at all!!",
+    b"dGhlIHNhbXBsZSBub25j",  # base64, but of 15 bytes
+    b"dGhlIHNhbXBsZSBub25jZQ=?",  # 24 characters, not base64
+    b"dGhlIHNhbXBsZSBub25jZSEh",  # base64 of 18 bytes
+])
+async def test_an_upgrade_with_an_invalid_key_is_400_and_never_reaches_the_handler(start_server, key):
+    seen: list[Request] = []
+    server = await start_server(ws_handler(seen))
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + (b"Sec-WebSocket-Key: " + key + b"\r\n" if key is not None else b"")
+            + b"Sec-WebSocket-Version: 13\r\n\r\n")
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received
+    assert b"Sec-WebSocket-Key" in received
+    assert seen == []
