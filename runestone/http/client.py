@@ -8,9 +8,9 @@ yet) rather than through trio's stream layers, which cost about ten times more
 per read; read and write timeouts are kept by one task per trio run (``_IODeadlines``)
 instead of a cancel scope per operation. TLS goes through ``trio.SSLStream``. Each
 body chunk handed to the caller is the de-chunked data of one socket read, so a
-relay can forward it at once. Pooled connections are checked for a peer close
-before reuse; a reused connection that dies before any response byte arrives is
-replaced and the request sent once more. ``FastTransport`` is the default
+relay can forward it at once. Pooled connections idle for more than 50 ms are
+checked for a peer close (or stray bytes) before reuse; a reused connection that
+dies before any response byte arrives is replaced and the request sent once more. ``FastTransport`` is the default
 transport; ``HttpxTransport`` (in ``httpx_transport``) implements the same seam
 for proxies and HTTP/2, and ``make_transport`` picks one by name.
 """
@@ -64,6 +64,10 @@ _TARGET_CACHE_SIZE = 1024
 # Idle connections of an origin nobody calls any more are closed by a sweep that
 # runs at most this often, on the way into a request (there is no background task).
 _SWEEP_INTERVAL = 5.0
+# A connection back in the pool for less than this is reused without first checking that the peer has not
+# closed it (a syscall per reuse, under load): servers close idle connections after seconds, not
+# milliseconds, and one that closed it all the same is caught by the resend on a new connection.
+_TRUST_IDLE = 0.05
 
 _positive = attrs.validators.gt(0)
 
@@ -745,8 +749,10 @@ class FastTransport(Transport):
 
     Connection slots are limited per origin by ``PoolLimits.max_connections``;
     a request waits for a slot at most ``Timeouts.pool`` (``PoolTimeout``).
-    An idle connection is reused newest-first after a check that the peer has
-    not closed it; idle connections past ``idle_expiry`` are closed. If a
+    An idle connection is reused newest-first, after a check that the peer has
+    not closed it if it was idle for more than 50 ms (under load connections come
+    back within milliseconds, and the check is a syscall); idle connections past
+    ``idle_expiry`` are closed. If a
     reused connection fails before any response byte arrives (the server
     closed it just as the request left), the request is sent once more on a
     new connection; requests are assumed safe to resend in that case, as no
@@ -899,6 +905,9 @@ class FastTransport(Transport):
         try:
             await conn.send_all(request, timeouts.write)
             response = _FastResponse(conn, is_head, timeouts.read)
+            # Let the other tasks run before the first read: the answer can hardly be there yet, and under
+            # load it usually is by the time they are done, which spares a failed read and a wait for it.
+            await trio.lowlevel.checkpoint()
             while not response._head_done:
                 await response._pump()
         except BaseException:
@@ -919,7 +928,8 @@ class FastTransport(Transport):
                     idle = pool.idle
                     while idle:
                         conn = idle.pop()
-                        if now - conn.idle_since < limits.idle_expiry and not conn.dead_while_idle():
+                        idle_for = now - conn.idle_since
+                        if idle_for < limits.idle_expiry and (idle_for < _TRUST_IDLE or not conn.dead_while_idle()):
                             pool.busy.add(conn)
                             return conn
                         conn.close()
