@@ -645,19 +645,25 @@ class _Connection:
     async def _read(self) -> bytes:
         """One read of the socket, ``b""`` at end of file or when the connection broke. Always a checkpoint.
 
-        It yields first, then reads the bare socket, and waits for readability only if that found nothing:
-        under load the bytes a client sends right after its answer usually arrive while the other
-        connections run, which spares a failed ``read(2)`` and an epoll registration; and trio's stream
-        layers cost more than the rest of the read.
+        It reads the bare socket (trio's stream layers cost more than the rest of the read) and waits for
+        readability only if that found nothing. While other requests are in flight it yields first: the
+        bytes a client sends right after its answer usually arrive while the other connections run, which
+        spares a failed ``read(2)`` and an epoll registration.
         """
-        await trio.lowlevel.checkpoint()
         fd = self._fd
+        early = self._server._requests_in_flight > 0
+        if early:
+            await trio.lowlevel.checkpoint()
         try:
-            return os.read(fd, _RECEIVE_SIZE)
+            data = os.read(fd, _RECEIVE_SIZE)
         except BlockingIOError:
             pass
         except OSError:
             return b""
+        else:
+            if not early:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         sock = self._stream.socket
         while True:
             try:
