@@ -155,6 +155,10 @@ class UpstreamResponse:
         """The rest of the body, whole."""
         return b"".join([chunk async for chunk in self])
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound the body reads from now on by ``deadline`` (trio's clock; None: only by the read timeout)."""
+        raise NotImplementedError
+
     async def aclose(self) -> None:
         raise NotImplementedError
 
@@ -168,6 +172,12 @@ class Transport:
     ``stream()`` returns an async context manager; entering it sends the
     request and waits for the response head, leaving it closes the response
     (``UpstreamResponse.aclose``). Every failure is a ``TransportError``.
+    ``deadline`` (a time on trio's clock) bounds every wait of the exchange
+    (for a pool slot, connecting, writing, each read of the head and of the
+    body) besides its own timeout: past it the wait fails with that phase's
+    ``TransportTimeout``, whose message says the deadline passed.
+    ``UpstreamResponse.set_deadline`` moves it for the body reads that follow.
+    A deadline costs no cancel scope: callers need none around the exchange.
     Cancellation at any point closes the connection at once: a connection
     in an unknown state never goes back to the pool. A transport is also an
     async context manager closing itself on exit.
@@ -181,6 +191,7 @@ class Transport:
         body: bytes = b"",
         *,
         timeouts: Timeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         raise NotImplementedError
 
@@ -249,7 +260,10 @@ class _IODeadlines:
         self._scope = trio.CancelScope()
 
     def arm(self, conn: _Connection, timeout: float) -> None:
-        deadline = conn.deadline = trio.current_time() + timeout
+        deadline = trio.current_time() + timeout
+        if conn.cap < deadline:
+            deadline = conn.cap
+        conn.deadline = deadline
         self.armed.add(conn)
         if deadline < self.wake_at:
             self.wake_at = self._scope.deadline = deadline
@@ -291,7 +305,7 @@ class _Connection:
     frees the pool slot, so it is safe in any ``except`` or ``finally``, cancelled or not.
     A connection belongs to the trio run that opened it (its I/O deadlines are kept there)."""
 
-    __slots__ = ("closed", "deadline", "deadlines", "idle_since", "pool", "reused", "timed_out")
+    __slots__ = ("cap", "closed", "deadline", "deadlines", "idle_since", "pool", "reused", "timed_out")
 
     def __init__(self, pool: _OriginPool) -> None:
         self.pool = pool
@@ -300,7 +314,15 @@ class _Connection:
         self.timed_out = False
         self.idle_since = 0.0
         self.deadline = math.inf
+        #: The exchange's own deadline (``stream(deadline=...)``): no wait of it lasts past this.
+        self.cap = math.inf
         self.deadlines = _current_io_deadlines()
+
+    def timeout_message(self, otherwise: str) -> str:
+        """What a timed-out wait reports: the exchange's deadline if that is what passed, else ``otherwise``."""
+        if self.cap <= trio.current_time():
+            return f"the request's deadline passed while waiting for {self.pool.origin}"
+        return otherwise
 
     async def send_all(self, data: bytes, timeout: float) -> None:
         raise NotImplementedError
@@ -358,7 +380,8 @@ class _PlainConnection(_Connection):
                     raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {exc}") from exc
         except trio.ClosedResourceError:
             if self.timed_out:
-                raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s") from None
+                message = f"writing the request to {self.pool.origin} took longer than {timeout:g} s"
+                raise WriteTimeout(self.timeout_message(message)) from None
             raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
             deadlines.armed.discard(self)
@@ -388,7 +411,7 @@ class _PlainConnection(_Connection):
                     raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc}") from exc
         except trio.ClosedResourceError:
             if self.timed_out:
-                raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s") from None
+                raise ReadTimeout(self.timeout_message(f"{self.pool.origin} sent nothing for {timeout:g} s")) from None
             # Closed under us by aclose(abort_in_use=True): the exchange failed, as a transport error.
             raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
@@ -425,7 +448,8 @@ class _TLSConnection(_Connection):
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self.timed_out:
-                raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s") from None
+                message = f"writing the request to {self.pool.origin} took longer than {timeout:g} s"
+                raise WriteTimeout(self.timeout_message(message)) from None
             cause = exc.__cause__ or exc
             raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {cause}") from exc
         finally:
@@ -438,7 +462,7 @@ class _TLSConnection(_Connection):
             return await self._stream.receive_some(_RECV_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self.timed_out:
-                raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s") from None
+                raise ReadTimeout(self.timeout_message(f"{self.pool.origin} sent nothing for {timeout:g} s")) from None
             raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc.__cause__ or exc}") from exc
         finally:
             deadlines.armed.discard(self)
@@ -480,6 +504,7 @@ class _OriginPool:
             conn.close()
             return
         conn.reused = True
+        conn.cap = math.inf
         conn.idle_since = trio.current_time()
         self.idle.append(conn)
         if self.waiters:
@@ -638,6 +663,11 @@ class _FastResponse(UpstreamResponse):
         chunks.clear()
         return data
 
+    def set_deadline(self, deadline: float | None) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.cap = math.inf if deadline is None else deadline
+
     def _abort(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -789,8 +819,10 @@ class FastTransport(Transport):
         body: bytes = b"",
         *,
         timeouts: Timeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts))
+        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts,
+                                math.inf if deadline is None else deadline))
 
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(
@@ -876,7 +908,7 @@ class FastTransport(Transport):
         self._next_sweep = now + min(expiry, _SWEEP_INTERVAL)
 
     async def _start(
-        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts
+        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts, deadline: float
     ) -> _FastResponse:
         await checkpoint_if_cancelled()
         if self._closed:
@@ -887,27 +919,31 @@ class FastTransport(Transport):
         pool, host, target = entry
         request = _build_request(method, target, host, headers, body)
         is_head = method == "HEAD"
-        conn = await self._acquire(pool, timeouts, reuse=True)
+        conn = await self._acquire(pool, timeouts, deadline, reuse=True)
         try:
-            return await self._exchange(conn, request, is_head, timeouts)
+            return await self._exchange(conn, request, is_head, timeouts, deadline)
         except _ConnectionLost as exc:
             if not conn.reused:
                 raise RemoteProtocolError(str(exc)) from exc.__cause__
         # The server dropped a kept-alive connection as we reused it: once more, on a new one.
-        conn = await self._acquire(pool, timeouts, reuse=False)
+        conn = await self._acquire(pool, timeouts, deadline, reuse=False)
         try:
-            return await self._exchange(conn, request, is_head, timeouts)
+            return await self._exchange(conn, request, is_head, timeouts, deadline)
         except _ConnectionLost as exc:
             raise RemoteProtocolError(str(exc)) from exc.__cause__
 
-    async def _exchange(self, conn: _Connection, request: bytes, is_head: bool, timeouts: Timeouts) -> _FastResponse:
+    async def _exchange(
+        self, conn: _Connection, request: bytes, is_head: bool, timeouts: Timeouts, deadline: float
+    ) -> _FastResponse:
         """Send the request and read up to the end of the response head; close ``conn`` on any failure."""
+        conn.cap = deadline
         try:
             await conn.send_all(request, timeouts.write)
             response = _FastResponse(conn, is_head, timeouts.read)
-            # Let the other tasks run before the first read: the answer can hardly be there yet, and under
-            # load it usually is by the time they are done, which spares a failed read and a wait for it.
-            await trio.lowlevel.checkpoint()
+            # With other requests in flight, let their tasks run before the first read: the answer can hardly
+            # be there yet, and usually is by the time they are done, which spares a failed read and a wait.
+            if len(conn.pool.busy) > 1:
+                await trio.lowlevel.checkpoint()
             while not response._head_done:
                 await response._pump()
         except BaseException:
@@ -915,8 +951,9 @@ class FastTransport(Transport):
             raise
         return response
 
-    async def _acquire(self, pool: _OriginPool, timeouts: Timeouts, *, reuse: bool) -> _Connection:
-        """An idle connection (``reuse``) or a new one, waiting up to ``timeouts.pool`` for a slot."""
+    async def _acquire(self, pool: _OriginPool, timeouts: Timeouts, cap: float, *, reuse: bool) -> _Connection:
+        """An idle connection (``reuse``) or a new one, waiting up to ``timeouts.pool`` (and at most until
+        ``cap``) for a slot."""
         limits = self._limits
         deadline: float | None = None
         while True:
@@ -941,10 +978,12 @@ class FastTransport(Transport):
             if self._closed:
                 raise TransportError("the transport is closed")
             if deadline is None:
-                deadline = trio.current_time() + timeouts.pool
+                deadline = min(trio.current_time() + timeouts.pool, cap)
             with trio.CancelScope(deadline=deadline) as scope:
                 await pool.waiters.park()
             if scope.cancelled_caught:
+                if cap <= trio.current_time():
+                    raise PoolTimeout(f"the request's deadline passed while waiting for a connection to {pool.origin}")
                 raise PoolTimeout(
                     f"all {limits.max_connections} connections to {pool.origin} stayed busy for {timeouts.pool:g} s"
                 )
@@ -952,7 +991,7 @@ class FastTransport(Transport):
                 raise TransportError("the transport is closed")
         pool.open += 1
         try:
-            conn = await self._connect(pool, timeouts.connect)
+            conn = await self._connect(pool, timeouts.connect, cap)
             pool.busy.add(conn)
             return conn
         except BaseException:
@@ -961,8 +1000,8 @@ class FastTransport(Transport):
                 pool.waiters.unpark()
             raise
 
-    async def _connect(self, pool: _OriginPool, timeout: float) -> _Connection:
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
+    async def _connect(self, pool: _OriginPool, timeout: float, cap: float) -> _Connection:
+        with trio.CancelScope(deadline=min(trio.current_time() + timeout, cap)):
             try:
                 stream = await trio.open_tcp_stream(pool.host, pool.port)
             except OSError as exc:
@@ -983,4 +1022,6 @@ class FastTransport(Transport):
                 stream.socket.close()
                 raise
             return _TLSConnection(pool, tls_stream)
+        if cap <= trio.current_time():
+            raise ConnectTimeout(f"the request's deadline passed while connecting to {pool.origin}")
         raise ConnectTimeout(f"no connection to {pool.origin} within {timeout:g} s")
