@@ -1,10 +1,22 @@
-"""Gateway benchmark (not a test): throughput, latency, CPU and memory, direct to the fake upstream and through
-the gateway, with every feature on as a user would run it (auth, routing, breakers, telemetry, usage ledger).
+"""Gateway benchmark (not a test): Runestone's CPU per request and throughput as a multiple of a featureless
+relay's on the same stack, beside the figures direct to the upstream.
 
-Layout on a machine with two or more cores: the gateway pinned to core 0; the fake upstream and the load
-generator (wrk) share core 1. The gateway's CPU time is read from /proc before and after each case; its peak
-resident memory from VmHWM. wrk's own CPU is reported so it can be seen not to be the bottleneck.
-Every load is bounded in time (and the soak in count); all traffic is on 127.0.0.1.
+Three servers run for the whole session: the fake upstream (``runestone fake-provider --coalesce``), the gateway
+with every feature on as a user would run it (client keys, per-key limits far above the load, routing,
+breakers, retries, telemetry, the SQLite usage ledger; the response cache stays off, as identical requests would
+all be hits), and ``relay_floor.py`` (trio sockets, httptools, orjson: auth, one upstream, pooled connections,
+nothing else; run with COALESCE=1 so that it writes once per upstream read, as the gateway does). The relay is
+not ours: it lives in the shared folder beside the project (``--relay PATH`` to name another).
+
+Layout on two or more cores: the gateway and the relay pinned to core 0 (only one of them is loaded at a time),
+the fake upstream and the load generator (wrk, installed from Debian's packages when missing) on core 1.
+
+These machines are noisy (the same configuration's CPU per request has moved by 2x within half an hour), so
+each case runs in rounds, and each round measures direct, relay and gateway back to back (in an order that
+rotates from round to round); the ratio is taken within each round and the table shows the median over the
+rounds with the lowest and highest. CPU is the server process's user + system time from /proc around each run,
+divided by the requests wrk completed. Every run is bounded by time (wrk ``-d``, and a subprocess timeout), the
+soak also by count; all traffic is on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,20 +42,28 @@ TICK = os.sysconf("SC_CLK_TCK")
 KEY = "bench-key"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello benchmark"}]}
 STREAM_CHUNKS = 20
+RELAY_NAME = "../shared/bench/relay_floor.py"
+#: (label, streaming, connections): what the table shows.
+CASES = {
+    "plain-1": ("non-stream, c=1", False, 1),
+    "plain-32": ("non-stream, c=32", False, 32),
+    "stream-32": (f"{STREAM_CHUNKS}-chunk stream, c=32", True, 32),
+}
+TARGETS = ("direct", "relay", "gateway")
 
+# A response() callback would make wrk hand every response to Lua (and cost core 1 CPU the upstream needs);
+# wrk counts non-2xx answers itself. The soak's script stops each thread after a count.
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.body = '{body}'
-local limit = {limit}
+"""
+LUA_LIMIT = """
 local count = 0
 function response(status, headers, body)
-  if status ~= 200 then
-    io.stderr:write("status " .. status .. "\\n")
-  end
   count = count + 1
-  if limit > 0 and count >= limit then
+  if count >= {limit} then
     wrk.thread:stop()
   end
 end
@@ -87,14 +108,46 @@ def ensure_wrk() -> str | None:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print("installing wrk from Debian's packages ...", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": False}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], **quiet)
         if not shutil.which("wrk"):
-            subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(["apt-get", "update", "-qq"], **quiet)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], **quiet)
     return shutil.which("wrk")
+
+
+def find_relay(given: str | None) -> Path:
+    """``--relay``, else ``../shared/bench/relay_floor.py`` from the project root (from the main checkout's
+    root when this is a git worktree, whose root is elsewhere)."""
+    if given:
+        path = Path(given).expanduser().resolve()
+        if not path.is_file():
+            raise SystemExit(f"--relay {given}: no such file")
+        return path
+    roots = [ROOT]
+    try:
+        common = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        if common:
+            roots.append(Path(common).parent)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for root in roots:
+        path = (root / RELAY_NAME).resolve()
+        if path.is_file():
+            return path
+    raise SystemExit(f"the relay floor is not at {ROOT / RELAY_NAME}; name it with --relay PATH")
+
+
+def machine() -> str:
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+        model = m.group(1).strip() if m else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{os.cpu_count()} vCPU ({model or 'unknown CPU'}), Python {sys.version.split()[0]}"
 
 
 def parse_duration(text: str) -> float:
@@ -106,8 +159,7 @@ def parse_duration(text: str) -> float:
 
 
 class Runner:
-    def __init__(self, args, workdir: Path) -> None:
-        self.args = args
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.pin = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
         self.wrk = ensure_wrk()
@@ -115,13 +167,14 @@ class Runner:
             raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, argv: list[str], core: int | None, log: str) -> subprocess.Popen:
+    def spawn(self, argv: list[str], core: int | None, log: str, env: dict | None = None) -> subprocess.Popen:
         if self.pin and core is not None:
             argv = ["taskset", "-c", str(core), *argv]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
-        env.pop("PORT", None)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
+        base.pop("PORT", None)
+        base.pop("COALESCE", None)
         out = open(self.workdir / log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**base, **(env or {})})
         self.procs.append(proc)
         return proc
 
@@ -135,21 +188,24 @@ class Runner:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def wrk_run(self, url: str, body: dict, *, connections: int, seconds: float, limit: int = 0) -> dict:
-        script = self.workdir / f"post-{connections}-{limit}-{int(body.get('stream', False))}.lua"
-        script.write_text(LUA.format(key=KEY, body=json.dumps(body, separators=(",", ":")), limit=limit))
+    def wrk_run(self, port: int, body: dict, *, connections: int, seconds: float, limit: int = 0) -> dict:
+        script = self.workdir / f"post-{int(body.get('stream', False))}-{limit}.lua"
+        text = LUA.format(key=KEY, body=json.dumps(body, separators=(",", ":")))
+        if limit:
+            text += LUA_LIMIT.format(limit=limit)
+        script.write_text(text)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         argv = [self.wrk, "-t1", f"-c{connections}", f"-d{math.ceil(seconds)}s", "--latency", "-s", str(script), url]
         if self.pin:
             argv = ["taskset", "-c", "1", *argv]
         before = os.times()
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         after = os.times()
         text = out.stdout
         result = {"wrk_cpu_s": round((after.children_user + after.children_system)
                                      - (before.children_user + before.children_system), 3)}
         m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", text)
-        if m:
-            result["requests"] = int(m.group(1))
+        result["requests"] = int(m.group(1)) if m else 0
         m = re.search(r"Requests/sec:\s+([\d.]+)", text)
         result["rps"] = float(m.group(1)) if m else 0.0
         for q in ("50", "99"):
@@ -162,13 +218,22 @@ class Runner:
         return result
 
 
+def measured(runner: Runner, pid: int, port: int, body: dict, connections: int, seconds: float) -> dict:
+    """One wrk run against ``port`` with the CPU the process ``pid`` spent on it, per request."""
+    cpu0 = cpu_seconds(pid)
+    result = runner.wrk_run(port, body, connections=connections, seconds=seconds)
+    cpu = cpu_seconds(pid) - cpu0
+    result["cpu_ms_per_request"] = cpu * 1000 / max(result["requests"], 1)
+    return result
+
+
 def ttfb_probe(port: int, body: dict, n: int) -> float:
-    """Median milliseconds from sending a streaming request to reading its first body byte (one connection)."""
+    """Median milliseconds from sending a streaming request to reading its first event (one connection)."""
     payload = json.dumps(body).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
     samples = []
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n):
             t0 = time.perf_counter()
@@ -189,18 +254,48 @@ def ttfb_probe(port: int, body: dict, n: int) -> float:
     return samples[len(samples) // 2]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=5.0, help="duration of each load case (default 5)")
-    p.add_argument("--soak", type=int, default=200_000, help="requests in the soak (0 to skip; default 200000)")
-    p.add_argument("--json", help="also write the results to this file")
-    args = p.parse_args()
+def summarize(rounds: list[dict]) -> dict:
+    """Medians over the rounds, and the per-round CPU ratio gateway / relay as median, lowest, highest."""
+    out: dict = {}
+    for target in TARGETS:
+        runs = [r[target] for r in rounds]
+        out[target] = {key: round(statistics.median(run[key] for run in runs), 4)
+                       for key in ("rps", "cpu_ms_per_request", "p50_ms", "p99_ms")}
+        out[target]["errors"] = sum(run["non_2xx"] for run in runs)
+        out[target]["socket_errors"] = sorted({run["socket_errors"] for run in runs if run["socket_errors"]})
+    ratios = [r["gateway"]["cpu_ms_per_request"] / r["relay"]["cpu_ms_per_request"]
+              for r in rounds if r["relay"]["cpu_ms_per_request"] > 0]
+    rps_ratios = [r["gateway"]["rps"] / r["relay"]["rps"] for r in rounds if r["relay"]["rps"] > 0]
+    out["cpu_ratio"] = {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+                        "max": round(max(ratios), 2)} if ratios else None
+    out["rps_ratio"] = round(statistics.median(rps_ratios), 2) if rps_ratios else None
+    return out
 
-    workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
-    runner = Runner(args, workdir)
-    fake_port, gw_port = free_port(), free_port()
-    config = workdir / "gateway.toml"
-    config.write_text(textwrap.dedent(f"""
+
+def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
+    print(f"\nmedians of {rounds} interleaved rounds of {math.ceil(seconds)} s per target; CPU = server process "
+          "CPU per request; ratio = Runestone / relay, per round: median (lowest-highest)\n")
+    header = (f"{'case':<24} | {'direct req/s':>12} {'p50':>7} | {'relay req/s':>11} {'CPU':>8} | "
+              f"{'Runestone req/s':>15} {'CPU':>8} {'p50':>7} {'p99':>7} | {'CPU ratio':>16} {'req/s ratio':>11}")
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        d, r, g = case["direct"], case["relay"], case["gateway"]
+        ratio = case["cpu_ratio"]
+        ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
+        print(f"{case['case']:<24} | {d['rps']:>12.0f} {d['p50_ms']:>5.2f}ms | {r['rps']:>11.0f} "
+              f"{r['cpu_ms_per_request']:>6.3f}ms | {g['rps']:>15.0f} {g['cpu_ms_per_request']:>6.3f}ms "
+              f"{g['p50_ms']:>5.2f}ms {g['p99_ms']:>5.2f}ms | {ratio_text:>16} {case['rps_ratio'] or 0:>10.2f}x")
+        errors = {t: case[t]["errors"] for t in TARGETS if case[t]["errors"] or case[t]["socket_errors"]}
+        if errors:
+            print(f"  errors in {case['case']}: " + ", ".join(
+                f"{t}: {case[t]['errors']} non-2xx {' '.join(case[t]['socket_errors'])}" for t in errors))
+    print("(direct: wrk straight to the fake upstream; its CPU per request: the upstream's "
+          + ", ".join(f"{c['case']} {c['direct']['cpu_ms_per_request']:.3f} ms" for c in cases) + ")")
+
+
+def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int) -> None:
+    path.write_text(textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {gw_port}
@@ -211,6 +306,11 @@ def main() -> None:
         dir = "{workdir / 'data'}"
         [router]
         policy = "default"
+        [limits]
+        # far above the load: every request goes through the per-key limits, none is refused
+        max_concurrent_per_tenant = 100000
+        requests_per_minute = 1000000000
+        tokens_per_minute = 1000000000000
         [[providers]]
         name = "upstream"
         type = "openai"
@@ -219,95 +319,110 @@ def main() -> None:
         api_key = "sk-bench"
         models = ["fake-model"]
     """))
+
+
+def soak(runner: Runner, pid: int, port: int, requests: int, rate: float) -> dict:
+    """At least ``requests`` non-streaming requests at c=32 in rounds of at most 20 s (30 rounds at most)."""
+    rss0, cpu0, t0 = rss_kib(pid), cpu_seconds(pid), time.monotonic()
+    done = errors = 0
+    rss_rounds = []
+    for _ in range(30):
+        if done >= requests:
+            break
+        seconds = min(20, max(1, math.ceil((requests - done) / max(rate, 100.0) + 0.5)))  # wrk takes whole seconds
+        run = runner.wrk_run(port, CHAT, connections=32, seconds=seconds, limit=requests - done)
+        done += run["requests"]
+        errors += run["non_2xx"]
+        rss_rounds.append(round(rss_kib(pid) / 1024, 1))
+    elapsed = time.monotonic() - t0
+    rss1 = rss_kib(pid)
+    return {
+        "requests": done, "seconds": round(elapsed, 1), "rps": round(done / elapsed),
+        "rss_start_mib": round(rss0 / 1024, 1), "rss_end_mib": round(rss1 / 1024, 1),
+        "rss_by_round_mib": rss_rounds,
+        "rss_growth_pct": round((rss1 - rss0) * 100 / rss0, 2) if rss0 else None,
+        "cpu_ms_per_request": round((cpu_seconds(pid) - cpu0) * 1000 / max(done, 1), 4),
+        "non_2xx": errors,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds of each run, whole (default 2)")
+    p.add_argument("--relay", help=f"path of relay_floor.py (default {RELAY_NAME} from the project root)")
+    p.add_argument("--soak", type=int, default=0, help="requests in a memory soak of the gateway (default 0: none)")
+    p.add_argument("--case", action="append", choices=sorted(CASES),
+                   help="run only this case (repeatable; default all three)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        p.error("--rounds and --seconds must be positive")
+
+    relay = find_relay(args.relay)
+    workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
+    runner = Runner(workdir)
+    fake_port, gw_port, relay_port = free_port(), free_port(), free_port()
+    config = workdir / "gateway.toml"
+    write_config(config, workdir, gw_port, fake_port)
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
-    print(f"bench: workdir {workdir}; gateway pinned to core 0: {runner.pin}; wrk {runner.wrk}", flush=True)
-    results: dict = {"cases": [], "pinned": runner.pin, "cores": os.cpu_count()}
+    print(f"bench: {machine()}; gateway and relay pinned to core 0, upstream and wrk to core 1: {runner.pin}",
+          flush=True)
+    print(f"bench: relay {relay}; wrk {runner.wrk}; workdir {workdir}", flush=True)
+    results: dict = {"machine": machine(), "pinned": runner.pin, "rounds": args.rounds, "seconds": args.seconds,
+                     "relay": str(relay), "cases": []}
     try:
         # The fake upstream writes each stream at once (--coalesce): a fast upstream, so that what is measured
-        # is the gateway, and the gateway still parses and validates every one of the 20 events it relays.
+        # is the gateway, which still parses and validates every one of the 20 events it relays.
         fake = runner.spawn([*exe, "fake-provider", "--port", str(fake_port), "--chunks", str(STREAM_CHUNKS),
                              "--coalesce"], 1, "fake.log")
         wait_port(fake_port, fake)
         gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, "gateway.log")
+        rl = runner.spawn([sys.executable, str(relay), "--port", str(relay_port), "--upstream",
+                           f"http://127.0.0.1:{fake_port}", "--key", KEY], 0, "relay.log", env={"COALESCE": "1"})
         wait_port(gw_port, gw)
-        # Warm up both (connection pools, code paths) before measuring.
-        runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", CHAT, connections=8, seconds=1)
-        runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", {**CHAT, "stream": True}, connections=8,
-                       seconds=1)
-        for stream in (False, True):
+        wait_port(relay_port, rl)
+        servers = {"direct": (fake.pid, fake_port), "relay": (rl.pid, relay_port), "gateway": (gw.pid, gw_port)}
+        for _pid, port in servers.values():  # warm up: connection pools, code paths
+            for body in (CHAT, {**CHAT, "stream": True}):
+                runner.wrk_run(port, body, connections=8, seconds=1)
+        for label, stream, conns in (CASES[name] for name in (args.case or CASES)):
             body = {**CHAT, "stream": True} if stream else CHAT
-            for conns in (1, 32):
-                row = {"stream": stream, "connections": conns}
-                direct = runner.wrk_run(f"http://127.0.0.1:{fake_port}/v1/chat/completions", body,
-                                        connections=conns, seconds=args.seconds)
-                cpu0 = cpu_seconds(gw.pid)
-                via = runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", body,
-                                     connections=conns, seconds=args.seconds)
-                cpu = cpu_seconds(gw.pid) - cpu0
-                n = max(via.get("requests", 0), 1)
-                row.update({
-                    "direct": direct,
-                    "gateway": via,
-                    "gateway_cpu_ms_per_request": round(cpu * 1000 / n, 4),
-                    "added_p50_ms": round(via["p50_ms"] - direct["p50_ms"], 3),
-                    "added_p99_ms": round(via["p99_ms"] - direct["p99_ms"], 3),
-                })
-                if stream:
-                    row["gateway_cpu_us_per_chunk"] = round(cpu * 1e6 / n / STREAM_CHUNKS, 2)
-                results["cases"].append(row)
-                print(f"  {'stream' if stream else 'plain '} c={conns:<2}  direct {direct['rps']:>8.0f} req/s  "
-                      f"gateway {via['rps']:>8.0f} req/s  p50 {via['p50_ms']:.3f} ms (+{row['added_p50_ms']:.3f})  "
-                      f"p99 {via['p99_ms']:.3f} ms (+{row['added_p99_ms']:.3f})  "
-                      f"cpu {row['gateway_cpu_ms_per_request']:.3f} ms/req  wrk cpu {via['wrk_cpu_s']:.2f}s  "
-                      f"errors {via['non_2xx']} {via['socket_errors']}", flush=True)
+            rounds = []
+            for i in range(args.rounds):
+                order = TARGETS[i % 3:] + TARGETS[:i % 3]
+                rounds.append({t: measured(runner, *servers[t], body, conns, args.seconds) for t in order})
+                r = rounds[-1]
+                print(f"  {label} round {i + 1}: " + "  ".join(
+                    f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in TARGETS)
+                    + f"  ratio {r['gateway']['cpu_ms_per_request'] / max(r['relay']['cpu_ms_per_request'], 1e-9):.2f}",
+                    flush=True)
+            case = {"case": label, "stream": stream, "connections": conns, **summarize(rounds), "rounds": rounds}
+            results["cases"].append(case)
         stream_body = {**CHAT, "stream": True}
-        results["ttfb_ms"] = {
-            "direct": round(ttfb_probe(fake_port, stream_body, 300), 3),
-            "gateway": round(ttfb_probe(gw_port, stream_body, 300), 3),
-        }
-        print(f"  time to first chunk (median of 300): direct {results['ttfb_ms']['direct']:.3f} ms, "
-              f"gateway {results['ttfb_ms']['gateway']:.3f} ms", flush=True)
-        results["peak_rss_mib"] = round(rss_kib(gw.pid, "VmHWM") / 1024, 1)
-        print(f"  gateway peak RSS so far: {results['peak_rss_mib']} MiB", flush=True)
+        results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()}
+        results["peak_rss_mib"] = {"gateway": round(rss_kib(gw.pid, "VmHWM") / 1024, 1),
+                                   "relay": round(rss_kib(rl.pid, "VmHWM") / 1024, 1)}
         if args.soak:
-            rss0 = rss_kib(gw.pid)
-            cpu0 = cpu_seconds(gw.pid)
-            t0 = time.monotonic()
-            # Rounds of at most 20 s until the count is reached (wrk stops by time, not by count); bounded
-            # to 30 rounds in all.
-            done = errors = 0
-            rss_rounds = []
-            for _ in range(30):
-                if done >= args.soak:
-                    break
-                rate = max(results["cases"][1]["gateway"]["rps"], 100.0)
-                seconds = min(20, max(1, math.ceil((args.soak - done) / rate + 0.5)))  # wrk takes whole seconds
-                soak = runner.wrk_run(f"http://127.0.0.1:{gw_port}/v1/chat/completions", CHAT, connections=32,
-                                      seconds=seconds)
-                done += soak.get("requests", 0)
-                errors += soak["non_2xx"]
-                rss_rounds.append(round(rss_kib(gw.pid) / 1024, 1))
-            elapsed = time.monotonic() - t0
-            rss1 = rss_kib(gw.pid)
-            results["soak"] = {
-                "requests": done, "seconds": round(elapsed, 1), "rps": round(done / elapsed),
-                "rss_start_mib": round(rss0 / 1024, 1), "rss_end_mib": round(rss1 / 1024, 1),
-                "rss_by_round_mib": rss_rounds,
-                "rss_growth_pct": round((rss1 - rss0) * 100 / rss0, 2) if rss0 else None,
-                "cpu_ms_per_request": round((cpu_seconds(gw.pid) - cpu0) * 1000 / max(done, 1), 4),
-                "non_2xx": errors,
-            }
-            results["peak_rss_mib"] = round(rss_kib(gw.pid, "VmHWM") / 1024, 1)
-            s = results["soak"]
-            print(f"  soak: {s['requests']} requests in {s['seconds']} s ({s['rps']:.0f} req/s), RSS "
-                  f"{s['rss_start_mib']} -> {s['rss_end_mib']} MiB ({s['rss_growth_pct']}%), "
-                  f"cpu {s['cpu_ms_per_request']} ms/req, errors {s['non_2xx']}", flush=True)
-        print(f"  gateway peak RSS: {results['peak_rss_mib']} MiB", flush=True)
+            rate = max(case["gateway"]["rps"] for case in results["cases"])
+            results["soak"] = soak(runner, gw.pid, gw_port, args.soak, rate)
+            results["peak_rss_mib"]["gateway"] = round(rss_kib(gw.pid, "VmHWM") / 1024, 1)
     finally:
         runner.stop_all()
+    print_table(results["cases"], args.rounds, args.seconds)
+    t = results["ttfb_ms"]
+    print(f"time to first event (median of 300 sequential streams): direct {t['direct']:.3f} ms, "
+          f"relay {t['relay']:.3f} ms, Runestone {t['gateway']:.3f} ms")
+    m = results["peak_rss_mib"]
+    print(f"peak RSS: Runestone {m['gateway']} MiB, relay {m['relay']} MiB")
+    if "soak" in results:
+        s = results["soak"]
+        print(f"soak: {s['requests']} requests in {s['seconds']} s ({s['rps']:.0f} req/s), RSS "
+              f"{s['rss_start_mib']} -> {s['rss_end_mib']} MiB ({s['rss_growth_pct']}%), "
+              f"CPU {s['cpu_ms_per_request']} ms/request, non-2xx {s['non_2xx']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results))
+        print(f"results in {args.json}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ is hashed and looked up, and the match confirmed with ``hmac.compare_digest``. A
 digest reveals nothing an attacker can use (finding a key from its digest is preimage search), so the
 check costs one hash whatever the number of keys. A key is known elsewhere only by its *key id*
 (``key_`` + 12 hex digits of the digest), which is what logs, the usage ledger and dumps show.
+
+A client key that matched is remembered (the presented bytes and its key id), so that the next request
+with it costs a dictionary lookup instead of a hash. Only keys that matched are kept, so the memory is
+bounded by the configured keys and a stream of wrong keys pays the hash every time as before. The lookup
+compares the presented bytes with a remembered key only when their salted ``hash()`` values (SipHash under
+a per-process random key) are equal, so how long a wrong key takes depends on nothing an attacker can
+relate to a configured key's bytes, as with the digest lookup.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class KeyRing:
     def __init__(self, api_keys, admin_key: str | None, *, open_mode: bool) -> None:
         self._clients = {_digest(k): key_id_of(k) for k in api_keys if k}
         self._admin = _digest(admin_key) if admin_key else None
+        #: Presented keys that matched, and their key ids (see the module's docstring).
+        self._matched: dict[str | bytes, str] = {}
         self.open_mode = open_mode
         self.has_admin = self._admin is not None
 
@@ -56,13 +65,16 @@ class KeyRing:
         """The key id of a valid client key (the admin key counts as one), else None."""
         if token is None:
             return None
-        d = _digest(token)
-        kid = self._clients.get(d)
+        kid = self._matched.get(token)
         if kid is not None:
             return kid
-        if self._admin is not None and hmac.compare_digest(self._admin, d):
-            return "admin"
-        return None
+        d = _digest(token)
+        kid = self._clients.get(d)
+        if kid is None and self._admin is not None and hmac.compare_digest(self._admin, d):
+            kid = "admin"
+        if kid is not None:
+            self._matched[token] = kid
+        return kid
 
     def is_admin(self, token: bytes | None) -> bool:
         if self._admin is None or token is None:

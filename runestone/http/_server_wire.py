@@ -22,7 +22,6 @@ _STATUS_LINES: dict[int, bytes] = {
 # Framing and connection management belong to the server: a handler that sets them would
 # desynchronise the client's parser, so they are dropped from handler headers.
 _SERVER_OWNED = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-_SERVER_OWNED_LENGTHS = frozenset(len(name) for name in _SERVER_OWNED)
 
 KEEP_ALIVE = b"connection: keep-alive\r\n\r\n"
 CLOSE = b"connection: close\r\n\r\n"
@@ -53,33 +52,58 @@ def date_server_lines() -> bytes:
     return _date_lines
 
 
+#: Header names seen before: True to write, False for a server-owned name (dropped). Names repeat from one
+#: response to the next, so each is checked once; bounded so that names a client made up cannot grow it.
+_NAMES: dict[bytes, bool] = {}
+_NAMES_MAX = 512
+
+
+def _check_name(name: bytes) -> bool:
+    if not name or b"\n" in name or b"\r" in name or b":" in name:
+        return False
+    return True
+
+
 def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes:
     """The whole response head as one bytes object.
 
     ``framing`` is the server's own ``content-length``/``transfer-encoding`` line (or
     empty), ``connection`` one of ``KEEP_ALIVE``/``CLOSE`` (it ends the head). Handler
-    headers may be ``str`` (encoded latin-1) or ``bytes``; a CR or LF in them raises
-    ``ValueError`` rather than letting a handler split the response.
+    headers may be ``str`` (encoded latin-1) or ``bytes``; a CR or LF in them, or a
+    colon in a name, raises ``ValueError`` rather than letting a handler split the
+    response. Handler headers of the framing names the server owns are dropped.
     """
     parts = [status_line(status)]
-    append = parts.append
+    names = _NAMES
+    lines = 0
     for name, value in headers:
-        if name.__class__ is str:
+        if name.__class__ is not bytes:
             name = name.encode("latin-1")
-        if value.__class__ is str:
+        if value.__class__ is not bytes:
             value = value.encode("latin-1")
-        if len(name) in _SERVER_OWNED_LENGTHS and name.lower() in _SERVER_OWNED:
-            continue
-        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or b":" in name:
-            raise ValueError(f"invalid response header {name!r}: {value!r}")
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
-    append(date_server_lines())
-    append(framing)
-    append(connection)
-    return b"".join(parts)
+        keep = names.get(name)
+        if keep is None:
+            if not _check_name(name):
+                raise ValueError(f"invalid response header {name!r}: {value!r}")
+            keep = name.lower() not in _SERVER_OWNED
+            if len(names) >= _NAMES_MAX:
+                names.clear()
+            names[name] = keep
+        if keep:
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
+    parts += (date_server_lines(), framing, connection)
+    head = b"".join(parts)
+    # Values are checked all at once: a CR or LF in one shows up as more of them than the lines written here
+    # (the status line, the header lines, date and server, the framing line if any, connection and the end).
+    expected = lines + 3 + framing.count(b"\n") + connection.count(b"\n")
+    if head.count(b"\n") != expected or head.count(b"\r") != expected:
+        for name, value in headers:
+            text = value.encode("latin-1") if value.__class__ is not bytes else value
+            if b"\n" in text or b"\r" in text:
+                raise ValueError(f"invalid response header {name!r}: {value!r}")
+        raise ValueError("invalid response head: a CR or LF outside the header lines")
+    return head
 
 
 def content_length_line(length: int) -> bytes:

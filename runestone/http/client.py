@@ -8,9 +8,9 @@ yet) rather than through trio's stream layers, which cost about ten times more
 per read; read and write timeouts are kept by one task per trio run (``_IODeadlines``)
 instead of a cancel scope per operation. TLS goes through ``trio.SSLStream``. Each
 body chunk handed to the caller is the de-chunked data of one socket read, so a
-relay can forward it at once. Pooled connections are checked for a peer close
-before reuse; a reused connection that dies before any response byte arrives is
-replaced and the request sent once more. ``FastTransport`` is the default
+relay can forward it at once. Pooled connections idle for more than 50 ms are
+checked for a peer close (or stray bytes) before reuse; a reused connection that
+dies before any response byte arrives is replaced and the request sent once more. ``FastTransport`` is the default
 transport; ``HttpxTransport`` (in ``httpx_transport``) implements the same seam
 for proxies and HTTP/2, and ``make_transport`` picks one by name.
 """
@@ -66,6 +66,10 @@ _TARGET_CACHE_SIZE = 1024
 # Idle connections of an origin nobody calls any more are closed by a sweep that
 # runs at most this often, on the way into a request (there is no background task).
 _SWEEP_INTERVAL = 5.0
+# A connection back in the pool for less than this is reused without first checking that the peer has not
+# closed it (a syscall per reuse, under load): servers close idle connections after seconds, not
+# milliseconds, and one that closed it all the same is caught by the resend on a new connection.
+_TRUST_IDLE = 0.05
 
 _positive = attrs.validators.gt(0)
 
@@ -153,6 +157,10 @@ class UpstreamResponse:
         """The rest of the body, whole."""
         return b"".join([chunk async for chunk in self])
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound the body reads from now on by ``deadline`` (trio's clock; None: only by the read timeout)."""
+        raise NotImplementedError
+
     async def aclose(self) -> None:
         raise NotImplementedError
 
@@ -166,6 +174,12 @@ class Transport:
     ``stream()`` returns an async context manager; entering it sends the
     request and waits for the response head, leaving it closes the response
     (``UpstreamResponse.aclose``). Every failure is a ``TransportError``.
+    ``deadline`` (a time on trio's clock) bounds every wait of the exchange
+    (for a pool slot, connecting, writing, each read of the head and of the
+    body) besides its own timeout: past it the wait fails with that phase's
+    ``TransportTimeout``, whose message says the deadline passed.
+    ``UpstreamResponse.set_deadline`` moves it for the body reads that follow.
+    A deadline costs no cancel scope: callers need none around the exchange.
     Cancellation at any point closes the connection at once: a connection
     in an unknown state never goes back to the pool. A transport is also an
     async context manager closing itself on exit.
@@ -179,6 +193,7 @@ class Transport:
         body: bytes = b"",
         *,
         timeouts: Timeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         raise NotImplementedError
 
@@ -247,7 +262,10 @@ class _IODeadlines:
         self._scope = trio.CancelScope()
 
     def arm(self, conn: _Connection, timeout: float) -> None:
-        deadline = conn.deadline = trio.current_time() + timeout
+        deadline = trio.current_time() + timeout
+        if conn.cap < deadline:
+            deadline = conn.cap
+        conn.deadline = deadline
         self.armed.add(conn)
         if deadline < self.wake_at:
             self.wake_at = self._scope.deadline = deadline
@@ -289,7 +307,7 @@ class _Connection:
     frees the pool slot, so it is safe in any ``except`` or ``finally``, cancelled or not.
     A connection belongs to the trio run that opened it (its I/O deadlines are kept there)."""
 
-    __slots__ = ("closed", "deadline", "deadlines", "idle_since", "pool", "reused", "timed_out")
+    __slots__ = ("cap", "closed", "deadline", "deadlines", "idle_since", "pool", "reused", "timed_out")
 
     def __init__(self, pool: _OriginPool) -> None:
         self.pool = pool
@@ -298,7 +316,15 @@ class _Connection:
         self.timed_out = False
         self.idle_since = 0.0
         self.deadline = math.inf
+        #: The exchange's own deadline (``stream(deadline=...)``): no wait of it lasts past this.
+        self.cap = math.inf
         self.deadlines = _current_io_deadlines()
+
+    def timeout_message(self, otherwise: str) -> str:
+        """What a timed-out wait reports: the exchange's deadline if that is what passed, else ``otherwise``."""
+        if self.cap <= trio.current_time():
+            return f"the request's deadline passed while waiting for {self.pool.origin}"
+        return otherwise
 
     async def send_all(self, data: bytes, timeout: float) -> None:
         raise NotImplementedError
@@ -356,7 +382,8 @@ class _PlainConnection(_Connection):
                     raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {exc}") from exc
         except trio.ClosedResourceError:
             if self.timed_out:
-                raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s") from None
+                message = f"writing the request to {self.pool.origin} took longer than {timeout:g} s"
+                raise WriteTimeout(self.timeout_message(message)) from None
             raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
             deadlines.armed.discard(self)
@@ -386,7 +413,7 @@ class _PlainConnection(_Connection):
                     raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc}") from exc
         except trio.ClosedResourceError:
             if self.timed_out:
-                raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s") from None
+                raise ReadTimeout(self.timeout_message(f"{self.pool.origin} sent nothing for {timeout:g} s")) from None
             # Closed under us by aclose(abort_in_use=True): the exchange failed, as a transport error.
             raise RemoteProtocolError(f"the connection to {self.pool.origin} was closed by its transport") from None
         finally:
@@ -423,7 +450,8 @@ class _TLSConnection(_Connection):
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self.timed_out:
-                raise WriteTimeout(f"writing the request to {self.pool.origin} took longer than {timeout:g} s") from None
+                message = f"writing the request to {self.pool.origin} took longer than {timeout:g} s"
+                raise WriteTimeout(self.timeout_message(message)) from None
             cause = exc.__cause__ or exc
             raise _ConnectionLost(f"connection to {self.pool.origin} lost while sending: {cause}") from exc
         finally:
@@ -436,7 +464,7 @@ class _TLSConnection(_Connection):
             return await self._stream.receive_some(_RECV_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if self.timed_out:
-                raise ReadTimeout(f"{self.pool.origin} sent nothing for {timeout:g} s") from None
+                raise ReadTimeout(self.timeout_message(f"{self.pool.origin} sent nothing for {timeout:g} s")) from None
             raise _ConnectionLost(f"connection to {self.pool.origin} lost: {exc.__cause__ or exc}") from exc
         finally:
             deadlines.armed.discard(self)
@@ -478,6 +506,7 @@ class _OriginPool:
             conn.close()
             return
         conn.reused = True
+        conn.cap = math.inf
         conn.idle_since = trio.current_time()
         self.idle.append(conn)
         if self.waiters:
@@ -636,6 +665,11 @@ class _FastResponse(UpstreamResponse):
         chunks.clear()
         return data
 
+    def set_deadline(self, deadline: float | None) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.cap = math.inf if deadline is None else deadline
+
     def _abort(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -747,8 +781,10 @@ class FastTransport(Transport):
 
     Connection slots are limited per origin by ``PoolLimits.max_connections``;
     a request waits for a slot at most ``Timeouts.pool`` (``PoolTimeout``).
-    An idle connection is reused newest-first after a check that the peer has
-    not closed it; idle connections past ``idle_expiry`` are closed. If a
+    An idle connection is reused newest-first, after a check that the peer has
+    not closed it if it was idle for more than 50 ms (under load connections come
+    back within milliseconds, and the check is a syscall); idle connections past
+    ``idle_expiry`` are closed. If a
     reused connection fails before any response byte arrives (the server
     closed it just as the request left), the request is sent once more on a
     new connection; requests are assumed safe to resend in that case, as no
@@ -785,8 +821,10 @@ class FastTransport(Transport):
         body: bytes = b"",
         *,
         timeouts: Timeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts))
+        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts,
+                                math.inf if deadline is None else deadline))
 
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(
@@ -872,7 +910,7 @@ class FastTransport(Transport):
         self._next_sweep = now + min(expiry, _SWEEP_INTERVAL)
 
     async def _start(
-        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts
+        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts, deadline: float
     ) -> _FastResponse:
         await checkpoint_if_cancelled()
         if self._closed:
@@ -883,24 +921,31 @@ class FastTransport(Transport):
         pool, host, target = entry
         request = _build_request(method, target, host, headers, body)
         is_head = method == "HEAD"
-        conn = await self._acquire(pool, timeouts, reuse=True)
+        conn = await self._acquire(pool, timeouts, deadline, reuse=True)
         try:
-            return await self._exchange(conn, request, is_head, timeouts)
+            return await self._exchange(conn, request, is_head, timeouts, deadline)
         except _ConnectionLost as exc:
             if not conn.reused:
                 raise RemoteProtocolError(str(exc)) from exc.__cause__
         # The server dropped a kept-alive connection as we reused it: once more, on a new one.
-        conn = await self._acquire(pool, timeouts, reuse=False)
+        conn = await self._acquire(pool, timeouts, deadline, reuse=False)
         try:
-            return await self._exchange(conn, request, is_head, timeouts)
+            return await self._exchange(conn, request, is_head, timeouts, deadline)
         except _ConnectionLost as exc:
             raise RemoteProtocolError(str(exc)) from exc.__cause__
 
-    async def _exchange(self, conn: _Connection, request: bytes, is_head: bool, timeouts: Timeouts) -> _FastResponse:
+    async def _exchange(
+        self, conn: _Connection, request: bytes, is_head: bool, timeouts: Timeouts, deadline: float
+    ) -> _FastResponse:
         """Send the request and read up to the end of the response head; close ``conn`` on any failure."""
+        conn.cap = deadline
         try:
             await conn.send_all(request, timeouts.write)
             response = _FastResponse(conn, is_head, timeouts.read)
+            # With other requests in flight, let their tasks run before the first read: the answer can hardly
+            # be there yet, and usually is by the time they are done, which spares a failed read and a wait.
+            if len(conn.pool.busy) > 1:
+                await trio.lowlevel.checkpoint()
             while not response._head_done:
                 await response._pump()
         except BaseException:
@@ -908,8 +953,9 @@ class FastTransport(Transport):
             raise
         return response
 
-    async def _acquire(self, pool: _OriginPool, timeouts: Timeouts, *, reuse: bool) -> _Connection:
-        """An idle connection (``reuse``) or a new one, waiting up to ``timeouts.pool`` for a slot."""
+    async def _acquire(self, pool: _OriginPool, timeouts: Timeouts, cap: float, *, reuse: bool) -> _Connection:
+        """An idle connection (``reuse``) or a new one, waiting up to ``timeouts.pool`` (and at most until
+        ``cap``) for a slot."""
         limits = self._limits
         deadline: float | None = None
         while True:
@@ -921,7 +967,8 @@ class FastTransport(Transport):
                     idle = pool.idle
                     while idle:
                         conn = idle.pop()
-                        if now - conn.idle_since < limits.idle_expiry and not conn.dead_while_idle():
+                        idle_for = now - conn.idle_since
+                        if idle_for < limits.idle_expiry and (idle_for < _TRUST_IDLE or not conn.dead_while_idle()):
                             pool.busy.add(conn)
                             return conn
                         conn.close()
@@ -933,10 +980,12 @@ class FastTransport(Transport):
             if self._closed:
                 raise TransportError("the transport is closed")
             if deadline is None:
-                deadline = trio.current_time() + timeouts.pool
+                deadline = min(trio.current_time() + timeouts.pool, cap)
             with trio.CancelScope(deadline=deadline) as scope:
                 await pool.waiters.park()
             if scope.cancelled_caught:
+                if cap <= trio.current_time():
+                    raise PoolTimeout(f"the request's deadline passed while waiting for a connection to {pool.origin}")
                 raise PoolTimeout(
                     f"all {limits.max_connections} connections to {pool.origin} stayed busy for {timeouts.pool:g} s"
                 )
@@ -944,7 +993,7 @@ class FastTransport(Transport):
                 raise TransportError("the transport is closed")
         pool.open += 1
         try:
-            conn = await self._connect(pool, timeouts.connect)
+            conn = await self._connect(pool, timeouts.connect, cap)
             pool.busy.add(conn)
             return conn
         except BaseException:
@@ -953,8 +1002,8 @@ class FastTransport(Transport):
                 pool.waiters.unpark()
             raise
 
-    async def _connect(self, pool: _OriginPool, timeout: float) -> _Connection:
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
+    async def _connect(self, pool: _OriginPool, timeout: float, cap: float) -> _Connection:
+        with trio.CancelScope(deadline=min(trio.current_time() + timeout, cap)):
             try:
                 stream = await trio.open_tcp_stream(pool.host, pool.port)
             except OSError as exc:
@@ -980,4 +1029,6 @@ class FastTransport(Transport):
                 stream.socket.close()
                 raise
             return _TLSConnection(pool, tls_stream)
+        if cap <= trio.current_time():
+            raise ConnectTimeout(f"the request's deadline passed while connecting to {pool.origin}")
         raise ConnectTimeout(f"no connection to {pool.origin} within {timeout:g} s")

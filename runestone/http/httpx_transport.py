@@ -13,12 +13,14 @@ same wherever it runs.
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import httpx
+import trio
 
 from .client import HeaderList, PoolLimits, Timeouts, Transport, UpstreamResponse
 from .errors import (
@@ -73,22 +75,32 @@ def _name(name: bytes | str) -> str:
     return name.decode("ascii", "replace").lower() if isinstance(name, bytes) else name.lower()
 
 
-class _HttpxResponse(UpstreamResponse):
-    __slots__ = ("_chunks", "_response")
+_DEADLINE_PASSED = "the request's deadline passed while waiting for the upstream"
 
-    def __init__(self, response: httpx.Response) -> None:
+
+class _HttpxResponse(UpstreamResponse):
+    __slots__ = ("_chunks", "_deadline", "_response")
+
+    def __init__(self, response: httpx.Response, deadline: float) -> None:
         self.status = response.status_code
         self.headers = [(name.lower(), value) for name, value in response.headers.raw]
         self._response = response
         self._chunks: AsyncIterator[bytes] = response.aiter_raw()
+        self._deadline = deadline
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self._deadline = math.inf if deadline is None else deadline
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._chunks.__anext__()
+            # (httpx is not the hot path: a cancel scope per read is affordable here)
+            with trio.move_on_at(self._deadline):
+                return await self._chunks.__anext__()
         except _CAUGHT as exc:
             raise _translate(exc) from exc
         except httpx.StreamClosed:
             raise TransportError("the response was closed before its body was read") from None
+        raise ReadTimeout(_DEADLINE_PASSED)
 
     async def aclose(self) -> None:
         """httpx returns the connection to its pool if the body was read to the end, else closes it."""
@@ -101,13 +113,15 @@ class _HttpxExchange:
 
     __slots__ = ("_args", "_response", "_transport")
 
-    def __init__(self, transport: HttpxTransport, args: tuple[str, str, HeaderList, bytes, Timeouts | None]) -> None:
+    def __init__(
+        self, transport: HttpxTransport, args: tuple[str, str, HeaderList, bytes, Timeouts | None, float]
+    ) -> None:
         self._transport = transport
         self._args = args
         self._response: _HttpxResponse | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
-        method, url, headers, body, timeouts = self._args
+        method, url, headers, body, timeouts, deadline = self._args
         client = self._transport._client
         try:
             request = client.build_request(
@@ -117,14 +131,18 @@ class _HttpxExchange:
                 content=body or None,
                 timeout=_httpx_timeout(timeouts) if timeouts is not None else httpx.USE_CLIENT_DEFAULT,
             )
-            response = await client.send(request, stream=True)
+            response = None
+            with trio.move_on_at(deadline):
+                response = await client.send(request, stream=True)
         except _CAUGHT as exc:
             raise _translate(exc) from exc
         except RuntimeError as exc:
             if not client.is_closed:
                 raise
             raise TransportError("the transport is closed") from exc
-        self._response = _HttpxResponse(response)
+        if response is None:
+            raise ReadTimeout(_DEADLINE_PASSED)
+        self._response = _HttpxResponse(response, deadline)
         return self._response
 
     async def __aexit__(
@@ -192,8 +210,9 @@ class HttpxTransport(Transport):
         body: bytes = b"",
         *,
         timeouts: Timeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _HttpxExchange(self, (method, url, headers, body, timeouts))
+        return _HttpxExchange(self, (method, url, headers, body, timeouts, math.inf if deadline is None else deadline))
 
     async def aclose(self, *, abort_in_use: bool = False) -> None:
         """Close the client; httpx closes its whole pool, in-use connections included, either way."""

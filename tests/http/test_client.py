@@ -158,7 +158,12 @@ async def test_request_head_carries_host_length_agent_and_caller_headers() -> No
     assert sorted(second.split(b"\r\n")[1:]) == [b"Content-Length: 0", b"Host: api.test", b"User-Agent: sdk/2"]
 
 
-async def test_idle_connection_closed_by_server_is_detected_before_reuse() -> None:
+@pytest.mark.parametrize("idle", [0, 1], ids=["reused-at-once", "reused-after-1s"])
+async def test_idle_connection_closed_by_server_is_replaced_by_a_new_one(
+    autojump_clock: trio.testing.MockClock, idle: float
+) -> None:
+    # Reused at once, the request goes out on the closed connection and is resent on a new one; after a while
+    # idle, the pool checks the connection first. Either way the caller gets its answer.
     closed = trio.Event()
 
     async def one_request_per_connection(peer: Peer) -> None:
@@ -170,10 +175,35 @@ async def test_idle_connection_closed_by_server_is_detected_before_reuse() -> No
     async with serving(one_request_per_connection) as server, FastTransport() as transport:
         await get(transport, server.url())
         await closed.wait()
+        await trio.sleep(idle)
         response, body = await get(transport, server.url())
         assert (response.status, body) == (200, b"hello")
     assert server.connections == 2
     assert len(server.requests) == 2
+
+
+async def test_connection_idle_a_while_that_got_stray_bytes_is_not_reused(autojump_clock: trio.testing.MockClock) -> None:
+    # A server may send an idle connection a 408 nobody asked for (before closing it): after a while idle,
+    # the next request must not take those bytes for its answer.
+    sent = trio.Event()
+
+    async def times_out_idle_connections(peer: Peer) -> None:
+        if peer.server.connections == 1:
+            await peer.read_request()
+            await peer.respond(b"first")
+            await peer.send(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            sent.set()
+            await keep_alive(peer)
+            return
+        await keep_alive(peer)
+
+    async with serving(times_out_idle_connections) as server, FastTransport() as transport:
+        assert (await get(transport, server.url()))[1] == b"first"
+        await sent.wait()
+        await trio.sleep(1)
+        response, body = await get(transport, server.url())
+        assert (response.status, body) == (200, b"hello")
+    assert server.connections == 2
 
 
 async def test_reused_connection_dropped_after_the_request_is_retried_once_on_a_new_one() -> None:

@@ -532,6 +532,51 @@ async def test_invalid_response_header_becomes_a_500(start_server, connect, capl
     assert header(response, b"set-cookie") is None
 
 
+@pytest.mark.parametrize("bad", [
+    ("x-injected", "a\nset-cookie: evil"),
+    (b"x-injected", b"a\rset-cookie: evil"),
+    ("x-evil\r\nset-cookie", "evil"),
+    (b"set-cookie: evil\r\nx", b"1"),
+    (b"x-colon:", b"1"),
+    (b"", b"no name"),
+])
+async def test_a_header_that_would_split_the_response_is_a_500_also_after_a_good_one(start_server, connect, caplog, bad):
+    # The same name is first sent with a clean value, so that a name the server has seen is still checked.
+    answers = iter([[(bad[0], "clean")], [bad]])
+
+    async def handler(request: Request) -> Response:
+        return Response(200, next(answers), b"ok")
+
+    server = await start_server(handler)
+    client = await connect(server)
+    with caplog.at_level(logging.ERROR, logger="runestone.http"):
+        first, _ = await client.request("GET", "/")
+        if first.status_code == 200:  # the name alone was fine
+            second, body = await client.request("GET", "/")
+        else:
+            second, body = first, b""
+    assert second.status_code == 500
+    assert header(second, b"set-cookie") is None
+    assert all(name in (b"content-type", b"content-length", b"date", b"server", b"connection")
+               for name, _ in second.headers)
+
+
+async def test_handler_headers_of_framing_names_are_dropped_in_any_case(start_server, connect):
+    async def handler(request: Request) -> Response:
+        return Response(200, [("Content-Length", "999"), (b"TRANSFER-ENCODING", b"chunked"),
+                              (b"connection", b"upgrade"), ("x-kept", "yes"), (b"X-Bytes", b"1")], b"body")
+
+    server = await start_server(handler)
+    client = await connect(server)
+    for _ in range(2):
+        response, body = await client.request("GET", "/")
+        assert (response.status_code, body) == (200, b"body")
+        assert header(response, b"content-length") == b"4"
+        assert header(response, b"transfer-encoding") is None
+        assert header(response, b"connection") == b"keep-alive"
+        assert (header(response, b"x-kept"), header(response, b"x-bytes")) == (b"yes", b"1")
+
+
 # -- limits -------------------------------------------------------------------------------
 
 
