@@ -104,6 +104,8 @@ class AnthropicStream(UpstreamStream):
                 return out
 
 class AnthropicAdapter:
+    takes_deadline = True
+
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         base = (getattr(config, "base_url", None) or "https://api.anthropic.com").rstrip("/")
@@ -126,8 +128,10 @@ class AnthropicAdapter:
         self._transport = transport
         self._timeouts = timeouts
 
-    async def _open(self, payload: bytes, url: str | None = None, method: str = "POST"):
-        cm = self._transport.stream(method, url or self._url, self._headers, payload, timeouts=self._timeouts)
+    async def _open(self, payload: bytes, url: str | None = None, method: str = "POST",
+                    deadline: float | None = None):
+        cm = self._transport.stream(method, url or self._url, self._headers, payload, timeouts=self._timeouts,
+                                    deadline=deadline)
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
@@ -142,8 +146,9 @@ class AnthropicAdapter:
             raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return cm, response
 
-    async def _read(self, payload: bytes, url: str | None = None, method: str = "POST") -> dict:
-        cm, response = await self._open(payload, url, method)
+    async def _read(self, payload: bytes, url: str | None = None, method: str = "POST",
+                    deadline: float | None = None) -> dict:
+        cm, response = await self._open(payload, url, method, deadline)
         try:
             raw = await response.read()
         except TransportError as exc:
@@ -152,12 +157,12 @@ class AnthropicAdapter:
             await cm.__aexit__(None, None, None)
         return loads_object(self.name, raw, "the response")
 
-    async def complete(self, body: dict, *, request_id: str) -> ChatResult:
+    async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
         model = body["model"]
         payload = openai_to_anthropic_request(
             body, model=model, default_max_tokens=self._default_max_tokens, stream=False
         )
-        msg = await self._read(orjson.dumps(payload))
+        msg = await self._read(orjson.dumps(payload), deadline=deadline)
         if not isinstance(msg.get("content"), list):
             raise UpstreamError(self.name, "malformed", "upstream message has no 'content' list")
         _check_usage(self.name, msg.get("usage"))
@@ -171,18 +176,19 @@ class AnthropicAdapter:
             usage_from(self.name, resp["usage"], usage)
         return ChatResult(orjson.dumps(resp), usage)
 
-    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> AnthropicStream:
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
+                          deadline: float | None = None) -> AnthropicStream:
         model = body["model"]
         payload = openai_to_anthropic_request(
             body, model=model, default_max_tokens=self._default_max_tokens, stream=True
         )
-        cm, response = await self._open(orjson.dumps(payload))
+        cm, response = await self._open(orjson.dumps(payload), deadline=deadline)
         translator = AnthropicToOpenAIStream(
             model=model, request_id=request_id, created=new_created(), include_usage=include_usage
         )
         return AnthropicStream(self.name, cm, response, translator, self._secrets)
 
-    async def embed(self, body: dict) -> ChatResult:
+    async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         raise UpstreamError(self.name, "http", "the Anthropic API serves no embedding models", status=404)
 
     async def list_models(self) -> list[str]:

@@ -103,13 +103,21 @@ class ChatStream(Protocol):
 
 
 class Adapter(Protocol):
-    """What a provider type implements. ``body`` is OpenAI-shaped; ``include_usage`` is the client's wish."""
+    """What a provider type implements. ``body`` is OpenAI-shaped; ``include_usage`` is the client's wish.
 
-    async def complete(self, body: dict, *, request_id: str) -> ChatResult: ...
+    An adapter with ``takes_deadline = True`` bounds every wait of a call by ``deadline`` (trio's clock),
+    through its transport, and its streams have ``set_deadline``: the pipeline then opens no cancel scope
+    around its attempts. Others are bounded by a cancel scope around each call and each stream read.
+    """
 
-    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> ChatStream: ...
+    takes_deadline: bool
 
-    async def embed(self, body: dict) -> ChatResult: ...
+    async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult: ...
+
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
+                          deadline: float | None = None) -> ChatStream: ...
+
+    async def embed(self, body: dict, deadline: float | None = None) -> ChatResult: ...
 
     async def list_models(self) -> list[str]: ...
 
@@ -121,12 +129,13 @@ class UpstreamStream:
     the end marker flag; ``aclose()`` closes the upstream exchange (idempotent). Subclasses implement
     ``__anext__``."""
 
-    __slots__ = ("_provider", "_cm", "_it", "_parser", "usage", "finished", "_closed", "_secrets")
+    __slots__ = ("_provider", "_cm", "_response", "_it", "_parser", "usage", "finished", "_closed", "_secrets")
 
     def __init__(self, provider: str, cm, response, secrets=()) -> None:
         self._provider = provider
         self._secrets = secrets
         self._cm = cm
+        self._response = response
         self._it = response.__aiter__()
         self._parser = SSEParser()
         self.usage = Usage()
@@ -156,6 +165,10 @@ class UpstreamStream:
                 raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
             if events:
                 return events
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""
+        self._response.set_deadline(deadline)
 
     async def aclose(self) -> None:
         if not self._closed:

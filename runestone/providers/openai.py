@@ -76,6 +76,8 @@ class OpenAIStream(UpstreamStream):
 class OpenAIAdapter:
     """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``."""
 
+    takes_deadline = True
+
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         base = (getattr(config, "base_url", None) or "https://api.openai.com/v1").rstrip("/")
@@ -91,16 +93,17 @@ class OpenAIAdapter:
         self._transport = transport
         self._timeouts = timeouts
 
-    async def _open(self, url: str, body: bytes, method: str = "POST"):
-        cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts)
+    async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
+        cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts, deadline=deadline)
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
             raise transport_error(self.name, exc, self._secrets) from None
         return cm, response
 
-    async def _read_json(self, url: str, payload: bytes, method: str = "POST") -> tuple[bytes, dict]:
-        cm, response = await self._open(url, payload, method)
+    async def _read_json(self, url: str, payload: bytes, method: str = "POST",
+                         deadline: float | None = None) -> tuple[bytes, dict]:
+        cm, response = await self._open(url, payload, method, deadline)
         try:
             try:
                 raw = await response.read()
@@ -112,8 +115,8 @@ class OpenAIAdapter:
             raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return raw, loads_object(self.name, raw, "the response")
 
-    async def complete(self, body: dict, *, request_id: str) -> ChatResult:
-        raw, obj = await self._read_json(self._chat_url, orjson.dumps(body))
+    async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
+        raw, obj = await self._read_json(self._chat_url, orjson.dumps(body), deadline=deadline)
         if not isinstance(obj.get("choices"), list):
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
         check_name(self.name, obj, "id")
@@ -123,13 +126,14 @@ class OpenAIAdapter:
             usage_from(self.name, obj["usage"], usage)
         return ChatResult(raw, usage)
 
-    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> OpenAIStream:
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
+                          deadline: float | None = None) -> OpenAIStream:
         upstream = dict(body)
         options = dict(upstream.get("stream_options") or {})
         options["include_usage"] = True
         upstream["stream_options"] = options
         upstream["stream"] = True
-        cm, response = await self._open(self._chat_url, orjson.dumps(upstream))
+        cm, response = await self._open(self._chat_url, orjson.dumps(upstream), deadline=deadline)
         if response.status != 200:
             try:
                 raw = await response.read()
@@ -140,8 +144,8 @@ class OpenAIAdapter:
             raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return OpenAIStream(self.name, cm, response, include_usage, self._secrets)
 
-    async def embed(self, body: dict) -> ChatResult:
-        raw, obj = await self._read_json(self._embed_url, orjson.dumps(body))
+    async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
+        raw, obj = await self._read_json(self._embed_url, orjson.dumps(body), deadline=deadline)
         if not isinstance(obj.get("data"), list):
             raise UpstreamError(self.name, "malformed", "upstream embeddings response has no 'data' list")
         check_name(self.name, obj, "model")

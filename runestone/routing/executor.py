@@ -208,7 +208,10 @@ class Gateway:
         self.admission: Admission | None = None
         #: When the gateway stops: streams still reading then end with a "stopping" error.
         self.stop_deadline = float("inf")
+        #: Cancel scopes of stream reads in progress (adapters without deadlines of their own), and the
+        #: streams that bound their own reads: both are moved to ``stop_deadline`` when it is set.
         self._reading: set = set()
+        self._streams: set = set()
 
     # -- planning -------------------------------------------------------------------------------------
 
@@ -427,11 +430,15 @@ class Gateway:
     async def _complete(self, ctx: RequestContext, request: ModelRequest, plan: Plan) -> Completed:
         request_id = ctx.request_id
         if request.operation == "embed":
-            async def call(adapter, upstream, attempt):
-                return await adapter.embed(upstream)
+            async def call(adapter, upstream, attempt, deadline):
+                if deadline is None:
+                    return await adapter.embed(upstream)
+                return await adapter.embed(upstream, deadline=deadline)
         else:
-            async def call(adapter, upstream, attempt):
-                return await adapter.complete(upstream, request_id=request_id)
+            async def call(adapter, upstream, attempt, deadline):
+                if deadline is None:
+                    return await adapter.complete(upstream, request_id=request_id)
+                return await adapter.complete(upstream, request_id=request_id, deadline=deadline)
         try:
             attempt, result = await self.run(ctx, request.body, plan, call)
         except GatewayError as exc:
@@ -451,8 +458,12 @@ class Gateway:
         request_id = ctx.request_id
         include_usage = request.include_usage
 
-        async def call(adapter, upstream, attempt):
-            stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage)
+        async def call(adapter, upstream, attempt, deadline):
+            if deadline is None:
+                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage)
+            else:
+                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage,
+                                                   deadline=deadline)
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
@@ -606,18 +617,24 @@ class Gateway:
             attempt = Attempt(provider, target.model, trio.current_time(), probe)
             telemetry.request_started(provider)
             timeout = entry.spec.config.timeout_ms / 1000
+            attempt_deadline = min(ctx.deadline, attempt.started + timeout)
+            adapter = entry.adapter
             try:
-                with trio.move_on_at(min(ctx.deadline, attempt.started + timeout)) as attempt_scope:
-                    result = await call(entry.adapter, upstream, attempt)
-                if attempt_scope.cancelled_caught:
-                    if trio.current_time() >= ctx.deadline:
-                        deadline_hit = True
-                    raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
+                if getattr(adapter, "takes_deadline", False):
+                    # The transport bounds every wait of the attempt: no cancel scope on the hot path.
+                    result = await call(adapter, upstream, attempt, attempt_deadline)
+                else:
+                    with trio.move_on_at(attempt_deadline) as attempt_scope:
+                        result = await call(adapter, upstream, attempt, None)
+                    if attempt_scope.cancelled_caught:
+                        raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
             except InvalidRequest as exc:
                 # The body cannot be said in this provider's wire format: the client's to fix.
                 self.report(attempt, None, cancelled=True)
                 raise GatewayError(exc.status, exc.message, param=exc.param, code=exc.code) from None
             except UpstreamError as exc:
+                if exc.kind == "timeout" and trio.current_time() >= ctx.deadline:
+                    deadline_hit = True
                 self.report(attempt, exc)
                 last_error, last_target = exc, target
                 failed[provider] = failed.get(provider, 0) + 1
@@ -698,14 +715,17 @@ class Gateway:
         for scope in list(self._reading):
             if scope.deadline > deadline:
                 scope.deadline = deadline
+        for streaming in list(self._streams):
+            streaming._stream.set_deadline(min(streaming._ctx.deadline, deadline))
 
 
 class Streaming:
     """A committed stream: iterate for :class:`Chunks`, then exactly one :class:`Done` or :class:`Failed`.
 
     The relay contract: each ``__anext__`` reads the upstream once (one upstream read's chunk payloads per
-    item, so a front door writes once per read) under its own cancel scope that ends at the request's
-    deadline; no scope is open between items, so whatever the consumer does between reads (a slow client
+    item, so a front door writes once per read), bounded by the request's deadline (through the upstream
+    stream's own ``set_deadline``, or else a cancel scope around that one read); no scope is open between
+    items, so whatever the consumer does between reads (a slow client
     blocking its write, a WebSocket queue) is never cancelled by this request's deadline. A deadline passed
     while the consumer was away is noticed at the next read. The first item is the read that committed
     the stream. ``aclose()`` (idempotent; front doors call it in a ``finally``) closes the upstream and,
@@ -713,7 +733,8 @@ class Streaming:
     request's record are made exactly once, when the end is produced or at ``aclose()``.
     """
 
-    __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers")
+    __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
+                 "_bounded")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
         self._gw = gw
@@ -726,6 +747,11 @@ class Streaming:
         self.provider = attempt.provider
         self.model = attempt.model
         self.headers = _answer_headers(ctx)
+        #: The upstream stream bounds its own reads (set_deadline): no cancel scope per read.
+        self._bounded = hasattr(stream, "set_deadline")
+        if self._bounded:
+            stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
+            gw._streams.add(self)
 
     @property
     def usage(self) -> Usage:
@@ -749,32 +775,48 @@ class Streaming:
         if stream.finished:
             return self._end(None)
         gw = self._gw
-        deadline = min(self._ctx.deadline, gw.stop_deadline)
         try:
-            with trio.move_on_at(deadline) as scope:
-                gw._reading.add(scope)
-                try:
-                    items = await stream.__anext__()
-                finally:
-                    gw._reading.discard(scope)
+            if self._bounded:
+                # A read that would not wait (the bytes are buffered) is still past a deadline that passed.
+                if trio.current_time() >= min(self._ctx.deadline, gw.stop_deadline):
+                    return self._end(self._expired())
+                items = await stream.__anext__()
+            else:
+                with trio.move_on_at(min(self._ctx.deadline, gw.stop_deadline)) as scope:
+                    gw._reading.add(scope)
+                    try:
+                        items = await stream.__anext__()
+                    finally:
+                        gw._reading.discard(scope)
+                if scope.cancelled_caught:
+                    return self._end(self._expired())
         except StopAsyncIteration:
             return self._end(UpstreamError(self.provider, "stream_cut", "upstream stream ended early"))
         except UpstreamError as exc:
+            if exc.kind == "timeout" and self._bounded:
+                exc = self._expired() or exc
             return self._end(exc)
         except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
             return self._end(UpstreamError(self.provider, "protocol",
                                            f"the upstream stream failed: {type(exc).__name__}"))
-        if scope.cancelled_caught:
-            if trio.current_time() >= gw.stop_deadline:
-                return self._end(_STOPPING)
-            return self._end(UpstreamError(self.provider, "timeout",
-                                           f"the request deadline of {gw.request_timeout:g}s passed mid-stream"))
         return Chunks(items, stream.finished)
+
+    def _expired(self):
+        """Why a read timed out, if a deadline of ours passed: the gateway stopping, or the request's."""
+        now = trio.current_time()
+        gw = self._gw
+        if now >= gw.stop_deadline:
+            return _STOPPING
+        if now >= self._ctx.deadline:
+            return UpstreamError(self.provider, "timeout",
+                                 f"the request deadline of {gw.request_timeout:g}s passed mid-stream")
+        return None
 
     def _end(self, error: BaseException | None):
         """Produce the stream's one end event; the upstream is closed by ``aclose()``."""
         self._ended = True
         gw, ctx, attempt = self._gw, self._ctx, self.attempt
+        gw._streams.discard(self)
         usage = self._stream.usage
         common = dict(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens, ttft=attempt.ttft,
                       stream=True, model=attempt.model)
@@ -806,6 +848,7 @@ class Streaming:
             # The consumer stopped reading before the end: the client went away.
             self._ended = True
             gw, ctx, attempt = self._gw, self._ctx, self.attempt
+            gw._streams.discard(self)
             usage = self._stream.usage
             gw.report(attempt, None, cancelled=True)
             gw.finish(ctx, status="error", http_status=499, error_type="client_disconnected",
