@@ -290,7 +290,7 @@ def _number(schema: dict, seed: int) -> float | int:
     lo, lo_x, hi, hi_x = _bounds(schema)
     frac = (seed % 1000) / 1000  # in [0, 1)
     if lo is None and hi is None:
-        return round(frac * 100, 3)
+        return round(frac * 100, 1) + 0.25  # never an integer: see below
     if lo is None:
         lo, lo_x = hi - 100, False
     if hi is None:
@@ -298,6 +298,8 @@ def _number(schema: dict, seed: int) -> float | int:
     if hi <= lo:
         return lo
     value = lo + (hi - lo) * frac
+    if float(value).is_integer() and value + 0.25 < hi:
+        value += 0.25  # a number that is not also an integer, so oneOf [integer, number] has its answer
     if (lo_x and value <= lo) or (hi_x and value >= hi):
         value = (lo + hi) / 2
     return value
