@@ -77,7 +77,7 @@ class Target:
 async def target(request, gateway_factory, fake_factory, tmp_path):
     if request.param == "gateway":
         text = Path(DEFAULT_CONFIG_PATH).read_text()
-        text = text.replace("port = 4003", "port = 0", 1).replace('dir = "data"', f'dir = "{tmp_path / "data"}"', 1)
+        text = text.replace("port = 4003", "port = 0", 1).replace("[data]\n", f'[data]\ndir = "{tmp_path / "data"}"\n', 1)
         assert "port = 0" in text and str(tmp_path) in text, "the default config changed shape"
         gw = await gateway_factory(text)
         return Target("gateway", gw.url)
