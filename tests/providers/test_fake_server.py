@@ -12,6 +12,7 @@ import random
 import struct
 
 import anthropic
+import attrs
 import httpx
 import openai
 import pytest
@@ -401,3 +402,18 @@ async def test_embeddings_base64_and_validation(port):
         assert vec == pytest.approx(fake_embedding("hi", 8), abs=1e-6)
         r = await client.post(url, json={"model": "fake-embedding", "input": []})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_help_describes_every_knob_and_the_default_port(capsys):
+    from runestone.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fake-provider", "--help"])
+    text = capsys.readouterr().out
+    assert "4010" in text and "127.0.0.1" in text
+    missing = [f.name for f in attrs.fields(FakeKnobs) if f.name not in text]
+    assert missing == []
+    from runestone.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["fake-provider"]
+    assert [a.option_strings for a in sub._actions if not a.help] == [], "every option says what it does"
