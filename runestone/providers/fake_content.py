@@ -21,6 +21,7 @@ import math
 import random
 import struct
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 import attrs
@@ -298,12 +299,9 @@ def _echo(messages, variant: int, min_words: int) -> str:
     echoed = prompt.split()[:_ECHO_WORDS]
     words = ["Echo:", *echoed] if echoed else ["Echo:", "(nothing)"]
     start = zlib.crc32(prompt.encode()) + 7 * variant
-    i = 0
-    while len(words) < max(min_words, _MIN_WORDS):
-        words.append(_FILLER[(start + i) % len(_FILLER)])
-        i += 1
-    words[-1] += "."
-    return " ".join(words)
+    size = len(_FILLER)
+    words += [_FILLER[(start + i) % size] for i in range(max(min_words, _MIN_WORDS) - len(words))]
+    return " ".join(words) + "."
 
 
 def _group(tokens: list[str], n_chunks: int) -> list[list[str]]:
@@ -390,9 +388,35 @@ def _tool_choice(index: int, name: str, schema, seed: int, n_chunks: int) -> Fak
     return FakeChoice(index, (), None, call, "tool_calls", None, estimate_tokens(name) + estimate_tokens(text))
 
 
+_CACHE_SIZE = 256
+_answers: OrderedDict[tuple, FakeAnswer] = OrderedDict()
+_STREAM_KEYS = ("stream", "stream_options")
+
+
 def fake_answer(body: dict, *, chunks: int = 8, text: str | None = None) -> FakeAnswer:
     """The fake model's answer to an OpenAI chat body; ``chunks`` pieces per streamed choice, ``text`` fixes
-    the plain-text reply. Raises :class:`FakeRequestError` for what a real API refuses."""
+    the plain-text reply. Raises :class:`FakeRequestError` for what a real API refuses.
+
+    The answer depends on nothing but its arguments (streaming or not aside), so the last few are kept:
+    a benchmark that repeats one request finds the fake nearly free, as a real upstream costs the
+    gateway's machine nothing. Answers are frozen; the callers only read them.
+    """
+    try:
+        key = (orjson.dumps({k: v for k, v in body.items() if k not in _STREAM_KEYS}, option=orjson.OPT_SORT_KEYS),
+               chunks, text)
+    except TypeError:
+        return _answer(body, chunks, text)
+    answer = _answers.get(key)
+    if answer is None:
+        answer = _answers[key] = _answer(body, chunks, text)
+        if len(_answers) > _CACHE_SIZE:
+            _answers.popitem(last=False)
+    else:
+        _answers.move_to_end(key)
+    return answer
+
+
+def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
     messages = body.get("messages") or []
     n = _positive_int(body, "n", _MAX_N) or 1
     top = _top_logprobs(body)
@@ -454,12 +478,13 @@ def openai_stream_frames(answer: FakeAnswer, head: dict, *, include_usage: bool)
     """
     base = {"id": head["id"], "object": "chat.completion.chunk", **{k: v for k, v in head.items() if k != "id"}}
     dumps = orjson.dumps
+    # The chunks differ only in their choice: the rest is serialised once (the fake is a benchmark's upstream).
+    prefix = b"data: " + dumps(base)[:-1] + b',"choices":[{"index":'
+    suffix = b'}],"usage":null}\n\n' if include_usage else b"}]}\n\n"
 
     def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> bytes:
-        c = {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            c["usage"] = None
-        return b"data: " + dumps(c) + b"\n\n"
+        return b"".join((prefix, str(index).encode(), b',"delta":', dumps(delta), b',"logprobs":', dumps(logprobs),
+                         b',"finish_reason":', dumps(finish_reason), suffix))
 
     opening, body, closing = [], [], []
     for c in answer.choices:
