@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""A real HTTP server that answers like OpenAI and Anthropic, with the fake model the README
 describes ("What the fake model does"): POST /v1/chat/completions, POST /v1/messages,
-POST /v1/embeddings and GET /v1/models, serving fake-model, gpt-4o-mini, claude-haiku-4-5
-and fake-embedding. Listens on http://127.0.0.1:4010 by default; point an openai-type
+POST /v1/messages/count_tokens, POST /v1/embeddings and GET /v1/models, serving fake-model,
+gpt-4o-mini, claude-haiku-4-5 and fake-embedding. Listens on http://127.0.0.1:4010 by default; point an openai-type
 provider at base_url "http://127.0.0.1:4010/v1" or an anthropic-type one at
 "http://127.0.0.1:4010".""",
         epilog="""knobs changed at run time (POST /_fake/knobs with a JSON object; GET it to read them):

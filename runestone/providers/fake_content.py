@@ -186,7 +186,8 @@ def _response_format(body: dict) -> tuple[str, dict | None]:
     if kind in ("text", "json_object"):
         return kind, None
     if kind == "json_schema":
-        spec = fmt.get("json_schema")
+        # Chat nests the schema in "json_schema"; the Responses API's text.format has it flat.
+        spec = fmt.get("json_schema") if "json_schema" in fmt or "schema" not in fmt else fmt
         if not isinstance(spec, dict):
             raise FakeRequestError("response_format.json_schema", "Missing required parameter: 'response_format.json_schema'.")
         schema = spec.get("schema")

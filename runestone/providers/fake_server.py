@@ -1,8 +1,9 @@
 """``runestone fake-provider``: a real HTTP server that answers like OpenAI and Anthropic, with fault knobs.
 
-It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic), ``POST /v1/embeddings``
-and ``GET /v1/models`` on the project's own HTTP server, with the wire formats of the real APIs (checked in the
-tests with the official SDKs) and deterministic content from :mod:`.fake_content`. It stands in for upstream
+It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``
+(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models`` on the project's own HTTP server, with the wire
+formats of the real APIs (checked in the tests with the official SDKs) and the fake model of
+:mod:`.fake_content`, whose token counts come from :mod:`.tokens`. It stands in for upstream
 providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
 statuses with ``retry-after``, hangs, connections dropped before or during a response, malformed or failing
 streams) are set at start and changed at runtime with ``POST /_fake/knobs``; ``GET /_fake/stats`` reports what
@@ -23,6 +24,7 @@ from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 from .messages_inbound import InboundError, anthropic_request_to_openai
 from .sse import encode_event
+from .tokens import count_anthropic_messages
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
 
@@ -166,6 +168,8 @@ class FakeProvider:
             return await self._model_route(request, method, self._chat) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/messages":
             return await self._model_route(request, method, self._messages) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/messages/count_tokens":
+            return await self._model_route(request, method, self._count_tokens) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
             return await self._model_route(request, method, self._embeddings) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models" and method == "GET":
@@ -192,7 +196,7 @@ class FakeProvider:
     async def _model_route(self, request, method: str, serve) -> Response:
         """Apply the knobs that act before any byte of the answer, then serve the route."""
         knobs = self.knobs
-        anthropic = serve == self._messages
+        anthropic = serve in (self._messages, self._count_tokens)
         raw = await request.body()
         if knobs.hang:
             self._fault("hang")
@@ -253,7 +257,8 @@ class FakeProvider:
 
     # -- Anthropic ---------------------------------------------------------------------------------------
 
-    def _messages(self, request, body: dict) -> Response:
+    def _anthropic_request(self, request, body: dict) -> dict | Response:
+        """The body as OpenAI chat, or the error the real API answers (headers, validation, model)."""
         # The API takes the key as x-api-key, or as a bearer token (which recent SDKs send).
         if not request.header(b"x-api-key") and not request.header(b"authorization"):
             return _anthropic_error(401, "x-api-key header is required")
@@ -263,9 +268,22 @@ class FakeProvider:
             translated = anthropic_request_to_openai(body)
         except InboundError as exc:
             return _anthropic_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
-        model = self._check_model(body)
-        if model is None:
+        if self._check_model(body) is None:
             return _anthropic_error(404, f"model: {body.get('model')}")
+        return translated
+
+    def _count_tokens(self, request, body: dict) -> Response:
+        # count_tokens takes a Messages body without max_tokens.
+        checked = self._anthropic_request(request, {**body, "max_tokens": 1, "stream": False})
+        if isinstance(checked, Response):
+            return checked
+        return Response.json({"input_tokens": count_anthropic_messages(body)})
+
+    def _messages(self, request, body: dict) -> Response:
+        translated = self._anthropic_request(request, body)
+        if isinstance(translated, Response):
+            return translated
+        model = body["model"]
         try:
             answer = fake_answer(translated, chunks=self.knobs.chunks, text=self.knobs.text)
         except FakeRequestError as exc:

@@ -383,3 +383,27 @@ async def test_requests_a_real_api_refuses_are_400s(target):
             await client.chat.completions.create(model="fake-model", messages=ASK, top_logprobs=2)
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="fake-model", messages=ASK, tool_choice="required")
+
+
+async def test_fake_provider_counts_tokens_as_its_usage_does(fake_factory):
+    server, _ = await fake_factory()
+    body = {"model": "fake-model", "system": "be brief", "tools": ANTHROPIC_TOOLS, "messages": [
+        *ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                 "input": {"city": "Paris", "unit": "celsius", "days": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                                     {"type": "text", "text": "and tomorrow?"}]}]}
+    async with Target("fake-provider", f"http://127.0.0.1:{server.port}").anthropic() as client:
+        counted = await client.messages.count_tokens(**body)
+        msg = await client.messages.create(max_tokens=100, **body)
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.count_tokens(**{**body, "model": "no-such-model"})
+    assert counted.input_tokens == msg.usage.input_tokens > 0
+
+
+async def test_responses_style_json_schema_format_is_understood(target):
+    # The Responses API's text.format is flat ({"type", "name", "schema", "strict"}): the fake reads it too.
+    async with target.openai() as client:
+        completion = await client.chat.completions.create(
+            model="fake-model", messages=ASK,
+            response_format={"type": "json_schema", "name": "review", "schema": SCHEMA, "strict": True})
+    jsonschema.validate(json.loads(completion.choices[0].message.content), SCHEMA)
