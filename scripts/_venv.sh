@@ -23,13 +23,19 @@ _extra="${1:-}"
 _stamp="$VENV/.installed-${_extra:-base}-$("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(open(sys.argv[1],"rb").read()).hexdigest()[:12])' "$ROOT/pyproject.toml")"
 if [ ! -f "$_stamp" ]; then
     if [ -n "$_extra" ]; then _spec="$ROOT[$_extra]"; else _spec="$ROOT"; fi
-    _say "installing runestone${_extra:+ with its $_extra extra} and its dependencies into .venv (about a minute the first time; again only when pyproject.toml changes)"
+    _say "installing runestone${_extra:+ with its $_extra extra} and its dependencies into .venv (a minute or so the first time; again only when pyproject.toml changes)"
+    # pip is silent while it unpacks; a heartbeat says it is still at work.
+    _t0=$SECONDS
+    ( while sleep 20; do _say "still installing ($((SECONDS - _t0)) s)"; done ) &
+    _beat=$!
     if ! PYTHONUNBUFFERED=1 "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e "$_spec" 2>&1 \
         | { grep --line-buffered -v -e "^Requirement already satisfied" -e "is ignored: it is neither a file nor a directory" || true; } \
         | sed -u 's/^/  pip: /' >&2; then
+        kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
         _say "pip install failed (see above); fix the cause and run this again"
         exit 1
     fi
+    kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
     touch "$_stamp"
     _say "installed"
 fi
