@@ -145,7 +145,8 @@ def cmd_fake_provider(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runestone", description="An OpenAI-compatible LLM gateway.")
     p.add_argument("--version", action="version", version=f"runestone {__version__}")
-    p.add_argument("--log-level", default=os.environ.get("RUNESTONE_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("RUNESTONE_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default: $RUNESTONE_LOG_LEVEL or INFO)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
@@ -158,15 +159,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?", help="config file (default: $RUNESTONE_CONFIG or the embedded default)")
     c.set_defaults(func=cmd_check_config)
 
-    f = sub.add_parser("fake-provider", help="run a fake OpenAI/Anthropic upstream for demos and tests")
-    f.add_argument("--host", default="127.0.0.1")
-    f.add_argument("--port", type=int, default=4010)
-    f.add_argument("--chunks", type=int)
-    f.add_argument("--ttfb-ms", type=int)
-    f.add_argument("--chunk-delay-ms", type=int)
-    f.add_argument("--coalesce", action="store_true", help="write each stream in one write when unpaced")
-    f.add_argument("--fault-status", type=int, default=0)
-    f.add_argument("--fault-probability", type=float, default=1.0)
+    f = sub.add_parser(
+        "fake-provider", help="run a fake OpenAI/Anthropic upstream for demos and tests",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""A real HTTP server that answers like OpenAI and Anthropic, with the fake model the README
+describes ("What the fake model does"): POST /v1/chat/completions, POST /v1/messages,
+POST /v1/messages/count_tokens, POST /v1/embeddings and GET /v1/models, serving fake-model,
+gpt-4o-mini, claude-haiku-4-5 and fake-embedding. Listens on http://127.0.0.1:4010 by default; point an openai-type
+provider at base_url "http://127.0.0.1:4010/v1" or an anthropic-type one at
+"http://127.0.0.1:4010".""",
+        epilog="""knobs changed at run time (POST /_fake/knobs with a JSON object; GET it to read them):
+  chunks, ttfb_ms, chunk_delay_ms, coalesce   as the options above
+  fault_status, fault_probability, retry_after  error answers (retry-after header in seconds)
+  hang                  never answer
+  drop_before_response  close the connection without a response
+  drop_mid_stream       cut a stream after half of its events
+  stream_error          send the API's in-stream error event there instead
+  malformed_sse         send a broken event there
+  seed                  seeds the fault draws (reproducible runs)
+  text                  fix the reply text (null: echo the last user message)
+  embedding_dims        default embedding size (256)
+  models                the model ids served
+GET /_fake/stats says what it served (requests per route, streams finished or cancelled, faults);
+POST /_fake/reset clears it.""")
+    f.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    f.add_argument("--port", type=int, default=4010, help="port to bind; 0 picks a free one (default: %(default)s)")
+    f.add_argument("--chunks", type=int, metavar="N",
+                   help="content pieces per streamed answer, split at token boundaries (default: 8)")
+    f.add_argument("--ttfb-ms", type=int, metavar="MS", help="wait before answering (default: 0)")
+    f.add_argument("--chunk-delay-ms", type=int, metavar="MS", help="wait between stream events (default: 0)")
+    f.add_argument("--coalesce", action="store_true",
+                   help="write each unpaced stream in one write, as a fast upstream would (default: off)")
+    f.add_argument("--fault-status", type=int, default=0, metavar="STATUS",
+                   help="answer model requests with this HTTP status, in the API's error shape (default: 0, none)")
+    f.add_argument("--fault-probability", type=float, default=1.0, metavar="P",
+                   help="share of model requests that get --fault-status (default: %(default)s)")
     f.set_defaults(func=cmd_fake_provider)
 
     from .control_cli import add_control_commands

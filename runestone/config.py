@@ -395,10 +395,14 @@ class AdminConfig:
 
 @attrs.frozen
 class DataConfig:
-    """Where the usage ledger and persisted registrations live."""
+    """Where the usage ledger and persisted registrations live.
 
-    #: Relative to the current directory of the process.
-    dir: str = _setting("data", _non_empty_str())
+    ``dir`` is always absolute once loaded (:func:`data_dir_default` and ``load_config``): by default
+    ``$XDG_DATA_HOME/runestone`` or ``~/.local/share/runestone``; ``$RUNESTONE_DATA_DIR`` relative to the
+    current directory; a path in a config file relative to that file; ``~`` expanded.
+    """
+
+    dir: str = _setting(check=_non_empty_str(), factory=lambda: str(data_dir_default(os.environ)))
 
     @property
     def path(self) -> Path:
@@ -1261,6 +1265,37 @@ def load_pricing(path: str | os.PathLike[str] | None = None) -> dict[str, ModelP
     return dict(_load_pricing_cached(str(p), mtime))
 
 
+def data_dir_default(env: Mapping[str, str]) -> Path:
+    """The data directory when neither the file nor ``$RUNESTONE_DATA_DIR`` names one (XDG's data home).
+
+    ``XDG_DATA_HOME`` and ``HOME`` missing from ``env`` are read from the process environment, so the
+    class default and ``load_config(env={})`` agree.
+    """
+    def get(name: str) -> str | None:
+        return env[name] if name in env else os.environ.get(name)
+
+    xdg = get("XDG_DATA_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "runestone"
+    home = get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "share" / "runestone"
+
+
+def _resolve_data_dir(raw: dict, sources: dict[_Path, str], env: Mapping[str, str], path: Path) -> dict:
+    """``[data] dir`` made absolute, so the data never lands wherever a command happens to run."""
+    data = raw.get("data")
+    value = data.get("dir") if isinstance(data, dict) else None
+    if value is None:
+        return _set_in(raw, ("data", "dir"), str(data_dir_default(env)))
+    if not isinstance(value, str) or not value:
+        return raw  # the type check reports it
+    where = Path(value).expanduser()
+    if not where.is_absolute():
+        base = Path.cwd() if sources.get(("data", "dir")) == "RUNESTONE_DATA_DIR" else path.resolve().parent
+        where = base / where
+    return _set_in(raw, ("data", "dir"), str(where))
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -1277,6 +1312,7 @@ def load_config(
     raw = _read_toml(Path(path))
     sources: dict[_Path, str] = {}
     raw = _apply_env(raw, env, sources)
+    raw = _resolve_data_dir(raw, sources, env, Path(path))
     raw = _inherit_group_defaults(raw, sources)
     report = _Report(Config, raw, sources)
     config = _structure(report, raw, Config)

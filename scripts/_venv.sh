@@ -1,20 +1,41 @@
-# Sourced by scripts/serve, scripts/test and scripts/bench: makes .venv and
-# installs the package (with the extra named in $1, if any) when pyproject.toml
-# changed since the last install. Needs only Python >= 3.11 and pip.
+# Sourced by scripts/serve, scripts/test and scripts/bench (which set -euo pipefail): makes .venv and
+# installs the package (with the extra named in $1, if any) when pyproject.toml changed since the last
+# install. Needs only Python >= 3.11 and pip. It says what it does on stderr, and lets pip print a line
+# per package it collects (no progress bars, no "already satisfied" lines), so a first run that takes a
+# minute is never a silent one.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
+_say() { echo "runestone setup: $*" >&2; }
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
     echo "runestone needs Python >= 3.11 (found: $("$PYTHON" --version 2>&1)); set PYTHON=python3.11" >&2
     exit 1
 }
 if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
+    _say "creating a virtual environment in $VENV with $("$PYTHON" --version 2>&1) (first run only)"
+    "$PYTHON" -m venv "$VENV" || {
+        _say "could not create $VENV; on Debian/Ubuntu install the python3-venv package, then run this again"
+        rm -rf "$VENV"
+        exit 1
+    }
 fi
 _extra="${1:-}"
 _stamp="$VENV/.installed-${_extra:-base}-$("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(open(sys.argv[1],"rb").read()).hexdigest()[:12])' "$ROOT/pyproject.toml")"
 if [ ! -f "$_stamp" ]; then
     if [ -n "$_extra" ]; then _spec="$ROOT[$_extra]"; else _spec="$ROOT"; fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$_spec" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    _say "installing runestone${_extra:+ with its $_extra extra} and its dependencies into .venv (a minute or so the first time; again only when pyproject.toml changes)"
+    # pip is silent while it unpacks; a heartbeat says it is still at work.
+    _t0=$SECONDS
+    ( while sleep 20; do _say "still installing ($((SECONDS - _t0)) s)"; done ) &
+    _beat=$!
+    if ! PYTHONUNBUFFERED=1 "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e "$_spec" 2>&1 \
+        | { grep --line-buffered -v -e "^Requirement already satisfied" -e "is ignored: it is neither a file nor a directory" || true; } \
+        | sed -u 's/^/  pip: /' >&2; then
+        kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
+        _say "pip install failed (see above); fix the cause and run this again"
+        exit 1
+    fi
+    kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
     touch "$_stamp"
+    _say "installed"
 fi

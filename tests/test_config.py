@@ -122,6 +122,22 @@ def test_each_environment_variable_overrides_the_file(var, text, get, expected):
     assert get(load_config(env={var: text})) == expected
 
 
+def test_the_data_directory_is_one_documented_place_whatever_the_current_directory(write, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    home = {"HOME": "/home/ann", "XDG_DATA_HOME": ""}
+    assert load_config(env=home).data.dir == "/home/ann/.local/share/runestone"
+    assert load_config(env={**home, "XDG_DATA_HOME": "/xdg"}).data.dir == "/xdg/runestone"
+    assert load_config(env={**home, "XDG_DATA_HOME": "relative"}).data.dir == "/home/ann/.local/share/runestone"
+    # A relative path in a file is relative to the file; in $RUNESTONE_DATA_DIR, to the current directory.
+    path = write('[data]\ndir = "state"\n')
+    assert load_config(path, env=home).data.dir == str(tmp_path / "state")
+    assert load_config(path, env={**home, "RUNESTONE_DATA_DIR": "mine"}).data.dir == str(elsewhere / "mine")
+    assert load_config(write('[data]\ndir = "~/rs"\n', "home.toml"), env=home).data.dir.endswith("/rs")
+    assert not load_config(write('[data]\ndir = "~/rs"\n', "home.toml"), env=home).data.dir.startswith("~")
+
+
 def test_environment_overrides_a_value_set_in_the_file(write):
     path = write("[retry]\njitter = false\nmax_attempts = 2\n")
     config = load_config(path, env={"RETRY_JITTER": "1"})

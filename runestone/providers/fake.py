@@ -1,23 +1,22 @@
 """The ``fake`` provider type: a model inside the gateway, so the embedded default config serves with no key.
 
-It answers deterministically (see :mod:`.fake_content`), streams in ``chunks`` pieces with an optional
-time to first byte and delay between chunks (config knobs ``chunks``, ``ttfb_ms``, ``chunk_delay_ms``),
-makes a tool call when the request offers tools, and serves embeddings. Sleeps go through trio, so tests
-under MockClock see its timing exactly.
+It answers as :mod:`.fake_content`'s fake model does (``n``, ``stop``, ``max_tokens``, ``logprobs``,
+``response_format``, ``tool_choice``; the same answers as ``runestone fake-provider``), streams in
+``chunks`` pieces with an optional time to first byte and delay between chunks (config knobs ``chunks``,
+``ttfb_ms``, ``chunk_delay_ms``), and serves embeddings. A request a real API would refuse is an upstream
+400. Sleeps go through trio, so tests under MockClock see its timing exactly.
 """
 
 from __future__ import annotations
 
-import base64
 import random
-import struct
 
 import orjson
 import trio
 
 from ..resilience.errors import UpstreamError
 from .base import ChatResult, Usage, new_created
-from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
+from .fake_content import FakeAnswer, FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 
 __all__ = ["FakeAdapter"]
 
@@ -71,104 +70,45 @@ class FakeAdapter:
             raise UpstreamError(self.name, "http", f"injected failure ({self._fail_status})",
                                 status=self._fail_status)
 
-    def _answer(self, body: dict):
-        messages = body.get("messages") or []
-        call = None
-        if body.get("tools"):
-            call = fake_tool_call(body["tools"], body.get("tool_choice"))
-        pieces = [] if call else fake_reply_chunks(messages, self._chunks, self._text)
-        prompt_tokens = count_tokens(messages)
-        if call:
-            completion_tokens = count_tokens(call["name"]) + count_tokens(orjson.dumps(call["arguments"]).decode())
-        else:
-            completion_tokens = count_tokens("".join(pieces))
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        finish = "tool_calls" if call else "stop"
-        if not call and isinstance(limit, int) and 0 < limit < completion_tokens:
-            # Honour the budget the way a model does: stop early and say so.
-            keep = max(1, len(pieces) * limit // completion_tokens)
-            pieces = pieces[:keep]
-            completion_tokens = count_tokens("".join(pieces))
-            finish = "length"
-        return pieces, call, Usage(prompt_tokens, completion_tokens), finish
+    def _answer(self, body: dict) -> FakeAnswer:
+        try:
+            return fake_answer(body, chunks=self._chunks, text=self._text)
+        except FakeRequestError as exc:
+            raise self._bad_request(exc) from None
+
+    def _bad_request(self, exc: FakeRequestError) -> UpstreamError:
+        # What an OpenAI upstream's 400 becomes: the client's fault, answered at once, no breaker count.
+        return UpstreamError(self.name, "http", f"upstream returned 400: {exc.message}", status=400)
+
+    def _head(self, body: dict, request_id: str) -> dict:
+        return {"id": request_id, "created": new_created(), "model": body["model"], "system_fingerprint": "fp_runestone_fake"}
 
     async def complete(self, body: dict, *, request_id: str) -> ChatResult:
         self._maybe_fail()
-        pieces, call, usage, finish = self._answer(body)
+        answer = self._answer(body)
         if self._ttfb:
             await trio.sleep(self._ttfb)
-        message: dict = {"role": "assistant", "content": None if call else "".join(pieces), "refusal": None}
-        if call:
-            message["tool_calls"] = [{
-                "id": call["id"], "type": "function",
-                "function": {"name": call["name"], "arguments": orjson.dumps(call["arguments"]).decode()},
-            }]
-        resp = {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": new_created(),
-            "model": body["model"],
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage.as_openai(),
-            "system_fingerprint": "fp_runestone_fake",
-        }
-        return ChatResult(orjson.dumps(resp), usage)
+        resp = openai_completion(answer, self._head(body, request_id))
+        return ChatResult(orjson.dumps(resp), Usage(answer.prompt_tokens, answer.completion_tokens))
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> FakeStream:
         self._maybe_fail()
-        pieces, call, usage, finish = self._answer(body)
-        head = {"id": request_id, "object": "chat.completion.chunk", "created": new_created(), "model": body["model"],
-                "system_fingerprint": "fp_runestone_fake"}
-        dumps = orjson.dumps
-
-        def chunk(delta: dict, finish_reason=None) -> bytes:
-            c = dict(head)
-            c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-            if include_usage:
-                c["usage"] = None
-            return dumps(c)
-
-        # One item per simulated upstream read: a list of chunk payloads.
-        out: list[list[bytes]] = []
-        if call:
-            out.append([chunk({"role": "assistant", "content": None, "tool_calls": [{
-                "index": 0, "id": call["id"], "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}]})])
-            out.append([chunk({"tool_calls": [{"index": 0, "function": {
-                "arguments": dumps(call["arguments"]).decode()}}]})])
-        else:
-            out.append([chunk({"role": "assistant", "content": "", "refusal": None})])
-            for p in pieces:
-                out.append([chunk({"content": p})])
-        # The finish chunk rides with the last content piece: one write, as an upstream read would be.
-        out[-1].append(chunk({}, finish))
-        if include_usage:
-            u = dict(head)
-            u["choices"] = []
-            u["usage"] = usage.as_openai()
-            out[-1].append(dumps(u))
-        # The role chunk goes with the first content piece.
-        if len(out) > 1:
-            out[0:2] = [out[0] + out[1]]
-        return FakeStream(out, usage, self._ttfb, self._delay)
+        answer = self._answer(body)
+        opening, pieces, closing = openai_stream_frames(answer, self._head(body, request_id),
+                                                        include_usage=include_usage, framed=False)
+        # One read per content piece, as an upstream's would be: the role chunk rides with the first
+        # piece, the finish and usage chunks with the last. Each read is a list of chunk payloads.
+        out = [[p] for p in pieces] or [[]]
+        out[0] = opening + out[0]
+        out[-1] = out[-1] + closing
+        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay)
 
     async def embed(self, body: dict) -> ChatResult:
-        inputs = body["input"]
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        dims = body.get("dimensions") or 256
-        b64 = body.get("encoding_format") == "base64"
-        data = []
-        tokens = 0
-        for i, text in enumerate(inputs):
-            if not isinstance(text, str):
-                text = orjson.dumps(text).decode()  # token arrays: embed their JSON text deterministically
-            tokens += count_tokens(text)
-            vec = fake_embedding(text, dims)
-            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if b64 else vec
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        resp = {"object": "list", "data": data, "model": body["model"],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        try:
+            resp = fake_embeddings(body, body["model"])
+        except FakeRequestError as exc:
+            raise self._bad_request(exc) from None
+        tokens = resp["usage"]["prompt_tokens"]
         return ChatResult(orjson.dumps(resp), Usage(tokens, 0))
 
     async def list_models(self) -> list[str]:

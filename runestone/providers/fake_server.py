@@ -1,8 +1,9 @@
 """``runestone fake-provider``: a real HTTP server that answers like OpenAI and Anthropic, with fault knobs.
 
-It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic), ``POST /v1/embeddings``
-and ``GET /v1/models`` on the project's own HTTP server, with the wire formats of the real APIs (checked in the
-tests with the official SDKs) and deterministic content from :mod:`.fake_content`. It stands in for upstream
+It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``
+(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models`` on the project's own HTTP server, with the wire
+formats of the real APIs (checked in the tests with the official SDKs) and the fake model of
+:mod:`.fake_content`, whose token counts come from :mod:`.tokens`. It stands in for upstream
 providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
 statuses with ``retry-after``, hangs, connections dropped before or during a response, malformed or failing
 streams) are set at start and changed at runtime with ``POST /_fake/knobs``; ``GET /_fake/stats`` reports what
@@ -11,9 +12,7 @@ it served, including streams whose client went away. All waiting is ``trio.sleep
 
 from __future__ import annotations
 
-import base64
 import random
-import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -22,9 +21,10 @@ import orjson
 import trio
 
 from ..http.server import ClientDisconnected, Response, serve_http
-from .fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
+from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 from ..wire.anthropic import InboundError, anthropic_request_to_openai
 from ..wire.sse import encode_event
+from .tokens import count_anthropic_messages
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
 
@@ -134,26 +134,6 @@ def _anthropic_error(status: int, message: str, *, headers=()) -> Response:
     return Response(status, [*_JSON_HEADERS, *headers], orjson.dumps(body))
 
 
-def _split(text: str, n: int) -> list[str]:
-    n = max(1, min(n, len(text)))
-    size = len(text)
-    return [text[k * size // n : (k + 1) * size // n] for k in range(n)] if size else [""]
-
-
-def _limit_to_max_tokens(pieces: list[str], max_tokens) -> tuple[list[str], bool]:
-    """Keep the pieces that fit in ``max_tokens`` (by :func:`count_tokens`); True if the reply was cut."""
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        return pieces, False
-    kept: list[str] = []
-    used = 0
-    for piece in pieces:
-        used += count_tokens(piece)
-        if used > max_tokens:
-            return kept or [pieces[0]], True
-        kept.append(piece)
-    return kept, False
-
-
 @attrs.define(eq=False)
 class FakeProvider:
     """The request handler of the fake server; one per server, its state touched only by trio tasks.
@@ -188,6 +168,8 @@ class FakeProvider:
             return await self._model_route(request, method, self._chat) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/messages":
             return await self._model_route(request, method, self._messages) if method == "POST" else self._not_allowed(method, path)
+        if path == "/v1/messages/count_tokens":
+            return await self._model_route(request, method, self._count_tokens) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/embeddings":
             return await self._model_route(request, method, self._embeddings) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models" and method == "GET":
@@ -214,7 +196,7 @@ class FakeProvider:
     async def _model_route(self, request, method: str, serve) -> Response:
         """Apply the knobs that act before any byte of the answer, then serve the route."""
         knobs = self.knobs
-        anthropic = serve == self._messages
+        anthropic = serve in (self._messages, self._count_tokens)
         raw = await request.body()
         if knobs.hang:
             self._fault("hang")
@@ -260,70 +242,23 @@ class FakeProvider:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _openai_error(400, "'messages' must be a non-empty array.", param="messages")
-        call = fake_tool_call(body.get("tools"), body.get("tool_choice")) if body.get("tools") else None
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        prompt_tokens = count_tokens(messages)
-        created = int(time.time())
-        cid = self._next_id("chatcmpl-")
-        if call is not None:
-            arguments = orjson.dumps(call["arguments"]).decode()
-            completion_tokens = count_tokens(call["name"]) + count_tokens(arguments)
-            pieces: list[str] = []
-            finish = "tool_calls"
-        else:
-            pieces, cut = _limit_to_max_tokens(fake_reply_chunks(messages, self.knobs.chunks, self.knobs.text), max_tokens)
-            completion_tokens = count_tokens("".join(pieces))
-            finish = "length" if cut else "stop"
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-        }
+        try:
+            answer = fake_answer(body, chunks=self.knobs.chunks, text=self.knobs.text)
+        except FakeRequestError as exc:
+            return _openai_error(400, exc.message, param=exc.param)
+        head = {"id": self._next_id("chatcmpl-"), "created": int(time.time()), "model": model,
+                "service_tier": "default", "system_fingerprint": "fp_fake"}
         if not body.get("stream"):
-            message: dict = {"role": "assistant", "content": None if call else "".join(pieces), "refusal": None, "annotations": []}
-            if call is not None:
-                message["tool_calls"] = [{"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": arguments}}]
-            return Response.json(
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                    "usage": usage,
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_fake",
-                }
-            )
+            return Response.json(openai_completion(answer, head))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "service_tier": "default", "system_fingerprint": "fp_fake"}
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-            c = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-            if include_usage:
-                c["usage"] = None
-            return b"data: " + orjson.dumps(c) + b"\n\n"
-
-        frames = [chunk({"role": "assistant", "content": "", "refusal": None})]
-        if call is not None:
-            frames.append(
-                chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}]})
-            )
-            frames.extend(chunk({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}) for a in _split(arguments, self.knobs.chunks))
-        else:
-            frames.extend(chunk({"content": p}) for p in pieces)
-        frames.append(chunk({}, finish))
-        if include_usage:
-            frames.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
-        frames.append(_DONE)
+        opening, pieces, closing = openai_stream_frames(answer, head, include_usage=include_usage)
         error = b'data: {"error":{"message":"injected mid-stream fault","type":"server_error","param":null,"code":null}}\n\n'
-        return Response(200, _SSE_HEADERS, stream=self._stream(frames, error))
+        return Response(200, _SSE_HEADERS, stream=self._stream([*opening, *pieces, *closing], error))
 
     # -- Anthropic ---------------------------------------------------------------------------------------
 
-    def _messages(self, request, body: dict) -> Response:
+    def _anthropic_request(self, request, body: dict) -> dict | Response:
+        """The body as OpenAI chat, or the error the real API answers (headers, validation, model)."""
         # The API takes the key as x-api-key, or as a bearer token (which recent SDKs send).
         if not request.header(b"x-api-key") and not request.header(b"authorization"):
             return _anthropic_error(401, "x-api-key header is required")
@@ -333,30 +268,43 @@ class FakeProvider:
             translated = anthropic_request_to_openai(body)
         except InboundError as exc:
             return _anthropic_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
-        model = self._check_model(body)
-        if model is None:
+        if self._check_model(body) is None:
             return _anthropic_error(404, f"model: {body.get('model')}")
-        messages = body["messages"]
-        call = fake_tool_call(body.get("tools"), body.get("tool_choice")) if body.get("tools") else None
-        input_tokens = count_tokens(translated["messages"])
+        return translated
+
+    def _count_tokens(self, request, body: dict) -> Response:
+        # count_tokens takes a Messages body without max_tokens.
+        checked = self._anthropic_request(request, {**body, "max_tokens": 1, "stream": False})
+        if isinstance(checked, Response):
+            return checked
+        return Response.json({"input_tokens": count_anthropic_messages(body)})
+
+    def _messages(self, request, body: dict) -> Response:
+        translated = self._anthropic_request(request, body)
+        if isinstance(translated, Response):
+            return translated
+        model = body["model"]
+        try:
+            answer = fake_answer(translated, chunks=self.knobs.chunks, text=self.knobs.text)
+        except FakeRequestError as exc:
+            return _anthropic_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
+        choice = answer.choices[0]
         mid = self._next_id("msg_")
+        call = choice.tool_call
         if call is not None:
-            arguments = orjson.dumps(call["arguments"]).decode()
-            output_tokens = count_tokens(call["name"]) + count_tokens(arguments)
-            pieces: list[str] = []
             stop_reason = "tool_use"
-            tool_id = "toolu_" + call["id"].removeprefix("call_")
+            tool_id = "toolu_" + call.id.removeprefix("call_")
+        elif choice.finish_reason == "length":
+            stop_reason = "max_tokens"
         else:
-            pieces, cut = _limit_to_max_tokens(fake_reply_chunks(messages, self.knobs.chunks, self.knobs.text), body["max_tokens"])
-            output_tokens = count_tokens("".join(pieces))
-            stop_reason = "max_tokens" if cut else "end_turn"
-        usage = {"input_tokens": input_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": output_tokens}
+            stop_reason = "stop_sequence" if choice.stop_sequence is not None else "end_turn"
+        usage = {"input_tokens": answer.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                 "output_tokens": answer.completion_tokens}
         if not body.get("stream"):
-            content: list[dict] = []
             if call is not None:
-                content.append({"type": "tool_use", "id": tool_id, "name": call["name"], "input": call["arguments"]})
+                content = [{"type": "tool_use", "id": tool_id, "name": call.name, "input": orjson.loads(call.arguments)}]
             else:
-                content.append({"type": "text", "text": "".join(pieces)})
+                content = [{"type": "text", "text": choice.text}]
             return Response.json(
                 {
                     "id": mid,
@@ -365,7 +313,7 @@ class FakeProvider:
                     "model": model,
                     "content": content,
                     "stop_reason": stop_reason,
-                    "stop_sequence": None,
+                    "stop_sequence": choice.stop_sequence,
                     "usage": usage,
                 }
             )
@@ -387,11 +335,11 @@ class FakeProvider:
             )
         ]
         if call is not None:
-            block = {"type": "tool_use", "id": tool_id, "name": call["name"], "input": {}}
-            deltas = [{"type": "input_json_delta", "partial_json": a} for a in _split(arguments, self.knobs.chunks)]
+            block = {"type": "tool_use", "id": tool_id, "name": call.name, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": a} for a in call.pieces]
         else:
             block = {"type": "text", "text": ""}
-            deltas = [{"type": "text_delta", "text": p} for p in pieces]
+            deltas = [{"type": "text_delta", "text": p} for p in choice.pieces]
         frames.append(event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}))
         frames.append(event("ping", {"type": "ping"}))
         frames.extend(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas)
@@ -399,7 +347,8 @@ class FakeProvider:
         frames.append(
             event(
                 "message_delta",
-                {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": {"output_tokens": output_tokens}},
+                {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": choice.stop_sequence},
+                 "usage": {"output_tokens": answer.completion_tokens}},
             )
         )
         frames.append(event("message_stop", {"type": "message_stop"}))
@@ -461,26 +410,10 @@ class FakeProvider:
         model = self._check_model(body)
         if model is None:
             return _openai_error(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.", param="model")
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        elif isinstance(inputs, list) and inputs and all(isinstance(x, int) for x in inputs):
-            inputs = [" ".join(map(str, inputs))]  # one pre-tokenised input
-        if not isinstance(inputs, list) or not inputs:
-            return _openai_error(400, "'input' must be a non-empty string or array.", param="input")
-        dims = body.get("dimensions") or self.knobs.embedding_dims
-        if not isinstance(dims, int) or dims < 1:
-            return _openai_error(400, "'dimensions' must be a positive integer.", param="dimensions")
-        as_base64 = body.get("encoding_format") == "base64"
-        data = []
-        tokens = 0
-        for i, item in enumerate(inputs):
-            text = item if isinstance(item, str) else " ".join(map(str, item))
-            tokens += count_tokens(text)
-            vec = fake_embedding(text, dims)
-            embedding = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if as_base64 else vec
-            data.append({"object": "embedding", "index": i, "embedding": embedding})
-        return Response.json({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        try:
+            return Response.json(fake_embeddings(body, model, self.knobs.embedding_dims))
+        except FakeRequestError as exc:
+            return _openai_error(400, exc.message, param=exc.param)
 
     def _models(self, request) -> Response:
         if request.header(b"anthropic-version"):

@@ -12,13 +12,15 @@ import random
 import struct
 
 import anthropic
+import attrs
 import httpx
 import openai
 import pytest
 import trio
 import trio.testing
 
-from runestone.providers.fake_content import count_tokens, fake_embedding, fake_reply_chunks, fake_tool_call
+from runestone.providers.fake_content import fake_answer, fake_embedding, fake_reply_chunks
+from runestone.providers.tokens import count_anthropic_messages, count_openai_chat, estimate_tokens
 from runestone.providers.fake_server import FakeKnobs, serve_fake_provider
 from runestone.wire.sse import SSEParser
 
@@ -57,31 +59,34 @@ def test_reply_is_deterministic_echo_in_n_pieces():
 
 def test_reply_with_fixed_text():
     assert "".join(fake_reply_chunks(HELLO, 4, text="one two three four five")) == "one two three four five"
-    assert fake_reply_chunks(HELLO, 4, text="ab") == ["a", "b"]
+    assert fake_reply_chunks(HELLO, 4, text="one two three four five") == ["one", " two", " three", " four five"]
+    assert fake_reply_chunks(HELLO, 4, text="ab") == ["ab"]  # one token: one piece
     spaced = fake_reply_chunks(HELLO, 3, text="  spaced  out ")
     assert "".join(spaced) == "  spaced  out " and len(spaced) == 3 and all(spaced)
-    assert fake_reply_chunks(HELLO, 3, text=" a") == [" ", "a"]
     assert fake_reply_chunks([], 0, text="x") == ["x"]
+    assert fake_reply_chunks([], 3, text="") == []
 
 
-def test_count_tokens():
-    assert count_tokens("") == 0 and count_tokens("abcd") == 1 and count_tokens("abcde") == 2
-    assert count_tokens(HELLO) == 3 + count_tokens("hello there fake model")
-    assert count_tokens([{"role": "user", "content": [{"type": "text", "text": "abcd"}]}]) == 4
+def _call(tools, tool_choice=None, messages=HELLO):
+    body = {"model": "m", "messages": messages, "tools": tools}
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    return fake_answer(body).choices[0].tool_call
 
 
 def test_tool_call_from_either_tool_shape():
-    call = fake_tool_call([WEATHER_TOOL])
-    assert call["name"] == "get_weather"
-    assert call["arguments"] == {"city": "fake", "unit": "celsius", "days": 2}
-    assert call["id"].startswith("call_") and call == fake_tool_call([ANTHROPIC_TOOL])
-    assert fake_tool_call([WEATHER_TOOL], "none") is None
-    assert fake_tool_call([ANTHROPIC_TOOL], {"type": "none"}) is None
-    assert fake_tool_call([]) is None
+    call = _call([WEATHER_TOOL])
+    assert call.name == "get_weather"
+    args = json.loads(call.arguments)
+    assert set(args) == {"city", "unit", "days"} and args["unit"] in ("celsius", "fahrenheit") and args["days"] >= 2
+    assert call.id.startswith("call_") and call == _call([ANTHROPIC_TOOL])
+    assert _call([WEATHER_TOOL], "none") is None
+    assert _call([ANTHROPIC_TOOL], {"type": "none"}) is None
+    assert _call([]) is None
     other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object", "properties": {}}}}
-    assert fake_tool_call([other, WEATHER_TOOL], {"type": "function", "function": {"name": "get_weather"}})["name"] == "get_weather"
-    assert fake_tool_call([other, ANTHROPIC_TOOL], {"type": "tool", "name": "get_weather"})["name"] == "get_weather"
-    assert fake_tool_call([other, WEATHER_TOOL])["arguments"] == {}
+    assert _call([other, WEATHER_TOOL], {"type": "function", "function": {"name": "get_weather"}}).name == "get_weather"
+    assert _call([other, ANTHROPIC_TOOL], {"type": "tool", "name": "get_weather"}).name == "get_weather"
+    assert _call([other, WEATHER_TOOL]).arguments == "{}"
 
 
 def test_embedding_is_a_deterministic_unit_vector():
@@ -132,8 +137,8 @@ async def test_openai_sdk_non_stream_and_stream_agree(port):
         expected = "".join(fake_reply_chunks(HELLO, 8))
         assert resp.object == "chat.completion" and resp.model == "gpt-4o-mini"
         assert resp.choices[0].message.content == expected and resp.choices[0].finish_reason == "stop"
-        assert resp.usage.prompt_tokens == count_tokens(HELLO)
-        assert resp.usage.completion_tokens == count_tokens(expected)
+        assert resp.usage.prompt_tokens == count_openai_chat({"messages": HELLO})
+        assert resp.usage.completion_tokens == estimate_tokens(expected)
         assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
         stream = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True, stream_options={"include_usage": True})
@@ -155,7 +160,7 @@ async def test_openai_sdk_tools(port):
         resp = await client.chat.completions.create(model="fake-model", messages=HELLO, tools=[WEATHER_TOOL])
         call = resp.choices[0].message.tool_calls[0]
         assert resp.choices[0].finish_reason == "tool_calls" and resp.choices[0].message.content is None
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "fake", "unit": "celsius", "days": 2}
+        assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city", "unit", "days"}
 
         async with client.chat.completions.stream(model="fake-model", messages=HELLO, tools=[WEATHER_TOOL]) as helper:
             final = await helper.get_final_completion()
@@ -192,8 +197,8 @@ async def test_anthropic_sdk_non_stream_and_stream(port):
         expected = "".join(fake_reply_chunks(HELLO, 8))
         assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
         assert msg.content[0].type == "text" and msg.content[0].text == expected
-        assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == count_tokens(expected)
-        assert msg.usage.input_tokens == count_tokens([{"role": "system", "content": "be brief"}, *HELLO])
+        assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == estimate_tokens(expected)
+        assert msg.usage.input_tokens == count_anthropic_messages({"system": "be brief", "messages": HELLO})
 
         async with client.messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=HELLO) as stream:
             texts = [t async for t in stream.text_stream]
@@ -218,7 +223,7 @@ async def test_anthropic_sdk_tools(port):
         msg = await client.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=HELLO, tools=[ANTHROPIC_TOOL])
         block = msg.content[0]
         assert msg.stop_reason == "tool_use" and block.type == "tool_use" and block.id.startswith("toolu_")
-        assert block.name == "get_weather" and block.input == {"city": "fake", "unit": "celsius", "days": 2}
+        assert block.name == "get_weather" and block.input == json.loads(_call([WEATHER_TOOL]).arguments)
         async with client.messages.stream(
             model="claude-haiku-4-5", max_tokens=100, messages=HELLO, tools=[ANTHROPIC_TOOL], tool_choice={"type": "tool", "name": "get_weather"}
         ) as stream:
@@ -397,3 +402,18 @@ async def test_embeddings_base64_and_validation(port):
         assert vec == pytest.approx(fake_embedding("hi", 8), abs=1e-6)
         r = await client.post(url, json={"model": "fake-embedding", "input": []})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_help_describes_every_knob_and_the_default_port(capsys):
+    from runestone.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fake-provider", "--help"])
+    text = capsys.readouterr().out
+    assert "4010" in text and "127.0.0.1" in text
+    missing = [f.name for f in attrs.fields(FakeKnobs) if f.name not in text]
+    assert missing == []
+    from runestone.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["fake-provider"]
+    assert [a.option_strings for a in sub._actions if not a.help] == [], "every option says what it does"
