@@ -18,9 +18,8 @@ import trio
 
 from ..config import ProviderSpec, provider_spec_to_dict
 from ..http.client import PoolLimits, Timeouts, make_transport
-from ..resilience.breaker import Published
 from ..resilience.failover import ProviderInfo
-from ..runtime import Actor, ChildSpec, Supervisor
+from ..runtime import Actor, ChildSpec, Published, Supervisor
 from .anthropic import AnthropicAdapter
 from .fake import FakeAdapter
 from .openai import OpenAIAdapter
