@@ -128,13 +128,16 @@ async def test_health_publishes_at_once_on_status_change_else_on_the_tick(autoju
         handler, ref = await start(nursery, health_cell=cell, health_params=params, flush_interval=0.5)
         ref.cast(attempt("a", ok=True))
         await ref.call("summary")  # a round trip: every cast before it was handled
-        published = cell.value
+        published, version = cell.value, cell.version
         assert "a" not in published  # no status change: waits for the tick
         await trio.sleep(0.6)
         assert cell.value["a"].requests == 1
+        assert cell.version > version, "the health table changed without a publish"
+        version = cell.version
         ref.cast(attempt("a", ok=False))  # 1/2 -> degraded: a change, published now
         await ref.call("summary")
         assert cell.value["a"].status == "degraded"
+        assert cell.version == version + 1
         ref.request_stop()
 
 
