@@ -281,4 +281,7 @@ class EnhancedProviderSupervisor(Supervisor):
         return await self.start_child(self.child_for(spec))
 
     async def unregister(self, name: str) -> None:
+        """Stop the provider's actor and forget its spec (OTP's terminate_child, then delete_child).
+        KeyError if there is no such provider."""
         await self.terminate_child(name)
+        await self.delete_child(name)
