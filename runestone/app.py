@@ -34,7 +34,7 @@ from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
 from .http.server import Limits, serve_http
 from .providers.supervisor import EnhancedProviderSupervisor, ProviderTable
-from .resilience.breaker import BreakerSettings, Published
+from .resilience.breaker import BreakerSettings
 from .resilience.breaker_manager import CircuitBreakerManager
 from .resilience.failover import GroupSelector, GroupSpec
 from .resilience.failover_manager import FailoverManager
@@ -42,7 +42,7 @@ from .routing.aliases import AliasWatcher, aliases_path
 from .routing.executor import Gateway
 from .routing.pool import InFlightTable, ProviderPool
 from .routing.splits import NamedRoutes
-from .runtime import ChildSpec, NamedRef, Registry, Supervisor, dump_state
+from .runtime import ChildSpec, NamedRef, Published, Registry, Supervisor, dump_state
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
@@ -98,8 +98,8 @@ class Application:
         self.data_dir = Path(config.data.dir)
         # Published cells and tables: made once, outlive actor restarts.
         self.providers = ProviderTable()
-        self.breaker_views = Published({})
-        self.health = Published(None)
+        self.breaker_views = Published({}, owner="circuit_breaker_manager")
+        self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
         tel = config.telemetry

@@ -21,9 +21,7 @@ events as ``{"type": "event", "event"}`` messages. Everything here needs the adm
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -37,10 +35,9 @@ from ..control_store import ControlState, ControlStoreError, group_to_dict
 from ..http.server import Request, Response, WebSocketAccept
 from ..resilience.breaker import BreakerSettings
 from ..resilience.failover import DEFAULT_GROUP, GroupSpec
-from ..resilience.replies import Rejected
 from ..routing.executor import GatewayError
 from ..wire.errors import openai_error_object
-from ..runtime import ActorError, NamedRef
+from ..runtime import ActorError, NamedRef, Rejected, plain
 from ..telemetry.events import ProviderRegistered, ProviderUnregistered
 from .api import Caller
 from .ws import MessageConnection, serve_connection, valid_id, ws_error
@@ -60,23 +57,6 @@ EVENT_BUFFER = 512
 RESUBSCRIBE = 5.0
 _PROVIDER_KEYS = frozenset({"name", "type", "config"})
 _GROUP_KEYS = frozenset({"name", "providers", "strategy", "max_attempts", "health_threshold"})
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready data from attrs instances, mappings (read-only ones too), sequences and enums."""
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return _plain(value.value)
-    if attrs.has(type(value)):
-        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
-    return str(value)
 
 
 def _bad(message: str, code: str = "invalid_value", param: str | None = None) -> GatewayError:
@@ -429,7 +409,7 @@ class ControlPlane:
         out = []
         for name, group in sorted(self._groups().items()):
             row = group_to_dict(group)
-            row["stats"] = _plain(stats.get(name)) if name in stats else None
+            row["stats"] = plain(stats.get(name)) if name in stats else None
             row["source"] = "control" if name in self.state.groups else "config"
             out.append(row)
         return out
@@ -518,7 +498,7 @@ class ControlPlane:
             # No outcome was ever reported for it: its circuit is closed already.
             return {"provider": name, "state": "closed"}
         log.info("circuit of provider %s reset", name)
-        return _plain(view)
+        return plain(view)
 
     def snapshot(self) -> dict:
         app = self.app
@@ -531,7 +511,7 @@ class ControlPlane:
             "removed_groups": sorted(self.state.removed_groups),
             "changes": self.changes,
             "changes_in_progress": sorted(f"{k} {n}" for k, n in self._busy),
-            "websockets": _plain(ws_routes.snapshot()) if ws_routes is not None else [],
+            "websockets": plain(ws_routes.snapshot()) if ws_routes is not None else [],
         }
 
     def dump_state(self) -> dict:

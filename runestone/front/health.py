@@ -13,25 +13,18 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qs
 
-import attrs
 import trio
 
 from ..http.errors import local_resource_errors
 from ..http.server import Response
 from ..resilience.breaker import DENY, check
 from ..routing.executor import GatewayError
-from ..runtime import ActorError
+from ..runtime import ActorError, plain
 from ..telemetry.metrics import render_counter
 
 __all__ = ["install"]
 
 _TEXT_METRICS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-
-
-def _plain(value):
-    if attrs.has(type(value)):
-        return attrs.asdict(value)
-    return value
 
 
 class HealthRoutes:
@@ -84,7 +77,7 @@ class HealthRoutes:
         if ref is None:
             return None
         try:
-            return _plain(await ref.call("summary", timeout=2.0))
+            return plain(await ref.call("summary", timeout=2.0))
         except ActorError:
             return None
 

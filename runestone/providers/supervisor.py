@@ -18,9 +18,8 @@ import trio
 
 from ..config import ProviderSpec, provider_spec_to_dict
 from ..http.client import PoolLimits, Timeouts, make_transport
-from ..resilience.breaker import Published
 from ..resilience.failover import ProviderInfo
-from ..runtime import Actor, ChildSpec, Supervisor
+from ..runtime import Actor, ChildSpec, Published, Supervisor
 from .anthropic import AnthropicAdapter
 from .fake import FakeAdapter
 from .openai import OpenAIAdapter
@@ -282,4 +281,7 @@ class EnhancedProviderSupervisor(Supervisor):
         return await self.start_child(self.child_for(spec))
 
     async def unregister(self, name: str) -> None:
+        """Stop the provider's actor and forget its spec (OTP's terminate_child, then delete_child).
+        KeyError if there is no such provider."""
         await self.terminate_child(name)
+        await self.delete_child(name)

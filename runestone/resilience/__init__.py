@@ -4,8 +4,8 @@ Layers inside: ``errors`` (what went wrong, and whether it counts or may be
 retried) <- ``breaker``, ``retry``, ``failover`` (pure state machines and
 policies, time passed in) <- ``breaker_manager``, ``failover_manager`` (the
 actors that own that state and publish immutable views for the request path).
-``replies`` is how those actors refuse a call. The public names are
-re-exported here.
+Those actors refuse a call with the runtime's ``Rejected``, and publish into
+the runtime's ``Published`` cells. The public names are re-exported here.
 """
 
 from .breaker import ALLOW as ALLOW
@@ -14,7 +14,6 @@ from .breaker import DENY as DENY
 from .breaker import BreakerSettings as BreakerSettings
 from .breaker import BreakerView as BreakerView
 from .breaker import CircuitBreaker as CircuitBreaker
-from .breaker import Published as Published
 from .breaker import Transition as Transition
 from .breaker import check as check
 from .breaker_manager import PROBE as PROBE
@@ -33,8 +32,6 @@ from .failover_manager import FailoverManager as FailoverManager
 from .failover_manager import FailoverStats as FailoverStats
 from .failover_manager import GroupStats as GroupStats
 from .failover_manager import ProviderStats as ProviderStats
-from .replies import Rejected as Rejected
-from .replies import unwrap as unwrap
 from .retry import RetryPolicy as RetryPolicy
 from .retry import parse_retry_after as parse_retry_after
 from .retry import retry_policy as retry_policy

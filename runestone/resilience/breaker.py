@@ -25,12 +25,13 @@ import attrs
 
 from runestone.resilience.errors import UpstreamError, counts_as_failure, is_retryable
 
+# The cell lives in the runtime; routing/executor.py still imports it from here.
+
 __all__ = [
     "BreakerSettings",
     "BreakerView",
     "CircuitBreaker",
     "Transition",
-    "Published",
     "check",
     "counts_as_failure",
     "is_retryable",
@@ -148,26 +149,6 @@ class Transition:
     #: "probes_succeeded" or "reset".
     reason: str
     at: float
-
-
-@attrs.define
-class Published:
-    """A cell holding the latest immutable snapshot an actor publishes.
-
-    The owner replaces ``value`` with a new immutable object; readers load
-    ``value`` once and use what they got. A single attribute store is atomic
-    under trio (one thread), so a reader never sees half an update. The cell is
-    made by whoever builds the tree, so a restarted owner publishes into the
-    same cell its readers already hold.
-    """
-
-    value: Any = None
-    #: Bumped on every publish, so readers can tell cheaply whether anything changed.
-    version: int = 0
-
-    def publish(self, value: Any) -> None:
-        self.value = value
-        self.version += 1
 
 
 @attrs.define

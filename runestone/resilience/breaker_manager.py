@@ -37,12 +37,10 @@ from runestone.resilience.breaker import (
     BreakerSettings,
     BreakerView,
     CircuitBreaker,
-    Published,
     Transition,
     check,
 )
-from runestone.resilience.replies import Rejected
-from runestone.runtime import Actor
+from runestone.runtime import Actor, Published, Rejected
 from runestone.telemetry.events import BreakerTransition
 
 # ALLOW and DENY are re-exported for callers comparing ``admit``'s answers.

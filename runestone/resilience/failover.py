@@ -36,7 +36,8 @@ from typing import Any
 
 import attrs
 
-from runestone.resilience.breaker import CLOSED, OPEN, BreakerView, Published
+from runestone.resilience.breaker import CLOSED, OPEN, BreakerView
+from runestone.runtime import Published
 
 __all__ = [
     "STRATEGIES",

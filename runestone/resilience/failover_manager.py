@@ -36,8 +36,7 @@ from typing import Any
 import attrs
 
 from runestone.resilience.failover import DEFAULT_GROUP, GroupSelector, GroupSpec, ProviderInfo, RouteState
-from runestone.resilience.replies import Rejected
-from runestone.runtime import Actor
+from runestone.runtime import Actor, Rejected
 from runestone.telemetry.events import FailoverEvent
 
 __all__ = ["FailoverManager", "NAME", "GroupStats", "ProviderStats", "FailoverStats"]

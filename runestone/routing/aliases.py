@@ -22,8 +22,7 @@ import attrs
 import trio
 
 from ..config import DEFAULT_CONFIG_PATH
-from ..resilience.breaker import Published
-from ..runtime import Actor
+from ..runtime import Actor, Published
 
 __all__ = ["AliasError", "AliasWatcher", "AliasWatcherSnapshot", "DEFAULT_ALIASES_PATH", "aliases_path",
            "load_aliases", "parse_aliases"]

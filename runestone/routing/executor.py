@@ -32,7 +32,8 @@ import trio
 
 from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
-from ..resilience.breaker import ALLOW, CLOSED, DENY, Published, check
+from ..resilience.breaker import ALLOW, CLOSED, DENY, check
+from ..runtime import Published
 from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.retry import RetryPolicy

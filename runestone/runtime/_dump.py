@@ -4,24 +4,20 @@
 ref, or any object offering ``dump()`` or ``snapshot()``) and returns plain
 JSON-ready data. It runs synchronously, so the picture is consistent: no actor
 or supervisor moves while it is taken. Snapshots come from the actors
-themselves (secrets already redacted there); attrs instances, enums, sets and
-the like are turned into plain JSON types here.
+themselves (secrets already redacted there); :func:`~._plain.plain` turns
+attrs instances, enums, sets and the like into plain JSON types (and masks any
+attrs field marked secret that a snapshot let through).
 """
 
 from __future__ import annotations
 
-import enum
-import math
-from collections.abc import Mapping
 from typing import Any
 
-import attrs
-
 from ._actor import Actor, ActorRef, NamedRef
+from ._plain import _key, plain
+from ._plain import error_dict as _error
 from ._spec import ChildInfo
 from ._supervisor import Supervisor
-
-_SCALARS = (str, int, bool, type(None))
 
 
 def dump_state(root: Any) -> dict[str, Any]:
@@ -114,9 +110,9 @@ def _other_node(obj: Any, info: ChildInfo | None) -> dict[str, Any]:
             node["snapshot"] = {"error": _error(exc)}
         else:
             if isinstance(extra, dict):
-                node.update({_key(key): _plain(value) for key, value in extra.items()})
+                node.update({_key(key): plain(value) for key, value in extra.items()})
             else:
-                node["snapshot"] = _plain(extra)
+                node["snapshot"] = plain(extra)
         return node
     snapshot = getattr(obj, "snapshot", None)
     if callable(snapshot):
@@ -126,43 +122,6 @@ def _other_node(obj: Any, info: ChildInfo | None) -> dict[str, Any]:
 
 def _snapshot(snapshot: Any) -> Any:
     try:
-        return _plain(snapshot())
+        return plain(snapshot())
     except Exception as exc:
         return {"error": _error(exc)}
-
-
-def _error(exc: BaseException | None) -> dict[str, str] | None:
-    if exc is None:
-        return None
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON types: dicts with str keys, lists, str, int, float, bool, None."""
-    if isinstance(value, _SCALARS):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return _plain(value.value)
-    if attrs.has(type(value)):
-        return {field.name: _plain(getattr(value, field.name)) for field in attrs.fields(type(value))}
-    if isinstance(value, Mapping):  # dicts, and read-only views such as MappingProxyType
-        return {_key(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(item) for item in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, BaseException):
-        return _error(value)
-    return repr(value)
-
-
-def _key(key: Any) -> str:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, bytes):
-        return key.decode("utf-8", "replace")
-    if isinstance(key, enum.Enum):
-        return str(key.value)
-    return str(key)

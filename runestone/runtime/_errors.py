@@ -7,7 +7,8 @@ them; the leaves say why::
     ├── ActorDead              the actor is not running, or stopped/crashed while a call was pending
     ├── CallTimeout            call() got no reply in time; the actor keeps running
     ├── MailboxFull            cast() found the bounded mailbox full
-    └── SupervisorEscalation   a supervisor exceeded its restart intensity and gave up
+    └── Shutdown               a child stopped on purpose (OTP's exit reason ``shutdown``)
+        └── SupervisorEscalation   a supervisor exceeded its restart intensity and gave up
 """
 
 from __future__ import annotations
@@ -57,11 +58,27 @@ class MailboxFull(ActorError):
         super().__init__(f"mailbox of actor {name!r} is full ({capacity} messages)")
 
 
-class SupervisorEscalation(ActorError):
+class Shutdown(ActorError):
+    """A child ends with this to say it stopped on purpose, not by a fault: OTP's exit
+    reason ``shutdown`` (or ``{shutdown, Term}``; ``reason`` is the term).
+
+    Its supervisor restarts it only if it is ``permanent``: a ``transient`` child
+    that exits with ``Shutdown`` is not restarted, just as after a normal return,
+    and it is not logged as a crash.
+    """
+
+    def __init__(self, message: str = "shutdown", reason: object = None) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class SupervisorEscalation(Shutdown):
     """A supervisor saw more restarts than its intensity allows within its period.
 
     It has already stopped all its children (in reverse start order) when this is
-    raised out of ``Supervisor.run``; its own parent treats it as a crash.
+    raised out of ``Supervisor.run``. As in OTP, where such a supervisor exits with
+    reason ``shutdown``, it is a :class:`Shutdown`: a ``permanent`` parent restarts
+    it (counting that against its own intensity), a ``transient`` one does not.
     ``last_error`` is the child failure that tipped it over (also the ``__cause__``).
     """
 
@@ -84,5 +101,5 @@ class SupervisorEscalation(ActorError):
             message += f": more than {intensity} restarts in {period:g} s"
         if last_error is not None:
             message += f"; last error: {type(last_error).__name__}: {last_error}"
-        super().__init__(message)
+        super().__init__(message, "reached_max_restart_intensity")
         self.__cause__ = last_error

@@ -39,8 +39,8 @@ class ChildSpec:
     supervisors).
 
     Restart types (Erlang's): ``permanent`` is always restarted, ``transient``
-    only after a crash (an exception), ``temporary`` never (and is forgotten
-    once it exits).
+    only after a crash (an exception other than ``Shutdown``), ``temporary``
+    never (and is forgotten once it exits).
     """
 
     id: str
@@ -64,7 +64,9 @@ class ChildInfo:
     """``"running"``; ``"restarting"`` between an exit and a successful restart
     (also while a failed restart waits for another attempt); ``"stopped"`` when
     not running and not due to be restarted (a transient child that exited
-    normally, or one not started yet)."""
+    normally or with ``Shutdown``, one stopped by ``terminate_child``, one not
+    started yet, or the rest of a group whose restart failed to start a member
+    before it: the retry starts them)."""
     value: Any
     """What the current incarnation passed to ``task_status.started()``; ``None`` unless running."""
     restarts: int

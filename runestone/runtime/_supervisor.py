@@ -9,20 +9,77 @@ before each restart, past which it stops every child (reverse start order,
 each with its grace) and raises :class:`SupervisorEscalation` to its parent.
 All changes to the child list (exits, restarts, dynamic starts and stops,
 shutdown) are serialised through one lock, so they never interleave.
+
+The rules of OTP's ``supervisor.erl`` that hold here, each with its test in
+``tests/runtime/test_supervisor.py`` (and the property test's model):
+
+- Defaults: ``one_for_one``, ``intensity`` 1 within a ``period`` of 5 s.
+- Intensity (``add_restart``): each restart is timestamped; stamps older than
+  ``now - period`` are dropped (one exactly ``period`` old still counts), and
+  when more than ``intensity`` remain the supervisor gives up *instead of*
+  restarting.
+- A restart whose start fails is retried (``try_again_restart``), each try
+  counting as a restart; the retry is queued behind the events already waiting
+  (OTP casts it to itself), so a ``request_stop``, another child's exit or a
+  ``terminate_child``/``start_child`` waiting for the lock goes first. A child
+  no longer ``restarting`` by then (terminated meanwhile, or restarted with its
+  group) is not retried. In a group restart, the children after the one that
+  failed to start are left ``stopped`` until the retry starts them.
+- ``one_for_all``/``rest_for_one`` stop the rest of the group in reverse start
+  order and start it in start order; ``temporary`` siblings are stopped and
+  forgotten, never restarted, and stopped ``transient`` ones are started again.
+- ``terminate_child`` stops a child and keeps its spec (``temporary`` children
+  excepted: their spec goes), so ``restart_child`` can start it again and a
+  group restart starts it too; ``delete_child`` forgets the spec of a stopped
+  child only.
+- Exit reasons: returning is ``normal``; raising :class:`Shutdown` is
+  ``shutdown``/``{shutdown, Term}``; any other exception is abnormal. A
+  ``transient`` child is restarted only after an abnormal exit.
+- Giving up: the supervisor stops every child, then exits with reason
+  ``shutdown`` (OTP's documented behaviour): here it raises
+  :class:`SupervisorEscalation`, a :class:`Shutdown`, so a ``permanent``
+  parent restarts it and a ``transient`` parent does not.
+- Shutdown: children stop in reverse start order, each asked first
+  (``request_stop()``, the ``exit(Child, shutdown)``) and cancelled (the
+  ``kill``) when its ``shutdown`` grace runs out; ``0`` cancels at once
+  (``brutal_kill``), ``math.inf`` waits (``infinity``).
+
+Differences, and why:
+
+- Exceptions instead of ``{error, Reason}`` replies: ``start_child`` raises
+  ``ValueError`` for an id in use (``already_present``/``already_started``);
+  ``terminate_child``/``delete_child``/``restart_child`` raise ``KeyError``
+  for ``not_found`` and ``RuntimeError`` for ``running``/``restarting`` (or a
+  supervisor not running); a failed start raises the child's own exception.
+  Python callers handle failures with ``except``, not by matching replies.
+- The supervisor's API is async methods on the object, serialised by its
+  lock, not messages to a process: a stop request (:meth:`request_stop`) is
+  the one "message" queued with the exits and retries, and it returns at once.
+- A failed *initial* start makes ``run()`` raise the child's exception (with a
+  note naming it), after stopping the children already started; OTP returns
+  ``{error, {shutdown, Reason}}``. The caller of ``run()`` is the code that
+  can report it, and a supervisor parent treats it as its own start failure,
+  as OTP does.
+- ``period`` may be any positive number of seconds (OTP: a positive integer).
+- Not implemented, as nothing here needs them: ``simple_one_for_one``,
+  ``auto_shutdown``/``significant`` children, a start returning ``ignore``,
+  ``count_children``, ``get_childspec`` and code change. A child's
+  ``which_children()`` row says ``stopped`` where OTP says ``undefined``.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import attrs
 import trio
 
-from ._errors import SupervisorEscalation
+from ._errors import Shutdown, SupervisorEscalation
 from ._registry import Registry, default_registry
 from ._spec import ChildInfo, ChildSpec
 
@@ -31,10 +88,34 @@ log = logging.getLogger("runestone.runtime")
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 
 _STOP = object()
+"""The stop request's event: queued with the exits and retries, handled in order."""
+
+
+@attrs.frozen(eq=False)
+class _Exited:
+    """Event: one incarnation of a child ended by itself (not stopped by the supervisor)."""
+
+    child: _Child
+    incarnation: int
+    error: Exception | None
+
+
+@attrs.frozen(eq=False)
+class _TryAgain:
+    """Event: retry the restart of a child whose restart failed to start it (OTP's ``try_again_restart``)."""
+
+    child: _Child
+    incarnation: int
+    """The incarnation that failed to start: a child started again since is not retried."""
+
+
+def _abnormal(error: BaseException | None) -> bool:
+    """An exit OTP would call abnormal: not a return (``normal``) and not a :class:`Shutdown`."""
+    return error is not None and not isinstance(error, Shutdown)
 
 
 def _will_restart(restart: str, error: BaseException | None) -> bool:
-    return restart == "permanent" or (restart == "transient" and error is not None)
+    return restart == "permanent" or (restart == "transient" and _abnormal(error))
 
 
 class _StartHook:
@@ -107,9 +188,12 @@ class Supervisor:
     given to the constructor; dynamic children do not survive a restart of the
     supervisor itself, as in Erlang.
 
-    Calling ``start_child``/``terminate_child`` from inside one of this
-    supervisor's own children while it is being started or stopped deadlocks,
-    as it does in Erlang.
+    ``intensity`` and ``period`` default to OTP's 1 restart in 5 s: a tree that
+    should ride out more passes its own values.
+
+    Calling ``start_child``/``terminate_child`` (or the other child calls) from
+    inside one of this supervisor's own children while it is being started or
+    stopped deadlocks, as it does in Erlang.
     """
 
     def __init__(
@@ -118,7 +202,7 @@ class Supervisor:
         children: Iterable[ChildSpec] = (),
         *,
         strategy: str = "one_for_one",
-        intensity: int = 3,
+        intensity: int = 1,
         period: float = 5.0,
         registry: Registry | None = None,
         on_restart: Callable[[str, str, int, BaseException | None], None] | None = None,
@@ -176,8 +260,8 @@ class Supervisor:
         """Start the children in order, report ``started(self)``, supervise.
 
         Returns normally after :meth:`request_stop` once every child has been
-        stopped in reverse start order. Raises :class:`SupervisorEscalation`
-        (after stopping every child) when the intensity is exceeded, and the
+        stopped in reverse start order. Raises :class:`SupervisorEscalation`, a
+        :class:`Shutdown` (after stopping every child), when the intensity is exceeded, and the
         child's own exception (with a note naming it) when a child fails during
         the initial start, after stopping those already started. When cancelled,
         the children are cancelled with it, without grace.
@@ -254,10 +338,15 @@ class Supervisor:
                     self.status = "stopping"
                     await self._stop_all()
                     return None
-                child, incarnation, error = event
-                if child.removed or child.stopping or child.incarnation != incarnation:
-                    continue  # an exit we already dealt with by stopping or restarting it
-                escalation = await self._on_exit(child, error)
+                child = event.child
+                if child.removed or child.stopping or child.incarnation != event.incarnation:
+                    continue  # an exit or a failed start already dealt with by stopping or restarting it
+                if type(event) is _TryAgain:
+                    if child.status != "restarting":
+                        continue
+                    escalation = await self._restart(child)
+                else:
+                    escalation = await self._on_exit(child, event.error)
                 if escalation is not None:
                     self._accepting = False
                     self.status = "stopping"
@@ -299,7 +388,7 @@ class Supervisor:
         if error is not None:
             child.last_error = error
         assert self._events_send is not None
-        self._events_send.send_nowait((child, incarnation, error))
+        self._events_send.send_nowait(_Exited(child, incarnation, error))
 
     async def _start(self, child: _Child) -> Any:
         """Start one incarnation; returns its started value, raises its start failure."""
@@ -353,8 +442,10 @@ class Supervisor:
 
     async def _on_exit(self, child: _Child, error: Exception | None) -> SupervisorEscalation | None:
         restart = child.spec.restart
-        if error is not None:
+        if _abnormal(error) or (error is not None and restart == "permanent"):
             log.warning("supervisor %r: child %r crashed", self.name, child.spec.id, exc_info=error)
+        elif error is not None:
+            log.info("supervisor %r: child %r shut down: %s", self.name, child.spec.id, error)
         if not _will_restart(restart, error):
             child.status = "stopped"
             if restart == "temporary":
@@ -373,57 +464,57 @@ class Supervisor:
         return len(history) <= self.intensity
 
     async def _restart(self, child: _Child) -> SupervisorEscalation | None:
-        """Restart ``child`` (and its group, by strategy) until it works or the intensity runs out.
+        """Restart ``child`` (and its group, by strategy) once, if the intensity allows.
 
-        A restart whose start fails counts as another restart, of the child that
-        failed to start (Erlang's ``try_again_restart``).
+        If a member fails to start, it stays ``restarting``, the members after it
+        stay ``stopped``, and a retry of its restart is queued behind the events
+        already waiting (Erlang's ``try_again_restart``); that retry counts as
+        another restart.
         """
-        while True:
-            if not self._note_restart():
-                log.error(
-                    "supervisor %r: more than %d restarts in %g s, giving up (child %r)",
-                    self.name, self.intensity, self.period, child.spec.id,
-                )
-                return SupervisorEscalation(
-                    self.name, child.last_error, child_id=child.spec.id, intensity=self.intensity, period=self.period
-                )
-            self.restarts += 1
-            child.status = "restarting"
-            if self.strategy == "one_for_one":
-                group = [child]
-            elif self.strategy == "one_for_all":
-                group = list(self._children)
+        if not self._note_restart():
+            log.error(
+                "supervisor %r: more than %d restarts in %g s, giving up (child %r)",
+                self.name, self.intensity, self.period, child.spec.id,
+            )
+            return SupervisorEscalation(
+                self.name, child.last_error, child_id=child.spec.id, intensity=self.intensity, period=self.period
+            )
+        self.restarts += 1
+        child.status = "restarting"
+        if self.strategy == "one_for_one":
+            group = [child]
+        elif self.strategy == "one_for_all":
+            group = list(self._children)
+        else:
+            group = self._children[self._children.index(child):]
+        for other in reversed(group):
+            if other is child:
+                continue
+            await self._stop(other)
+            if other.spec.restart == "temporary":
+                self._remove(other)  # temporary children are never restarted, not even with their siblings
             else:
-                group = self._children[self._children.index(child):]
-            for other in reversed(group):
-                if other is child:
-                    continue
-                await self._stop(other)
-                if other.spec.restart == "temporary":
-                    self._remove(other)  # temporary children are never restarted, not even with their siblings
-                else:
-                    other.status = "restarting"
-            failed: _Child | None = None
-            for member in group:
-                if member.removed:
-                    continue
-                member.restarts += 1
-                if self.on_restart is not None:
-                    try:
-                        self.on_restart(self.name, member.spec.id, member.restarts, member.last_error)
-                    except Exception:
-                        log.exception("supervisor %r: on_restart hook failed", self.name)
+                other.status = "restarting"
+        group = [member for member in group if not member.removed]
+        for i, member in enumerate(group):
+            member.restarts += 1
+            if self.on_restart is not None:
                 try:
-                    await self._start(member)
-                except Exception as exc:
-                    log.warning("supervisor %r: restarting child %r failed", self.name, member.spec.id, exc_info=exc)
-                    member.last_error = exc
-                    member.status = "restarting"
-                    failed = member
-                    break
-            if failed is None:
+                    self.on_restart(self.name, member.spec.id, member.restarts, member.last_error)
+                except Exception:
+                    log.exception("supervisor %r: on_restart hook failed", self.name)
+            try:
+                await self._start(member)
+            except Exception as exc:
+                log.warning("supervisor %r: restarting child %r failed", self.name, member.spec.id, exc_info=exc)
+                member.last_error = exc
+                member.status = "restarting"
+                for later in group[i + 1:]:
+                    later.status = "stopped"
+                assert self._events_send is not None
+                self._events_send.send_nowait(_TryAgain(member, member.incarnation))
                 return None
-            child = failed
+        return None
 
     # -- dynamic children and queries -------------------------------------------
 
@@ -452,19 +543,63 @@ class Supervisor:
                 raise
 
     async def terminate_child(self, id: str) -> None:
-        """Stop child ``id`` gracefully (request_stop, its grace, then cancel) and forget its spec.
+        """Stop child ``id`` gracefully (request_stop, its grace, then cancel); keep its spec.
 
-        Raises ``KeyError`` if there is no such child.
+        As OTP's ``terminate_child``: the child stays in the list as ``stopped``,
+        so :meth:`restart_child` can start it again (and a ``one_for_all`` or
+        ``rest_for_one`` restart starts it with its group); :meth:`delete_child`
+        forgets it. A ``temporary`` child's spec is forgotten at once. A pending
+        retry of its restart is dropped. Terminating a stopped child does
+        nothing. Raises ``KeyError`` if there is no such child.
         """
-        child = self._by_id.get(id)
-        if child is None or self._lock is None:
+        async with self._child_lock(id) as child:
+            await self._stop(child)
+            if child.spec.restart == "temporary":
+                self._remove(child)
+
+    async def delete_child(self, id: str) -> None:
+        """Forget the spec of child ``id``, which must be stopped (OTP's ``delete_child``).
+
+        Raises ``KeyError`` if there is no such child, ``RuntimeError`` if it is
+        running or restarting (:meth:`terminate_child` it first).
+        """
+        async with self._child_lock(id) as child:
+            if child.status != "stopped":
+                raise RuntimeError(f"child {id!r} of supervisor {self.name!r} is {child.status}; terminate it first")
+            self._remove(child)
+
+    async def restart_child(self, id: str) -> Any:
+        """Start stopped child ``id`` again from its kept spec (OTP's ``restart_child``); returns its started value.
+
+        Not counted against the intensity: it is a start on request, not a
+        restart after an exit. Raises ``KeyError`` if there is no such child,
+        ``RuntimeError`` if it is running or restarting or the supervisor is not
+        running, and the child's own exception if the start fails (it then
+        stays stopped, its spec kept).
+        """
+        if not self._accepting:
+            raise RuntimeError(f"supervisor {self.name!r} is not running")
+        async with self._child_lock(id) as child:
+            if not self._accepting:
+                raise RuntimeError(f"supervisor {self.name!r} is not running")
+            if child.status != "stopped":
+                raise RuntimeError(f"child {id!r} of supervisor {self.name!r} is {child.status}")
+            try:
+                return await self._start(child)
+            except Exception as exc:
+                child.last_error = exc
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _child_lock(self, id: str) -> AsyncIterator[_Child]:
+        """Hold the lock and yield child ``id``; ``KeyError`` if there is none."""
+        if id not in self._by_id or self._lock is None:
             raise KeyError(id)
         async with self._lock:
             child = self._by_id.get(id)
             if child is None:
                 raise KeyError(id)
-            await self._stop(child)
-            self._remove(child)
+            yield child
 
     def which_children(self) -> list[ChildInfo]:
         """The children in start order, as the supervisor sees them right now."""

@@ -117,8 +117,8 @@ class TelemetryHandler(Actor):
     Any other call is answered with None (and logged) rather than crashing.
 
     ``pricing`` prices requests whose event carries ``cost == 0``;
-    ``health_cell`` is any object with a ``value`` attribute (a ``Published``
-    cell), replaced on each publish. ``ledger`` is a
+    ``health_cell`` is a :class:`~runestone.runtime.Published` cell this handler
+    owns: it publishes the health table into it. ``ledger`` is a
     :class:`~runestone.telemetry.ledger.UsageLedger` that outlives this handler
     and that someone else feeds (the sender, ``Telemetry(..., ledger=)``): the
     handler opens, flushes and closes it. Without it, ``ledger_path`` makes the
@@ -277,7 +277,7 @@ class TelemetryHandler(Actor):
     def _publish(self) -> None:
         self._health_dirty = False
         if self.health_cell is not None:
-            self.health_cell.value = self.health.table()
+            self.health_cell.publish(self.health.table())
 
     # -- calls ----------------------------------------------------------------
 

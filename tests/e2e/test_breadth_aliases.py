@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from gatewaytest import provider_toml
-from runestone.resilience.breaker import Published
+from runestone.runtime import Published
 from runestone.routing.aliases import (
     DEFAULT_ALIASES_PATH,
     AliasError,

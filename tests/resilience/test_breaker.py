@@ -9,7 +9,6 @@ from runestone.resilience.breaker import (
     DENY,
     BreakerSettings,
     CircuitBreaker,
-    Published,
     Transition,
     check,
 )
@@ -204,14 +203,6 @@ def test_check_reads_views_without_the_owner():
     assert check(views, "p1", 40.0) == ASK  # ... until it is due to be reclaimed
     b.release(11.0)
     assert check({"p1": b.view()}, "p1", 11.0) == ASK
-
-
-def test_published_cell_swaps_whole_values():
-    cell = Published()
-    assert (cell.value, cell.version) == (None, 0)
-    cell.publish({"a": 1})
-    cell.publish({"a": 2})
-    assert (cell.value, cell.version) == ({"a": 2}, 2)
 
 
 async def test_breaker_with_trio_mock_clock(autojump_clock):

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from runestone.resilience.breaker import BreakerView, Published
+from runestone.resilience.breaker import BreakerView
 from runestone.resilience.failover import (
     GroupSelector,
     GroupSpec,
@@ -13,6 +13,7 @@ from runestone.resilience.failover import (
     RouteState,
     order_candidates,
 )
+from runestone.runtime import Published
 
 A = ProviderInfo("a", priority=2, weight=1.0)
 B = ProviderInfo("b", priority=1, weight=3.0)

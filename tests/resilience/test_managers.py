@@ -5,12 +5,11 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from runestone.resilience.breaker import ASK, DENY, BreakerSettings, BreakerView, Published, check
+from runestone.resilience.breaker import ASK, DENY, BreakerSettings, BreakerView, check
 from runestone.resilience.breaker_manager import PROBE, CircuitBreakerManager, admit
 from runestone.resilience.failover import GroupSelector, GroupSpec, ProviderInfo, RouteState
 from runestone.resilience.failover_manager import FailoverManager, FailoverStats, GroupStats, ProviderStats
-from runestone.resilience.replies import Rejected, unwrap
-from runestone.runtime import ActorDead, Registry
+from runestone.runtime import ActorDead, Published, Registry, Rejected, unwrap
 from runestone.telemetry.events import BreakerTransition, FailoverEvent
 
 FAST = BreakerSettings(failure_threshold=2, recovery_timeout=10.0, success_threshold=2, half_open_limit=1)

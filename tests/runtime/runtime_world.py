@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from runestone.runtime import ChildSpec
+from runestone.runtime import ChildSpec, Shutdown
 
 
 class Crash(Exception):
@@ -32,6 +32,11 @@ class Control:
 
     def crash(self, message: str = "crash") -> None:
         self._error = Crash(f"{self.id}: {message}")
+        self._event.set()
+
+    def shut_down(self) -> None:
+        """Exit with OTP's reason ``shutdown``."""
+        self._error = Shutdown(f"{self.id}: shutdown")
         self._event.set()
 
     async def wait(self) -> None:
@@ -82,9 +87,12 @@ class World:
         self.cancelled: list[str] = []
         self.stop_requests: list[tuple[str, float]] = []
         self.fail_start: dict[str, int] = {}  # id -> how many next starts fail
+        self.start_delay: dict[str, float] = {}  # id -> seconds each start takes before it succeeds or fails
 
     def spec(self, id: str, restart: str = "permanent", shutdown: float = 5.0, control: type[Control] = GracefulControl) -> ChildSpec:
         async def start(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            if self.start_delay.get(id):
+                await trio.sleep(self.start_delay[id])
             if self.fail_start.get(id):
                 self.fail_start[id] -= 1
                 self.log.append(("failed", id))

@@ -92,7 +92,7 @@ async def test_dump_of_a_two_level_tree_is_plain_json_with_every_field():
         assert state["name"] == "root" and state["kind"] == "supervisor"
         assert state["strategy"] == "one_for_one" and state["status"] == "running"
         assert state["restarts"] == 0 and state["last_error"] is None
-        assert state["snapshot"]["intensity"] == 3
+        assert state["snapshot"]["intensity"] == 1  # OTP's default
 
         broken, inner_node = state["children"]
         assert broken["kind"] == "actor" and broken["id"] == "broken"

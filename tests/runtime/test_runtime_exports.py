@@ -8,8 +8,8 @@ import runestone.runtime as runtime
 
 PUBLIC = {
     "Actor", "ActorDead", "ActorError", "ActorLifecycle", "ActorRef", "CallTimeout", "ChildInfo", "ChildSpec",
-    "MailboxFull", "NamedRef", "Registry", "Supervisor", "SupervisorEscalation", "SupervisorSnapshot",
-    "default_registry", "dump_state",
+    "MailboxFull", "NamedRef", "Published", "Registry", "Rejected", "Shutdown", "Supervisor",
+    "SupervisorEscalation", "SupervisorSnapshot", "default_registry", "dump_state", "plain", "unwrap",
 }
 
 
@@ -28,6 +28,7 @@ def test_public_names_live_in_private_modules():
 
 
 def test_errors_form_one_tree():
-    for name in ("ActorDead", "CallTimeout", "MailboxFull", "SupervisorEscalation"):
+    for name in ("ActorDead", "CallTimeout", "MailboxFull", "Shutdown", "SupervisorEscalation"):
         assert issubclass(getattr(runtime, name), runtime.ActorError)
+    assert issubclass(runtime.SupervisorEscalation, runtime.Shutdown)
     assert issubclass(runtime.ActorError, Exception)

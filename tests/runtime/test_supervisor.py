@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from runestone.runtime import (
     ChildSpec,
     NamedRef,
     Registry,
+    Shutdown,
     Supervisor,
     SupervisorEscalation,
 )
@@ -342,12 +344,203 @@ async def test_dynamic_children_start_restart_and_terminate(autojump_clock):
         t0 = trio.current_time()
         await sup.terminate_child("extra")
         assert trio.current_time() - t0 == 2  # asked, ignored, cancelled after its grace
-        assert [i.id for i in sup.which_children()] == ["fixed"] and "extra" not in world.alive
-        with pytest.raises(KeyError):
-            await sup.terminate_child("extra")
+        assert "extra" not in world.alive
         sup.request_stop()
     with pytest.raises(RuntimeError, match="not running"):
         await sup.start_child(world.spec("late"))
+
+
+async def test_terminate_child_keeps_the_spec_restart_child_starts_it_delete_child_forgets_it():
+    """OTP: terminate_child stops the child and keeps its spec; restart_child starts a stopped child
+    again (not counted as a restart); delete_child removes the spec of a stopped child only."""
+    world = World()
+    sup = Supervisor("dyn", [world.spec("fixed"), world.spec("w")])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        first = world.alive["w"]
+        await sup.terminate_child("w")
+        assert "w" not in world.alive
+        assert statuses(sup) == {"fixed": "running", "w": "stopped"}
+        await sup.terminate_child("w")  # already stopped: nothing to do
+        with pytest.raises(ValueError, match="w"):
+            await sup.start_child(world.spec("w"))  # the id is still taken (OTP: already_present)
+
+        again = await sup.restart_child("w")
+        assert again is world.alive["w"] and again is not first
+        assert statuses(sup)["w"] == "running"
+        assert sup.restarts == 0 and {i.id: i.restarts for i in sup.which_children()}["w"] == 0
+        with pytest.raises(RuntimeError, match="running"):
+            await sup.restart_child("w")
+        with pytest.raises(RuntimeError, match="running"):
+            await sup.delete_child("w")
+        assert "w" in world.alive
+
+        await sup.terminate_child("w")
+        world.fail_start["w"] = 1
+        with pytest.raises(Exception, match="w: cannot start"):
+            await sup.restart_child("w")
+        assert statuses(sup)["w"] == "stopped"  # a failed restart_child keeps the spec
+        await sup.delete_child("w")
+        assert [i.id for i in sup.which_children()] == ["fixed"]
+        for call in (sup.terminate_child, sup.delete_child, sup.restart_child):
+            with pytest.raises(KeyError):
+                await call("w")
+        await sup.start_child(world.spec("w"))  # the id is free again
+        assert statuses(sup) == {"fixed": "running", "w": "running"}
+        sup.request_stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        await sup.restart_child("w")
+
+
+async def test_terminate_child_forgets_a_temporary_child_and_a_group_restart_starts_a_terminated_one():
+    world = World()
+    sup = Supervisor("s", [world.spec("a"), world.spec("t", restart="temporary"), world.spec("b")],
+                     strategy="one_for_all")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.terminate_child("t")
+        assert [i.id for i in sup.which_children()] == ["a", "b"]
+        await sup.terminate_child("b")
+        world.take_log()
+        world.alive["a"].crash()
+        await wait_all_tasks_blocked()
+        # OTP: "the child process can later be restarted by the supervisor" - a group restart starts it.
+        assert world.take_log() == [("stop", "a"), ("start", "a"), ("start", "b")]
+        assert statuses(sup) == {"a": "running", "b": "running"}
+        sup.request_stop()
+
+
+async def test_the_default_intensity_is_otps_one_restart_in_five_seconds(autojump_clock):
+    world = World()
+    sup = Supervisor("s", [world.spec("a")])
+    assert (sup.intensity, sup.period) == (1, 5.0)
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_capturing, sup, outcome)
+        world.alive["a"].crash()
+        await wait_all_tasks_blocked()
+        await trio.sleep(5.01)
+        world.alive["a"].crash()  # the first restart is out of the period by now
+        await wait_all_tasks_blocked()
+        assert outcome == [] and sup.restarts == 2
+        await trio.sleep(4.99)
+        world.alive["a"].crash()  # a second restart within 5 s: more than 1
+    assert isinstance(outcome[0], SupervisorEscalation) and sup.restarts == 2
+
+
+@asynccontextmanager
+async def failing_restart(world: World):
+    """A supervisor whose child ``b`` crashed and now fails every start, each try taking 1 s."""
+    sup = Supervisor("s", [world.spec("a"), world.spec("b")], intensity=100, period=1000)
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_capturing, sup, outcome)
+        world.start_delay["b"] = 1.0
+        world.fail_start["b"] = 1000
+        world.alive["b"].crash()
+        yield sup, outcome
+
+
+async def test_a_stop_request_is_not_held_up_by_a_failing_restart(autojump_clock):
+    """OTP's try_again_restart is a cast to itself: a stop request queued meanwhile goes first."""
+    world = World()
+    async with failing_restart(world) as (sup, outcome):
+        await trio.sleep(2.5)  # two failed tries behind it, a third under way
+        sup.request_stop()
+    assert outcome == ["returned"], "the stop waited for the retries to run out"
+    # The try in progress when the stop came finishes; none starts after it.
+    assert world.take_log().count(("failed", "b")) == 3
+    assert sup.restarts == 3 and world.alive == {}
+
+
+async def test_terminate_child_ends_the_retries_of_a_failing_restart(autojump_clock):
+    """The retry finds the child no longer restarting (terminated meanwhile) and is dropped, as in OTP."""
+    world = World()
+    async with failing_restart(world) as (sup, outcome):
+        await trio.sleep(1.5)
+        await sup.terminate_child("b")  # waits for the try under way, not for all of them
+        tries = world.take_log().count(("failed", "b"))
+        assert tries == 2 and statuses(sup) == {"a": "running", "b": "stopped"}
+        await trio.sleep(10)
+        assert world.take_log() == [] and outcome == []
+        world.fail_start["b"] = 0
+        await sup.restart_child("b")
+        assert statuses(sup) == {"a": "running", "b": "running"}
+        sup.request_stop()
+    assert outcome == ["returned"]
+
+
+async def test_a_failed_group_restart_leaves_the_rest_stopped_until_the_retry_starts_them(autojump_clock):
+    world = World()
+    sup = Supervisor("s", [world.spec("a"), world.spec("b"), world.spec("c")], strategy="one_for_all", intensity=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        world.fail_start["b"] = 1
+        world.take_log()
+        world.alive["a"].crash()
+        await wait_all_tasks_blocked()
+        assert world.take_log() == [
+            ("stop", "a"), ("stop", "c"), ("stop", "b"),
+            ("start", "a"), ("failed", "b"),  # c is not tried; b's retry restarts the whole group
+            ("stop", "a"), ("start", "a"), ("start", "b"), ("start", "c"),
+        ]
+        assert statuses(sup) == {"a": "running", "b": "running", "c": "running"}
+        assert sup.restarts == 2
+
+        # Terminating the child whose start failed drops the retry: the rest of its group stays stopped
+        # (OTP: pid undefined), not "restarting" forever, and can be started again.
+        world.start_delay["b"] = 1.0
+        world.fail_start["b"] = 1
+        world.alive["a"].crash()
+        await trio.sleep(0.5)  # b's start is under way
+        await sup.terminate_child("b")
+        assert statuses(sup) == {"a": "running", "b": "stopped", "c": "stopped"}
+        assert sorted(world.alive) == ["a"]
+        await sup.restart_child("c")
+        assert statuses(sup) == {"a": "running", "b": "stopped", "c": "running"}
+        sup.request_stop()
+
+
+@pytest.mark.parametrize("restart", ["permanent", "transient", "temporary"])
+async def test_an_exit_with_shutdown_is_not_abnormal(restart, caplog):
+    """OTP: a transient child is restarted only after an abnormal exit; ``shutdown`` is not one."""
+    world = World()
+    sup = Supervisor("s", [world.spec("x", restart=restart), world.spec("other")])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        first = world.alive["x"]
+        first.shut_down()
+        await wait_all_tasks_blocked()
+        rows = {i.id: i for i in sup.which_children()}
+        if restart == "permanent":
+            assert world.alive["x"] is not first and sup.restarts == 1
+        elif restart == "transient":
+            assert "x" not in world.alive and rows["x"].status == "stopped" and sup.restarts == 0
+            assert isinstance(rows["x"].last_error, Shutdown)
+            assert not [r for r in caplog.records if r.levelname == "WARNING"], "a shutdown logged as a crash"
+        else:
+            assert "x" not in rows and sup.restarts == 0
+        sup.request_stop()
+
+
+async def test_a_transient_parent_does_not_restart_a_supervisor_that_gave_up(autojump_clock):
+    """OTP: reaching the intensity, a supervisor exits with reason ``shutdown``, which a transient
+    parent does not restart and a permanent one does (the two-level escalation test)."""
+    world = World()
+    inner = Supervisor("inner", [world.spec("w")], intensity=0)
+    root = Supervisor("root", [world.spec("steady"), inner.child_spec(restart="transient")], intensity=5)
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_capturing, root, outcome)
+        world.alive["w"].crash()
+        await wait_all_tasks_blocked()
+        info = {i.id: i for i in root.which_children()}
+        assert info["inner"].status == "stopped" and info["inner"].restarts == 0
+        assert isinstance(info["inner"].last_error, SupervisorEscalation)
+        assert isinstance(info["inner"].last_error, Shutdown)
+        assert root.restarts == 0 and sorted(world.alive) == ["steady"] and not inner.alive
+        root.request_stop()
+    assert outcome == ["returned"]
 
 
 async def test_a_supervisor_restart_starts_from_its_initial_children():

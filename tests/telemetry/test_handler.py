@@ -10,7 +10,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from gatewaytest import fail_next_ledger_write
-from runestone.runtime import Registry
+from runestone.runtime import Published, Registry
 from runestone.telemetry import (
     AttemptFinished,
     BreakerTransition,
@@ -29,10 +29,6 @@ from runestone.telemetry import (
 
 DAY = 1_700_000_000.0  # 2023-11-14 UTC
 FOREVER = math.inf  # calls that wait on the ledger's thread must not race the mock clock
-
-
-class Cell:
-    value = None
 
 
 def request(provider="a", model="m", *, key="k1", status="ok", latency=0.2, ttft=None, tin=100, tout=50,
@@ -70,7 +66,7 @@ async def start(nursery, **kwargs):
 
 
 async def test_events_become_metrics_health_and_summary(autojump_clock):
-    cell = Cell()
+    cell = Published()
     pricing = {"m": ModelPrice(input_per_mtok=2.0, output_per_mtok=10.0)}
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery, pricing=pricing, health_cell=cell)
@@ -126,19 +122,22 @@ async def test_events_become_metrics_health_and_summary(autojump_clock):
 
 
 async def test_health_publishes_at_once_on_status_change_else_on_the_tick(autojump_clock):
-    cell = Cell()
+    cell = Published()
     params = HealthParams(window=10, prior=0.0)
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery, health_cell=cell, health_params=params, flush_interval=0.5)
         ref.cast(attempt("a", ok=True))
         await ref.call("summary")  # a round trip: every cast before it was handled
-        published = cell.value
+        published, version = cell.value, cell.version
         assert "a" not in published  # no status change: waits for the tick
         await trio.sleep(0.6)
         assert cell.value["a"].requests == 1
+        assert cell.version > version, "the health table changed without a publish"
+        version = cell.version
         ref.cast(attempt("a", ok=False))  # 1/2 -> degraded: a change, published now
         await ref.call("summary")
         assert cell.value["a"].status == "degraded"
+        assert cell.version == version + 1
         ref.request_stop()
 
 
@@ -275,7 +274,7 @@ async def test_bad_input_is_counted_not_fatal(autojump_clock):
 
 
 async def test_unregistered_provider_leaves_health_and_breaker_gauge(autojump_clock):
-    cell = Cell()
+    cell = Published()
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery, health_cell=cell)
         ref.cast(ProviderRegistered("a"))

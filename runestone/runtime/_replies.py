@@ -1,10 +1,10 @@
-"""How the resilience actors refuse a request without crashing.
+"""How an actor refuses a request without crashing.
 
-In the runtime, a ``handle_call`` that raises crashes its actor; a bad request
-from an operator (an unknown provider, a duplicate group) is not a crash. Such
-calls reply with a ``Rejected`` value instead, as ``gen_server`` replies
-``{error, Reason}``; ``unwrap`` turns it back into an exception on the caller's
-side, where it belongs.
+A ``handle_call`` that raises crashes its actor; a bad request from an
+operator (an unknown provider, a duplicate group) is not a crash. Such calls
+reply with a :class:`Rejected` value instead, as ``gen_server`` replies
+``{error, Reason}``; :func:`unwrap` turns it back into an exception on the
+caller's side, where it belongs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-
-__all__ = ["Rejected", "unwrap"]
 
 
 @attrs.frozen
@@ -30,7 +28,7 @@ class Rejected:
 
 
 def unwrap(reply: Any) -> Any:
-    """The reply itself, or the exception a ``Rejected`` reply stands for, raised.
+    """The reply itself, or the exception a :class:`Rejected` reply stands for, raised.
 
     ``not_found`` raises ``LookupError``; ``conflict`` and ``invalid`` raise ``ValueError``.
     """
