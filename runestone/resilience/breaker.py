@@ -25,7 +25,6 @@ import attrs
 
 from runestone.resilience.errors import UpstreamError, counts_as_failure, is_retryable
 
-# The cell lives in the runtime; routing/executor.py still imports it from here.
 
 __all__ = [
     "BreakerSettings",
