@@ -356,3 +356,23 @@ async def test_count_tokens_refusals_are_in_anthropics_shape(gw):
     assert bad.status_code == 400 and bad.json()["type"] == "error"
     assert bad.json()["error"]["type"] == "invalid_request_error" and "messages" in bad.json()["error"]["message"]
     assert nokey.status_code == 401 and nokey.json()["error"]["type"] == "authentication_error"
+
+
+async def test_a_stream_cut_midway_ends_with_response_failed(gw):
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        set_knobs = await http.post(f"http://127.0.0.1:{_upstream_port(gw)}/_fake/knobs", json={"drop_mid_stream": True})
+    assert set_knobs.status_code == 200
+    events = []
+    async for event in await client(gw).responses.create(model="gpt-4o-mini", input="cut me", stream=True):
+        events.append(event)
+    assert events[0].type == "response.created" and events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.message
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # The failed response is what the store keeps: the client can see what was produced.
+    stored = await client(gw).responses.retrieve(events[-1].response.id)
+    assert stored.status == "failed"
+
+
+def _upstream_port(gw) -> int:
+    spec = gw.app.catalog["up-openai"]
+    return int(spec.config.base_url.rsplit(":", 1)[1].split("/")[0])
