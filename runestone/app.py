@@ -66,11 +66,12 @@ def _route_installers():
     from .front.health import install as install_health
     from .front.messages import install as install_messages
     from .front.openapi import install as install_openapi
+    from .front.responses import install as install_responses
     from .front.splits import install as install_splits
     from .front.ws import install as install_ws
 
-    return [install_health, install_completions, install_messages, install_cache, install_ws, install_admin,
-            install_openapi, install_splits]
+    return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
+            install_admin, install_openapi, install_splits]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:

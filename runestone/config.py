@@ -563,6 +563,18 @@ class CacheConfig:
     ttl_s = _seconds("ttl_ms")
 
 
+@attrs.frozen
+class ResponsesConfig:
+    """The Responses API's store (``responses.sqlite3`` in the data directory): what ``store`` keeps.
+
+    A stored response is kept ``retention_days`` (0: forever) and at most ``max_stored`` are kept, the
+    oldest going first.
+    """
+
+    retention_days: int = _setting(30, _int_at_least(0))
+    max_stored: int = _setting(10_000, _int_at_least(1))
+
+
 def _redact_url(url: str | None) -> str | None:
     """``http://user:pw@host/x`` -> ``http://***@host/x``; other URLs unchanged. Split as the URL is used."""
     if not url:
@@ -618,6 +630,8 @@ class ProviderConfig:
     # anthropic
     default_max_tokens: int = _setting(4096, _int_between(1, 100_000_000))
     anthropic_version: str = _setting("2023-06-01", _non_empty_str())
+    # openai: the upstream speaks the Responses API; /v1/responses requests pass through unchanged
+    responses_api: bool = _setting(False)
 
     timeout_s = _seconds("timeout_ms")
     connect_timeout_s = _seconds("connect_timeout_ms")
@@ -669,6 +683,7 @@ class Config:
     telemetry: TelemetryConfig = _setting(factory=TelemetryConfig)
     limits: LimitsConfig = _setting(factory=LimitsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
+    responses: ResponsesConfig = _setting(factory=ResponsesConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())
     splits: tuple[SplitConfig, ...] = _setting(())

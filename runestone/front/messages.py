@@ -22,6 +22,7 @@ from ..wire.openai import parse_json_object
 from .api import requirements_of
 from .errors import anthropic_response
 from .streams import SSE_HEADERS, anthropic_failure, encoded
+from .token_count import COUNT_HEADER, count_input_tokens
 
 __all__ = ["MessagesRoute", "anthropic_error", "install"]
 
@@ -35,13 +36,15 @@ def anthropic_error(status: int, error_type: str, message: str, headers=()) -> R
 class MessagesRoute:
     """``POST /v1/messages`` on the front's Gateway; answers and refusals in Anthropic's shapes."""
 
-    def __init__(self, front) -> None:
+    def __init__(self, front, count: bool = False) -> None:
         self.front = front
+        #: ``POST /v1/messages/count_tokens`` instead of ``/v1/messages``.
+        self.count = count
 
     async def __call__(self, request: Request, caller) -> Response:
         try:
             caller = self.front.authenticate(request, "client", caller.request_id)
-            return await self._answer(request, caller)
+            return await (self._count if self.count else self._answer)(request, caller)
         except (GatewayError, InvalidRequest) as exc:
             return anthropic_response(exc)
         except BodyTooLarge:
@@ -68,6 +71,16 @@ class MessagesRoute:
         return Response(200, [*SSE_HEADERS, *result.headers], stream=encoded(result, feed, anthropic_failure))
 
 
+    async def _count(self, request: Request, caller) -> Response:
+        """``{"input_tokens": N}``: the upstream's count (an anthropic provider) or the gateway's estimate."""
+        body = parse_json_object(await request.body())
+        body.pop("runestone", None)
+        # A count has no max_tokens; the translation (validating the rest as /v1/messages does) wants one.
+        chat = anthropic_request_to_openai({**body, "max_tokens": 1, "stream": False})
+        count, source = await count_input_tokens(self.front.gateway, chat["model"], chat)
+        return Response.json({"input_tokens": count}, headers=[(COUNT_HEADER, source)])
+
+
 def _has_images(chat: dict) -> bool:
     for msg in chat["messages"]:
         content = msg.get("content")
@@ -79,3 +92,4 @@ def _has_images(chat: dict) -> bool:
 def install(front, app) -> None:
     # "public": the route authenticates itself so that a refusal is in Anthropic's shape.
     front.routes.add("POST", "/v1/messages", MessagesRoute(front), "public")
+    front.routes.add("POST", "/v1/messages/count_tokens", MessagesRoute(front, count=True), "public")

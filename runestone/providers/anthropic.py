@@ -35,6 +35,9 @@ from .base import (
 
 __all__ = ["AnthropicAdapter", "AnthropicStream"]
 
+#: What Anthropic's count_tokens accepts of a Messages request.
+_COUNTED = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers"})
+
 
 _USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
@@ -112,6 +115,7 @@ class AnthropicAdapter:
         if base.endswith("/v1"):
             base = base[:-3]
         self._url = base + "/v1/messages"
+        self._count_url = base + "/v1/messages/count_tokens"
         self._models_url = base + "/v1/models"
         version = getattr(config, "anthropic_version", None) or "2023-06-01"
         headers = [
@@ -190,6 +194,17 @@ class AnthropicAdapter:
 
     async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         raise UpstreamError(self.name, "http", "the Anthropic API serves no embedding models", status=404)
+
+    async def count_tokens(self, body: dict) -> int:
+        """The upstream's own count of the OpenAI-shaped ``body``'s input (``/v1/messages/count_tokens``)."""
+        payload = openai_to_anthropic_request(body, model=body["model"], default_max_tokens=1, stream=False)
+        # The counting endpoint takes the request's input only: no sampling settings.
+        payload = {k: v for k, v in payload.items() if k in _COUNTED}
+        obj = await self._read(orjson.dumps(payload), self._count_url)
+        count = obj.get("input_tokens")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise UpstreamError(self.name, "malformed", "upstream count_tokens answer has no 'input_tokens' integer")
+        return count
 
     async def list_models(self) -> list[str]:
         obj = await self._read(b"", self._models_url, "GET")

@@ -417,6 +417,17 @@ def fake_answer(body: dict, *, chunks: int = 8, text: str | None = None) -> Fake
     return answer
 
 
+_JSON_INSTRUCTION = "Respond with a single valid JSON object"
+
+
+def _asks_for_json(messages: list) -> bool:
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") in ("system", "developer") and \
+                _JSON_INSTRUCTION in _content_text(m.get("content")):
+            return True
+    return False
+
+
 def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
     messages = body.get("messages") or []
     n = _positive_int(body, "n", _MAX_N) or 1
@@ -427,6 +438,10 @@ def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
     tool = _choose_tool(body, messages)
     seed = _request_seed(messages, body.get("seed"))
     user_seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
+    if kind == "text" and _asks_for_json(messages):
+        # A system instruction to answer in JSON (how the gateway asks an Anthropic upstream for
+        # response_format) is followed as json_object would be.
+        kind = "json_object"
     if kind == "json_object":
         schema = _schema_in_messages(messages)
     choices = []

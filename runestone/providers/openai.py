@@ -28,9 +28,22 @@ from .base import (
     usage_from,
 )
 
-__all__ = ["OpenAIAdapter", "OpenAIStream"]
+__all__ = ["OpenAIAdapter", "OpenAIStream", "ResponsesStream"]
 
 _JSON = (b"content-type", b"application/json")
+#: The Responses stream's last events: the response as it ended.
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+#: What ``/responses/input_tokens`` accepts of a Responses request.
+_COUNTED = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                      "reasoning", "truncation", "previous_response_id", "conversation"})
+
+
+def _response_usage(provider: str, obj: dict, usage: Usage) -> None:
+    """A Response object's ``usage`` (input_tokens/output_tokens) into ``usage``."""
+    u = obj.get("usage")
+    if isinstance(u, dict):
+        usage.prompt_tokens = int(u.get("input_tokens") or 0)
+        usage.completion_tokens = int(u.get("output_tokens") or 0)
 
 
 class OpenAIStream(UpstreamStream):
@@ -73,8 +86,41 @@ class OpenAIStream(UpstreamStream):
             if out:
                 return out
 
+class ResponsesStream(UpstreamStream):
+    """A Responses API event stream relayed event by event (native pass-through), its usage captured."""
+
+    __slots__ = ()
+
+    async def __anext__(self) -> list[bytes]:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        provider = self._provider
+        while True:
+            events = await self._events("response.completed")
+            out = []
+            for ev in events:
+                data = ev.data
+                if data == b"[DONE]":
+                    self.finished = True
+                    return out
+                obj = loads_object(provider, data, "a stream event")
+                kind = obj.get("type")
+                if kind == "error":
+                    raise upstream_stream_error(provider, obj.get("error") or obj, self._secrets)
+                out.append(data)
+                if kind in _RESPONSE_ENDS:
+                    response = obj.get("response")
+                    if isinstance(response, dict):
+                        _response_usage(provider, response, self.usage)
+                    self.finished = True
+                    return out
+            if out:
+                return out
+
+
 class OpenAIAdapter:
-    """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``."""
+    """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``; with ``responses_api`` also
+    to ``/responses``, which gets the client's Responses body unchanged (``speaks_responses``)."""
 
     takes_deadline = True
 
@@ -84,6 +130,10 @@ class OpenAIAdapter:
         self._chat_url = base + "/chat/completions"
         self._embed_url = base + "/embeddings"
         self._models_url = base + "/models"
+        self._responses_url = base + "/responses"
+        self._count_url = base + "/responses/input_tokens"
+        #: The upstream speaks OpenAI's Responses API: /v1/responses requests pass through unchanged.
+        self.speaks_responses = bool(getattr(config, "responses_api", False))
         headers = [_JSON, (b"accept", b"application/json")]
         key = getattr(config, "api_key", None)
         if key:
@@ -99,6 +149,19 @@ class OpenAIAdapter:
             response = await cm.__aenter__()
         except TransportError as exc:
             raise transport_error(self.name, exc, self._secrets) from None
+        return cm, response
+
+    async def _open_events(self, url: str, body: bytes, deadline: float | None = None):
+        """An event stream's response, its status 200 (anything else is the upstream's error, read and raised)."""
+        cm, response = await self._open(url, body, deadline=deadline)
+        if response.status != 200:
+            try:
+                raw = await response.read()
+            except TransportError:
+                raw = b""
+            finally:
+                await cm.__aexit__(None, None, None)
+            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
         return cm, response
 
     async def _read_json(self, url: str, payload: bytes, method: str = "POST",
@@ -133,16 +196,31 @@ class OpenAIAdapter:
         options["include_usage"] = True
         upstream["stream_options"] = options
         upstream["stream"] = True
-        cm, response = await self._open(self._chat_url, orjson.dumps(upstream), deadline=deadline)
-        if response.status != 200:
-            try:
-                raw = await response.read()
-            except TransportError:
-                raw = b""
-            finally:
-                await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
+        cm, response = await self._open_events(self._chat_url, orjson.dumps(upstream), deadline=deadline)
         return OpenAIStream(self.name, cm, response, include_usage, self._secrets)
+
+    async def responses(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
+        """The Responses body as the client sent it (``model`` set); the upstream's Response object back."""
+        raw, obj = await self._read_json(self._responses_url, orjson.dumps(body), deadline=deadline)
+        if not isinstance(obj.get("output"), list):
+            raise UpstreamError(self.name, "malformed", "upstream response has no 'output' list")
+        usage = Usage()
+        _response_usage(self.name, obj, usage)
+        return ChatResult(raw, usage)
+
+    async def open_responses_stream(self, body: dict, *, request_id: str,
+                                    deadline: float | None = None) -> ResponsesStream:
+        cm, response = await self._open_events(self._responses_url, orjson.dumps({**body, "stream": True}),
+                                               deadline=deadline)
+        return ResponsesStream(self.name, cm, response, self._secrets)
+
+    async def count_response_tokens(self, body: dict) -> int:
+        """The upstream's own count of a Responses body's input (``/responses/input_tokens``)."""
+        _, obj = await self._read_json(self._count_url, orjson.dumps({k: v for k, v in body.items() if k in _COUNTED}))
+        count = obj.get("input_tokens")
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise UpstreamError(self.name, "malformed", "upstream input_tokens answer has no 'input_tokens' integer")
+        return count
 
     async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         raw, obj = await self._read_json(self._embed_url, orjson.dumps(body), deadline=deadline)

@@ -122,7 +122,8 @@ def provider_info(spec: ProviderSpec, models) -> ProviderInfo:
         weight=cfg.weight,
         max_concurrency=cfg.max_concurrency,
         models=frozenset(models),
-        capabilities=_CAPS_BY_TYPE.get(spec.type, frozenset({"streaming"})),
+        capabilities=_CAPS_BY_TYPE.get(spec.type, frozenset({"streaming"}))
+        | (frozenset({"responses"}) if spec.type == "openai" and cfg.responses_api else frozenset()),
     )
 
 

@@ -72,6 +72,10 @@ class ModelRequest:
     requirements: Requirements = NO_REQUIREMENTS
     #: What the body needs of a provider beyond chat: "tools", "vision".
     capabilities: frozenset = frozenset()
+    #: The client's own request, for a provider that speaks its API natively (an adapter with
+    #: ``speaks_responses``: the Responses API): such an attempt sends this instead of ``body`` and its
+    #: answer is in that API's format (``Completed.native``, ``Streaming.native``). None: chat everywhere.
+    native: dict | None = None
 
 
 class Lease(Protocol):
@@ -104,6 +108,8 @@ class Completed:
     usage: Usage
     #: x-runestone-provider, -variant, -route, and the caller's x-ratelimit-* headers.
     headers: list
+    #: ``body`` is the native API's answer (``ModelRequest.native`` was sent), not a chat.completion.
+    native: bool = False
 
 
 @attrs.frozen
@@ -139,6 +145,8 @@ class Attempt:
     probe: bool = False
     ttft: float | None = None
     reported: bool = False
+    #: The request's native body was sent (the adapter speaks the client's API).
+    native: bool = False
 
 
 @attrs.define(slots=True)
@@ -436,10 +444,15 @@ class Gateway:
                     return await adapter.embed(upstream)
                 return await adapter.embed(upstream, deadline=deadline)
         else:
+            native = request.native
+
             async def call(adapter, upstream, attempt, deadline):
-                if deadline is None:
-                    return await adapter.complete(upstream, request_id=request_id)
-                return await adapter.complete(upstream, request_id=request_id, deadline=deadline)
+                kw = {} if deadline is None else {"deadline": deadline}
+                if native is not None and getattr(adapter, "speaks_responses", False):
+                    attempt.native = True
+                    return await adapter.responses({**native, "model": upstream["model"]}, request_id=request_id,
+                                                   **kw)
+                return await adapter.complete(upstream, request_id=request_id, **kw)
         try:
             attempt, result = await self.run(ctx, request.body, plan, call)
         except GatewayError as exc:
@@ -453,18 +466,21 @@ class Gateway:
                     tokens_out=usage.completion_tokens, model=attempt.model)
         if ctx.lease is not None:
             ctx.lease.release()
-        return Completed(attempt.provider, attempt.model, result.body, usage, _answer_headers(ctx))
+        return Completed(attempt.provider, attempt.model, result.body, usage, _answer_headers(ctx), attempt.native)
 
     async def _open_stream(self, ctx: RequestContext, request: ModelRequest, plan: Plan) -> Streaming:
         request_id = ctx.request_id
         include_usage = request.include_usage
+        native = request.native
 
         async def call(adapter, upstream, attempt, deadline):
-            if deadline is None:
-                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage)
+            kw = {} if deadline is None else {"deadline": deadline}
+            if native is not None and getattr(adapter, "speaks_responses", False):
+                attempt.native = True
+                stream = await adapter.open_responses_stream({**native, "model": upstream["model"]},
+                                                             request_id=request_id, **kw)
             else:
-                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage,
-                                                   deadline=deadline)
+                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage, **kw)
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
@@ -735,7 +751,7 @@ class Streaming:
     """
 
     __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
-                 "_bounded")
+                 "_bounded", "native")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
         self._gw = gw
@@ -753,6 +769,8 @@ class Streaming:
         if self._bounded:
             stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
             gw._streams.add(self)
+        #: The payloads are the native API's events (``ModelRequest.native`` was sent), not chat chunks.
+        self.native = attempt.native
 
     @property
     def usage(self) -> Usage:
