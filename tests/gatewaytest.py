@@ -1,10 +1,18 @@
-"""Helpers for tests that run the whole gateway: a started gateway's URLs, and provider blocks of config.
+"""Helpers for tests that run the whole gateway: a started gateway's URLs, provider blocks of config, and a
+gate that holds a fake upstream's streams until the test lets them go on.
 
 A plain module (not a conftest) so that test files can import it by name whatever other conftest files
 pytest has loaded: ``from gatewaytest import provider_toml``.
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import trio
+
+from runestone.http.server import Response
+from runestone.providers.fake_server import FakeProvider
 
 
 class Started:
@@ -31,3 +39,67 @@ def provider_toml(name: str, type: str, **config) -> str:
             lit = repr(value)
         lines.append(f"{key} = {lit}")
     return "\n".join(lines) + "\n"
+
+
+class Gate:
+    """Holds a fake upstream's streams after their first ``after`` frames until :meth:`open` is called.
+
+    A stream that must still be running when a test acts (registers a provider, sends a signal, cancels)
+    waits on this event, not on a timer, so "still in flight" does not depend on the machine's speed.
+    ``held`` counts the streams waiting now; :meth:`wait_held` waits for a count. Made inside a trio run;
+    :meth:`open_from_thread` opens it from a worker thread (a CLI run with its own trio loop).
+    """
+
+    def __init__(self, after: int = 1) -> None:
+        self.after = after
+        self.opened = trio.Event()
+        self.held = 0
+        self._changed = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def open_from_thread(self) -> None:
+        trio.from_thread.run_sync(self.open, trio_token=self._token)
+
+    async def wait_held(self, count: int) -> None:
+        while self.held < count:
+            await self._changed.wait()
+
+    def _count(self, delta: int) -> None:
+        self.held += delta
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def hold(self, frames: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        iterator = frames.__aiter__()
+        sent = 0
+        try:
+            while True:
+                if sent == self.after and not self.opened.is_set():
+                    self._count(1)
+                    try:
+                        await self.opened.wait()
+                    finally:
+                        self._count(-1)
+                try:
+                    frame = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield frame
+                sent += 1
+        finally:
+            await iterator.aclose()
+
+
+def gated_handler(fake: FakeProvider, gate: Gate):
+    """``fake``'s request handler with each of its streamed answers held by ``gate``."""
+
+    async def handler(request) -> Response:
+        response = await fake(request)
+        if response.stream is not None:
+            response.stream = gate.hold(response.stream)
+        return response
+
+    return handler
