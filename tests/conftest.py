@@ -20,7 +20,8 @@ from runestone.config import load_config
 from runestone.http.server import serve_http
 from runestone.providers.fake_server import FakeKnobs, make_fake_handler, serve_fake_provider
 
-from gatewaytest import Gate, Started, gated_handler, provider_toml  # noqa: F401  (re-exported for older imports)
+from gatewaytest import Gate, gated_handler
+from gatewaytest import Started, provider_toml  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture

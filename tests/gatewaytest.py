@@ -47,7 +47,7 @@ class Gate:
     A stream that must still be running when a test acts (registers a provider, sends a signal, cancels)
     waits on this event, not on a timer, so "still in flight" does not depend on the machine's speed.
     ``held`` counts the streams waiting now; :meth:`wait_held` waits for a count. Made inside a trio run;
-    :meth:`open_from_thread` opens it from a worker thread (a CLI run with its own trio loop).
+    :meth:`open_from_thread` opens it from another thread (a CLI run with its own trio loop).
     """
 
     def __init__(self, after: int = 1) -> None:
@@ -61,7 +61,8 @@ class Gate:
         self.opened.set()
 
     def open_from_thread(self) -> None:
-        trio.from_thread.run_sync(self.open, trio_token=self._token)
+        """Open it soon, from any thread (also one running its own trio loop); does not wait."""
+        self._token.run_sync_soon(self.open)
 
     async def wait_held(self, count: int) -> None:
         while self.held < count:
