@@ -7,8 +7,10 @@ pytest has loaded: ``from gatewaytest import provider_toml``.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterable, AsyncIterator
 
+import httpx
 import trio
 
 from runestone.http.server import Response
@@ -39,6 +41,21 @@ def provider_toml(name: str, type: str, **config) -> str:
             lit = repr(value)
         lines.append(f"{key} = {lit}")
     return "\n".join(lines) + "\n"
+
+
+async def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    """Wait until the ``runestone serve`` process ``proc`` answers ``GET url/health`` with 200."""
+    with trio.fail_after(120):  # only a hang trips this
+        async with httpx.AsyncClient() as http:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"gateway exited early with {proc.returncode}")
+                try:
+                    if (await http.get(url + "/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.05)
 
 
 class Gate:

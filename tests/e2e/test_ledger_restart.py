@@ -16,6 +16,8 @@ import time
 import httpx
 import trio
 
+from gatewaytest import wait_ready
+
 TOTAL = 1000
 WORKERS = 8
 
@@ -32,20 +34,6 @@ def _start(config: str, port: int, log_path) -> subprocess.Popen:
     log = open(log_path, "ab")
     return subprocess.Popen([sys.executable, "-m", "runestone.cli", "serve", "--config", config, "--port", str(port)],
                             stdout=log, stderr=log, env=env)
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    with trio.fail_after(120):  # only a hang trips this
-        async with httpx.AsyncClient() as http:
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"gateway exited early with {proc.returncode}")
-                try:
-                    if (await http.get(url + "/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.05)
 
 
 async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
@@ -101,7 +89,7 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
 
     proc = _start(str(config), port, tmp_path / "log1")
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url, proc)
         async with trio.open_nursery() as n:
             n.start_soon(run_batch, TOTAL)
             with trio.fail_after(300):  # only a hang trips this
@@ -117,7 +105,7 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
 
     proc = _start(str(config), port, tmp_path / "log2")
     try:
-        await _wait_ready(url, proc)
+        await wait_ready(url, proc)
         await run_batch(TOTAL)
         assert got["requests"] == TOTAL
         async with httpx.AsyncClient(base_url=url) as http:

@@ -15,6 +15,8 @@ import textwrap
 import httpx
 import trio
 
+from gatewaytest import wait_ready
+
 BODY = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "slow please"}]}
 
 
@@ -43,19 +45,6 @@ def _spawn(tmp_path, port: int, drain_ms: int, upstream_port: int) -> subprocess
     env.pop("PORT", None)
     return subprocess.Popen([sys.executable, "-m", "runestone.cli", "serve", "--config", str(cfg), "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"), env=env)
-
-
-async def _ready(url: str, proc) -> None:
-    with trio.fail_after(120):  # only a hang trips this
-        async with httpx.AsyncClient() as http:
-            while True:
-                assert proc.poll() is None, "gateway exited early"
-                try:
-                    if (await http.get(url + "/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.05)
 
 
 async def _logged(tmp_path, text: str) -> str:
@@ -99,7 +88,7 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path, gated_factor
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=300_000, upstream_port=upstream.port)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             async with trio.open_nursery() as n:
@@ -129,7 +118,7 @@ async def test_second_signal_stops_at_once(tmp_path, gated_factory):
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=300_000, upstream_port=upstream.port)
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             started = trio.Event()
@@ -163,7 +152,7 @@ async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(tmp_path, port, drain_ms=1000, upstream_port=_free_port())
     try:
-        await _ready(url, proc)
+        await wait_ready(url, proc)
         proc.send_signal(signal.SIGUSR1)
         line = await _logged(tmp_path, "state dump: ")
         dump = json.loads(line.split("state dump: ", 1)[1])
