@@ -2,12 +2,14 @@
 
 ``gateway_factory(toml)`` starts an :class:`~runestone.app.Application` (the full supervision tree) in the
 test's nursery from config text, with its data directory under ``tmp_path`` and an empty environment, so
-nothing on the machine leaks into a test. ``fake_factory(**knobs)`` starts a fake OpenAI/Anthropic upstream.
+nothing on the machine leaks into a test. ``fake_factory(**knobs)`` starts a fake OpenAI/Anthropic upstream;
+``gated_factory(after, **knobs)`` one whose streams wait at a :class:`~gatewaytest.Gate` after ``after`` frames.
 """
 
 from __future__ import annotations
 
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ import trio
 
 from runestone.app import Application
 from runestone.config import load_config
-from runestone.providers.fake_server import FakeKnobs, serve_fake_provider
+from runestone.http.server import serve_http
+from runestone.providers.fake_server import FakeKnobs, make_fake_handler, serve_fake_provider
 
+from gatewaytest import Gate, gated_handler
 from gatewaytest import Started, provider_toml  # noqa: F401  (re-exported for older imports)
 
 
@@ -49,6 +53,17 @@ def fake_factory(nursery):
         k = FakeKnobs(**knobs)
         server = await nursery.start(lambda task_status: serve_fake_provider("127.0.0.1", 0, k, task_status=task_status))
         return server, k
+
+    return start
+
+
+@pytest.fixture
+def gated_factory(nursery):
+    async def start(after: int = 1, **knobs):
+        gate = Gate(after)
+        fake = make_fake_handler(FakeKnobs(**knobs))
+        server = await nursery.start(partial(serve_http, gated_handler(fake, gate), "127.0.0.1", 0))
+        return server, gate, fake
 
     return start
 

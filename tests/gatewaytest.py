@@ -1,5 +1,6 @@
-"""Helpers for tests that run the whole gateway: a started gateway's URLs, provider blocks of config, and the
-gateway as a real process (``runestone serve``).
+"""Helpers for tests that run the whole gateway: a started gateway's URLs, provider blocks of config, the
+gateway as a real process (``runestone serve``), and a gate that holds a fake upstream's streams until the test
+lets them go on.
 
 A plain module (not a conftest) so that test files can import it by name whatever other conftest files
 pytest has loaded: ``from gatewaytest import provider_toml``.
@@ -12,9 +13,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterable, AsyncIterator
 
 import httpx
 import trio
+
+from runestone.http.server import Response
+from runestone.providers.fake_server import FakeProvider
 
 
 class Started:
@@ -75,15 +80,80 @@ def start_gateway_process(config: str, port: int, log_path) -> subprocess.Popen:
 
 
 async def wait_ready(url: str, proc: subprocess.Popen) -> None:
-    """Until ``url``/health answers 200 (at most ~10 s); an early exit of ``proc`` fails at once."""
-    async with httpx.AsyncClient() as http:
-        for _ in range(200):
-            if proc.poll() is not None:
-                raise AssertionError(f"gateway exited early with {proc.returncode}")
-            try:
-                if (await http.get(url + "/health")).status_code == 200:
+    """Wait until the ``runestone serve`` process ``proc`` answers ``GET url/health`` with 200."""
+    with trio.fail_after(120):  # only a hang trips this
+        async with httpx.AsyncClient() as http:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"gateway exited early with {proc.returncode}")
+                try:
+                    if (await http.get(url + "/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.05)
+
+
+class Gate:
+    """Holds a fake upstream's streams after their first ``after`` frames until :meth:`open` is called.
+
+    A stream that must still be running when a test acts (registers a provider, sends a signal, cancels)
+    waits on this event, not on a timer, so "still in flight" does not depend on the machine's speed.
+    ``held`` counts the streams waiting now; :meth:`wait_held` waits for a count. Made inside a trio run;
+    :meth:`open_from_thread` opens it from another thread (a CLI run with its own trio loop).
+    """
+
+    def __init__(self, after: int = 1) -> None:
+        self.after = after
+        self.opened = trio.Event()
+        self.held = 0
+        self._changed = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def open_from_thread(self) -> None:
+        """Open it soon, from any thread (also one running its own trio loop); does not wait."""
+        self._token.run_sync_soon(self.open)
+
+    async def wait_held(self, count: int) -> None:
+        while self.held < count:
+            await self._changed.wait()
+
+    def _count(self, delta: int) -> None:
+        self.held += delta
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def hold(self, frames: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        iterator = frames.__aiter__()
+        sent = 0
+        try:
+            while True:
+                if sent == self.after and not self.opened.is_set():
+                    self._count(1)
+                    try:
+                        await self.opened.wait()
+                    finally:
+                        self._count(-1)
+                try:
+                    frame = await iterator.__anext__()
+                except StopAsyncIteration:
                     return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.05)
-    raise AssertionError("gateway did not become ready")
+                yield frame
+                sent += 1
+        finally:
+            await iterator.aclose()
+
+
+def gated_handler(fake: FakeProvider, gate: Gate):
+    """``fake``'s request handler with each of its streamed answers held by ``gate``."""
+
+    async def handler(request) -> Response:
+        response = await fake(request)
+        if response.stream is not None:
+            response.stream = gate.hold(response.stream)
+        return response
+
+    return handler

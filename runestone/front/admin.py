@@ -217,7 +217,7 @@ class ControlPlane:
                 try:
                     await self._persist(lambda s: s.with_provider(spec))
                 except GatewayError:
-                    await self._stop(name)
+                    await self._stop(name)  # noqa: ASYNC120
                     raise
                 app.catalog[name] = spec
                 if not spec.config.circuit_breaker:
@@ -366,11 +366,11 @@ class ControlPlane:
                 except GatewayError as exc:
                     app.catalog[name] = old
                     try:
-                        await sup.register(old)
+                        await sup.register(old)  # noqa: ASYNC120
                     except Exception as again:
                         log.error("provider %s could not be restarted with its previous settings: %s", name,
                                   _reason(again))
-                    await self._revert("provider", name, earlier)
+                    await self._revert("provider", name, earlier)  # noqa: ASYNC120
                     raise GatewayError(exc.status, exc.message + "; the previous settings were restored",
                                        exc.type, code=exc.code) from None
                 if spec.config.circuit_breaker != old.config.circuit_breaker:
@@ -434,7 +434,7 @@ class ControlPlane:
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("delete_group", spec.name), "failover manager")
+                    await self._call(self.failover, ("delete_group", spec.name), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s created", spec.name)
         return group_to_dict(spec)
@@ -457,7 +457,7 @@ class ControlPlane:
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("update_group", current), "failover manager")
+                    await self._call(self.failover, ("update_group", current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s updated", name)
         return group_to_dict(spec)
@@ -478,7 +478,7 @@ class ControlPlane:
                     configured = any(g.name == name for g in self.app.config.failover.groups)
                     await self._persist(lambda s: s.without_group(name, configured=configured))
                 except GatewayError:
-                    await self._call(self.failover, ("create_group", current), "failover manager")
+                    await self._call(self.failover, ("create_group", current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s deleted", name)
         return {"name": name, "deleted": True}

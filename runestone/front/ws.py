@@ -115,6 +115,8 @@ class MessageConnection:
         self.queued = 0
         self.sent = 0
         self.active: dict[Any, trio.CancelScope] = {}
+        #: Set by the writer once everything queued was sent, for a task waiting in _flushed().
+        self._drained: trio.Event | None = None
 
     async def send(self, message: dict | bytes) -> None:
         """Queue one message (a dict, or JSON bytes); waits while the queue is full (backpressure)."""
@@ -131,6 +133,8 @@ class MessageConnection:
                 # Our messages are built from JSON that orjson parsed or wrote, so this never replaces anything.
                 await ws.send_message(payload.decode("utf-8", "replace"))
                 self.sent += 1
+                if self._drained is not None and self.sent >= self.queued:
+                    self._drained.set()
         except trio_websocket.ConnectionClosed:
             return
 
@@ -205,9 +209,11 @@ class MessageConnection:
         return None
 
     async def _flushed(self) -> None:
-        # Not on any hot path: only before closing a connection that failed to authenticate.
+        """Until the writer has sent every queued message (before closing a connection that failed to
+        authenticate: never on a hot path)."""
         while self.sent < self.queued:
-            await trio.sleep(0.005)
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(self.key_id, len(self.active), self._out.statistics().current_buffer_used,

@@ -143,20 +143,20 @@ async def run_websocket(
         if connection is None:
             nursery.cancel_scope.cancel()
             await trio.aclose_forcefully(replaying)
-            return
-        code = 1000
-        try:
-            await accept.handler(connection)
-        except trio_websocket.ConnectionClosed:
-            pass
-        except Exception:
-            logger.exception("websocket handler failed")
-            code = 1011
-        finally:
-            with trio.move_on_after(close_timeout) as scope:
-                await connection.aclose(code)
-            if scope.cancelled_caught:
-                await trio.aclose_forcefully(replaying)
-            # The reader task ends once the stream is closed; cancel it in case the peer
-            # never completed the closing handshake.
-            nursery.cancel_scope.cancel()
+        else:
+            code = 1000
+            try:
+                await accept.handler(connection)
+            except trio_websocket.ConnectionClosed:
+                pass
+            except Exception:
+                logger.exception("websocket handler failed")
+                code = 1011
+            finally:
+                with trio.move_on_after(close_timeout) as scope:
+                    await connection.aclose(code)
+                if scope.cancelled_caught:
+                    await trio.aclose_forcefully(replaying)
+                # The reader task ends once the stream is closed; cancel it in case the peer
+                # never completed the closing handshake.
+                nursery.cancel_scope.cancel()

@@ -113,7 +113,7 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
                     await control.send_message(orjson.dumps({"type": op, "id": op}).decode())
                 assert (await call("DELETE", "/admin/providers/rt-anthropic", headers=admin)).status_code == 200
                 await gw.app.registry.whereis("telemetry_handler").call("summary")
-            with trio.fail_after(5):
+            with trio.fail_after(60):  # only a hang trips this
                 while not any(e["kind"] == "provider_unregistered" for e in events) or not any(
                         '"id":"list_providers"' in s for s in seen):
                     await trio.sleep(0.01)

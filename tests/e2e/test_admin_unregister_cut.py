@@ -8,15 +8,14 @@ import trio
 from gatewaytest import provider_toml
 
 
-async def test_stream_outliving_the_grace_is_cut_with_an_error_event(gateway_factory, fake_factory):
-    upstream, _ = await fake_factory(chunks=40, chunk_delay_ms=100)  # a 4 s stream
+async def test_stream_outliving_the_grace_is_cut_with_an_error_event(gateway_factory, gated_factory):
+    upstream, gate, _ = await gated_factory(chunks=40)  # the stream waits at the gate, which never opens
     gw = await gateway_factory('[auth]\napi_keys = ["k"]\nadmin_key = "root"\n'
                                + provider_toml("slow", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1",
                                                api_key="sk", models=["fake-model"]))
     body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "long"}]}
     got = b""
-    t0 = trio.current_time()
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
         async with trio.open_nursery() as nursery:
             async with http.stream("POST", "/v1/chat/completions", json=body,
                                    headers={"authorization": "Bearer k"}) as r:
@@ -30,8 +29,7 @@ async def test_stream_outliving_the_grace_is_cut_with_an_error_event(gateway_fac
                 nursery.start_soon(unregister)
                 async for chunk in r.aiter_bytes():
                     got += chunk
-    elapsed = trio.current_time() - t0
-    assert elapsed < 3.0, "the stream ran on past the grace"
+    # The gate never opened: only the cut after the grace could end this stream.
     events = [e for e in got.split(b"\n\n") if e.startswith(b"data: ")]
     assert events[-1] != b"data: [DONE]"
     last = orjson.loads(events[-1][6:])

@@ -5,7 +5,7 @@ import httpx
 import orjson
 import pytest
 
-from gatewaytest import provider_toml
+from gatewaytest import Gate, gated_handler, provider_toml
 from runestone.http.server import serve_http
 from runestone.providers.fake_content import fake_reply_chunks
 from runestone.providers.fake_server import make_fake_handler
@@ -197,15 +197,18 @@ async def test_not_json_unknown_model_and_upstream_failure_in_anthropic_shape(ga
 async def test_failure_mid_stream_is_an_error_event_the_sdk_raises(gateway_factory, nursery):
     gw, upstream = await _gateway(gateway_factory, nursery)
     upstream.fake.knobs.stream_error = True
-    # Paced, so the first events reach the client before the failure (unpaced, they may share one read with the
-    # error, which then fails the request before its first byte: an error status instead of a partial stream).
-    upstream.fake.knobs.chunk_delay_ms = 5
+    # The upstream holds the rest of its stream (and the failure) at the gate until the client has text: sent
+    # at once, the first events may share one read with the error, which then fails the request before its
+    # first byte (an error status instead of a partial stream).
+    gate = Gate(after=2)
+    upstream.fake = gated_handler(upstream.fake, gate)
     text = ""
     with pytest.raises(anthropic.APIStatusError) as caught:
         async with _client(gw).messages.stream(model="gpt-4o-mini", max_tokens=300,
                                                messages=[{"role": "user", "content": "a long answer"}]) as s:
             async for piece in s.text_stream:
                 text += piece
+                gate.open()
     assert text  # part of the answer came before the failure ...
     assert caught.value.body["type"] == "error"  # ... and the end is an honest error, not a clean stop
     assert caught.value.body["error"]["message"]

@@ -6,7 +6,6 @@ from a terminal; stdout and stderr are recorded write by write.
 
 import io
 import sys
-import time
 
 import httpx
 import orjson
@@ -19,19 +18,22 @@ KEYS = '[auth]\napi_keys = ["client-key"]\nadmin_key = "admin-key"\n'
 
 
 class Recorder(io.StringIO):
-    """A stdout that remembers when each write came."""
+    """A stdout that remembers each write, and calls ``on_write(text)`` (from the CLI's thread) before it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_write=None) -> None:
         super().__init__()
-        self.writes: list[tuple[float, str]] = []
+        self.writes: list[str] = []
+        self.on_write = on_write
 
     def write(self, text: str) -> int:
-        self.writes.append((time.monotonic(), text))
+        if self.on_write is not None:
+            self.on_write(text)
+        self.writes.append(text)
         return super().write(text)
 
 
-async def run_cli(*argv: str) -> tuple[int, str, str, Recorder]:
-    out, err = Recorder(), Recorder()
+async def run_cli(*argv: str, on_write=None) -> tuple[int, str, str, Recorder]:
+    out, err = Recorder(on_write), Recorder()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:
@@ -103,21 +105,38 @@ async def test_state_and_watch(gateway_factory, monkeypatch):
     assert sum(1 for line in out.splitlines() if line.split()[:3] == ["base", "running", "closed"]) == 2
 
 
-async def test_chat_streams_tokens_as_they_come(gateway_factory, monkeypatch):
-    gw = await gateway_factory(KEYS + provider_toml("base", "fake", models=["fake-model"], chunks=6,
-                                                    chunk_delay_ms=60))
+async def test_chat_streams_tokens_as_they_come(gateway_factory, gated_factory, monkeypatch):
+    # The upstream sends its first word, then waits at the gate until the CLI has printed something: a CLI
+    # that printed only at the end would wait for ever (the watchdog below then opens it, and the test fails).
+    upstream, gate, _ = await gated_factory(after=2, chunks=6)
+    gw = await gateway_factory(KEYS + provider_toml("base", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1",
+                                                    api_key="sk-base", models=["fake-model"]))
     async with httpx.AsyncClient(base_url=gw.url) as http:
         r = await http.post("/v1/chat/completions", headers={"authorization": "Bearer client-key"},
                             json={"model": "fake-model", "messages": [{"role": "user", "content": "stream please"}]})
     expected = r.json()["choices"][0]["message"]["content"]
     monkeypatch.setenv("RUNESTONE_API_KEY", "client-key")
-    status, out, err, recorder = await run_cli("chat", "stream please", "--model", "fake-model",
-                                               "--url", gw.url)
+    printed_while_held = []
+
+    def on_write(text: str) -> None:
+        if text.strip() and not printed_while_held:
+            printed_while_held.append(not gate.opened.is_set())
+            gate.open_from_thread()
+
+    async def watchdog():
+        with trio.move_on_after(120):  # only a CLI that buffers the answer (or a hang) gets past this
+            await gate.opened.wait()
+        gate.open()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watchdog)
+        status, out, err, recorder = await run_cli("chat", "stream please", "--model", "fake-model",
+                                                   "--url", gw.url, on_write=on_write)
+    assert printed_while_held == [True]
     assert status == 0 and out == expected + "\n"
     assert err.startswith("[base/fake-model: ") and "completion tokens" in err
-    pieces = [(t, text) for t, text in recorder.writes if text.strip()]
+    pieces = [text for text in recorder.writes if text.strip()]
     assert len(pieces) >= 4  # token by token, not one write at the end
-    assert pieces[-1][0] - pieces[0][0] >= 0.15
 
 
 async def test_events_tails_the_live_feed(gateway_factory):

@@ -64,7 +64,7 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
                     sent -= 1
                     return
 
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             async with trio.open_nursery() as n:
                 for _ in range(WORKERS):
                     n.start_soon(worker, http)
@@ -74,10 +74,11 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
         await wait_ready(url, proc)
         async with trio.open_nursery() as n:
             n.start_soon(run_batch, TOTAL)
-            while sent < TOTAL // 2:
-                await trio.sleep(0.005)
+            with trio.fail_after(300):  # only a hang trips this
+                while sent < TOTAL // 2:
+                    await trio.sleep(0.005)
             proc.send_signal(signal.SIGTERM)  # mid-traffic: with a 60 s flush interval, only shutdown flushes
-        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+        assert await trio.to_thread.run_sync(proc.wait, 120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -96,7 +97,7 @@ async def test_ledger_totals_survive_sigterm_and_restart(tmp_path):
         assert totals["tokens_in"] == got["tokens_in"]
         assert totals["tokens_out"] == got["tokens_out"]
         proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+        assert await trio.to_thread.run_sync(proc.wait, 120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,5 +1,9 @@
 """Graceful shutdown of a real ``runestone serve`` process: SIGTERM lets in-flight streams finish, refuses
-new connections, flushes the ledger and exits 0; a second signal stops at once."""
+new connections, flushes the ledger and exits 0; a second signal stops at once.
+
+The gateway's streams come from a gated fake upstream in the test's process: they wait at its gate while the
+test signals, so they are still in flight then whatever the machine's speed. Waits are for a state (the log
+line, a refused connection) under a deadline that only a hang reaches."""
 
 import os
 import signal
@@ -15,7 +19,7 @@ from gatewaytest import free_port, wait_ready
 BODY = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "slow please"}]}
 
 
-def _spawn(tmp_path, port: int, drain_ms: int) -> subprocess.Popen:
+def _spawn(tmp_path, port: int, drain_ms: int, upstream_port: int) -> subprocess.Popen:
     cfg = tmp_path / "runestone.toml"
     cfg.write_text(textwrap.dedent(f"""
         [server]
@@ -23,17 +27,41 @@ def _spawn(tmp_path, port: int, drain_ms: int) -> subprocess.Popen:
         [data]
         dir = "{tmp_path / 'data'}"
         [[providers]]
-        name = "fake"
-        type = "fake"
+        name = "up"
+        type = "openai"
         [providers.config]
+        base_url = "http://127.0.0.1:{upstream_port}/v1"
+        api_key = "sk-up"
         models = ["fake-model"]
-        chunks = 6
-        chunk_delay_ms = 150
     """))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
     env.pop("PORT", None)
     return subprocess.Popen([sys.executable, "-m", "runestone.cli", "serve", "--config", str(cfg), "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"), env=env)
+
+
+async def _logged(tmp_path, text: str) -> str:
+    """The first line of the gateway's log that contains ``text``, once it is there."""
+    with trio.fail_after(120):  # only a hang trips this
+        while True:
+            hit = [ln for ln in (tmp_path / "log").read_text().splitlines() if text in ln]
+            if hit:
+                return hit[0]
+            await trio.sleep(0.02)
+
+
+async def _refused(url: str) -> httpx.Response | None:
+    """Wait until a new connection is no longer served: None if refused, else the 503 it got."""
+    with trio.fail_after(120):  # only a hang (or a listener that stays open) trips this
+        while True:
+            try:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as fresh:
+                    late = await fresh.get("/health")
+            except httpx.TransportError:
+                return None  # refused: the listener is closed
+            if late.status_code == 503:
+                return late
+            await trio.sleep(0.02)
 
 
 async def _stream(http, started: trio.Event, results: list) -> None:
@@ -47,14 +75,15 @@ async def _stream(http, started: trio.Event, results: list) -> None:
     results.append(body)
 
 
-async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path):
+async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path, gated_factory):
+    upstream, gate, _ = await gated_factory(chunks=6)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _spawn(tmp_path, port, drain_ms=10_000)
+    proc = _spawn(tmp_path, port, drain_ms=300_000, upstream_port=upstream.port)
     try:
         await wait_ready(url, proc)
         results: list = []
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             async with trio.open_nursery() as n:
                 starts = [trio.Event() for _ in range(3)]
                 for ev in starts:
@@ -62,30 +91,29 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path):
                 for ev in starts:
                     await ev.wait()
                 proc.send_signal(signal.SIGTERM)
-                await trio.sleep(0.3)  # the front has stopped accepting by now
-                try:
-                    async with httpx.AsyncClient(base_url=url, timeout=2) as fresh:
-                        late = await fresh.get("/health")
-                except httpx.TransportError:
-                    late = None  # refused: the listener is closed
-                assert late is None or late.status_code == 503, "a new connection was served while draining"
+                await _logged(tmp_path, "received SIGTERM: stopping gracefully")
+                # Draining: the three streams wait at the gate while new connections are refused.
+                await _refused(url)
+                assert gate.held == 3 and not results
+                gate.open()
         assert len(results) == 3
         for body in results:
             assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]
-        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+        assert await trio.to_thread.run_sync(proc.wait, 120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-async def test_second_signal_stops_at_once(tmp_path):
+async def test_second_signal_stops_at_once(tmp_path, gated_factory):
+    upstream, gate, _ = await gated_factory(chunks=6)  # the stream waits at the gate, which never opens
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _spawn(tmp_path, port, drain_ms=60_000)
+    proc = _spawn(tmp_path, port, drain_ms=300_000, upstream_port=upstream.port)
     try:
         await wait_ready(url, proc)
         results: list = []
-        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             started = trio.Event()
             async with trio.open_nursery() as n:
 
@@ -98,9 +126,11 @@ async def test_second_signal_stops_at_once(tmp_path):
                 n.start_soon(stream)
                 await started.wait()
                 proc.send_signal(signal.SIGTERM)
-                await trio.sleep(0.1)
+                # Two signals sent before the first is handled would be one.
+                await _logged(tmp_path, "received SIGTERM: stopping gracefully")
                 proc.send_signal(signal.SIGTERM)
-                code = await trio.to_thread.run_sync(proc.wait, 10)
+                # Well short of the 300 s drain: only the second signal can end it this soon.
+                code = await trio.to_thread.run_sync(proc.wait, 120)
         assert code == 0
         assert results and not results[0].rstrip().endswith(b"data: [DONE]")  # it did not wait for the stream
     finally:
@@ -113,19 +143,11 @@ async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _spawn(tmp_path, port, drain_ms=1000)
+    proc = _spawn(tmp_path, port, drain_ms=1000, upstream_port=free_port())
     try:
         await wait_ready(url, proc)
         proc.send_signal(signal.SIGUSR1)
-        line = None
-        for _ in range(200):  # bounded: the dump is written within a few ms
-            text = (tmp_path / "log").read_text()
-            hit = [ln for ln in text.splitlines() if "state dump: " in ln]
-            if hit:
-                line = hit[0]
-                break
-            await trio.sleep(0.02)
-        assert line is not None, "no state dump in the log"
+        line = await _logged(tmp_path, "state dump: ")
         dump = json.loads(line.split("state dump: ", 1)[1])
         tree = dump["tree"]
         assert tree["name"] == "runestone" and tree["kind"] == "supervisor"
@@ -133,7 +155,7 @@ async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
         assert "telemetry_handler" in ids and "enhanced_provider_supervisor" in ids and ids[-1] == "front"
         assert proc.poll() is None  # the dump does not stop the process
         proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+        assert await trio.to_thread.run_sync(proc.wait, 120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -135,9 +135,11 @@ async def test_http_429_with_openai_headers(gateway_factory):
         assert (await http.get("/v1/models", headers=h1)).status_code == 200  # listing models is not limited
 
 
-async def test_concurrent_stream_limit_releases_when_the_stream_ends(gateway_factory):
+async def test_concurrent_stream_limit_releases_when_the_stream_ends(gateway_factory, gated_factory):
+    upstream, gate, _ = await gated_factory(chunks=3)  # the stream waits at the gate until the second is refused
     gw = await gateway_factory('[auth]\napi_keys = ["k1"]\n[limits]\nmax_concurrent_per_tenant = 1\n'
-                               + provider_toml("fake", "fake", models=["fake-model"], chunks=3, chunk_delay_ms=100))
+                               + provider_toml("up", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1",
+                                               api_key="sk-up", models=["fake-model"]))
     body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     h = {"authorization": "Bearer k1"}
     async with httpx.AsyncClient(base_url=gw.url) as http:
@@ -145,6 +147,7 @@ async def test_concurrent_stream_limit_releases_when_the_stream_ends(gateway_fac
             assert stream.status_code == 200
             second = await http.post("/v1/chat/completions", json=body, headers=h)
             assert second.status_code == 429 and "1 requests in flight" in second.json()["error"]["message"]
-            await stream.aread()
+            gate.open()
+            assert (await stream.aread()).rstrip().endswith(b"data: [DONE]")
         third = await http.post("/v1/chat/completions", json=body, headers=h)
         assert third.status_code == 200

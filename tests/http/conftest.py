@@ -71,7 +71,7 @@ class H11Client:
         await self.stream.aclose()
 
 
-HANG_GUARD_SECONDS = 20.0
+HANG_GUARD_SECONDS = 120.0
 
 
 @pytest.fixture

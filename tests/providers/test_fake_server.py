@@ -10,6 +10,7 @@ import json
 import math
 import random
 import struct
+from functools import partial
 
 import anthropic
 import attrs
@@ -21,7 +22,8 @@ import trio.testing
 
 from runestone.providers.fake_content import fake_answer, fake_embedding, fake_reply_chunks
 from runestone.providers.tokens import count_anthropic_messages, count_openai_chat, estimate_tokens
-from runestone.providers.fake_server import FakeKnobs, serve_fake_provider
+from runestone.http.server import serve_http
+from runestone.providers.fake_server import FakeKnobs, make_fake_handler, serve_fake_provider
 from runestone.wire.sse import SSEParser
 
 WEATHER_TOOL = {
@@ -350,15 +352,35 @@ async def test_malformed_sse(port):
             json.loads(e.data)
 
 
-async def test_pacing_under_mock_clock(port, clock):
-    await set_knobs(port, ttfb_ms=3000, chunk_delay_ms=500, chunks=4)
-    async with oai(port) as client:
+async def test_pacing_under_mock_clock(nursery, clock):
+    # Timed where the fake produces each frame, from the moment it has the whole request: a loopback packet
+    # delayed on a busy machine idles the loop, and the clock may then jump to another timer (the server's
+    # tick) before the fake arms its own, so times seen by the client would not be exact.
+    fake = make_fake_handler(FakeKnobs(ttfb_ms=3000, chunk_delay_ms=500, chunks=4))
+    produced = []
+
+    async def timed(request):
+        await request.body()
         t0 = trio.current_time()
+        response = await fake(request)
+        produced.append(trio.current_time() - t0)
+
+        async def frames(stream):
+            async for frame in stream:
+                produced.append(trio.current_time() - t0)
+                yield frame
+
+        response.stream = frames(response.stream)
+        return response
+
+    server = await nursery.start(partial(serve_http, timed, "127.0.0.1", 0))
+    async with oai(server.port) as client:
         stream = await client.chat.completions.create(model="fake-model", messages=HELLO, stream=True)
-        assert trio.current_time() - t0 == pytest.approx(3.0)
-        arrivals = [trio.current_time() - t0 async for _ in stream]
-    # role chunk at once, then 4 content chunks and the finish chunk each 0.5 s apart
-    assert arrivals == pytest.approx([3.0, 3.5, 4.0, 4.5, 5.0, 5.5])
+        chunks = [chunk async for chunk in stream]
+    # the head after the 3 s ttfb, the role chunk at once, then 4 content chunks, the finish chunk and [DONE]
+    # each 0.5 s apart
+    assert produced == pytest.approx([3.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0])
+    assert len(chunks) == 6
 
 
 async def test_hang_until_the_client_gives_up(port, clock):
