@@ -12,6 +12,7 @@ decision on published snapshots and the attempt — no mailbox waits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Any, Awaitable, Callable
@@ -33,6 +34,15 @@ __all__ = ["Front", "RouteTable"]
 log = logging.getLogger("runestone.front")
 
 _JSON = (b"content-type", b"application/json")
+
+
+# Request ids: a random prefix per process and a counter, unique without a getrandom() syscall per request.
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def requirements_of(routing) -> Requirements:
@@ -121,7 +131,7 @@ class Front:
         if rid and len(rid) <= 128 and rid.isascii() and rid.replace(b"-", b"").replace(b"_", b"").isalnum():
             request_id = rid.decode()
         else:
-            request_id = "req_" + os.urandom(12).hex()
+            request_id = _next_request_id()
         rid_header = (b"x-request-id", request_id.encode())
         try:
             found = self.routes.find(request.method, request.path)

@@ -170,6 +170,16 @@ class UpstreamStream:
         """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""
         self._response.set_deadline(deadline)
 
+    async def drain(self) -> None:
+        """After the end marker: read what is left of the body (the chunked terminator, as a rule: one read),
+        so that the connection goes back to the pool instead of being closed. Gives up quietly after a few
+        reads or on any error; ``aclose()`` then closes the connection."""
+        try:
+            for _ in range(4):
+                await self._it.__anext__()
+        except (StopAsyncIteration, TransportError):
+            pass
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True

@@ -112,7 +112,7 @@ class Completed:
     native: bool = False
 
 
-@attrs.frozen
+@attrs.define(slots=True)  # not frozen: one per upstream read, and a frozen class's __init__ costs twice as much
 class Chunks:
     """One upstream read's ``chat.completion.chunk`` payloads; ``last`` when the upstream's end came with it."""
 
@@ -221,6 +221,10 @@ class Gateway:
         #: streams that bound their own reads: both are moved to ``stop_deadline`` when it is set.
         self._reading: set = set()
         self._streams: set = set()
+        #: (provider, model) -> (input, output) USD per token, from the static pricing table.
+        self._prices: dict = {}
+        #: model -> (snapshots it was decided on, Plan): the default policy's decisions while they hold.
+        self._plans: dict = {}
 
     # -- planning -------------------------------------------------------------------------------------
 
@@ -361,6 +365,16 @@ class Gateway:
                 if m:
                     targets.append(Target(n, m))
             return Plan(targets, f"group={model} strategy={spec.strategy}", model, spec.max_attempts, {})
+        cacheable = policy == "default" and requirements is NO_REQUIREMENTS
+        if cacheable:
+            # The default policy's decision depends only on the published snapshots when no candidate is
+            # at a breaker's, the health threshold's or a concurrency limit's edge: reuse it until one of
+            # them is republished (see _cacheable).
+            snapshots = (self.providers.version, self.breakers.value, self.health.value)
+            hit = self._plans.get(model)
+            if hit is not None and hit[0][0] == snapshots[0] and hit[0][1] is snapshots[1] \
+                    and hit[0][2] is snapshots[2]:
+                return hit[1]
         state = self._state(body, infos, requirements, policy)
         try:
             decision = route(model, info_list, state, policy=policy, requirements=requirements,
@@ -370,7 +384,12 @@ class Gateway:
         names = decision.providers + decision.alternatives
         targets = [Target(n, model) for n in names]
         attempts = max(self.retry.max_attempts, min(len(targets), 8))
-        return Plan(targets, decision.reason, None, attempts, dict(decision.skipped))
+        plan = Plan(targets, decision.reason, None, attempts, dict(decision.skipped))
+        if cacheable and _cacheable(decision, table, state.breakers):
+            if len(self._plans) >= 1024:  # bounded: model names come from clients
+                self._plans.clear()
+            self._plans[model] = (snapshots, plan)
+        return plan
 
     def _plan_named(self, hit, body: dict, requirements: Requirements, table, infos, now: float) -> Plan:
         """A split assigns a variant and plans its model; a pool orders its members by weight."""
@@ -710,8 +729,17 @@ class Gateway:
         self.inflight.remove(ctx.request_id)
         model = model or ctx.model
         provider = ctx.provider or ""
-        cost = (cost_of(tokens_in, tokens_out, price_for(self.pricing, provider, model))
-                if (tokens_in or tokens_out) else 0.0)
+        cost = 0.0
+        if tokens_in or tokens_out:
+            key = (provider, model)
+            prices = self._prices
+            per_token = prices.get(key)
+            if per_token is None:
+                price = price_for(self.pricing, provider, model)
+                per_token = (cost_of(1, 0, price), cost_of(0, 1, price))
+                if len(prices) < 4096:  # bounded: models come from upstream answers
+                    prices[key] = per_token
+            cost = tokens_in * per_token[0] + tokens_out * per_token[1]
         if ctx.lease is not None:
             ctx.lease.settle(tokens_in, tokens_out, cost)
         latency = trio.current_time() - ctx.started
@@ -792,6 +820,9 @@ class Streaming:
             self._first = None
             return Chunks(first, stream.finished)
         if stream.finished:
+            if self._bounded:
+                # The client has the whole answer; let the upstream connection be reused.
+                await stream.drain()
             return self._end(None)
         gw = self._gw
         try:
@@ -889,10 +920,32 @@ def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         headers.append((b"x-runestone-variant", ctx.variant.header))
     reason = ctx.route_reason
     if reason:
-        # Header values must be visible ASCII; route reasons are ours, but model names come from clients.
-        headers.append((b"x-runestone-route",
-                        reason.encode("ascii", "replace")[:200].replace(b"\r", b" ").replace(b"\n", b" ")))
+        value = _ROUTE_HEADERS.get(reason)
+        if value is None:
+            # Header values must be visible ASCII; route reasons are ours, but model names come from clients.
+            value = reason.encode("ascii", "replace")[:200].replace(b"\r", b" ").replace(b"\n", b" ")
+            if len(_ROUTE_HEADERS) < 1024:  # bounded: a reason names a client-given model
+                _ROUTE_HEADERS[reason] = value
+        headers.append((b"x-runestone-route", value))
     return headers
+
+
+_ROUTE_HEADERS: dict[str, bytes] = {}
+
+
+def _cacheable(decision, table, breakers) -> bool:
+    """A decision made on snapshots alone: no provider ruled out, set aside, probed, limited in concurrency
+    (its load changes per request) or with a breaker that is not closed (its admission changes with time)."""
+    if decision.skipped or decision.alternatives or decision.probe is not None:
+        return False
+    for name in decision.providers:
+        entry = table.get(name)
+        if entry is None or entry.info.max_concurrency:
+            return False
+        view = breakers.get(name) if breakers else None
+        if view is not None and view.state != CLOSED:
+            return False
+    return True
 
 
 def _error_kind(error: BaseException | None) -> str:
