@@ -297,3 +297,27 @@ async def test_anthropic_paths_refuse_in_anthropics_shape(gateway_factory, fake_
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
         r = await http.get("/nothing")  # OpenAI's routes keep OpenAI's shape
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_a_finished_stream_gives_its_upstream_connection_back(gateway_factory, fake_factory):
+    upstream, _ = await fake_factory(chunks=20, coalesce=True)
+    gw = await gateway_factory(LEDGER_OFF + _openai("up", upstream.port))
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        for _ in range(3):
+            r = await http.post("/chat/completions", json={**BODY, "stream": True})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    transport = gw.app.gateway.providers.value["up"].adapter._transport
+    stats = transport.statistics().origin(f"http://127.0.0.1:{upstream.port}")
+    # One connection served all three streams: each was read to its end and went back to the pool.
+    assert (stats.open, stats.idle) == (1, 1)
+
+
+async def test_the_default_plan_is_reused_until_a_snapshot_changes(gateway_factory, fake_factory):
+    upstream, _ = await fake_factory()
+    gw = await gateway_factory(LEDGER_OFF + _openai("up", upstream.port))
+    gateway = gw.app.gateway
+    first = gateway.plan(MODEL, dict(BODY))
+    assert gateway.plan(MODEL, dict(BODY)) is first
+    gateway.breakers.publish(dict(gateway.breakers.value or {}))  # a republished breaker view
+    again = gateway.plan(MODEL, dict(BODY))
+    assert again is not first and again.targets == first.targets
