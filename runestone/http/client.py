@@ -270,6 +270,13 @@ class _IODeadlines:
         if deadline < self.wake_at:
             self.wake_at = self._scope.deadline = deadline
 
+    def tighten(self, conn: _Connection, deadline: float) -> None:
+        """A wait in progress on ``conn`` ends by ``deadline`` too (its cap was lowered while it waited)."""
+        if conn in self.armed and deadline < conn.deadline:
+            conn.deadline = deadline
+            if deadline < self.wake_at:
+                self.wake_at = self._scope.deadline = deadline
+
     async def run(self) -> None:
         while True:
             with trio.CancelScope(deadline=self.wake_at) as self._scope:
@@ -669,6 +676,8 @@ class _FastResponse(UpstreamResponse):
         conn = self._conn
         if conn is not None:
             conn.cap = math.inf if deadline is None else deadline
+            if deadline is not None:
+                conn.deadlines.tighten(conn, deadline)
 
     def _abort(self) -> None:
         conn = self._conn

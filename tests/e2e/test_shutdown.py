@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import httpx
+import orjson
 import trio
 
 from gatewaytest import free_port, wait_ready
@@ -159,3 +160,41 @@ async def test_sigusr1_writes_the_state_dump_to_the_log(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_sigterm_ends_streams_longer_than_the_drain_with_an_error_event(tmp_path, gated_factory):
+    # The streams wait at a gate that never opens: they outlive the 2 s drain. Each must end with an SSE error
+    # event saying the gateway is stopping (not a cut body), and the ledger records them as the gateway's 503,
+    # not as clients that left (499).
+    upstream, gate, _ = await gated_factory(chunks=6)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn(tmp_path, port, drain_ms=2000, upstream_port=upstream.port)
+    try:
+        await wait_ready(url, proc)
+        results: list = []
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            async with trio.open_nursery() as n:
+                starts = [trio.Event() for _ in range(3)]
+                for ev in starts:
+                    n.start_soon(_stream, http, ev, results)
+                for ev in starts:
+                    await ev.wait()
+                proc.send_signal(signal.SIGTERM)
+        assert len(results) == 3
+        for body in results:
+            last = body.rstrip().rsplit(b"\n\n", 1)[-1]
+            assert b"[DONE]" not in body and last.startswith(b"data: "), body[-300:]
+            assert orjson.loads(last[6:])["error"]["code"] == "gateway_stopping"
+        assert await trio.to_thread.run_sync(proc.wait, 120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "data" / "usage.sqlite3")
+    try:
+        kinds = [row[0] for row in db.execute("SELECT http_status FROM usage WHERE status = 'error'")]
+    finally:
+        db.close()
+    assert kinds == [503] * 3

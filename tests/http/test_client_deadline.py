@@ -125,3 +125,20 @@ async def test_the_deadline_bounds_the_wait_for_a_pool_slot(autojump_clock: trio
                     pass
             assert trio.current_time() - start == pytest.approx(1)
             nursery.cancel_scope.cancel()
+
+
+async def test_set_deadline_ends_a_read_already_waiting(autojump_clock: trio.testing.MockClock) -> None:
+    # The gateway's graceful stop lowers the deadline of streams whose read is waiting on a silent upstream.
+    async with serving(partial(one_chunk_then, 1000)) as url, FastTransport(timeouts=SLOW) as transport:
+        async with transport.stream("GET", url, []) as response:
+            assert await response.__anext__() == b"one"
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                async def lower_soon() -> None:
+                    await trio.sleep(1)
+                    response.set_deadline(trio.current_time() + 2)
+
+                nursery.start_soon(lower_soon)
+                with pytest.raises(ReadTimeout):
+                    await response.__anext__()
+            assert 3 <= trio.current_time() - started < 10
