@@ -36,7 +36,7 @@ from ..wire.responses import (
 )
 from .api import requirements_of
 from .response_store import ResponseStore
-from .streams import SSE_HEADERS
+from .streams import SSE_HEADERS, Relay
 from .token_count import COUNT_HEADER, count_input_tokens
 
 __all__ = ["ResponsesRoutes", "install"]
@@ -130,7 +130,7 @@ class ResponsesRoutes:
             return Response(200, [_JSON, *result.headers], orjson.dumps(response))
         relay = self._relay_native if result.native else self._relay
         return Response(200, [*SSE_HEADERS, *result.headers],
-                        stream=relay(result, req, response_id, created, caller.key_id, inputs))
+                        stream=Relay(relay(result, req, response_id, created, caller.key_id, inputs), result))
 
     async def _keep(self, key_id, response: dict, inputs: list) -> None:
         try:

@@ -16,7 +16,7 @@ from ..wire.anthropic import AnthropicEventStream
 from ..wire.errors import anthropic_type
 from ..wire.openai import sse_chunks, sse_error_event
 
-__all__ = ["SSE_HEADERS", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
+__all__ = ["SSE_HEADERS", "Relay", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -33,9 +33,38 @@ def anthropic_failure(error: GatewayError) -> bytes:
     return AnthropicEventStream.error(anthropic_type(error.status, error.type), error.message)
 
 
-async def encoded(streaming: Streaming, feed: Callable[[list, bool], bytes],
-                  failure: Callable[[GatewayError], bytes]) -> AsyncIterator[bytes]:
+class Relay:
+    """A response body made by ``items`` (an async generator reading ``streaming``) that closes ``streaming``
+    however it ends, even when the server closes it before its first item: an async generator that never
+    started does not run its ``finally`` on ``aclose()``, and the stream (its upstream connection, its
+    in-flight count, its admission lease, its ledger record) would be left open."""
+
+    __slots__ = ("_items", "_streaming")
+
+    def __init__(self, items: AsyncIterator[bytes], streaming: Streaming) -> None:
+        self._items = items
+        self._streaming = streaming
+
+    def __aiter__(self) -> "Relay":
+        return self
+
+    def __anext__(self):
+        return self._items.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._items.aclose()
+        finally:
+            await self._streaming.aclose()
+
+
+def encoded(streaming: Streaming, feed: Callable[[list, bool], bytes],
+            failure: Callable[[GatewayError], bytes]) -> Relay:
     """``streaming``'s events through ``feed(payloads, last)`` and ``failure(error)``, as write-ready bytes."""
+    return Relay(_encode(streaming, feed, failure), streaming)
+
+
+async def _encode(streaming: Streaming, feed, failure) -> AsyncIterator[bytes]:
     try:
         async for event in streaming:
             if type(event) is Chunks:
@@ -48,6 +77,6 @@ async def encoded(streaming: Streaming, feed: Callable[[list, bool], bytes],
         await streaming.aclose()
 
 
-def openai_sse(streaming: Streaming) -> AsyncIterator[bytes]:
+def openai_sse(streaming: Streaming) -> Relay:
     """A chat stream as OpenAI's SSE: the upstream's chunk payloads framed, then ``[DONE]``."""
     return encoded(streaming, sse_chunks, openai_failure)

@@ -239,3 +239,17 @@ async def test_a_stream_the_client_leaves_is_recorded_once_and_closed(world):
     await streaming.aclose()
     assert [type(e) for e in events] == [Chunks, Chunks, Done] and events[1].last
     _settled(app)
+
+
+async def test_a_stream_body_closed_before_its_first_item_still_ends_the_request(world):
+    # The server closes a response body it could not start writing (the client left before the head went
+    # out): the stream must still be closed and the request recorded.
+    from runestone.front.streams import openai_sse
+
+    app, adapters, calls = world
+    adapters["a"].script = [("stream", 5, "hang")]
+    streaming = await app.gateway.serve(ask(stream=True))
+    body = openai_sse(streaming)
+    await body.aclose()
+    assert adapters["a"].streams[0].closed
+    _settled(app)
