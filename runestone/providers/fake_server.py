@@ -24,6 +24,7 @@ from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 from ..wire.anthropic import InboundError, anthropic_request_to_openai
 from ..wire.sse import encode_event
+from .fake_vendors import VendorRoutes
 from .tokens import count_anthropic_messages
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
@@ -58,6 +59,10 @@ class FakeKnobs:
     text: str | None = None
     embedding_dims: int = 256
     models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding")
+    #: Azure: the content filter refuses the prompt ("prompt") or stops the completion ("completion").
+    content_filter: str | None = None
+    #: Azure: deployment -> the model it runs (besides each of ``models`` deployed under its own name).
+    azure_deployments: dict = attrs.Factory(dict)
 
 
 # What POST /_fake/knobs accepts for each knob (bool is kept apart from int on purpose).
@@ -66,6 +71,7 @@ _KNOB_TYPES: dict[str, tuple[type, ...]] = {
     "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
     "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
     "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
+    "content_filter": (str, type(None)), "azure_deployments": (dict,),
 }
 
 
@@ -85,9 +91,13 @@ class FakeStats:
     streams_cancelled: int = 0
     cancelled_at: list[float] = attrs.Factory(list)
     faults: dict[str, int] = attrs.Factory(dict)
+    #: The last model requests as received (method, target, headers, JSON body), newest last, at most 32:
+    #: what a gateway really sent, for tests that check it field by field.
+    recent: list[dict] = attrs.Factory(list)
 
     def as_json(self) -> dict:
         return {
+            "recent": list(self.recent),
             "requests": dict(self.requests),
             "streams": {"started": self.streams_started, "finished": self.streams_finished, "cancelled": self.streams_cancelled},
             "cancelled_at": list(self.cancelled_at),
@@ -146,8 +156,11 @@ class FakeProvider:
     _rng: random.Random = attrs.field(init=False)
     _counter: int = attrs.field(init=False, default=0)
 
+    _vendors: VendorRoutes = attrs.field(init=False)
+
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.knobs.seed)
+        self._vendors = VendorRoutes(self)
 
     def __repr__(self) -> str:
         return f"<FakeProvider {self.knobs!r}>"
@@ -174,6 +187,10 @@ class FakeProvider:
             return await self._model_route(request, method, self._embeddings) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models" and method == "GET":
             return self._models(request)
+        if path.startswith("/v1beta/"):
+            return await self._vendors.gemini(request, method, path)
+        if path.startswith("/openai/"):
+            return await self._vendors.azure(request, method, path)
         if path == "/_fake/knobs":
             if method == "POST":
                 return await self._set_knobs(request)
@@ -193,11 +210,13 @@ class FakeProvider:
     def _fault(self, kind: str) -> None:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
 
-    async def _model_route(self, request, method: str, serve) -> Response:
-        """Apply the knobs that act before any byte of the answer, then serve the route."""
+    async def _model_route(self, request, method: str, serve, error=None) -> Response:
+        """Apply the knobs that act before any byte of the answer, then serve the route; ``error(status,
+        message, headers=())`` answers in the route's API shape (OpenAI's or Anthropic's when not given)."""
         knobs = self.knobs
         anthropic = serve in (self._messages, self._count_tokens)
         raw = await request.body()
+        self._record(request, raw)
         if knobs.hang:
             self._fault("hang")
             await trio.sleep_forever()
@@ -213,6 +232,8 @@ class FakeProvider:
             if knobs.retry_after is not None:
                 headers = ((b"retry-after", _format_seconds(knobs.retry_after)),)
             message = f"injected fault: HTTP {knobs.fault_status}"
+            if error is not None:
+                return error(knobs.fault_status, message, headers)
             if anthropic:
                 return _anthropic_error(knobs.fault_status, message, headers=headers)
             return _openai_error(knobs.fault_status, message, headers=headers)
@@ -222,8 +243,23 @@ class FakeProvider:
             body = None
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
+            if error is not None:
+                return error(400, message)
             return _anthropic_error(400, message) if anthropic else _openai_error(400, message)
         return serve(request, body)
+
+    def _record(self, request, raw: bytes) -> None:
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        target = request.path + (f"?{request.query}" if request.query else "")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        recent = self.stats.recent
+        recent.append({"method": request.method if isinstance(request.method, str) else request.method.decode(),
+                       "target": target, "headers": headers, "body": body})
+        if len(recent) > 32:
+            del recent[0]
 
     # -- OpenAI ------------------------------------------------------------------------------------------
 
