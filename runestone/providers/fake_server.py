@@ -24,6 +24,7 @@ from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 from ..wire.anthropic import InboundError, anthropic_request_to_openai
 from ..wire.sse import encode_event
+from ..resilience.failover import undated
 from .fake_vendors import VendorRoutes
 from .tokens import count_anthropic_messages
 
@@ -269,7 +270,12 @@ class FakeProvider:
 
     def _check_model(self, body: dict) -> str | None:
         model = body.get("model")
-        return model if isinstance(model, str) and model in self.knobs.models else None
+        return model if isinstance(model, str) and self.serves(model) else None
+
+    def serves(self, model: str) -> bool:
+        """A model of the knobs, or a dated version or alias of one, as the vendors accept both."""
+        models = self.knobs.models
+        return model in models or undated(model) in {undated(m) for m in models}
 
     def _chat(self, request, body: dict) -> Response:
         model = self._check_model(body)

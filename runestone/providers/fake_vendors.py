@@ -106,7 +106,7 @@ class VendorRoutes:
         if not self._gemini_key(request):
             return gemini_error_response(403, "Method doesn't allow unregistered callers (callers without established "
                                               "identity). Please use API Key or other form of API consumer identity to call this API.")
-        if model not in self.fake.knobs.models:
+        if not self.fake.serves(model):
             return gemini_error_response(404, f"models/{model} is not found for API version v1beta, or is not "
                                               f"supported for {verb}. Call ListModels to see the list of available "
                                               "models and their supported methods.")

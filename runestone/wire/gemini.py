@@ -129,6 +129,8 @@ def json_schema_to_gemini(schema, param: str, *, _root=None, _depth: int = 0) ->
 
 
 def _resolve_ref(root: dict, ref, param: str):
+    if ref == "#":
+        return root
     if not isinstance(ref, str) or not ref.startswith("#/"):
         raise TranslationError(param, f"$ref {ref!r} is not a local reference ('#/$defs/...'); Gemini takes none")
     node = root
@@ -753,8 +755,10 @@ def gemini_request_to_openai(body: dict, model: str) -> dict:
                 fr = part["functionResponse"]
                 ids = pending.get(fr.get("name") or "") or []
                 call_id = ids.pop(0) if ids else f"call_unmatched_{i}_{k}"
+                response = fr.get("response") or {}
+                output = response.get("output") if isinstance(response, dict) and len(response) == 1 else None
                 results.append({"role": "tool", "tool_call_id": call_id,
-                                "content": orjson.dumps(fr.get("response") or {}).decode()})
+                                "content": output if isinstance(output, str) else orjson.dumps(response).decode()})
         if role == "model":
             msg: dict = {"role": "assistant", "content": "".join(t["text"] for t in texts if t["type"] == "text") or None}
             if calls:
