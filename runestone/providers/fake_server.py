@@ -1,7 +1,8 @@
-"""``runestone fake-provider``: a real HTTP server that answers like OpenAI and Anthropic, with fault knobs.
+"""``runestone fake-provider``: a real HTTP server that answers like OpenAI, Anthropic, Gemini and Azure OpenAI.
 
 It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``
-(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models`` on the project's own HTTP server, with the wire
+(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models``, and Gemini's and Azure's routes (under ``/v1beta``
+and ``/openai``: :mod:`.fake_vendors`) on the project's own HTTP server, with the wire
 formats of the real APIs (checked in the tests with the official SDKs) and the fake model of
 :mod:`.fake_content`, whose token counts come from :mod:`.tokens`. It stands in for upstream
 providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
