@@ -91,14 +91,27 @@ FAILOVER_STRATEGIES = (
     "fastest_first",
     "cost",
 )
-PROVIDER_TYPES = ("openai", "anthropic", "fake")
+PROVIDER_TYPES = ("openai", "anthropic", "fake", "azure", "gemini")
 TRANSPORTS = ("fast", "httpx")
 COST_TIERS = ("low", "medium", "high")
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
 }
+# ``preset`` on an ``openai`` provider: the host's base URL (its quirks: runestone/providers/presets.py).
+OPENAI_PRESETS = {
+    "groq": "https://api.groq.com/openai/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "together": "https://api.together.xyz/v1",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "vllm": "http://127.0.0.1:8000/v1",
+}
+AZURE_AUTH = ("api-key", "bearer")
 
 # What the providers registered from OPENAI_API_KEY / ANTHROPIC_API_KEY serve
 # until someone lists models explicitly: the vendors' current public model ids.
@@ -632,6 +645,16 @@ class ProviderConfig:
     anthropic_version: str = _setting("2023-06-01", _non_empty_str())
     # openai: the upstream speaks the Responses API; /v1/responses requests pass through unchanged
     responses_api: bool = _setting(False)
+    # openai: a known OpenAI-compatible host (base URL and quirks; README "OpenAI-compatible hosts")
+    preset: str | None = _setting(None, _Check(lambda v: v is None or v in OPENAI_PRESETS,
+                                               "one of " + ", ".join(OPENAI_PRESETS)))
+    # azure: api-version of the deployment scheme; model -> deployment; the key as api-key or bearer token
+    api_version: str = _setting("2024-10-21", _non_empty_str())
+    deployments: dict[str, str] = _setting(factory=dict, check=_Check(
+        lambda v: all(k.strip() and d.strip() for k, d in v.items()), "a table of model = \"deployment\" strings"))
+    azure_auth: str = _setting("api-key", _one_of(AZURE_AUTH))
+    #: Re-list a provider's models this often when they were discovered (no models configured); 0: never.
+    models_refresh_ms: int = _setting(3_600_000, _int_between(0, 604_800_000))
 
     timeout_s = _seconds("timeout_ms")
     connect_timeout_s = _seconds("connect_timeout_ms")
@@ -649,8 +672,9 @@ class ProviderSpec:
 
     @property
     def base_url(self) -> str | None:
-        """The configured base URL, else the vendor's (None for the fake)."""
-        return self.config.base_url or DEFAULT_BASE_URLS.get(self.type)
+        """The configured base URL, else the preset's or the vendor's (None for the fake and azure)."""
+        preset = OPENAI_PRESETS.get(self.config.preset or "") if self.type == "openai" else None
+        return self.config.base_url or preset or DEFAULT_BASE_URLS.get(self.type)
 
 
 @attrs.frozen
@@ -1001,6 +1025,11 @@ def _check_provider(report: _Report, spec: ProviderSpec, path: _Path, upstream_h
             cfg.transport,
             '"httpx" when proxy or http2 is set',
         )
+    if spec.type == "azure" and not cfg.base_url:
+        report.bad(path + ("config", "base_url"), None, "the Azure OpenAI endpoint (https://NAME.openai.azure.com, "
+                   "or .../openai/v1 for the v1 API)")
+    if cfg.preset is not None and spec.type != "openai":
+        report.bad(path + ("config", "preset"), cfg.preset, 'unset: presets apply to type "openai" providers')
 
 
 def _check_cross(report: _Report, cfg: Config) -> None:

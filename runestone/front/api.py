@@ -241,7 +241,8 @@ class Front:
             for m in sorted(entry.info.models):
                 if m.endswith("*") or m in seen:
                     continue
-                seen[m] = {"id": m, "object": "model", "created": 0, "owned_by": entry.name}
+                seen[m] = {"id": m, "object": "model", "created": 0, "owned_by": entry.name,
+                           "source": "discovered" if m in entry.discovered else "configured"}
         for name in sorted(gw.groups.groups.value or ()):
             seen.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": "runestone:group"})
         for alias in sorted(gw.aliases.value or ()):

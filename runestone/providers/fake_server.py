@@ -1,7 +1,8 @@
-"""``runestone fake-provider``: a real HTTP server that answers like OpenAI and Anthropic, with fault knobs.
+"""``runestone fake-provider``: a real HTTP server that answers like OpenAI, Anthropic, Gemini and Azure OpenAI.
 
 It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``
-(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models`` on the project's own HTTP server, with the wire
+(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models``, and Gemini's and Azure's routes (under ``/v1beta``
+and ``/openai``: :mod:`.fake_vendors`) on the project's own HTTP server, with the wire
 formats of the real APIs (checked in the tests with the official SDKs) and the fake model of
 :mod:`.fake_content`, whose token counts come from :mod:`.tokens`. It stands in for upstream
 providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
@@ -24,6 +25,8 @@ from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 from ..wire.anthropic import InboundError, anthropic_request_to_openai
 from ..wire.sse import encode_event
+from ..resilience.failover import undated
+from .fake_vendors import VendorRoutes
 from .tokens import count_anthropic_messages
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
@@ -58,6 +61,10 @@ class FakeKnobs:
     text: str | None = None
     embedding_dims: int = 256
     models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding")
+    #: Azure: the content filter refuses the prompt ("prompt") or stops the completion ("completion").
+    content_filter: str | None = None
+    #: Azure: deployment -> the model it runs (besides each of ``models`` deployed under its own name).
+    azure_deployments: dict = attrs.Factory(dict)
 
 
 # What POST /_fake/knobs accepts for each knob (bool is kept apart from int on purpose).
@@ -66,6 +73,7 @@ _KNOB_TYPES: dict[str, tuple[type, ...]] = {
     "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
     "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
     "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
+    "content_filter": (str, type(None)), "azure_deployments": (dict,),
 }
 
 
@@ -85,9 +93,13 @@ class FakeStats:
     streams_cancelled: int = 0
     cancelled_at: list[float] = attrs.Factory(list)
     faults: dict[str, int] = attrs.Factory(dict)
+    #: The last model requests as received (method, target, headers, JSON body), newest last, at most 32:
+    #: what a gateway really sent, for tests that check it field by field.
+    recent: list[dict] = attrs.Factory(list)
 
     def as_json(self) -> dict:
         return {
+            "recent": list(self.recent),
             "requests": dict(self.requests),
             "streams": {"started": self.streams_started, "finished": self.streams_finished, "cancelled": self.streams_cancelled},
             "cancelled_at": list(self.cancelled_at),
@@ -146,8 +158,11 @@ class FakeProvider:
     _rng: random.Random = attrs.field(init=False)
     _counter: int = attrs.field(init=False, default=0)
 
+    _vendors: VendorRoutes = attrs.field(init=False)
+
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.knobs.seed)
+        self._vendors = VendorRoutes(self)
 
     def __repr__(self) -> str:
         return f"<FakeProvider {self.knobs!r}>"
@@ -174,6 +189,10 @@ class FakeProvider:
             return await self._model_route(request, method, self._embeddings) if method == "POST" else self._not_allowed(method, path)
         if path == "/v1/models" and method == "GET":
             return self._models(request)
+        if path.startswith("/v1beta/"):
+            return await self._vendors.gemini(request, method, path)
+        if path.startswith("/openai/"):
+            return await self._vendors.azure(request, method, path)
         if path == "/_fake/knobs":
             if method == "POST":
                 return await self._set_knobs(request)
@@ -193,11 +212,13 @@ class FakeProvider:
     def _fault(self, kind: str) -> None:
         self.stats.faults[kind] = self.stats.faults.get(kind, 0) + 1
 
-    async def _model_route(self, request, method: str, serve) -> Response:
-        """Apply the knobs that act before any byte of the answer, then serve the route."""
+    async def _model_route(self, request, method: str, serve, error=None) -> Response:
+        """Apply the knobs that act before any byte of the answer, then serve the route; ``error(status,
+        message, headers=())`` answers in the route's API shape (OpenAI's or Anthropic's when not given)."""
         knobs = self.knobs
         anthropic = serve in (self._messages, self._count_tokens)
         raw = await request.body()
+        self._record(request, raw)
         if knobs.hang:
             self._fault("hang")
             await trio.sleep_forever()
@@ -213,6 +234,8 @@ class FakeProvider:
             if knobs.retry_after is not None:
                 headers = ((b"retry-after", _format_seconds(knobs.retry_after)),)
             message = f"injected fault: HTTP {knobs.fault_status}"
+            if error is not None:
+                return error(knobs.fault_status, message, headers)
             if anthropic:
                 return _anthropic_error(knobs.fault_status, message, headers=headers)
             return _openai_error(knobs.fault_status, message, headers=headers)
@@ -222,8 +245,23 @@ class FakeProvider:
             body = None
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
+            if error is not None:
+                return error(400, message)
             return _anthropic_error(400, message) if anthropic else _openai_error(400, message)
         return serve(request, body)
+
+    def _record(self, request, raw: bytes) -> None:
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        target = request.path + (f"?{request.query}" if request.query else "")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        recent = self.stats.recent
+        recent.append({"method": request.method if isinstance(request.method, str) else request.method.decode(),
+                       "target": target, "headers": headers, "body": body})
+        if len(recent) > 32:
+            del recent[0]
 
     # -- OpenAI ------------------------------------------------------------------------------------------
 
@@ -233,7 +271,12 @@ class FakeProvider:
 
     def _check_model(self, body: dict) -> str | None:
         model = body.get("model")
-        return model if isinstance(model, str) and model in self.knobs.models else None
+        return model if isinstance(model, str) and self.serves(model) else None
+
+    def serves(self, model: str) -> bool:
+        """A model of the knobs, or a dated version or alias of one, as the vendors accept both."""
+        models = self.knobs.models
+        return model in models or undated(model) in {undated(m) for m in models}
 
     def _chat(self, request, body: dict) -> Response:
         model = self._check_model(body)

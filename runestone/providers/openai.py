@@ -13,6 +13,7 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
+from .presets import preset_base_url, preset_of, rename_reasoning
 from .base import (
     MAX_NAME_CHARS,
     ChatResult,
@@ -49,11 +50,14 @@ def _response_usage(provider: str, obj: dict, usage: Usage) -> None:
 class OpenAIStream(UpstreamStream):
     """An OpenAI SSE stream relayed event by event, validated, with usage captured."""
 
-    __slots__ = ("_include_usage",)
+    __slots__ = ("_include_usage", "_reasoning_field")
 
-    def __init__(self, provider: str, cm, response, include_usage: bool, secrets=()) -> None:
+    def __init__(self, provider: str, cm, response, include_usage: bool, secrets=(),
+                 reasoning_field: str | None = None) -> None:
         super().__init__(provider, cm, response, secrets)
         self._include_usage = include_usage
+        #: A host's own name for reasoning deltas (a preset's), renamed to ``reasoning_content`` on the way.
+        self._reasoning_field = reasoning_field
 
     async def __anext__(self) -> list[bytes]:
         if self.finished or self._closed:
@@ -82,6 +86,8 @@ class OpenAIStream(UpstreamStream):
                     usage_from(provider, u, self.usage)
                     if not choices and not self._include_usage:
                         continue
+                if self._reasoning_field is not None:
+                    data = rename_reasoning(obj, data, self._reasoning_field)
                 out.append(data)
             if out:
                 return out
@@ -126,7 +132,7 @@ class OpenAIAdapter:
 
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
-        base = (getattr(config, "base_url", None) or "https://api.openai.com/v1").rstrip("/")
+        base = (getattr(config, "base_url", None) or preset_base_url(config) or "https://api.openai.com/v1").rstrip("/")
         self._chat_url = base + "/chat/completions"
         self._embed_url = base + "/embeddings"
         self._models_url = base + "/models"
@@ -142,6 +148,19 @@ class OpenAIAdapter:
         self._secrets = secrets_of(config)
         self._transport = transport
         self._timeouts = timeouts
+        #: The host's known quirks (``preset``): parameters it refuses, its reasoning field, stream usage.
+        self._preset = preset_of(config)
+
+    def _http_error(self, status: int, headers, raw: bytes) -> UpstreamError:
+        return upstream_http_error(self.name, status, headers, raw, self._secrets)
+
+    def _chat_target(self, body: dict) -> tuple[str, dict]:
+        """Where a chat body goes and what is sent: the preset's refusals and drops applied."""
+        preset = self._preset
+        return self._chat_url, (preset.prepare(body) if preset is not None else body)
+
+    def _embed_target(self, body: dict) -> tuple[str, dict]:
+        return self._embed_url, body
 
     async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
         cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts, deadline=deadline)
@@ -161,7 +180,7 @@ class OpenAIAdapter:
                 raw = b""
             finally:
                 await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
+            raise self._http_error(response.status, response.headers, raw)
         return cm, response
 
     async def _read_json(self, url: str, payload: bytes, method: str = "POST",
@@ -175,11 +194,12 @@ class OpenAIAdapter:
         finally:
             await cm.__aexit__(None, None, None)
         if response.status != 200:
-            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
+            raise self._http_error(response.status, response.headers, raw)
         return raw, loads_object(self.name, raw, "the response")
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
-        raw, obj = await self._read_json(self._chat_url, orjson.dumps(body), deadline=deadline)
+        url, body = self._chat_target(body)
+        raw, obj = await self._read_json(url, orjson.dumps(body), deadline=deadline)
         if not isinstance(obj.get("choices"), list):
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
         check_name(self.name, obj, "id")
@@ -187,17 +207,25 @@ class OpenAIAdapter:
         usage = Usage()
         if obj.get("usage"):
             usage_from(self.name, obj["usage"], usage)
+        if self._preset is not None and self._preset.reasoning_field is not None:
+            raw = rename_reasoning(obj, raw, self._preset.reasoning_field, "message")
         return ChatResult(raw, usage)
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
                           deadline: float | None = None) -> OpenAIStream:
+        url, body = self._chat_target(body)
         upstream = dict(body)
-        options = dict(upstream.get("stream_options") or {})
-        options["include_usage"] = True
-        upstream["stream_options"] = options
+        preset = self._preset
+        if preset is None or preset.stream_usage == "stream_options":
+            options = dict(upstream.get("stream_options") or {})
+            options["include_usage"] = True
+            upstream["stream_options"] = options
+        else:  # the host sends usage on its last chunk unasked, and refuses stream_options
+            upstream.pop("stream_options", None)
         upstream["stream"] = True
-        cm, response = await self._open_events(self._chat_url, orjson.dumps(upstream), deadline=deadline)
-        return OpenAIStream(self.name, cm, response, include_usage, self._secrets)
+        cm, response = await self._open_events(url, orjson.dumps(upstream), deadline=deadline)
+        return OpenAIStream(self.name, cm, response, include_usage, self._secrets,
+                            preset.reasoning_field if preset is not None else None)
 
     async def responses(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
         """The Responses body as the client sent it (``model`` set); the upstream's Response object back."""
@@ -223,7 +251,8 @@ class OpenAIAdapter:
         return count
 
     async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
-        raw, obj = await self._read_json(self._embed_url, orjson.dumps(body), deadline=deadline)
+        url, body = self._embed_target(body)
+        raw, obj = await self._read_json(url, orjson.dumps(body), deadline=deadline)
         if not isinstance(obj.get("data"), list):
             raise UpstreamError(self.name, "malformed", "upstream embeddings response has no 'data' list")
         check_name(self.name, obj, "model")

@@ -21,7 +21,9 @@ from ..http.client import PoolLimits, Timeouts, make_transport
 from ..resilience.failover import ProviderInfo
 from ..runtime import Actor, ChildSpec, Published, Supervisor
 from .anthropic import AnthropicAdapter
+from .azure import AzureAdapter
 from .fake import FakeAdapter
+from .gemini import GeminiAdapter
 from .openai import OpenAIAdapter
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
 log = logging.getLogger("runestone.providers")
 
 ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter}
+ADAPTERS["azure"] = AzureAdapter
+ADAPTERS["gemini"] = GeminiAdapter
 
 # The original's provider names, still used by old clients and configs.
 LEGACY_NAMES = {"openai": "openai-default", "anthropic": "anthropic-default"}
@@ -53,6 +57,8 @@ _CAPS_BY_TYPE = {
     "anthropic": frozenset({"streaming", "tools", "vision"}),
     "fake": frozenset({"streaming", "tools", "vision", "embeddings"}),
 }
+_CAPS_BY_TYPE["azure"] = frozenset({"streaming", "tools", "vision", "embeddings"})
+_CAPS_BY_TYPE["gemini"] = frozenset({"streaming", "tools", "vision", "embeddings"})
 
 
 @attrs.frozen
@@ -68,6 +74,8 @@ class ProviderEntry:
     default_model: str | None
     #: Set while unregistering: no new request is routed here.
     draining: bool = False
+    #: The models learned from the upstream's listing (no list configured); the others were configured.
+    discovered: frozenset = frozenset()
 
 
 class ProviderTable(Published):
@@ -112,6 +120,14 @@ def build_adapter(spec: ProviderSpec):
     else:
         transport = make_transport("fast", timeouts=timeouts, limits=PoolLimits(max_connections=cfg.pool_size))
     return ADAPTERS[spec.type](spec.name, cfg, transport, timeouts)
+
+
+def configured_models(spec: ProviderSpec) -> list[str]:
+    """The models a provider's config names: ``models``, and for azure the keys of ``deployments``."""
+    models = list(spec.config.models)
+    if spec.type == "azure":
+        models += [m for m in spec.config.deployments if m not in models]
+    return models
 
 
 def provider_info(spec: ProviderSpec, models) -> ProviderInfo:
@@ -160,25 +176,56 @@ class ProviderActor(Actor):
     async def init(self) -> None:
         spec = self.spec
         adapter = build_adapter(spec)
-        models = list(spec.config.models)
-        if not models and spec.type != "fake":
-            try:
-                with trio.fail_after(10):
-                    models = await adapter.list_models()
-            except Exception as exc:  # a provider that cannot list its models still starts; it serves none
-                self.discovery_error = f"{type(exc).__name__}: {exc}"
-                log.warning("provider %s: model discovery failed (%s); it serves no model until updated",
-                            spec.name, self.discovery_error)
+        models = configured_models(spec)
+        discover = not models and spec.type != "fake"
+        if discover:
+            models = await self._discover(adapter)
         default = next((m for m in models if not m.endswith("*")), None)
         previous = self.table.value.get(spec.name)
-        self.entry = ProviderEntry(spec.name, spec.type, spec, provider_info(spec, models), adapter, default)
+        self.entry = ProviderEntry(spec.name, spec.type, spec, provider_info(spec, models), adapter, default,
+                                   discovered=frozenset(models) if discover else frozenset())
         self.table.put(self.entry)
         if self.health_check_interval > 0 and self.emit is not None:
             self.nursery.start_soon(self._health_checks)
+        if discover and spec.config.models_refresh_ms > 0:
+            self.nursery.start_soon(self._refresh_models)
         if previous is not None and previous.adapter is not adapter:
             # Left behind by an incarnation that crashed: requests it was serving may still use its pool.
             # They are bounded by the attempt timeout; close the old pool once that has passed.
             self.nursery.start_soon(_close_later, previous.adapter, max(spec.config.timeout_ms / 1000, 1.0))
+
+    async def _discover(self, adapter) -> list[str]:
+        """The upstream's model listing; [] (and ``discovery_error`` set) when it cannot be had."""
+        try:
+            with trio.fail_after(10):
+                models = await adapter.list_models()
+        except Exception as exc:  # a provider that cannot list its models still starts; it serves none
+            self.discovery_error = f"{type(exc).__name__}: {exc}"
+            log.warning("provider %s: model discovery failed (%s); it serves no model until the next listing",
+                        self.spec.name, self.discovery_error)
+            return []
+        self.discovery_error = None
+        return models
+
+    async def _refresh_models(self) -> None:
+        """Re-list the models every ``models_refresh_ms``, so ids the vendor adds later are served (and a
+        provider whose first listing failed recovers). A failed listing keeps what was known."""
+        interval = self.spec.config.models_refresh_ms / 1000
+        while True:
+            await trio.sleep(interval)
+            entry = self.entry
+            models = await self._discover(entry.adapter)
+            if not models or frozenset(models) == entry.discovered:
+                continue
+            current = self.table.value.get(entry.name)
+            if current is not None and current.adapter is entry.adapter:
+                entry = current  # keep what others set on it (draining)
+            default = entry.default_model if entry.default_model in models else next(
+                (m for m in models if not m.endswith("*")), None)
+            self.entry = attrs.evolve(entry, info=provider_info(self.spec, models), default_model=default,
+                                      discovered=frozenset(models))
+            self.table.put(self.entry)
+            log.info("provider %s: models re-listed, %d served", entry.name, len(models))
 
     async def _health_checks(self) -> None:
         """Active health checks: a cheap request (list the models) every interval, fed to health scores.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random as _random
+import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -108,12 +109,24 @@ class GroupSpec:
             raise ValueError(f"failover group {self.name!r}: health_threshold must be in [0, 1]")
 
 
+# A version suffix vendors put on a model id: Anthropic's -20241022, OpenAI's -2024-08-06, Gemini's -001.
+_DATED = re.compile(r"-(?:20\d{6}|20\d\d-\d\d-\d\d|\d{3}|latest)$")
+
+
+def undated(model: str) -> str:
+    """``model`` without its date or version suffix (or ``-latest``): the name of the model it is a version of."""
+    return _DATED.sub("", model)
+
+
 @attrs.frozen
 class ProviderInfo:
     """What routing needs to know about one registered provider.
 
     ``models`` lists the model names it serves; an entry ``"*"`` serves any model
-    and an entry ending in ``*`` serves every name with that prefix.
+    and an entry ending in ``*`` serves every name with that prefix. Model ids as
+    vendors date them are one model: a provider listing ``claude-3-5-haiku-latest``
+    (or ``gpt-4o``) serves ``claude-3-5-haiku-20241022`` (``gpt-4o-2024-08-06``), and
+    one listing a dated id serves its undated alias (see :func:`undated`).
     ``max_concurrency`` 0 means unlimited.
     """
 
@@ -124,6 +137,7 @@ class ProviderInfo:
     models: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     capabilities: frozenset[str] = attrs.field(default=DEFAULT_CAPABILITIES, converter=frozenset)
     _prefixes: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+    _undated: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.weight < 0:
@@ -132,6 +146,7 @@ class ProviderInfo:
             raise ValueError(f"provider {self.name!r}: max_concurrency must be >= 0")
         prefixes = tuple(m[:-1] for m in self.models if m.endswith("*"))
         object.__setattr__(self, "_prefixes", prefixes)
+        object.__setattr__(self, "_undated", frozenset(undated(m) for m in self.models if not m.endswith("*")))
 
     def serves(self, model: str) -> bool:
         if model in self.models:
@@ -139,7 +154,7 @@ class ProviderInfo:
         for prefix in self._prefixes:
             if model.startswith(prefix):
                 return True
-        return False
+        return undated(model) in self._undated if len(self._undated) else False
 
 
 @attrs.define

@@ -1,0 +1,815 @@
+"""Translation between the gateway's OpenAI chat format and Google's Gemini API (``generateContent``).
+
+A ``gemini`` provider sends the request upstream as a ``models/{model}:generateContent`` body
+(:func:`openai_to_gemini_request`) and turns what comes back into OpenAI shapes: a whole response
+(:func:`gemini_to_openai_response`), the ``:streamGenerateContent?alt=sse`` stream one event at a time
+(:class:`GeminiToOpenAIStream`), an error (:func:`gemini_error`), an embeddings answer
+(:func:`gemini_to_openai_embeddings`) and a model listing (:func:`gemini_model_ids`). The other direction
+(:func:`gemini_request_to_openai`, :func:`openai_answer_to_gemini`) lets the fake upstream speak Gemini from
+the one fake model. Everything works on plain dicts as decoded by orjson.
+
+Where the formats differ:
+
+- Roles: OpenAI's ``assistant`` is Gemini's ``model``; ``system``/``developer`` messages become the
+  ``systemInstruction``; ``tool`` results become ``functionResponse`` parts of a ``user`` turn, named after
+  the call they answer (Gemini matches results by function name, OpenAI by call id); consecutive turns of one
+  role are merged, so parallel calls' results travel together as Gemini wants.
+- Tool call ids: Gemini's ``functionCall`` may carry no ``id``; the gateway then names it
+  ``call_<digest of name, arguments and position>``, the same on every read of the same answer.
+- JSON Schema (tool parameters, ``response_format``) becomes Gemini's OpenAPI-subset ``Schema``: upper-case
+  types, ``["string", "null"]`` as ``nullable``, local ``$ref``s inlined; keywords the subset lacks
+  (``additionalProperties``, ``$schema``, ...) are dropped, a schema that cannot be expressed is a 400.
+- Usage: ``completion_tokens`` counts the thoughts (``thoughtsTokenCount``, also shown as
+  ``completion_tokens_details.reasoning_tokens``), as OpenAI counts reasoning tokens; ``prompt_tokens``
+  includes ``toolUsePromptTokenCount``; cached prompt tokens are ``prompt_tokens_details.cached_tokens``.
+- Finish reasons: ``STOP`` is ``stop`` (``tool_calls`` when the candidate called a function), ``MAX_TOKENS``
+  is ``length``, the safety family (``SAFETY``, ``RECITATION``, ``BLOCKLIST``, ``PROHIBITED_CONTENT``,
+  ``SPII``, ``IMAGE_SAFETY``) is ``content_filter``. A prompt Gemini blocked (``promptFeedback.blockReason``,
+  no candidates) is a 400 with code ``content_filter``, the shape Azure OpenAI gives a filtered prompt.
+- Thought parts (``thought: true``) are ``reasoning_content``, as OpenAI-compatible reasoning servers send it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import struct
+
+import attrs
+import orjson
+
+from .anthropic_upstream import TranslationError
+from .errors import UpstreamErrorBody, scrub
+
+__all__ = [
+    "GeminiToOpenAIStream",
+    "TranslationError",
+    "gemini_error",
+    "gemini_model_ids",
+    "gemini_request_to_openai",
+    "gemini_to_openai_embeddings",
+    "gemini_to_openai_response",
+    "gemini_usage",
+    "json_schema_to_gemini",
+    "openai_answer_to_gemini",
+    "openai_to_gemini_embeddings",
+    "openai_to_gemini_request",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON Schema -> Gemini Schema
+
+_SCHEMA_TYPES = {"string": "STRING", "number": "NUMBER", "integer": "INTEGER", "boolean": "BOOLEAN",
+                 "array": "ARRAY", "object": "OBJECT", "null": "NULL"}
+# What Gemini's Schema object has beyond type/properties/items/anyOf (which are converted, not copied).
+_SCHEMA_COPIED = ("format", "title", "description", "nullable", "enum", "maxItems", "minItems", "required",
+                  "minProperties", "maxProperties", "minLength", "maxLength", "pattern", "example",
+                  "propertyOrdering", "default", "minimum", "maximum")
+_MAX_SCHEMA_DEPTH = 32
+
+
+def json_schema_to_gemini(schema, param: str, *, _root=None, _depth: int = 0) -> dict:
+    """A JSON Schema (as OpenAI takes for tools and ``json_schema`` output) as Gemini's ``Schema`` object."""
+    if not isinstance(schema, dict):
+        raise TranslationError(param, "a JSON Schema must be an object")
+    if _depth > _MAX_SCHEMA_DEPTH:
+        raise TranslationError(param, f"the schema nests deeper than {_MAX_SCHEMA_DEPTH} levels (or its $refs loop)")
+    root = schema if _root is None else _root
+    ref = schema.get("$ref")
+    if ref is not None:
+        target = _resolve_ref(root, ref, param)
+        return json_schema_to_gemini(target, param, _root=root, _depth=_depth + 1)
+    out: dict = {}
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"]
+        if len(kinds) != 1:
+            raise TranslationError(param, f"type {kind!r} cannot be expressed for Gemini: one type, optionally with null")
+        if len(kinds) < len(kind):
+            out["nullable"] = True
+        kind = kinds[0]
+    if kind is not None:
+        mapped = _SCHEMA_TYPES.get(kind) if isinstance(kind, str) else None
+        if mapped is None:
+            raise TranslationError(param, f"type {kind!r} is not a JSON Schema type")
+        out["type"] = mapped
+    elif "const" in schema:
+        out["type"] = "STRING"
+    for key in _SCHEMA_COPIED:
+        if key in schema:
+            out.setdefault(key, schema[key])
+    if "const" in schema:
+        out["enum"] = [schema["const"]]
+    if "enum" in out and out.get("type") not in (None, "STRING"):
+        # Gemini's enum is for strings only; other enums keep their type and are checked by the client.
+        del out["enum"]
+    props = schema.get("properties")
+    if isinstance(props, dict):
+        out["properties"] = {name: json_schema_to_gemini(sub, f"{param}.properties.{name}", _root=root,
+                                                         _depth=_depth + 1) for name, sub in props.items()}
+    items = schema.get("items")
+    if isinstance(items, dict):
+        out["items"] = json_schema_to_gemini(items, f"{param}.items", _root=root, _depth=_depth + 1)
+    for key in ("anyOf", "oneOf"):
+        alts = schema.get(key)
+        if isinstance(alts, list):
+            nulls = [a for a in alts if isinstance(a, dict) and a.get("type") == "null"]
+            rest = [a for a in alts if a not in nulls]
+            if nulls:
+                out["nullable"] = True
+            if len(rest) == 1:
+                out.update({k: v for k, v in json_schema_to_gemini(rest[0], f"{param}.{key}[0]", _root=root,
+                                                                   _depth=_depth + 1).items() if k not in out})
+            elif rest:
+                out["anyOf"] = [json_schema_to_gemini(a, f"{param}.{key}[{i}]", _root=root, _depth=_depth + 1)
+                                for i, a in enumerate(rest)]
+    return out
+
+
+def _resolve_ref(root: dict, ref, param: str):
+    if ref == "#":
+        return root
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        raise TranslationError(param, f"$ref {ref!r} is not a local reference ('#/$defs/...'); Gemini takes none")
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            raise TranslationError(param, f"$ref {ref!r} points to nothing in the schema")
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------------
+# request: OpenAI -> Gemini
+
+
+def _text_parts(content, param: str) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if isinstance(content, list):
+        parts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
+                raise TranslationError(f"{param}[{k}]", "only text parts are allowed here")
+            text = part.get("text") or part.get("refusal") or ""
+            if text:
+                parts.append({"text": text})
+        return parts
+    raise TranslationError(param, "content must be a string or an array of content parts")
+
+
+def _data_url(url, param: str) -> dict:
+    if not isinstance(url, str) or not url:
+        raise TranslationError(param, "the url must be a non-empty string")
+    if not url.startswith("data:"):
+        raise TranslationError(param, "the Gemini API takes images and files inline: send a base64 data URL "
+                                      "(data:<media type>;base64,<data>), not a link")
+    header, sep, data = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise TranslationError(param, "data URLs must be base64 encoded (data:<media type>;base64,<data>)")
+    return {"inlineData": {"mimeType": header[5:-7], "data": data}}
+
+
+def _user_parts(content, param: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"text": content}]
+    if not isinstance(content, list):
+        raise TranslationError(param, "content must be a string or an array of content parts")
+    parts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise TranslationError(f"{param}[{k}].text", "text must be a string")
+            if text:
+                parts.append({"text": text})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            parts.append(_data_url(image.get("url") if isinstance(image, dict) else image, f"{param}[{k}].image_url"))
+        elif kind == "file":
+            file = part.get("file") or {}
+            parts.append(_data_url(file.get("file_data"), f"{param}[{k}].file"))
+        elif kind == "input_audio":
+            audio = part.get("input_audio") or {}
+            fmt = audio.get("format")
+            if not isinstance(audio.get("data"), str) or fmt not in ("wav", "mp3"):
+                raise TranslationError(f"{param}[{k}].input_audio", "input_audio needs base64 data and a format (wav or mp3)")
+            parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
+        else:
+            raise TranslationError(f"{param}[{k}].type", f"content part type {kind!r} is not supported by this provider")
+    return parts
+
+
+def _push(out: list, role: str, parts: list) -> None:
+    if not parts:
+        return
+    if out and out[-1]["role"] == role:
+        out[-1]["parts"].extend(parts)
+    else:
+        out.append({"role": role, "parts": list(parts)})
+
+
+def _arguments(arguments, param: str) -> dict:
+    if arguments is None or arguments == "":
+        return {}
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = orjson.loads(arguments)
+    except (orjson.JSONDecodeError, TypeError):
+        raise TranslationError(param, "tool call arguments must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise TranslationError(param, "tool call arguments must be a JSON object")
+    return value
+
+
+def _tool_response(content, param: str) -> dict:
+    """A tool message's content as a ``functionResponse.response`` object: a JSON object stays itself, anything
+    else is ``{"output": text}`` (the key Gemini's function-calling guide names for a function's output)."""
+    parts = _text_parts(content, param)
+    text = "".join(p["text"] for p in parts)
+    try:
+        value = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {"output": text}
+
+
+_DROPPED_SILENTLY = ("user", "stream_options", "parallel_tool_calls", "service_tier", "store", "metadata",
+                     "prediction", "modalities", "audio", "logit_bias")
+
+
+def openai_to_gemini_request(body: dict) -> dict:
+    """Build a Gemini ``generateContent`` body (the model goes in the URL) from an OpenAI chat request.
+
+    Raises :class:`TranslationError` naming the field when the request cannot be expressed.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise TranslationError("messages", "messages must be an array")
+    system: list[dict] = []
+    contents: list[dict] = []
+    call_names: dict[str, str] = {}
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise TranslationError(f"messages[{i}]", "each message must be an object")
+        role = msg.get("role")
+        content = msg.get("content")
+        if role == "user":
+            _push(contents, "user", _user_parts(content, f"messages[{i}].content"))
+        elif role == "assistant":
+            parts = _text_parts(content, f"messages[{i}].content")
+            for j, call in enumerate(msg.get("tool_calls") or ()):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise TranslationError(f"messages[{i}].tool_calls[{j}].function", "a tool call needs a function name")
+                call_id = call.get("id")
+                if isinstance(call_id, str) and call_id:
+                    call_names[call_id] = fn["name"]
+                parts.append({"functionCall": {"name": fn["name"], "args": _arguments(
+                    fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}})
+            _push(contents, "model", parts)
+        elif role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise TranslationError(f"messages[{i}].tool_call_id", "tool messages need a tool_call_id")
+            name = call_names.get(call_id)
+            if name is None:
+                raise TranslationError(f"messages[{i}].tool_call_id", f"no earlier assistant tool call has the id "
+                                       f"{call_id!r}; Gemini needs the name of the function a result answers")
+            _push(contents, "user", [{"functionResponse": {
+                "name": name, "response": _tool_response(content, f"messages[{i}].content")}}])
+        elif role in ("system", "developer"):
+            system.extend(_text_parts(content, f"messages[{i}].content"))
+        else:
+            raise TranslationError(f"messages[{i}].role", f"role {role!r} is not supported")
+    if not contents:
+        raise TranslationError("messages", "the conversation needs at least one user or assistant message")
+
+    req: dict = {"contents": contents}
+    if system:
+        req["systemInstruction"] = {"parts": system}
+
+    tools = body.get("tools")
+    tool_choice = body.get("tool_choice")
+    if tools:
+        declarations = []
+        for k, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+            if not isinstance(fn, dict) or not fn.get("name"):
+                raise TranslationError(f"tools[{k}]", "only function tools with a name are supported")
+            decl = {"name": fn["name"]}
+            if fn.get("description"):
+                decl["description"] = fn["description"]
+            params = fn.get("parameters")
+            if params:
+                converted = json_schema_to_gemini(params, f"tools[{k}].function.parameters")
+                if converted.get("type") == "OBJECT" and not converted.get("properties"):
+                    converted = None  # Gemini refuses an OBJECT without properties; no parameters means none
+                if converted:
+                    decl["parameters"] = converted
+            declarations.append(decl)
+        req["tools"] = [{"functionDeclarations": declarations}]
+        mode = None
+        if tool_choice == "auto":
+            mode = {"mode": "AUTO"}
+        elif tool_choice == "none":
+            mode = {"mode": "NONE"}
+        elif tool_choice == "required":
+            mode = {"mode": "ANY"}
+        elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+            mode = {"mode": "ANY", "allowedFunctionNames": [tool_choice["function"].get("name")]}
+        elif tool_choice is not None:
+            raise TranslationError("tool_choice", "tool_choice must be auto, none, required or a named function")
+        if mode is not None:
+            req["toolConfig"] = {"functionCallingConfig": mode}
+
+    config: dict = {}
+    stop = body.get("stop")
+    if stop:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("seed", "seed"),
+                         ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
+                         ("n", "candidateCount")):
+        value = body.get(ours)
+        if value is not None:
+            config[theirs] = value
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if max_tokens:
+        config["maxOutputTokens"] = max_tokens
+    if body.get("logprobs"):
+        config["responseLogprobs"] = True
+        if body.get("top_logprobs"):
+            config["logprobs"] = body["top_logprobs"]
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if kind == "json_object":
+            config["responseMimeType"] = "application/json"
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema") or {}
+            config["responseMimeType"] = "application/json"
+            if isinstance(spec.get("schema"), dict):
+                config["responseSchema"] = json_schema_to_gemini(spec["schema"], "response_format.json_schema.schema")
+        elif kind not in (None, "text"):
+            raise TranslationError("response_format.type", f"response_format {kind!r} is not supported")
+    if config:
+        req["generationConfig"] = config
+    return req
+
+
+def openai_to_gemini_embeddings(body: dict, model: str) -> dict:
+    """An OpenAI embeddings body as ``batchEmbedContents``: one request per input string."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+        raise TranslationError("input", "a gemini provider embeds strings: input must be a string or an array of strings")
+    one: dict = {"model": f"models/{model}"}
+    dims = body.get("dimensions")
+    if dims is not None:
+        one["outputDimensionality"] = dims
+    return {"requests": [{**one, "content": {"parts": [{"text": s}]}} for s in inputs]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# response: Gemini -> OpenAI
+
+_FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+    "IMAGE_PROHIBITED_CONTENT": "content_filter",
+}
+
+
+def _finish(reason, called: bool) -> str:
+    mapped = _FINISH_REASONS.get(reason, "stop")
+    return "tool_calls" if called and mapped == "stop" else mapped
+
+
+def gemini_usage(meta) -> dict:
+    """Gemini's ``usageMetadata`` as OpenAI's ``usage`` (see the module docstring for what is counted where)."""
+    meta = meta if isinstance(meta, dict) else {}
+    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
+    thoughts = meta.get("thoughtsTokenCount") or 0
+    completion = (meta.get("candidatesTokenCount") or 0) + thoughts
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": meta.get("cachedContentTokenCount") or 0},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+#: The counts of ``usageMetadata`` the gateway keeps (checked by the adapter where they enter).
+USAGE_COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "thoughtsTokenCount", "candidatesTokenCount",
+                "cachedContentTokenCount")
+
+
+def _call_id(name: str, args_text: str, index: int, position: int) -> str:
+    digest = hashlib.blake2b(f"{name}\x00{args_text}\x00{index}\x00{position}".encode(), digest_size=12).hexdigest()
+    return f"call_{digest}"
+
+
+class PromptBlocked(Exception):
+    """Gemini refused the prompt itself (``promptFeedback.blockReason``): the request's fault, a 400."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message = message or (f"the prompt was blocked by the Gemini API's safety filters (blockReason "
+                                   f"{reason}); rephrase it and retry")
+
+    def error_body(self) -> UpstreamErrorBody:
+        return UpstreamErrorBody(self.message, "invalid_request_error", "content_filter", "messages", "gemini")
+
+
+def _blocked(doc: dict) -> PromptBlocked | None:
+    feedback = doc.get("promptFeedback")
+    if isinstance(feedback, dict) and feedback.get("blockReason"):
+        reason = str(feedback["blockReason"])[:64]
+        message = feedback.get("blockReasonMessage")
+        return PromptBlocked(reason, message[:500] if isinstance(message, str) and message else None)
+    return None
+
+
+def _message_of(content, index: int) -> tuple[dict, bool]:
+    """A candidate's ``content`` as an OpenAI assistant message; True when it called a function."""
+    texts, thoughts, calls = [], [], []
+    for position, part in enumerate((content or {}).get("parts") or ()):
+        if not isinstance(part, dict):
+            continue
+        if "text" in part:
+            (thoughts if part.get("thought") else texts).append(part.get("text") or "")
+        elif isinstance(part.get("functionCall"), dict):
+            fc = part["functionCall"]
+            args = orjson.dumps(fc.get("args") or {}).decode()
+            name = fc.get("name") or ""
+            calls.append({"id": fc.get("id") or _call_id(name, args, index, position), "type": "function",
+                          "function": {"name": name, "arguments": args}})
+    message: dict = {"role": "assistant", "content": "".join(texts) if texts or not calls else None, "refusal": None}
+    if thoughts:
+        message["reasoning_content"] = "".join(thoughts)
+    if calls:
+        message["tool_calls"] = calls
+    return message, bool(calls)
+
+
+def gemini_to_openai_response(doc: dict, *, model: str, request_id: str, created: int) -> dict:
+    """A ``GenerateContentResponse`` as a ``chat.completion``; raises :class:`PromptBlocked` for a blocked prompt."""
+    candidates = doc.get("candidates")
+    if not candidates:
+        blocked = _blocked(doc)
+        if blocked is not None:
+            raise blocked
+        candidates = []
+    choices = []
+    for k, cand in enumerate(candidates):
+        if not isinstance(cand, dict):
+            continue
+        index = cand.get("index") if isinstance(cand.get("index"), int) else k
+        message, called = _message_of(cand.get("content"), index)
+        choices.append({"index": index, "message": message, "logprobs": None,
+                        "finish_reason": _finish(cand.get("finishReason"), called)})
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": gemini_usage(doc.get("usageMetadata")),
+    }
+
+
+@attrs.define
+class GeminiToOpenAIStream:
+    """Translate ``streamGenerateContent?alt=sse`` events into ``chat.completion.chunk`` dicts; one per response.
+
+    Feed each event's decoded data in order. Each candidate's first chunk carries ``delta.role``; text parts
+    become ``content`` deltas, thought parts ``reasoning_content``, a ``functionCall`` part a whole tool call
+    (Gemini sends its arguments complete); a candidate's ``finishReason`` gives its finishing chunk.
+    ``usageMetadata`` (cumulative, on every event) is kept; :meth:`end` gives the usage chunk when asked for
+    (``include_usage``) and says whether the stream ended properly: every candidate finished. Gemini has no
+    end marker of its own: its stream ends with the HTTP body.
+    """
+
+    model: str
+    request_id: str
+    created: int
+    include_usage: bool
+    usage: dict | None = None
+    _started: set = attrs.Factory(set)
+    _finished: set = attrs.Factory(set)
+    _tool_index: dict = attrs.Factory(dict)
+    _called: set = attrs.Factory(set)
+    _positions: dict = attrs.Factory(dict)
+
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+        chunk = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def feed(self, doc: dict) -> list[dict]:
+        meta = doc.get("usageMetadata")
+        if isinstance(meta, dict):
+            self.usage = gemini_usage(meta)
+        candidates = doc.get("candidates")
+        if not candidates:
+            blocked = _blocked(doc)
+            if blocked is not None:
+                raise blocked
+            return []
+        out = []
+        for k, cand in enumerate(candidates):
+            if not isinstance(cand, dict):
+                continue
+            index = cand.get("index") if isinstance(cand.get("index"), int) else k
+            first = index not in self._started
+            if first:
+                self._started.add(index)
+                out.append(self._chunk(index, {"role": "assistant", "content": ""}))
+            for part in (cand.get("content") or {}).get("parts") or ():
+                if not isinstance(part, dict):
+                    continue
+                position = self._positions[index] = self._positions.get(index, -1) + 1
+                if "text" in part:
+                    text = part.get("text")
+                    if text:
+                        key = "reasoning_content" if part.get("thought") else "content"
+                        out.append(self._chunk(index, {key: text}))
+                elif isinstance(part.get("functionCall"), dict):
+                    fc = part["functionCall"]
+                    args = orjson.dumps(fc.get("args") or {}).decode()
+                    name = fc.get("name") or ""
+                    calls = self._tool_index.setdefault(index, 0)
+                    self._tool_index[index] = calls + 1
+                    self._called.add(index)
+                    out.append(self._chunk(index, {"tool_calls": [{
+                        "index": calls, "id": fc.get("id") or _call_id(name, args, index, position),
+                        "type": "function", "function": {"name": name, "arguments": args}}]}))
+            reason = cand.get("finishReason")
+            if reason and index not in self._finished:
+                self._finished.add(index)
+                out.append(self._chunk(index, {}, _finish(reason, index in self._called)))
+        return out
+
+    @property
+    def complete(self) -> bool:
+        """Every candidate that started has its finish reason: the stream said all it had to."""
+        return bool(self._finished) and self._finished >= self._started
+
+    def end(self) -> list[dict]:
+        """The chunks after the last event: the usage chunk, when the client asked for it."""
+        if not self.include_usage:
+            return []
+        return [{"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": [], "usage": self.usage or gemini_usage(None)}]
+
+
+def gemini_to_openai_embeddings(doc: dict, model: str, encoding_format: str | None = None,
+                                prompt_tokens: int = 0) -> dict:
+    """``batchEmbedContents``'s ``{"embeddings": [{"values": [...]}]}`` as OpenAI's embeddings list.
+
+    Gemini reports no token counts for embeddings; ``prompt_tokens`` is the caller's estimate.
+    """
+    data = []
+    for i, item in enumerate(doc.get("embeddings") or ()):
+        values = item.get("values") if isinstance(item, dict) else None
+        if not isinstance(values, list):
+            values = []
+        if encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        else:
+            vector = values
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def gemini_model_ids(doc: dict) -> list[str]:
+    """The model ids of a ``models.list`` page (``models/gemini-2.5-flash`` -> ``gemini-2.5-flash``)."""
+    ids = []
+    for m in doc.get("models") or ():
+        name = m.get("name") if isinstance(m, dict) else None
+        if isinstance(name, str) and name:
+            ids.append(name.removeprefix("models/"))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+# google.rpc.Code names as Gemini sends them in ``error.status``, in OpenAI's type vocabulary.
+_STATUS_TYPES = {
+    "INVALID_ARGUMENT": "invalid_request_error",
+    "FAILED_PRECONDITION": "invalid_request_error",
+    "OUT_OF_RANGE": "invalid_request_error",
+    "UNAUTHENTICATED": "authentication_error",
+    "PERMISSION_DENIED": "permission_error",
+    "NOT_FOUND": "not_found_error",
+    "RESOURCE_EXHAUSTED": "rate_limit_error",
+    "CANCELLED": "api_error",
+    "INTERNAL": "api_error",
+    "UNAVAILABLE": "server_error",
+    "DEADLINE_EXCEEDED": "timeout_error",
+}
+# Gemini API keys are "AIza" and 35 more characters; scrubbed wherever upstream text is kept.
+_GOOGLE_KEY = re.compile(r"AIza[0-9A-Za-z_-]{20,}")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
+
+
+def scrub_google(text: str, secrets=()) -> str:
+    return _GOOGLE_KEY.sub("[redacted]", scrub(text, secrets))
+
+
+@attrs.frozen
+class GeminiError:
+    """A Gemini error response, read: the status the gateway treats it as, the client's view, the pause asked."""
+
+    status: int
+    detail: UpstreamErrorBody
+    retry_after: float | None = None
+
+
+def gemini_error(status: int, body: bytes, secrets=()) -> GeminiError:
+    """Read Gemini's ``{"error": {"code", "message", "status", "details"}}``.
+
+    ``status`` (google.rpc's name) becomes the OpenAI type and the ``code``; a ``google.rpc.RetryInfo``
+    ``retryDelay`` the pause; an ``ErrorInfo`` reason ``API_KEY_INVALID`` (which Gemini sends as a 400) is
+    treated as the 401 it is, so the gateway reports its own credential refused rather than blaming the client.
+    """
+    doc = None
+    if body:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        text = body[:200].decode("utf-8", "replace").strip()
+        return GeminiError(status, UpstreamErrorBody(scrub_google(text, secrets) or "no details"))
+    message = err.get("message")
+    message = scrub_google(message[:2000], secrets) if isinstance(message, str) and message else "no details"
+    rpc = err.get("status") if isinstance(err.get("status"), str) else None
+    retry_after = None
+    for d in err.get("details") or ():
+        if not isinstance(d, dict):
+            continue
+        kind = d.get("@type") or ""
+        if kind.endswith("google.rpc.ErrorInfo") and d.get("reason") == "API_KEY_INVALID":
+            status = 401
+        if kind.endswith("google.rpc.RetryInfo") and isinstance(d.get("retryDelay"), str):
+            m = _DURATION.match(d["retryDelay"])
+            if m:
+                retry_after = float(m.group(1))
+    type_ = _STATUS_TYPES.get(rpc or "")
+    return GeminiError(status, UpstreamErrorBody(message, type_, rpc[:64].lower() if rpc else None, None, "gemini"),
+                       retry_after)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the other direction, for the fake upstream: Gemini request -> OpenAI chat, OpenAI answer -> Gemini
+
+
+def _schema_from_gemini(schema):
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, str):
+            out["type"] = value.lower()
+        elif key == "properties" and isinstance(value, dict):
+            out["properties"] = {k: _schema_from_gemini(v) for k, v in value.items()}
+        elif key == "items":
+            out["items"] = _schema_from_gemini(value)
+        elif key == "anyOf" and isinstance(value, list):
+            out["anyOf"] = [_schema_from_gemini(v) for v in value]
+        elif key != "nullable":
+            out[key] = value
+    return out
+
+
+def gemini_request_to_openai(body: dict, model: str) -> dict:
+    """A ``generateContent`` body as an OpenAI chat body (the fake upstream answers it with the one fake model).
+
+    Raises :class:`TranslationError` for what the Gemini API refuses (``contents`` missing or malformed).
+    """
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise TranslationError("contents", "contents is not specified")
+    messages: list[dict] = []
+    system = body.get("systemInstruction") or body.get("system_instruction")
+    if isinstance(system, dict):
+        text = "".join(p.get("text") or "" for p in system.get("parts") or () if isinstance(p, dict))
+        if text:
+            messages.append({"role": "system", "content": text})
+    pending: dict[str, list[str]] = {}
+    counter = 0
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or not isinstance(content.get("parts"), list):
+            raise TranslationError(f"contents[{i}].parts", "each content needs a parts array")
+        role = content.get("role") or "user"
+        if role not in ("user", "model", "function"):
+            raise TranslationError(f"contents[{i}].role", f"Please use a valid role: user, model. (got {role!r})")
+        texts, calls, results = [], [], []
+        for k, part in enumerate(content["parts"]):
+            if not isinstance(part, dict):
+                raise TranslationError(f"contents[{i}].parts[{k}]", "each part must be an object")
+            if "text" in part:
+                if not part.get("thought"):
+                    texts.append({"type": "text", "text": part["text"]})
+            elif "inlineData" in part or "inline_data" in part:
+                data = part.get("inlineData") or part.get("inline_data") or {}
+                mime = data.get("mimeType") or data.get("mime_type")
+                if not isinstance(data.get("data"), str) or not mime:
+                    raise TranslationError(f"contents[{i}].parts[{k}].inlineData", "inlineData needs mimeType and data")
+                texts.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data['data']}"}})
+            elif isinstance(part.get("functionCall"), dict):
+                fc = part["functionCall"]
+                counter += 1
+                call_id = f"call_{counter}"
+                pending.setdefault(fc.get("name") or "", []).append(call_id)
+                calls.append({"id": call_id, "type": "function", "function": {
+                    "name": fc.get("name") or "", "arguments": orjson.dumps(fc.get("args") or {}).decode()}})
+            elif isinstance(part.get("functionResponse"), dict):
+                fr = part["functionResponse"]
+                ids = pending.get(fr.get("name") or "") or []
+                call_id = ids.pop(0) if ids else f"call_unmatched_{i}_{k}"
+                response = fr.get("response") or {}
+                output = response.get("output") if isinstance(response, dict) and len(response) == 1 else None
+                results.append({"role": "tool", "tool_call_id": call_id,
+                                "content": output if isinstance(output, str) else orjson.dumps(response).decode()})
+        if role == "model":
+            msg: dict = {"role": "assistant", "content": "".join(t["text"] for t in texts if t["type"] == "text") or None}
+            if calls:
+                msg["tool_calls"] = calls
+            messages.append(msg)
+        else:
+            messages.extend(results)
+            if texts:
+                messages.append({"role": "user", "content": texts})
+    out: dict = {"model": model, "messages": messages}
+    config = body.get("generationConfig") or body.get("generation_config") or {}
+    if not isinstance(config, dict):
+        raise TranslationError("generationConfig", "generationConfig must be an object")
+    for theirs, ours in (("temperature", "temperature"), ("topP", "top_p"), ("seed", "seed"),
+                         ("maxOutputTokens", "max_tokens"), ("candidateCount", "n"), ("stopSequences", "stop")):
+        if config.get(theirs) is not None:
+            out[ours] = config[theirs]
+    if config.get("responseMimeType") == "application/json":
+        schema = config.get("responseSchema")
+        out["response_format"] = ({"type": "json_schema", "json_schema": {"name": "response", "schema": _schema_from_gemini(schema)}}
+                                  if isinstance(schema, dict) else {"type": "json_object"})
+    tools = []
+    for tool in body.get("tools") or ():
+        for decl in (tool.get("functionDeclarations") or tool.get("function_declarations") or ()) if isinstance(tool, dict) else ():
+            fn = {"name": decl.get("name")}
+            if decl.get("description"):
+                fn["description"] = decl["description"]
+            fn["parameters"] = _schema_from_gemini(decl.get("parameters") or {"type": "object", "properties": {}})
+            tools.append({"type": "function", "function": fn})
+    if tools:
+        out["tools"] = tools
+        mode = ((body.get("toolConfig") or {}).get("functionCallingConfig") or {})
+        kind = mode.get("mode")
+        if kind == "NONE":
+            out["tool_choice"] = "none"
+        elif kind == "ANY":
+            names = mode.get("allowedFunctionNames") or []
+            out["tool_choice"] = ({"type": "function", "function": {"name": names[0]}} if len(names) == 1 else "required")
+    return out
+
+
+_OPENAI_TO_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP", "content_filter": "SAFETY"}
+
+
+def openai_answer_to_gemini(choice_texts, *, finish: str, tool_call=None, index: int = 0) -> dict:
+    """One Gemini candidate from the fake's answer: its text (or one function call) and finish reason."""
+    if tool_call is not None:
+        parts = [{"functionCall": {"name": tool_call[0], "args": orjson.loads(tool_call[1])}}]
+    else:
+        parts = [{"text": t} for t in choice_texts]
+    cand: dict = {"content": {"parts": parts, "role": "model"}, "index": index}
+    if finish:
+        cand["finishReason"] = _OPENAI_TO_GEMINI_FINISH.get(finish, "STOP")
+    return cand
