@@ -160,14 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_config)
 
     f = sub.add_parser(
-        "fake-provider", help="run a fake OpenAI/Anthropic upstream for demos and tests",
+        "fake-provider", help="run a fake OpenAI/Anthropic/Bedrock upstream for demos and tests",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""A real HTTP server that answers like OpenAI and Anthropic, with the fake model the README
-describes ("What the fake model does"): POST /v1/chat/completions, POST /v1/messages,
-POST /v1/messages/count_tokens, POST /v1/embeddings and GET /v1/models, serving fake-model,
-gpt-4o-mini, claude-haiku-4-5 and fake-embedding. Listens on http://127.0.0.1:4010 by default; point an openai-type
-provider at base_url "http://127.0.0.1:4010/v1" or an anthropic-type one at
-"http://127.0.0.1:4010".""",
+        description="""A real HTTP server that answers like OpenAI, Anthropic and Amazon Bedrock, with the fake model
+the README describes ("What the fake model does"): POST /v1/chat/completions, POST /v1/messages,
+POST /v1/messages/count_tokens, POST /v1/embeddings and GET /v1/models, and Bedrock's
+POST /model/{modelId}/converse and /converse-stream (SigV4-verified) and GET /foundation-models, serving
+fake-model, gpt-4o-mini, claude-haiku-4-5, anthropic.claude-haiku-4-5-20251001-v1:0 and fake-embedding.
+Listens on http://127.0.0.1:4010 by default; point an openai-type provider at base_url
+"http://127.0.0.1:4010/v1", an anthropic-type one at "http://127.0.0.1:4010", a bedrock-type one at
+"http://127.0.0.1:4010" with the aws_* knobs' credentials.""",
         epilog="""knobs changed at run time (POST /_fake/knobs with a JSON object; GET it to read them):
   chunks, ttfb_ms, chunk_delay_ms, coalesce   as the options above
   fault_status, fault_probability, retry_after  error answers (retry-after header in seconds)
@@ -180,6 +182,8 @@ provider at base_url "http://127.0.0.1:4010/v1" or an anthropic-type one at
   text                  fix the reply text (null: echo the last user message)
   embedding_dims        default embedding size (256)
   models                the model ids served
+  aws_access_key_id, aws_secret_access_key
+                        the credentials Bedrock requests must be SigV4-signed with
 GET /_fake/stats says what it served (requests per route, streams finished or cancelled, faults);
 POST /_fake/reset clears it.""")
     f.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

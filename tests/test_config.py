@@ -313,7 +313,7 @@ def provider(name="p", type="fake", config=""):
 @pytest.mark.parametrize(
     ("toml", "line"),
     [
-        (provider(type="gemini"), 'providers[0].type = "gemini": must be one of openai, anthropic, fake'),
+        (provider(type="gemini"), 'providers[0].type = "gemini": must be one of openai, anthropic, fake, bedrock'),
         (provider(name="a b"), "providers[0].name = \"a b\": must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         (provider() + provider(), 'providers[1].name = "p": must be unique (already the name of providers[0])'),
         (provider(config="timeout_ms = 0"), "providers[0].config.timeout_ms = 0: must be an integer in 1..3600000"),
@@ -507,7 +507,7 @@ def test_provider_to_dict_redacts():
     ("d", "problem"),
     [
         ({"name": "x", "type": "fake", "config": {"chunks": -1}}, "config.chunks = -1: must be an integer in 0..1000000"),
-        ({"name": "x", "type": "grok"}, 'type = "grok": must be one of openai, anthropic, fake'),
+        ({"name": "x", "type": "grok"}, 'type = "grok": must be one of openai, anthropic, fake, bedrock'),
         ({"type": "fake"}, "name is required: must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         ({"name": "x", "type": "fake", "extra": 1}, "unknown key extra"),
         ({"name": "x", "type": "openai", "config": {"api_key": 5}}, "config.api_key = ***: must be a string"),

@@ -13,6 +13,7 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
+from ..wire.reasoning import for_openai_upstream
 from .base import (
     MAX_NAME_CHARS,
     ChatResult,
@@ -21,6 +22,7 @@ from .base import (
     check_name,
     loads_object,
     model_ids,
+    open_exchange,
     secrets_of,
     transport_error,
     upstream_http_error,
@@ -153,16 +155,8 @@ class OpenAIAdapter:
 
     async def _open_events(self, url: str, body: bytes, deadline: float | None = None):
         """An event stream's response, its status 200 (anything else is the upstream's error, read and raised)."""
-        cm, response = await self._open(url, body, deadline=deadline)
-        if response.status != 200:
-            try:
-                raw = await response.read()
-            except TransportError:
-                raw = b""
-            finally:
-                await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
-        return cm, response
+        return await open_exchange(self.name, self._transport, "POST", url, self._headers, body,
+                                   timeouts=self._timeouts, deadline=deadline, secrets=self._secrets)
 
     async def _read_json(self, url: str, payload: bytes, method: str = "POST",
                          deadline: float | None = None) -> tuple[bytes, dict]:
@@ -179,7 +173,7 @@ class OpenAIAdapter:
         return raw, loads_object(self.name, raw, "the response")
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
-        raw, obj = await self._read_json(self._chat_url, orjson.dumps(body), deadline=deadline)
+        raw, obj = await self._read_json(self._chat_url, orjson.dumps(for_openai_upstream(body)), deadline=deadline)
         if not isinstance(obj.get("choices"), list):
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
         check_name(self.name, obj, "id")
@@ -191,7 +185,7 @@ class OpenAIAdapter:
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
                           deadline: float | None = None) -> OpenAIStream:
-        upstream = dict(body)
+        upstream = dict(for_openai_upstream(body))
         options = dict(upstream.get("stream_options") or {})
         options["include_usage"] = True
         upstream["stream_options"] = options

@@ -21,6 +21,7 @@ from ..http.client import PoolLimits, Timeouts, make_transport
 from ..resilience.failover import ProviderInfo
 from ..runtime import Actor, ChildSpec, Published, Supervisor
 from .anthropic import AnthropicAdapter
+from .bedrock import BedrockAdapter
 from .fake import FakeAdapter
 from .openai import OpenAIAdapter
 
@@ -35,7 +36,7 @@ __all__ = [
 
 log = logging.getLogger("runestone.providers")
 
-ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter}
+ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter, "bedrock": BedrockAdapter}
 
 # The original's provider names, still used by old clients and configs.
 LEGACY_NAMES = {"openai": "openai-default", "anthropic": "anthropic-default"}
@@ -52,6 +53,7 @@ _CAPS_BY_TYPE = {
     "openai": frozenset({"streaming", "tools", "vision", "embeddings"}),
     "anthropic": frozenset({"streaming", "tools", "vision"}),
     "fake": frozenset({"streaming", "tools", "vision", "embeddings"}),
+    "bedrock": frozenset({"streaming", "tools", "vision"}),
 }
 
 
