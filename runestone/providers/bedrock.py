@@ -74,8 +74,8 @@ def _error(provider: str, status: int, error_type, body: bytes, secrets, retry_a
            mid_stream: bool = False) -> UpstreamError:
     info = bedrock_error_info(status, error_type, body)
     detail = UpstreamErrorBody(scrub(info.message, secrets), info.type, info.code, None, None)
-    where = "mid-stream" if mid_stream else f"{info.status}"
-    return UpstreamError(provider, "http", f"upstream returned {where}: {detail.message}", status=info.status,
+    said = f"upstream reported {error_type or 'an error'} mid-stream" if mid_stream else f"upstream returned {info.status}"
+    return UpstreamError(provider, "http", f"{said}: {detail.message}", status=info.status,
                          retry_after=retry_after, detail=detail)
 
 

@@ -450,7 +450,7 @@ BEDROCK_ERRORS: dict[str, tuple[int, str, str | None]] = {
     "ModelNotReadyException": (429, "rate_limit_error", "model_not_ready"),
     "ServiceQuotaExceededException": (400, "invalid_request_error", "quota_exceeded"),
     "InternalServerException": (500, "api_error", "upstream_error"),
-    "ModelStreamErrorException": (500, "api_error", "upstream_error"),
+    "ModelStreamErrorException": (424, "api_error", "upstream_error"),
     "ServiceUnavailableException": (503, "overloaded_error", "upstream_overloaded"),
 }
 

@@ -9,10 +9,10 @@ import orjson
 import pytest
 import trio
 
-from gatewaytest import provider_toml
+from gatewaytest import RecordingUpstream, provider_toml
 from runestone.http.server import serve_http
 from runestone.providers.fake_content import fake_reply_chunks
-from runestone.providers.fake_server import FakeKnobs, make_fake_handler
+from runestone.providers.fake_server import FakeKnobs
 
 MODEL = "anthropic.claude-haiku-4-5-20251001-v1:0"
 KEY = "sk-client-1"
@@ -27,23 +27,6 @@ def clock():
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-class RecordingFake:
-    """The fake upstream, recording each model request: (path, headers, raw body)."""
-
-    def __init__(self, **knobs) -> None:
-        self.fake = make_fake_handler(FakeKnobs(**knobs))
-        self.requests: list[tuple[str, dict, bytes]] = []
-
-    async def __call__(self, request):
-        if not request.path.startswith("/_fake"):
-            self.requests.append((request.path, {k.decode(): v.decode() for k, v in request.headers},
-                                  await request.body()))
-        return await self.fake(request)
-
-    def last_body(self) -> dict:
-        return orjson.loads(self.requests[-1][2])
-
-
 def bedrock_toml(name: str, port: int, **config) -> str:
     settings = {"base_url": f"http://127.0.0.1:{port}", "region": "us-east-1",
                 "aws_access_key_id": KNOBS.aws_access_key_id, "aws_secret_access_key": KNOBS.aws_secret_access_key,
@@ -53,7 +36,7 @@ def bedrock_toml(name: str, port: int, **config) -> str:
 
 
 async def _gateway(gateway_factory, nursery, extra: str = "", **config):
-    upstream = RecordingFake()
+    upstream = RecordingUpstream()
     server = await nursery.start(lambda task_status: serve_http(upstream, "127.0.0.1", 0, task_status=task_status))
     gw = await gateway_factory(bedrock_toml("bed", server.port, **config) + extra, env={"RUNESTONE_API_KEYS": KEY})
     return gw, upstream
@@ -198,7 +181,7 @@ async def test_a_wrong_secret_is_refused_by_the_signature_check_and_never_shown(
 
 
 async def test_throttling_is_a_retryable_429(clock, gateway_factory, nursery):
-    upstream = RecordingFake(fault_status=429, retry_after=1)
+    upstream = RecordingUpstream(fault_status=429, retry_after=1)
     server = await nursery.start(lambda task_status: serve_http(upstream, "127.0.0.1", 0, task_status=task_status))
     gw = await gateway_factory("[telemetry]\nusage_ledger = false\n" + bedrock_toml("bed", server.port, retry_attempts=3))
     async with httpx.AsyncClient(base_url=gw.v1, timeout=60) as http:
@@ -234,3 +217,12 @@ async def test_aws_environment_variables_fill_in_the_credentials(tmp_path):
     assert own.config.region == "eu-west-1"  # the file's setting wins
     shown = str(provider_spec_to_dict(bed)) + repr(bed)
     assert "envSecret000000" not in shown and "envToken000000" not in shown
+
+
+async def test_models_are_discovered_from_foundation_models_with_a_signed_get(gateway_factory, nursery):
+    gw, upstream = await _gateway(gateway_factory, nursery, models=[])
+    async with httpx.AsyncClient(base_url=gw.v1, headers={"authorization": f"Bearer {KEY}"}) as http:
+        ids = {m["id"] for m in (await http.get("/models")).json()["data"]}
+    assert MODEL in ids and "fake-embedding" not in ids
+    path, headers, _ = upstream.requests[0]
+    assert path == "/foundation-models" and headers["authorization"].startswith("AWS4-HMAC-SHA256 ")
