@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_config)
 
     f = sub.add_parser(
-        "fake-provider", help="run a fake OpenAI/Anthropic/Gemini/Azure OpenAI upstream for demos and tests",
+        "fake-provider", help="run a fake OpenAI/Anthropic/Gemini/Azure OpenAI/Bedrock upstream for demos and tests",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""A real HTTP server that answers like OpenAI, Anthropic, Gemini and Azure OpenAI, with the fake model
+        description="""A real HTTP server that answers like OpenAI, Anthropic, Gemini, Azure OpenAI and Amazon Bedrock, with the fake model
 the README describes ("What the fake model does"), every API at once, routed by path:
   OpenAI     POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models
   Anthropic  POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models
@@ -170,10 +170,14 @@ the README describes ("What the fake model does"), every API at once, routed by 
              GET /v1beta/models (key in x-goog-api-key)
   Azure      POST /openai/deployments/DEPLOYMENT/chat/completions?api-version=V (and /embeddings),
              GET /openai/deployments; the v1 API under /openai/v1 (key in api-key or a bearer token)
-serving fake-model, gpt-4o-mini, claude-haiku-4-5 and fake-embedding (an Azure deployment is one of those names).
+  Bedrock    POST /model/MODEL_ID/converse and /converse-stream (SigV4-verified against the aws_* knobs),
+             GET /foundation-models
+serving fake-model, gpt-4o-mini, claude-haiku-4-5, anthropic.claude-haiku-4-5-20251001-v1:0 and fake-embedding
+(an Azure deployment is one of those names).
 Listens on http://127.0.0.1:4010 by default; point a provider's base_url at "http://127.0.0.1:4010/v1" (openai),
 "http://127.0.0.1:4010" (anthropic, azure), "http://127.0.0.1:4010/v1beta" (gemini) or
-"http://127.0.0.1:4010/openai/v1" (azure, v1 API).""",
+"http://127.0.0.1:4010/openai/v1" (azure, v1 API), "http://127.0.0.1:4010" (bedrock, with the aws_* knobs'
+credentials).""",
         epilog="""knobs changed at run time (POST /_fake/knobs with a JSON object; GET it to read them):
   chunks, ttfb_ms, chunk_delay_ms, coalesce   as the options above
   fault_status, fault_probability, retry_after  error answers (retry-after header in seconds)
@@ -189,6 +193,8 @@ Listens on http://127.0.0.1:4010 by default; point a provider's base_url at "htt
   content_filter        Azure: "prompt" (the filter refuses the prompt: its 400) or "completion" (finish_reason
                         content_filter); null: off
   azure_deployments     Azure: {"deployment": "model it runs"} besides each model deployed under its own name
+  aws_access_key_id, aws_secret_access_key
+                        the credentials Bedrock requests must be SigV4-signed with
 GET /_fake/stats says what it served (requests per route, streams finished or cancelled, faults);
 POST /_fake/reset clears it.""")
     f.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

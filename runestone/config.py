@@ -91,7 +91,7 @@ FAILOVER_STRATEGIES = (
     "fastest_first",
     "cost",
 )
-PROVIDER_TYPES = ("openai", "anthropic", "fake", "azure", "gemini")
+PROVIDER_TYPES = ("openai", "anthropic", "fake", "azure", "gemini", "bedrock")
 TRANSPORTS = ("fast", "httpx")
 COST_TIERS = ("low", "medium", "high")
 
@@ -655,6 +655,12 @@ class ProviderConfig:
     azure_auth: str = _setting("api-key", _one_of(AZURE_AUTH))
     #: Re-list a provider's models this often when they were discovered (no models configured); 0: never.
     models_refresh_ms: int = _setting(3_600_000, _int_between(0, 604_800_000))
+    # bedrock: SigV4 credentials and region (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    # AWS_REGION or AWS_DEFAULT_REGION fill in what a bedrock provider leaves out)
+    region: str | None = _setting(None, _non_empty_str())
+    aws_access_key_id: str | None = _setting(None, _non_empty_str())
+    aws_secret_access_key: str | None = _setting(None, secret=True)
+    aws_session_token: str | None = _setting(None, secret=True)
 
     timeout_s = _seconds("timeout_ms")
     connect_timeout_s = _seconds("connect_timeout_ms")
@@ -802,7 +808,7 @@ _converter.register_structure_hook_factory(
 # Problem reporting.
 
 _Path = tuple[str | int, ...]
-_SECRET_NAMES = frozenset(("api_key", "api_keys", "admin_key"))
+_SECRET_NAMES = frozenset(("api_key", "api_keys", "admin_key", "aws_secret_access_key", "aws_session_token"))
 _URL_NAMES = frozenset(("base_url", "proxy"))
 _BARE_KEY_CHARS = _NAME_CHARS - {"."}
 _MISSING = object()
@@ -1253,6 +1259,33 @@ def _apply_env(raw: dict, env: Mapping[str, str], sources: dict[_Path, str]) -> 
     return raw
 
 
+# The standard AWS variables, for every ``bedrock`` provider of the file that leaves the setting out.
+_AWS_ENV = (
+    ("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+    ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+    ("AWS_SESSION_TOKEN", "aws_session_token"),
+    ("AWS_REGION", "region"),
+    ("AWS_DEFAULT_REGION", "region"),
+)
+
+
+def _apply_aws_env(raw: dict, env: Mapping[str, str], sources: dict[_Path, str]) -> dict:
+    providers = raw.get("providers")
+    if not isinstance(providers, list):
+        return raw
+    for i, p in enumerate(providers):
+        if not isinstance(p, dict) or p.get("type") != "bedrock":
+            continue
+        for var, key in _AWS_ENV:
+            config = raw["providers"][i].get("config")
+            text = env.get(var)
+            if text and not (isinstance(config, dict) and config.get(key) is not None):
+                path: _Path = ("providers", i, "config", key)
+                raw = _set_in(raw, path, text)
+                sources[path] = var
+    return raw
+
+
 _GROUP_INHERITED = ("strategy", "max_attempts", "health_threshold")
 
 
@@ -1356,6 +1389,7 @@ def load_config(
     raw = _read_toml(Path(path))
     sources: dict[_Path, str] = {}
     raw = _apply_env(raw, env, sources)
+    raw = _apply_aws_env(raw, env, sources)
     raw = _resolve_data_dir(raw, sources, env, Path(path))
     raw = _inherit_group_defaults(raw, sources)
     report = _Report(Config, raw, sources)

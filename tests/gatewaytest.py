@@ -48,6 +48,28 @@ def provider_toml(name: str, type: str, **config) -> str:
     return "\n".join(lines) + "\n"
 
 
+class RecordingUpstream:
+    """The fake upstream (``runestone fake-provider``'s handler), recording each model request as
+    (path, headers, raw body); serve it with ``serve_http``."""
+
+    def __init__(self, **knobs) -> None:
+        from runestone.providers.fake_server import FakeKnobs, make_fake_handler
+
+        self.fake = make_fake_handler(FakeKnobs(**knobs))
+        self.requests: list[tuple[str, dict, bytes]] = []
+
+    async def __call__(self, request):
+        if not request.path.startswith("/_fake"):
+            self.requests.append((request.path, {k.decode(): v.decode() for k, v in request.headers},
+                                  await request.body()))
+        return await self.fake(request)
+
+    def last_body(self) -> dict:
+        import orjson
+
+        return orjson.loads(self.requests[-1][2])
+
+
 def fail_next_ledger_write(ledger) -> list:
     """Make ``ledger``'s next write fail as a broken disk would; the returned list gets an item when it did."""
     write = ledger._write_sync

@@ -16,6 +16,7 @@ def environment_variables() -> set[str]:
     for path in (ROOT / "runestone").rglob("*.py"):
         names.update(_READS.findall(path.read_text()))
     names.update(var for var, _ in config._ENV_SETTINGS)
+    names.update(var for var, _ in config._AWS_ENV)
     names.update(f"{prefix}_{suffix}" for prefix, *_ in config._ENV_PROVIDERS for suffix, _ in config._ENV_PROVIDER_SETTINGS)
     names.update(re.findall(r"\$\{([A-Z][A-Z0-9_]+):-", (ROOT / "scripts" / "_venv.sh").read_text()))
     return names

@@ -29,6 +29,7 @@ from ..wire.responses import (
     ResponsesEventStream,
     chat_to_response,
     failed_response,
+    gateway_reasoning,
     new_id,
     responses_to_chat,
     sse_event,
@@ -103,6 +104,10 @@ class ResponsesRoutes:
             # Reasoning items are of use upstream only with their encrypted content (no upstream state).
             past = [it for it in history if it.get("type") != "reasoning" or it.get("encrypted_content")]
             body["input"] = [*past, *req.items]
+        inp = body.get("input")
+        if isinstance(inp, list) and any(isinstance(it, dict) and gateway_reasoning(it) for it in inp):
+            # Another vendor's signed reasoning, in the gateway's own encrypted_content: OpenAI cannot read it.
+            body["input"] = [it for it in inp if not (isinstance(it, dict) and gateway_reasoning(it))]
         return body
 
     async def create(self, request: Request, caller) -> Response:

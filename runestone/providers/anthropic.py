@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import orjson
 
-from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from ..wire.errors import UpstreamErrorBody, scrub
 from ..wire.anthropic_upstream import (
@@ -26,10 +25,10 @@ from .base import (
     loads_object,
     model_ids,
     new_created,
+    open_exchange,
+    read_exchange,
     secrets_of,
     token_count,
-    transport_error,
-    upstream_http_error,
     usage_from,
 )
 
@@ -134,31 +133,13 @@ class AnthropicAdapter:
 
     async def _open(self, payload: bytes, url: str | None = None, method: str = "POST",
                     deadline: float | None = None):
-        cm = self._transport.stream(method, url or self._url, self._headers, payload, timeouts=self._timeouts,
-                                    deadline=deadline)
-        try:
-            response = await cm.__aenter__()
-        except TransportError as exc:
-            raise transport_error(self.name, exc, self._secrets) from None
-        if response.status != 200:
-            try:
-                raw = await response.read()
-            except TransportError:
-                raw = b""
-            finally:
-                await cm.__aexit__(None, None, None)
-            raise upstream_http_error(self.name, response.status, response.headers, raw, self._secrets)
-        return cm, response
+        return await open_exchange(self.name, self._transport, method, url or self._url, self._headers, payload,
+                                   timeouts=self._timeouts, deadline=deadline, secrets=self._secrets)
 
     async def _read(self, payload: bytes, url: str | None = None, method: str = "POST",
                     deadline: float | None = None) -> dict:
         cm, response = await self._open(payload, url, method, deadline)
-        try:
-            raw = await response.read()
-        except TransportError as exc:
-            raise transport_error(self.name, exc, self._secrets) from None
-        finally:
-            await cm.__aexit__(None, None, None)
+        raw = await read_exchange(self.name, cm, response, self._secrets)
         return loads_object(self.name, raw, "the response")
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:

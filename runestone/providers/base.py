@@ -49,6 +49,8 @@ __all__ = [
     "usage_from",
     "transport_error",
     "upstream_http_error",
+    "open_exchange",
+    "read_exchange",
     "upstream_stream_error",
     "MAX_NAME_CHARS",
     "MAX_TOKENS",
@@ -276,6 +278,36 @@ def upstream_http_error(provider: str, status: int, headers, body: bytes, secret
         retry_after=parse_retry_after(headers),
         detail=detail,
     )
+
+
+async def open_exchange(provider: str, transport, method: str, url: str, headers, body: bytes, *, timeouts=None,
+                        deadline: float | None = None, secrets=(), http_error=upstream_http_error):
+    """Send a request; ``(cm, response)`` once a 200 head arrived. Any other status is read and raised as
+    ``http_error(provider, status, headers, body, secrets)``; a transport failure as :func:`transport_error`."""
+    cm = transport.stream(method, url, headers, body, timeouts=timeouts, deadline=deadline)
+    try:
+        response = await cm.__aenter__()
+    except TransportError as exc:
+        raise transport_error(provider, exc, secrets) from None
+    if response.status != 200:
+        try:
+            raw = await response.read()
+        except TransportError:
+            raw = b""
+        finally:
+            await cm.__aexit__(None, None, None)
+        raise http_error(provider, response.status, response.headers, raw, secrets)
+    return cm, response
+
+
+async def read_exchange(provider: str, cm, response, secrets=()) -> bytes:
+    """The whole body of an exchange :func:`open_exchange` opened, which it then closes."""
+    try:
+        return await response.read()
+    except TransportError as exc:
+        raise transport_error(provider, exc, secrets) from None
+    finally:
+        await cm.__aexit__(None, None, None)
 
 
 def upstream_stream_error(provider: str, err, secrets=(), status: int | None = None) -> UpstreamError:

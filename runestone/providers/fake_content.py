@@ -6,7 +6,8 @@ same request always gets the same answer. :func:`fake_answer` takes an OpenAI ch
 side of the fake server translates its body first) and honours ``n``, ``stop``, ``max_tokens``/
 ``max_completion_tokens`` (finish ``length``), ``logprobs``/``top_logprobs``, ``response_format``
 (``json_object``: a JSON object; ``json_schema``: an instance of the schema, see :mod:`.fake_schema`),
-``seed``, ``tools`` and ``tool_choice``. With ``tool_choice`` ``auto`` (or absent) it calls a tool only
+``seed``, ``tools``, ``tool_choice`` and reasoning (``reasoning_effort``, or Anthropic's ``thinking``, see
+:func:`fake_reasoning`). With ``tool_choice`` ``auto`` (or absent) it calls a tool only
 when the last turn is the user's, and answers in text after a tool result, so agent loops end. Its text
 is ``"Echo: "``, the first words of the last user message (or tool result), and filler words picked by a
 checksum of them. Token counts come from :mod:`.tokens`, so ``usage``, ``logprobs`` and the gateway's
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import math
 import random
 import struct
@@ -38,7 +40,10 @@ __all__ = [
     "fake_answer",
     "fake_embedding",
     "fake_embeddings",
+    "fake_reasoning",
     "fake_reply_chunks",
+    "thinking_signature",
+    "check_thinking",
     "openai_completion",
     "openai_stream_frames",
 ]
@@ -88,6 +93,29 @@ class FakeChoice:
     #: The stop string that ended the text, if one did.
     stop_sequence: str | None
     completion_tokens: int
+    #: The reasoning before the answer (when asked for), and whether it is redacted (Anthropic's encrypted form).
+    reasoning: str | None = None
+    redacted: bool = False
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return estimate_tokens(self.reasoning) if self.reasoning else 0
+
+    @property
+    def reasoning_pieces(self) -> tuple[str, ...]:
+        """The reasoning in the pieces a stream sends (none when redacted: its text is never shown)."""
+        if not self.reasoning or self.redacted:
+            return ()
+        return tuple("".join(g) for g in _group(split_tokens(self.reasoning), 3))
+
+    @property
+    def thinking_block(self) -> dict | None:
+        """The reasoning as Anthropic's signed block (``thinking`` or ``redacted_thinking``), or None."""
+        if not self.reasoning:
+            return None
+        if self.redacted:
+            return {"type": "redacted_thinking", "data": redacted_data(self.reasoning)}
+        return {"type": "thinking", "thinking": self.reasoning, "signature": thinking_signature(self.reasoning)}
 
     @property
     def text(self) -> str | None:
@@ -106,7 +134,12 @@ class FakeAnswer:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(c.completion_tokens for c in self.choices)
+        """Output tokens, reasoning included (as every vendor counts and bills them)."""
+        return sum(c.completion_tokens + c.reasoning_tokens for c in self.choices)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(c.reasoning_tokens for c in self.choices)
 
     def openai_usage(self) -> dict:
         return {
@@ -114,7 +147,7 @@ class FakeAnswer:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
 
@@ -292,6 +325,66 @@ def _matching_brace(text: str, start: int) -> int:
     return -1
 
 
+# -- reasoning ---------------------------------------------------------------------------------------------
+
+#: Anthropic's documented test string: a prompt holding it gets its thinking back redacted.
+REDACTED_TRIGGER = "ANTHROPIC_MAGIC_STRING_TRIGGER_REDACTED_THINKING_46C9A13E193C177646C7398A98432ECCCE4C1253"
+_SIGNING_KEY = b"runestone-fake-thinking"
+_REDACTED_MARK = b"fake-redacted:"
+
+
+def _reasoning_asked(body: dict) -> bool:
+    effort = body.get("reasoning_effort")
+    if isinstance(effort, str) and effort not in ("none", "minimal"):
+        return True
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def fake_reasoning(messages) -> str:
+    """The fake's reasoning before an answer: what it was asked, in a sentence."""
+    echoed = _prompt_text(messages).split()[:_ECHO_WORDS]
+    return "Thinking: the question is " + (" ".join(echoed) or "(nothing)") + "; I answer it plainly."
+
+
+def _mac(data: bytes) -> bytes:
+    return hmac.new(_SIGNING_KEY, data, hashlib.sha256).digest()
+
+
+def thinking_signature(thinking: str) -> str:
+    """The signature the fake gives a thinking block: a MAC of its text, so a changed byte fails to verify."""
+    return base64.b64encode(_mac(thinking.encode())).decode()
+
+
+def redacted_data(thinking: str) -> str:
+    payload = _REDACTED_MARK + thinking.encode()
+    return base64.b64encode(payload + _mac(payload)).decode()
+
+
+def check_thinking(messages) -> str | None:
+    """Why the thinking blocks of a canonical history are refused (a signature that does not verify), or None."""
+    for i, msg in enumerate(messages or ()):
+        if not isinstance(msg, dict):
+            continue
+        for j, block in enumerate(msg.get("thinking_blocks") or ()):
+            if not isinstance(block, dict):
+                return f"messages.{i}.content.{j}: thinking blocks must be objects"
+            if block.get("type") == "thinking":
+                text, signature = block.get("thinking"), block.get("signature")
+                if not isinstance(text, str) or not isinstance(signature, str) or \
+                        not hmac.compare_digest(signature, thinking_signature(text)):
+                    return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+            else:
+                try:
+                    raw = base64.b64decode(block.get("data") or "", validate=True)
+                except (ValueError, TypeError):
+                    raw = b""
+                payload, mac = raw[:-32], raw[-32:]
+                if not payload.startswith(_REDACTED_MARK) or not hmac.compare_digest(mac, _mac(payload)):
+                    return f"messages.{i}.content.{j}: Invalid `data` in `redacted_thinking` block"
+    return None
+
+
 # -- making the answer -----------------------------------------------------------------------------------
 
 
@@ -444,11 +537,14 @@ def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
         kind = "json_object"
     if kind == "json_object":
         schema = _schema_in_messages(messages)
+    reasoning = fake_reasoning(messages) if _reasoning_asked(body) else None
+    redacted = reasoning is not None and REDACTED_TRIGGER in _prompt_text(messages)
     choices = []
     for index in range(n):
         choice_seed = zlib.crc32(f"{seed}:{index}".encode())
         if tool is not None:
-            choices.append(_tool_choice(index, tool[0], tool[1], choice_seed, chunks))
+            choices.append(attrs.evolve(_tool_choice(index, tool[0], tool[1], choice_seed, chunks),
+                                        reasoning=reasoning, redacted=redacted))
             continue
         if schema is not None:
             reply = orjson.dumps(schema_instance(schema, choice_seed)).decode()
@@ -458,7 +554,8 @@ def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
             reply = text
         else:
             reply = _echo(messages, index + user_seed, chunks)
-        choices.append(_text_choice(index, reply, stops, limit, chunks, top))
+        choices.append(attrs.evolve(_text_choice(index, reply, stops, limit, chunks, top),
+                                    reasoning=reasoning, redacted=redacted))
     return FakeAnswer(tuple(choices), count_openai_chat(body))
 
 
@@ -467,6 +564,8 @@ def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
 
 def _openai_message(choice: FakeChoice) -> dict:
     message: dict = {"role": "assistant", "content": choice.text, "refusal": None, "annotations": []}
+    if choice.reasoning and not choice.redacted:
+        message["reasoning_content"] = choice.reasoning
     if choice.tool_call:
         call = choice.tool_call
         message["tool_calls"] = [{"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]
@@ -512,6 +611,10 @@ def openai_stream_frames(answer: FakeAnswer, head: dict, *, include_usage: bool,
             call = c.tool_call
             opening.append(chunk(c.index, {"tool_calls": [{"index": 0, "id": call.id, "type": "function",
                                                             "function": {"name": call.name, "arguments": ""}}]}))
+    for k in range(max((len(c.reasoning_pieces) for c in answer.choices), default=0)):
+        for c in answer.choices:
+            if k < len(c.reasoning_pieces):
+                body.append(chunk(c.index, {"reasoning_content": c.reasoning_pieces[k]}))
     rounds = max((len(c.tool_call.pieces if c.tool_call else c.pieces) for c in answer.choices), default=0)
     for k in range(rounds):
         for c in answer.choices:

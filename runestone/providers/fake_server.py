@@ -1,8 +1,10 @@
-"""``runestone fake-provider``: a real HTTP server that answers like OpenAI, Anthropic, Gemini and Azure OpenAI.
+"""``runestone fake-provider``: a real HTTP server that answers like OpenAI, Anthropic, Gemini, Azure OpenAI and Bedrock.
 
 It serves ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``
-(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models``, and Gemini's and Azure's routes (under ``/v1beta``
-and ``/openai``: :mod:`.fake_vendors`) on the project's own HTTP server, with the wire
+(Anthropic), ``POST /v1/embeddings`` and ``GET /v1/models``, Gemini's and Azure's routes (under ``/v1beta``
+and ``/openai``: :mod:`.fake_vendors`), and Amazon Bedrock's ``POST /model/{modelId}/converse`` and
+``/converse-stream`` and ``GET /foundation-models`` (SigV4-verified with the ``aws_access_key_id``/
+``aws_secret_access_key`` knobs, see :mod:`.fake_bedrock`) on the project's own HTTP server, with the wire
 formats of the real APIs (checked in the tests with the official SDKs) and the fake model of
 :mod:`.fake_content`, whose token counts come from :mod:`.tokens`. It stands in for upstream
 providers in end-to-end tests and benchmarks: its :class:`FakeKnobs` (slow first byte, slow chunks, error
@@ -16,14 +18,19 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import attrs
 import orjson
 import trio
 
 from ..http.server import ClientDisconnected, Response, serve_http
-from .fake_content import FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
+from .fake_bedrock import EVENT_STREAM, bedrock_error, converse_answer, converse_stream_frames, exception_message, verify_sigv4
+from .fake_content import (FakeRequestError, check_thinking, fake_answer, fake_embeddings, openai_completion,
+                           openai_stream_frames)
 from ..wire.anthropic import InboundError, anthropic_request_to_openai
+from ..wire.bedrock import converse_request_to_openai
+from ..wire.errors import InvalidRequest
 from ..wire.sse import encode_event
 from ..resilience.failover import undated
 from .fake_vendors import VendorRoutes
@@ -60,7 +67,11 @@ class FakeKnobs:
     coalesce: bool = False
     text: str | None = None
     embedding_dims: int = 256
-    models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding")
+    models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding",
+                               "anthropic.claude-haiku-4-5-20251001-v1:0")
+    #: The AWS credentials Bedrock requests must be signed with (SigV4, service ``bedrock``).
+    aws_access_key_id: str = "AKIAFAKEBEDROCK00000"
+    aws_secret_access_key: str = "fakeBedrockSecretKey/0000000000000000000"
     #: Azure: the content filter refuses the prompt ("prompt") or stops the completion ("completion").
     content_filter: str | None = None
     #: Azure: deployment -> the model it runs (besides each of ``models`` deployed under its own name).
@@ -73,7 +84,7 @@ _KNOB_TYPES: dict[str, tuple[type, ...]] = {
     "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
     "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
     "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
-    "content_filter": (str, type(None)), "azure_deployments": (dict,),
+    "content_filter": (str, type(None)), "azure_deployments": (dict,), "aws_access_key_id": (str,), "aws_secret_access_key": (str,),
 }
 
 
@@ -193,6 +204,10 @@ class FakeProvider:
             return await self._vendors.gemini(request, method, path)
         if path.startswith("/openai/"):
             return await self._vendors.azure(request, method, path)
+        if path.startswith("/model/") and (path.endswith("/converse") or path.endswith("/converse-stream")):
+            return await self._model_route(request, method, self._converse) if method == "POST" else self._not_allowed(method, path)
+        if path == "/foundation-models" and method == "GET":
+            return await self._foundation_models(request)
         if path == "/_fake/knobs":
             if method == "POST":
                 return await self._set_knobs(request)
@@ -217,6 +232,7 @@ class FakeProvider:
         message, headers=())`` answers in the route's API shape (OpenAI's or Anthropic's when not given)."""
         knobs = self.knobs
         anthropic = serve in (self._messages, self._count_tokens)
+        bedrock = serve == self._converse
         raw = await request.body()
         self._record(request, raw)
         if knobs.hang:
@@ -236,6 +252,8 @@ class FakeProvider:
             message = f"injected fault: HTTP {knobs.fault_status}"
             if error is not None:
                 return error(knobs.fault_status, message, headers)
+            if bedrock:
+                return bedrock_error(knobs.fault_status, message, headers=headers)
             if anthropic:
                 return _anthropic_error(knobs.fault_status, message, headers=headers)
             return _openai_error(knobs.fault_status, message, headers=headers)
@@ -247,7 +265,11 @@ class FakeProvider:
             message = "We could not parse the JSON body of your request."
             if error is not None:
                 return error(400, message)
+            if bedrock:
+                return bedrock_error(400, "Malformed input request, please reformat your input and try again.")
             return _anthropic_error(400, message) if anthropic else _openai_error(400, message)
+        if bedrock:
+            return self._converse(request, body, raw)
         return serve(request, body)
 
     def _record(self, request, raw: bytes) -> None:
@@ -311,6 +333,9 @@ class FakeProvider:
             translated = anthropic_request_to_openai(body)
         except InboundError as exc:
             return _anthropic_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
+        refused = check_thinking(translated["messages"])
+        if refused is not None:
+            return _anthropic_error(400, refused)
         if self._check_model(body) is None:
             return _anthropic_error(404, f"model: {body.get('model')}")
         return translated
@@ -343,11 +368,14 @@ class FakeProvider:
             stop_reason = "stop_sequence" if choice.stop_sequence is not None else "end_turn"
         usage = {"input_tokens": answer.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
                  "output_tokens": answer.completion_tokens}
+        thinking = choice.thinking_block
         if not body.get("stream"):
             if call is not None:
                 content = [{"type": "tool_use", "id": tool_id, "name": call.name, "input": orjson.loads(call.arguments)}]
             else:
                 content = [{"type": "text", "text": choice.text}]
+            if thinking is not None:
+                content.insert(0, thinking)
             return Response.json(
                 {
                     "id": mid,
@@ -377,16 +405,30 @@ class FakeProvider:
                 },
             )
         ]
+        index = 0
+        if thinking is not None:
+            if thinking["type"] == "thinking":
+                start = {"type": "thinking", "thinking": "", "signature": ""}
+                deltas = [{"type": "thinking_delta", "thinking": p} for p in choice.reasoning_pieces]
+                deltas.append({"type": "signature_delta", "signature": thinking["signature"]})
+            else:
+                start, deltas = thinking, []
+            frames.append(event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}))
+            frames.append(event("ping", {"type": "ping"}))
+            frames.extend(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas)
+            frames.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            index = 1
         if call is not None:
             block = {"type": "tool_use", "id": tool_id, "name": call.name, "input": {}}
             deltas = [{"type": "input_json_delta", "partial_json": a} for a in call.pieces]
         else:
             block = {"type": "text", "text": ""}
             deltas = [{"type": "text_delta", "text": p} for p in choice.pieces]
-        frames.append(event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}))
-        frames.append(event("ping", {"type": "ping"}))
-        frames.extend(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas)
-        frames.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        frames.append(event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}))
+        if index == 0:
+            frames.append(event("ping", {"type": "ping"}))
+        frames.extend(event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in deltas)
+        frames.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
         frames.append(
             event(
                 "message_delta",
@@ -397,6 +439,45 @@ class FakeProvider:
         frames.append(event("message_stop", {"type": "message_stop"}))
         error = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
         return Response(200, _SSE_HEADERS, stream=self._stream(frames, error))
+
+    # -- Bedrock -----------------------------------------------------------------------------------------
+
+    def _credentials(self) -> dict[str, str]:
+        return {self.knobs.aws_access_key_id: self.knobs.aws_secret_access_key}
+
+    def _converse(self, request, body: dict, raw: bytes) -> Response:
+        refused = verify_sigv4(request, raw, self._credentials())
+        if refused is not None:
+            return refused
+        path = request.path
+        stream = path.endswith("/converse-stream")
+        model = unquote(path[len("/model/"):path.rindex("/")])
+        if model not in self.knobs.models:
+            return bedrock_error(404, "The provided model identifier is invalid.")
+        try:
+            translated = converse_request_to_openai(body, model)
+            refused_thinking = check_thinking(translated["messages"])
+            if refused_thinking is not None:
+                return bedrock_error(400, refused_thinking)
+            answer = fake_answer(translated, chunks=self.knobs.chunks, text=self.knobs.text)
+        except InvalidRequest as exc:
+            return bedrock_error(400, f"{exc.param}: {exc.message}" if exc.param else exc.message)
+        except FakeRequestError as exc:
+            return bedrock_error(400, exc.message)
+        if not stream:
+            return Response.json(converse_answer(answer))
+        error = exception_message("ModelStreamErrorException", "injected mid-stream fault")
+        return Response(200, EVENT_STREAM, stream=self._stream(converse_stream_frames(answer), error))
+
+    async def _foundation_models(self, request) -> Response:
+        refused = verify_sigv4(request, await request.body(), self._credentials())
+        if refused is not None:
+            return refused
+        return Response.json({"modelSummaries": [
+            {"modelId": m, "modelArn": f"arn:aws:bedrock:us-east-1::foundation-model/{m}", "modelName": m,
+             "providerName": "Runestone", "inputModalities": ["TEXT"], "outputModalities": ["TEXT"],
+             "responseStreamingSupported": True, "inferenceTypesSupported": ["ON_DEMAND"]}
+            for m in self.knobs.models if m != "fake-embedding"]})
 
     # -- streaming and the mid-stream knobs --------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import orjson
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .presets import preset_base_url, preset_of, rename_reasoning
+from ..wire.reasoning import for_openai_upstream
 from .base import (
     MAX_NAME_CHARS,
     ChatResult,
@@ -22,6 +23,7 @@ from .base import (
     check_name,
     loads_object,
     model_ids,
+    open_exchange,
     secrets_of,
     transport_error,
     upstream_http_error,
@@ -198,7 +200,7 @@ class OpenAIAdapter:
         return raw, loads_object(self.name, raw, "the response")
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
-        url, body = self._chat_target(body)
+        url, body = self._chat_target(for_openai_upstream(body))
         raw, obj = await self._read_json(url, orjson.dumps(body), deadline=deadline)
         if not isinstance(obj.get("choices"), list):
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
@@ -213,7 +215,7 @@ class OpenAIAdapter:
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
                           deadline: float | None = None) -> OpenAIStream:
-        url, body = self._chat_target(body)
+        url, body = self._chat_target(for_openai_upstream(body))
         upstream = dict(body)
         preset = self._preset
         if preset is None or preset.stream_usage == "stream_options":

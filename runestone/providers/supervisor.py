@@ -22,6 +22,7 @@ from ..resilience.failover import ProviderInfo
 from ..runtime import Actor, ChildSpec, Published, Supervisor
 from .anthropic import AnthropicAdapter
 from .azure import AzureAdapter
+from .bedrock import BedrockAdapter
 from .fake import FakeAdapter
 from .gemini import GeminiAdapter
 from .openai import OpenAIAdapter
@@ -40,6 +41,7 @@ log = logging.getLogger("runestone.providers")
 ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter}
 ADAPTERS["azure"] = AzureAdapter
 ADAPTERS["gemini"] = GeminiAdapter
+ADAPTERS["bedrock"] = BedrockAdapter
 
 # The original's provider names, still used by old clients and configs.
 LEGACY_NAMES = {"openai": "openai-default", "anthropic": "anthropic-default"}
@@ -56,6 +58,7 @@ _CAPS_BY_TYPE = {
     "openai": frozenset({"streaming", "tools", "vision", "embeddings"}),
     "anthropic": frozenset({"streaming", "tools", "vision"}),
     "fake": frozenset({"streaming", "tools", "vision", "embeddings"}),
+    "bedrock": frozenset({"streaming", "tools", "vision"}),
 }
 _CAPS_BY_TYPE["azure"] = frozenset({"streaming", "tools", "vision", "embeddings"})
 _CAPS_BY_TYPE["gemini"] = frozenset({"streaming", "tools", "vision", "embeddings"})

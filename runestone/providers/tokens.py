@@ -141,6 +141,8 @@ def count_anthropic_messages(body: dict) -> int:
             elif kind == "tool_use":
                 total += estimate_tokens(block.get("name") or "") + estimate_tokens(_json(block.get("input") or {}))
                 has_rest = True
+            elif kind in ("thinking", "redacted_thinking"):
+                has_rest = True  # a turn of its own; earlier turns' thinking is not counted as input
         if msg.get("role") == "assistant":
             # The assistant's text blocks are joined into one string.
             texts = "".join(b.get("text") or "" for b in content if isinstance(b, dict) and b.get("type") == "text")

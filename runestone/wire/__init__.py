@@ -7,6 +7,8 @@
 - :mod:`.anthropic`: the Messages API as clients speak it to the gateway (validation, translation to the
   canonical chat body, the answer and the stream translated back).
 - :mod:`.anthropic_upstream`: the canonical chat body sent to an Anthropic upstream, and its answers back.
+- :mod:`.bedrock`: the canonical chat body as Amazon Bedrock's Converse API, and its answers and stream events back.
+- :mod:`.reasoning`: how reasoning (thinking blocks, ``reasoning_content``, efforts) rides in the canonical body.
 - :mod:`.sse`: the server-sent events parser and encoder.
 """
 

@@ -6,6 +6,13 @@ it. The OpenAI answer comes back as a ``chat.completion`` (:func:`openai_respons
 ``chat.completion.chunk`` (:class:`OpenAIToAnthropicStream`, which emits Anthropic's events in the order the
 real API sends them), framed as Anthropic's SSE by :class:`AnthropicEventStream`. Errors are
 :func:`runestone.wire.errors.anthropic_error_body`. Plain dicts throughout.
+
+Reasoning (see :mod:`runestone.wire.reasoning`): the ``thinking`` parameter is checked and kept as the
+canonical body's ``thinking``; ``thinking`` and ``redacted_thinking`` blocks of an assistant turn become its
+``thinking_blocks`` (each block exactly as the client sent it, so a signed block reaches an Anthropic
+upstream byte for byte) and ``reasoning_content`` (their text). Back the other way, an answer's
+``thinking_blocks`` are its first content blocks, and reasoning without them (an OpenAI-compatible
+upstream's ``reasoning_content``) is a thinking block with an empty signature.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import attrs
 import orjson
 
 from .anthropic_upstream import TranslationError
+from .reasoning import reasoning_of
 
 __all__ = [
     "InboundError",
@@ -85,12 +93,28 @@ def _require_int(body: dict, name: str, *, minimum: int) -> int:
     return value
 
 
+def _thinking_param(thinking) -> dict:
+    """The ``thinking`` parameter, checked as the Messages API does."""
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, float) and budget.is_integer():
+            budget = int(budget)
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+            raise InboundError("thinking.budget_tokens", "thinking.budget_tokens must be an integer >= 1024")
+        # budget_tokens < max_tokens is the upstream's to judge: with interleaved thinking it may be more.
+        return {**thinking, "budget_tokens": budget}
+    if kind in ("disabled", "adaptive"):
+        return thinking
+    raise InboundError("thinking.type", "thinking.type must be one of enabled, disabled, adaptive")
+
+
 def anthropic_request_to_openai(body: dict) -> dict:
     """Build an OpenAI chat request from an Anthropic Messages body, validating as the real API does.
 
     ``tool_result`` blocks become ``tool`` messages placed before the rest of their user turn (OpenAI
     wants them right after the assistant's tool calls); images in tool results are dropped. Thinking
-    blocks, ``top_k``, ``thinking`` and server tools' cache hints are dropped; server tools (typed tools
+    blocks and ``thinking`` are kept (module docstring); ``top_k`` and cache hints are dropped; server tools (typed tools
     such as ``web_search_...``) are refused since no OpenAI provider can run them. A streaming request
     asks for ``stream_options.include_usage`` so the final ``message_delta`` can report usage.
     """
@@ -152,6 +176,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
         else:
             texts: list[str] = []
             tool_calls: list[dict] = []
+            thinking: list[dict] = []
             for k, block in enumerate(content):
                 kind = block.get("type") if isinstance(block, dict) else None
                 if kind == "text":
@@ -167,17 +192,32 @@ def anthropic_request_to_openai(body: dict) -> dict:
                             "function": {"name": name, "arguments": orjson.dumps(block.get("input") or {}).decode()},
                         }
                     )
-                elif kind in ("thinking", "redacted_thinking"):
-                    continue
+                elif kind == "thinking":
+                    for name in ("thinking", "signature"):
+                        if not isinstance(block.get(name), str):
+                            raise InboundError(f"{param}[{k}].{name}", f"{name} must be a string")
+                    thinking.append(block)
+                elif kind == "redacted_thinking":
+                    if not isinstance(block.get("data"), str) or not block["data"]:
+                        raise InboundError(f"{param}[{k}].data", "data must be a non-empty string")
+                    thinking.append(block)
                 else:
                     raise InboundError(f"{param}[{k}].type", f"block type {kind!r} is not supported in assistant turns")
             msg_out: dict = {"role": "assistant", "content": "".join(texts) if texts else None}
+            if thinking:
+                text = "".join(b.get("thinking") or "" for b in thinking)
+                if text:
+                    msg_out["reasoning_content"] = text
+                msg_out["thinking_blocks"] = thinking
             if tool_calls:
                 msg_out["tool_calls"] = tool_calls
-            if texts or tool_calls:
+            if texts or tool_calls or thinking:
                 out.append(msg_out)
 
     req: dict = {"model": model, "messages": out, "max_tokens": max_tokens}
+    thinking_param = body.get("thinking")
+    if thinking_param is not None:
+        req["thinking"] = _thinking_param(thinking_param)
 
     tools = body.get("tools")
     if tools is not None:
@@ -292,12 +332,21 @@ def _parse_arguments(arguments) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _answer_thinking(message: dict) -> list[dict]:
+    """An answer's reasoning as Anthropic blocks: its thinking blocks as they are, else its text unsigned."""
+    blocks = message.get("thinking_blocks")
+    if isinstance(blocks, list) and blocks:
+        return [b for b in blocks if isinstance(b, dict)]
+    text = reasoning_of(message)
+    return [{"type": "thinking", "thinking": text, "signature": ""}] if text else []
+
+
 def openai_response_to_anthropic(resp: dict, *, model: str) -> dict:
     """Turn a ``chat.completion`` into an Anthropic message (first choice only; Anthropic has no ``n``)."""
     choices = resp.get("choices") or [{}]
     choice = choices[0]
     message = choice.get("message") or {}
-    content: list[dict] = []
+    content: list[dict] = _answer_thinking(message)
     text = message.get("content")
     if isinstance(text, list):
         text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
@@ -322,6 +371,7 @@ def openai_response_to_anthropic(resp: dict, *, model: str) -> dict:
 
 _TEXT_BLOCK = 1
 _TOOL_BLOCK = 2
+_THINKING_BLOCK = 3
 
 
 @attrs.define
@@ -337,6 +387,10 @@ class OpenAIToAnthropicStream:
 
     Anthropic blocks cannot be reopened: tool-call argument fragments arriving for a call after another
     block has started (interleaved parallel calls, which OpenAI does not send) are dropped.
+
+    Reasoning opens thinking blocks: ``thinking_blocks`` fragments (one block per fragment index:
+    ``thinking_delta``, ``signature_delta``; a redacted block whole at its start), or else plain
+    ``reasoning_content`` text as one unsigned thinking block.
     """
 
     model: str
@@ -353,6 +407,7 @@ class OpenAIToAnthropicStream:
     _block_kind: int = 0
     _block_open: bool = False
     _tool_blocks: dict[int, int] = attrs.Factory(dict)
+    _thinking_fragment: int | None = None
 
     def _start(self, events: list) -> None:
         self._started = True
@@ -419,6 +474,15 @@ class OpenAIToAnthropicStream:
                 continue
             delta = choice.get("delta")
             if delta:
+                fragments = delta.get("thinking_blocks")
+                if fragments:
+                    for fragment in fragments:
+                        if isinstance(fragment, dict):
+                            self._thinking_delta(events, fragment)
+                else:
+                    reasoning = reasoning_of(delta)
+                    if reasoning:
+                        self._thinking_delta(events, {"thinking": reasoning})
                 text = delta.get("content") or delta.get("refusal")
                 if text:
                     if not (self._block_open and self._block_kind == _TEXT_BLOCK):
@@ -447,6 +511,24 @@ class OpenAIToAnthropicStream:
         if self._stop_reason is not None and self._usage_seen:
             self._end(events)
         return events
+
+    def _thinking_delta(self, events: list, fragment: dict) -> None:
+        # A fragment without an index (plain reasoning text) continues the open thinking block.
+        index = fragment.get("index")
+        redacted = fragment.get("type") == "redacted_thinking"
+        if not (self._block_open and self._block_kind == _THINKING_BLOCK
+                and (index is None or self._thinking_fragment == index)):
+            self._thinking_fragment = index
+            start = {"type": "redacted_thinking", "data": fragment.get("data") or ""} if redacted else \
+                {"type": "thinking", "thinking": "", "signature": ""}
+            self._open_block(events, _THINKING_BLOCK, start)
+        if redacted:
+            return
+        for name, kind in (("thinking", "thinking_delta"), ("signature", "signature_delta")):
+            piece = fragment.get(name)
+            if piece:
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": self._block,
+                                                       "delta": {"type": kind, name: piece}}))
 
     def _tool_delta(self, events: list, call: dict) -> None:
         index = call.get("index", 0)

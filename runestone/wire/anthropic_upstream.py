@@ -6,6 +6,12 @@ OpenAI shapes: a whole message (:func:`anthropic_to_openai_response`), a stream 
 ``chat.completion.chunk`` at a time (:class:`AnthropicToOpenAIStream`), or an error
 (:func:`anthropic_error_to_openai`). Everything works on plain dicts as decoded by orjson; the streaming
 translator does a dict lookup and builds one small dict per upstream event, nothing more.
+
+Reasoning travels as :mod:`runestone.wire.reasoning` describes the canonical body: the request's
+``thinking`` (or ``reasoning_effort``, as a budget) becomes Anthropic's ``thinking``; an assistant turn's
+``thinking_blocks`` go first in its content exactly as they came (Anthropic verifies their signatures),
+and reasoning without them is a 400 (it cannot be signed); thinking and redacted_thinking blocks in an
+answer come back as ``reasoning_content`` and ``thinking_blocks`` (streamed as fragments with an index).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import attrs
 import orjson
 
 from .errors import InvalidRequest
+from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
 __all__ = [
     "AnthropicToOpenAIStream",
@@ -205,6 +212,24 @@ def _tool_input(arguments, param: str) -> dict:
     return value
 
 
+def _thinking_blocks(msg: dict, i: int) -> list[dict]:
+    """An assistant turn's signed thinking blocks, unchanged; unsigned reasoning has no Anthropic form."""
+    blocks = msg.get("thinking_blocks")
+    if blocks is not None:
+        param = f"messages[{i}].thinking_blocks"
+        for j, block in enumerate(check_thinking_blocks(blocks, param)):
+            if block["type"] == "thinking" and not block.get("signature"):
+                raise TranslationError(f"{param}[{j}].signature", "this thinking block has no signature (it came "
+                                       "from another provider), and Anthropic accepts only the signed blocks it "
+                                       "wrote: leave it out of the conversation")
+        return list(blocks)
+    if reasoning_of(msg) is not None:
+        raise TranslationError(f"messages[{i}].reasoning_content", "Anthropic accepts reasoning only as the signed "
+                               "thinking blocks it wrote: send the assistant message back with the thinking_blocks "
+                               "the gateway returned beside reasoning_content, or without reasoning_content")
+    return []
+
+
 def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: int = 4096, stream: bool) -> dict:
     """Build an Anthropic ``/v1/messages`` body from an OpenAI chat completion request.
 
@@ -237,7 +262,7 @@ def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: i
         if role == "user":
             _push(out, "user", _user_blocks(content, f"messages[{i}].content"))
         elif role == "assistant":
-            blocks: list[dict] = []
+            blocks: list[dict] = _thinking_blocks(msg, i)
             if content:
                 text = _text_of(content, f"messages[{i}].content")
                 if text:
@@ -286,6 +311,9 @@ def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: i
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     req["max_tokens"] = max_tokens
     req["messages"] = out
+    thinking = thinking_for(body, max_tokens)
+    if thinking is not None:
+        req["thinking"] = thinking
 
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
@@ -384,15 +412,19 @@ def anthropic_to_openai_response(msg: dict, *, model: str, request_id: str, crea
     """Turn an Anthropic message into a ``chat.completion``.
 
     Text blocks are concatenated into ``content`` (``None`` when the answer is only tool calls);
-    ``tool_use`` blocks become ``tool_calls`` with JSON-string arguments; thinking and server-tool blocks
+    ``tool_use`` blocks become ``tool_calls`` with JSON-string arguments; thinking and redacted_thinking
+    blocks become ``reasoning_content`` (their text) and ``thinking_blocks`` (unchanged); server-tool blocks
     have no OpenAI equivalent and are left out.
     """
     texts: list[str] = []
     tool_calls: list[dict] = []
+    thinking: list[dict] = []
     for block in msg.get("content") or ():
         kind = block.get("type")
         if kind == "text":
             texts.append(block.get("text") or "")
+        elif kind in ("thinking", "redacted_thinking"):
+            thinking.append(block)
         elif kind == "tool_use":
             tool_calls.append(
                 {
@@ -402,6 +434,11 @@ def anthropic_to_openai_response(msg: dict, *, model: str, request_id: str, crea
                 }
             )
     message: dict = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None, "refusal": None}
+    if thinking:
+        text = "".join(b.get("thinking") or "" for b in thinking)
+        if text:
+            message["reasoning_content"] = text
+        message["thinking_blocks"] = thinking
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = msg.get("usage") or {}
@@ -452,6 +489,7 @@ class AnthropicToOpenAIStream:
     _cache_creation: int = 0
     _cache_read: int = 0
     _tool_index: dict[int, int] = attrs.Factory(dict)
+    _thinking_index: dict[int, int] = attrs.Factory(dict)
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         chunk = {
@@ -494,7 +532,20 @@ class AnthropicToOpenAIStream:
                 if not fragment or index is None:
                     return []
                 return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})]
-            return []  # thinking_delta, signature_delta, citations_delta: no OpenAI equivalent
+            if kind == "thinking_delta":
+                text = delta.get("thinking")
+                index = self._thinking_index.get(data.get("index"))
+                if not text or index is None:
+                    return []
+                return [self._chunk({"reasoning_content": text,
+                                     "thinking_blocks": [{"index": index, "type": "thinking", "thinking": text}]})]
+            if kind == "signature_delta":
+                index = self._thinking_index.get(data.get("index"))
+                if not delta.get("signature") or index is None:
+                    return []
+                return [self._chunk({"thinking_blocks": [{"index": index, "type": "thinking",
+                                                          "signature": delta["signature"]}]})]
+            return []  # citations_delta: no OpenAI equivalent
         if event == "content_block_start":
             block = data.get("content_block") or {}
             kind = block.get("type")
@@ -505,6 +556,16 @@ class AnthropicToOpenAIStream:
                 return [self._chunk({"tool_calls": [call]})]
             if kind == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
+            if kind in ("thinking", "redacted_thinking"):
+                index = self._thinking_index[data.get("index")] = len(self._thinking_index)
+                fragment = {k: v for k, v in block.items() if v != ""}
+                if kind == "thinking" and len(fragment) == 1:
+                    return []  # an empty start: its text and signature follow as deltas
+                fragment["index"] = index
+                delta = {"thinking_blocks": [fragment]}
+                if block.get("thinking"):
+                    delta["reasoning_content"] = block["thinking"]
+                return [self._chunk(delta)]
             return []
         if event in ("ping", "content_block_stop"):
             return []

@@ -9,13 +9,23 @@ which emits the documented events in the real API's order, each with its ``seque
 
 What chat completions cannot carry is refused with a 400 naming the field, never dropped: built-in tools
 (``web_search``, ``file_search``, ...), ``background``, ``conversation``, prompt templates, item references,
-file ids, audio. ``reasoning`` items a client passes back are kept in the store but not sent (chat has no
-place for them); a native provider (:data:`NATIVE_ONLY` lists what only it can honour) gets the body as
+file ids, audio. A native provider (:data:`NATIVE_ONLY` lists what only it can honour) gets the body as
 the client wrote it. Plain dicts throughout; the module imports nothing of Runestone's but ``wire``.
+
+Reasoning (see :mod:`runestone.wire.reasoning`): an answer's ``reasoning_content`` is a ``reasoning`` item
+(its text a ``reasoning_text`` part); its ``thinking_blocks`` (a signed Anthropic or Bedrock reasoning) ride
+in the item's ``encrypted_content``, encoded by the gateway (:func:`encode_thinking`: a prefix, then the
+blocks as base64 JSON). A ``reasoning`` item passed back (in ``input`` or a stored conversation) goes on the
+assistant turn after it as ``reasoning_content`` (its text, else its summary) and, when the gateway wrote
+its ``encrypted_content``, the ``thinking_blocks`` unchanged. A reasoning item with neither text nor the
+gateway's encrypted content (OpenAI's own encrypted reasoning) has no chat form: it is kept in the store
+and reaches only a native provider.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import time
 from typing import Any
@@ -24,12 +34,15 @@ import orjson
 
 from .errors import InvalidRequest
 from .openai import check_typed, integral, kind_of
+from .reasoning import ThinkingBlocks, check_thinking_blocks, reasoning_of
 
 __all__ = [
     "NATIVE_ONLY",
     "ResponsesEventStream",
     "ResponsesRequest",
     "chat_to_response",
+    "decode_thinking",
+    "encode_thinking",
     "failed_response",
     "new_id",
     "responses_to_chat",
@@ -179,6 +192,15 @@ def _item(item: Any, i: int) -> dict:
     if kind == "reasoning":
         if not isinstance(item.get("summary", []), list):
             raise _bad(f"{p}.summary", f"{p}.summary must be an array")
+        if item.get("content") is not None and not isinstance(item["content"], list):
+            raise _bad(f"{p}.content", f"{p}.content must be an array of reasoning_text parts")
+        encrypted = item.get("encrypted_content")
+        if encrypted is not None:
+            if not isinstance(encrypted, str):
+                raise _bad(f"{p}.encrypted_content", f"{p}.encrypted_content must be a string")
+            if encrypted.startswith(_THINKING_PREFIX) and decode_thinking(encrypted) is None:
+                raise _bad(f"{p}.encrypted_content", f"{p}.encrypted_content was changed: it is not the "
+                           "reasoning this gateway returned")
         out = dict(item)
         out.setdefault("id", new_id("rs_"))
         out.setdefault("summary", [])
@@ -188,6 +210,40 @@ def _item(item: Any, i: int) -> dict:
                    "or continue a stored conversation with previous_response_id", "unsupported_value")
     raise _bad(f"{p}.type", f"{p}.type {kind!r} is not supported by this gateway; items may be messages, "
                "function_call, function_call_output and reasoning", "unsupported_value")
+
+
+# -- reasoning items and the canonical body's thinking blocks -------------------------------------------
+
+_THINKING_PREFIX = "runestone.thinking.v1:"
+
+
+def encode_thinking(blocks: list[dict]) -> str:
+    """Signed thinking blocks as a reasoning item's ``encrypted_content`` (opaque to the client)."""
+    return _THINKING_PREFIX + base64.urlsafe_b64encode(orjson.dumps(blocks)).decode()
+
+
+def decode_thinking(encrypted: Any) -> list[dict] | None:
+    """The thinking blocks :func:`encode_thinking` wrote, or None for anything else (OpenAI's own content)."""
+    if not isinstance(encrypted, str) or not encrypted.startswith(_THINKING_PREFIX):
+        return None
+    try:
+        blocks = orjson.loads(base64.urlsafe_b64decode(encrypted[len(_THINKING_PREFIX):].encode()))
+        return check_thinking_blocks(blocks, "encrypted_content")
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        return None
+
+
+def gateway_reasoning(item: dict) -> bool:
+    """True for a reasoning item whose ``encrypted_content`` the gateway wrote (no native upstream reads it)."""
+    return item.get("type") == "reasoning" and decode_thinking(item.get("encrypted_content")) is not None
+
+
+def _reasoning_item(text: str | None, blocks: list[dict] | None, status: str = "completed") -> dict:
+    item = {"id": new_id("rs_"), "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if text else [], "status": status}
+    if blocks:
+        item["encrypted_content"] = encode_thinking(blocks)
+    return item
 
 
 def _tools(tools: Any, native_only: list[str]) -> None:
@@ -391,28 +447,45 @@ def items_to_messages(items: list[dict]) -> list[dict]:
     """Response items (stored history, then this input) as chat messages.
 
     An assistant message and the function calls after it make one assistant turn with ``tool_calls``, as
-    chat wants; reasoning items have no place in chat and are left out.
+    chat wants; reasoning items go on the assistant turn after them (module docstring).
     """
     messages: list[dict] = []
+    texts: list[str] = []  # reasoning waiting for its assistant turn
+    blocks: list[dict] = []
+
+    def assistant(message: dict) -> dict:
+        if texts:
+            message["reasoning_content"] = "".join(texts)
+        if blocks:
+            message["thinking_blocks"] = list(blocks)
+        texts.clear()
+        blocks.clear()
+        messages.append(message)
+        return message
+
     for item in items:
         kind = item.get("type", "message")
         if kind == "message":
             role = item["role"]
             if role == "assistant":
                 text = "".join(p.get("text") or p.get("refusal") or "" for p in item["content"])
-                messages.append({"role": "assistant", "content": text})
+                assistant({"role": "assistant", "content": text})
             else:
                 messages.append({"role": role, "content": _chat_content(item["content"])})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or ()
+            texts.extend(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+            blocks.extend(decode_thinking(item.get("encrypted_content")) or ())
         elif kind == "function_call":
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":
+            if last is not None and last["role"] == "assistant" and not (texts or blocks):
                 last.setdefault("tool_calls", []).append(call)
                 if not last.get("content"):
                     last["content"] = None
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                assistant({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _output_text(item["output"])})
     return messages
@@ -545,10 +618,10 @@ def chat_to_response(request: ResponsesRequest, completion: dict, response_id: s
     finish = choice.get("finish_reason")
     status = "incomplete" if finish in _INCOMPLETE else "completed"
     output = response["output"]
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        output.append({"id": new_id("rs_"), "type": "reasoning", "summary": [],
-                       "content": [{"type": "reasoning_text", "text": reasoning}], "status": "completed"})
+    reasoning = reasoning_of(message)
+    blocks = message.get("thinking_blocks") if isinstance(message.get("thinking_blocks"), list) else None
+    if reasoning or blocks:
+        output.append(_reasoning_item(reasoning, blocks))
     content = message.get("content")
     refusal = message.get("refusal")
     if refusal:
@@ -601,6 +674,7 @@ class ResponsesEventStream:
         self._message: dict | None = None
         self._reasoning: dict | None = None
         self._calls: dict[int, dict] = {}  # chat tool call index -> its function_call item
+        self._thinking = ThinkingBlocks()
         self._finish: str | None = None
         self._usage: dict | None = None
         self._model_seen = False
@@ -664,12 +738,15 @@ class ResponsesEventStream:
 
     def _delta(self, out: list, choice: dict) -> None:
         delta = choice.get("delta") or {}
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
+        reasoning = reasoning_of(delta)
+        fragments = delta.get("thinking_blocks")
+        if reasoning or fragments:
             if self._reasoning is None:
                 self._reasoning = {"id": new_id("rs_"), "type": "reasoning", "summary": [], "status": "in_progress",
                                    "_text": []}
                 self._open(out, self._reasoning, {"type": "reasoning_text", "text": ""})
+            self._thinking.feed(fragments)
+        if reasoning:
             r = self._reasoning
             r["_text"].append(reasoning)
             self._event(out, "response.reasoning_text.delta", item_id=r["id"], output_index=r["_index"],
@@ -720,6 +797,8 @@ class ResponsesEventStream:
                         part=part)
             final["content"] = [part]
             final["status"] = "completed"
+            if self._thinking:
+                final["encrypted_content"] = encode_thinking(self._thinking.blocks())
         else:
             final["arguments"] = "".join(item["_args"])
             final["status"] = "completed"

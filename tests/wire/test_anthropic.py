@@ -44,6 +44,8 @@ def test_full_request():
         {
             "role": "assistant",
             "content": "Let me look.",
+            "reasoning_content": "Use the tool.",
+            "thinking_blocks": [{"type": "thinking", "thinking": "Use the tool.", "signature": "sig"}],
             "tool_calls": [
                 {"id": "toolu_01A09q90qw90lq917835lq9", "type": "function", "function": {"name": "get_weather", "arguments": '{"location":"San Francisco, CA"}'}}
             ],
@@ -66,7 +68,8 @@ def test_full_request():
     assert req["stop"] == ["END"] and req["temperature"] == 0.3 and req["top_p"] == 0.8
     assert req["user"] == "13803d75-b4b5-4c3e-b2a2-6f21399b021b"
     assert req["stream"] is True and req["stream_options"] == {"include_usage": True}
-    assert "top_k" not in req and "thinking" not in req and "metadata" not in req
+    assert "top_k" not in req and "metadata" not in req
+    assert req["thinking"] == {"type": "enabled", "budget_tokens": 2000}
 
 
 def test_round_trip_back_to_anthropic_keeps_the_conversation():
@@ -77,7 +80,8 @@ def test_round_trip_back_to_anthropic_keeps_the_conversation():
     assert back["tools"] == original["tools"]
     roles = [m["role"] for m in back["messages"]]
     assert roles == ["user", "assistant", "user", "assistant"]
-    assert back["messages"][1]["content"][1] == original["messages"][1]["content"][2]  # the tool_use block
+    assert back["messages"][1]["content"] == original["messages"][1]["content"]  # thinking, text, tool_use
+    assert back["thinking"] == original["thinking"]
     assert back["messages"][2]["content"] == [
         {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9", "content": "15 degrees"},
         {"type": "text", "text": "Thanks, and tomorrow?"},
@@ -269,7 +273,8 @@ def test_anthropic_stream_through_openai_chunks_and_back():
     events.extend(back.finish())
     direct = sdk_accumulate(original)
     relayed = sdk_accumulate(events)
-    # everything but the thinking block, which OpenAI's format cannot carry, survives the two hops
-    assert [b.to_dict() for b in relayed.content] == [b.to_dict() for b in direct.content[1:]]
+    # everything survives the two hops, the signed thinking block too (canonical reasoning fields)
+    assert direct.content[0].type == "thinking" and direct.content[0].signature
+    assert [b.to_dict() for b in relayed.content] == [b.to_dict() for b in direct.content]
     assert relayed.stop_reason == direct.stop_reason == "tool_use"
     assert (relayed.usage.input_tokens, relayed.usage.output_tokens) == (472, 89)
