@@ -40,7 +40,7 @@ from .events import (
 )
 from .health import HealthParams, HealthTracker, HealthView, LatencyWindow
 from .ledger import UsageLedger
-from .metrics import TelemetryMetrics, render_prometheus
+from .metrics import MetricLabels, TelemetryMetrics, render_prometheus
 from .sender import HANDLER_NAME, ExtraGauges
 
 __all__ = ["OverallSummary", "TelemetryHandler", "TelemetryStats"]
@@ -48,6 +48,9 @@ __all__ = ["OverallSummary", "TelemetryHandler", "TelemetryStats"]
 log = logging.getLogger(__name__)
 
 _NO_PRICE = object()
+#: Resolved prices kept per (provider, model); past this the cache starts over, since model names
+#: reaching the handler may be chosen by clients.
+_PRICE_CACHE_MAX = 1024
 
 
 @attrs.frozen
@@ -113,7 +116,9 @@ class TelemetryHandler(Actor):
 
     ``pricing`` prices requests whose event carries ``cost == 0``;
     ``health_cell`` is any object with a ``value`` attribute (a ``Published``
-    cell), replaced on each publish; ``ledger_path`` None keeps no ledger.
+    cell), replaced on each publish; ``ledger_path`` None keeps no ledger;
+    ``labels`` bounds the metrics' label values (:class:`MetricLabels`; the
+    default keeps the first 100 names of each kind).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class TelemetryHandler(Actor):
         pricing: Mapping[str, Any] | None = None,
         health_cell: Any = None,
         latency_window: int = 1000,
+        labels: MetricLabels | None = None,
     ):
         super().__init__(name, registry=registry, mailbox_size=mailbox_size)
         self.ledger_path = ledger_path
@@ -138,9 +144,10 @@ class TelemetryHandler(Actor):
         self.pricing = pricing
         self.health_cell = health_cell
         self.latency_window = latency_window
+        self.labels = labels
 
     async def init(self) -> None:
-        self.metrics = TelemetryMetrics()
+        self.metrics = TelemetryMetrics(labels=self.labels or MetricLabels())
         self.health = HealthTracker(self.health_params)
         self.ledger: UsageLedger | None = None
         self.subscribers: list[Any] = []
@@ -200,6 +207,8 @@ class TelemetryHandler(Actor):
         key = (provider, model)
         price = self._prices.get(key, _NO_PRICE)
         if price is _NO_PRICE:
+            if len(self._prices) >= _PRICE_CACHE_MAX:
+                self._prices.clear()
             price = self._prices[key] = price_for(self.pricing, provider, model)
         return price
 
