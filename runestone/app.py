@@ -47,6 +47,7 @@ from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
 from .telemetry.ledger import UsageLedger
+from .telemetry.metrics import MetricLabels
 from .telemetry.sender import Telemetry
 
 __all__ = ["Application", "StartupError"]
@@ -168,7 +169,8 @@ class Application:
                 registry=reg, mailbox_size=tel.mailbox_size, ledger=self.ledger,
                 flush_interval=tel.ledger_flush_ms / 1000, batch=tel.ledger_batch,
                 health_params=HealthParams(latency_window=tel.latency_window),
-                pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window)
+                pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window,
+                labels=MetricLabels(self.providers, self.is_route_name))
 
         def breaker_manager():
             return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
@@ -242,6 +244,12 @@ class Application:
     def _on_restart(self, supervisor: str, child: str, restarts: int, error) -> None:
         self.restarts[child] = self.restarts.get(child, 0) + 1
         self.telemetry.emit(ActorRestarted(child, self.restarts[child]))
+
+    def is_route_name(self, name: str) -> bool:
+        """Is ``name`` one the operator gave for routing: a failover group, an alias, a pool or a split?"""
+        gw = self.gateway
+        return (name == "default" or name in (self.selector.groups.value or ()) or name in (gw.aliases.value or ())
+                or name in gw.named)
 
     def restart_counts(self) -> dict[str, int]:
         """Restarts per actor since start, counted here so a telemetry handler restart is counted too."""

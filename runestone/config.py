@@ -54,6 +54,7 @@ __all__ = [
     "FailoverConfig",
     "FailoverGroupSpec",
     "LimitsConfig",
+    "MetricsConfig",
     "ModelPrice",
     "PoolConfig",
     "OPENAI_DEFAULT_MODELS",
@@ -588,6 +589,16 @@ class ResponsesConfig:
     max_stored: int = _setting(10_000, _int_at_least(1))
 
 
+@attrs.frozen
+class MetricsConfig:
+    """Who may read ``GET /metrics``: anyone (the default), or with ``require_key`` only a caller sending the
+    admin key or ``key`` as ``Authorization: Bearer``."""
+
+    require_key: bool = _setting(False)
+    #: A key that opens ``/metrics`` and nothing else (for a Prometheus scraper); empty: the admin key only.
+    key: str = _setting("", secret=True)
+
+
 def _redact_url(url: str | None) -> str | None:
     """``http://user:pw@host/x`` -> ``http://***@host/x``; other URLs unchanged. Split as the URL is used."""
     if not url:
@@ -714,6 +725,7 @@ class Config:
     limits: LimitsConfig = _setting(factory=LimitsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
     responses: ResponsesConfig = _setting(factory=ResponsesConfig)
+    metrics: MetricsConfig = _setting(factory=MetricsConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())
     splits: tuple[SplitConfig, ...] = _setting(())
@@ -1053,6 +1065,8 @@ def _check_cross(report: _Report, cfg: Config) -> None:
             cfg.retry.max_delay_ms,
             f"an integer >= retry.base_delay_ms ({cfg.retry.base_delay_ms})",
         )
+    if cfg.metrics.require_key and not (cfg.metrics.key or cfg.auth.admin_key):
+        report.bad(("metrics", "require_key"), True, "false unless metrics.key or auth.admin_key is set")
     seen: dict[str, int] = {}
     for i, spec in enumerate(cfg.providers):
         if spec.name in seen:
@@ -1166,6 +1180,8 @@ _ENV_SETTINGS: tuple[tuple[str, _Path], ...] = (
     ("FAILOVER_MAX_ATTEMPTS", ("failover", "max_attempts")),
     ("FAILOVER_HEALTH_THRESHOLD", ("failover", "health_threshold")),
     ("MAX_CONCURRENT_PER_TENANT", ("limits", "max_concurrent_per_tenant")),
+    ("RUNESTONE_METRICS_REQUIRE_KEY", ("metrics", "require_key")),
+    ("RUNESTONE_METRICS_KEY", ("metrics", "key")),
 )
 
 # (prefix, provider name, provider type, default models)

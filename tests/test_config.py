@@ -116,6 +116,7 @@ def test_durations_are_exposed_in_seconds():
         ("FAILOVER_MAX_ATTEMPTS", "5", lambda c: c.failover.max_attempts, 5),
         ("FAILOVER_HEALTH_THRESHOLD", "0.25", lambda c: c.failover.health_threshold, 0.25),
         ("MAX_CONCURRENT_PER_TENANT", "4", lambda c: c.limits.max_concurrent_per_tenant, 4),
+        ("RUNESTONE_METRICS_KEY", "scrape", lambda c: c.metrics.key, "scrape"),
     ],
 )
 def test_each_environment_variable_overrides_the_file(var, text, get, expected):
@@ -292,6 +293,8 @@ def test_bad_environment_value_is_one_line(env, line):
          'pricing."gpt-4.1".input_per_mtok = -1.0: must be a number >= 0'),
         ('[pricing.x]\noutput_per_mtok = 1.0\n',
          "pricing.x.input_per_mtok is required: must be a number >= 0"),
+        ("[metrics]\nrequire_key = true\n",
+         "metrics.require_key = true: must be false unless metrics.key or auth.admin_key is set"),
     ],
 )
 def test_bad_file_value_is_one_line(write, toml, line):

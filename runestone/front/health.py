@@ -4,12 +4,15 @@
 is up and at least one provider can take a request (registered, not draining, breaker not open), so a
 load balancer stops sending traffic to a gateway that could only fail it. The detailed views combine the
 published provider table, breaker views and health table (read without a mailbox) with the telemetry
-handler's totals (one ``call``; these routes are not the hot path). ``/metrics`` is Prometheus text.
+handler's totals (one ``call``; these routes are not the hot path). ``/metrics`` is Prometheus text, open to
+anyone unless ``[metrics] require_key`` asks for the admin key or the metrics key as a bearer token.
 ``/v1/usage`` summarises the usage ledger for the caller's own key; the admin key sees every key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from urllib.parse import parse_qs
 
@@ -31,6 +34,9 @@ class HealthRoutes:
     def __init__(self, app) -> None:
         self.app = app
         self.started_wall = time.time()
+        metrics = app.config.metrics
+        self.metrics_key_required = metrics.require_key
+        self._metrics_key = hashlib.sha256(metrics.key.encode()).digest() if metrics.key else None
 
     # -- shared views ---------------------------------------------------------------------------------
 
@@ -126,7 +132,22 @@ class HealthRoutes:
             "telemetry_events_dropped": self.app.telemetry.dropped,
         })
 
+    def _check_metrics_key(self, request) -> None:
+        keys = self.app.keys
+        token = keys.bearer(request.header(b"authorization"))
+        if keys.is_admin(token):
+            return
+        if token is not None and self._metrics_key is not None and hmac.compare_digest(
+                self._metrics_key, hashlib.sha256(token).digest()):
+            return
+        which = "the admin key or the metrics key" if self._metrics_key is not None else "the admin key"
+        raise GatewayError(401, f"/metrics needs {which} as 'Authorization: Bearer <key>' (metrics.require_key is "
+                           "on)", "authentication_error", code="missing_api_key" if token is None else "invalid_api_key",
+                           headers=[(b"www-authenticate", b"Bearer")])
+
     async def prometheus(self, request, caller) -> Response:
+        if self.metrics_key_required:
+            self._check_metrics_key(request)
         breakers = {n: v.state for n, v in (self.app.breaker_views.value or {}).items()}
         try:
             text = await self.app.telemetry.metrics_text(timeout=2.0, breaker_states=breakers,

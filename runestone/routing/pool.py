@@ -56,13 +56,21 @@ class InFlightTable:
             event.set()
 
     async def wait_idle(self, provider: str, in_flight: dict[str, int], deadline: float) -> bool:
-        """Wait until ``in_flight[provider]`` is zero or ``deadline`` passes; True when it drained."""
-        with trio.move_on_at(deadline):
-            while in_flight.get(provider, 0) > 0:
-                event = self._idle[provider] = trio.Event()
-                await event.wait()
-            return True
-        return in_flight.get(provider, 0) == 0
+        """Wait until ``in_flight[provider]`` is zero or ``deadline`` passes; True when it drained.
+
+        The wake-up event is removed when the wait ends, so providers that came and went leave nothing.
+        """
+        event = None
+        try:
+            with trio.move_on_at(deadline):
+                while in_flight.get(provider, 0) > 0:
+                    event = self._idle[provider] = trio.Event()
+                    await event.wait()
+                return True
+            return in_flight.get(provider, 0) == 0
+        finally:
+            if event is not None and self._idle.get(provider) is event:
+                del self._idle[provider]
 
 
 @attrs.frozen

@@ -43,7 +43,7 @@ from .events import (
 )
 from .health import HealthParams, HealthTracker, HealthView, LatencyWindow
 from .ledger import UsageLedger
-from .metrics import TelemetryMetrics, render_prometheus
+from .metrics import MetricLabels, TelemetryMetrics, render_prometheus
 from .sender import HANDLER_NAME, ExtraGauges
 
 __all__ = ["OverallSummary", "TelemetryHandler", "TelemetryStats"]
@@ -124,6 +124,8 @@ class TelemetryHandler(Actor):
     handler opens, flushes and closes it. Without it, ``ledger_path`` makes the
     handler a ledger of its own, fed from the events it handles (a crash whose
     exit flush fails loses its buffer); both None keep no ledger.
+    ``labels`` bounds the metrics' label values (:class:`MetricLabels`; the
+    default keeps the first 100 names of each kind).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class TelemetryHandler(Actor):
         pricing: Mapping[str, Any] | None = None,
         health_cell: Any = None,
         latency_window: int = 1000,
+        labels: MetricLabels | None = None,
     ):
         super().__init__(name, registry=registry, mailbox_size=mailbox_size)
         self.ledger_path = ledger_path
@@ -150,9 +153,10 @@ class TelemetryHandler(Actor):
         self.pricing = pricing
         self.health_cell = health_cell
         self.latency_window = latency_window
+        self.labels = labels
 
     async def init(self) -> None:
-        self.metrics = TelemetryMetrics()
+        self.metrics = TelemetryMetrics(labels=self.labels or MetricLabels())
         self.health = HealthTracker(self.health_params)
         self.ledger: UsageLedger | None = None
         self._feeds_ledger = False

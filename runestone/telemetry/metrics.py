@@ -10,13 +10,19 @@ happens only when rendering. :func:`render_prometheus` writes the text format
 series with ``le`` up to ``+Inf``, then ``_sum`` and ``_count``. Gauges that
 must be exact at any instant (requests in flight, dropped events, cache
 counters) live with the sender and are passed in at render time.
+
+Label values are bounded by configuration, never by what clients send: a
+``provider:model`` pin or a wildcard-served model lets a client choose the
+model name, so :class:`MetricLabels` lets through only registered providers
+and their listed models (and the route names a request may be counted under)
+and folds every other name into one ``other`` series.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -37,6 +43,8 @@ __all__ = [
     "DEFAULT_TTFT_BUCKETS",
     "Gauge",
     "Histogram",
+    "MetricLabels",
+    "OTHER",
     "TelemetryMetrics",
     "render_counter",
     "render_prometheus",
@@ -44,6 +52,9 @@ __all__ = [
 
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DEFAULT_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+#: The label value every provider or model name that is not registered is counted under.
+OTHER = "other"
 
 #: ``runestone_circuit_breaker_state`` values.
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -157,16 +168,105 @@ class Histogram:
             yield self.name + "_count", plain, cumulative
 
 
+class MetricLabels:
+    """Which provider and model names may become label values; any other name is ``other``.
+
+    ``catalog`` is the published provider table (``.value``: ``{name: entry}``
+    whose entries carry ``info.models`` and ``default_model``; ``.version``
+    bumped on every publish). A provider label is then a registered provider's
+    name, and a model label one of that provider's exact model names or its
+    default model: wildcard entries (``gpt-4*``, ``*``) are left out because
+    they match names the client makes up. A request that ended before any
+    provider answered carries provider ``""`` and the name the client asked
+    for; that name is kept when it is any registered model, a registered
+    ``provider:model`` pair, or a name ``route_name`` accepts (failover
+    groups, aliases, pools and splits: names the operator configured).
+
+    Without a catalog (unit tests, tools) the first ``cap`` distinct names of
+    each kind are kept and the rest are ``other``. Either way the set of label
+    values, and so ``/metrics`` and the memory behind it, is bounded. The
+    catalog is re-read only when its version changes, so a label costs a few
+    dict lookups.
+    """
+
+    __slots__ = ("catalog", "route_name", "cap", "_version", "_models", "_any_model", "_seen")
+
+    def __init__(self, catalog: Any = None, route_name: Callable[[str], bool] | None = None, cap: int = 100):
+        self.catalog = catalog
+        self.route_name = route_name
+        self.cap = cap
+        self._version: int | None = None
+        self._models: dict[str, frozenset[str]] = {}
+        self._any_model: frozenset[str] = frozenset()
+        #: Without a catalog: the names of each kind let through so far, at most ``cap`` of each.
+        self._seen: dict[str, set[str]] = {"provider": set(), "model": set()}
+
+    def _refresh(self) -> None:
+        catalog = self.catalog
+        version = catalog.version
+        if version == self._version:
+            return
+        models = {}
+        for name, entry in (catalog.value or {}).items():
+            names = {m for m in entry.info.models if not m.endswith("*")}
+            if entry.default_model:
+                names.add(entry.default_model)
+            models[name] = frozenset(names)
+        self._models = models
+        self._any_model = frozenset().union(*models.values())
+        self._version = version
+
+    def _capped(self, kind: str, name: str) -> str:
+        seen = self._seen[kind]
+        if name in seen:
+            return name
+        if len(seen) < self.cap:
+            seen.add(name)
+            return name
+        return OTHER
+
+    def provider(self, name: str) -> str:
+        """The label of provider ``name``."""
+        if not name:
+            return name
+        if self.catalog is None:
+            return self._capped("provider", name)
+        self._refresh()
+        return name if name in self._models else OTHER
+
+    def pair(self, provider: str, model: str) -> tuple[str, str]:
+        """The (provider, model) labels of a request or attempt."""
+        if self.catalog is None:
+            return self.provider(provider), self._capped("model", model)
+        self._refresh()
+        if provider:
+            served = self._models.get(provider)
+            if served is None:
+                return OTHER, OTHER
+            return provider, model if model in served else OTHER
+        if model in self._any_model:
+            return provider, model
+        pinned, sep, upstream = model.partition(":")
+        if sep and upstream in self._models.get(pinned, ()):
+            return provider, model
+        route_name = self.route_name
+        if route_name is not None and route_name(model):
+            return provider, model
+        return provider, OTHER
+
+
 @attrs.define
 class TelemetryMetrics:
     """Every metric the handler keeps, and how each event updates them.
 
     Owned by the handler's task; ``record_*`` methods are not thread-safe and
-    need not be. ``breaker_states`` is the last state seen per provider.
+    need not be. ``breaker_states`` is the last state seen per provider;
+    ``labels`` bounds the provider and model label values.
     """
 
     latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
     ttft_buckets: tuple[float, ...] = DEFAULT_TTFT_BUCKETS
+    labels: MetricLabels = attrs.field(factory=MetricLabels)
     requests: Counter = attrs.field(init=False)
     errors: Counter = attrs.field(init=False)
     duration: Histogram = attrs.field(init=False)
@@ -204,25 +304,25 @@ class TelemetryMetrics:
 
     def record_request(self, ev: RequestFinished, cost: float) -> None:
         """Count one finished request; ``cost`` is the resolved USD cost."""
-        pm = (ev.provider, ev.model)
-        self.requests.inc((ev.provider, ev.model, ev.endpoint, ev.status))
+        pm = provider, model = self.labels.pair(ev.provider, ev.model)
+        self.requests.inc((provider, model, ev.endpoint, ev.status))
         if ev.status != "ok":
-            self.errors.inc((ev.provider, ev.model, ev.error_type or "unknown"))
+            self.errors.inc((provider, model, ev.error_type or "unknown"))
         self.duration.observe(pm, ev.latency)
         if ev.ttft is not None:
             self.ttft.observe(pm, ev.ttft)
         if ev.tokens_in:
-            self.tokens.inc((ev.provider, ev.model, "in"), ev.tokens_in)
+            self.tokens.inc((provider, model, "in"), ev.tokens_in)
         if ev.tokens_out:
-            self.tokens.inc((ev.provider, ev.model, "out"), ev.tokens_out)
+            self.tokens.inc((provider, model, "out"), ev.tokens_out)
         if cost:
             self.cost.inc(pm, cost)
 
     def record_attempt(self, ev: AttemptFinished) -> None:
-        self.attempts.inc((ev.provider, ev.model, "ok" if ev.ok else "error"))
+        self.attempts.inc(self.labels.pair(ev.provider, ev.model) + ("ok" if ev.ok else "error",))
 
     def record_retry(self, ev: RetryScheduled) -> None:
-        self.retries.inc((ev.provider,))
+        self.retries.inc((self.labels.provider(ev.provider),))
 
     def record_failover(self, ev: FailoverEvent) -> None:
         # Only an actual switch is a failover; the outcome kinds close one.

@@ -13,7 +13,7 @@ from runestone.telemetry.events import (
     RequestFinished,
     RetryScheduled,
 )
-from runestone.telemetry.metrics import Histogram, TelemetryMetrics, render_prometheus
+from runestone.telemetry.metrics import OTHER, Histogram, MetricLabels, TelemetryMetrics, render_prometheus
 
 
 def finished(provider="openai", model="gpt-4o", *, status="ok", error_type=None, latency=0.2, ttft=None,
@@ -144,3 +144,70 @@ def test_values_render_as_prometheus_numbers():
     dur = "runestone_request_duration_seconds"
     assert sample(f, dur, dur + "_sum", provider="openai", model="gpt-4o") == math.inf
     assert sample(f, dur, dur + "_bucket", provider="openai", model="gpt-4o", le="120") == 0
+
+
+class _Entry:
+    def __init__(self, models, default_model=None):
+        self.info = type("Info", (), {"models": frozenset(models)})()
+        self.default_model = default_model
+
+
+class _Catalog:
+    """The shape of the published provider table: ``value`` and a ``version`` bumped on publish."""
+
+    def __init__(self, **entries):
+        self.value = entries
+        self.version = 1
+
+    def publish(self, **entries):
+        self.value = entries
+        self.version += 1
+
+
+def test_labels_keep_registered_names_and_fold_the_rest_into_other():
+    catalog = _Catalog(openai=_Entry(["gpt-4o", "gpt-4*"], "gpt-4o-mini"), vllm=_Entry(["*"]))
+    labels = MetricLabels(catalog, route_name=lambda name: name in ("chat", "fast"))
+    assert labels.pair("openai", "gpt-4o") == ("openai", "gpt-4o")
+    assert labels.pair("openai", "gpt-4o-mini") == ("openai", "gpt-4o-mini")  # its default model
+    # A wildcard serves names the client chose; they are not label values.
+    assert labels.pair("openai", "gpt-4-made-up") == ("openai", OTHER)
+    assert labels.pair("vllm", "anything") == ("vllm", OTHER)
+    assert labels.pair("openai", "chat") == ("openai", OTHER)
+    assert labels.pair("gone", "gpt-4o") == (OTHER, OTHER)
+    # No provider answered: the asked name is kept when the operator configured it.
+    assert labels.pair("", "gpt-4o") == ("", "gpt-4o")
+    assert labels.pair("", "openai:gpt-4o") == ("", "openai:gpt-4o")
+    assert labels.pair("", "fast") == ("", "fast")
+    assert labels.pair("", "openai:made-up") == ("", OTHER)
+    assert labels.pair("", "made-up") == ("", OTHER)
+    assert (labels.provider("openai"), labels.provider("nope"), labels.provider("")) == ("openai", OTHER, "")
+    # A registration (a new version of the table) is seen at once.
+    catalog.publish(openai=_Entry(["gpt-4o"]), mistral=_Entry(["mistral-small"]))
+    assert labels.pair("mistral", "mistral-small") == ("mistral", "mistral-small")
+    assert labels.pair("vllm", "anything") == (OTHER, OTHER)
+
+
+def test_made_up_names_add_no_series():
+    m = TelemetryMetrics(labels=MetricLabels(_Catalog(openai=_Entry(["gpt-4o"]))))
+    m.record_request(finished(model="gpt-4o", ttft=0.1), cost=0.01)
+    for i in range(3000):
+        m.record_request(finished(model=f"m-{i}", ttft=0.1), cost=0.01)
+        m.record_request(finished("", f"openai:m-{i}", status="error", error_type="http_500"), cost=0.0)
+        m.record_attempt(AttemptFinished("openai", f"m-{i}", i % 2 == 0, None, 0.1, None))
+        m.record_retry(RetryScheduled(f"p-{i}", 1, 0.1, "timeout"))
+    f = parse(render_prometheus(m))
+    models = {dict(labels)["model"] for family in f.values() for _, labels in family if "model" in dict(labels)}
+    assert models == {"gpt-4o", OTHER}
+    req = "runestone_requests_total"
+    assert sample(f, "runestone_requests", req, provider="openai", model=OTHER, endpoint="chat", status="ok") == 3000
+    assert sample(f, "runestone_requests", req, provider="", model=OTHER, endpoint="chat", status="error") == 3000
+    assert sample(f, "runestone_upstream_attempts", "runestone_upstream_attempts_total", provider="openai",
+                  model=OTHER, outcome="ok") == 1500
+    assert f["runestone_retries"] == {("runestone_retries_total", frozenset({("provider", OTHER)})): 3000}
+
+
+def test_without_a_catalog_the_first_names_are_kept_up_to_the_cap():
+    labels = MetricLabels(cap=3)
+    assert [labels.pair("a", f"m{i}")[1] for i in range(5)] == ["m0", "m1", "m2", OTHER, OTHER]
+    assert labels.pair("a", "m1") == ("a", "m1")
+    assert [labels.provider(p) for p in ("a", "b", "c", "d", "a")] == ["a", "b", "c", OTHER, "a"]
