@@ -245,17 +245,17 @@ class MockResponse:
 MockHandler = Callable[[MockRequest], MockResponse | Awaitable[MockResponse]]
 
 
-async def _chunks_of(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        if body:
-            yield bytes(body)
-        return
+def _chunks_of(body: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The body's chunks as an async iterator: the handler's own one (so closing the response closes it)."""
     if isinstance(body, AsyncIterable):
-        async for chunk in body:
+        return body.__aiter__()
+    chunks = [bytes(body)] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
+
+    async def replay() -> AsyncIterator[bytes]:
+        for chunk in chunks:
             yield chunk
-        return
-    for chunk in body:
-        yield chunk
+
+    return replay()
 
 
 class _MockResponseStream(UpstreamResponse):
@@ -298,8 +298,7 @@ class _MockResponseStream(UpstreamResponse):
                 self._scope = None
         if self._aborted or scope.cancelled_caught:
             # As on a real connection closed under its reader: the rest of the body is lost.
-            self._body = None
-            await body.aclose()
+            await self.aclose()
             if self._aborted:
                 raise RemoteProtocolError(f"the connection to {self._origin} was closed by its transport")
             raise ReadTimeout(_timeout_message(self._deadline, self._origin,
@@ -315,8 +314,9 @@ class _MockResponseStream(UpstreamResponse):
     async def aclose(self) -> None:
         body, self._body = self._body, None
         self._transport._open.discard(self)
-        if body is not None:
-            await body.aclose()
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _timeout_message(deadline: float, origin: str, otherwise: str) -> str:
