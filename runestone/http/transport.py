@@ -153,7 +153,6 @@ class Transport:
         await self.aclose()
 
 
-
 class _Exchange:
     """The context manager ``stream()`` returns: ``transport._start(*args)`` on entry, the response's ``aclose()``
     on exit. A plain class, cheaper than a generator-based one (``FastTransport`` and ``MockTransport`` share it)."""
