@@ -1,7 +1,7 @@
-"""Errors of the upstream HTTP client, shared by every transport.
+"""The exceptions of the http package: the upstream client's tree and the server's.
 
-Both transports (the fast one on httptools and the httpx one) raise only these,
-so provider code catches one tree whatever transport the configuration picks.
+**The client** (``FastTransport``, ``HttpxTransport``, ``MockTransport``). Every transport
+raises only these, so provider code catches one tree whatever transport the configuration picks.
 Callers usually catch a base class: ``TransportTimeout`` to treat all timeouts
 alike, ``TransportError`` for "the upstream could not be reached or did not
 answer properly" (a retry or failover candidate). HTTP error statuses are not
@@ -23,6 +23,24 @@ against the provider.
     ├── RemoteProtocolError     malformed response, or the connection was lost
     │                           before the response (or its body) ended
     └── LocalProtocolError      the request itself is invalid (bad URL, CR/LF in a header)
+
+**The server** (``serve_http``). ``Request.body()`` and ``Request.iter_body()`` raise these; a
+handler that lets an ``HttpError`` propagate gets its answer sent for it.
+
+    HttpError                   a request the server refuses: it answers ``status`` and closes
+    ├── BadRequest              400: malformed request, framing or WebSocket handshake
+    ├── RequestTimeout          408: the head or body came too slowly (``Limits``)
+    ├── BodyTooLarge            413: the body exceeds ``Limits.max_body_bytes``
+    ├── _HeadersTooLarge        431: the head exceeds ``Limits.max_header_bytes`` or ``max_headers``
+    └── _VersionNotSupported    505: not HTTP/1.0 or HTTP/1.1
+
+    ClientDisconnected          the client closed the connection before its body was complete
+
+``ClientDisconnected`` is deliberately not an ``HttpError``: there is nobody left to answer, so
+it has no status, and a handler's ``except HttpError`` (which answers the client in its API's
+error shape) must not catch it. A handler may let it propagate; the server then closes the
+connection without writing. (``_PeerGone``, a failed or timed-out write, never leaves the
+server: it stays in ``_connection``.)
 """
 
 from __future__ import annotations
@@ -31,14 +49,19 @@ import errno
 from collections import Counter
 
 __all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "ClientDisconnected",
     "ConnectError",
     "ConnectTimeout",
+    "HttpError",
     "LOCAL_RESOURCE_ERRNOS",
     "LocalProtocolError",
     "LocalResourceError",
     "PoolTimeout",
     "ReadTimeout",
     "RemoteProtocolError",
+    "RequestTimeout",
     "TransportError",
     "TransportTimeout",
     "WriteTimeout",
@@ -145,3 +168,50 @@ class RemoteProtocolError(TransportError):
 class LocalProtocolError(TransportError):
     """The request cannot be sent as given: unsupported or malformed URL, CR or LF
     in a header, non-ASCII header name."""
+
+
+# -- the server's --------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """A request the server refuses; it answers ``status`` with ``message`` and closes.
+
+    Raised by :meth:`Request.body` and :meth:`Request.iter_body`; a handler that lets it
+    propagate gets the matching error response sent for it.
+    """
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(HttpError):
+    """The request is malformed (400)."""
+
+    status = 400
+
+
+class RequestTimeout(HttpError):
+    """The client was too slow sending the request head or body (408)."""
+
+    status = 408
+
+
+class BodyTooLarge(HttpError):
+    """The request body exceeds ``Limits.max_body_bytes`` (413)."""
+
+    status = 413
+
+
+class _HeadersTooLarge(HttpError):
+    status = 431
+
+
+class _VersionNotSupported(HttpError):
+    status = 505
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the request body was complete."""

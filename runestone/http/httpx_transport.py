@@ -1,6 +1,6 @@
 """The httpx-backed transport: the same seam as ``FastTransport`` for what the fast one does not do.
 
-Configuration picks it (``make_transport("httpx", ...)``) when a provider needs an
+Configuration picks it (``client.make_transport("httpx", ...)``) when a provider needs an
 HTTP proxy or HTTP/2. It costs about 1.7 ms more CPU per request than the fast
 transport, so it is not the default. It wraps one ``httpx.AsyncClient``, sends
 the same default headers as the fast transport (``User-Agent: runestone/0.1``
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from .client import HeaderList, PoolLimits, Timeouts, Transport, UpstreamResponse
+from .transport import HeaderList, PoolLimits, Timeouts, Transport, UpstreamResponse
 from .errors import (
     ConnectError,
     ConnectTimeout,
