@@ -54,9 +54,11 @@ __all__ = [
     "FailoverConfig",
     "FailoverGroupSpec",
     "LimitsConfig",
+    "LogConfig",
     "ModelPrice",
     "PoolConfig",
     "OPENAI_DEFAULT_MODELS",
+    "OtelConfig",
     "PROVIDER_TYPES",
     "ProviderConfig",
     "ProviderSpec",
@@ -668,6 +670,27 @@ class ModelPrice:
 
 
 @attrs.frozen
+class LogConfig:
+    """Logs beside the gateway's own: with ``access`` one JSON line per request (telemetry/access_log.py)
+    is appended to ``access_path``, or written to standard output when it is empty."""
+
+    access: bool = _setting(False)
+    access_path: str = _setting("")
+
+
+@attrs.frozen
+class OtelConfig:
+    """OpenTelemetry traces (telemetry/otel.py, the ``runestone[otel]`` extra): on when ``endpoint`` is set.
+
+    ``endpoint`` is the OTLP/HTTP base URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` (which sets it): spans are
+    posted to ``{endpoint}/v1/traces``.
+    """
+
+    endpoint: str | None = _setting(None, _http_url(), repr_=_url_repr)
+    service_name: str = _setting("runestone", _non_empty_str())
+
+
+@attrs.frozen
 class Config:
     """The whole configuration. ``pricing`` is config/pricing.toml overlaid by
     the file's own ``[pricing]`` table."""
@@ -684,6 +707,8 @@ class Config:
     limits: LimitsConfig = _setting(factory=LimitsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
     responses: ResponsesConfig = _setting(factory=ResponsesConfig)
+    log: LogConfig = _setting(factory=LogConfig)
+    otel: OtelConfig = _setting(factory=OtelConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())
     splits: tuple[SplitConfig, ...] = _setting(())
@@ -1131,6 +1156,7 @@ _ENV_SETTINGS: tuple[tuple[str, _Path], ...] = (
     ("FAILOVER_MAX_ATTEMPTS", ("failover", "max_attempts")),
     ("FAILOVER_HEALTH_THRESHOLD", ("failover", "health_threshold")),
     ("MAX_CONCURRENT_PER_TENANT", ("limits", "max_concurrent_per_tenant")),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ("otel", "endpoint")),
 )
 
 # (prefix, provider name, provider type, default models)

@@ -11,6 +11,7 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
+from ..telemetry.observe import note_finish_reasons, outgoing_traceparent
 from ..wire.errors import UpstreamErrorBody, scrub
 from ..wire.anthropic_upstream import (
     AnthropicToOpenAIStream,
@@ -134,7 +135,11 @@ class AnthropicAdapter:
 
     async def _open(self, payload: bytes, url: str | None = None, method: str = "POST",
                     deadline: float | None = None):
-        cm = self._transport.stream(method, url or self._url, self._headers, payload, timeouts=self._timeouts,
+        headers = self._headers
+        traceparent = outgoing_traceparent(self.name)
+        if traceparent is not None:
+            headers = [*headers, (b"traceparent", traceparent)]
+        cm = self._transport.stream(method, url or self._url, headers, payload, timeouts=self._timeouts,
                                     deadline=deadline)
         try:
             response = await cm.__aenter__()
@@ -175,6 +180,7 @@ class AnthropicAdapter:
                 check_name(self.name, block, "id")
                 check_name(self.name, block, "name")
         resp = anthropic_to_openai_response(msg, model=model, request_id=request_id, created=new_created())
+        note_finish_reasons(resp.get("choices"))
         usage = Usage()
         if resp.get("usage"):
             usage_from(self.name, resp["usage"], usage)

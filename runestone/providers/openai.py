@@ -13,6 +13,7 @@ import orjson
 
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
+from ..telemetry.observe import note_finish_reasons, outgoing_traceparent
 from .base import (
     MAX_NAME_CHARS,
     ChatResult,
@@ -77,6 +78,8 @@ class OpenAIStream(UpstreamStream):
                 if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
                     check_name(provider, obj, "id")
                     check_name(provider, obj, "model")
+                if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
+                    note_finish_reasons(choices)
                 u = obj.get("usage")
                 if u:
                     usage_from(provider, u, self.usage)
@@ -144,7 +147,11 @@ class OpenAIAdapter:
         self._timeouts = timeouts
 
     async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
-        cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts, deadline=deadline)
+        headers = self._headers
+        traceparent = outgoing_traceparent(self.name)
+        if traceparent is not None:
+            headers = [*headers, (b"traceparent", traceparent)]
+        cm = self._transport.stream(method, url, headers, body, timeouts=self._timeouts, deadline=deadline)
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
@@ -184,6 +191,7 @@ class OpenAIAdapter:
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
         check_name(self.name, obj, "id")
         check_name(self.name, obj, "model")
+        note_finish_reasons(obj["choices"])
         usage = Usage()
         if obj.get("usage"):
             usage_from(self.name, obj["usage"], usage)

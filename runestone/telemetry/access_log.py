@@ -1,0 +1,155 @@
+"""The access log: one JSON line per client request, written off the event loop.
+
+A line is built from the request's :class:`~runestone.telemetry.events.RequestFinished` (or, for an answer
+from the response cache, from what the front door's response says) on the request's task: the fields are
+picked one by one, so nothing but the listed fields can reach the file, never a key, a prompt or a
+completion. The key appears only as its key id (a digest prefix). Encoding is one ``orjson.dumps``; the
+line is then put on a queue that a writer thread drains in batches, so a slow disk or a blocked pipe never
+holds up a request (lines wait in memory, at most ``max_pending``; past that they are counted as lost).
+
+Fields: ``time`` (ISO 8601, UTC, milliseconds), ``request_id``, ``key_id``, ``team`` (None until keys have
+teams), ``route`` (the HTTP path; the WebSocket's for its requests), ``endpoint``, ``model_asked``,
+``model_served`` (None when no answer came), ``provider`` (who answered, else the last one tried),
+``attempts``, ``retries``, ``failovers``, ``status`` (the HTTP status), ``outcome`` ("ok" or "error"),
+``error_type``, ``stream``, ``latency_ms``, ``ttft_ms``, ``tokens_in``, ``tokens_out``, ``cost_usd``,
+``cache_hit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from datetime import datetime, timezone
+
+import orjson
+
+from .events import RequestFinished
+
+__all__ = ["AccessLog", "access_record"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_UTC = timezone.utc
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, _UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def access_record(ev: RequestFinished, route: str | None, provider: str | None) -> dict:
+    """The line of one finished request (``provider``: who answered, else the last provider tried)."""
+    ok = ev.status == "ok"
+    return {
+        "time": _iso(ev.wall_time),
+        "request_id": ev.request_id,
+        "key_id": ev.key_id,
+        "team": None,
+        "route": route or ev.endpoint,
+        "endpoint": ev.endpoint,
+        "model_asked": ev.model_asked or ev.model,
+        "model_served": ev.model if ok else None,
+        "provider": ev.provider or provider or None,
+        "attempts": ev.attempts,
+        "retries": ev.retries,
+        "failovers": ev.failovers,
+        "status": ev.http_status,
+        "outcome": ev.status,
+        "error_type": ev.error_type,
+        "stream": ev.stream,
+        "latency_ms": _ms(ev.latency),
+        "ttft_ms": _ms(ev.ttft),
+        "tokens_in": ev.tokens_in,
+        "tokens_out": ev.tokens_out,
+        "cost_usd": ev.cost,
+        "cache_hit": False,
+    }
+
+
+class AccessLog:
+    """Appends JSON lines to ``path`` (standard output when empty) from a writer thread.
+
+    :meth:`write` is synchronous, O(1) and never raises; :meth:`close` lets the thread write what is queued
+    and stop (it does not wait for it). ``lines`` counts lines queued, ``lost`` those dropped because
+    ``max_pending`` were already waiting or the file could not be written.
+    """
+
+    def __init__(self, path: str = "", *, max_pending: int = 100_000) -> None:
+        self.path = path
+        self.max_pending = max_pending
+        self.lines = 0
+        self.lost = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._file = open(path, "ab") if path else None  # opened now: a bad path fails at start, not later
+        self._thread = threading.Thread(target=self._run, name="runestone-access-log", daemon=True)
+        self._thread.start()
+
+    def write(self, record: dict) -> None:
+        if self._queue.qsize() >= self.max_pending:
+            self.lost += 1
+            return
+        try:
+            self._queue.put(orjson.dumps(record, default=str) + b"\n")
+        except Exception:
+            self.lost += 1
+            return
+        self.lines += 1
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait (blocking) until every line queued so far is written; False if ``timeout`` passed first."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (blocking: from a thread, or in tests) until the writer thread has stopped."""
+        self._thread.join(timeout)
+
+    def _out(self):
+        return self._file if self._file is not None else sys.stdout.buffer
+
+    def _run(self) -> None:
+        get = self._queue.get
+        get_nowait = self._queue.get_nowait
+        stopping = False
+        while not stopping:
+            batch = [get()]
+            # Whatever else is waiting goes in the same write.
+            while len(batch) < 1000:
+                try:
+                    batch.append(get_nowait())
+                except queue.Empty:
+                    break
+            lines = [b for b in batch if type(b) is bytes]
+            if len(lines) != len(batch):
+                stopping = _STOP in batch
+            if lines:
+                try:
+                    out = self._out()
+                    out.write(b"".join(lines))
+                    out.flush()
+                except Exception as exc:
+                    self.lost += len(lines)
+                    log.error("access log: %d lines not written: %s: %s", len(lines), type(exc).__name__, exc)
+            for marker in batch:
+                if type(marker) is threading.Event:
+                    marker.set()
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+    def snapshot(self) -> dict:
+        return {"path": self.path or "<stdout>", "lines": self.lines, "lost": self.lost,
+                "pending": self._queue.qsize(), "pid": os.getpid()}
