@@ -64,6 +64,7 @@ def _route_installers():
     """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
     from .front.cache import install as install_cache
     from .front.completions import install as install_completions
+    from .front.dashboard import install as install_dashboard
     from .front.admin import install as install_admin
     from .front.health import install as install_health
     from .front.messages import install as install_messages
@@ -73,7 +74,7 @@ def _route_installers():
     from .front.ws import install as install_ws
 
     return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
-            install_admin, install_openapi, install_splits]
+            install_admin, install_openapi, install_splits, install_dashboard]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
