@@ -28,7 +28,7 @@ import orjson
 
 from .events import RequestFinished
 
-__all__ = ["AccessLog", "access_record"]
+__all__ = ["AccessLog", "access_record", "iso_time"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ _STOP = object()
 _UTC = timezone.utc
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """``ts`` (``time.time()``) as ISO 8601 in UTC with milliseconds: ``2026-12-01T23:40:00.123Z``."""
     return datetime.fromtimestamp(ts, _UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -48,7 +49,7 @@ def access_record(ev: RequestFinished, route: str | None, provider: str | None) 
     """The line of one finished request (``provider``: who answered, else the last provider tried)."""
     ok = ev.status == "ok"
     return {
-        "time": _iso(ev.wall_time),
+        "time": iso_time(ev.wall_time),
         "request_id": ev.request_id,
         "key_id": ev.key_id,
         "team": None,

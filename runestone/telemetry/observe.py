@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import trio
 
-from .access_log import AccessLog, access_record
+from .access_log import AccessLog, access_record, iso_time
 from .events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 
 __all__ = ["RequestObserver", "RequestScope", "current_scope", "note_finish_reasons", "outgoing_traceparent"]
@@ -212,7 +212,7 @@ class RequestObserver:
             error_type = code if isinstance(code, str) else None
         now = time.time_ns()
         record = {
-            "time": _iso_ns(now),
+            "time": iso_time(now / 1e9),
             "request_id": _header(response.headers, b"x-request-id"),
             "key_id": key_id,
             "team": None,
@@ -286,8 +286,3 @@ class RequestObserver:
             "errors": self.errors,
         }
 
-
-def _iso_ns(ns: int) -> str:
-    from .access_log import _iso
-
-    return _iso(ns / 1e9)

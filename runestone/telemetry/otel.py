@@ -49,7 +49,8 @@ def parse_traceparent(value: bytes | str | None) -> tuple[int, int, int] | None:
     parts = value.split("-")
     if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
         return None
-    if not _HEX.issuperset(value.replace("-", "")) or parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
+    # A later version may append fields; version 00 has exactly four, and ff is invalid.
+    if not _HEX.issuperset("".join(parts[:4])) or parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
         return None
     trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
     if not trace_id or not span_id:
@@ -89,7 +90,8 @@ class Tracing:
         self._client = trace.SpanKind.CLIENT
         self._error = trace.Status(trace.StatusCode.ERROR)
         # Not the global provider: each gateway in a process (tests run many) has its own.
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        # shutdown_on_exit=False: the app shuts it down when it stops; an atexit export could hold up the exit.
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}), shutdown_on_exit=False)
         self.processor = BatchSpanProcessor(exporter)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("runestone")

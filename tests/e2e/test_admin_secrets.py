@@ -1,6 +1,6 @@
-"""No secret leaves the gateway: state dumps, listings, live events, errors, log lines, access-log lines and
-trace spans are searched for every client key, the admin key and every provider credential after traffic and
-control operations."""
+"""No secret leaves the gateway: state dumps (the dashboard's too), listings, live events, errors, log lines,
+access-log lines and trace spans are searched for every client key, the admin key and every provider credential
+after traffic and control operations."""
 
 import logging
 
@@ -109,7 +109,7 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
 
                 for path in ("/admin/state", "/admin/providers", "/admin/providers/rt-anthropic",
                              "/admin/providers/with-credentials", "/admin/groups", "/health/detailed",
-                             "/health/providers", "/metrics"):
+                             "/health/providers", "/metrics", "/dashboard/state"):
                     r = await call("GET", path, headers=admin)
                     assert r.status_code == 200, (path, r.text)
                 state = (await call("GET", "/admin/state", headers=admin)).json()

@@ -26,6 +26,7 @@
   const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   const ms = (s) => (s === null || s === undefined || Number.isNaN(s)) ? "–" : (s * 1000 >= 100 ? (s * 1000).toFixed(0) : (s * 1000).toFixed(1)) + " ms";
   const pct = (x) => (x === null || x === undefined || Number.isNaN(x)) ? "–" : (x * 100).toFixed(x < 0.1 ? 1 : 0) + "%";
+  const short = (id) => { const s = String(id ?? ""); return s.length > 16 ? s.slice(0, 15) + "…" : s; };
   const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
   const BREAKER_CODE = { closed: 0, half_open: 1, open: 2 };
   const BREAKER_COLOR = ["#3fb950", "#d29922", "#f85149"];
@@ -351,14 +352,14 @@
     $("inflight-count").textContent = inflight.count ? `(${inflight.count})` : "";
     if (!inflight.oldest.length) { $("inflight").innerHTML = `<div class="empty">none</div>`; return; }
     $("inflight").innerHTML = `<table><tr><th>request</th><th>model</th><th>provider</th><th class="num">attempts</th><th class="num">age</th></tr>` +
-      inflight.oldest.map((r) => `<tr><td>${esc(r.request_id)}${r.stream ? " ⇶" : ""}</td><td>${esc(r.model)}</td><td>${esc(r.provider || "–")}</td>` +
+      inflight.oldest.map((r) => `<tr><td class="id" title="${esc(r.request_id)}">${esc(short(r.request_id))}${r.stream ? " ⇶" : ""}</td><td>${esc(r.model)}</td><td>${esc(r.provider || "–")}</td>` +
         `<td class="num">${r.attempts}</td><td class="num">${r.age.toFixed(1)} s</td></tr>`).join("") + `</table>`;
   }
 
   function renderKeys(keys) {
     if (!keys.length) { $("keys").innerHTML = `<div class="empty">no request yet</div>`; return; }
     $("keys").innerHTML = `<table><tr><th>key</th><th>team</th><th class="num">requests</th><th class="num">spend</th></tr>` +
-      keys.map((k) => `<tr><td>${esc(k.key_id)}</td><td>${esc(k.team ?? "–")}</td><td class="num">${k.requests}</td><td class="num">$${Number(k.spend).toFixed(4)}</td></tr>`).join("") + `</table>`;
+      keys.map((k) => `<tr><td class="id">${esc(k.key_id)}</td><td>${esc(k.team ?? "–")}</td><td class="num">${k.requests}</td><td class="num">$${Number(k.spend).toFixed(4)}</td></tr>`).join("") + `</table>`;
   }
 
   // -- start ---------------------------------------------------------------------------------------
