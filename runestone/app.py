@@ -49,6 +49,7 @@ from .telemetry.health import HealthParams
 from .telemetry.access_log import AccessLog
 from .telemetry.ledger import UsageLedger
 from .telemetry.observe import RequestObserver
+from .telemetry.otel import Tracing
 from .telemetry.sender import Telemetry
 
 __all__ = ["Application", "StartupError"]
@@ -154,19 +155,13 @@ class Application:
     def _observer(self) -> RequestObserver | None:
         cfg = self.config
         access = tracing = None
-        if cfg.otel.endpoint:
-            try:
-                from .telemetry.otel import Tracing
-
-                tracing = Tracing(cfg.otel.endpoint, cfg.otel.service_name, system_of=self._provider_type)
-            except ImportError as exc:
-                raise StartupError(f"[otel] endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) is set, but OpenTelemetry is "
-                                   f"not installed ({exc}): pip install 'runestone[otel]', or unset it") from None
         if cfg.log.access:
             try:
                 access = AccessLog(cfg.log.access_path)
             except OSError as exc:
                 raise StartupError(f"[log] access_path {cfg.log.access_path!r} cannot be opened: {exc}") from None
+        if cfg.otel.endpoint:
+            tracing = Tracing(cfg.otel.endpoint, cfg.otel.service_name, system_of=self._provider_type)
         if access is None and tracing is None:
             return None
         observer = RequestObserver(access_log=access, tracing=tracing, keys=self.keys)

@@ -680,7 +680,7 @@ class LogConfig:
 
 @attrs.frozen
 class OtelConfig:
-    """OpenTelemetry traces (telemetry/otel.py, the ``runestone[otel]`` extra): on when ``endpoint`` is set.
+    """OpenTelemetry traces (telemetry/otel.py): on when ``endpoint`` is set.
 
     ``endpoint`` is the OTLP/HTTP base URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` (which sets it): spans are
     posted to ``{endpoint}/v1/traces``.

@@ -38,8 +38,9 @@ _OPERATION_BY_PATH = {"/v1/embeddings": "embeddings", "/v1/completions": "text_c
 class RequestScope:
     """What the observer knows of the request its task serves; spans are :mod:`.otel`'s."""
 
-    __slots__ = ("task", "observer", "method", "path", "operation", "arrival_ns", "parent", "span", "attempt",
-                 "attempt_provider", "attempts", "last_provider", "finish_reasons", "finished")
+    __slots__ = ("task", "observer", "method", "path", "operation", "arrival_ns", "parent", "trace_id",
+                 "parent_span_id", "flags", "span", "events", "spans", "attempt", "attempt_provider", "attempts",
+                 "last_provider", "finish_reasons", "finished")
 
     def __init__(self, task, observer: "RequestObserver", method: str, path: str,
                  parent: tuple[int, int, int] | None) -> None:
@@ -51,7 +52,14 @@ class RequestScope:
         self.arrival_ns = time.time_ns()
         #: The incoming traceparent: (trace id, span id, flags).
         self.parent = parent
-        self.span: Any = None
+        #: The request span's trace, its parent and flags, its id (None until its first span is made), its
+        #: events, and the spans ended so far (:mod:`.otel` fills them).
+        self.trace_id = 0
+        self.parent_span_id = 0
+        self.flags = 1
+        self.span: int | None = None
+        self.events: list = []
+        self.spans: list = []
         self.attempt: Any = None
         self.attempt_provider: str | None = None
         self.attempts = 0
@@ -66,6 +74,8 @@ class RequestScope:
     def reset(self) -> None:
         """The request is recorded; a next request on the same task starts afresh."""
         self.span = self.attempt = self.attempt_provider = self.last_provider = self.finish_reasons = None
+        self.events = []
+        self.spans = []
         self.attempts = 0
         self.arrival_ns = time.time_ns()
 
@@ -275,9 +285,7 @@ class RequestObserver:
         if self.access_log is not None:
             self.access_log.close()
         if self.tracing is not None:
-            import threading
-
-            threading.Thread(target=self.tracing.shutdown, name="runestone-otel-shutdown", daemon=True).start()
+            self.tracing.shutdown()
 
     def snapshot(self) -> dict:
         return {
