@@ -4,8 +4,9 @@ A line is built from the request's :class:`~runestone.telemetry.events.RequestFi
 from the response cache, from what the front door's response says) on the request's task: the fields are
 picked one by one, so nothing but the listed fields can reach the file, never a key, a prompt or a
 completion. The key appears only as its key id (a digest prefix). Encoding is one ``orjson.dumps``; the
-line is then put on a queue that a writer thread drains in batches, so a slow disk or a blocked pipe never
-holds up a request (lines wait in memory, at most ``max_pending``; past that they are counted as lost).
+line then waits in memory for a writer thread that writes what waits a few times a second, so a slow disk or
+a blocked pipe never holds up a request (at most ``max_pending`` lines wait; past that they are counted as
+lost).
 
 Fields: ``time`` (ISO 8601, UTC, milliseconds), ``request_id``, ``key_id``, ``team`` (None until keys have
 teams), ``route`` (the HTTP path; the WebSocket's for its requests), ``endpoint``, ``model_asked``,
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
 import threading
+from collections import deque
 from datetime import datetime, timezone
 
 import orjson
@@ -32,8 +33,10 @@ __all__ = ["AccessLog", "access_record", "iso_time"]
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 _UTC = timezone.utc
+#: Seconds a line waits at most before the writer thread writes it, and lines that make it write at once.
+FLUSH_INTERVAL = 0.2
+FLUSH_LINES = 1000
 
 
 def iso_time(ts: float) -> str:
@@ -77,8 +80,10 @@ def access_record(ev: RequestFinished, route: str | None, provider: str | None) 
 class AccessLog:
     """Appends JSON lines to ``path`` (standard output when empty) from a writer thread.
 
-    :meth:`write` is synchronous, O(1) and never raises; :meth:`close` lets the thread write what is queued
-    and stop (it does not wait for it). ``lines`` counts lines queued, ``lost`` those dropped because
+    :meth:`write` is synchronous, O(1) and never raises: it appends the encoded line to a deque, and the
+    writer thread takes what waits every ``FLUSH_INTERVAL`` (sooner when ``FLUSH_LINES`` wait), so a request
+    never wakes a thread (waking one per request cost more than the line). :meth:`close` lets the thread write
+    what waits and stop (it does not wait for it). ``lines`` counts lines taken, ``lost`` those dropped because
     ``max_pending`` were already waiting or the file could not be written.
     """
 
@@ -87,29 +92,37 @@ class AccessLog:
         self.max_pending = max_pending
         self.lines = 0
         self.lost = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque[bytes] = deque()  # append and popleft are atomic: no lock
+        self._markers: deque[threading.Event] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
         self._file = open(path, "ab") if path else None  # opened now: a bad path fails at start, not later
         self._thread = threading.Thread(target=self._run, name="runestone-access-log", daemon=True)
         self._thread.start()
 
     def write(self, record: dict) -> None:
-        if self._queue.qsize() >= self.max_pending:
+        pending = self._pending
+        if len(pending) >= self.max_pending:
             self.lost += 1
             return
         try:
-            self._queue.put(orjson.dumps(record, default=str) + b"\n")
+            pending.append(orjson.dumps(record, default=str))
         except Exception:
             self.lost += 1
             return
         self.lines += 1
+        if len(pending) == FLUSH_LINES:
+            self._wake.set()
 
     def close(self) -> None:
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
 
     def sync(self, timeout: float | None = None) -> bool:
-        """Wait (blocking) until every line queued so far is written; False if ``timeout`` passed first."""
+        """Wait (blocking) until every line written so far is in the file; False if ``timeout`` passed first."""
         done = threading.Event()
-        self._queue.put(done)
+        self._markers.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def join(self, timeout: float | None = None) -> None:
@@ -120,31 +133,25 @@ class AccessLog:
         return self._file if self._file is not None else sys.stdout.buffer
 
     def _run(self) -> None:
-        get = self._queue.get
-        get_nowait = self._queue.get_nowait
-        stopping = False
-        while not stopping:
-            batch = [get()]
-            # Whatever else is waiting goes in the same write.
-            while len(batch) < 1000:
-                try:
-                    batch.append(get_nowait())
-                except queue.Empty:
-                    break
-            lines = [b for b in batch if type(b) is bytes]
-            if len(lines) != len(batch):
-                stopping = _STOP in batch
+        pending, markers, wake = self._pending, self._markers, self._wake
+        while True:
+            wake.wait(FLUSH_INTERVAL)
+            wake.clear()
+            stopping = self._stopping
+            done = [markers.popleft() for _ in range(len(markers))]
+            lines = [pending.popleft() for _ in range(len(pending))]
             if lines:
                 try:
                     out = self._out()
-                    out.write(b"".join(lines))
+                    out.write(b"\n".join(lines) + b"\n")
                     out.flush()
                 except Exception as exc:
                     self.lost += len(lines)
                     log.error("access log: %d lines not written: %s: %s", len(lines), type(exc).__name__, exc)
-            for marker in batch:
-                if type(marker) is threading.Event:
-                    marker.set()
+            for marker in done:
+                marker.set()
+            if stopping:
+                break
         if self._file is not None:
             try:
                 self._file.close()
@@ -153,4 +160,4 @@ class AccessLog:
 
     def snapshot(self) -> dict:
         return {"path": self.path or "<stdout>", "lines": self.lines, "lost": self.lost,
-                "pending": self._queue.qsize(), "pid": os.getpid()}
+                "pending": len(self._pending), "pid": os.getpid()}

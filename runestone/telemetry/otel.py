@@ -30,11 +30,11 @@ attributes are chosen one by one from fields that hold none.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -208,7 +208,11 @@ class Tracing:
         self.system_of = system_of or (lambda provider: None)
         self._post = post or self._http_post
         self._client = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: Ended spans waiting for the exporter (deque append and popleft are atomic: no lock), and flush markers.
+        self._pending: deque[tuple] = deque()
+        self._markers: deque[threading.Event] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
         #: Spans handed to the exporter, exported, dropped (queue full, or the collector refused them).
         self.spans = 0
         self.exported = 0
@@ -368,11 +372,16 @@ class Tracing:
         scope.reset()
         if not sampled:
             return
-        if self._queue.qsize() >= MAX_PENDING:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING:
             self.dropped += len(spans)
             return
         self.spans += len(spans)
-        self._queue.put(spans)
+        pending.extend(spans)
+        # The thread wakes on its own every EXPORT_INTERVAL; a request never wakes it, except to export a
+        # full batch.
+        if len(pending) >= BATCH and not self._wake.is_set():
+            self._wake.set()
 
     # -- the exporter thread ----------------------------------------------------------------------------
 
@@ -384,31 +393,16 @@ class Tracing:
         return self._client.post(url, content=body, headers={"content-type": "application/x-protobuf"}).status_code
 
     def _run(self) -> None:
-        pending: list[tuple] = []
-        markers: list[threading.Event] = []
-        stopping = False
-        deadline = time.monotonic() + EXPORT_INTERVAL
+        pending, markers, wake = self._pending, self._markers, self._wake
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                stopping = True
-            elif isinstance(item, threading.Event):
-                markers.append(item)
-            elif item is not None:
-                pending.extend(item)
-            due = item is None or stopping or markers or len(pending) >= BATCH
-            if not due:
-                continue
+            wake.wait(EXPORT_INTERVAL)
+            wake.clear()
+            stopping = self._stopping
+            done = [markers.popleft() for _ in range(len(markers))]
             while pending:
-                batch, pending = pending[:BATCH], pending[BATCH:]
-                self._export(batch)
-            for marker in markers:
+                self._export([pending.popleft() for _ in range(min(len(pending), BATCH))])
+            for marker in done:
                 marker.set()
-            markers = []
-            deadline = time.monotonic() + EXPORT_INTERVAL
             if stopping:
                 break
         if self._client is not None:
@@ -431,16 +425,16 @@ class Tracing:
     def force_flush(self, timeout: float = 30.0) -> bool:
         """Export every span handed over so far (blocking: call it from a thread)."""
         done = threading.Event()
-        self._queue.put(done)
+        self._markers.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def shutdown(self) -> None:
         """Export what is left and stop the exporter thread (does not wait for it)."""
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
 
     def snapshot(self) -> dict:
         return {"endpoint": self.endpoint, "spans": self.spans, "exported": self.exported, "dropped": self.dropped,
                 "export_errors": self.export_errors}
 
-
-_STOP = object()

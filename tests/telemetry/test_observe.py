@@ -84,3 +84,41 @@ def test_the_access_log_writes_every_line_in_order_and_bounds_what_waits(tmp_pat
     assert bounded.lost == 1 and bounded.lines == 0
     bounded.close()
     bounded.join(10)
+
+
+def test_the_otlp_encoding_is_what_opentelemetry_proto_decodes():
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from runestone.telemetry.otel import encode_spans
+
+    attributes = {"s": "héllo", "empty": "", "t": True, "f": False, "zero": 0, "small": 7, "big": 2**40 + 3,
+                  "negative": -5, "pi": 3.25, "list": ["stop", "length"], "long": "x" * 300}
+    spans = [
+        (2**127 + 9, 2**63 + 1, 0, "chat model", 2, 1_700_000_000_000_000_000, 1_700_000_000_500_000_000,
+         attributes, [(1_700_000_000_100_000_000, "failover", {"runestone.failover.to": "b", "n": 2})], 2),
+        (2**127 + 9, 42, 2**63 + 1, "chat m2", 3, 5, 6, {"s": "héllo"}, (), 0),
+    ]
+    for _ in range(2):  # the second time from the encoder's cache of repeated attributes
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(encode_spans(spans, {"service.name": "svc"}))
+        (rs,) = message.resource_spans
+        assert {a.key: a.value.string_value for a in rs.resource.attributes} == {"service.name": "svc"}
+        (ss,) = rs.scope_spans
+        assert ss.scope.name == "runestone"
+        first, second = ss.spans
+        assert first.trace_id == (2**127 + 9).to_bytes(16, "big") and first.span_id == (2**63 + 1).to_bytes(8, "big")
+        assert first.parent_span_id == b"" and second.parent_span_id == first.span_id
+        assert first.name == "chat model" and first.kind == 2 and second.kind == 3
+        assert first.start_time_unix_nano == 1_700_000_000_000_000_000
+        assert first.end_time_unix_nano == 1_700_000_000_500_000_000
+        assert first.status.code == 2 and second.status.code == 0
+        values = {}
+        for a in first.attributes:
+            kind = a.value.WhichOneof("value")
+            values[a.key] = ([v.string_value for v in a.value.array_value.values] if kind == "array_value"
+                             else getattr(a.value, kind))
+        assert values == attributes
+        (event,) = first.events
+        assert event.name == "failover" and event.time_unix_nano == 1_700_000_000_100_000_000
+        assert {a.key: a.value.WhichOneof("value") for a in event.attributes} == {
+            "runestone.failover.to": "string_value", "n": "int_value"}
