@@ -46,8 +46,11 @@ from .runtime import ChildSpec, NamedRef, Published, Registry, Supervisor, dump_
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
+from .telemetry.access_log import AccessLog
 from .telemetry.ledger import UsageLedger
 from .telemetry.metrics import MetricLabels
+from .telemetry.observe import RequestObserver
+from .telemetry.otel import Tracing
 from .telemetry.sender import Telemetry
 
 __all__ = ["Application", "StartupError"]
@@ -63,6 +66,7 @@ def _route_installers():
     """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
     from .front.cache import install as install_cache
     from .front.completions import install as install_completions
+    from .front.dashboard import install as install_dashboard
     from .front.admin import install as install_admin
     from .front.health import install as install_health
     from .front.messages import install as install_messages
@@ -72,7 +76,7 @@ def _route_installers():
     from .front.ws import install as install_ws
 
     return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
-            install_admin, install_openapi, install_splits]
+            install_admin, install_openapi, install_splits, install_dashboard]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -140,12 +144,34 @@ class Application:
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)
+        #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
+        self.observer = self._observer()
         self.root: Supervisor | None = None
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
         self.server = None
         self.ready = trio.Event()
         #: child id -> restarts performed by its supervisor (actor names: provider children are provider names).
         self.restarts: dict[str, int] = {}
+
+    def _observer(self) -> RequestObserver | None:
+        cfg = self.config
+        access = tracing = None
+        if cfg.log.access:
+            try:
+                access = AccessLog(cfg.log.access_path)
+            except OSError as exc:
+                raise StartupError(f"[log] access_path {cfg.log.access_path!r} cannot be opened: {exc}") from None
+        if cfg.otel.endpoint:
+            tracing = Tracing(cfg.otel.endpoint, cfg.otel.service_name, system_of=self._provider_type)
+        if access is None and tracing is None:
+            return None
+        observer = RequestObserver(access_log=access, tracing=tracing, keys=self.keys)
+        self.telemetry.tap = observer.on_event
+        return observer
+
+    def _provider_type(self, name: str) -> str | None:
+        entry = self.providers.value.get(name)
+        return entry.spec.type if entry is not None else None
 
     # -- the tree -------------------------------------------------------------------------------------
 
@@ -223,7 +249,8 @@ class Application:
                 self.port = server.port
                 inner.status.started(_GracefulFront(server, self.gateway))
 
-        await serve_http(self.front.handle, self.host, self.port, limits=limits, error_body=http_error_body,
+        handler = self.front.handle if self.observer is None else self.observer.wrap(self.front.handle)
+        await serve_http(handler, self.host, self.port, limits=limits, error_body=http_error_body,
                          task_status=_Started(task_status))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -239,7 +266,11 @@ class Application:
                 self.ready.set()
                 task_status.started(self)
 
-        await self.root.run(task_status=_Ready())
+        try:
+            await self.root.run(task_status=_Ready())
+        finally:
+            if self.observer is not None:
+                self.observer.close()
 
     def _on_restart(self, supervisor: str, child: str, restarts: int, error) -> None:
         self.restarts[child] = self.restarts.get(child, 0) + 1
@@ -266,6 +297,7 @@ class Application:
             "tree": tree,
             "telemetry_sender": self.telemetry.snapshot(),
             "server": attrs.asdict(self.server.statistics()) if self.server is not None else None,
+            "observe": self.observer.snapshot() if self.observer is not None else None,
         }
 
 

@@ -55,9 +55,11 @@ __all__ = [
     "FailoverGroupSpec",
     "LimitsConfig",
     "MetricsConfig",
+    "LogConfig",
     "ModelPrice",
     "PoolConfig",
     "OPENAI_DEFAULT_MODELS",
+    "OtelConfig",
     "PROVIDER_TYPES",
     "ProviderConfig",
     "ProviderSpec",
@@ -709,6 +711,27 @@ class ModelPrice:
 
 
 @attrs.frozen
+class LogConfig:
+    """Logs beside the gateway's own: with ``access`` one JSON line per request (telemetry/access_log.py)
+    is appended to ``access_path``, or written to standard output when it is empty."""
+
+    access: bool = _setting(False)
+    access_path: str = _setting("")
+
+
+@attrs.frozen
+class OtelConfig:
+    """OpenTelemetry traces (telemetry/otel.py): on when ``endpoint`` is set.
+
+    ``endpoint`` is the OTLP/HTTP base URL, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` (which sets it): spans are
+    posted to ``{endpoint}/v1/traces``.
+    """
+
+    endpoint: str | None = _setting(None, _http_url(), repr_=_url_repr)
+    service_name: str = _setting("runestone", _non_empty_str())
+
+
+@attrs.frozen
 class Config:
     """The whole configuration. ``pricing`` is config/pricing.toml overlaid by
     the file's own ``[pricing]`` table."""
@@ -726,6 +749,8 @@ class Config:
     cache: CacheConfig = _setting(factory=CacheConfig)
     responses: ResponsesConfig = _setting(factory=ResponsesConfig)
     metrics: MetricsConfig = _setting(factory=MetricsConfig)
+    log: LogConfig = _setting(factory=LogConfig)
+    otel: OtelConfig = _setting(factory=OtelConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())
     splits: tuple[SplitConfig, ...] = _setting(())
@@ -1182,6 +1207,7 @@ _ENV_SETTINGS: tuple[tuple[str, _Path], ...] = (
     ("MAX_CONCURRENT_PER_TENANT", ("limits", "max_concurrent_per_tenant")),
     ("RUNESTONE_METRICS_REQUIRE_KEY", ("metrics", "require_key")),
     ("RUNESTONE_METRICS_KEY", ("metrics", "key")),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ("otel", "endpoint")),
 )
 
 # (prefix, provider name, provider type, default models)

@@ -47,3 +47,34 @@ if [ ! -f "$_stamp" ]; then
     touch "$_stamp"
     _say "installed"
 fi
+if [ "$_extra" = "test" ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
+    # The dashboard's browser test drives Debian's chromium through chromium-driver (a browser download is not
+    # reachable here); it never skips, so a machine without them gets them, or this stops with the reason.
+    if ! command -v apt-get >/dev/null 2>&1; then
+        _say "the dashboard's browser test needs chromium and chromedriver, and this machine has no apt-get: install" \
+             "them with your package manager (on Debian: apt-get install chromium chromium-driver), then run this again"
+        exit 1
+    fi
+    _sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then _sudo="sudo -n"; else
+            _say "the dashboard's browser test needs Debian's chromium and chromium-driver; install them as root" \
+                 "(apt-get install chromium chromium-driver), then run this again"
+            exit 1
+        fi
+    fi
+    _say "installing Debian's chromium and chromium-driver with apt-get (for the dashboard's browser test; a few" \
+         "hundred MB and a few minutes the first time, once per machine)"
+    _t0=$SECONDS
+    ( while sleep 20; do _say "still installing chromium ($((SECONDS - _t0)) s)"; done ) &
+    _beat=$!
+    if ! { $_sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $_sudo apt-get install -y -q --no-install-recommends \
+            chromium chromium-driver; } 2>&1 | sed -u 's/^/  apt: /' >&2 \
+        || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+        kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
+        _say "apt-get could not install chromium and chromium-driver (see above); fix the cause and run this again"
+        exit 1
+    fi
+    kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
+    _say "installed chromium and chromium-driver"
+fi

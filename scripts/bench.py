@@ -294,8 +294,28 @@ def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
           + ", ".join(f"{c['case']} {c['direct']['cpu_ms_per_request']:.3f} ms" for c in cases) + ")")
 
 
-def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int) -> None:
-    path.write_text(textwrap.dedent(f"""
+# --observe: an OTLP/HTTP sink that takes every export (the spans are encoded and sent as they would be).
+SINK = """
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+
+
+def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_port: int | None = None) -> None:
+    observe = "" if sink_port is None else textwrap.dedent(f"""
+        [log]
+        access = true
+        access_path = "{workdir / 'access.log'}"
+        [otel]
+        endpoint = "http://127.0.0.1:{sink_port}"
+    """)
+    path.write_text(observe + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {gw_port}
@@ -355,6 +375,8 @@ def main() -> None:
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help="run only this case (repeatable; default all three)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--observe", action="store_true",
+                   help="run the gateway with the access log and OpenTelemetry tracing on (to an OTLP sink)")
     args = p.parse_args()
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds and --seconds must be positive")
@@ -363,20 +385,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
     runner = Runner(workdir)
     fake_port, gw_port, relay_port = free_port(), free_port(), free_port()
+    sink_port = free_port() if args.observe else None
     config = workdir / "gateway.toml"
-    write_config(config, workdir, gw_port, fake_port)
+    write_config(config, workdir, gw_port, fake_port, sink_port)
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
     print(f"bench: {machine()}; gateway and relay pinned to core 0, upstream and wrk to core 1: {runner.pin}",
           flush=True)
     print(f"bench: relay {relay}; wrk {runner.wrk}; workdir {workdir}", flush=True)
     results: dict = {"machine": machine(), "pinned": runner.pin, "rounds": args.rounds, "seconds": args.seconds,
-                     "relay": str(relay), "cases": []}
+                     "relay": str(relay), "observe": args.observe, "cases": []}
     try:
         # The fake upstream writes each stream at once (--coalesce): a fast upstream, so that what is measured
         # is the gateway, which still parses and validates every one of the 20 events it relays.
         fake = runner.spawn([*exe, "fake-provider", "--port", str(fake_port), "--chunks", str(STREAM_CHUNKS),
                              "--coalesce"], 1, "fake.log")
         wait_port(fake_port, fake)
+        if sink_port is not None:
+            print("bench: the gateway writes the access log and exports traces (--observe)", flush=True)
+            wait_port(sink_port, runner.spawn([sys.executable, "-c", SINK, str(sink_port)], 1, "sink.log"))
         gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, "gateway.log")
         rl = runner.spawn([sys.executable, str(relay), "--port", str(relay_port), "--upstream",
                            f"http://127.0.0.1:{fake_port}", "--key", KEY], 0, "relay.log", env={"COALESCE": "1"})

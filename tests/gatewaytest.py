@@ -179,3 +179,70 @@ def gated_handler(fake: FakeProvider, gate: Gate):
         return response
 
     return handler
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP traces receiver on loopback (the project's HTTP server), decoding what it gets with
+    opentelemetry-proto: ``spans`` holds every span received, as plain dicts (ids in hex)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self.posts = 0
+        self.url = ""
+
+    async def handle(self, request):
+        import gzip
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        from runestone.http.server import Response
+
+        if request.method != "POST" or request.path != "/v1/traces":
+            return Response(404, [], b"")
+        body = await request.body()
+        if request.header(b"content-encoding") == b"gzip":
+            body = gzip.decompress(body)
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        self.posts += 1
+        for resource_spans in message.resource_spans:
+            resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append({
+                        "name": span.name,
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex(),
+                        "kind": span.kind,
+                        "start": span.start_time_unix_nano,
+                        "end": span.end_time_unix_nano,
+                        "status": span.status.code,
+                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                        "events": [{"name": e.name, "attributes": {a.key: _any_value(a.value) for a in e.attributes}}
+                                   for e in span.events],
+                        "resource": resource,
+                    })
+        return Response(200, [(b"content-type", b"application/x-protobuf")],
+                        ExportTraceServiceResponse().SerializeToString())
+
+
+def _any_value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+async def start_otlp_receiver(nursery) -> OtlpReceiver:
+    import functools
+
+    from runestone.http.server import serve_http
+
+    receiver = OtlpReceiver()
+    server = await nursery.start(functools.partial(serve_http, receiver.handle, "127.0.0.1", 0))
+    receiver.url = f"http://127.0.0.1:{server.port}"
+    return receiver

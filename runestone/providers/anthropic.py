@@ -10,6 +10,7 @@ from __future__ import annotations
 import orjson
 
 from ..resilience.errors import UpstreamError
+from ..telemetry.observe import note_finish_reasons, outgoing_traceparent
 from ..wire.errors import UpstreamErrorBody, scrub
 from ..wire.anthropic_upstream import (
     AnthropicToOpenAIStream,
@@ -133,7 +134,11 @@ class AnthropicAdapter:
 
     async def _open(self, payload: bytes, url: str | None = None, method: str = "POST",
                     deadline: float | None = None):
-        return await open_exchange(self.name, self._transport, method, url or self._url, self._headers, payload,
+        headers = self._headers
+        traceparent = outgoing_traceparent(self.name)
+        if traceparent is not None:
+            headers = [*headers, (b"traceparent", traceparent)]
+        return await open_exchange(self.name, self._transport, method, url or self._url, headers, payload,
                                    timeouts=self._timeouts, deadline=deadline, secrets=self._secrets)
 
     async def _read(self, payload: bytes, url: str | None = None, method: str = "POST",
@@ -156,6 +161,7 @@ class AnthropicAdapter:
                 check_name(self.name, block, "id")
                 check_name(self.name, block, "name")
         resp = anthropic_to_openai_response(msg, model=model, request_id=request_id, created=new_created())
+        note_finish_reasons(resp.get("choices"))
         usage = Usage()
         if resp.get("usage"):
             usage_from(self.name, resp["usage"], usage)

@@ -15,6 +15,7 @@ from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .presets import preset_base_url, preset_of, rename_reasoning
 from ..wire.reasoning import for_openai_upstream
+from ..telemetry.observe import note_finish_reasons, outgoing_traceparent
 from .base import (
     MAX_NAME_CHARS,
     ChatResult,
@@ -83,6 +84,8 @@ class OpenAIStream(UpstreamStream):
                 if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
                     check_name(provider, obj, "id")
                     check_name(provider, obj, "model")
+                if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
+                    note_finish_reasons(choices)
                 u = obj.get("usage")
                 if u:
                     usage_from(provider, u, self.usage)
@@ -165,7 +168,11 @@ class OpenAIAdapter:
         return self._embed_url, body
 
     async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
-        cm = self._transport.stream(method, url, self._headers, body, timeouts=self._timeouts, deadline=deadline)
+        headers = self._headers
+        traceparent = outgoing_traceparent(self.name)
+        if traceparent is not None:
+            headers = [*headers, (b"traceparent", traceparent)]
+        cm = self._transport.stream(method, url, headers, body, timeouts=self._timeouts, deadline=deadline)
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
@@ -206,6 +213,7 @@ class OpenAIAdapter:
             raise UpstreamError(self.name, "malformed", "upstream response has no 'choices' list")
         check_name(self.name, obj, "id")
         check_name(self.name, obj, "model")
+        note_finish_reasons(obj["choices"])
         usage = Usage()
         if obj.get("usage"):
             usage_from(self.name, obj["usage"], usage)

@@ -167,6 +167,10 @@ class RequestContext:
     variant: Any = None
     #: The admission lease (per-key limits), released when the request ends.
     lease: Any = None
+    #: The model the client asked for (``model`` becomes the served one for groups and splits).
+    asked: str = ""
+    #: Upstream attempts made so far.
+    attempts: int = 0
 
 
 @attrs.frozen
@@ -646,6 +650,7 @@ class Gateway:
                     telemetry.emit(FailoverEvent("failover", plan.group or "", last_target and
                                                  last_target.provider, provider, attempts))
             attempts += 1
+            ctx.attempts = attempts
             if entry_row is not None:
                 entry_row.provider = provider
                 entry_row.attempts = attempts
@@ -718,7 +723,7 @@ class Gateway:
 
     def begin(self, request_id: str, key_id: str | None, endpoint: str, model: str, stream: bool) -> RequestContext:
         now = trio.current_time()
-        ctx = RequestContext(request_id, key_id, endpoint, now, now + self.request_timeout, model=model)
+        ctx = RequestContext(request_id, key_id, endpoint, now, now + self.request_timeout, model=model, asked=model)
         self.inflight.add(InFlightRequest(request_id, model, key_id, endpoint, stream, now))
         return ctx
 
@@ -748,7 +753,7 @@ class Gateway:
         self.telemetry.emit(RequestFinished(
             ctx.request_id, ctx.key_id, provider, model, ctx.endpoint, stream, status, http_status,
             error_type, latency, ttft, tokens_in, tokens_out, cost, ctx.retries,
-            ctx.failovers, ctx.route_reason, time.time(),
+            ctx.failovers, ctx.route_reason, time.time(), ctx.asked, ctx.attempts,
         ))
 
     # -- graceful stop --------------------------------------------------------------------------------

@@ -3,9 +3,13 @@
 Layers inside: ``events`` (immutable facts) <- ``metrics``, ``health``,
 ``costs``, ``ledger`` (pure state, owned by one task) <- ``handler`` (the
 ``TelemetryHandler`` actor that owns them all). ``sender.Telemetry`` is the
-hot path's non-blocking way in. The public names are re-exported here.
+hot path's non-blocking way in. Beside them, on the request's own task:
+``observe`` (the per-request scope and the sender's tap) feeding ``access_log``
+(one JSON line per request) and ``otel`` (OpenTelemetry spans; the SDK is
+imported only when tracing is on). The public names are re-exported here.
 """
 
+from .access_log import AccessLog as AccessLog
 from .costs import ModelPrice as ModelPrice
 from .costs import cost_of as cost_of
 from .costs import estimate_costs as estimate_costs
@@ -26,6 +30,9 @@ from .health import HealthTable as HealthTable
 from .health import HealthView as HealthView
 from .ledger import UsageLedger as UsageLedger
 from .metrics import TelemetryMetrics as TelemetryMetrics
+from .observe import RequestObserver as RequestObserver
+from .observe import RequestScope as RequestScope
+from .otel import Tracing as Tracing
 from .metrics import render_prometheus as render_prometheus
 from .sender import ExtraGauges as ExtraGauges
 from .sender import Telemetry as Telemetry

@@ -86,6 +86,10 @@ class RequestFinished(_EventBase):
     failovers: int
     route_reason: str
     wall_time: float
+    #: The model the client named (an alias, group, split or model); ``model`` is the one that served.
+    model_asked: str = ""
+    #: Upstream attempts made (0 when no provider could be tried).
+    attempts: int = 0
 
 
 @_event("attempt_finished")

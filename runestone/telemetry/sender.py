@@ -63,11 +63,14 @@ class Telemetry:
     synchronous, O(1) and never raise.
     """
 
-    __slots__ = ("_resolve", "ledger", "dropped", "in_flight", "cache_hits", "cache_misses")
+    __slots__ = ("_resolve", "ledger", "tap", "dropped", "in_flight", "cache_hits", "cache_misses")
 
     def __init__(self, target: Any, ledger: Any = None):
         self._resolve = _resolver(target)
         self.ledger = ledger
+        #: Called with every event, synchronously on the emitting task, before it is cast (the access log
+        #: and traces: telemetry/observe.py); None when nobody listens. Must be cheap; what it raises is ignored.
+        self.tap: Callable[[Any], None] | None = None
         #: Events that could not be handed to the handler.
         self.dropped = 0
         #: provider -> client requests being served right now.
@@ -80,6 +83,12 @@ class Telemetry:
         ledger = self.ledger
         if ledger is not None and type(event) is RequestFinished:
             ledger.add(event)
+        tap = self.tap
+        if tap is not None:
+            try:
+                tap(event)
+            except Exception:
+                pass
         try:
             ref = self._resolve()
             if ref is not None and ref.try_cast(event):

@@ -1,5 +1,6 @@
-"""No secret leaves the gateway: state dumps, listings, live events, errors and log lines are searched for
-every client key, the admin key and every provider credential after traffic and control operations."""
+"""No secret leaves the gateway: state dumps (the dashboard's too), listings, live events, errors, log lines,
+access-log lines and trace spans are searched for every client key, the admin key and every provider credential
+after traffic and control operations."""
 
 import logging
 
@@ -8,7 +9,7 @@ import orjson
 import trio
 import trio_websocket
 
-from gatewaytest import provider_toml
+from gatewaytest import provider_toml, start_otlp_receiver
 
 SECRETS = {
     "client": "ck-SECRET-CLIENT-1111",
@@ -26,12 +27,15 @@ def _leaks(text: str) -> list[str]:
     return [name for name, secret in SECRETS.items() if secret in text]
 
 
-async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_factory, caplog):
+async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_factory, caplog, nursery, tmp_path):
     caplog.set_level(logging.DEBUG)
     upstream, _ = await fake_factory()
     base = f"http://127.0.0.1:{upstream.port}"
+    receiver = await start_otlp_receiver(nursery)
+    access = tmp_path / "access.log"
     gw = await gateway_factory(
         f'[auth]\napi_keys = ["{SECRETS["client"]}"]\nadmin_key = "{SECRETS["admin"]}"\n'
+        f'[log]\naccess = true\naccess_path = "{access}"\n[otel]\nendpoint = "{receiver.url}"\n'
         + provider_toml("cfg-openai", "openai", base_url=base + "/v1", api_key=SECRETS["config_key"],
                         models=["gpt-4o-mini"]))
     admin = {"authorization": f"Bearer {SECRETS['admin']}"}
@@ -105,7 +109,7 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
 
                 for path in ("/admin/state", "/admin/providers", "/admin/providers/rt-anthropic",
                              "/admin/providers/with-credentials", "/admin/groups", "/health/detailed",
-                             "/health/providers", "/metrics"):
+                             "/health/providers", "/metrics", "/dashboard/state"):
                     r = await call("GET", path, headers=admin)
                     assert r.status_code == 200, (path, r.text)
                 state = (await call("GET", "/admin/state", headers=admin)).json()
@@ -134,3 +138,11 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
     log_text = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert caplog.records, "nothing was logged: the log check would prove nothing"
     assert not _leaks(log_text), "a secret is in a log line"
+    observer = gw.app.observer
+    assert await trio.to_thread.run_sync(observer.tracing.force_flush)
+    assert len([s for s in receiver.spans if s["kind"] == 2]) >= 6, "too few request spans to prove anything"
+    assert not _leaks(orjson.dumps(receiver.spans).decode()), "a secret is in a trace span"
+    assert await trio.to_thread.run_sync(observer.access_log.sync, 10)
+    access_lines = access.read_text().splitlines()
+    assert len(access_lines) >= 8, "too few access-log lines to prove anything"
+    assert not _leaks("\n".join(access_lines)), "a secret is in an access-log line"
