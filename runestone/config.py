@@ -39,6 +39,7 @@ from cattrs.gen import mapping_structure_factory
 __all__ = [
     "ANTHROPIC_DEFAULT_MODELS",
     "AuthConfig",
+    "BudgetsConfig",
     "CacheConfig",
     "CircuitBreakerConfig",
     "Config",
@@ -457,6 +458,15 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class BudgetsConfig:
+    """Managed keys' budgets: the output cap reserved for a request that sets none, and how often spend
+    is written to the key store (also the most a SIGKILL can lose)."""
+
+    default_output_tokens: int = _setting(4096, _int_at_least(1))
+    flush_ms: int = _setting(1000, _int_at_least(1))
+
+
+@attrs.frozen
 class CacheConfig:
     enabled: bool = _setting(False)
     ttl_ms: int = _setting(300_000, _int_at_least(1))
@@ -567,6 +577,7 @@ class Config:
     failover: FailoverConfig = _setting(factory=FailoverConfig)
     telemetry: TelemetryConfig = _setting(factory=TelemetryConfig)
     limits: LimitsConfig = _setting(factory=LimitsConfig)
+    budgets: BudgetsConfig = _setting(factory=BudgetsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())

@@ -41,6 +41,8 @@ class KeyRing:
         self._admin = _digest(admin_key) if admin_key else None
         self.open_mode = open_mode
         self.has_admin = self._admin is not None
+        #: Managed keys (runestone.governance): digest -> key id of an active key, or None.
+        self.managed = None
 
     @staticmethod
     def bearer(header: bytes | None) -> bytes | None:
@@ -60,6 +62,10 @@ class KeyRing:
         kid = self._clients.get(d)
         if kid is not None:
             return kid
+        if self.managed is not None:
+            kid = self.managed(d)
+            if kid is not None:
+                return kid
         if self._admin is not None and hmac.compare_digest(self._admin, d):
             return "admin"
         return None
