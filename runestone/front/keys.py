@@ -4,8 +4,8 @@ HTTP (the admin key): ``POST|GET /admin/keys``, ``GET|PATCH|DELETE /admin/keys/{
 once), ``POST /admin/keys/{id}/rotate`` (body ``{"grace_ms"}``: how long the old secret still works),
 ``POST|GET /admin/teams``, ``GET|PATCH|DELETE /admin/teams/{name}``. A new or rotated key's secret is in
 that one answer (``"secret"``) and nowhere else, ever. The control socket ``/v1/control`` has the same as
-operations: ``create_key {key}``, ``list_keys``, ``get_key {id}``, ``update_key {id, key}``, ``revoke_key
-{id}``, ``rotate_key {id, grace_ms}``, ``create_team {team}``, ``list_teams``, ``get_team {name}``,
+operations: ``create_key {key}``, ``list_keys``, ``get_key {key_id}``, ``update_key {key_id, key}``,
+``revoke_key {key_id}``, ``rotate_key {key_id, grace_ms}`` (``id`` is the message's own, as for every operation), ``create_team {team}``, ``list_teams``, ``get_team {name}``,
 ``update_team {name, team}``, ``delete_team {name}``. The operations are :class:`~runestone.governance.Governance`'s.
 """
 
@@ -137,10 +137,10 @@ class KeyRoutes:
         return {
             "create_key": lambda m: self.create_key(m.get("key")),
             "list_keys": lambda m: _now(gov.list_keys),
-            "get_key": lambda m: _now(gov.describe_key, m.get("id")),
-            "update_key": lambda m: gov.update_key(m.get("id"), m.get("key")),
-            "revoke_key": lambda m: gov.revoke_key(m.get("id")),
-            "rotate_key": lambda m: gov.rotate_key(m.get("id"), m.get("grace_ms")),
+            "get_key": lambda m: _now(gov.describe_key, m.get("key_id")),
+            "update_key": lambda m: gov.update_key(m.get("key_id"), m.get("key")),
+            "revoke_key": lambda m: gov.revoke_key(m.get("key_id")),
+            "rotate_key": lambda m: gov.rotate_key(m.get("key_id"), m.get("grace_ms")),
             "create_team": lambda m: gov.create_team(m.get("team")),
             "list_teams": lambda m: _now(gov.list_teams),
             "get_team": lambda m: _now(gov.describe_team, m.get("name")),

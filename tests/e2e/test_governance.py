@@ -410,21 +410,23 @@ async def test_keys_and_teams_over_the_control_socket(gateway_factory, fake_fact
                                                  ) as control:
         async def op(type_, **fields):
             await control.send_message(orjson.dumps({"type": type_, "id": type_, **fields}).decode())
-            return orjson.loads(await control.get_message())
+            reply = orjson.loads(await control.get_message())
+            assert reply["id"] == type_
+            return reply
 
         assert (await op("create_team", team={"name": "ops"}))["result"]["name"] == "ops"
         created = (await op("create_key", key={"name": "sock", "team": "ops"}))["result"]
         assert created["secret"].startswith("rsk-")
         listed = (await op("list_keys"))["result"]
         assert [k["id"] for k in listed] == [created["id"]] and "secret" not in listed[0]
-        rotated = (await op("rotate_key", id=created["id"], grace_ms=0))["result"]
+        rotated = (await op("rotate_key", key_id=created["id"], grace_ms=0))["result"]
         await _chat(_client(gw, rotated["secret"]))
         with pytest.raises(openai.AuthenticationError):
             await _chat(_client(gw, created["secret"]))
-        assert (await op("update_key", id=created["id"], key={"models": ["x"]}))["result"]["models"] == ["x"]
-        bad = await op("update_key", id=created["id"], key={"budget": "lots"})
+        assert (await op("update_key", key_id=created["id"], key={"models": ["x"]}))["result"]["models"] == ["x"]
+        bad = await op("update_key", key_id=created["id"], key={"budget": "lots"})
         assert bad["type"] == "error" and bad["error"]["param"] == "budget"
-        assert (await op("revoke_key", id=created["id"]))["result"]["status"] == "revoked"
+        assert (await op("revoke_key", key_id=created["id"]))["result"]["status"] == "revoked"
         assert (await op("get_team", name="ops"))["result"]["keys"] == [created["id"]]
         assert (await op("delete_team", name="ops"))["result"]["deleted"] is True
 
@@ -476,3 +478,38 @@ async def test_keys_and_spend_survive_a_restart(tmp_path, fake_factory):
     stored = (data / "keys.sqlite3").read_bytes()
     assert state["secret"].encode() not in stored and state["old"].encode() not in stored
     await run(second)
+
+
+async def test_keys_and_teams_commands(gateway_factory, fake_factory):
+    from test_cli_control import run_cli
+
+    gw, _ = await _gateway(gateway_factory, fake_factory)
+    admin = ["--url", gw.url, "--admin-key", ADMIN_KEY]
+    status, out, err, _ = await run_cli("teams", "create", "cli-team", "--budget-usd", "2", "--period", "week",
+                                        "--rph", "50", *admin)
+    assert (status, err, out) == (0, "", "created team cli-team\n")
+    status, out, err, _ = await run_cli("keys", "create", "from cli", "--team", "cli-team", "--models",
+                                        "fake-model", "--budget-usd", "1", "--period", "day", *admin)
+    assert status == 0 and err == ""
+    first, secret = out.splitlines()
+    kid = first.split()[2]
+    assert first == f"created key {kid} (from cli); its secret, shown this once:" and secret.startswith("rsk-")
+    await _chat(_client(gw, secret))
+    status, out, _, _ = await run_cli("keys", "list", *admin)
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "TEAM", "STATUS", "SPEND"] and lines[1].startswith(kid)
+    assert "$0.0040 ($0.9960 left, day)" in lines[1] and secret not in out
+    status, out, _, _ = await run_cli("keys", "update", kid, "--rpm", "7", *admin)
+    assert status == 0 and orjson.loads(out)["limits"]["rpm"] == 7
+    status, out, _, _ = await run_cli("keys", "rotate", kid, "--grace-ms", "60000", *admin)
+    assert status == 0 and "the old secret works until" in out
+    new = out.splitlines()[1]
+    await _chat(_client(gw, new))
+    status, out, _, _ = await run_cli("teams", "show", "cli-team", *admin)
+    assert orjson.loads(out)["spend"]["requests"] == 2 and new not in out
+    status, out, err, _ = await run_cli("keys", "revoke", kid, *admin)
+    assert (status, out) == (0, f"revoked key {kid}\n")
+    status, out, err, _ = await run_cli("keys", "show", "key_000000000000", *admin)
+    assert status == 1 and "no key with id" in err
+    status, out, err, _ = await run_cli("teams", "delete", "cli-team", *admin)
+    assert (status, out) == (0, "deleted team cli-team\n")
