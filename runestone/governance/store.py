@@ -72,7 +72,11 @@ class KeyStore:
         return self._conn
 
     def load(self) -> Loaded:
-        """Everything stored (blocking: called once at start). KeyStoreError names what is wrong."""
+        """Everything stored (blocking: called once at start). KeyStoreError names what is wrong.
+
+        A store that does not exist yet is empty; it (and the data directory) is made at the first write."""
+        if self._conn is None and not self.path.exists():
+            return Loaded([], [], {})
         try:
             conn = self._connect()
             teams = [team_from_doc(orjson.loads(d)) for (d,) in conn.execute("SELECT doc FROM teams ORDER BY name")]
