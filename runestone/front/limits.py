@@ -75,15 +75,27 @@ class _KeyState:
 
 
 class Lease:
-    """An admitted request; ``release()`` exactly once when it is finished (idempotent)."""
+    """An admitted request; ``release()`` exactly once when it is finished (idempotent).
 
-    __slots__ = ("_limiter", "_key", "headers", "_done")
+    ``headers`` (the ``x-ratelimit-*`` ones) are made when first read, as the key's buckets are then: a
+    lease whose headers nobody sends (a team's, beside its key's) costs nothing to make them.
+    """
 
-    def __init__(self, limiter: "KeyLimiter", key: str, headers: list) -> None:
+    __slots__ = ("_limiter", "_key", "_st", "_headers", "_done")
+
+    def __init__(self, limiter: "KeyLimiter", key: str, st: "_KeyState") -> None:
         self._limiter = limiter
         self._key = key
-        self.headers = headers
+        self._st = st
+        self._headers = None
         self._done = False
+
+    @property
+    def headers(self) -> list:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = self._limiter._headers(self._st)
+        return headers
 
     def release(self) -> None:
         if not self._done:
@@ -176,7 +188,7 @@ class KeyLimiter:
         if st.hour is not None:
             st.hour.level -= 1
         st.active += 1
-        return Lease(self, key, self._headers(st))
+        return Lease(self, key, st)
 
     async def admit_request(self, request, plan) -> Lease:
         """The pipeline's admission (runestone.routing.executor.Admission): the caller's key's limits."""

@@ -113,7 +113,7 @@ FREE = _FreeLease()
 class GovernedLease:
     """A managed key's admitted request: its reservation on each budget and its limiter leases."""
 
-    __slots__ = ("headers", "_gov", "_holders", "_amount", "_leases", "_team", "_state")
+    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state")
 
     def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None) -> None:
         self._gov = gov
@@ -122,12 +122,15 @@ class GovernedLease:
         self._leases = leases
         self._team = team
         self._state = 0  # 0 reserved, 1 settled, 2 released
-        headers = []
-        for lease in leases:
-            if lease.headers:
-                headers = lease.headers
-                break
-        self.headers = headers
+
+    @property
+    def headers(self) -> list:
+        """The first limiter lease's ``x-ratelimit-*`` headers (the key's when it has limits)."""
+        for lease in self._leases:
+            headers = lease.headers
+            if headers:
+                return headers
+        return []
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """Turn the reservation into the real cost (0 for a request that got no answer)."""
@@ -308,8 +311,9 @@ class Governance:
                 leases.append(await limiter.admit(key.id, limits))
             if team is not None and team.limits:
                 leases.append(await limiter.admit("team:" + team.name, team.limits, f"team {team.name!r}"))
-            if leases:
-                # A limiter may have waited (queue mode): judge the key and the budgets as they are now.
+            if leases and limiter.queue:
+                # The limiter may have waited its queue: judge the key and the budgets as they are now.
+                # (Without a queue it never yields, so nothing can have changed since the check.)
                 wall = self.wall()
                 key = self.keys[key.id]
                 team = self._active(key, wall)

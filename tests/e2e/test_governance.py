@@ -239,12 +239,14 @@ def fake_port(gw) -> int:
 async def test_a_daily_budget_resets_at_midnight_utc_on_the_mock_clock(gateway_factory, fake_factory, autojump_clock):
     gw, _ = await _gateway(gateway_factory, fake_factory)
     midnight = datetime(2031, 5, 7, tzinfo=timezone.utc).timestamp()
-    # The wall clock runs on trio's (mock) clock: 60 s before midnight UTC when the test starts.
-    start = trio.current_time()
-    gw.app.governance.wall = lambda: midnight - 60 + (trio.current_time() - start)
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+    # (No client timeout: the store's writes run on a thread, and while the loop waits for one the mock
+    # clock jumps ahead.)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=None) as http:
         key = await _admin(http, "POST", "/admin/keys", {"name": "daily", "budget": {"usd": 0.008, "period": "day"}},
                            201)
+        # From now the wall clock runs on trio's (mock) clock, from 60 s before midnight UTC.
+        start = trio.current_time()
+        gw.app.governance.wall = lambda: midnight - 60 + (trio.current_time() - start)
         client = _client(gw, key["secret"])
         await _chat(client)
         await _chat(client)
