@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
     runner = bench.Runner(args, workdir)
@@ -72,14 +73,22 @@ def main() -> None:
         managed = admin(gw_port, "/admin/keys", {
             "name": "bench", "team": "bench-team", "models": ["fake-model"], "budget": {"usd": 1e6, "period": "day"},
             "limits": {"rpm": big, "rph": big, "tpm": big, "max_concurrent": 10_000}})["secret"]
+        budgets_only = admin(gw_port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
+                                                      "budget": {"usd": 1e6, "period": "day"}})["secret"] \
+            if admin(gw_port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}}) \
+            else None
         url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         body = {**bench.CHAT, "max_tokens": 64}
-        results: dict[str, list[float]] = {"static": [], "managed": []}
-        for key in (static_key, managed):  # warm both paths up
+        cases = [("static", static_key), ("managed", managed)]
+        if args.variants:
+            cases.append(("budgets", budgets_only))
+        results: dict[str, list[float]] = {name: [] for name, _ in cases}
+        for _, key in cases:  # warm both paths up
             bench.KEY = key
             runner.wrk_run(url, body, connections=8, seconds=1)
-        for _ in range(args.rounds):
-            for name, key in (("static", static_key), ("managed", managed)):
+        for r in range(args.rounds):
+            # Every other round in reverse order, so that a drift within a round favours no case.
+            for name, key in (cases if r % 2 == 0 else cases[::-1]):
                 bench.KEY = key
                 cpu0 = bench.cpu_seconds(gw.pid)
                 run = runner.wrk_run(url, body, connections=args.connections, seconds=args.seconds)
@@ -88,9 +97,10 @@ def main() -> None:
                 results[name].append(per)
                 print(f"  {name:<8} {run['rps']:>8.0f} req/s  cpu {per:.4f} ms/req  errors {run['non_2xx']}",
                       flush=True)
-        s, m = (sorted(v)[len(v) // 2] for v in (results["static"], results["managed"]))
-        print(f"median CPU per request: static key {s:.4f} ms, managed key with team/budgets/limits {m:.4f} ms "
-              f"({(m / s - 1) * 100:+.1f}%)")
+        s = sorted(results["static"])[len(results["static"]) // 2]
+        for name, values in results.items():
+            m = sorted(values)[len(values) // 2]
+            print(f"median CPU per request, {name}: {m:.4f} ms ({(m / s - 1) * 100:+.1f}% vs the static key)")
     finally:
         runner.stop_all()
 
