@@ -32,6 +32,7 @@ from .front.api import Front
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
+from .governance import Governance, KeyStore, KeyStoreError
 from .http.server import Limits, serve_http
 from .providers.supervisor import EnhancedProviderSupervisor, ProviderTable
 from .resilience.breaker import BreakerSettings
@@ -69,6 +70,7 @@ def _route_installers():
     from .front.dashboard import install as install_dashboard
     from .front.admin import install as install_admin
     from .front.health import install as install_health
+    from .front.keys import install as install_keys
     from .front.messages import install as install_messages
     from .front.openapi import install as install_openapi
     from .front.responses import install as install_responses
@@ -76,7 +78,7 @@ def _route_installers():
     from .front.ws import install as install_ws
 
     return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
-            install_admin, install_openapi, install_splits, install_dashboard]
+            install_admin, install_keys, install_openapi, install_splits, install_dashboard]
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -94,14 +96,25 @@ class Application:
         self.host = host or config.server.host
         self.port = config.server.port if port is None else port
         keys = config.auth.api_keys
-        open_mode = not keys
+        self.data_dir = Path(config.data.dir)
+        #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
+        self.governance = Governance(KeyStore(self.data_dir), KeyLimiter(config.limits), pricing=config.pricing,
+                                     default_output_tokens=config.budgets.default_output_tokens,
+                                     flush_interval=config.budgets.flush_ms / 1000)
+        try:
+            self.governance.load()
+        except KeyStoreError as exc:
+            raise StartupError(str(exc)) from None
+        open_mode = not keys and not self.governance.has_keys
         if open_mode and not is_loopback(self.host):
             raise StartupError(
                 f"refusing to serve on {self.host} with no client keys: set RUNESTONE_API_KEYS (or auth.api_keys), "
                 "or bind to a loopback address such as 127.0.0.1")
         self.keys = KeyRing(keys, config.auth.admin_key or None, open_mode=open_mode)
+        self.keys.managed = self.governance.key_id_for
+        # The first managed key closes open mode: from then on a client needs a key.
+        self.governance.on_first_key = lambda: setattr(self.keys, "open_mode", False)
         self.registry = Registry()
-        self.data_dir = Path(config.data.dir)
         # Published cells and tables: made once, outlive actor restarts.
         self.providers = ProviderTable()
         self.breaker_views = Published({}, owner="circuit_breaker_manager")
@@ -114,6 +127,9 @@ class Application:
         self.ledger = UsageLedger(str(self.data_dir / "usage.sqlite3"), pricing=config.pricing,
                                   batch=tel.ledger_batch) if tel.usage_ledger else None
         self.telemetry = Telemetry(self.registry, ledger=self.ledger)
+        self.governance.telemetry = self.telemetry
+        if self.ledger is not None:
+            self.ledger.team_of = self.governance.team_of
         # Run-time registrations and groups, persisted in the data directory, win over the file.
         self.control_store = ControlStore(self.data_dir)
         try:
@@ -138,9 +154,9 @@ class Application:
         self.splits = NamedRoutes.from_config(config)
         self.gateway.use_named(self.splits)
         self.front = Front(self.gateway, self.keys, max_body_bytes=config.server.max_body_bytes)
-        limiter = KeyLimiter(config.limits)
-        if limiter.enabled:
-            self.gateway.admission = limiter
+        self.gateway.admission = self.governance
+        #: Control-socket operations route modules add beside the control plane's own: op -> fn(msg).
+        self.control_ops: dict = {}
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)
@@ -226,6 +242,7 @@ class Application:
             _actor_child("failover_manager", failover_manager),
             _actor_child("provider_pool", provider_pool),
             _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
+            ChildSpec(id="key_store", start=self.governance.run, restart="permanent", shutdown=5.0),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]
@@ -296,6 +313,7 @@ class Application:
             "pid": os.getpid(),
             "tree": tree,
             "telemetry_sender": self.telemetry.snapshot(),
+            "governance": self.governance.snapshot(),
             "server": attrs.asdict(self.server.statistics()) if self.server is not None else None,
             "observe": self.observer.snapshot() if self.observer is not None else None,
         }

@@ -41,6 +41,7 @@ __all__ = [
     "ANTHROPIC_DEFAULT_MODELS",
     "AdminConfig",
     "AuthConfig",
+    "BudgetsConfig",
     "CacheConfig",
     "CircuitBreakerConfig",
     "Config",
@@ -571,6 +572,15 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class BudgetsConfig:
+    """Managed keys' budgets: the output cap reserved for a request that sets none, and how often spend
+    is written to the key store (also the most a SIGKILL can lose)."""
+
+    default_output_tokens: int = _setting(4096, _int_at_least(1))
+    flush_ms: int = _setting(1000, _int_at_least(1))
+
+
+@attrs.frozen
 class CacheConfig:
     enabled: bool = _setting(False)
     ttl_ms: int = _setting(300_000, _int_at_least(1))
@@ -746,6 +756,7 @@ class Config:
     failover: FailoverConfig = _setting(factory=FailoverConfig)
     telemetry: TelemetryConfig = _setting(factory=TelemetryConfig)
     limits: LimitsConfig = _setting(factory=LimitsConfig)
+    budgets: BudgetsConfig = _setting(factory=BudgetsConfig)
     cache: CacheConfig = _setting(factory=CacheConfig)
     responses: ResponsesConfig = _setting(factory=ResponsesConfig)
     metrics: MetricsConfig = _setting(factory=MetricsConfig)

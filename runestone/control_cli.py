@@ -1,4 +1,5 @@
-"""The operator's commands against a live gateway: ``runestone providers|groups|state|chat|events``.
+"""The operator's commands against a live gateway: ``runestone providers|groups|state|chat|events`` (and
+``keys|teams``, in runestone.governance.cli).
 
 Each command is a short-lived WebSocket client (trio-websocket) of the gateway: the control socket
 ``/v1/control`` with the admin key for providers, groups, state and the event feed, and ``/v1/ws`` with a
@@ -397,3 +398,7 @@ def add_control_commands(sub) -> None:
     c = sub.add_parser("events", parents=[admin], help="tail the live telemetry events (one JSON per line)")
     c.add_argument("--count", type=int, help="stop after this many events")
     c.set_defaults(func=_run(events))
+
+    from .governance.cli import add_key_commands
+
+    add_key_commands(sub, admin)

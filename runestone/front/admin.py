@@ -656,7 +656,7 @@ class AdminRoutes:
             return
         runner = self._operation(op, msg)
         if runner is None:
-            known = ", ".join(sorted(_OPERATIONS))
+            known = ", ".join(sorted(_OPERATIONS | set(getattr(self.app, "control_ops", ()))))
             await conn.send({**ws_error(rid, f"unknown operation {op!r}: expected one of {known}"
                                         if op is not None else f"a message needs a \"type\": one of {known}",
                                         "unknown_type", param="type"), "op": op})
@@ -706,7 +706,8 @@ class AdminRoutes:
             return plane.reset_circuit(msg.get("name"))
         if op == "dump_state":
             return _ready(plane.dump_state)
-        return None
+        extra = getattr(self.app, "control_ops", {}).get(op) if isinstance(op, str) else None
+        return extra(msg) if extra is not None else None
 
     async def _run(self, conn: ControlConnection, op: str, rid: Any, runner) -> None:
         try:

@@ -50,6 +50,8 @@ class KeyRing:
         self._matched: dict[str | bytes, str] = {}
         self.open_mode = open_mode
         self.has_admin = self._admin is not None
+        #: Managed keys (runestone.governance): digest -> key id of an active key, or None.
+        self.managed = None
 
     @staticmethod
     def bearer(header: bytes | None) -> bytes | None:
@@ -73,8 +75,12 @@ class KeyRing:
         if kid is None and self._admin is not None and hmac.compare_digest(self._admin, d):
             kid = "admin"
         if kid is not None:
+            # Static keys only: a managed key may be revoked or expire, so it is looked up every time.
             self._matched[token] = kid
-        return kid
+            return kid
+        if self.managed is not None:
+            return self.managed(d)
+        return None
 
     def is_admin(self, token: bytes | None) -> bool:
         if self._admin is None or token is None:

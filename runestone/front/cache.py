@@ -9,12 +9,20 @@ first out. A request with ``cache-control: no-cache`` is not answered from the c
 stored; ``no-store`` bypasses the cache both ways. Hits and misses of lookups are counted on the
 telemetry sender; every response the cache has seen carries ``x-runestone-cache: hit|miss``.
 
+A hit is a request like any other for the caller's key: ``admit`` (the governance's ``admit_cached``)
+counts it against the key's and team's rate limits and request counts, and a usage row records it with
+provider ``cache`` and cost 0 (it cost nothing upstream). When ``admit`` says no (a limit is reached, the
+model is no longer allowed), the request goes through the pipeline instead, which refuses or queues it
+exactly as it would any request.
+
 The cache is shared by the connection tasks of one trio thread; no method awaits, so each is atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from collections import OrderedDict
 
 import attrs
@@ -22,6 +30,7 @@ import orjson
 import trio
 
 from ..http.server import Request, Response
+from ..telemetry.events import RequestFinished
 
 __all__ = ["CacheStatistics", "ResponseCache", "install"]
 
@@ -71,6 +80,8 @@ class ResponseCache:
         self.misses = 0
         self.evictions = 0
         self.expirations = 0
+        #: ``admit(key_id, model) -> bool``: may this caller be answered from the cache now (and count it)?
+        self.admit = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,11 +99,17 @@ class ResponseCache:
 
     def get(self, key: bytes) -> _Entry | None:
         """The live entry for ``key`` (now most recently used), or None; counts a hit or a miss."""
+        return self._counted(key, self._live(key))
+
+    def _live(self, key: bytes) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is not None and entry.expires <= trio.current_time():
             del self._entries[key]
             self.expirations += 1
             entry = None
+        return entry
+
+    def _counted(self, key: bytes, entry: _Entry | None) -> _Entry | None:
         hit = entry is not None
         if hit:
             self._entries.move_to_end(key)
@@ -123,7 +140,8 @@ class ResponseCache:
 
     # -- the chat route's two calls -----------------------------------------------------------------------
 
-    def lookup(self, request: Request, body: dict, key_id: str | None) -> tuple[bytes | None, Response | None]:
+    def lookup(self, request: Request, body: dict, key_id: str | None,
+               request_id: str | None = None) -> tuple[bytes | None, Response | None]:
         """Before routing: ``(key to store under or None, the cached response or None)``."""
         directive = request.header(b"cache-control")
         lookup = True
@@ -134,8 +152,16 @@ class ResponseCache:
             lookup = b"no-cache" not in directive
         key = self.key(body, key_id)
         if lookup:
-            entry = self.get(key)
+            entry = self._live(key)
+            model = body.get("model")
+            if entry is not None and self.admit is not None and not self.admit(key_id, model):
+                entry = None  # the pipeline serves it, and refuses or queues it as the caller's limits say
+            entry = self._counted(key, entry)
             if entry is not None:
+                if self._telemetry is not None:
+                    self._telemetry.emit(RequestFinished(
+                        request_id or "req_" + os.urandom(12).hex(), key_id, "cache", model, "chat", False, "ok", 200,
+                        None, 0.0, None, 0, 0, 0.0, 0, 0, "cache", time.time()))
                 return key, Response(200, [_JSON, (b"x-runestone-provider", entry.provider), _HIT], entry.body)
         return key, None
 
@@ -154,3 +180,6 @@ def install(front, app) -> None:
         return
     front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=app.telemetry,
                                 resolve_alias=app.gateway.resolve_alias)
+    governance = getattr(app, "governance", None)
+    if governance is not None:
+        front.cache.admit = governance.admit_cached

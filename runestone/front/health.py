@@ -6,7 +6,9 @@ load balancer stops sending traffic to a gateway that could only fail it. The de
 published provider table, breaker views and health table (read without a mailbox) with the telemetry
 handler's totals (one ``call``; these routes are not the hot path). ``/metrics`` is Prometheus text, open to
 anyone unless ``[metrics] require_key`` asks for the admin key or the metrics key as a bearer token.
-``/v1/usage`` summarises the usage ledger for the caller's own key; the admin key sees every key.
+``/v1/usage`` summarises the usage ledger for the caller's own key; the admin key sees every key (or one
+with ``?key_id=``, one team's with ``?team=``); ``?group_by=`` picks from key_id, team, model, provider,
+endpoint, status, day (default model,day).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..resilience.breaker import DENY, check
 from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
 from ..telemetry.metrics import render_counter
+from ..telemetry.ledger import SUMMARY_COLUMNS
 
 __all__ = ["install"]
 
@@ -160,20 +163,34 @@ class HealthRoutes:
             "Requests the gateway could not make, and connections it could not accept, for want of its own "
             "resources (op connect|accept; kind emfile, enfile, enomem, enobufs, pool_full).",
             ("op", "kind"), local_resource_errors)
+        governance = getattr(self.app, "governance", None)
+        if governance is not None:
+            text += governance.prometheus().encode()
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:
         key_id = caller.key_id
+        query = parse_qs(request.query)
+        team = None
         if caller.admin:
-            wanted = parse_qs(request.query).get("key_id")
+            wanted = query.get("key_id")
             key_id = wanted[0] if wanted else None
+            team = (query.get("team") or [None])[0]
         elif key_id is None:
             key_id = "open"  # open loopback mode: requests are recorded without a key id
+        group_by = ("model", "day")
+        if query.get("group_by"):
+            group_by = tuple(g.strip() for g in query["group_by"][0].split(",") if g.strip())
+            unknown = [g for g in group_by if g not in SUMMARY_COLUMNS]
+            if unknown:
+                raise GatewayError(400, f"cannot group usage by {unknown[0]!r}; choose from "
+                                   f"{', '.join(sorted(SUMMARY_COLUMNS))}", param="group_by", code="invalid_value")
         ref = self.app.registry.whereis("telemetry_handler")
         if ref is None:
             raise GatewayError(503, "usage is unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable")
-        result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id), timeout=10.0)
+        result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id, group_by, team),
+                                timeout=10.0)
         if key_id == "open" and not caller.admin:
             result = dict(result)
             result["key_id"] = None

@@ -8,6 +8,10 @@ shape with ``Retry-After`` and the ``x-ratelimit-*`` headers OpenAI sends; an ad
 headers too. With ``limits.queue`` on, an excess request waits instead, in its key's FIFO queue (bounded
 by ``queue_size``, with a deadline of ``queue_timeout_ms``), so one noisy key queues behind itself and never
 in front of another key. All limits are 0 = off; everything runs on trio's clock (MockClock in tests).
+
+The configured limits are every key's defaults; :meth:`KeyLimiter.admit` takes a key's own
+:class:`LimitValues` instead (a managed key's or a team's, runestone.governance), so one limiter holds the
+buckets of keys and teams alike, each under its own name.
 """
 
 from __future__ import annotations
@@ -20,7 +24,20 @@ import trio
 
 from ..routing.executor import GatewayError
 
-__all__ = ["KeyLimiter", "Lease"]
+__all__ = ["KeyLimiter", "Lease", "LimitValues"]
+
+
+@attrs.frozen
+class LimitValues:
+    """One key's (or team's) limits; 0 = off."""
+
+    rpm: int = 0
+    rph: int = 0
+    tpm: int = 0
+    max_concurrent: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
 
 
 @attrs.define(slots=True)
@@ -47,23 +64,38 @@ class _Bucket:
 
 @attrs.define
 class _KeyState:
+    limits: LimitValues
     minute: _Bucket | None
     hour: _Bucket | None
     tokens: _Bucket | None
     active: int = 0
     waiters: deque = attrs.Factory(deque)
+    #: Who the limits are of, as a refusal names them ("this key", "team 'eng'").
+    label: str = "this key"
 
 
 class Lease:
-    """An admitted request; ``release()`` exactly once when it is finished (idempotent)."""
+    """An admitted request; ``release()`` exactly once when it is finished (idempotent).
 
-    __slots__ = ("_limiter", "_key", "headers", "_done")
+    ``headers`` (the ``x-ratelimit-*`` ones) are made when first read, as the key's buckets are then: a
+    lease whose headers nobody sends (a team's, beside its key's) costs nothing to make them.
+    """
 
-    def __init__(self, limiter: "KeyLimiter", key: str, headers: list) -> None:
+    __slots__ = ("_limiter", "_key", "_st", "_headers", "_done")
+
+    def __init__(self, limiter: "KeyLimiter", key: str, st: "_KeyState") -> None:
         self._limiter = limiter
         self._key = key
-        self.headers = headers
+        self._st = st
+        self._headers = None
         self._done = False
+
+    @property
+    def headers(self) -> list:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = self._limiter._headers(self._st)
+        return headers
 
     def release(self) -> None:
         if not self._done:
@@ -84,33 +116,45 @@ def _reset_text(seconds: float) -> bytes:
     return (f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s").encode()
 
 
+def _buckets(limits: LimitValues, now: float) -> tuple:
+    rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
+    return (_Bucket(rpm, rpm / 60.0, rpm, now) if rpm else None,
+            _Bucket(rph, rph / 3600.0, rph, now) if rph else None,
+            _Bucket(tpm, tpm / 60.0, tpm, now) if tpm else None)
+
+
 class KeyLimiter:
     def __init__(self, cfg) -> None:
         self.rpm = cfg.requests_per_minute
         self.rph = cfg.requests_per_hour
         self.tpm = cfg.tokens_per_minute
         self.max_concurrent = cfg.max_concurrent_per_tenant
+        #: Every key's limits unless it has its own.
+        self.defaults = LimitValues(self.rpm, self.rph, self.tpm, self.max_concurrent)
         self.queue = cfg.queue
         self.queue_size = cfg.queue_size
         self.queue_timeout = cfg.queue_timeout_ms / 1000
-        self.enabled = bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
+        self.enabled = bool(self.defaults)
         self._keys: dict[str, _KeyState] = {}
         self.refused = 0
         self.queued = 0
 
-    def _state(self, key: str, now: float) -> _KeyState:
+    def _state(self, key: str, now: float, limits: LimitValues | None = None, label: str = "this key") -> _KeyState:
         st = self._keys.get(key)
+        if limits is None:
+            limits = self.defaults
         if st is None:
-            st = self._keys[key] = _KeyState(
-                _Bucket(self.rpm, self.rpm / 60.0, self.rpm, now) if self.rpm else None,
-                _Bucket(self.rph, self.rph / 3600.0, self.rph, now) if self.rph else None,
-                _Bucket(self.tpm, self.tpm / 60.0, self.tpm, now) if self.tpm else None,
-            )
+            st = self._keys[key] = _KeyState(limits, *_buckets(limits, now), label=label)
+        elif st.limits is not limits and st.limits != limits:
+            # The key's limits were changed (PATCH): fresh buckets at the new limits; in-flight requests stay.
+            st.limits = limits
+            st.minute, st.hour, st.tokens = _buckets(limits, now)
         return st
 
     def _blocked(self, st: _KeyState, now: float) -> tuple[float, str] | None:
         """None when a request may start now; else (seconds to wait, which limit)."""
-        if self.max_concurrent and st.active >= self.max_concurrent:
+        max_concurrent = st.limits.max_concurrent
+        if max_concurrent and st.active >= max_concurrent:
             return math.inf, "concurrent requests"
         if st.minute is not None and st.minute.refill(now) < 1:
             return st.minute.wait_for(1), "requests per minute"
@@ -144,16 +188,27 @@ class KeyLimiter:
         if st.hour is not None:
             st.hour.level -= 1
         st.active += 1
-        return Lease(self, key, self._headers(st))
+        return Lease(self, key, st)
 
     async def admit_request(self, request, plan) -> Lease:
         """The pipeline's admission (runestone.routing.executor.Admission): the caller's key's limits."""
         return await self.admit(request.key_id or "open")
 
-    async def admit(self, key: str) -> Lease:
-        """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError."""
+    def try_admit(self, key: str, limits: LimitValues | None = None, label: str = "this key") -> Lease | None:
+        """A lease if ``key`` may make a request this instant (never waits, never refuses), else None."""
         now = trio.current_time()
-        st = self._state(key, now)
+        st = self._state(key, now, limits, label)
+        if st.waiters or self._blocked(st, now) is not None:
+            return None
+        return self._take(key, st)
+
+    async def admit(self, key: str, limits: LimitValues | None = None, label: str = "this key") -> Lease:
+        """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError.
+
+        ``limits`` are the key's own (default: the configured ones); ``label`` names whose they are.
+        """
+        now = trio.current_time()
+        st = self._state(key, now, limits, label)
         blocked = None if st.waiters else self._blocked(st, now)
         if blocked is None and not st.waiters:
             return self._take(key, st)
@@ -227,15 +282,16 @@ class KeyLimiter:
             headers.append((b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()))
         else:
             headers.append((b"retry-after", b"1"))
+        lim, label = st.limits, st.label
         if which == "concurrent requests":
-            msg = (f"rate limit reached: this key already has {st.active} requests in flight (limit "
-                   f"{self.max_concurrent}); wait for one to finish")
+            msg = (f"rate limit reached: {label} already has {st.active} requests in flight (limit "
+                   f"{lim.max_concurrent}); wait for one to finish")
         elif which == "queue":
-            msg = f"rate limit reached and this key's wait queue is full ({self.queue_size}); retry later"
+            msg = f"rate limit reached and the queue is full for {label} ({self.queue_size} waiting); retry later"
         else:
-            limit = {"requests per minute": self.rpm, "requests per hour": self.rph,
-                     "tokens per minute": self.tpm}[which]
-            msg = f"rate limit reached: {limit} {which} for this key; retry after {max(wait, 0.001):.3g}s"
+            limit = {"requests per minute": lim.rpm, "requests per hour": lim.rph,
+                     "tokens per minute": lim.tpm}[which]
+            msg = f"rate limit reached: {limit} {which} for {label}; retry after {max(wait, 0.001):.3g}s"
         if waited:
             msg += f" (waited {self.queue_timeout:g}s in the queue)"
         return GatewayError(429, msg, "rate_limit_error", code="rate_limit_exceeded", headers=headers)

@@ -73,7 +73,7 @@ def access_record(ev: RequestFinished, route: str | None, provider: str | None) 
         "tokens_in": ev.tokens_in,
         "tokens_out": ev.tokens_out,
         "cost_usd": ev.cost,
-        "cache_hit": False,
+        "cache_hit": ev.provider == "cache",  # the response cache records its hits as provider "cache"
     }
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "ActorRestarted",
     "AttemptFinished",
     "BreakerTransition",
+    "BudgetExceeded",
     "Event",
     "FailoverEvent",
     "ProviderRegistered",
@@ -175,6 +176,26 @@ class ProviderUnregistered(_EventBase):
     name: str
 
 
+@_event("budget_exceeded")
+class BudgetExceeded(_EventBase):
+    """A request was refused before dispatch: its worst-case cost did not fit a budget.
+
+    ``budget`` is whose: ``"key"`` or ``"team"``; amounts are USD; ``resets_at`` ISO 8601 UTC (None for a
+    total budget). Never carries a secret: the key is named by its id.
+    """
+
+    key_id: str
+    team: str | None
+    budget: str
+    period: str
+    limit_usd: float
+    remaining_usd: float
+    requested_usd: float
+    resets_at: str | None
+    model: str
+    wall_time: float
+
+
 Event = (
     RequestFinished
     | AttemptFinished
@@ -183,6 +204,7 @@ Event = (
     | FailoverEvent
     | ProviderStatusEvent
     | ActorRestarted
+    | BudgetExceeded
     | ProviderRegistered
     | ProviderUnregistered
 )

@@ -34,6 +34,7 @@ from .events import (
     ActorRestarted,
     AttemptFinished,
     BreakerTransition,
+    BudgetExceeded,
     FailoverEvent,
     ProviderRegistered,
     ProviderStatusEvent,
@@ -109,7 +110,7 @@ class TelemetryHandler(Actor):
     - ``"metrics"`` or ``("metrics", ExtraGauges)``: the ``/metrics`` body (bytes);
     - ``"health"``: ``{provider: HealthView}``;
     - ``"summary"``: :class:`OverallSummary`;
-    - ``("usage", key_id | None)`` or ``("usage", key_id, group_by)``: flushes,
+    - ``("usage", key_id | None)``, ``("usage", key_id, group_by)`` or ``(..., group_by, team)``: flushes,
       then ``{"ledger": bool, "key_id", "rows": [...], "totals": {...}}``;
     - ``("subscribe", send_channel)`` / ``("unsubscribe", send_channel)``: bool;
     - ``"flush"``: rows written.
@@ -184,6 +185,7 @@ class TelemetryHandler(Actor):
             ProviderRegistered: self._on_registered,
             ProviderUnregistered: self._on_unregistered,
             ProviderStatusEvent: _ignore,
+            BudgetExceeded: _ignore,  # for the live feed; its counts are the governance's
         }
         ledger = self._given_ledger
         if ledger is None and self.ledger_path is not None:
@@ -299,7 +301,7 @@ class TelemetryHandler(Actor):
             op = msg[0]
             if op == "metrics" and len(msg) == 2:
                 return self.render_metrics(msg[1])
-            if op == "usage" and len(msg) in (2, 3):
+            if op == "usage" and len(msg) in (2, 3, 4):
                 return await self.usage(msg[1], *msg[2:])
             if op == "subscribe" and len(msg) == 2:
                 if msg[1] not in self.subscribers:
@@ -343,16 +345,19 @@ class TelemetryHandler(Actor):
             p99=lat.percentile(99),
         )
 
-    async def usage(self, key_id: str | None, group_by: Sequence[str] = ("model", "day")) -> dict[str, Any]:
-        """Usage from the ledger, flushed first so the answer includes every request seen."""
+    async def usage(self, key_id: str | None, group_by: Sequence[str] = ("model", "day"),
+                    team: str | None = None) -> dict[str, Any]:
+        """Usage from the ledger (of ``key_id``, of ``team``), flushed first so the answer includes every
+        request seen."""
         if self.ledger is None:
-            return {"ledger": False, "key_id": key_id, "rows": [], "totals": None}
+            return {"ledger": False, "key_id": key_id, "team": team, "rows": [], "totals": None}
         await self._flush()
         return {
             "ledger": True,
             "key_id": key_id,
-            "rows": await self.ledger.summary(key_id, group_by),
-            "totals": await self.ledger.totals(key_id),
+            "team": team,
+            "rows": await self.ledger.summary(key_id, group_by, team),
+            "totals": await self.ledger.totals(key_id, team),
         }
 
     # -- background and shutdown ---------------------------------------------

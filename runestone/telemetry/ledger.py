@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms REAL NOT NULL,
     status TEXT NOT NULL,
     http_status INTEGER NOT NULL,
-    request_id TEXT
+    request_id TEXT,
+    team TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
 """
@@ -74,12 +75,12 @@ _CACHE_KIB = 256
 
 _INSERT = (
     "INSERT INTO usage (ts, request_id, key_id, provider, model, endpoint, tokens_in, tokens_out, cost,"
-    " latency_ms, status, http_status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " latency_ms, status, http_status, team) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 #: The fields of a buffered row, in order (``latency`` in seconds, as the record has it).
 _FIELDS = ("wall_time", "request_id", "key_id", "provider", "model", "endpoint", "tokens_in", "tokens_out",
-           "cost", "latency", "status", "http_status")
+           "cost", "latency", "status", "http_status", "team")
 
 #: What ``summary`` may group by, and the SQL for each (a whitelist: these are
 #: pasted into the query, so nothing else may be).
@@ -87,6 +88,7 @@ SUMMARY_COLUMNS = {
     "model": "model",
     "provider": "provider",
     "key_id": "key_id",
+    "team": "team",
     "endpoint": "endpoint",
     "status": "status",
     "day": "date(ts, 'unixepoch')",
@@ -126,7 +128,7 @@ def _status_code(v: Any) -> bool:
 
 
 _CHECKS = (_amount, _optional_text, _optional_text, _text, _text, _text, _tokens, _tokens, _amount, _amount,
-           _text, _status_code)
+           _text, _status_code, _optional_text)
 
 
 def _problem(row: tuple) -> str | None:
@@ -165,6 +167,8 @@ class UsageLedger:
         self.quarantine_path = None if path == ":memory:" else path + ".quarantine.jsonl"
         self.batch = batch
         self.max_buffer = max_buffer
+        #: key id -> its team (or None), asked when a row is added: the team the key was in at the time.
+        self.team_of = None
         self._price = Pricer(pricing)
         self._buffer: list[tuple] = []
         self._conn: sqlite3.Connection | None = None
@@ -195,8 +199,12 @@ class UsageLedger:
             # process grew ~100 bytes per request up to 2 MB. Appends and the rare summary need little of it.
             conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             conn.executescript(_SCHEMA)
-            if "request_id" not in {r[1] for r in conn.execute("PRAGMA table_info(usage)")}:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
+            if "request_id" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
+            if "team" not in columns:
+                conn.execute("ALTER TABLE usage ADD COLUMN team TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS usage_team_ts ON usage (team, ts)")
         except BaseException:
             conn.close()
             raise
@@ -218,21 +226,28 @@ class UsageLedger:
             del buffer[0]  # the oldest goes; only when writes keep failing
             self.lost += 1
         g = getattr
+        key_id = g(record, "key_id", None)
+        team = g(record, "team", None)
+        if team is None and self.team_of is not None and key_id is not None:
+            try:
+                team = self.team_of(key_id)
+            except Exception:
+                team = None
         buffer.append((
-            g(record, "wall_time", None), g(record, "request_id", None), g(record, "key_id", None),
+            g(record, "wall_time", None), g(record, "request_id", None), key_id,
             g(record, "provider", None), g(record, "model", None), g(record, "endpoint", None),
             g(record, "tokens_in", None), g(record, "tokens_out", None),
             g(record, "cost", None) if cost is None else cost,
-            g(record, "latency", None), g(record, "status", None), g(record, "http_status", None),
+            g(record, "latency", None), g(record, "status", None), g(record, "http_status", None), team,
         ))
         if len(buffer) >= self.batch:
             self.batch_full.set()
 
     def _stored(self, row: tuple) -> tuple:
         """The row as inserted: priced, latency in milliseconds."""
-        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http = row
+        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team = row
         cost = self._price(cost, provider, model, tin, tout)
-        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http)
+        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team)
 
     def _write_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
         """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""
@@ -361,11 +376,11 @@ class UsageLedger:
             return await trio.to_thread.run_sync(lambda: conn.execute(sql, params).fetchall())
 
     async def summary(
-        self, key_id: str | None = None, group_by: Sequence[str] = ("model", "day")
+        self, key_id: str | None = None, group_by: Sequence[str] = ("model", "day"), team: str | None = None
     ) -> list[dict[str, Any]]:
         """Requests, errors, tokens and cost per group, over written rows only.
 
-        ``key_id`` None covers every key. ``group_by`` names come from
+        ``key_id`` None covers every key; ``team`` keeps the rows of that team's keys. ``group_by`` names come from
         :data:`SUMMARY_COLUMNS` (``day`` is the UTC date, ``YYYY-MM-DD``);
         rows are ordered by the group columns. Unflushed records are not
         counted: call ``flush`` first for an up-to-the-moment answer.
@@ -377,10 +392,15 @@ class UsageLedger:
             cols.append(SUMMARY_COLUMNS[name])
         select = ", ".join(cols + [_AGGREGATES])
         sql = f"SELECT {select} FROM usage"
-        params: tuple = ()
+        where, params = [], []
         if key_id is not None:
-            sql += " WHERE key_id = ?"
-            params = (key_id,)
+            where.append("key_id = ?")
+            params.append(key_id)
+        if team is not None:
+            where.append("team = ?")
+            params.append(team)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         if cols:
             order = ", ".join(str(i + 1) for i in range(len(cols)))
             sql += f" GROUP BY {order} ORDER BY {order}"
@@ -388,9 +408,9 @@ class UsageLedger:
         names = tuple(group_by) + ("requests", "tokens_in", "tokens_out", "cost", "errors")
         return [dict(zip(names, row)) for row in rows if row[len(cols)]]
 
-    async def totals(self, key_id: str | None = None) -> dict[str, Any]:
-        """Requests, errors, tokens and cost over all written rows (of ``key_id``)."""
-        rows = await self.summary(key_id, group_by=())
+    async def totals(self, key_id: str | None = None, team: str | None = None) -> dict[str, Any]:
+        """Requests, errors, tokens and cost over all written rows (of ``key_id``, of ``team``)."""
+        rows = await self.summary(key_id, group_by=(), team=team)
         if rows:
             return rows[0]
         return {"requests": 0, "tokens_in": 0, "tokens_out": 0, "cost": 0.0, "errors": 0}

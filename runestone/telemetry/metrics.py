@@ -440,3 +440,16 @@ def render_prometheus(
         (("runestone_ledger_quarantined_total", "", ledger_quarantined),),
     )
     return "".join(out).encode()
+
+
+def budget_families(spend_usd: Mapping[str, float], refusals: Mapping[tuple[str, str], int]) -> str:
+    """Budget spend per team and budget refusals per (team, whose budget) in the text format: labels are
+    team names (and "" for keys in no team), never keys, so the series stay as few as the teams."""
+    out: list[str] = []
+    _family(out, "runestone_budget_spend_usd_total", "Settled spend of managed keys in USD, per team.", "counter",
+            (("runestone_budget_spend_usd_total", _labels(("team",), (t,)), v) for t, v in sorted(spend_usd.items())))
+    _family(out, "runestone_budget_refusals_total",
+            "Requests refused before dispatch because their worst-case cost did not fit a budget.", "counter",
+            (("runestone_budget_refusals_total", _labels(("team", "budget"), k), n)
+             for k, n in sorted(refusals.items())))
+    return "".join(out)

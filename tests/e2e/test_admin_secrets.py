@@ -23,8 +23,12 @@ SECRETS = {
 }
 
 
+#: Secrets of managed keys, learnt from the one answer that shows each (kept out of ``seen``).
+MANAGED: dict[str, str] = {}
+
+
 def _leaks(text: str) -> list[str]:
-    return [name for name, secret in SECRETS.items() if secret in text]
+    return [name for name, secret in {**SECRETS, **MANAGED}.items() if secret in text]
 
 
 async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_factory, caplog, nursery, tmp_path):
@@ -89,6 +93,34 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
                                json={"config": {"api_key": SECRETS["updated_key"]}})
                 assert r.status_code == 200
 
+                # Managed keys: the answers that show a secret are the only ones not searched.
+                assert (await call("POST", "/admin/teams", headers=admin, json={
+                    "name": "secret-team", "budget": {"usd": 5, "period": "day"}})).status_code == 201
+                r = await http.post("/admin/keys", headers=admin, json={"name": "managed", "team": "secret-team",
+                                                                       "budget": {"usd": 0.0, "period": "day"}})
+                assert r.status_code == 201
+                managed_id = r.json()["id"]
+                MANAGED["managed_first"] = r.json()["secret"]
+                r = await http.post(f"/admin/keys/{managed_id}/rotate", headers=admin, json={"grace_ms": 60_000})
+                MANAGED["managed_rotated"] = r.json()["secret"]
+                gone = (await http.post("/admin/keys", headers=admin, json={"name": "gone"})).json()
+                MANAGED["managed_revoked"] = gone["secret"]
+                assert (await call("DELETE", f"/admin/keys/{gone['id']}", headers=admin)).status_code == 200
+                for secret in MANAGED.values():
+                    key_headers = {"authorization": f"Bearer {secret}"}
+                    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+                    # A $0 budget: refused for its budget (both secrets), the revoked one for itself.
+                    r = await call("POST", "/v1/chat/completions", headers=key_headers, json=chat)
+                    assert r.status_code in (401, 429), r.text
+                    await call("GET", "/v1/key", headers=key_headers)
+                    await call("POST", "/v1/messages", headers={"x-api-key": secret}, json={
+                        "model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 401
+                await call("PATCH", f"/admin/keys/{managed_id}", headers=admin, json={"budget": {"usd": "x"}})
+                await call("PATCH", f"/admin/keys/{managed_id}", headers=admin, json={"budget": None})
+                assert (await call("POST", "/v1/chat/completions", headers={
+                    "authorization": f"Bearer {MANAGED['managed_rotated']}"}, json=chat)).status_code == 200
+
                 for model in ("gpt-4o-mini", "claude-haiku-4-5", "cred-model"):
                     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
                     assert (await call("POST", "/v1/chat/completions", headers=client, json=chat)).status_code == 200
@@ -107,13 +139,14 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
                         if orjson.loads(raw)["type"] != "chunk":
                             break
 
-                for path in ("/admin/state", "/admin/providers", "/admin/providers/rt-anthropic",
+                for path in ("/admin/keys", f"/admin/keys/{managed_id}", "/admin/teams", "/admin/teams/secret-team",
+                             "/v1/usage", "/admin/state", "/admin/providers", "/admin/providers/rt-anthropic",
                              "/admin/providers/with-credentials", "/admin/groups", "/health/detailed",
                              "/health/providers", "/metrics", "/dashboard/state"):
                     r = await call("GET", path, headers=admin)
                     assert r.status_code == 200, (path, r.text)
                 state = (await call("GET", "/admin/state", headers=admin)).json()
-                for op in ("dump_state", "list_providers"):
+                for op in ("dump_state", "list_keys", "list_teams", "list_providers"):
                     await control.send_message(orjson.dumps({"type": op, "id": op}).decode())
                 assert (await call("DELETE", "/admin/providers/rt-anthropic", headers=admin)).status_code == 200
                 await gw.app.registry.whereis("telemetry_handler").call("summary")
@@ -135,6 +168,10 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
     assert not _leaks("\n".join(seen)), "a secret reached a client or an operator"
     assert not _leaks(orjson.dumps(events).decode()), "a secret is in the event feed"
     assert not _leaks(orjson.dumps(gw.app.dump_state(), default=str).decode()), "a secret is in the state dump"
+    assert any(e["kind"] == "budget_exceeded" for e in events)
+    stored = b"".join(p.read_bytes() for p in gw.app.data_dir.iterdir() if p.is_file())
+    # (Registered providers' credentials are persisted by design; managed keys' secrets never are.)
+    assert not [n for n, secret in MANAGED.items() if secret.encode() in stored], "a key's secret was stored"
     log_text = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert caplog.records, "nothing was logged: the log check would prove nothing"
     assert not _leaks(log_text), "a secret is in a log line"

@@ -38,7 +38,7 @@ async def test_liveness_readiness_and_provider_health(gateway_factory):
         detailed = (await http.get("/health/detailed", headers=h)).json()
         assert [c["id"] for c in detailed["tree"]] == [
             "telemetry_handler", "circuit_breaker_manager", "enhanced_provider_supervisor", "failover_manager",
-            "provider_pool", "alias_watcher", "front"]
+            "provider_pool", "alias_watcher", "key_store", "front"]
 
 
 async def test_ready_is_503_when_no_provider_is_usable(gateway_factory):

@@ -112,9 +112,10 @@ async def test_a_cache_hit_has_its_line(gateway_factory, fake_factory, tmp_path)
     assert second["cache_hit"] is True and second["request_id"] == hit.headers["x-request-id"]
     assert second["status"] == 200 and second["outcome"] == "ok"
     assert second["model_asked"] == second["model_served"] == MODEL
-    assert second["provider"] == "up" and second["key_id"] == first["key_id"]
+    # A hit is recorded as served by the cache (as in the ledger): no upstream was asked.
+    assert second["provider"] == "cache" and second["key_id"] == first["key_id"]
     assert second["attempts"] == 0 and second["cost_usd"] == 0.0
-    assert second["tokens_in"] == first["tokens_in"] and second["tokens_out"] == first["tokens_out"]
+    assert second["tokens_in"] == second["tokens_out"] == 0  # no upstream tokens were used
     assert PROMPT not in path.read_text()
 
 

@@ -253,7 +253,7 @@ async def test_no_ledger(autojump_clock):
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery)
         ref.cast(request())
-        assert await ref.call(("usage", None)) == {"ledger": False, "key_id": None, "rows": [], "totals": None}
+        assert await ref.call(("usage", None)) == {"ledger": False, "key_id": None, "team": None, "rows": [], "totals": None}
         assert await ref.call("flush") == 0
         ref.request_stop()
 

@@ -1,0 +1,721 @@
+"""The pipeline's admission with keys, teams and budgets: reserve before dispatch, settle after, on every path.
+
+:class:`Governance` implements :class:`~runestone.routing.executor.Admission`. For a managed key it checks,
+in this order and before any upstream call: the key is active (revoked or expired: 401), the model is on
+the key's and its team's allow-lists (403 ``model_not_allowed``), the request's worst-case cost fits the
+key's and the team's remaining budgets (429 ``insufficient_quota``/``budget_exceeded``), then the key's and
+the team's rate limits (the limiter's 429s, or its fair queue); then it *reserves* the worst-case cost on
+both budgets. The worst case is the estimated input tokens at the input price plus the output cap
+(``max_completion_tokens``/``max_tokens``/``max_output_tokens``, or ``default_output_tokens``; times ``n``)
+at the output price, the dearest of the plan's targets. When the request is recorded the lease is settled
+to the real cost (the pipeline's, from the upstream's usage and the one price table) and released; a
+request that got no answer settles at 0, which gives the whole reservation back.
+
+Atomicity: the fit check and the reservation are synchronous code with no checkpoint between them, and
+trio switches tasks only at checkpoints, so 200 concurrent requests at a budget's edge are admitted
+exactly as far as their reservations fit. When a limiter wait (queue mode) comes between, the fit is
+checked again after it. Money is nano-USD integers, so sums are exact.
+
+Nothing here waits on a mailbox or the disk: key lookup is a dict hit on the secret's digest, the
+allowances are in memory, and spend reaches the store through a batch written by :meth:`Governance.run`
+on a worker thread every ``flush_interval`` (and at stop): a crash loses at most that interval's spend,
+as the usage ledger. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
+get the configured limits and no budget, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import secrets
+import time
+from typing import Any, Callable
+
+import attrs
+import trio
+
+from ..front.limits import KeyLimiter, LimitValues
+from ..routing.errors import GatewayError
+from ..telemetry.costs import estimate_input_tokens, price_for
+from ..telemetry.events import BudgetExceeded
+from .periods import iso, period_bounds
+from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, parse_key, parse_key_patch, parse_team,
+                      parse_team_patch, usd)
+from .store import KeyStore, KeyStoreError
+
+__all__ = ["Allowance", "Governance", "GovernedLease"]
+
+log = logging.getLogger("runestone.governance")
+
+#: Longest grace a rotation may give the previous secret.
+MAX_GRACE_MS = 30 * 86400 * 1000
+#: Framing tokens reserved per chat message on top of its text (OpenAI counts 3-4).
+MESSAGE_TOKENS = 4
+
+
+@attrs.define(slots=True, eq=False)
+class Allowance:
+    """One budget holder's running account (a managed key's, or a team's), in nano-USD."""
+
+    scope: str  # "key" | "team"
+    name: str
+    budget: Budget | None
+    period: str
+    period_start: float
+    resets_at: float
+    spent: int = 0
+    reserved: int = 0
+    #: Reservations outstanding; at 0, ``reserved`` is exactly 0.
+    holds: int = 0
+    #: Requests admitted in the current period (cached answers included).
+    requests: int = 0
+
+    def roll(self, wall: float) -> bool:
+        """Start a new period if ``wall`` is past this one's end; True when it did."""
+        if wall < self.resets_at:
+            return False
+        self.period_start, self.resets_at = period_bounds(self.period, wall)
+        self.spent = 0
+        self.requests = 0
+        return True
+
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget.nano - self.spent - self.reserved
+
+    def view(self) -> dict:
+        budget = self.budget
+        remaining = self.remaining()
+        return {"period": self.period, "period_start": iso(self.period_start) if self.period != "total" else None,
+                "resets_at": iso(self.resets_at), "spent_usd": usd(self.spent), "reserved_usd": usd(self.reserved),
+                "budget_usd": usd(budget.nano) if budget else None,
+                "remaining_usd": usd(max(remaining, 0)) if remaining is not None else None,
+                "requests": self.requests}
+
+
+class _FreeLease:
+    """The lease of a caller with nothing to account for (no limits, no budget)."""
+
+    __slots__ = ()
+    headers: list = []
+
+    def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+FREE = _FreeLease()
+
+
+class GovernedLease:
+    """A managed key's admitted request: its reservation on each budget and its limiter leases."""
+
+    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state")
+
+    def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None) -> None:
+        self._gov = gov
+        self._holders = holders
+        self._amount = amount
+        self._leases = leases
+        self._team = team
+        self._state = 0  # 0 reserved, 1 settled, 2 released
+
+    @property
+    def headers(self) -> list:
+        """The first limiter lease's ``x-ratelimit-*`` headers (the key's when it has limits)."""
+        for lease in self._leases:
+            headers = lease.headers
+            if headers:
+                return headers
+        return []
+
+    def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
+        """Turn the reservation into the real cost (0 for a request that got no answer)."""
+        if self._state:
+            return
+        self._state = 1
+        nano = round(cost * NANO) if cost > 0 else 0
+        gov = self._gov
+        for h in self._holders:
+            h.holds -= 1
+            h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+            h.spent += nano
+            gov._dirty.add(h)
+        if nano:
+            gov.spend_by_team[self._team or ""] = gov.spend_by_team.get(self._team or "", 0) + nano
+        for lease in self._leases:
+            lease.settle(tokens_in, tokens_out, cost)
+
+    def release(self) -> None:
+        if self._state == 2:
+            return
+        if self._state == 0:
+            for h in self._holders:
+                h.holds -= 1
+                h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+        self._state = 2
+        for lease in self._leases:
+            lease.release()
+
+
+def new_key_id() -> str:
+    return "key_" + os.urandom(6).hex()
+
+
+def new_secret() -> str:
+    return "rsk-" + secrets.token_urlsafe(32)
+
+
+def digest_of(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class Governance:
+    """Managed keys and teams, their allowances, and the pipeline's admission.
+
+    ``wall`` is the wall clock budget periods are judged by (``time.time``; tests pass one driven by
+    trio's MockClock). ``limiter`` keeps every rate limit (configured defaults, keys' and teams' own).
+    """
+
+    def __init__(self, store: KeyStore | None, limiter: KeyLimiter, *, pricing: dict | None = None,
+                 telemetry: Any = None, default_output_tokens: int = 4096, flush_interval: float = 1.0,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.pricing = pricing or {}
+        self.telemetry = telemetry
+        self.default_output_tokens = default_output_tokens
+        self.flush_interval = flush_interval
+        self.wall = wall
+        self.keys: dict[str, KeyRecord] = {}
+        self.teams: dict[str, Team] = {}
+        #: secret digest -> key id (current secrets); previous secrets within their grace apart.
+        self._by_digest: dict[bytes, str] = {}
+        self._previous: dict[bytes, str] = {}
+        self._allowances: dict[tuple[str, str], Allowance] = {}
+        self._limits: dict[str, LimitValues] = {}
+        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
+        self._dirty: set[Allowance] = set()
+        self._changes = trio.Lock()
+        #: Called when the first managed key exists (the app closes open mode then).
+        self.on_first_key: Callable[[], None] | None = None
+        #: nano-USD spent per team ("" for keys without one), and refusals per (team, which budget).
+        self.spend_by_team: dict[str, int] = {}
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.spend_write_failures = 0
+
+    # -- loading and indexing -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read keys, teams and spend from the store (blocking; once, at start). Raises KeyStoreError."""
+        if self.store is None:
+            return
+        loaded = self.store.load()
+        wall = self.wall()
+        for team in loaded.teams:
+            self.teams[team.name] = team
+        for key in loaded.keys:
+            self._install_key(key)
+        for (scope, name), (start, nano, requests) in loaded.spend.items():
+            a = self._allowance(scope, name, wall)
+            if a is not None and a.period_start == start:
+                a.spent, a.requests = nano, requests
+
+    def _install_key(self, key: KeyRecord) -> None:
+        old = self.keys.get(key.id)
+        if old is not None:
+            self._by_digest.pop(old.digest, None)
+            if old.previous_digest:
+                self._previous.pop(old.previous_digest, None)
+        self.keys[key.id] = key
+        self._by_digest[key.digest] = key.id
+        if key.previous_digest:
+            self._previous[key.previous_digest] = key.id
+        self._limits.pop(key.id, None)
+        a = self._allowances.get(("key", key.id))
+        if a is not None:
+            self._rebudget(a, key.budget)
+
+    def _allowance(self, scope: str, name: str, wall: float) -> Allowance | None:
+        a = self._allowances.get((scope, name))
+        if a is None:
+            holder = self.keys.get(name) if scope == "key" else self.teams.get(name)
+            if holder is None:
+                return None
+            budget = holder.budget
+            period = budget.period if budget else "total"
+            start, reset = period_bounds(period, wall)
+            a = self._allowances[(scope, name)] = Allowance(scope, name, budget, period, start, reset)
+        else:
+            a.roll(wall)
+        return a
+
+    def _rebudget(self, a: Allowance, budget: Budget | None) -> None:
+        a.budget = budget
+        period = budget.period if budget else "total"
+        if period != a.period:
+            # A new kind of period starts its spend afresh: a day's spend is not a month's.
+            a.period = period
+            a.period_start, a.resets_at = period_bounds(period, self.wall())
+            a.spent = 0
+            a.requests = 0
+        self._dirty.add(a)
+
+    # -- authentication -------------------------------------------------------------------------------
+
+    def key_id_for(self, digest: bytes) -> str | None:
+        """The id of the active managed key whose secret has ``digest`` (KeyRing's hook), else None."""
+        kid = self._by_digest.get(digest)
+        if kid is None:
+            kid = self._previous.get(digest)
+            if kid is None:
+                return None
+            key = self.keys[kid]
+            if key.previous_until is None or self.wall() >= key.previous_until:
+                return None
+        else:
+            key = self.keys[kid]
+        if key.revoked_at is not None or (key.expires_at is not None and self.wall() >= key.expires_at):
+            return None
+        return kid
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.keys)
+
+    # -- admission ------------------------------------------------------------------------------------
+
+    async def admit_request(self, request, plan):
+        """The pipeline's admission (runestone.routing.executor.Admission)."""
+        key_id = request.key_id
+        key = self.keys.get(key_id) if key_id is not None else None
+        if key is None:
+            limiter = self.limiter
+            if limiter.enabled:
+                return await limiter.admit(key_id or "open")
+            return FREE
+        wall = self.wall()
+        team = self._active(key, wall)
+        self._check_models(key, team, request.model, plan)
+        amount = self.worst_case(request, plan)
+        holders = self._holders(key, team, wall)
+        self._check_fit(holders, amount, key, team, request.model)
+        leases = []
+        try:
+            limiter = self.limiter
+            limits = self._key_limits(key)
+            if limits:
+                leases.append(await limiter.admit(key.id, limits))
+            if team is not None and team.limits:
+                leases.append(await limiter.admit("team:" + team.name, team.limits, f"team {team.name!r}"))
+            if leases and limiter.queue:
+                # The limiter may have waited its queue: judge the key and the budgets as they are now.
+                # (Without a queue it never yields, so nothing can have changed since the check.)
+                wall = self.wall()
+                key = self.keys[key.id]
+                team = self._active(key, wall)
+                holders = self._holders(key, team, wall)
+                self._check_fit(holders, amount, key, team, request.model)
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        for h in holders:
+            h.reserved += amount
+            h.holds += 1
+            h.requests += 1
+            self._dirty.add(h)
+        return GovernedLease(self, holders, amount, leases, key.team)
+
+    def admit_cached(self, key_id: str | None, model: str) -> bool:
+        """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
+        team's request counts; it costs nothing). False when anything would refuse or make it wait: the
+        caller then serves the request through the pipeline, which refuses or queues it as it should."""
+        key = self.keys.get(key_id) if key_id is not None else None
+        limiter = self.limiter
+        if key is None:
+            if not limiter.enabled:
+                return True
+            lease = limiter.try_admit(key_id or "open")
+            if lease is None:
+                return False
+            lease.release()
+            return True
+        wall = self.wall()
+        try:
+            team = self._active(key, wall)
+            self._check_models(key, team, model, None)
+        except GatewayError:
+            return False
+        holders = self._holders(key, team, wall)
+        if any(h.budget is not None and h.remaining() < 0 for h in holders):
+            return False
+        leases = []
+        limits = self._key_limits(key)
+        if limits:
+            lease = limiter.try_admit(key.id, limits)
+            if lease is None:
+                return False
+            leases.append(lease)
+        if team is not None and team.limits:
+            lease = limiter.try_admit("team:" + team.name, team.limits, f"team {team.name!r}")
+            if lease is None:
+                for held in leases:
+                    held.release()
+                return False
+            leases.append(lease)
+        for lease in leases:
+            lease.release()
+        for h in holders:
+            h.requests += 1
+            self._dirty.add(h)
+        return True
+
+    def _active(self, key: KeyRecord, wall: float) -> Team | None:
+        if key.revoked_at is not None:
+            raise GatewayError(401, f"the API key {key.id} was revoked; ask for a new key", "authentication_error",
+                               code="invalid_api_key")
+        if key.expires_at is not None and wall >= key.expires_at:
+            raise GatewayError(401, f"the API key {key.id} expired at {iso(key.expires_at)}; ask for a new key",
+                               "authentication_error", code="invalid_api_key")
+        return self.teams.get(key.team) if key.team is not None else None
+
+    @staticmethod
+    def _check_models(key: KeyRecord, team: Team | None, model: str, plan) -> None:
+        for models, whose in ((key.models, "this key"), (team.models if team else None, "this key's team")):
+            if models is None or allows(models, model):
+                continue
+            # A name the allow-list does not hold (an alias, a group) may still plan only allowed models.
+            if plan is not None and plan.targets and all(allows(models, t.model) for t in plan.targets):
+                continue
+            raise GatewayError(403, f"the model {model!r} is not allowed for {whose}; allowed: "
+                               f"{', '.join(models) or 'none'}", "permission_error", param="model",
+                               code="model_not_allowed")
+
+    def _holders(self, key: KeyRecord, team: Team | None, wall: float) -> list[Allowance]:
+        holders = [self._allowance("key", key.id, wall)]
+        if team is not None:
+            holders.append(self._allowance("team", team.name, wall))
+        return holders
+
+    def _key_limits(self, key: KeyRecord) -> LimitValues:
+        limits = self._limits.get(key.id)
+        if limits is None:
+            own, d = key.limits, self.limiter.defaults
+            limits = self._limits[key.id] = LimitValues(own.rpm or d.rpm, own.rph or d.rph, own.tpm or d.tpm,
+                                                        own.max_concurrent or d.max_concurrent)
+        return limits
+
+    def _price(self, provider: str, model: str) -> tuple[float, float] | None:
+        k = (provider, model)
+        try:
+            return self._prices[k]
+        except KeyError:
+            pass
+        price = price_for(self.pricing, provider, model)
+        parts = None
+        if price is not None:
+            if isinstance(price, dict):
+                parts = (float(price["input_per_mtok"]), float(price["output_per_mtok"]))
+            else:
+                parts = (float(price.input_per_mtok), float(price.output_per_mtok))
+        if len(self._prices) >= 10_000:
+            self._prices.clear()
+        self._prices[k] = parts
+        return parts
+
+    def worst_case(self, request, plan) -> int:
+        """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
+        body = request.body
+        tokens_in = estimate_input_tokens(body)
+        if request.operation == "embed":
+            tokens_out = 0
+        else:
+            messages = body.get("messages")
+            if isinstance(messages, list):
+                tokens_in += MESSAGE_TOKENS * len(messages)
+            cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+            if type(cap) is not int or cap <= 0:
+                cap = self.default_output_tokens
+            n = body.get("n")
+            tokens_out = cap * (n if type(n) is int and n > 1 else 1)
+        dearest = 0.0
+        for target in plan.targets:
+            price = self._price(target.provider, target.model)
+            if price is not None:
+                c = tokens_in * price[0] + tokens_out * price[1]
+                if c > dearest:
+                    dearest = c
+        # USD per million tokens -> nano-USD: x 1e-6 x 1e9; the tiny epsilon absorbs float noise.
+        return math.ceil(dearest * 1000 - 1e-6) if dearest > 0 else 0
+
+    def _check_fit(self, holders: list[Allowance], amount: int, key: KeyRecord, team: Team | None,
+                   model: str) -> None:
+        for h in holders:
+            budget = h.budget
+            if budget is None:
+                continue
+            remaining = budget.nano - h.spent - h.reserved
+            if remaining >= amount:
+                continue
+            raise self._refusal(h, remaining, amount, key, team, model)
+
+    def _refusal(self, h: Allowance, remaining: int, amount: int, key: KeyRecord, team: Team | None,
+                 model: str) -> GatewayError:
+        budget = h.budget
+        whose = f"team {h.name!r}" if h.scope == "team" else f"this key ({key.name!r})"
+        period = "total" if budget.period == "total" else f"{budget.period}ly"
+        if budget.period == "day":
+            period = "daily"
+        if math.isfinite(h.resets_at):
+            when = f"it resets at {iso(h.resets_at)}"
+        else:
+            when = "it is a total budget and does not reset: ask for a larger budget"
+        msg = (f"budget exceeded: {whose} has ${usd(max(remaining, 0)):.6f} left of its ${usd(budget.nano):.6f} "
+               f"{period} budget and this request may cost up to ${usd(amount):.6f} (its input and its output "
+               f"cap at {model!r}'s prices); {when}. Lower max_tokens or wait for the reset")
+        headers = []
+        if math.isfinite(h.resets_at):
+            headers.append((b"retry-after", str(max(1, math.ceil(h.resets_at - self.wall()))).encode()))
+        team_name = team.name if team is not None else ""
+        k = (team_name, h.scope)
+        self.refusals[k] = self.refusals.get(k, 0) + 1
+        if self.telemetry is not None:
+            self.telemetry.emit(BudgetExceeded(key.id, team.name if team is not None else None, h.scope,
+                                               budget.period, usd(budget.nano), usd(max(remaining, 0)), usd(amount),
+                                               iso(h.resets_at), model, time.time()))
+        return GatewayError(429, msg, "insufficient_quota", code="budget_exceeded", headers=headers)
+
+    # -- reporting ------------------------------------------------------------------------------------
+
+    def team_of(self, key_id: str | None) -> str | None:
+        """The team of a managed key (the usage ledger records it with each row)."""
+        key = self.keys.get(key_id) if key_id is not None else None
+        return key.team if key is not None else None
+
+    def _spend_view(self, scope: str, name: str) -> dict | None:
+        a = self._allowance(scope, name, self.wall())
+        return a.view() if a is not None else None
+
+    def describe_key(self, key_id: str) -> dict:
+        key = self.keys.get(key_id)
+        if key is None:
+            raise GatewayError(404, f"no key with id {key_id!r}; list them with GET /admin/keys", "not_found_error",
+                               param="id", code="not_found")
+        out = key.to_dict(self.wall())
+        out["spend"] = self._spend_view("key", key.id)
+        return out
+
+    def describe_team(self, name: str) -> dict:
+        team = self.teams.get(name)
+        if team is None:
+            raise GatewayError(404, f"no team named {name!r}; list them with GET /admin/teams", "not_found_error",
+                               param="name", code="not_found")
+        out = team.to_dict()
+        out["spend"] = self._spend_view("team", name)
+        out["keys"] = sorted(k.id for k in self.keys.values() if k.team == name)
+        return out
+
+    def list_keys(self) -> list[dict]:
+        return [self.describe_key(k) for k in sorted(self.keys)]
+
+    def list_teams(self) -> list[dict]:
+        return [self.describe_team(t) for t in sorted(self.teams)]
+
+    def caller_view(self, key_id: str | None) -> dict:
+        """``GET /v1/key``: what the caller's key may do and has spent (never its secret)."""
+        key = self.keys.get(key_id) if key_id is not None else None
+        if key is None:
+            d = self.limiter.defaults
+            return {"id": key_id, "object": "api_key", "source": "config" if key_id else "open", "name": None,
+                    "team": None, "models": None, "budget": None, "spend": None,
+                    "limits": {"rpm": d.rpm, "rph": d.rph, "tpm": d.tpm, "max_concurrent": d.max_concurrent}}
+        out = self.describe_key(key.id)
+        out.pop("metadata", None)
+        out["source"] = "managed"
+        limits = self._key_limits(key)
+        out["limits"] = {"rpm": limits.rpm, "rph": limits.rph, "tpm": limits.tpm,
+                         "max_concurrent": limits.max_concurrent}
+        team = self.teams.get(key.team) if key.team else None
+        if team is not None:
+            out["team_budget"] = team.budget.to_dict() if team.budget else None
+            out["team_spend"] = self._spend_view("team", team.name)
+            out["team_limits"] = team.to_dict()["limits"]
+            out["team_models"] = list(team.models) if team.models is not None else None
+        return out
+
+    def snapshot(self) -> dict:
+        """For the state dump: counts and spend, never a secret or a digest."""
+        return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
+                "unwritten_spend": len(self._dirty), "spend_write_failures": self.spend_write_failures,
+                "refusals": {f"{t or '-'}/{s}": n for (t, s), n in sorted(self.refusals.items())}}
+
+    def prometheus(self) -> str:
+        """Spend and budget refusals per team (keys without a team under ``team=""``): bounded labels."""
+        from ..telemetry.metrics import budget_families
+
+        return budget_families({t: usd(n) for t, n in self.spend_by_team.items()}, self.refusals)
+
+    # -- management (admin API, control socket, CLI) --------------------------------------------------
+
+    async def _persist(self, write) -> None:
+        if self.store is None:
+            return
+        try:
+            await write
+        except KeyStoreError as exc:
+            log.error("key store write failed: %s", exc)
+            raise GatewayError(500, f"the change was not made: it could not be persisted ({exc})", "server_error",
+                               code="persistence_failed") from None
+
+    def _known_team(self, name: str | None) -> None:
+        if name is not None and name not in self.teams:
+            raise GatewayError(400, f"no team named {name!r}: create it first (POST /admin/teams)", param="team",
+                               code="team_not_found")
+
+    async def create_key(self, data: Any) -> dict:
+        """A new key; the answer carries its secret, this once."""
+        fields = parse_key(data)
+        async with self._changes:
+            self._known_team(fields["team"])
+            secret = new_secret()
+            kid = new_key_id()
+            while kid in self.keys:
+                kid = new_key_id()
+            key = KeyRecord(kid, fields["name"], digest_of(secret), fields["team"], fields["models"],
+                            fields["budget"], fields["limits"], fields["expires_at"], fields["metadata"], self.wall())
+            await self._persist(self.store.put_key(key) if self.store else None)
+            first = not self.keys
+            self._install_key(key)
+        if first and self.on_first_key is not None:
+            self.on_first_key()
+        log.info("key %s (%s) created%s", kid, key.name, f" in team {key.team}" if key.team else "")
+        return {**self.describe_key(kid), "secret": secret}
+
+    async def update_key(self, key_id: str, data: Any) -> dict:
+        patch = parse_key_patch(data)
+        async with self._changes:
+            key = self._key(key_id)
+            if "team" in patch:
+                self._known_team(patch["team"])
+            new = attrs.evolve(key, **patch)
+            await self._persist(self.store.put_key(new) if self.store else None)
+            self._install_key(new)
+        return self.describe_key(key_id)
+
+    async def revoke_key(self, key_id: str) -> dict:
+        """Revoke at once: the secret (and any previous one in its grace) stops working now."""
+        async with self._changes:
+            key = self._key(key_id)
+            if key.revoked_at is None:
+                new = attrs.evolve(key, revoked_at=self.wall(), previous_until=None)
+                await self._persist(self.store.put_key(new) if self.store else None)
+                self._install_key(new)
+        log.info("key %s revoked", key_id)
+        return self.describe_key(key_id)
+
+    async def rotate_key(self, key_id: str, grace_ms: Any = None) -> dict:
+        """A new secret for the key; the old one keeps working ``grace_ms`` more (0: stops now)."""
+        if grace_ms is None:
+            grace_ms = 0
+        if isinstance(grace_ms, bool) or not isinstance(grace_ms, (int, float)) or not 0 <= grace_ms <= MAX_GRACE_MS:
+            raise GatewayError(400, f"'grace_ms' must be a number of milliseconds between 0 and {MAX_GRACE_MS}",
+                               param="grace_ms", code="invalid_value")
+        async with self._changes:
+            key = self._key(key_id)
+            if key.revoked_at is not None:
+                raise GatewayError(409, f"the key {key_id} is revoked; create a new key instead", param="id",
+                                   code="key_revoked")
+            secret = new_secret()
+            now = self.wall()
+            new = attrs.evolve(key, digest=digest_of(secret), previous_digest=key.digest if grace_ms else None,
+                               previous_until=now + grace_ms / 1000 if grace_ms else None)
+            await self._persist(self.store.put_key(new) if self.store else None)
+            self._install_key(new)
+        log.info("key %s rotated (previous secret valid %gs more)", key_id, grace_ms / 1000)
+        return {**self.describe_key(key_id), "secret": secret}
+
+    def _key(self, key_id: Any) -> KeyRecord:
+        key = self.keys.get(key_id) if isinstance(key_id, str) else None
+        if key is None:
+            raise GatewayError(404, f"no key with id {key_id!r}; list them with GET /admin/keys", "not_found_error",
+                               param="id", code="not_found")
+        return key
+
+    async def create_team(self, data: Any) -> dict:
+        fields = parse_team(data)
+        async with self._changes:
+            if fields["name"] in self.teams:
+                raise GatewayError(409, f"team {fields['name']!r} exists; change it with PATCH /admin/teams/"
+                                   f"{fields['name']}", param="name", code="conflict")
+            team = Team(fields["name"], fields["models"], fields["budget"], fields["limits"], self.wall())
+            await self._persist(self.store.put_team(team) if self.store else None)
+            self.teams[team.name] = team
+        return self.describe_team(team.name)
+
+    async def update_team(self, name: Any, data: Any) -> dict:
+        patch = parse_team_patch(data)
+        async with self._changes:
+            team = self._team(name)
+            new = attrs.evolve(team, **patch)
+            await self._persist(self.store.put_team(new) if self.store else None)
+            self.teams[name] = new
+            a = self._allowances.get(("team", name))
+            if a is not None:
+                self._rebudget(a, new.budget)
+        return self.describe_team(name)
+
+    async def delete_team(self, name: Any) -> dict:
+        async with self._changes:
+            self._team(name)
+            members = sorted(k.id for k in self.keys.values() if k.team == name and k.revoked_at is None)
+            if members:
+                raise GatewayError(409, f"team {name!r} still has {len(members)} active key(s) ({', '.join(members[:5])}"
+                                   f"{', ...' if len(members) > 5 else ''}); move or revoke them first", param="name",
+                                   code="team_not_empty")
+            await self._persist(self.store.delete_team(name) if self.store else None)
+            del self.teams[name]
+            self._allowances.pop(("team", name), None)
+        return {"name": name, "deleted": True}
+
+    def _team(self, name: Any) -> Team:
+        team = self.teams.get(name) if isinstance(name, str) else None
+        if team is None:
+            raise GatewayError(404, f"no team named {name!r}; list them with GET /admin/teams", "not_found_error",
+                               param="name", code="not_found")
+        return team
+
+    # -- persistence of spend -------------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write the spend changed since the last flush (on a worker thread); how many rows."""
+        if self.store is None:
+            self._dirty.clear()
+            return 0
+        if not self._dirty:
+            return 0
+        dirty, self._dirty = self._dirty, set()
+        rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in dirty
+                if self._allowances.get((a.scope, a.name)) is a]
+        try:
+            await self.store.put_spend(rows)
+        except KeyStoreError as exc:
+            self.spend_write_failures += 1
+            self._dirty |= dirty
+            log.error("spend not written (kept for the next try): %s", exc)
+            return 0
+        return len(rows)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Write spend every ``flush_interval`` until cancelled, then once more (shielded)."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.flush_interval)
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
