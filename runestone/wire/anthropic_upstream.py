@@ -25,6 +25,7 @@ from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 __all__ = [
     "AnthropicToOpenAIStream",
     "TranslationError",
+    "tool_arguments",
     "UpstreamStreamError",
     "anthropic_error_to_openai",
     "anthropic_to_openai_response",
@@ -198,7 +199,9 @@ def _push(out: list, role: str, content) -> None:
         out.append({"role": role, "content": content})
 
 
-def _tool_input(arguments, param: str) -> dict:
+def tool_arguments(arguments, param: str) -> dict:
+    """An OpenAI tool call's ``arguments`` (a JSON text, or already an object) as the object every other
+    format sends (Anthropic's ``input``, Gemini's ``args``, Bedrock's ``input``); 400 naming ``param``."""
     if arguments is None or arguments == "":
         return {}
     if isinstance(arguments, dict):
@@ -277,7 +280,7 @@ def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: i
                             "type": "tool_use",
                             "id": call.get("id") or f"toolu_{i}_{j}",
                             "name": fn.get("name") or "",
-                            "input": _tool_input(fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments"),
+                            "input": tool_arguments(fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments"),
                         }
                     )
             if blocks:

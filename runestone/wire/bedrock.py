@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .anthropic_upstream import _tool_input
+from .anthropic_upstream import tool_arguments
 from .errors import ErrorInfo, InvalidRequest
 from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
@@ -184,7 +184,7 @@ def openai_to_converse_request(body: dict, *, default_max_tokens: int = 4096) ->
                 fn = call.get("function") or {}
                 blocks.append({"toolUse": {
                     "toolUseId": call.get("id") or f"tooluse_{i}_{j}", "name": fn.get("name") or "",
-                    "input": _tool_input(fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}})
+                    "input": tool_arguments(fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}})
             _push(out, "assistant", blocks)
         elif role == "tool":
             has_tool_blocks = True

@@ -39,7 +39,7 @@ import struct
 import attrs
 import orjson
 
-from .anthropic_upstream import TranslationError
+from .anthropic_upstream import TranslationError, tool_arguments
 from .errors import UpstreamErrorBody, scrub
 
 __all__ = [
@@ -215,20 +215,6 @@ def _push(out: list, role: str, parts: list) -> None:
         out.append({"role": role, "parts": list(parts)})
 
 
-def _arguments(arguments, param: str) -> dict:
-    if arguments is None or arguments == "":
-        return {}
-    if isinstance(arguments, dict):
-        return arguments
-    try:
-        value = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        raise TranslationError(param, "tool call arguments must be a JSON object") from None
-    if not isinstance(value, dict):
-        raise TranslationError(param, "tool call arguments must be a JSON object")
-    return value
-
-
 def _tool_response(content, param: str) -> dict:
     """A tool message's content as a ``functionResponse.response`` object: a JSON object stays itself, anything
     else is ``{"output": text}`` (the key Gemini's function-calling guide names for a function's output)."""
@@ -272,7 +258,7 @@ def openai_to_gemini_request(body: dict) -> dict:
                 call_id = call.get("id")
                 if isinstance(call_id, str) and call_id:
                     call_names[call_id] = fn["name"]
-                parts.append({"functionCall": {"name": fn["name"], "args": _arguments(
+                parts.append({"functionCall": {"name": fn["name"], "args": tool_arguments(
                     fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}})
             _push(contents, "model", parts)
         elif role == "tool":
