@@ -76,6 +76,15 @@ async def _stream(http, started: trio.Event, results: list) -> None:
     results.append(body)
 
 
+async def _streams_running(nursery, http, results: list, count: int) -> None:
+    """Start ``count`` streams in ``nursery`` (their bodies go to ``results``); return once each has its first bytes."""
+    starts = [trio.Event() for _ in range(count)]
+    for ev in starts:
+        nursery.start_soon(_stream, http, ev, results)
+    for ev in starts:
+        await ev.wait()
+
+
 async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path, gated_factory):
     upstream, gate, _ = await gated_factory(chunks=6)
     port = free_port()
@@ -86,11 +95,7 @@ async def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path, gated_factor
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             async with trio.open_nursery() as n:
-                starts = [trio.Event() for _ in range(3)]
-                for ev in starts:
-                    n.start_soon(_stream, http, ev, results)
-                for ev in starts:
-                    await ev.wait()
+                await _streams_running(n, http, results, 3)
                 proc.send_signal(signal.SIGTERM)
                 await _logged(tmp_path, "received SIGTERM: stopping gracefully")
                 # Draining: the three streams wait at the gate while new connections are refused.
@@ -175,11 +180,7 @@ async def test_sigterm_ends_streams_longer_than_the_drain_with_an_error_event(tm
         results: list = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             async with trio.open_nursery() as n:
-                starts = [trio.Event() for _ in range(3)]
-                for ev in starts:
-                    n.start_soon(_stream, http, ev, results)
-                for ev in starts:
-                    await ev.wait()
+                await _streams_running(n, http, results, 3)
                 proc.send_signal(signal.SIGTERM)
         assert len(results) == 3
         for body in results:
