@@ -43,11 +43,13 @@ __all__ = [
     "AuthConfig",
     "BudgetsConfig",
     "CacheConfig",
+    "ClusterConfig",
     "CircuitBreakerConfig",
     "Config",
     "ConfigError",
     "COST_TIERS",
     "DataConfig",
+    "DatabaseConfig",
     "DEFAULT_BASE_URLS",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_PRICING_PATH",
@@ -285,6 +287,24 @@ def _url_check(*, userinfo: bool) -> _Check:
 
 def _http_url() -> _Check:
     return _url_check(userinfo=False)
+
+
+def _server_url(schemes: tuple[str, ...]) -> _Check:
+    """A URL of one of ``schemes`` with a host (user info allowed: it is a server's credential)."""
+
+    def ok(v: str | None) -> bool:
+        if v is None:
+            return True
+        if not v.isascii() or not v.isprintable():
+            return False
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            return False
+        return parts.scheme in schemes and bool(parts.hostname) and not parts.fragment
+
+    return _Check(ok, f"a {' or '.join(s + '://' for s in schemes)} URL of printable ASCII with a host")
 
 
 def _proxy_url() -> _Check:
@@ -629,6 +649,22 @@ def _url_repr(url: str | None) -> str:
 
 
 @attrs.frozen
+class ClusterConfig:
+    """Sharing state between instances (``runestone serve --workers N``, or several machines): on when
+    ``redis_url`` is set (``RUNESTONE_REDIS_URL``). Without it, every instance keeps its own state."""
+
+    redis_url: str | None = _setting(None, _server_url(("redis", "rediss")), repr_=_url_repr)
+
+
+@attrs.frozen
+class DatabaseConfig:
+    """Where the ledger, keys, teams and the control store live: Postgres when ``url`` is set
+    (``RUNESTONE_DATABASE_URL``), else SQLite files in the data directory."""
+
+    url: str | None = _setting(None, _server_url(("postgresql", "postgres")), repr_=_url_repr)
+
+
+@attrs.frozen
 class ProviderConfig:
     """One provider's settings; knobs that do not apply to its type are ignored.
 
@@ -762,6 +798,8 @@ class Config:
     metrics: MetricsConfig = _setting(factory=MetricsConfig)
     log: LogConfig = _setting(factory=LogConfig)
     otel: OtelConfig = _setting(factory=OtelConfig)
+    cluster: ClusterConfig = _setting(factory=ClusterConfig)
+    database: DatabaseConfig = _setting(factory=DatabaseConfig)
     providers: tuple[ProviderSpec, ...] = _setting(())
     pools: tuple[PoolConfig, ...] = _setting(())
     splits: tuple[SplitConfig, ...] = _setting(())
@@ -1219,6 +1257,8 @@ _ENV_SETTINGS: tuple[tuple[str, _Path], ...] = (
     ("RUNESTONE_METRICS_REQUIRE_KEY", ("metrics", "require_key")),
     ("RUNESTONE_METRICS_KEY", ("metrics", "key")),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", ("otel", "endpoint")),
+    ("RUNESTONE_REDIS_URL", ("cluster", "redis_url")),
+    ("RUNESTONE_DATABASE_URL", ("database", "url")),
 )
 
 # (prefix, provider name, provider type, default models)

@@ -580,3 +580,23 @@ def test_bad_pricing_file_names_the_file(write):
     with pytest.raises(ConfigError) as info:
         load_pricing(path)
     assert str(info.value) == f'config error: {path}: pricing.m.input_per_mtok = "free": must be a number >= 0'
+
+
+def test_cluster_and_database_urls_are_checked_and_their_passwords_never_shown(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[cluster]\nredis_url = "redis://:s3cret@127.0.0.1:6390/2"\n'
+                    '[database]\nurl = "postgresql://rs:s3cret@127.0.0.1:5433/rs"\n')
+    cfg = load_config(good, env={})
+    assert cfg.cluster.redis_url == "redis://:s3cret@127.0.0.1:6390/2"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in repr(cfg.database)
+    env = load_config(None, env={"RUNESTONE_REDIS_URL": "redis://127.0.0.1:7000",
+                                 "RUNESTONE_DATABASE_URL": "postgres://127.0.0.1/x"})
+    assert (env.cluster.redis_url, env.database.url) == ("redis://127.0.0.1:7000", "postgres://127.0.0.1/x")
+    for section, key, value in (("cluster", "redis_url", "http://127.0.0.1:6379"),
+                                ("cluster", "redis_url", "redis://127.0.0.1:notaport"),
+                                ("database", "url", "mysql://127.0.0.1/x"),
+                                ("database", "url", "postgresql://127.0.0.1/x\\r\\n")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'[{section}]\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError, match=f"{section}.{key}"):
+            load_config(bad, env={})
