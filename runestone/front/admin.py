@@ -34,11 +34,14 @@ from ..config import ConfigError, ProviderSpec, group_spec_from_dict, provider_s
 from ..control_store import ControlState, ControlStoreError, group_to_dict
 from ..http.server import Request, Response, WebSocketAccept
 from ..resilience.breaker import BreakerSettings
+from ..resilience.breaker_manager import Configure, Remove, Reset
+from ..resilience.failover_manager import CreateGroup, DeleteGroup, GetStats, UpdateGroup
 from ..resilience.failover import DEFAULT_GROUP, GroupSpec
 from ..routing.executor import GatewayError
 from ..wire.errors import openai_error_object
 from ..runtime import ActorError, NamedRef, Rejected, plain
 from ..telemetry.events import ProviderRegistered, ProviderUnregistered
+from ..telemetry.messages import Subscribe, Unsubscribe
 from .api import Caller
 from .ws import MessageConnection, serve_connection, valid_id, ws_error
 
@@ -154,7 +157,7 @@ class ControlPlane:
         if not spec.config.circuit_breaker:
             settings = attrs.evolve(settings, enabled=False)
         try:
-            await self.breaker.call(("configure", spec.name, settings), timeout=5.0)
+            await self.breaker.call(Configure(spec.name, settings), timeout=5.0)
         except ActorError as exc:
             log.warning("circuit breaker of provider %s not configured: %s", spec.name, _reason(exc))
 
@@ -293,7 +296,7 @@ class ControlPlane:
                 drained, left = await self._drain(name, grace)
                 await self._stop(name)
                 try:
-                    await self.breaker.call(("remove", name), timeout=5.0)
+                    await self.breaker.call(Remove(name), timeout=5.0)
                 except ActorError:
                     pass
             app.telemetry.emit(ProviderUnregistered(name))
@@ -405,7 +408,7 @@ class ControlPlane:
         return GroupSpec.from_config(parsed)
 
     async def list_groups(self) -> list[dict]:
-        stats = await self._call(self.failover, ("get_stats", None), "failover manager")
+        stats = await self._call(self.failover, GetStats(None), "failover manager")
         out = []
         for name, group in sorted(self._groups().items()):
             row = group_to_dict(group)
@@ -430,11 +433,11 @@ class ControlPlane:
                 raise GatewayError(409, f"failover group {spec.name!r} already exists; change it with PATCH "
                                    f"/admin/groups/{spec.name} (update_group)", param="name", code="conflict")
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("create_group", spec), "failover manager")
+                await self._call(self.failover, CreateGroup(spec), "failover manager")
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("delete_group", spec.name), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, DeleteGroup(spec.name), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s created", spec.name)
         return group_to_dict(spec)
@@ -453,11 +456,11 @@ class ControlPlane:
         spec = self._parse_group({**group_to_dict(current), **patch})
         with self._changing("group", name):
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("update_group", spec), "failover manager")
+                await self._call(self.failover, UpdateGroup(spec), "failover manager")
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("update_group", current), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, UpdateGroup(current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s updated", name)
         return group_to_dict(spec)
@@ -473,12 +476,12 @@ class ControlPlane:
             raise _not_found("failover group", name, "list them with GET /admin/groups")
         with self._changing("group", name):
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("delete_group", name), "failover manager")
+                await self._call(self.failover, DeleteGroup(name), "failover manager")
                 try:
                     configured = any(g.name == name for g in self.app.config.failover.groups)
                     await self._persist(lambda s: s.without_group(name, configured=configured))
                 except GatewayError:
-                    await self._call(self.failover, ("create_group", current), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, CreateGroup(current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s deleted", name)
         return {"name": name, "deleted": True}
@@ -491,7 +494,7 @@ class ControlPlane:
         if name not in self.app.catalog and name not in (self.app.breaker_views.value or {}):
             raise _not_found("provider", name, "list them with GET /admin/providers")
         try:
-            view = await self._call(self.breaker, ("reset", name), "circuit breaker manager")
+            view = await self._call(self.breaker, Reset(name), "circuit breaker manager")
         except GatewayError as exc:
             if exc.status != 404:
                 raise
@@ -731,7 +734,7 @@ class AdminRoutes:
                                "shortly", "server_error", code="telemetry_unavailable")
         send, recv = trio.open_memory_channel[dict](EVENT_BUFFER)
         try:
-            await ref.call(("subscribe", send), timeout=5.0)
+            await ref.call(Subscribe(send), timeout=5.0)
         except ActorError as exc:
             raise GatewayError(503, f"the live feed is unavailable ({_reason(exc)}); retry shortly", "server_error",
                                code="telemetry_unavailable") from None
@@ -758,7 +761,7 @@ class AdminRoutes:
                         ref = registry.whereis("telemetry_handler")
                         if ref is not None:
                             with contextlib.suppress(ActorError):
-                                await ref.call(("subscribe", send), timeout=2.0)
+                                await ref.call(Subscribe(send), timeout=2.0)
                         continue
                     await conn.send({"type": "event", "event": event})
         finally:
@@ -767,7 +770,7 @@ class AdminRoutes:
             if ref is not None:
                 # The handler drops a closed channel at its next event anyway; this makes it prompt.
                 with trio.CancelScope(shield=True), contextlib.suppress(ActorError):
-                    await ref.call(("unsubscribe", send), timeout=2.0)
+                    await ref.call(Unsubscribe(send), timeout=2.0)
 
 
 _OPERATIONS = frozenset({

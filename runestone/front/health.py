@@ -27,6 +27,7 @@ from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
 from ..telemetry.metrics import render_counter
 from ..telemetry.ledger import SUMMARY_COLUMNS
+from ..telemetry.messages import Summary, Usage
 
 __all__ = ["install"]
 
@@ -86,7 +87,7 @@ class HealthRoutes:
         if ref is None:
             return None
         try:
-            return plain(await ref.call("summary", timeout=2.0))
+            return plain(await ref.call(Summary(), timeout=2.0))
         except ActorError:
             return None
 
@@ -189,7 +190,7 @@ class HealthRoutes:
         if ref is None:
             raise GatewayError(503, "usage is unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable")
-        result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id, group_by, team),
+        result = await ref.call(Usage(None if key_id == "open" and not caller.admin else key_id, group_by, team),
                                 timeout=10.0)
         if key_id == "open" and not caller.admin:
             result = dict(result)

@@ -90,11 +90,6 @@ class ProviderPool(Actor):
         super().__init__(name, registry=registry)
         self.table = table
 
-    async def handle_call(self, message):
-        if message == "in_flight":
-            return self.snapshot().in_flight
-        raise ValueError(f"provider_pool: unknown call {message!r}")
-
     def snapshot(self) -> PoolSnapshot:
         now = trio.current_time()
         rows = [

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from .events import RequestFinished
+from .messages import Metrics
 
 __all__ = ["HANDLER_NAME", "ExtraGauges", "Telemetry"]
 
@@ -137,7 +138,7 @@ class Telemetry:
         ref = self._resolve()
         if ref is None:
             raise LookupError(f"{HANDLER_NAME} is not running")
-        return await ref.call(("metrics", self.gauges(breaker_states, actor_restarts)), timeout=timeout)
+        return await ref.call(Metrics(self.gauges(breaker_states, actor_restarts)), timeout=timeout)
 
     def snapshot(self) -> dict[str, Any]:
         return {

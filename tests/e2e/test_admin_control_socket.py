@@ -1,5 +1,6 @@
 """The control socket /v1/control: every operation as a message, the live event feed, and bad messages."""
 
+from runestone.telemetry.messages import Summary
 import httpx
 import orjson
 import pytest
@@ -138,7 +139,7 @@ async def test_live_event_feed(gateway_factory):
         async with httpx.AsyncClient(base_url=gw.url) as http:
             await http.post("/v1/chat/completions", headers={"authorization": "Bearer client-key"},
                             json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
-        await gw.app.registry.whereis("telemetry_handler").call("summary")  # every event so far is handled
+        await gw.app.registry.whereis("telemetry_handler").call(Summary())  # every event so far is handled
         await send(ws, {"type": "ping", "id": "p"})
         assert await recv(ws) == {"type": "pong", "id": "p"}
 

@@ -4,6 +4,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from runestone.telemetry.messages import Summary, Usage
 from runestone.runtime import Registry
 from runestone.telemetry import RetryScheduled, Telemetry, TelemetryHandler
 
@@ -63,7 +64,7 @@ async def test_follows_the_restarted_incarnation(autojump_clock):
         assert second is not first
         telemetry.emit(retry())
         assert telemetry.dropped == 0
-        assert (await second.call("summary")).requests == 0
+        assert (await second.call(Summary())).requests == 0
         assert second.actor.snapshot().events == 1
         second.request_stop()
 
@@ -129,5 +130,5 @@ async def test_a_full_mailbox_drops_the_event_not_its_ledger_row(tmp_path, autoj
             telemetry.emit(retry())
             telemetry.emit(ev)
         assert telemetry.dropped > 10 and ledger.pending == 10
-        assert (await ref.call(("usage", None), timeout=float("inf")))["totals"]["requests"] == 10
+        assert (await ref.call(Usage(None), timeout=float("inf")))["totals"]["requests"] == 10
         ref.request_stop()
