@@ -126,7 +126,7 @@ class Application:
         #: adds rows to it through the sender, the handler writes them.
         self.ledger = UsageLedger(str(self.data_dir / "usage.sqlite3"), pricing=config.pricing,
                                   batch=tel.ledger_batch) if tel.usage_ledger else None
-        self.telemetry = Telemetry(self.registry, ledger=self.ledger)
+        self.telemetry = Telemetry(self.registry, ledger=self.ledger, in_flight=self.inflight.counts)
         self.governance.telemetry = self.telemetry
         if self.ledger is not None:
             self.ledger.team_of = self.governance.team_of

@@ -258,17 +258,9 @@ class ControlPlane:
 
     async def _drain(self, name: str, grace: float) -> tuple[bool, int]:
         """Wait until no request is in flight on ``name`` or ``grace`` seconds pass: (drained, left)."""
-        app = self.app
-        in_flight = app.telemetry.in_flight
-        deadline = trio.current_time() + grace
-        while in_flight.get(name, 0) > 0:
-            now = trio.current_time()
-            if now >= deadline:
-                break
-            # Short slices: the end of a request is not signalled to waiters, so look again soon.
-            await app.inflight.wait_idle(name, in_flight, min(deadline, now + 0.02))
-        left = in_flight.get(name, 0)
-        return left == 0, left
+        inflight = self.app.inflight
+        drained = await inflight.wait_idle(name, trio.current_time() + grace)
+        return drained, inflight.count(name)
 
     def _grace(self, value: Any) -> float:
         if value is None:

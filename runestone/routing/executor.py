@@ -258,7 +258,7 @@ class Gateway:
                     scores = {n: s for n, s in scores.items() if n not in recovering}
             self._scores_cache = (breakers, health, scores)
         return RouteState(
-            in_flight=self.telemetry.in_flight,
+            in_flight=self.inflight.counts,
             breakers=breakers,
             health=scores,
             ttft_ewma=getattr(health, "ttft_ewma_ms", None) or _EMPTY,
@@ -562,9 +562,7 @@ class Gateway:
         attempt.reported = True
         provider = attempt.provider
         telemetry = self.telemetry
-        telemetry.request_ended(provider)
-        if not telemetry.in_flight.get(provider):
-            self.inflight.provider_done(provider)
+        self.inflight.attempt_ended(provider)
         latency = trio.current_time() - attempt.started
         if cancelled:
             # The client left or the gateway is stopping: nothing was learned about the provider.
@@ -658,7 +656,7 @@ class Gateway:
                 entry_row.attempts = attempts
             upstream = body if body.get("model") == target.model else {**body, "model": target.model}
             attempt = Attempt(provider, target.model, trio.current_time(), probe)
-            telemetry.request_started(provider)
+            self.inflight.attempt_started(provider)
             timeout = entry.spec.config.timeout_ms / 1000
             attempt_deadline = min(ctx.deadline, attempt.started + timeout)
             adapter = entry.adapter

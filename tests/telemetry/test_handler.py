@@ -291,10 +291,9 @@ async def test_unregistered_provider_leaves_health_and_breaker_gauge(autojump_cl
 
 async def test_hot_path_sender_to_metrics(autojump_clock):
     registry = Registry()
-    telemetry = Telemetry(registry)
+    telemetry = Telemetry(registry, in_flight={"a": 1})
     async with trio.open_nursery() as nursery:
         await start(nursery, registry=registry)
-        telemetry.request_started("a")
         telemetry.cache_result(hit=True)
         telemetry.emit(request("a"))
         got = samples(await telemetry.metrics_text())
