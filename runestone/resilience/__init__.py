@@ -1,8 +1,10 @@
 """Resilience: circuit breakers, retry policy and failover, for one gateway.
 
 Layers inside: ``errors`` (what went wrong, and whether it counts or may be
-retried) <- ``breaker``, ``retry``, ``failover`` (pure state machines and
-policies, time passed in) <- ``breaker_manager``, ``failover_manager`` (the
+retried) <- ``breaker`` (with ``refuses``, the one breaker predicate) <-
+``ordering`` (the one ordering mechanism: policy objects that order providers,
+used by failover strategies, router policies and pools) <- ``retry``,
+``failover`` (pure state machines and policies, time passed in) <- ``breaker_manager``, ``failover_manager`` (the
 actors that own that state and publish immutable views for the request path).
 Those actors refuse a call with the runtime's ``Rejected``, and publish into
 the runtime's ``Published`` cells. The public names are re-exported here.
@@ -16,6 +18,7 @@ from .breaker import BreakerView as BreakerView
 from .breaker import CircuitBreaker as CircuitBreaker
 from .breaker import Transition as Transition
 from .breaker import check as check
+from .breaker import refuses as refuses
 from .breaker_manager import Acquire as Acquire
 from .breaker_manager import CircuitBreakerManager as CircuitBreakerManager
 from .breaker_manager import Configure as Configure
@@ -46,6 +49,13 @@ from .failover_manager import UpdateGroup as UpdateGroup
 from .failover_manager import FailoverStats as FailoverStats
 from .failover_manager import GroupStats as GroupStats
 from .failover_manager import ProviderStats as ProviderStats
+from .ordering import Key as Key
+from .ordering import breakers_last as breakers_last
+from .ordering import rotated as rotated
+from .ordering import sorted_by as sorted_by
+from .ordering import split_refused as split_refused
+from .ordering import weighted_first as weighted_first
+from .ordering import weighted_shuffle as weighted_shuffle
 from .retry import RetryPolicy as RetryPolicy
 from .retry import parse_retry_after as parse_retry_after
 from .retry import retry_policy as retry_policy
