@@ -1,9 +1,40 @@
 """Runestone: an OpenAI-compatible LLM gateway on Trio, shaped like an OTP application.
 
-Layers, imports pointing one way (see DESIGN.md):
-runtime <- telemetry <- resilience <- providers <- routing <- front <- app/cli;
-``http`` is used by ``providers`` and ``front``; ``runtime`` and ``http`` import
-nothing of ours.
+The package map, floor first. A package imports only packages on floors below its own (never one beside
+or above it); ``tests/test_exports.py`` holds this rule as data and checks it on every import in the tree.
+
+Floor 0, knowing nothing of the gateway and importing nothing of ours:
+
+- ``runtime``: the actor runtime (OTP's gen_server and supervisor on trio): actors, typed messages and
+  the one unknown-message policy, supervisors, the registry, ``Published`` snapshot cells, state dumps.
+- ``http``: the HTTP/1.1 server and the upstream client (the transport seam, ``MockTransport``).
+- ``wire``: the wire formats (OpenAI, Anthropic, Gemini, Bedrock): validation, errors, SSE, translators.
+- ``config``: the configuration schema, loading from TOML and the environment, and its checks.
+- ``cluster``: the Redis client, for state shared by every instance of a fleet.
+
+Floor 1, ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
+
+Floor 2, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
+orderings every policy is made of, and the breaker and failover actors.
+
+Floor 3, ``providers``: one adapter per kind of upstream, the provider table and the provider actors.
+
+Floor 4, ``routing``: router policies, pools and splits, aliases, the in-flight table, and
+``Gateway.serve``, the one request pipeline.
+
+Floor 5, ``control`` (``control_store``, ``control_cli``): the control plane: the provider catalog,
+groups, persistence, the control socket and its CLI client.
+
+Floor 6, ``front``: the front doors (decode a wire format, call the pipeline, encode the answer) and
+the operator routes.
+
+Floor 7, ``governance``: keys, teams and budgets (it uses the front's limiter and the pipeline's errors).
+
+Floor 8, ``app`` (builds the supervision tree from the configuration) and ``cli`` (``runestone serve |
+state | providers | chat | fake-provider``).
+
+Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
+modules with a leading underscore are private. DESIGN.md and docs/ give the reasons.
 """
 
 __version__ = "0.1.0"
