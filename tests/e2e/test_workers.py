@@ -322,3 +322,33 @@ async def test_past_the_restart_intensity_the_parent_stops_the_rest_and_exits_1(
             while not _gone(other):  # the parent stopped the other worker before it exited
                 await trio.sleep(0.05)
         assert "[worker 1]: received SIGTERM: stopping gracefully" in _log(tmp_path)
+
+
+async def test_both_workers_write_every_request_to_the_one_ledger(tmp_path, gated_factory):
+    # Two processes append to one usage.sqlite3 at the same time (WAL, and a wait for the write lock): no row
+    # of either is lost, none is written twice.
+    upstream, _gate, _ = await gated_factory()
+    async with _cluster(tmp_path, upstream.port) as (proc, url, opened):
+        by_pid = await _clients_on_each(url, 4, opened)
+        ids: list[str] = []
+
+        async def ten(client: httpx.AsyncClient) -> None:
+            for _ in range(10):
+                response = await client.post("/v1/chat/completions", json=CHAT)
+                assert response.status_code == 200
+                ids.append(response.headers["x-request-id"])
+
+        async with trio.open_nursery() as n:
+            for clients in by_pid.values():
+                for client in clients:
+                    n.start_soon(ten, client)
+        proc.send_signal(signal.SIGTERM)  # each worker flushes its ledger as it stops
+        assert await _exit_code(proc) == 0
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "data" / "usage.sqlite3")
+    try:
+        stored = [row[0] for row in db.execute("SELECT request_id FROM usage")]
+    finally:
+        db.close()
+    assert len(ids) == 80 and sorted(stored) == sorted(ids)
