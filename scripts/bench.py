@@ -488,7 +488,9 @@ def main() -> None:
             results["cases"].append(case)
         stream_body = {**CHAT, "stream": True}
         results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()}
-        results["peak_rss_mib"] = {"gateway": round(rss_kib(gw.pid, "VmHWM") / 1024, 1),
+        # With --workers: the parent's and every worker's peaks, summed.
+        gateway_peak = rss_kib(gw.pid, "VmHWM") + sum(rss_kib(c, "VmHWM") for c in children(gw.pid))
+        results["peak_rss_mib"] = {"gateway": round(gateway_peak / 1024, 1),
                                    "relay": round(rss_kib(rl.pid, "VmHWM") / 1024, 1)}
         if args.soak:
             rate = max(case["gateway"]["rps"] for case in results["cases"])
