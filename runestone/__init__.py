@@ -9,10 +9,13 @@ Floor 0, knowing nothing of the gateway and importing nothing of ours:
   the one unknown-message policy, supervisors, the registry, ``Published`` snapshot cells, state dumps.
 - ``http``: the HTTP/1.1 server and the upstream client (the transport seam, ``MockTransport``).
 - ``wire``: the wire formats (OpenAI, Anthropic, Gemini, Bedrock): validation, errors, SSE, translators.
-- ``config``: the configuration schema, loading from TOML and the environment, and its checks.
-- ``cluster``: the Redis client, for state shared by every instance of a fleet.
 
-Floor 1, ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
+Floor 1, on the runtime at most, none importing another:
+
+- ``config``: the configuration schema, loading from TOML and the environment, and its checks.
+- ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
+- ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
+  (the worker processes under a runtime supervisor).
 
 Floor 2, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
 orderings every policy is made of, and the breaker and failover actors.

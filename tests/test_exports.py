@@ -23,8 +23,8 @@ ROOT = Path(runestone.__file__).parent
 
 #: Floor by floor, bottom first. A top-level module (``app.py``) is a unit of its own, like a package.
 FLOORS: tuple[frozenset[str], ...] = (
-    frozenset({"runtime", "http", "wire", "cluster"}),  # import nothing of ours
-    frozenset({"config", "telemetry"}),
+    frozenset({"runtime", "http", "wire"}),  # import nothing of ours
+    frozenset({"config", "telemetry", "cluster"}),
     frozenset({"resilience"}),
     frozenset({"providers"}),
     frozenset({"routing"}),
@@ -38,7 +38,7 @@ FLOORS: tuple[frozenset[str], ...] = (
 #: Modules that belong to a unit other than their package's (the longest matching prefix wins): the
 #: control plane's store from before it was a package, and the command-line client's modules (the key and
 #: team commands live beside governance, but they are the CLI's: they import the control CLI client).
-UNIT_OF = {"control_store": "control", "control_cli": "cli", "governance.cli": "cli"}
+UNIT_OF = {"control_store": "control", "control_cli": "cli", "control.cli": "cli", "governance.cli": "cli"}
 
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 
