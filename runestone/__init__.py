@@ -1,7 +1,7 @@
 """Runestone: an OpenAI-compatible LLM gateway on Trio, shaped like an OTP application.
 
 The package map, floor first. A package imports only packages on floors below its own (never one beside
-or above it); ``tests/test_exports.py`` holds this rule as data and checks it on every import in the tree.
+or above it); ``tests/test_package_map.py`` holds this rule as data and checks it on every import in the tree.
 
 Floor 0, knowing nothing of the gateway and importing nothing of ours:
 
