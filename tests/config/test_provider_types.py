@@ -12,7 +12,7 @@ from runestone.config import (
     load_config,
     provider_spec_from_dict,
 )
-from runestone.control_store import ControlState
+from runestone.control.store import ControlState
 from runestone.providers import supervisor
 
 

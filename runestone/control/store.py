@@ -23,8 +23,8 @@ import attrs
 import orjson
 import trio
 
-from .config import RETIRED_PROVIDER_SETTINGS, ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
-from .resilience.failover import GroupSpec
+from ..config import RETIRED_PROVIDER_SETTINGS, ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
+from ..resilience.failover import GroupSpec
 
 __all__ = ["ControlState", "ControlStore", "ControlStoreError", "group_to_dict", "FILE_NAME"]
 
