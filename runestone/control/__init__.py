@@ -22,17 +22,6 @@ from .store import ControlState as ControlState
 from .store import ControlStore as ControlStore
 from .store import ControlStoreError as ControlStoreError
 
-__all__ = [
-    "MAX_GRACE",
-    "ControlChange",
-    "ControlPlane",
-    "ControlState",
-    "ControlStore",
-    "ControlStoreError",
-    "CreateGroup",
-    "DeleteGroup",
-    "RegisterProvider",
-    "UnregisterProvider",
-    "UpdateGroup",
-    "UpdateProvider",
-]
+from . import plane  # noqa: E402 - the module, for __all__
+
+__all__ = [*plane.__all__, "ControlState", "ControlStore", "ControlStoreError"]
