@@ -26,9 +26,10 @@ import orjson
 from ..http.server import Response
 from ..wire.gemini import TranslationError, gemini_request_to_openai, openai_answer_to_gemini
 from ..wire.sse import encode_event
-from .fake_content import FakeRequestError, fake_answer, fake_embedding, openai_completion, openai_stream_frames
+from .fake_content import (FakeRequestError, fake_answer, fake_embedding, openai_completion, openai_stream_frames,
+                           thinking_signature)
 
-__all__ = ["AZURE_FILTER_MESSAGE", "azure_error", "gemini_error_response"]
+__all__ = ["AZURE_FILTER_MESSAGE", "azure_error", "check_signatures", "gemini_error_response"]
 
 _JSON = ((b"content-type", b"application/json"),)
 _SSE = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
@@ -59,6 +60,70 @@ _CHOICE_RESULTS = {"hate": _SAFE, "protected_material_code": {"filtered": False,
                    "protected_material_text": {"filtered": False, "detected": False}, "self_harm": _SAFE,
                    "sexual": _SAFE, "violence": _SAFE}
 _FILTERED_RESULTS = {**_CHOICE_RESULTS, "violence": {"filtered": True, "severity": "high"}}
+
+
+def _signed(part: dict) -> str:
+    """What the fake's thought signature of a part covers: its function call, or its text."""
+    fc = part.get("functionCall")
+    if isinstance(fc, dict):
+        return "call\x00" + str(fc.get("name")) + "\x00" + orjson.dumps(fc.get("args") or {},
+                                                                        option=orjson.OPT_SORT_KEYS).decode()
+    return "text\x00" + str(part.get("text"))
+
+
+def _answer_signature(choice, call) -> str | None:
+    """The signature the fake gives an answer, as Gemini 3 does: always on a function call, on the last text
+    part when the model thought first."""
+    if call is not None:
+        return thinking_signature(_signed({"functionCall": {"name": call[0], "args": orjson.loads(call[1])}}))
+    if choice.reasoning:  # it covers the whole answer, which the gateway gives back as one text part
+        return thinking_signature(_signed({"text": "".join(choice.pieces)}))
+    return None
+
+
+def _logprobs(choice, pieces) -> list | None:
+    if choice.piece_logprobs is None or choice.tool_call:
+        return None
+    return [e for k in pieces for e in choice.piece_logprobs[k]]
+
+
+def check_signatures(body: dict) -> str | None:
+    """Why Gemini would refuse the thought signatures of a request's model turns (as Gemini 3 does), or None.
+
+    Every signature must be the fake's own for that part, byte for byte; and in the current turn (the model
+    turns after the last user text), the first function call of each model turn must carry its signature.
+    """
+    contents = body.get("contents")
+    if not isinstance(contents, list):
+        return None
+    current = 0
+    for i, content in enumerate(contents):
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if isinstance(content, dict) and content.get("role", "user") == "user" and isinstance(parts, list) and any(
+                isinstance(p, dict) and "functionResponse" not in p for p in parts):
+            current = i
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or content.get("role") != "model" or not isinstance(content.get("parts"), list):
+            continue
+        first_call, text = True, ""
+        for k, part in enumerate(content["parts"]):
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str) and not part.get("thought"):
+                text += part["text"]
+            covered = part if "functionCall" in part or part.get("thought") else {"text": text}
+            sig = part.get("thoughtSignature")
+            if sig is not None and (not isinstance(sig, str) or sig != thinking_signature(_signed(covered))):
+                return f"Unable to submit request because Thought signature is not valid. (contents[{i}].parts[{k}])"
+            if isinstance(part.get("functionCall"), dict):
+                if first_call and sig is None and i > current:
+                    name = part["functionCall"].get("name")
+                    return (f"Function call is missing a thought_signature in functionCall parts. This is required for "
+                            f"tools to work correctly, and missing thought_signature may lead to degraded model "
+                            f"performance. Additional data, function call `default_api:{name}` , position {k + 1}. "
+                            "Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures for more details.")
+                first_call = False
+    return None
 
 
 class VendorRoutes:
@@ -114,6 +179,10 @@ class VendorRoutes:
             return self._gemini_embed(body, model)
         if verb not in ("generateContent", "streamGenerateContent"):
             return gemini_error_response(404, f"Method not found: {verb}")
+        refused = check_signatures(body)
+        if refused is not None:
+            self.fake._fault("signature")
+            return gemini_error_response(400, refused)
         try:
             chat = gemini_request_to_openai(body, model)
             answer = fake_answer(chat, chunks=self.fake.knobs.chunks, text=self.fake.knobs.text)
@@ -121,29 +190,40 @@ class VendorRoutes:
             return gemini_error_response(400, f"* GenerateContentRequest.{exc.param}: {exc.message}"
                                          if exc.param else exc.message)
         response_id = self.fake._next_id("gemresp")
-        usage = {"promptTokenCount": answer.prompt_tokens, "candidatesTokenCount": answer.completion_tokens,
+        thoughts = answer.reasoning_tokens
+        usage = {"promptTokenCount": answer.prompt_tokens, "candidatesTokenCount": answer.completion_tokens - thoughts,
                  "totalTokenCount": answer.prompt_tokens + answer.completion_tokens,
                  "promptTokensDetails": [{"modality": "TEXT", "tokenCount": answer.prompt_tokens}]}
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
         tail = {"modelVersion": model, "responseId": response_id}
         if verb == "generateContent":
-            candidates = [openai_answer_to_gemini(
-                c.pieces, finish=c.finish_reason, index=c.index,
-                tool_call=(c.tool_call.name, c.tool_call.arguments) if c.tool_call else None) for c in answer.choices]
+            candidates = []
+            for c in answer.choices:
+                call = (c.tool_call.name, c.tool_call.arguments) if c.tool_call else None
+                candidates.append(openai_answer_to_gemini(
+                    c.pieces, finish=c.finish_reason, index=c.index, tool_call=call, thought=c.reasoning,
+                    signature=_answer_signature(c, call), logprobs=_logprobs(c, range(len(c.pieces)))))
             return Response.json({"candidates": candidates, "usageMetadata": usage, **tail})
         if "alt=sse" not in (request.query or ""):
             return gemini_error_response(400, "this fake serves streamGenerateContent with alt=sse only")
         frames = []
         prompt_only = {"promptTokenCount": answer.prompt_tokens, "totalTokenCount": answer.prompt_tokens}
         for c in answer.choices:
+            for piece in c.reasoning_pieces if c.reasoning else ():
+                frames.append([openai_answer_to_gemini((), finish="", index=c.index, thought=piece)])
             if c.tool_call:
-                cand = openai_answer_to_gemini((), finish=c.finish_reason, index=c.index,
-                                               tool_call=(c.tool_call.name, c.tool_call.arguments))
+                call = (c.tool_call.name, c.tool_call.arguments)
+                cand = openai_answer_to_gemini((), finish=c.finish_reason, index=c.index, tool_call=call,
+                                               signature=_answer_signature(c, call))
                 frames.append([cand])
                 continue
             pieces = c.pieces or ("",)
             for k, piece in enumerate(pieces):
                 last = k == len(pieces) - 1
-                frames.append([openai_answer_to_gemini((piece,), finish=c.finish_reason if last else "", index=c.index)])
+                frames.append([openai_answer_to_gemini(
+                    (piece,), finish=c.finish_reason if last else "", index=c.index,
+                    signature=_answer_signature(c, None) if last else None, logprobs=_logprobs(c, (k,)))])
         events = []
         for k, cands in enumerate(frames):
             doc = {"candidates": cands, "usageMetadata": usage if k == len(frames) - 1 else prompt_only, **tail}
