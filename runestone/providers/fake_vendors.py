@@ -7,8 +7,9 @@
   ``x-goog-api-key`` (or ``?key=``, as Google does); errors are Google's ``{"error": {"code", "message",
   "status", "details"}}``, a 429 with a ``google.rpc.RetryInfo`` when ``retry_after`` is set.
 - Azure OpenAI, under ``/openai``: the deployment scheme (``deployments/{deployment}/chat/completions``,
-  ``/embeddings`` with a required ``api-version``; ``GET deployments``) and the v1 scheme (``v1/chat/completions``,
-  ``v1/embeddings``, ``GET v1/models``), the key in ``api-key`` or as a bearer token. Answers carry Azure's
+  ``/embeddings`` with a required ``api-version``; ``GET deployments`` with api-version 2022-12-01, the one
+  that publishes it, and ``GET models``) and the v1 scheme (``v1/chat/completions``, ``v1/embeddings``,
+  ``GET v1/models``), the key in ``api-key`` or as a bearer token. Answers carry Azure's
   content-filter annotations; the ``content_filter`` knob makes the filter refuse the prompt (``"prompt"``: the
   400 with code ``content_filter`` and its ``innererror``) or stop the completion (``"completion"``:
   ``finish_reason: "content_filter"``).
@@ -254,8 +255,11 @@ class VendorRoutes:
         if rest.startswith("v1/"):
             op = rest[3:]
             deployment = None
-        elif rest == "deployments":
-            op, deployment = "deployments", None
+        elif rest in ("deployments", "models"):  # the data-plane listings (Deployments_List: 2022-12-01 only)
+            op, deployment = rest, None
+            query = request.query or ""
+            if "api-version=" not in query or (rest == "deployments" and "api-version=2022-12-01" not in query):
+                return azure_error(404, "404", "Resource not found")
         elif rest.startswith("deployments/"):
             deployment, _, op = rest[len("deployments/"):].partition("/")
             if "api-version=" not in (request.query or ""):
@@ -267,7 +271,7 @@ class VendorRoutes:
                                            "sure to provide a valid key for an active subscription and use a correct "
                                            "regional API endpoint for your resource.")
         if method == "GET" and op in ("deployments", "models"):
-            return self._azure_listing(op)
+            return self._azure_listing(op, deployment is None and rest.startswith("v1/"))
         if method != "POST" or op not in ("chat/completions", "embeddings"):
             return azure_error(404, "404", "Resource not found")
         return await self.fake._model_route(
@@ -279,11 +283,18 @@ class VendorRoutes:
         knobs = self.fake.knobs
         return {**{m: m for m in knobs.models}, **knobs.azure_deployments}
 
-    def _azure_listing(self, op: str) -> Response:
+    def _azure_listing(self, op: str, v1: bool) -> Response:
         deployments = self._deployments()
-        if op == "models":
+        if op == "models" and v1:
             return Response.json({"object": "list", "data": [
                 {"id": d, "object": "model", "created": 1700000000, "owned_by": "system"} for d in deployments]})
+        if op == "models":  # Models_List of the authoring API: what the resource can run, not its deployments
+            caps = {"fine_tune": False, "inference": True, "completion": False, "chat_completion": True,
+                    "embeddings": False}
+            return Response.json({"object": "list", "data": [
+                {"id": m, "object": "model", "status": "succeeded", "created_at": 1700000000, "capabilities": caps,
+                 "lifecycle_status": "generally-available", "deprecation": {"inference": 1900000000}}
+                for m in dict.fromkeys(deployments.values())]})
         return Response.json({"object": "list", "data": [
             {"id": d, "model": m, "object": "deployment", "status": "succeeded", "owner": "organization-owner",
              "scale_settings": {"scale_type": "standard"}, "created_at": 1700000000, "updated_at": 1700000000}
