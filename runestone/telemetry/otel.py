@@ -21,7 +21,10 @@ forever; at most ``MAX_PENDING`` requests' spans wait, more are counted as dropp
 
 Attributes follow the GenAI semantic conventions (``gen_ai.operation.name``, ``gen_ai.system`` and
 ``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.response.model``, ``gen_ai.usage.input_tokens``
-and ``output_tokens``, ``gen_ai.response.finish_reasons`` when known,
+and ``output_tokens``, ``gen_ai.response.finish_reasons`` (noted by every provider adapter where it reads
+the answer's or the stream's finishing choices, :func:`.observe.note_finish_reasons`: openai and azure,
+anthropic, gemini, bedrock and the in-process fake, streamed or not; whatever the front door; a cached answer
+has none, no upstream having been asked),
 ``gen_ai.server.time_to_first_token``), with ``runestone.*`` for the gateway's own (provider, attempt
 number, retries, failovers, route, cache hit). No prompt or completion text is ever put in a span: the
 attributes are chosen one by one from fields that hold none.
