@@ -526,12 +526,15 @@ class Governance:
 
         Reads the running accounts only (those a request has touched): no store access, O(accounts)."""
         wall = self.wall()
+        holders = self.keys if scope == "key" else self.teams
         accounts = []
-        for (s, name), a in self._allowances.items():
-            if s == scope and name in (self.keys if scope == "key" else self.teams):
+        for a in self._allowances.values():
+            if a.scope == scope and (a.spent or a.requests) and a.name in holders:
+                accounts.append(a)
+        for a in accounts:
+            if wall >= a.resets_at:
                 a.roll(wall)
-                if a.spent or a.requests:
-                    accounts.append(a)
+        accounts = [a for a in accounts if a.spent or a.requests]
         out = []
         for a in heapq.nlargest(n, accounts, key=lambda a: (a.spent, a.requests)):
             row = {"name": a.name, "spent_usd": usd(a.spent), "requests": a.requests, "period": a.period,
