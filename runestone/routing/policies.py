@@ -25,7 +25,8 @@ import attrs
 
 from runestone.resilience.breaker import refuses
 from runestone.resilience.failover import ProviderInfo, RouteState
-from runestone.resilience.ordering import COST, HEALTH, NAME, PRIORITY, SCORE, WEIGHT, Ordering, enhanced_score, sorted_by
+from runestone.resilience.ordering import (COST, HEALTH, NAME, PRIORITY, SCORE, WEIGHT, Ordering, enhanced_score,
+                                           sorted_by)
 
 __all__ = [
     "POLICIES",

@@ -10,7 +10,8 @@ up without anyone re-wiring. Gauges that must be exact at any instant (cache
 hits and misses) are plain ints kept here rather than events, since only the
 single-threaded request code writes them; the handler reads them when it
 renders ``/metrics``, with the requests in flight per provider, which this
-sender only reads (their one owner is ``runestone.routing.pool.InFlightTable``). With a ``ledger``, each ``RequestFinished``
+sender only reads (their one owner is ``runestone.routing.pool.InFlightTable``).
+With a ``ledger``, each ``RequestFinished``
 is also added to it here (an O(1) append): a usage row never waits in, nor is
 lost with, the handler's mailbox, nor while the handler restarts.
 """
@@ -63,7 +64,8 @@ class Telemetry:
     :class:`~runestone.telemetry.ledger.UsageLedger`) gets a row per
     ``RequestFinished`` emitted. ``in_flight`` is the live per-provider
     count of attempts in flight, owned by whoever serves them (the
-    in-flight table's ``counts``), read here for gauges. All methods except :meth:`metrics_text` are
+    in-flight table's ``counts``), read here for gauges. All methods except
+    :meth:`metrics_text` are
     synchronous, O(1) and never raise.
     """
 
