@@ -25,16 +25,18 @@ Floor 3, ``providers``: one adapter per kind of upstream, the provider table and
 Floor 4, ``routing``: router policies, pools and splits, aliases, the in-flight table, and
 ``Gateway.serve``, the one request pipeline.
 
-Floor 5, ``control`` (``control_store``, ``control_cli``): the control plane: the provider catalog,
-groups, persistence, the control socket and its CLI client.
+Floor 5, ``control``: the control plane (the one writer of the provider catalog and the groups, each
+change one typed value through ``ControlPlane.apply``), its persistence and the control socket.
 
 Floor 6, ``front``: the front doors (decode a wire format, call the pipeline, encode the answer) and
 the operator routes.
 
 Floor 7, ``governance``: keys, teams and budgets (it uses the front's limiter and the pipeline's errors).
 
-Floor 8, ``app`` (builds the supervision tree from the configuration) and ``cli`` (``runestone serve |
-state | providers | chat | fake-provider``).
+Floor 8, ``app``: builds the supervision tree from the configuration.
+
+Floor 9, ``cli``: ``runestone serve | state | providers | chat | fake-provider``, with the control CLI
+client (``control/cli.py``) and the key and team commands (``governance/cli.py``), which are the CLI's.
 
 Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
 modules with a leading underscore are private. DESIGN.md and docs/ give the reasons.

@@ -36,9 +36,9 @@ FLOORS: tuple[frozenset[str], ...] = (
 )
 
 #: Modules that belong to a unit other than their package's (the longest matching prefix wins): the
-#: control plane's store from before it was a package, and the command-line client's modules (the key and
-#: team commands live beside governance, but they are the CLI's: they import the control CLI client).
-UNIT_OF = {"control_store": "control", "control_cli": "cli", "control.cli": "cli", "governance.cli": "cli"}
+#: command-line client's (the control CLI client lives beside the control plane and the key and team commands
+#: beside governance, but they are the CLI's: they import each other and anything below).
+UNIT_OF = {"control.cli": "cli", "governance.cli": "cli"}
 
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
 
