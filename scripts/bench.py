@@ -259,10 +259,10 @@ def ttfb_probe(port: int, body: dict, n: int) -> float:
     return samples[len(samples) // 2]
 
 
-def ratio_of(rounds: list[dict], target: str) -> dict | None:
-    """The per-round CPU ratio ``target`` / relay: median, lowest, highest."""
-    ratios = [r[target]["cpu_ms_per_request"] / r["relay"]["cpu_ms_per_request"]
-              for r in rounds if r["relay"]["cpu_ms_per_request"] > 0]
+def ratio_of(rounds: list[dict], target: str, floor: str = "relay") -> dict | None:
+    """The per-round CPU ratio ``target`` / ``floor``: median, lowest, highest."""
+    ratios = [r[target]["cpu_ms_per_request"] / r[floor]["cpu_ms_per_request"]
+              for r in rounds if r[floor]["cpu_ms_per_request"] > 0]
     return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
             "max": round(max(ratios), 2)} if ratios else None
 
@@ -280,6 +280,7 @@ def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
     out["cpu_ratio"] = ratio_of(rounds, "gateway")
     if "baseline" in targets:
         out["baseline_cpu_ratio"] = ratio_of(rounds, "baseline")
+        out["vs_baseline"] = ratio_of(rounds, "gateway", "baseline")
     out["rps_ratio"] = round(statistics.median(rps_ratios), 2) if rps_ratios else None
     return out
 
@@ -303,6 +304,9 @@ def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
             ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
             print(f"{'  baseline':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {b['rps']:>15.0f} "
                   f"{b['cpu_ms_per_request']:>6.3f}ms {b['p50_ms']:>5.2f}ms {b['p99_ms']:>5.2f}ms | {ratio_text:>16}")
+            v = case["vs_baseline"]
+            if v:
+                print(f"  Runestone CPU / baseline CPU, per round: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})")
         targets = [t for t in (*TARGETS, "baseline") if t in case]
         errors = {t: case[t]["errors"] for t in targets if case[t]["errors"] or case[t]["socket_errors"]}
         if errors:
