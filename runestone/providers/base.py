@@ -172,6 +172,12 @@ class UpstreamStream:
         """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""
         self._response.set_deadline(deadline)
 
+    @property
+    def at_end(self) -> bool:
+        """The end marker came and the upstream body is read to its end: nothing is left to drain, and
+        ``aclose()`` returns the connection without blocking."""
+        return self.finished and self._response.at_end
+
     async def drain(self) -> None:
         """After the end marker: read what is left of the body (the chunked terminator, as a rule: one read),
         so that the connection goes back to the pool instead of being closed. Gives up quietly after a few

@@ -784,7 +784,7 @@ class Streaming:
     """
 
     __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
-                 "_bounded", "native")
+                 "_bounded", "native", "_final")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
         self._gw = gw
@@ -793,6 +793,9 @@ class Streaming:
         self._stream = stream
         self._first: list[bytes] | None = first
         self._ended = False
+        #: The end event produced with the last Chunks (the upstream's end came with its body's), not yet
+        #: returned.
+        self._final: Done | None = None
         self._closed = False
         self.provider = attempt.provider
         self.model = attempt.model
@@ -816,14 +819,24 @@ class Streaming:
     def __aiter__(self):
         return self
 
+    @property
+    def ended(self) -> bool:
+        """The stream's end is produced and the request recorded: after the Chunks just returned (``last``)
+        come only the end event and StopAsyncIteration, with no upstream read."""
+        return self._ended
+
     async def __anext__(self):
         if self._ended:
+            final = self._final
+            if final is not None:
+                self._final = None
+                return final
             raise StopAsyncIteration
         stream = self._stream
         first = self._first
         if first is not None:
             self._first = None
-            return Chunks(first, stream.finished)
+            return self._chunks(first)
         if stream.finished:
             if self._bounded:
                 # The client has the whole answer; let the upstream connection be reused.
@@ -854,7 +867,18 @@ class Streaming:
         except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
             return self._end(UpstreamError(self.provider, "protocol",
                                            f"the upstream stream failed: {type(exc).__name__}"))
-        return Chunks(items, stream.finished)
+        return self._chunks(items)
+
+    def _chunks(self, items: list) -> Chunks:
+        stream = self._stream
+        if not stream.finished:
+            return Chunks(items, False)
+        if self._bounded and stream.at_end:
+            # The upstream's end came with the rest of its body: nothing is left to read, so the request is
+            # recorded now, before the client has the last bytes, and the front door may write them with
+            # the end of its response (``ended``).
+            self._final = self._end(None)
+        return Chunks(items, True)
 
     def _expired(self):
         """Why a read timed out, if a deadline of ours passed: the gateway stopping, or the request's."""
@@ -897,8 +921,12 @@ class Streaming:
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+        stream = self._stream
+        if self._bounded and stream.at_end:
+            await stream.aclose()  # the connection goes back to its pool; nothing here waits
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
         if not self._ended:
             # The consumer stopped reading before the end: the client went away.
             self._ended = True
