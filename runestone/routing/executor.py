@@ -313,7 +313,10 @@ class Gateway:
         return any(e.info.serves(model) for e in table.values())
 
     def plan(self, model: str, body: dict, requirements: Requirements = NO_REQUIREMENTS,
-             capability: str | None = None) -> Plan:
+             capability: str | None = None, *, check_known: bool = False) -> Plan:
+        """The ordered targets for ``model``. With ``check_known`` a model nobody serves is a 404 (GatewayError),
+        decided only where it is not decided already: a pool, split, group, pinned provider or reused plan
+        is known by construction."""
         asked = model
         model = self.resolve_alias(model)
         _, table, infos, info_list, _ = self._view()
@@ -379,6 +382,8 @@ class Gateway:
             if hit is not None and hit[0][0] == snapshots[0] and hit[0][1] is snapshots[1] \
                     and hit[0][2] is snapshots[2]:
                 return hit[1]
+        if check_known and not self.known_model(asked):
+            raise unknown_model(asked)
         state = self._state(body, infos, requirements, policy)
         try:
             decision = route(model, info_list, state, policy=policy, requirements=requirements,
@@ -434,16 +439,12 @@ class Gateway:
         that got past admission is recorded exactly once (``RequestFinished``), however it ends.
         """
         model = request.model
-        if not self.known_model(model):
-            raise GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
-                               "list the available models and failover groups with GET /v1/models",
-                               "not_found_error", param="model", code="model_not_found")
         capability = "embeddings" if request.operation == "embed" else None
         requirements = request.requirements
         needs = request.capabilities
         if needs and not needs <= requirements.require:
             requirements = attrs.evolve(requirements, require=requirements.require | needs)
-        plan = self.plan(model, request.body, requirements, capability)
+        plan = self.plan(model, request.body, requirements, capability, check_known=True)
         lease = None
         if self.admission is not None:
             lease = await self.admission.admit_request(request, plan)
@@ -979,6 +980,12 @@ def _cacheable(decision, table, breakers) -> bool:
         if view is not None and view.state != CLOSED:
             return False
     return True
+
+
+def unknown_model(model: str) -> GatewayError:
+    return GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
+                        "list the available models and failover groups with GET /v1/models",
+                        "not_found_error", param="model", code="model_not_found")
 
 
 def _error_kind(error: BaseException | None) -> str:
