@@ -221,9 +221,7 @@ class Gateway:
         self.admission: Admission | None = None
         #: When the gateway stops: streams still reading then end with a "stopping" error.
         self.stop_deadline = float("inf")
-        #: Cancel scopes of stream reads in progress (adapters without deadlines of their own), and the
-        #: streams that bound their own reads: both are moved to ``stop_deadline`` when it is set.
-        self._reading: set = set()
+        #: The streams reading now: their read deadlines are moved to ``stop_deadline`` when it is set.
         self._streams: set = set()
         #: (provider, model) -> (input, output) USD per token, from the static pricing table.
         self._prices: dict = {}
@@ -464,19 +462,16 @@ class Gateway:
         request_id = ctx.request_id
         if request.operation == "embed":
             async def call(adapter, upstream, attempt, deadline):
-                if deadline is None:
-                    return await adapter.embed(upstream)
                 return await adapter.embed(upstream, deadline=deadline)
         else:
             native = request.native
 
             async def call(adapter, upstream, attempt, deadline):
-                kw = {} if deadline is None else {"deadline": deadline}
                 if native is not None and getattr(adapter, "speaks_responses", False):
                     attempt.native = True
                     return await adapter.responses({**native, "model": upstream["model"]}, request_id=request_id,
-                                                   **kw)
-                return await adapter.complete(upstream, request_id=request_id, **kw)
+                                                   deadline=deadline)
+                return await adapter.complete(upstream, request_id=request_id, deadline=deadline)
         try:
             attempt, result = await self.run(ctx, request.body, plan, call)
         except GatewayError as exc:
@@ -498,13 +493,13 @@ class Gateway:
         native = request.native
 
         async def call(adapter, upstream, attempt, deadline):
-            kw = {} if deadline is None else {"deadline": deadline}
             if native is not None and getattr(adapter, "speaks_responses", False):
                 attempt.native = True
                 stream = await adapter.open_responses_stream({**native, "model": upstream["model"]},
-                                                             request_id=request_id, **kw)
+                                                             request_id=request_id, deadline=deadline)
             else:
-                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage, **kw)
+                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage,
+                                                   deadline=deadline)
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
@@ -662,14 +657,8 @@ class Gateway:
             attempt_deadline = min(ctx.deadline, attempt.started + timeout)
             adapter = entry.adapter
             try:
-                if getattr(adapter, "takes_deadline", False):
-                    # The transport bounds every wait of the attempt: no cancel scope on the hot path.
-                    result = await call(adapter, upstream, attempt, attempt_deadline)
-                else:
-                    with trio.move_on_at(attempt_deadline) as attempt_scope:
-                        result = await call(adapter, upstream, attempt, None)
-                    if attempt_scope.cancelled_caught:
-                        raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
+                # The adapter bounds every wait of the attempt by its deadline: no cancel scope on the hot path.
+                result = await call(adapter, upstream, attempt, attempt_deadline)
             except InvalidRequest as exc:
                 # The body cannot be said in this provider's wire format: the client's to fix.
                 self.report(attempt, None, cancelled=True)
@@ -763,9 +752,6 @@ class Gateway:
         """The gateway is stopping: streams still running at ``deadline`` end then with an error event
         saying so (recorded as ``shutdown``), before the server's drain cuts their connections."""
         self.stop_deadline = deadline
-        for scope in list(self._reading):
-            if scope.deadline > deadline:
-                scope.deadline = deadline
         for streaming in list(self._streams):
             streaming._stream.set_deadline(min(streaming._ctx.deadline, deadline))
 
@@ -774,8 +760,8 @@ class Streaming:
     """A committed stream: iterate for :class:`Chunks`, then exactly one :class:`Done` or :class:`Failed`.
 
     The relay contract: each ``__anext__`` reads the upstream once (one upstream read's chunk payloads per
-    item, so a front door writes once per read), bounded by the request's deadline (through the upstream
-    stream's own ``set_deadline``, or else a cancel scope around that one read); no scope is open between
+    item, so a front door writes once per read), bounded by the request's deadline through the upstream
+    stream's own ``set_deadline`` (every adapter's streams bound their reads); no scope is open between
     items, so whatever the consumer does between reads (a slow client
     blocking its write, a WebSocket queue) is never cancelled by this request's deadline. A deadline passed
     while the consumer was away is noticed at the next read. The first item is the read that committed
@@ -785,7 +771,7 @@ class Streaming:
     """
 
     __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
-                 "_bounded", "native", "_final")
+                 "native", "_final")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
         self._gw = gw
@@ -801,11 +787,9 @@ class Streaming:
         self.provider = attempt.provider
         self.model = attempt.model
         self.headers = _answer_headers(ctx)
-        #: The upstream stream bounds its own reads (set_deadline): no cancel scope per read.
-        self._bounded = hasattr(stream, "set_deadline")
-        if self._bounded:
-            stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
-            gw._streams.add(self)
+        # The upstream stream bounds its own reads: no cancel scope per read.
+        stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
+        gw._streams.add(self)
         #: The payloads are the native API's events (``ModelRequest.native`` was sent), not chat chunks.
         self.native = attempt.native
 
@@ -839,30 +823,19 @@ class Streaming:
             self._first = None
             return self._chunks(first)
         if stream.finished:
-            if self._bounded:
-                # The client has the whole answer; let the upstream connection be reused.
-                await stream.drain()
+            # The client has the whole answer; let the upstream connection be reused.
+            await stream.drain()
             return self._end(None)
         gw = self._gw
         try:
-            if self._bounded:
-                # A read that would not wait (the bytes are buffered) is still past a deadline that passed.
-                if trio.current_time() >= min(self._ctx.deadline, gw.stop_deadline):
-                    return self._end(self._expired())
-                items = await stream.__anext__()
-            else:
-                with trio.move_on_at(min(self._ctx.deadline, gw.stop_deadline)) as scope:
-                    gw._reading.add(scope)
-                    try:
-                        items = await stream.__anext__()
-                    finally:
-                        gw._reading.discard(scope)
-                if scope.cancelled_caught:
-                    return self._end(self._expired())
+            # A read that would not wait (the bytes are buffered) is still past a deadline that passed.
+            if trio.current_time() >= min(self._ctx.deadline, gw.stop_deadline):
+                return self._end(self._expired())
+            items = await stream.__anext__()
         except StopAsyncIteration:
             return self._end(UpstreamError(self.provider, "stream_cut", "upstream stream ended early"))
         except UpstreamError as exc:
-            if exc.kind == "timeout" and self._bounded:
+            if exc.kind == "timeout":
                 exc = self._expired() or exc
             return self._end(exc)
         except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
@@ -874,7 +847,7 @@ class Streaming:
         stream = self._stream
         if not stream.finished:
             return Chunks(items, False)
-        if self._bounded and stream.at_end:
+        if stream.at_end:
             # The upstream's end came with the rest of its body: nothing is left to read, so the request is
             # recorded now, before the client has the last bytes, and the front door may write them with
             # the end of its response (``ended``).
@@ -923,7 +896,7 @@ class Streaming:
             return
         self._closed = True
         stream = self._stream
-        if self._bounded and stream.at_end:
+        if stream.at_end:
             await stream.aclose()  # the connection goes back to its pool; nothing here waits
         else:
             with trio.CancelScope(shield=True):
