@@ -17,12 +17,14 @@ import orjson
 import trio
 
 from ..resilience.errors import UpstreamError
+from ..telemetry.observe import note_finish_reasons
 from .base import ChatResult, Usage, new_created
 from .fake_content import FakeAnswer, FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 
 __all__ = ["FakeAdapter"]
 
 
+<<<<<<< HEAD
 async def _wait(provider: str, seconds: float, deadline: float | None) -> None:
     """Sleep ``seconds``, or until ``deadline`` and then fail as an upstream that did not answer in time."""
     if deadline is not None and trio.current_time() + seconds >= deadline:
@@ -37,7 +39,14 @@ class FakeStream:
     def __init__(self, provider: str, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float,
                  deadline: float | None = None) -> None:
         self._provider = provider
+=======
+class FakeStream:
+    __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "_finish", "usage", "finished", "_closed")
+
+    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float, finish=()) -> None:
+>>>>>>> main
         self._pieces = pieces
+        self._finish = [{"finish_reason": reason} for reason in finish]
         self._i = 0
         self._ttfb = ttfb
         self._delay = delay
@@ -59,6 +68,7 @@ class FakeStream:
         self._i = i + 1
         if self._i == len(self._pieces):
             self.finished = True
+            note_finish_reasons(self._finish)  # on the request's task, as an upstream stream's last read is
         return self._pieces[i]
 
     def set_deadline(self, deadline: float | None) -> None:
@@ -113,6 +123,7 @@ class FakeAdapter:
         if self._ttfb:
             await _wait(self.name, self._ttfb, deadline)
         resp = openai_completion(answer, self._head(body, request_id))
+        note_finish_reasons(resp["choices"])
         return ChatResult(orjson.dumps(resp), Usage(answer.prompt_tokens, answer.completion_tokens))
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
@@ -126,8 +137,13 @@ class FakeAdapter:
         out = [[p] for p in pieces] or [[]]
         out[0] = opening + out[0]
         out[-1] = out[-1] + closing
+<<<<<<< HEAD
         return FakeStream(self.name, out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb,
                           self._delay, deadline)
+=======
+        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay,
+                          [c.finish_reason for c in answer.choices])
+>>>>>>> main
 
     async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         try:
