@@ -24,7 +24,6 @@ from .fake_content import FakeAnswer, FakeRequestError, fake_answer, fake_embedd
 __all__ = ["FakeAdapter"]
 
 
-<<<<<<< HEAD
 async def _wait(provider: str, seconds: float, deadline: float | None) -> None:
     """Sleep ``seconds``, or until ``deadline`` and then fail as an upstream that did not answer in time."""
     if deadline is not None and trio.current_time() + seconds >= deadline:
@@ -34,17 +33,12 @@ async def _wait(provider: str, seconds: float, deadline: float | None) -> None:
 
 
 class FakeStream:
-    __slots__ = ("_provider", "_pieces", "_i", "_ttfb", "_delay", "_deadline", "usage", "finished", "_closed")
+    __slots__ = ("_provider", "_pieces", "_i", "_ttfb", "_delay", "_deadline", "_finish", "usage", "finished",
+                 "_closed")
 
     def __init__(self, provider: str, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, finish=()) -> None:
         self._provider = provider
-=======
-class FakeStream:
-    __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "_finish", "usage", "finished", "_closed")
-
-    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float, finish=()) -> None:
->>>>>>> main
         self._pieces = pieces
         self._finish = [{"finish_reason": reason} for reason in finish]
         self._i = 0
@@ -137,13 +131,8 @@ class FakeAdapter:
         out = [[p] for p in pieces] or [[]]
         out[0] = opening + out[0]
         out[-1] = out[-1] + closing
-<<<<<<< HEAD
         return FakeStream(self.name, out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb,
-                          self._delay, deadline)
-=======
-        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay,
-                          [c.finish_reason for c in answer.choices])
->>>>>>> main
+                          self._delay, deadline, [c.finish_reason for c in answer.choices])
 
     async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         try:
