@@ -55,7 +55,8 @@ import orjson
 
 from .anthropic_upstream import TranslationError, tool_arguments
 from .errors import UpstreamErrorBody, scrub
-from .reasoning import EFFORT_BUDGETS, check_thinking_blocks, reasoning_of
+from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
+                        reasoning_of)
 
 __all__ = [
     "GeminiToOpenAIStream",
@@ -164,10 +165,6 @@ def _resolve_ref(root: dict, ref, param: str):
 
 #: Between a tool call's own id and the thought signature it carries (LiteLLM's separator, so ids it wrote read).
 SIGNATURE_SEPARATOR = "__thought__"
-#: The ``thinking_blocks`` signature prefix of a Gemini thought part's signature ...
-THOUGHT_PREFIX = "gemini:"
-#: ... and of the signature Gemini put on an answer's text part (a block with no thinking text of its own).
-TEXT_PREFIX = "gemini-text:"
 
 
 def call_id_signature(call_id: str, signature: str | None) -> str:
@@ -197,7 +194,7 @@ def _signature_of(part: dict) -> str | None:
 class _Thoughts:
     """A candidate's thought parts as ``thinking_blocks`` and fragments of them: a run of thought parts is one
     block, ended by a part that carries a signature or by any other part; a signed text part is a block of its
-    own (no thinking text, the signature prefixed :data:`TEXT_PREFIX`)."""
+    own (no thinking text, the signature prefixed :data:`GEMINI_TEXT_PREFIX`)."""
 
     __slots__ = ("index", "open")
 
@@ -214,20 +211,20 @@ class _Thoughts:
                 self.open = True
             frag: dict = {"index": self.index, "type": "thinking", "thinking": part.get("text") or ""}
             if sig:
-                frag["signature"] = THOUGHT_PREFIX + sig
+                frag["signature"] = GEMINI_THOUGHT_PREFIX + sig
                 self.open = False
             return frag
         self.open = False
         if sig and "text" in part:
             self.index += 1
-            return {"index": self.index, "type": "thinking", "thinking": "", "signature": TEXT_PREFIX + sig}
+            return {"index": self.index, "type": "thinking", "thinking": "", "signature": GEMINI_TEXT_PREFIX + sig}
         return None
 
 
 def _model_parts(msg: dict, i: int) -> tuple[list[dict], str | None]:
     """The thought parts an assistant message gives back to Gemini, and the signature of its text part.
 
-    ``thinking_blocks`` a Gemini answer gave (:data:`THOUGHT_PREFIX`/:data:`TEXT_PREFIX` signatures) go back as
+    ``thinking_blocks`` a Gemini answer gave (:data:`GEMINI_THOUGHT_PREFIX`/:data:`GEMINI_TEXT_PREFIX` signatures) go back as
     they came; another vendor's reasoning, or ``reasoning_content`` alone, goes as unsigned thought text.
     A redacted block (Anthropic's encrypted reasoning) has no counterpart: a 400 naming it.
     """
@@ -242,12 +239,12 @@ def _model_parts(msg: dict, i: int) -> tuple[list[dict], str | None]:
                                    "a redacted_thinking block (Anthropic's encrypted reasoning) can only go back to "
                                    "an Anthropic or Bedrock provider; this one is Gemini")
         sig = block.get("signature") or ""
-        if sig.startswith(TEXT_PREFIX):
-            text_sig = sig[len(TEXT_PREFIX):]
+        if sig.startswith(GEMINI_TEXT_PREFIX):
+            text_sig = sig[len(GEMINI_TEXT_PREFIX):]
             continue
         part: dict = {"text": block["thinking"], "thought": True}
-        if sig.startswith(THOUGHT_PREFIX):
-            part["thoughtSignature"] = sig[len(THOUGHT_PREFIX):]
+        if sig.startswith(GEMINI_THOUGHT_PREFIX):
+            part["thoughtSignature"] = sig[len(GEMINI_THOUGHT_PREFIX):]
         parts.append(part)
     return parts, text_sig
 
