@@ -13,6 +13,7 @@ imports nothing else of ours; psycopg (the ``postgres`` extra) is imported only 
 from .migrations import MIGRATIONS as MIGRATIONS, Migration as Migration
 from .postgres import (
     DatabaseError as DatabaseError,
+    Session as Session,
     bounded as bounded,
     connect as connect,
     failure_types as failure_types,
@@ -21,5 +22,5 @@ from .postgres import (
     row_error_types as row_error_types,
 )
 
-__all__ = ["MIGRATIONS", "DatabaseError", "Migration", "bounded", "connect", "failure_types", "migrate", "redact",
+__all__ = ["MIGRATIONS", "DatabaseError", "Migration", "Session", "bounded", "connect", "failure_types", "migrate", "redact",
            "row_error_types"]

@@ -39,7 +39,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             status TEXT NOT NULL,
             http_status INTEGER NOT NULL,
             request_id TEXT,
-            team TEXT
+            team TEXT,
+            -- which ledger wrote the row, and its number there: a batch retried after a lost commit answer
+            -- stores each row once (ON CONFLICT (origin, seq) DO NOTHING)
+            origin TEXT,
+            seq BIGINT,
+            UNIQUE (origin, seq)
         );
         CREATE INDEX usage_key_ts ON usage (key_id, ts);
         CREATE INDEX usage_team_ts ON usage (team, ts);

@@ -15,13 +15,13 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from .migrations import MIGRATIONS, Migration
 
-__all__ = ["DatabaseError", "connect", "failure_types", "migrate", "redact"]
+__all__ = ["DatabaseError", "Session", "bounded", "connect", "failure_types", "migrate", "redact", "row_error_types"]
 
 #: The key of the advisory lock migrations hold (any constant; this one is "runestone" in ASCII, truncated).
 MIGRATION_LOCK = 0x72756E6573746F6E
@@ -141,3 +141,33 @@ def bounded(conn: Any, timeout: float = OPERATION_TIMEOUT) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+
+
+class Session:
+    """A store's one dedicated connection to ``url``: opened (and migrated) when first needed, and opened anew
+    after any operation that failed, which is how a store resumes once the server is back. Blocking: used from
+    one worker thread at a time."""
+
+    def __init__(self, url: str, application_name: str) -> None:
+        self.url = url
+        self.application_name = application_name
+        self._conn: Any = None
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(connection)``, bounded in time (:func:`bounded`); an exception closes the connection."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.url, application_name=self.application_name)
+            with bounded(self._conn):
+                return fn(self._conn)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
 import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -154,7 +156,8 @@ class LedgerBackend:
     """Where a :class:`UsageLedger` keeps its rows: the seam between the ledger's guarantees and one database.
 
     Every method blocks and is called on a worker thread, one call at a time (under the ledger's lock).
-    ``insert`` stores checked, priced rows (in :data:`_COLUMNS` order) in one transaction and returns the ones
+    ``insert`` stores checked, priced rows (in :data:`_COLUMNS` order, then the row's sequence number, unique
+    in this ledger: a retried row has the same) in one transaction and returns the ones
     the database refused, as ``(index, reason)``, having stored all the others; an exception of ``failures``
     is the database failing (nothing of the batch is stored). A backend that ``reconnects`` opens a new
     connection for its next call after a failure, and may start without its database (the first flush then
@@ -236,7 +239,7 @@ class SQLiteLedgerBackend(LedgerBackend):
         conn.execute("BEGIN")
         try:
             try:
-                conn.executemany(self._insert, rows)
+                conn.executemany(self._insert, [row[:-1] for row in rows])
             except sqlite3.OperationalError:
                 raise
             except self._row_errors:
@@ -245,7 +248,7 @@ class SQLiteLedgerBackend(LedgerBackend):
                 conn.execute("BEGIN")
                 for i, row in enumerate(rows):
                     try:
-                        conn.execute(self._insert, row)
+                        conn.execute(self._insert, row[:-1])
                     except sqlite3.OperationalError:
                         raise
                     except self._row_errors as exc:
@@ -281,73 +284,49 @@ class PostgresLedgerBackend(LedgerBackend):
                   " COALESCE(SUM(cost), 0.0)::float8, COUNT(*) FILTER (WHERE status <> 'ok')")
     nulls_first = " NULLS FIRST"
     param = "%s"
-    _insert = f"INSERT INTO usage ({_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+    # A commit whose answer the connection lost (the server went away right then) may have happened: the
+    # retried batch must not store its rows twice. Each row carries (origin, seq), origin unique to this backend.
+    _insert = (f"INSERT INTO usage ({_COLUMNS}, origin, seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+               " ON CONFLICT (origin, seq) DO NOTHING")
 
     def __init__(self, url: str) -> None:
         from .. import storage
 
-        self._storage = storage
-        self.url = url
+        self.origin = uuid.uuid4().hex
         self.where = storage.redact(url)
         self.failures = storage.failure_types()
         self._row_errors = storage.row_error_types()
-        self._conn = None
-
-    def _connection(self):
-        if self._conn is None or self._conn.closed:
-            self._conn = self._storage.connect(self.url, application_name="runestone-ledger")
-        return self._conn
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        self._session = storage.Session(url, "runestone-ledger")
 
     def open(self) -> None:
-        try:
-            self._connection()
-        except self.failures:
-            self._drop()
-            raise
+        self._session.run(lambda conn: None)
 
     def insert(self, rows: list[tuple]) -> list[tuple[int, str]]:
+        return self._session.run(lambda conn: self._insert_rows(conn, rows))
+
+    def _insert_rows(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str]]:
         try:
-            conn = self._connection()
-            with self._storage.bounded(conn):
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._insert, [(*row[:-1], self.origin, row[-1]) for row in rows])
+            return []
+        except self._row_errors:
+            pass
+        # One row the checks let through: each alone in a savepoint, the refused ones kept aside.
+        refused: list[tuple[int, str]] = []
+        with conn.transaction():
+            for i, row in enumerate(rows):
                 try:
-                    with conn.transaction(), conn.cursor() as cur:
-                        cur.executemany(self._insert, rows)
-                    return []
-                except self._row_errors:
-                    pass
-                # One row the checks let through: each alone in a savepoint, the refused ones kept aside.
-                refused: list[tuple[int, str]] = []
-                with conn.transaction():
-                    for i, row in enumerate(rows):
-                        try:
-                            with conn.transaction():
-                                conn.execute(self._insert, row)
-                        except self._row_errors as exc:
-                            refused.append((i, _reason(exc)))
-                return refused
-        except self.failures:
-            self._drop()
-            raise
+                    with conn.transaction():
+                        conn.execute(self._insert, (*row[:-1], self.origin, row[-1]))
+                except self._row_errors as exc:
+                    refused.append((i, _reason(exc)))
+        return refused
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        try:
-            conn = self._connection()
-            with self._storage.bounded(conn):
-                return conn.execute(sql, params).fetchall()
-        except self.failures:
-            self._drop()
-            raise
+        return self._session.run(lambda conn: conn.execute(sql, params).fetchall())
 
     def close(self) -> None:
-        self._drop()
+        self._session.close()
 
 
 @attrs.frozen
@@ -404,6 +383,9 @@ class UsageLedger:
         #: Rows pushed out of a full buffer, for the quarantine file at the next flush (bounded the same).
         self._overflow: list[tuple] = []
         self._opened = False
+        #: Numbers each row, after its fields: a backend that cannot know whether a commit it lost the answer
+        #: to happened stores a retried row once by it (Postgres: ``ON CONFLICT (origin, seq) DO NOTHING``).
+        self._seq = itertools.count()
         self._lock = trio.Lock()
         #: Set when ``batch`` rows wait; a new event after each flush.
         self.batch_full = trio.Event()
@@ -488,6 +470,7 @@ class UsageLedger:
             g(record, "tokens_in", None), g(record, "tokens_out", None),
             g(record, "cost", None) if cost is None else cost,
             g(record, "latency", None), g(record, "status", None), g(record, "http_status", None), team,
+            next(self._seq),
         ))
         if len(buffer) >= self.batch:
             self.batch_full.set()
@@ -504,9 +487,9 @@ class UsageLedger:
 
     def _stored(self, row: tuple) -> tuple:
         """The row as inserted: priced, latency in milliseconds."""
-        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team = row
+        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team, seq = row
         cost = self._price(cost, provider, model, tin, tout)
-        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team)
+        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team, seq)
 
     def _write_sync(self, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
         """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""

@@ -302,3 +302,25 @@ async def test_a_database_from_before_request_ids_gets_the_column(tmp_path):
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT key_id, request_id FROM usage ORDER BY id").fetchall() == [("old", None), ("new", "r")]
     await ledger.close()
+
+
+async def test_a_batch_retried_after_a_commit_whose_answer_was_lost_is_stored_once(postgres_url, tmp_path):
+    import psycopg
+
+    store = Store("postgres", tmp_path, postgres_url)
+    ledger = await opened(store, ["k0", "k1"])
+    insert = ledger.backend.insert
+
+    def committed_then_cut(rows):
+        insert(rows)  # the server commits...
+        raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...the answer is lost
+
+    ledger.backend.insert = committed_then_cut
+    with pytest.raises(psycopg.OperationalError):
+        await ledger.flush()
+    ledger.backend.insert = insert
+    ledger.add(rec(key="k2"))
+    assert ledger.pending == 3
+    await ledger.flush()
+    assert [r[0] for r in store.rows()] == ["k0", "k1", "k2"] and ledger.quarantined == 0
+    await ledger.close()
