@@ -299,6 +299,11 @@ class Application:
         finally:
             if self.observer is not None:
                 self.observer.close()
+            if self.ledger is not None and self.ledger.pending:
+                # The tree is down and its last flush failed: the rows go to the local quarantine file
+                # rather than die with the process.
+                with trio.CancelScope(shield=True):
+                    await self.ledger.quarantine_pending("its database was failing when the gateway stopped")
 
     def _on_restart(self, supervisor: str, child: str, restarts: int, error) -> None:
         self.restarts[child] = self.restarts.get(child, 0) + 1

@@ -595,6 +595,20 @@ class UsageLedger:
             self._counted(quarantined, lost)
             return written
 
+    async def quarantine_pending(self, reason: str) -> int:
+        """Move every row still buffered to the quarantine file (the gateway stops while its database fails,
+        and the buffer would die with the process); return how many moved."""
+        async with self._lock:
+            rows, self._buffer = self._overflow + self._buffer, []
+            self._overflow = []
+            if not rows:
+                return 0
+            lost = await trio.to_thread.run_sync(self._quarantine_sync, [(row, reason) for row in rows])
+            self._counted(len(rows) - lost, lost)
+            log.error("usage ledger: %d rows not stored in %s (%s) are in %s", len(rows) - lost, self.backend.where,
+                      reason, self.quarantine_path)
+            return len(rows) - lost
+
     async def close(self) -> None:
         """Flush what is buffered, then close the database; idempotent. What a failed flush leaves stays
         buffered, for the next ``open`` and ``flush``."""

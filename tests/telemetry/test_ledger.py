@@ -324,3 +324,26 @@ async def test_a_batch_retried_after_a_commit_whose_answer_was_lost_is_stored_on
     await ledger.flush()
     assert [r[0] for r in store.rows()] == ["k0", "k1", "k2"] and ledger.quarantined == 0
     await ledger.close()
+
+
+async def test_postgres_down_at_open_starts_degraded_and_a_stop_quarantines_what_is_buffered(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ledger = UsageLedger(str(tmp_path / "usage"), backend=PostgresLedgerBackend(f"postgresql://u:pw@127.0.0.1:{port}/x"))
+    await ledger.open()  # no error: the first flush connects
+    status = ledger.status()
+    assert status.state == "degraded" and status.where == f"postgresql://***@127.0.0.1:{port}/x"
+    assert "pw" not in status.last_error
+    ledger.add(rec(key="k0"))
+    ledger.add(rec(key="k1"))
+    with pytest.raises(ledger.backend.failures):
+        await ledger.flush()
+    assert ledger.pending == 2
+    assert await ledger.quarantine_pending("stopping") == 2
+    assert ledger.pending == 0 and ledger.quarantined == 2 and ledger.lost == 0
+    lines = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert [(x["row"]["key_id"], x["reason"]) for x in lines] == [("k0", "stopping"), ("k1", "stopping")]
+    await ledger.close()
