@@ -35,6 +35,15 @@ def postgres_bin() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec: an immediate shutdown (SIGQUIT) when the test process dies, killed
+    or timed out, so no server outlives its tests. (After the change of user, which would clear it.)"""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,7 +106,7 @@ class PostgresServer:
             [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir,
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
              "-c", "full_page_writes=off", "-c", "max_connections=200"],
-            stdout=log, stderr=log, env=self._env, **self._run_as)
+            stdout=log, stderr=log, env=self._env, preexec_fn=_die_with_parent, **self._run_as)
         log.close()
         self.wait_ready(timeout)
 

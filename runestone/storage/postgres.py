@@ -129,12 +129,13 @@ def sever(conn: Any) -> None:
 
 
 @contextlib.contextmanager
-def bounded(conn: Any, timeout: float = OPERATION_TIMEOUT) -> Iterator[None]:
-    """Within the block (on a worker thread), ``conn`` is severed if the block runs past ``timeout`` seconds.
+def bounded(conn: Any, timeout: float | None = None) -> Iterator[None]:
+    """Within the block (on a worker thread), ``conn`` is severed if the block runs past ``timeout`` seconds
+    (:data:`OPERATION_TIMEOUT` by default).
 
     A real-time timer, on purpose: it bounds a wait on a remote server, whatever clock the event loop uses.
     """
-    timer = threading.Timer(timeout, sever, (conn,))
+    timer = threading.Timer(OPERATION_TIMEOUT if timeout is None else timeout, sever, (conn,))
     timer.daemon = True
     timer.start()
     try:

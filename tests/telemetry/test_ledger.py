@@ -347,3 +347,29 @@ async def test_postgres_down_at_open_starts_degraded_and_a_stop_quarantines_what
     lines = [json.loads(line) for line in open(ledger.quarantine_path)]
     assert [(x["row"]["key_id"], x["reason"]) for x in lines] == [("k0", "stopping"), ("k1", "stopping")]
     await ledger.close()
+
+
+async def test_a_postgres_that_stops_answering_fails_the_flush_instead_of_holding_it(postgres_url, tmp_path,
+                                                                                     monkeypatch):
+    import os
+    import signal
+
+    from runestone.storage import postgres
+
+    monkeypatch.setattr(postgres, "OPERATION_TIMEOUT", 0.5)  # real seconds: what a wait on the server may take
+    store = Store("postgres", tmp_path, postgres_url)
+    ledger = await opened(store, ["k0"])
+    assert await ledger.flush() == 1
+    backend_pid = ledger.backend._session._conn.info.backend_pid
+    os.kill(backend_pid, signal.SIGSTOP)  # the server process of the ledger's connection freezes
+    try:
+        ledger.add(rec(key="k1"))
+        with pytest.raises(ledger.backend.failures):
+            await ledger.flush()  # returns (with the failure) instead of waiting forever
+        assert ledger.pending == 1 and ledger.status().state == "degraded"
+    finally:
+        os.kill(backend_pid, signal.SIGCONT)
+    ledger.add(rec(key="k2"))
+    await ledger.flush()  # on a new connection
+    assert sorted(r[0] for r in store.rows()) == ["k0", "k1", "k2"] and ledger.status().state == "ok"
+    await ledger.close()
