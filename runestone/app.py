@@ -142,7 +142,7 @@ class Application:
         if self.ledger is not None:
             self.ledger.team_of = self.governance.team_of
         # Run-time registrations and groups, persisted in the data directory, win over the file.
-        self.control_store = ControlStore(self.data_dir)
+        self.control_store = ControlStore(self.data_dir, database_url=database_url)
         try:
             self.control_state = self.control_store.load()
             #: The provider specs the provider supervisor (re)starts with; registrations change it.

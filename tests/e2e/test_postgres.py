@@ -304,3 +304,34 @@ async def _async(value):
 
 async def _state(status, wanted: str) -> bool:
     return (await status)["state"] == wanted
+
+
+# -- the control store -----------------------------------------------------------------------------------
+
+
+async def test_a_provider_registered_on_one_instance_is_there_after_a_restart_on_another(postgres_url, instances):
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    client = {"authorization": f"Bearer {CLIENT_KEY}"}
+    first = instances("first", postgres_url)
+    await first.start()
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
+        r = await http.post("/admin/providers", headers=admin, json={
+            "name": "added", "type": "fake", "config": {"models": ["added-model"], "api_key": "sk-added-secret",
+                                                       "text": "added at run time"}})
+        assert r.status_code == 201, r.text
+        r = await http.delete("/admin/providers/fake", headers=admin)  # a configured one, removed at run time
+        assert r.status_code == 200, r.text
+    assert await first.stop() == 0
+    assert not (first.tmp_path / "first" / "control.json").exists()  # in Postgres, not in the data directory
+    [(doc,)] = _table(postgres_url, "SELECT doc FROM control_state")
+    assert b"sk-added-secret" in bytes(doc)  # whole, as a restart needs it (the database is the operator's)
+
+    second = instances("second", postgres_url)
+    await second.start()
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as http:
+        names = [p["name"] for p in (await http.get("/admin/providers", headers=admin)).json()["data"]]
+        assert names == ["added"]
+        r = await http.post("/v1/chat/completions", headers=client,
+                            json={"model": "added-model", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("added at run time")
+    assert await second.stop() == 0
