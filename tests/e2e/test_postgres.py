@@ -335,3 +335,15 @@ async def test_a_provider_registered_on_one_instance_is_there_after_a_restart_on
                             json={"model": "added-model", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("added at run time")
     assert await second.stop() == 0
+
+
+def test_an_unreachable_database_stops_the_start_with_the_reason_and_no_secret(tmp_path):
+    from runestone.app import Application, StartupError
+    from runestone.config import load_config
+
+    port = free_port()  # nobody listens there
+    path = _config(tmp_path, "gw", f"postgresql://runestone:pw-secret@127.0.0.1:{port}/runestone")
+    with pytest.raises(StartupError) as stopped:
+        Application(load_config(path, env={}))
+    message = str(stopped.value)
+    assert f"postgresql://***@127.0.0.1:{port}/runestone cannot be read" in message and "pw-secret" not in message
