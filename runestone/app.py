@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from .config import Config, ProviderSpec
-from .control_store import ControlStore, ControlStoreError
+from .control.store import ControlStore, ControlStoreError
 from .front.api import Front
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
