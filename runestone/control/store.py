@@ -199,9 +199,14 @@ class ControlStore:
         self.path = self.dir / FILE_NAME
         self._document = None
         if database_url:
-            from runestone.storage.control import ControlDocument
+            from ..storage.control import ControlDocument
 
             self._document = ControlDocument(database_url)
+
+    @property
+    def where(self) -> str:
+        """Where the state is kept, as dumps may show it: the file, or the database url without credentials."""
+        return str(self.path) if self._document is None else self._document.where
 
     def load(self) -> ControlState:
         """The persisted state, or an empty one when nothing was ever saved."""
