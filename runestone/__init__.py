@@ -9,6 +9,7 @@ Floor 0, knowing nothing of the gateway and importing nothing of ours:
   the one unknown-message policy, supervisors, the registry, ``Published`` snapshot cells, state dumps.
 - ``http``: the HTTP/1.1 server and the upstream client (the transport seam, ``MockTransport``).
 - ``wire``: the wire formats (OpenAI, Anthropic, Gemini, Bedrock): validation, errors, SSE, translators.
+- ``storage``: Postgres for a fleet (``[database] url``): the connections the stores open, migrations.
 
 Floor 1, on the runtime at most, none importing another:
 

@@ -23,7 +23,7 @@ ROOT = Path(runestone.__file__).parent
 
 #: Floor by floor, bottom first. A top-level module (``app.py``) is a unit of its own, like a package.
 FLOORS: tuple[frozenset[str], ...] = (
-    frozenset({"runtime", "http", "wire"}),  # import nothing of ours
+    frozenset({"runtime", "http", "wire", "storage"}),  # import nothing of ours
     frozenset({"config", "telemetry", "cluster"}),
     frozenset({"resilience"}),
     frozenset({"providers"}),

@@ -85,6 +85,7 @@ __all__ = [
     "HttpError",
     "HttpServer",
     "HttpxTransport",
+    "LastItem",
     "Limits",
     "LOCAL_RESOURCE_ERRNOS",
     "local_resource_errors",
