@@ -3,8 +3,10 @@
 ::
 
     runestone (root supervisor, one_for_one)
+    ├── redis                        RedisClient.run ([cluster] redis_url only)
     ├── telemetry_handler            TelemetryHandler
     ├── circuit_breaker_manager      CircuitBreakerManager
+    ├── fleet_breakers               FleetBreakers ([cluster] redis_url only)
     ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
@@ -26,6 +28,8 @@ from typing import Any
 import attrs
 import trio
 
+from .cluster.breakers import FleetBreakers
+from .cluster.redis import RedisClient
 from .config import Config, ProviderSpec
 from .control_store import ControlStore, ControlStoreError
 from .front.api import Front
@@ -118,6 +122,11 @@ class Application:
         # Published cells and tables: made once, outlive actor restarts.
         self.providers = ProviderTable()
         self.breaker_views = Published({}, owner="circuit_breaker_manager")
+        #: [cluster] redis_url: the fleet's shared state (runestone/cluster/), else None (all local).
+        self.redis = RedisClient(config.cluster.redis_url) if config.cluster.redis_url else None
+        self.fleet_breakers = (FleetBreakers(self.redis, self.breaker_views,
+                                             NamedRef(self.registry, "circuit_breaker_manager"))
+                               if self.redis is not None else None)
         self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
@@ -214,9 +223,15 @@ class Application:
                 pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window,
                 labels=MetricLabels(self.providers, self.is_route_name))
 
+        fleet = self.fleet_breakers
+
         def breaker_manager():
-            return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
-                                         overrides=overrides, providers=list(self.catalog), registry=reg)
+            if fleet is None:
+                return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
+                                             overrides=overrides, providers=list(self.catalog), registry=reg)
+            return CircuitBreakerManager(self.breaker_views, emit=fleet.observe(emit), settings=breaker_settings,
+                                         overrides=overrides, providers=list(self.catalog), registry=reg,
+                                         probe_gate=fleet.probe_gate, probe_done=fleet.probe_done)
 
         def provider_supervisor():
             sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg,
@@ -234,9 +249,14 @@ class Application:
         def provider_pool():
             return ProviderPool(self.inflight, registry=reg)
 
+        # The Redis connection first (ready at once, up or not), its users after what they feed.
+        cluster = [ChildSpec(id="redis", start=self.redis.run, shutdown=1.0)] if self.redis is not None else []
+        fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
         return [
+            *cluster,
             _actor_child("telemetry_handler", telemetry_handler, shutdown=10.0),
             _actor_child("circuit_breaker_manager", breaker_manager),
+            *fleet_children,
             ChildSpec(id="enhanced_provider_supervisor", start=start_provider_supervisor, restart="permanent",
                       shutdown=15.0, kind="supervisor"),
             _actor_child("failover_manager", failover_manager),

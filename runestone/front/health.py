@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from ..cluster.status import cluster_prometheus, cluster_status
 from ..http.errors import local_resource_errors
 from ..http.server import Response
 from ..resilience.breaker import DENY, check
@@ -112,13 +113,18 @@ class HealthRoutes:
         if app.root is not None:
             for info in app.root.which_children():
                 children.append({"id": info.id, "status": info.status, "restarts": info.restarts})
+        cluster = cluster_status(app)
+        status = self.overall_status(providers)
+        if status == "healthy" and cluster is not None and cluster["status"] != "ok":
+            status = "degraded"  # serving, on this instance's own state until Redis is back
         return Response.json({
-            "status": self.overall_status(providers),
+            "status": status,
             "uptime_s": round(time.time() - self.started_wall, 3),
             "providers": providers,
             "totals": await self.summary(),
             "tree": children,
             "telemetry": app.telemetry.snapshot(),
+            "cluster": cluster,
         })
 
     async def providers(self, request, caller) -> Response:
@@ -166,6 +172,7 @@ class HealthRoutes:
         governance = getattr(self.app, "governance", None)
         if governance is not None:
             text += governance.prometheus().encode()
+        text += cluster_prometheus(self.app)
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:
