@@ -252,6 +252,8 @@ class Application:
         # The Redis connection first (ready at once, up or not), its users after what they feed.
         cluster = [ChildSpec(id="redis", start=self.redis.run, shutdown=1.0)] if self.redis is not None else []
         fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
+        if getattr(self, "fleet_cache", None) is not None:  # set by the cache's install ([cache] enabled)
+            fleet_children.append(ChildSpec(id="fleet_cache", start=self.fleet_cache.run, shutdown=1.0))
         return [
             *cluster,
             _actor_child("telemetry_handler", telemetry_handler, shutdown=10.0),
