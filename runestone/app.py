@@ -10,6 +10,7 @@
     ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
+    ├── fleet_control                FleetControl ([cluster] redis_url only: control changes shared)
     └── front                        the HTTP/SSE/WebSocket server (started last, stopped first)
 
 The published cells (provider table, breaker views, groups, health) and the in-flight table are made
@@ -29,6 +30,7 @@ import attrs
 import trio
 
 from .cluster.breakers import FleetBreakers
+from .cluster.control import FleetControl
 from .cluster.redis import RedisClient
 from .config import Config, ProviderSpec
 from .control_store import ControlStore, ControlStoreError
@@ -169,6 +171,9 @@ class Application:
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)
+        #: Control changes shared with the fleet ([cluster] redis_url), through the plane the admin routes made.
+        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir)
+                              if self.redis is not None and getattr(self, "control", None) is not None else None)
         #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
         self.observer = self._observer()
         self.root: Supervisor | None = None
@@ -265,6 +270,9 @@ class Application:
             _actor_child("provider_pool", provider_pool),
             _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
             ChildSpec(id="key_store", start=self.governance.run, restart="permanent", shutdown=5.0),
+            # after the provider supervisor: it applies the fleet's changes through the control plane
+            *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
+              if self.fleet_control is not None else []),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]

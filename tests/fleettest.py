@@ -18,8 +18,10 @@ from gatewaytest import free_port, start_gateway_process, wait_ready
 
 
 class Instance:
-    def __init__(self, directory: Path, config_text: str) -> None:
+    def __init__(self, directory: Path, config_text: str, headers: dict | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        #: sent with the health reads (the admin key, when the config has keys)
+        self.headers = headers or {}
         self.directory = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -46,14 +48,25 @@ class Instance:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     async def detailed(self, http: httpx.AsyncClient) -> dict:
-        return (await http.get(self.url + "/health/detailed")).json()
+        r = await http.get(self.url + "/health/detailed", headers=self.headers)
+        assert r.status_code == 200, r.text
+        return r.json()
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, redis_url: str, config_text: str, size: int = 3) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, config_text: str, size: int = 3,
+                 headers: dict | None = None) -> None:
         text = textwrap.dedent(config_text)
-        text = f'[cluster]\nredis_url = "{redis_url}"\n' + text
-        self.instances = [Instance(tmp_path / f"gw{i}", text) for i in range(size)]
+        self.text = f'[cluster]\nredis_url = "{redis_url}"\n' + text
+        self.headers = headers
+        self.tmp_path = tmp_path
+        self.instances = [Instance(tmp_path / f"gw{i}", self.text, headers) for i in range(size)]
+
+    def new_instance(self) -> Instance:
+        """One more instance of the same config (not started), stopped with the others."""
+        instance = Instance(self.tmp_path / f"gw{len(self.instances)}", self.text, self.headers)
+        self.instances.append(instance)
+        return instance
 
     async def __aenter__(self) -> Fleet:
         try:

@@ -34,7 +34,7 @@ def cluster_status(app: Any) -> dict | None:
             "last_error": stats.last_error,
         },
     }
-    for name in ("fleet_breakers", "fleet_responses"):
+    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control"):
         part = getattr(app, name, None)
         if part is not None:
             out[name.removeprefix("fleet_")] = part.snapshot()
