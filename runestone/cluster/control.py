@@ -101,7 +101,7 @@ class FleetControl:
 
     def _save_offset(self) -> None:
         self.offset_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.offset_path.with_suffix(".tmp")
+        tmp = self.offset_path.with_suffix(f".{os.getpid()}.tmp")  # workers may share the data directory
         tmp.write_bytes(orjson.dumps({"last_id": self.last_id}))
         os.replace(tmp, self.offset_path)
 
