@@ -33,7 +33,7 @@ from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
 from .cluster.redis import RedisClient
 from .config import Config, ProviderSpec
-from .control_store import ControlStore, ControlStoreError
+from .control.store import ControlStore, ControlStoreError
 from .front.api import Front
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback

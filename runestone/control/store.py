@@ -23,8 +23,8 @@ import attrs
 import orjson
 import trio
 
-from .config import ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
-from .resilience.failover import GroupSpec
+from ..config import RETIRED_PROVIDER_SETTINGS, ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
+from ..resilience.failover import GroupSpec
 
 __all__ = ["ControlState", "ControlStore", "ControlStoreError", "group_to_dict", "FILE_NAME"]
 
@@ -46,6 +46,13 @@ def group_to_dict(group: GroupSpec) -> dict[str, Any]:
         "max_attempts": group.max_attempts,
         "health_threshold": group.health_threshold,
     }
+
+
+def _without_retired(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    config = data.get("config")
+    if isinstance(config, Mapping) and not RETIRED_PROVIDER_SETTINGS.isdisjoint(config):
+        return {**data, "config": {k: v for k, v in config.items() if k not in RETIRED_PROVIDER_SETTINGS}}
+    return data
 
 
 def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -118,7 +125,8 @@ class ControlState:
         out = {}
         for name, data in self.providers.items():
             try:
-                spec = provider_spec_from_dict(data, upstream_hosts)
+                # Settings since retired were written by older versions: read the registration without them.
+                spec = provider_spec_from_dict(_without_retired(data), upstream_hosts)
             except ConfigError as exc:
                 raise ControlStoreError(f"persisted provider {name!r} is not valid: {'; '.join(exc.problems) or exc}")
             if spec.name != name:
