@@ -176,7 +176,8 @@ class Application:
         for install in _route_installers():
             install(self.front, self)
         #: Control changes shared with the fleet ([cluster] redis_url), through the plane the admin routes made.
-        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir)
+        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
+                                           upstream_hosts=config.admin.upstream_hosts)
                               if self.redis is not None and getattr(self, "control", None) is not None else None)
         #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
         self.observer = self._observer()

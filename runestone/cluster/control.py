@@ -11,15 +11,16 @@ the data directory (``fleet_control.json``): a restarted instance reads on from 
 the stream from its start (which keeps the newest ``MAX_ENTRIES`` changes; give Redis persistence, AOF or
 RDB, for the stream to outlive a Redis restart).
 
-A change is carried as the operation's name and the arguments the operation was called with (the admin
-API's JSON), so another instance validates it exactly as this one did; a change another instance refuses
-(say, a provider registered twice at once on two instances) is logged there and skipped. Secrets in a
-provider's settings travel through Redis: protect it (``requirepass``, TLS with ``rediss://``).
+The hook is the plane's own (``ControlPlane.subscribe``: each change once it is applied, in force and
+persisted); the others' changes go through ``ControlPlane.apply(change, origin="fleet")``, the one path by
+which anything changes, and are not published again. A change travels as JSON (a provider in its dict form
+with its secrets, a group in its dict form); the provider is validated again where it arrives (against that
+instance's ``[admin] upstream_hosts``), and a change another instance refuses (say, a provider registered
+twice at once on two instances) is logged there and skipped. Secrets in a provider's settings travel
+through Redis: protect it (``requirepass``, TLS with ``rediss://``).
 
 While Redis is down, changes apply locally at once and wait, in order, to be appended when Redis is back;
 the reader resumes from its last id, so nothing published meanwhile by others is missed.
-
-The hook is on today's ``runestone.front.admin.ControlPlane`` (its six change operations are wrapped).
 """
 
 from __future__ import annotations
@@ -35,18 +36,28 @@ import trio
 
 from runestone.cluster.breakers import instance_id
 from runestone.cluster.redis import RedisClient, RedisError
+from runestone.config import ConfigError, provider_spec_from_dict, provider_spec_to_dict
+from runestone.control import (
+    CreateGroup,
+    DeleteGroup,
+    RegisterProvider,
+    UnregisterProvider,
+    UpdateGroup,
+    UpdateProvider,
+)
+from runestone.control.store import group_to_dict
+from runestone.resilience.failover import GroupSpec
 from runestone.routing.executor import GatewayError
 
-__all__ = ["FleetControl", "STREAM", "OPERATIONS"]
+__all__ = ["FleetControl", "STREAM", "encode_change", "decode_change"]
 
 log = logging.getLogger("runestone.cluster")
 
 STREAM = "runestone:control"
 #: The stream keeps about this many of the newest changes (XADD MAXLEN ~).
 MAX_ENTRIES = 10_000
-#: The control plane's operations that change something.
-OPERATIONS = ("register_provider", "update_provider", "unregister_provider", "create_group", "update_group",
-              "delete_group")
+#: The origin this module gives the changes it applies (ControlPlane.apply); they are not published again.
+ORIGIN = "fleet"
 #: Seconds an XREAD waits on the server for new entries; and between attempts while Redis is away.
 _BLOCK = 1.0
 _RETRY = 0.5
@@ -54,38 +65,70 @@ _RETRY = 0.5
 _MAX_QUEUED = 10_000
 
 
+def encode_change(change: Any) -> bytes:
+    """A control change as the JSON the stream carries."""
+    match change:
+        case RegisterProvider(spec=spec):
+            data = {"op": "register_provider", "provider": provider_spec_to_dict(spec, redact=False)}
+        case UpdateProvider(spec=spec, grace=grace):
+            data = {"op": "update_provider", "provider": provider_spec_to_dict(spec, redact=False), "grace": grace}
+        case UnregisterProvider(name=name, grace=grace):
+            data = {"op": "unregister_provider", "name": name, "grace": grace}
+        case CreateGroup(spec=group):
+            data = {"op": "create_group", "group": group_to_dict(group)}
+        case UpdateGroup(spec=group):
+            data = {"op": "update_group", "group": group_to_dict(group)}
+        case DeleteGroup(name=name):
+            data = {"op": "delete_group", "name": name}
+        case _:
+            raise TypeError(f"not a control change: {change!r}")
+    return orjson.dumps(data)
+
+
+def decode_change(data: bytes, upstream_hosts: Any = ()) -> Any:
+    """The change :func:`encode_change` wrote; ValueError (or ConfigError) when it is not one."""
+    item = orjson.loads(data)
+    op = item["op"]
+    if op in ("register_provider", "update_provider"):
+        spec = provider_spec_from_dict(item["provider"], upstream_hosts)
+        return RegisterProvider(spec) if op == "register_provider" else UpdateProvider(spec, float(item["grace"]))
+    if op == "unregister_provider":
+        return UnregisterProvider(str(item["name"]), float(item["grace"]))
+    if op in ("create_group", "update_group"):
+        group = GroupSpec(**item["group"])
+        return CreateGroup(group) if op == "create_group" else UpdateGroup(group)
+    if op == "delete_group":
+        return DeleteGroup(str(item["name"]))
+    raise ValueError(f"unknown control change {op!r}")
+
+
 class FleetControl:
     """Shares ``plane``'s changes through ``redis``; the read position is kept in ``data_dir``."""
 
-    def __init__(self, redis: RedisClient, plane: Any, data_dir: Path, *, instance: str | None = None) -> None:
+    def __init__(self, redis: RedisClient, plane: Any, data_dir: Path, *, instance: str | None = None,
+                 upstream_hosts: Any = ()) -> None:
         self.redis = redis
         self.plane = plane
         self.instance = instance or instance_id()
+        self.upstream_hosts = upstream_hosts
         self.offset_path = Path(data_dir) / "fleet_control.json"
         self._queue: collections.deque[bytes] = collections.deque()
         self._wake = trio.Event()
-        self._apply = {}
-        for op in OPERATIONS:
-            original = getattr(plane, op)
-            self._apply[op] = original  # remote changes go to the original: they are not published again
-            setattr(plane, op, self._shared(op, original))
+        plane.subscribe(self._applied)
         self.last_id = self._load_offset()
         self.published = 0
         self.applied = 0
         self.refused = 0
 
-    def _shared(self, op: str, original):
-        async def changed(*args: Any, **kwargs: Any) -> Any:
-            result = await original(*args, **kwargs)  # raised: nothing changed, nothing to share
-            self._queue.append(orjson.dumps({"op": op, "args": args, "kwargs": kwargs}))
-            if len(self._queue) > _MAX_QUEUED:
-                self._queue.popleft()
-                log.error("fleet control: more than %d changes waiting for Redis; the oldest is not shared",
-                          _MAX_QUEUED)
-            self._wake.set()
-            return result
-
-        return changed
+    def _applied(self, change: Any, origin: str) -> None:
+        if origin == ORIGIN:
+            return  # the fleet's own, applied here
+        self._queue.append(encode_change(change))
+        if len(self._queue) > _MAX_QUEUED:
+            self._queue.popleft()
+            log.error("fleet control: more than %d changes waiting for Redis; the oldest is not shared",
+                      _MAX_QUEUED)
+        self._wake.set()
 
     # -- the read position ----------------------------------------------------------------------------
 
@@ -156,17 +199,16 @@ class FleetControl:
 
     async def _apply_one(self, entry_id: str, data: bytes | None) -> None:
         try:
-            change = orjson.loads(data or b"")
-            apply = self._apply[change["op"]]
-            args, kwargs = list(change.get("args") or ()), dict(change.get("kwargs") or {})
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("fleet control: entry %s is not a change this version knows; skipped", entry_id)
+            change = decode_change(data or b"", self.upstream_hosts)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ConfigError) as exc:
+            log.warning("fleet control: entry %s is not a change this instance takes (%s); skipped", entry_id, exc)
             self.refused += 1
             return
         try:
-            await apply(*args, **kwargs)
+            await self.plane.apply(change, origin=ORIGIN)
             self.applied += 1
-            log.info("fleet control: applied %s from the fleet (%s)", change["op"], entry_id)
+            log.info("fleet control: applied %s from the fleet (%s)", type(change).__name__, entry_id)
         except GatewayError as exc:
             self.refused += 1
-            log.warning("fleet control: %s from the fleet (%s) refused here: %s", change["op"], entry_id, exc)
+            log.warning("fleet control: %s from the fleet (%s) refused here: %s", type(change).__name__, entry_id,
+                        exc)
