@@ -28,7 +28,7 @@ from ..http.server import Response
 from ..resilience.breaker import DENY, check
 from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
-from ..telemetry.metrics import render_counter
+from ..telemetry.metrics import ledger_families, render_counter
 from ..telemetry.ledger import SUMMARY_COLUMNS
 
 __all__ = ["install"]
@@ -129,6 +129,7 @@ class HealthRoutes:
             "tree": children,
             "telemetry": app.telemetry.snapshot(),
             "cluster": cluster,
+            "ledger": attrs.asdict(app.ledger.status()) if app.ledger is not None else None,
         })
 
     async def providers(self, request, caller) -> Response:
@@ -177,6 +178,8 @@ class HealthRoutes:
         if governance is not None:
             text += governance.prometheus().encode()
         text += cluster_prometheus(self.app)
+        if self.app.ledger is not None:
+            text += ledger_families(self.app.ledger.status()).encode()
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:
@@ -202,6 +205,9 @@ class HealthRoutes:
                                "server_error", code="telemetry_unavailable")
         result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id, group_by, team),
                                 timeout=10.0)
+        if result.get("unavailable"):
+            raise GatewayError(503, "usage is unavailable while the ledger's database fails; retry shortly (rows "
+                               "are buffered meanwhile, none is lost)", "server_error", code="ledger_unavailable")
         if key_id == "open" and not caller.admin:
             result = dict(result)
             result["key_id"] = None
