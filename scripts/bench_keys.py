@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
-    runner = bench.Runner(args, workdir)
+    runner = bench.Runner(workdir)
     fake_port, gw_port = bench.free_port(), bench.free_port()
     config = workdir / "gateway.toml"
     config.write_text(textwrap.dedent(f"""
@@ -77,7 +77,6 @@ def main() -> None:
                                                       "budget": {"usd": 1e6, "period": "day"}})["secret"] \
             if admin(gw_port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}}) \
             else None
-        url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
         body = {**bench.CHAT, "max_tokens": 64}
         cases = [("static", static_key), ("managed", managed)]
         if args.variants:
@@ -85,13 +84,13 @@ def main() -> None:
         results: dict[str, list[float]] = {name: [] for name, _ in cases}
         for _, key in cases:  # warm both paths up
             bench.KEY = key
-            runner.wrk_run(url, body, connections=8, seconds=1)
+            runner.wrk_run(gw_port, body, connections=8, seconds=1)
         for r in range(args.rounds):
             # Every other round in reverse order, so that a drift within a round favours no case.
             for name, key in (cases if r % 2 == 0 else cases[::-1]):
                 bench.KEY = key
                 cpu0 = bench.cpu_seconds(gw.pid)
-                run = runner.wrk_run(url, body, connections=args.connections, seconds=args.seconds)
+                run = runner.wrk_run(gw_port, body, connections=args.connections, seconds=args.seconds)
                 cpu = bench.cpu_seconds(gw.pid) - cpu0
                 per = cpu * 1000 / max(run.get("requests", 0), 1)
                 results[name].append(per)

@@ -18,8 +18,11 @@ checked again after it. Money is nano-USD integers, so sums are exact.
 
 Nothing here waits on a mailbox or the disk: key lookup is a dict hit on the secret's digest, the
 allowances are in memory, and spend reaches the store through a batch written by :meth:`Governance.run`
-on a worker thread every ``flush_interval`` (and at stop): a crash loses at most that interval's spend,
-as the usage ledger. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
+on a worker thread every ``flush_interval`` (and at stop). Between two batches the budget journal
+(:mod:`.journal`) holds every reservation (written before dispatch) and settlement (written before the
+answer goes out), one ``os.write`` each, so a SIGKILL loses no spend: the next start replays it, charges
+what was settled, releases what was in flight (no complete answer reached its client), and logs one
+line with the counts. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
 get the configured limits and no budget, as before.
 """
 
@@ -43,6 +46,7 @@ from ..telemetry.events import BudgetExceeded
 from .periods import iso, period_bounds
 from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, parse_key, parse_key_patch, parse_team,
                       parse_team_patch, usd)
+from .journal import SpendJournal
 from .store import KeyStore, KeyStoreError
 
 __all__ = ["Allowance", "Governance", "GovernedLease"]
@@ -111,17 +115,23 @@ FREE = _FreeLease()
 
 
 class GovernedLease:
-    """A managed key's admitted request: its reservation on each budget and its limiter leases."""
+    """A managed key's admitted request: its reservation on each budget and its limiter leases.
 
-    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state")
+    ``seq`` and ``line`` are its reservation's number and line in the budget journal (0 and b"" without one).
+    """
 
-    def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None) -> None:
+    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state", "seq", "line")
+
+    def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None,
+                 seq: int = 0, line: bytes = b"") -> None:
         self._gov = gov
         self._holders = holders
         self._amount = amount
         self._leases = leases
         self._team = team
         self._state = 0  # 0 reserved, 1 settled, 2 released
+        self.seq = seq
+        self.line = line
 
     @property
     def headers(self) -> list:
@@ -139,6 +149,10 @@ class GovernedLease:
         self._state = 1
         nano = round(cost * NANO) if cost > 0 else 0
         gov = self._gov
+        if self.seq:
+            del gov._open[self.seq]
+            if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
+                gov.journal.write(b"S%d %d\n" % (self.seq, nano))
         for h in self._holders:
             h.holds -= 1
             h.reserved = h.reserved - self._amount if h.holds > 0 else 0
@@ -156,6 +170,8 @@ class GovernedLease:
             for h in self._holders:
                 h.holds -= 1
                 h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+            if self.seq:
+                del self._gov._open[self.seq]
         self._state = 2
         for lease in self._leases:
             lease.release()
@@ -182,8 +198,18 @@ class Governance:
 
     def __init__(self, store: KeyStore | None, limiter: KeyLimiter, *, pricing: dict | None = None,
                  telemetry: Any = None, default_output_tokens: int = 4096, flush_interval: float = 1.0,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, journal: SpendJournal | None = None) -> None:
         self.store = store
+        #: Reservations and settlements on disk until the next flush (None: spend is in memory until then).
+        self.journal = journal if store is not None else None
+        #: The open reservations the journal has, by sequence number (carried into each new segment).
+        self._open: dict[int, GovernedLease] = {}
+        #: key id -> b"<key id> <team or ->" (the journal's holder fields).
+        self._holder_fields: dict[str, bytes] = {}
+        #: What the last start recovered from the journal (the state dump shows it).
+        self.recovered: dict | None = None
+        #: The journal segments below this one are deleted (the stored spend includes them).
+        self._journal_floor = 0
         self.limiter = limiter
         self.pricing = pricing or {}
         self.telemetry = telemetry
@@ -223,6 +249,50 @@ class Governance:
             a = self._allowance(scope, name, wall)
             if a is not None and a.period_start == start:
                 a.spent, a.requests = nano, requests
+        if self.journal is not None:
+            self._recover(loaded.journal_floor, wall)
+
+    def _recover(self, floor: int, wall: float) -> None:
+        """Replay the journal past the stored spend, checkpoint the result, and say what it found."""
+        journal = self.journal
+        try:
+            found = journal.replay(floor)
+        except OSError as exc:
+            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be read: {exc}") from None
+        self._journal_floor = floor
+        touched: set[Allowance] = set()
+        for (scope, name), walls in found.requests.items():
+            a = self._allowance(scope, name, wall)
+            if a is not None:
+                a.requests += sum(1 for w in walls if w >= a.period_start)
+                touched.add(a)
+        for (scope, name), items in found.spent.items():
+            a = self._allowance(scope, name, wall)
+            if a is not None:
+                a.spent += sum(nano for w, nano in items if w >= a.period_start)
+                touched.add(a)
+        self.recovered = {"segments": found.segments, "settled": found.settled, "settled_usd": usd(found.settled_nano),
+                          "released": found.released, "released_usd": usd(found.released_nano),
+                          "malformed_lines": found.malformed}
+        if not found.segments:
+            return
+        # Checkpoint before serving: the replayed spend is stored, the old segments go, a new one starts.
+        new = journal.gen + 1
+        rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in touched]
+        self.store.put_spend_now(rows, new)
+        journal.start(new)
+        self._journal_floor = new
+        try:
+            journal.drop_before(new)
+        except OSError as exc:
+            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
+        if found.settled or found.released or found.malformed:
+            log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d settled "
+                        "reservation(s) charged ($%.6f); %d reservation(s) in flight at the stop released "
+                        "($%.6f given back); %d unreadable line(s)", found.segments, found.settled,
+                        usd(found.settled_nano), found.released, usd(found.released_nano), found.malformed)
+        else:
+            log.info("budget journal: nothing was in flight at the last stop (%d empty segment(s))", found.segments)
 
     def _install_key(self, key: KeyRecord) -> None:
         old = self.keys.get(key.id)
@@ -235,6 +305,7 @@ class Governance:
         if key.previous_digest:
             self._previous[key.previous_digest] = key.id
         self._limits.pop(key.id, None)
+        self._holder_fields[key.id] = f"{key.id} {key.team or '-'}".encode()
         a = self._allowances.get(("key", key.id))
         if a is not None:
             self._rebudget(a, key.budget)
@@ -328,7 +399,15 @@ class Governance:
             h.holds += 1
             h.requests += 1
             self._dirty.add(h)
-        return GovernedLease(self, holders, amount, leases, key.team)
+        journal = self.journal
+        if journal is None:
+            return GovernedLease(self, holders, amount, leases, key.team)
+        # On disk before dispatch (one os.write: see .journal); no checkpoint since the fit was judged.
+        seq = journal.next_seq()
+        line = b"R%d %d %d %s\n" % (seq, amount, wall, self._holder_fields[key.id])
+        journal.write(line)
+        lease = self._open[seq] = GovernedLease(self, holders, amount, leases, key.team, seq, line)
+        return lease
 
     def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
@@ -372,6 +451,8 @@ class Governance:
         for h in holders:
             h.requests += 1
             self._dirty.add(h)
+        if self.journal is not None:
+            self.journal.write(b"Q%d %s\n" % (wall, self._holder_fields[key.id]))
         return True
 
     def _active(self, key: KeyRecord, wall: float) -> Team | None:
@@ -549,8 +630,12 @@ class Governance:
 
     def snapshot(self) -> dict:
         """For the state dump: counts and spend, never a secret or a digest."""
+        journal = self.journal
         return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
                 "unwritten_spend": len(self._dirty), "spend_write_failures": self.spend_write_failures,
+                "open_reservations": len(self._open), "recovered": self.recovered,
+                "journal": {"segment": journal.gen, "writes": journal.writes, "failures": journal.failures}
+                if journal is not None else None,
                 "refusals": {f"{t or '-'}/{s}": n for (t, s), n in sorted(self.refusals.items())}}
 
     def prometheus(self) -> str:
@@ -691,22 +776,40 @@ class Governance:
     # -- persistence of spend -------------------------------------------------------------------------
 
     async def flush(self) -> int:
-        """Write the spend changed since the last flush (on a worker thread); how many rows."""
+        """Write the spend changed since the last flush (on a worker thread); how many rows.
+
+        With the journal: a new segment starts first (the open reservations carried into it), in the same
+        step as the rows are taken, so the rows hold every event of the older segments and none of the
+        new one; they are stored with that segment's number, and then the older segments are deleted."""
         if self.store is None:
             self._dirty.clear()
             return 0
-        if not self._dirty:
+        journal = self.journal
+        if not self._dirty and (journal is None or not journal.pending):
             return 0
+        floor = None
+        if journal is not None:
+            if journal.pending:
+                journal.rotate([lease.line for lease in self._open.values()])
+            # The rows hold every event before the current segment (which, unless it was just started,
+            # has had nothing but carried-over reservations: no spend, no request).
+            floor = journal.gen
         dirty, self._dirty = self._dirty, set()
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in dirty
                 if self._allowances.get((a.scope, a.name)) is a]
         try:
-            await self.store.put_spend(rows)
+            await self.store.put_spend(rows, floor)
         except KeyStoreError as exc:
             self.spend_write_failures += 1
             self._dirty |= dirty
             log.error("spend not written (kept for the next try): %s", exc)
             return 0
+        if floor is not None and floor > self._journal_floor:
+            self._journal_floor = floor
+            try:
+                await trio.to_thread.run_sync(journal.drop_before, floor)
+            except OSError as exc:
+                log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
         return len(rows)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -719,3 +822,5 @@ class Governance:
         finally:
             with trio.CancelScope(shield=True):
                 await self.flush()
+            if self.journal is not None:
+                self.journal.close()  # reopened at its next line, should this task be restarted

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS spend (
     requests INTEGER NOT NULL,
     PRIMARY KEY (scope, name)
 );
+-- The first budget-journal segment the spend above does not include (runestone.governance.journal).
+CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY CHECK (id = 0), floor INTEGER NOT NULL);
 """
 
 
@@ -42,11 +44,13 @@ class KeyStoreError(Exception):
 class Loaded:
     """What the store held at start."""
 
-    def __init__(self, teams: list[Team], keys: list[KeyRecord], spend: dict) -> None:
+    def __init__(self, teams: list[Team], keys: list[KeyRecord], spend: dict, journal_floor: int = 0) -> None:
         self.teams = teams
         self.keys = keys
         #: (scope, name) -> (period_start, nano, requests)
         self.spend = spend
+        #: The first budget-journal segment ``spend`` does not include.
+        self.journal_floor = journal_floor
 
 
 class KeyStore:
@@ -83,15 +87,17 @@ class KeyStore:
             keys = [key_from_doc(orjson.loads(d)) for (d,) in conn.execute("SELECT doc FROM keys ORDER BY id")]
             spend = {(s, n): (p, u, r) for s, n, p, u, r in conn.execute(
                 "SELECT scope, name, period_start, nano, requests FROM spend")}
+            floor = conn.execute("SELECT floor FROM journal WHERE id = 0").fetchone()
         except (sqlite3.Error, OSError) as exc:
             raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise KeyStoreError(f"the key store {self.path} holds a malformed record ({type(exc).__name__}: "
                                 f"{exc}); restore it from a backup or move it away to start without keys") from None
-        return Loaded(teams, keys, spend)
+        return Loaded(teams, keys, spend, floor[0] if floor else 0)
 
-    async def _write(self, sql_params: list[tuple[str, tuple]]) -> None:
-        def write() -> None:
+    def _write_now(self, sql_params: list[tuple[str, tuple]]) -> None:
+        """One transaction (blocking); KeyStoreError if it failed."""
+        try:
             conn = self._connect()
             conn.execute("BEGIN")
             try:
@@ -102,14 +108,14 @@ class KeyStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        except (sqlite3.Error, OSError) as exc:
+            raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
 
+    async def _write(self, sql_params: list[tuple[str, tuple]]) -> None:
         async with self._lock:
-            try:
-                # Shielded: once started, a write finishes (or fails) whole even if its caller goes away.
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(write)
-            except (sqlite3.Error, OSError) as exc:
-                raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
+            # Shielded: once started, a write finishes (or fails) whole even if its caller goes away.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._write_now, sql_params)
 
     async def put_team(self, team: Team) -> None:
         await self._write([("INSERT OR REPLACE INTO teams (name, doc) VALUES (?, ?)",
@@ -123,10 +129,23 @@ class KeyStore:
         await self._write([("INSERT OR REPLACE INTO keys (id, digest, doc) VALUES (?, ?, ?)",
                             (key.id, key.digest.hex(), orjson.dumps(key.to_doc()).decode()))])
 
-    async def put_spend(self, rows: list[tuple[str, str, float, int, int]]) -> None:
-        """Write ``(scope, name, period_start, nano, requests)`` rows in one transaction."""
-        await self._write([("INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES "
-                            "(?, ?, ?, ?, ?)", row) for row in rows])
+    @staticmethod
+    def _spend_sql(rows: list[tuple[str, str, float, int, int]], journal_floor: int | None) -> list:
+        sql = [("INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES (?, ?, ?, ?, ?)",
+                row) for row in rows]
+        if journal_floor is not None:
+            sql.append(("INSERT OR REPLACE INTO journal (id, floor) VALUES (0, ?)", (journal_floor,)))
+        return sql
+
+    async def put_spend(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int | None = None) -> None:
+        """Write ``(scope, name, period_start, nano, requests)`` rows in one transaction, with the first
+        budget-journal segment they do not include (``journal_floor``) when given."""
+        await self._write(self._spend_sql(rows, journal_floor))
+        self.spend_writes += len(rows)
+
+    def put_spend_now(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int) -> None:
+        """:meth:`put_spend`, blocking: the checkpoint after the journal's replay, at start."""
+        self._write_now(self._spend_sql(rows, journal_floor))
         self.spend_writes += len(rows)
 
     async def close(self) -> None:
