@@ -24,7 +24,7 @@ import trio
 
 from ..routing.executor import GatewayError
 
-__all__ = ["KeyLimiter", "Lease", "LimitValues"]
+__all__ = ["KeyLimiter", "Lease", "LimitValues", "add_tokens", "release_state"]
 
 
 @attrs.frozen
@@ -46,11 +46,20 @@ class _Bucket:
     rate: float  # per second
     level: float
     stamp: float
+    #: The ``x-ratelimit-limit-*`` header's value.
+    limit_text: bytes = b""
+
+    def __attrs_post_init__(self) -> None:
+        self.limit_text = b"%d" % self.capacity
 
     def refill(self, now: float) -> float:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        stamp = self.stamp
+        if now > stamp:
+            level = self.level + (now - stamp) * self.rate
+            capacity = self.capacity
+            self.level = level = level if level < capacity else capacity
             self.stamp = now
+            return level
         return self.level
 
     def wait_for(self, amount: float) -> float:
@@ -97,23 +106,44 @@ class Lease:
             headers = self._headers = self._limiter._headers(self._st)
         return headers
 
+    @property
+    def state(self):
+        """The limiter state this lease holds a request on."""
+        return self._st
+
     def release(self) -> None:
         if not self._done:
             self._done = True
-            self._limiter._release(self._key)
+            release_state(self._st)
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """The tokens the request used count against the key's tokens-per-minute bucket."""
         if tokens_in or tokens_out:
-            self._limiter.record_tokens(self._key, tokens_in + tokens_out)
+            add_tokens(self._st, tokens_in + tokens_out, trio.current_time())
+
+
+def release_state(st: _KeyState) -> None:
+    """A request admitted on ``st`` is over."""
+    st.active -= 1
+    if st.waiters:
+        st.waiters[0].set()
+
+
+def add_tokens(st: _KeyState, tokens: int, now: float) -> None:
+    """``tokens`` used by a finished request count against ``st``'s tokens-per-minute bucket."""
+    t = st.tokens
+    if t is not None and tokens:
+        t.refill(now)
+        t.level -= tokens  # may go negative: the key then waits until it has paid its debt back
 
 
 def _reset_text(seconds: float) -> bytes:
     # OpenAI's format: "1s", "6m0s", "250ms".
     if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms".encode()
+        ms = math.ceil(seconds * 1000)
+        return b"%dms" % (ms if ms > 1 else 1)
     s = math.ceil(seconds)
-    return (f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s").encode()
+    return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
@@ -164,23 +194,45 @@ class KeyLimiter:
             return st.tokens.wait_for(0.0), "tokens per minute"
         return None
 
-    def _headers(self, st: _KeyState) -> list:
+    @staticmethod
+    def _headers(st: _KeyState) -> list:
         headers = []
         b = st.minute or st.hour
         if b is not None:
+            level = b.level
             headers += [
-                (b"x-ratelimit-limit-requests", str(int(b.capacity)).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, int(b.level))).encode()),
+                (b"x-ratelimit-limit-requests", b.limit_text),
+                (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
                 (b"x-ratelimit-reset-requests", _reset_text(b.reset_in())),
             ]
         t = st.tokens
         if t is not None:
+            level = t.level
             headers += [
-                (b"x-ratelimit-limit-tokens", str(int(t.capacity)).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, int(t.level))).encode()),
+                (b"x-ratelimit-limit-tokens", t.limit_text),
+                (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
                 (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in())),
             ]
         return headers
+
+    def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:
+        """``key``'s limiter state at ``limits`` (made or brought up to date): for :meth:`take`. A state lives
+        as long as the limiter, so a caller may keep it."""
+        return self._state(key, trio.current_time(), limits, label)
+
+    def take(self, states: tuple, now: float) -> None:
+        """Admit one request on every state in ``states`` at once (none queues: ``queue`` is off), or raise
+        the first one's 429 and take nothing. The caller ends it with :func:`release_state` on each."""
+        for st in states:
+            blocked = self._blocked(st, now)
+            if blocked is not None:
+                raise self._refusal(st, blocked, "")
+        for st in states:
+            if st.minute is not None:
+                st.minute.level -= 1
+            if st.hour is not None:
+                st.hour.level -= 1
+            st.active += 1
 
     def _take(self, key: str, st: _KeyState) -> Lease:
         if st.minute is not None:
@@ -261,17 +313,10 @@ class KeyLimiter:
         if st.waiters:
             st.waiters[0].set()
 
-    def _release(self, key: str) -> None:
-        st = self._keys.get(key)
-        if st is not None:
-            st.active -= 1
-            self._wake_head(st)
-
     def record_tokens(self, key: str, tokens: int) -> None:
         st = self._keys.get(key)
-        if st is not None and st.tokens is not None and tokens:
-            st.tokens.refill(trio.current_time())
-            st.tokens.level -= tokens  # may go negative: the key then waits until it has paid its debt back
+        if st is not None:
+            add_tokens(st, tokens, trio.current_time())
 
     def _refusal(self, st: _KeyState, blocked: tuple[float, str], key: str, *, waited: bool = False) -> GatewayError:
         self.refused += 1

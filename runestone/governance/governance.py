@@ -39,7 +39,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..front.limits import KeyLimiter, LimitValues
+from ..front.limits import KeyLimiter, LimitValues, add_tokens, release_state
 from ..routing.errors import GatewayError
 from ..telemetry.costs import estimate_input_tokens, price_for
 from ..telemetry.events import BudgetExceeded
@@ -115,32 +115,34 @@ FREE = _FreeLease()
 
 
 class GovernedLease:
-    """A managed key's admitted request: its reservation on each budget and its limiter leases.
+    """A managed key's admitted request: its reservation on each budget and its place in the limiter
+    states (the key's and its team's, each with a request taken).
 
     ``seq`` and ``line`` are its reservation's number and line in the budget journal (0 and b"" without one).
     """
 
-    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state", "seq", "line")
+    __slots__ = ("_gov", "_holders", "_amount", "_states", "_team", "_state", "seq", "line", "_headers")
 
-    def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None,
+    def __init__(self, gov: "Governance", holders: tuple, amount: int, states: tuple, team: str | None,
                  seq: int = 0, line: bytes = b"") -> None:
         self._gov = gov
         self._holders = holders
         self._amount = amount
-        self._leases = leases
+        self._states = states
         self._team = team
         self._state = 0  # 0 reserved, 1 settled, 2 released
         self.seq = seq
         self.line = line
+        self._headers = None
 
     @property
     def headers(self) -> list:
-        """The first limiter lease's ``x-ratelimit-*`` headers (the key's when it has limits)."""
-        for lease in self._leases:
-            headers = lease.headers
-            if headers:
-                return headers
-        return []
+        """The ``x-ratelimit-*`` headers of the first limiter state (the key's when it has limits), as its
+        buckets are when first read."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = KeyLimiter._headers(self._states[0]) if self._states else []
+        return headers
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """Turn the reservation into the real cost (0 for a request that got no answer)."""
@@ -153,28 +155,53 @@ class GovernedLease:
             del gov._open[self.seq]
             if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
                 gov.journal.write(b"S%d %d\n" % (self.seq, nano))
+        amount = self._amount
+        dirty = gov._dirty
         for h in self._holders:
             h.holds -= 1
-            h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+            h.reserved = h.reserved - amount if h.holds > 0 else 0
             h.spent += nano
-            gov._dirty.add(h)
+            dirty.add(h)
         if nano:
-            gov.spend_by_team[self._team or ""] = gov.spend_by_team.get(self._team or "", 0) + nano
-        for lease in self._leases:
-            lease.settle(tokens_in, tokens_out, cost)
+            team = self._team or ""
+            gov.spend_by_team[team] = gov.spend_by_team.get(team, 0) + nano
+        tokens = tokens_in + tokens_out
+        if tokens and self._states:
+            now = trio.current_time()
+            for st in self._states:
+                add_tokens(st, tokens, now)
 
     def release(self) -> None:
         if self._state == 2:
             return
         if self._state == 0:
+            amount = self._amount
             for h in self._holders:
                 h.holds -= 1
-                h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+                h.reserved = h.reserved - amount if h.holds > 0 else 0
             if self.seq:
                 del self._gov._open[self.seq]
         self._state = 2
-        for lease in self._leases:
-            lease.release()
+        for st in self._states:
+            release_state(st)
+
+
+@attrs.define(slots=True, eq=False)
+class _Account:
+    """A managed key as admission needs it, resolved once and kept until the key, a team or a budget
+    changes (the cache is cleared) or ``until`` (a period's end, the key's expiry) passes."""
+
+    key: KeyRecord
+    team: Team | None
+    #: The key's allowance, then its team's.
+    holders: tuple
+    #: The limiter states that bind it: the key's (when it has limits), then its team's (when it has some).
+    states: tuple
+    #: The journal's holder fields: b"<key id> <team or ->".
+    fields: bytes
+    until: float
+    #: Model names both allow-lists allow as they are (a bounded cache of the check).
+    allowed: set = attrs.Factory(set)
 
 
 def new_key_id() -> str:
@@ -223,6 +250,8 @@ class Governance:
         self._previous: dict[bytes, str] = {}
         self._allowances: dict[tuple[str, str], Allowance] = {}
         self._limits: dict[str, LimitValues] = {}
+        #: key id -> its admission account (cleared by every change of a key, a team or a budget).
+        self._accounts: dict[str, _Account] = {}
         self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
         self._dirty: set[Allowance] = set()
         self._changes = trio.Lock()
@@ -305,6 +334,7 @@ class Governance:
         if key.previous_digest:
             self._previous[key.previous_digest] = key.id
         self._limits.pop(key.id, None)
+        self._accounts.clear()
         self._holder_fields[key.id] = f"{key.id} {key.team or '-'}".encode()
         a = self._allowances.get(("key", key.id))
         if a is not None:
@@ -359,54 +389,104 @@ class Governance:
 
     # -- admission ------------------------------------------------------------------------------------
 
-    async def admit_request(self, request, plan):
-        """The pipeline's admission (runestone.routing.executor.Admission)."""
-        key_id = request.key_id
-        key = self.keys.get(key_id) if key_id is not None else None
-        if key is None:
-            limiter = self.limiter
-            if limiter.enabled:
-                return await limiter.admit(key_id or "open")
-            return FREE
-        wall = self.wall()
+    def _account(self, key: KeyRecord, wall: float) -> _Account:
+        """``key``'s account now (401 for a revoked or expired key); kept in ``_accounts``."""
         team = self._active(key, wall)
-        self._check_models(key, team, request.model, plan)
+        holders = tuple(self._holders(key, team, wall))
+        limiter = self.limiter
+        states = []
+        limits = self._key_limits(key)
+        if limits:
+            states.append(limiter.state(key.id, limits, "this key"))
+        if team is not None and team.limits:
+            states.append(limiter.state("team:" + team.name, team.limits, f"team {team.name!r}"))
+        until = min(h.resets_at for h in holders)
+        if key.expires_at is not None and key.expires_at < until:
+            until = key.expires_at
+        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until)
+        return acct
+
+    async def admit_request(self, request, plan):
+        """The pipeline's admission (runestone.routing.executor.Admission).
+
+        The hot path: the key's :class:`_Account` from a dict, one float comparison for its periods and
+        expiry, the allow-list from a set, the worst case, the fit, the limits, the reservation, and one
+        journal line; nothing between the fit and the reservation yields."""
+        key_id = request.key_id
+        acct = self._accounts.get(key_id)
+        wall = self.wall()
+        if acct is None or wall >= acct.until:
+            key = self.keys.get(key_id) if key_id is not None else None
+            if key is None:
+                limiter = self.limiter
+                if limiter.enabled:
+                    return await limiter.admit(key_id or "open")
+                return FREE
+            acct = self._account(key, wall)
+        key, team = acct.key, acct.team
+        model = request.model
+        if model not in acct.allowed:
+            self._check_models(key, team, model, plan)
+            if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
+                acct.allowed.add(model)
         amount = self.worst_case(request, plan)
-        holders = self._holders(key, team, wall)
-        self._check_fit(holders, amount, key, team, request.model)
+        holders = acct.holders
+        for h in holders:
+            budget = h.budget
+            if budget is not None and budget.nano - h.spent - h.reserved < amount:
+                raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, team, model)
+        states = acct.states
+        if states:
+            limiter = self.limiter
+            if limiter.queue:
+                return await self._admit_queued(request, acct, amount)
+            limiter.take(states, trio.current_time())
+        return self._reserve(acct, amount, wall)
+
+    async def _admit_queued(self, request, acct: _Account, amount: int) -> GovernedLease:
+        """Admission when the limiter queues: wait for the key's and the team's turn, then judge the key and
+        the budgets again as they are then."""
+        limiter = self.limiter
+        key, team = acct.key, acct.team
         leases = []
         try:
-            limiter = self.limiter
             limits = self._key_limits(key)
             if limits:
                 leases.append(await limiter.admit(key.id, limits))
             if team is not None and team.limits:
                 leases.append(await limiter.admit("team:" + team.name, team.limits, f"team {team.name!r}"))
-            if leases and limiter.queue:
-                # The limiter may have waited its queue: judge the key and the budgets as they are now.
-                # (Without a queue it never yields, so nothing can have changed since the check.)
-                wall = self.wall()
-                key = self.keys[key.id]
-                team = self._active(key, wall)
-                holders = self._holders(key, team, wall)
-                self._check_fit(holders, amount, key, team, request.model)
+            wall = self.wall()
+            key = self.keys[key.id]
+            acct = self._account(key, wall)
+            for h in acct.holders:
+                budget = h.budget
+                if budget is not None and budget.nano - h.spent - h.reserved < amount:
+                    raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, acct.team, request.model)
         except BaseException:
             for lease in leases:
                 lease.release()
             raise
+        # The states the requests were taken on (the key's team may have changed during the wait).
+        return self._reserve(acct, amount, wall, tuple(lease.state for lease in leases))
+
+    def _reserve(self, acct: _Account, amount: int, wall: float, states: tuple | None = None) -> GovernedLease:
+        if states is None:
+            states = acct.states
+        holders = acct.holders
+        dirty = self._dirty
         for h in holders:
             h.reserved += amount
             h.holds += 1
             h.requests += 1
-            self._dirty.add(h)
+            dirty.add(h)
         journal = self.journal
         if journal is None:
-            return GovernedLease(self, holders, amount, leases, key.team)
+            return GovernedLease(self, holders, amount, states, acct.key.team)
         # On disk before dispatch (one os.write: see .journal); no checkpoint since the fit was judged.
         seq = journal.next_seq()
-        line = b"R%d %d %d %s\n" % (seq, amount, wall, self._holder_fields[key.id])
+        line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
         journal.write(line)
-        lease = self._open[seq] = GovernedLease(self, holders, amount, leases, key.team, seq, line)
+        lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)
         return lease
 
     def admit_cached(self, key_id: str | None, model: str) -> bool:
@@ -748,6 +828,7 @@ class Governance:
             new = attrs.evolve(team, **patch)
             await self._persist(self.store.put_team(new) if self.store else None)
             self.teams[name] = new
+            self._accounts.clear()
             a = self._allowances.get(("team", name))
             if a is not None:
                 self._rebudget(a, new.budget)
@@ -763,6 +844,7 @@ class Governance:
                                    code="team_not_empty")
             await self._persist(self.store.delete_team(name) if self.store else None)
             del self.teams[name]
+            self._accounts.clear()
             self._allowances.pop(("team", name), None)
         return {"name": name, "deleted": True}
 
