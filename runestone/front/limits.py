@@ -40,35 +40,43 @@ class LimitValues:
         return bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
 
 
-@attrs.define(slots=True)
 class _Bucket:
-    capacity: float
-    rate: float  # per second
-    level: float
-    stamp: float
-    #: The ``x-ratelimit-limit-*`` header's value.
-    limit_text: bytes = b""
+    """A token bucket kept as the time it is full again (GCRA's "theoretical arrival time", ``tat``): its
+    level at ``now`` is ``capacity - (tat - now) * rate`` (``capacity`` once ``tat <= now``), so it refills
+    by itself and a check is one comparison. Exactly the bucket refilled continuously at ``rate`` and
+    capped at ``capacity``; the level may go below 0 (a debt of tokens, paid back at ``rate``).
 
-    def __attrs_post_init__(self) -> None:
-        self.limit_text = b"%d" % self.capacity
+    ``slack`` is how far ahead ``tat`` may be while ``need`` tokens are still there: blocked iff
+    ``tat - now > slack``."""
 
-    def refill(self, now: float) -> float:
-        stamp = self.stamp
-        if now > stamp:
-            level = self.level + (now - stamp) * self.rate
-            capacity = self.capacity
-            self.level = level = level if level < capacity else capacity
-            self.stamp = now
-            return level
-        return self.level
+    __slots__ = ("capacity", "rate", "interval", "tat", "slack", "limit_text")
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until ``amount`` is available (0 if now)."""
-        missing = amount - self.level
-        return 0.0 if missing <= 0 else missing / self.rate
+    def __init__(self, capacity: float, rate: float, now: float, need: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.interval = 1.0 / rate
+        self.tat = now
+        self.slack = (capacity - need) / rate
+        #: The ``x-ratelimit-limit-*`` header's value.
+        self.limit_text = b"%d" % capacity
 
-    def reset_in(self) -> float:
-        return (self.capacity - self.level) / self.rate
+    def level(self, now: float) -> float:
+        ahead = self.tat - now
+        return self.capacity if ahead <= 0 else self.capacity - ahead * self.rate
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``need`` tokens are there (0 if now)."""
+        w = self.tat - now - self.slack
+        return w if w > 0 else 0.0
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until it is full."""
+        ahead = self.tat - now
+        return ahead if ahead > 0 else 0.0
+
+    def take(self, amount: float, now: float) -> None:
+        tat = self.tat
+        self.tat = (tat if tat > now else now) + amount * self.interval
 
 
 @attrs.define
@@ -133,24 +141,25 @@ def add_tokens(st: _KeyState, tokens: int, now: float) -> None:
     """``tokens`` used by a finished request count against ``st``'s tokens-per-minute bucket."""
     t = st.tokens
     if t is not None and tokens:
-        t.refill(now)
-        t.level -= tokens  # may go negative: the key then waits until it has paid its debt back
+        t.take(tokens, now)  # may go below 0: the key then waits until it has paid its debt back
+
+
+_MS_TEXT = tuple(b"%dms" % max(ms, 1) for ms in range(1001))
 
 
 def _reset_text(seconds: float) -> bytes:
     # OpenAI's format: "1s", "6m0s", "250ms".
     if seconds < 1:
-        ms = math.ceil(seconds * 1000)
-        return b"%dms" % (ms if ms > 1 else 1)
+        return _MS_TEXT[math.ceil(seconds * 1000)]
     s = math.ceil(seconds)
     return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
     rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
-    return (_Bucket(rpm, rpm / 60.0, rpm, now) if rpm else None,
-            _Bucket(rph, rph / 3600.0, rph, now) if rph else None,
-            _Bucket(tpm, tpm / 60.0, tpm, now) if tpm else None)
+    return (_Bucket(rpm, rpm / 60.0, now, 1) if rpm else None,
+            _Bucket(rph, rph / 3600.0, now, 1) if rph else None,
+            _Bucket(tpm, tpm / 60.0, now, 0) if tpm else None)
 
 
 class KeyLimiter:
@@ -186,32 +195,37 @@ class KeyLimiter:
         max_concurrent = st.limits.max_concurrent
         if max_concurrent and st.active >= max_concurrent:
             return math.inf, "concurrent requests"
-        if st.minute is not None and st.minute.refill(now) < 1:
-            return st.minute.wait_for(1), "requests per minute"
-        if st.hour is not None and st.hour.refill(now) < 1:
-            return st.hour.wait_for(1), "requests per hour"
-        if st.tokens is not None and st.tokens.refill(now) < 0:
-            return st.tokens.wait_for(0.0), "tokens per minute"
+        b = st.minute
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "requests per minute"
+        b = st.hour
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "requests per hour"
+        b = st.tokens
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "tokens per minute"
         return None
 
     @staticmethod
-    def _headers(st: _KeyState) -> list:
+    def _headers(st: _KeyState, now: float | None = None) -> list:
+        if now is None:
+            now = trio.current_time()
         headers = []
         b = st.minute or st.hour
         if b is not None:
-            level = b.level
+            level = b.level(now)
             headers += [
                 (b"x-ratelimit-limit-requests", b.limit_text),
                 (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-requests", _reset_text(b.reset_in())),
+                (b"x-ratelimit-reset-requests", _reset_text(b.reset_in(now))),
             ]
         t = st.tokens
         if t is not None:
-            level = t.level
+            level = t.level(now)
             headers += [
                 (b"x-ratelimit-limit-tokens", t.limit_text),
                 (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in())),
+                (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in(now))),
             ]
         return headers
 
@@ -228,17 +242,19 @@ class KeyLimiter:
             if blocked is not None:
                 raise self._refusal(st, blocked, "")
         for st in states:
-            if st.minute is not None:
-                st.minute.level -= 1
-            if st.hour is not None:
-                st.hour.level -= 1
+            b = st.minute
+            if b is not None:
+                b.take(1, now)
+            b = st.hour
+            if b is not None:
+                b.take(1, now)
             st.active += 1
 
-    def _take(self, key: str, st: _KeyState) -> Lease:
+    def _take(self, key: str, st: _KeyState, now: float) -> Lease:
         if st.minute is not None:
-            st.minute.level -= 1
+            st.minute.take(1, now)
         if st.hour is not None:
-            st.hour.level -= 1
+            st.hour.take(1, now)
         st.active += 1
         return Lease(self, key, st)
 
@@ -252,7 +268,7 @@ class KeyLimiter:
         st = self._state(key, now, limits, label)
         if st.waiters or self._blocked(st, now) is not None:
             return None
-        return self._take(key, st)
+        return self._take(key, st, now)
 
     async def admit(self, key: str, limits: LimitValues | None = None, label: str = "this key") -> Lease:
         """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError.
@@ -263,7 +279,7 @@ class KeyLimiter:
         st = self._state(key, now, limits, label)
         blocked = None if st.waiters else self._blocked(st, now)
         if blocked is None and not st.waiters:
-            return self._take(key, st)
+            return self._take(key, st, now)
         if not self.queue:
             raise self._refusal(st, blocked, key)
         if len(st.waiters) >= self.queue_size:
@@ -281,7 +297,7 @@ class KeyLimiter:
                         blocked = self._blocked(st, now)
                         if blocked is None:
                             st.waiters.popleft()
-                            lease = self._take(key, st)
+                            lease = self._take(key, st, now)
                             self._wake_head(st)
                             return lease
                         wait = blocked[0]

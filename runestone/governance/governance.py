@@ -20,7 +20,7 @@ Nothing here waits on a mailbox or the disk: key lookup is a dict hit on the sec
 allowances are in memory, and spend reaches the store through a batch written by :meth:`Governance.run`
 on a worker thread every ``flush_interval`` (and at stop). Between two batches the budget journal
 (:mod:`.journal`) holds every reservation (written before dispatch) and settlement (written before the
-answer goes out), one ``os.write`` each, so a SIGKILL loses no spend: the next start replays it, charges
+answer goes out), each a copy into a memory-mapped file, so a SIGKILL loses no spend: the next start replays it, charges
 what was settled, releases what was in flight (no complete answer reached its client), and logs one
 line with the counts. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
 get the configured limits and no budget, as before.
@@ -112,6 +112,7 @@ class _FreeLease:
 
 
 FREE = _FreeLease()
+_UNPRICED = object()
 
 
 class GovernedLease:
@@ -482,7 +483,7 @@ class Governance:
         journal = self.journal
         if journal is None:
             return GovernedLease(self, holders, amount, states, acct.key.team)
-        # On disk before dispatch (one os.write: see .journal); no checkpoint since the fit was judged.
+        # In the journal before dispatch (see .journal); no checkpoint since the fit was judged.
         seq = journal.next_seq()
         line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
         journal.write(line)
@@ -591,21 +592,38 @@ class Governance:
     def worst_case(self, request, plan) -> int:
         """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
         body = request.body
-        tokens_in = estimate_input_tokens(body)
+        messages = body.get("messages")
+        tokens_in = -1
+        if messages.__class__ is list and "system" not in body and "prompt" not in body and "input" not in body:
+            # The common shape (string contents), counted here as estimate_input_tokens counts it.
+            chars = 0
+            for m in messages:
+                content = m.get("content") if m.__class__ is dict else None
+                if content.__class__ is not str:
+                    break
+                chars += len(content)
+            else:
+                tokens_in = chars // 4 or 1
+        if tokens_in < 0:
+            tokens_in = estimate_input_tokens(body)
         if request.operation == "embed":
             tokens_out = 0
         else:
-            messages = body.get("messages")
-            if isinstance(messages, list):
+            if messages.__class__ is list:
                 tokens_in += MESSAGE_TOKENS * len(messages)
             cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-            if type(cap) is not int or cap <= 0:
+            if cap.__class__ is not int or cap <= 0:
                 cap = self.default_output_tokens
             n = body.get("n")
-            tokens_out = cap * (n if type(n) is int and n > 1 else 1)
+            if n.__class__ is int and n > 1:
+                cap *= n
+            tokens_out = cap
         dearest = 0.0
+        prices = self._prices
         for target in plan.targets:
-            price = self._price(target.provider, target.model)
+            price = prices.get((target.provider, target.model), _UNPRICED)
+            if price is _UNPRICED:
+                price = self._price(target.provider, target.model)
             if price is not None:
                 c = tokens_in * price[0] + tokens_out * price[1]
                 if c > dearest:
@@ -872,6 +890,10 @@ class Governance:
         floor = None
         if journal is not None:
             if journal.pending:
+                try:  # the next segment's blocks, off the event loop (the rotation then only maps them)
+                    await trio.to_thread.run_sync(journal.prepare, journal.gen + 1)
+                except OSError as exc:
+                    log.error("budget journal: the next segment could not be made: %s", exc)
                 journal.rotate([lease.line for lease in self._open.values()])
             # The rows hold every event before the current segment (which, unless it was just started,
             # has had nothing but carried-over reservations: no spend, no request).

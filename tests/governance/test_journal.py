@@ -121,3 +121,20 @@ async def test_a_kill_after_the_stored_spend_before_the_old_segments_go_counts_n
     again = _gov(tmp_path)
     assert _spend(again, kid) == (pytest.approx(0.005), 0, 2, pytest.approx(0.995))
     assert again.recovered["settled"] == 1 and again.recovered["released"] == 0
+
+
+async def test_a_line_torn_by_the_kill_is_ignored_and_its_reservation_released(tmp_path, caplog):
+    gov, kid = await _setup(tmp_path)
+    lease = await gov.admit_request(_request(kid), PLAN)
+    lease.settle(0, 4, 0.004)
+    torn = await gov.admit_request(_request(kid), PLAN)
+    # The process dies while copying the settlement's line: its first bytes are there, not its newline.
+    journal = gov.journal
+    line = b"S%d %d\n" % (torn.seq, 3_000_000)
+    journal._map[journal._off:journal._off + 5] = line[:5]
+    _kill(gov)
+    with caplog.at_level(logging.WARNING, "runestone.governance"):
+        again = _gov(tmp_path)
+    assert _spend(again, kid) == (pytest.approx(0.004), 0, 2, pytest.approx(0.996))
+    assert again.recovered["malformed_lines"] == 1 and again.recovered["released"] == 1
+    assert "1 unreadable line(s)" in caplog.text
