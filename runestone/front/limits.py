@@ -213,19 +213,25 @@ class KeyLimiter:
         headers = []
         b = st.minute or st.hour
         if b is not None:
-            level = b.level(now)
+            ahead = b.tat - now
+            if ahead < 0:
+                ahead = 0.0
+            level = b.capacity - ahead * b.rate
             headers += [
                 (b"x-ratelimit-limit-requests", b.limit_text),
                 (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-requests", _reset_text(b.reset_in(now))),
+                (b"x-ratelimit-reset-requests", _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)),
             ]
         t = st.tokens
         if t is not None:
-            level = t.level(now)
+            ahead = t.tat - now
+            if ahead < 0:
+                ahead = 0.0
+            level = t.capacity - ahead * t.rate
             headers += [
                 (b"x-ratelimit-limit-tokens", t.limit_text),
                 (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in(now))),
+                (b"x-ratelimit-reset-tokens", _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)),
             ]
         return headers
 
@@ -244,10 +250,12 @@ class KeyLimiter:
         for st in states:
             b = st.minute
             if b is not None:
-                b.take(1, now)
+                tat = b.tat
+                b.tat = (tat if tat > now else now) + b.interval
             b = st.hour
             if b is not None:
-                b.take(1, now)
+                tat = b.tat
+                b.tat = (tat if tat > now else now) + b.interval
             st.active += 1
 
     def _take(self, key: str, st: _KeyState, now: float) -> Lease:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..front.limits import KeyLimiter, LimitValues, add_tokens, release_state
+from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
 from ..telemetry.costs import estimate_input_tokens, price_for
 from ..telemetry.events import BudgetExceeded
@@ -170,7 +170,10 @@ class GovernedLease:
         if tokens and self._states:
             now = trio.current_time()
             for st in self._states:
-                add_tokens(st, tokens, now)
+                t = st.tokens
+                if t is not None:  # add_tokens, inline: a debt may build up, paid back at the bucket's rate
+                    tat = t.tat
+                    t.tat = (tat if tat > now else now) + tokens * t.interval
 
     def release(self) -> None:
         if self._state == 2:
@@ -484,7 +487,7 @@ class Governance:
         if journal is None:
             return GovernedLease(self, holders, amount, states, acct.key.team)
         # In the journal before dispatch (see .journal); no checkpoint since the fit was judged.
-        seq = journal.next_seq()
+        seq = journal.seq = journal.seq + 1
         line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
         journal.write(line)
         lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)

@@ -90,13 +90,10 @@ class SpendJournal:
         self.pending = 0
         self.writes = 0
         self.failures = 0
-        self._seq = 0
+        #: The last reservation's sequence number (the admission numbers them: ``seq += 1``).
+        self.seq = 0
 
     # -- the hot path ---------------------------------------------------------------------------------
-
-    def next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
 
     def write(self, line: bytes) -> None:
         """Append one line: a copy into the mapped segment. A failure (no segment: disk full) is counted
@@ -275,6 +272,6 @@ class SpendJournal:
                     out.malformed += 1
         out.released = len(open_)
         out.released_nano = sum(item[0] for item in open_.values())
-        self._seq = out.last_seq
+        self.seq = out.last_seq
         self.gen = max(gens[-1] if gens else 0, floor)
         return out
