@@ -91,10 +91,14 @@ def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
 class Application:
     """One gateway: config, the tree, and the handles the request path reads."""
 
-    def __init__(self, config: Config, *, host: str | None = None, port: int | None = None) -> None:
+    def __init__(self, config: Config, *, host: str | None = None, port: int | None = None,
+                 worker: Any = None) -> None:
         self.config = config
         self.host = host or config.server.host
         self.port = config.server.port if port is None else port
+        #: This process's place among ``serve --workers N`` (a runestone.cluster.workers.WorkerIdentity), or
+        #: None when it serves alone. A worker shares its port with the others (SO_REUSEPORT).
+        self.worker = worker
         keys = config.auth.api_keys
         self.data_dir = Path(config.data.dir)
         #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
@@ -269,7 +273,7 @@ class Application:
 
         handler = self.front.handle if self.observer is None else self.observer.wrap(self.front.handle)
         await serve_http(handler, self.host, self.port, limits=limits, error_body=http_error_body,
-                         task_status=_Started(task_status))
+                         reuse_port=self.worker is not None, task_status=_Started(task_status))
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until stopped; ``task_status.started(self)`` once every child is up."""
@@ -312,6 +316,7 @@ class Application:
         tree = dump_state(self.root) if self.root is not None else None
         return {
             "pid": os.getpid(),
+            "worker": attrs.asdict(self.worker) if self.worker is not None else None,
             "tree": tree,
             "telemetry_sender": self.telemetry.snapshot(),
             "governance": self.governance.snapshot(),

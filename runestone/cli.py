@@ -4,6 +4,8 @@
 stops gracefully (the front stops accepting, in-flight streams finish within the drain grace, the usage
 ledger is flushed), a second one stops at once. SIGUSR1 writes the whole state dump to the log as one
 JSON document. Exit status is 0 on a clean stop, 1 when the tree failed, 2 on a config error.
+``runestone serve --workers N`` runs N such processes on one port under a parent that supervises them
+(runestone.cluster.workers), with the same signals.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 
 import orjson
 import trio
@@ -24,38 +27,28 @@ from .config import ConfigError, load_config
 log = logging.getLogger("runestone")
 
 
-def _setup_logging(level: str = "INFO") -> None:
+def _setup_logging(level: str = "INFO", worker: int | None = None) -> None:
+    tag = "" if worker is None else f" [worker {worker}]"
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
 
 
-async def _serve(app) -> int:
-    stop_count = 0
+async def _serve(app, control_fd: int | None = None) -> int:
+    from .cluster.workers import handle_signals
+
     async with trio.open_nursery() as nursery:
 
-        async def signals():
-            nonlocal stop_count
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as batches:
-                async for signum in batches:
-                    if signum == signal.SIGUSR1:
-                        try:
-                            log.info("state dump: %s", orjson.dumps(app.dump_state(), default=str).decode())
-                        except Exception:
-                            log.exception("state dump failed")
-                        continue
-                    stop_count += 1
-                    if stop_count == 1:
-                        log.info("received %s: stopping gracefully (send it again to stop at once)",
-                                 signal.Signals(signum).name)
-                        app.request_stop()
-                    else:
-                        log.warning("second stop signal: stopping at once")
-                        nursery.cancel_scope.cancel()
+        def dump() -> None:
+            try:
+                log.info("state dump: %s", orjson.dumps(app.dump_state(), default=str).decode())
+            except Exception:
+                log.exception("state dump failed")
 
-        nursery.start_soon(signals)
+        nursery.start_soon(partial(handle_signals, stop=app.request_stop, stop_at_once=nursery.cancel_scope.cancel,
+                                   dump=dump))
 
         async def run_app(task_status=trio.TASK_STATUS_IGNORED):
             try:
@@ -68,7 +61,12 @@ async def _serve(app) -> int:
         # Everything built at start lives as long as the process: keep it out of the collector's scans, so
         # that a full collection under load walks only what requests allocate (shorter pauses, lower p99).
         gc.freeze()
-        log.info("runestone %s ready on http://%s:%d (pid %d)", __version__, app.host, app.port, os.getpid())
+        worker = "" if app.worker is None else f", worker {app.worker.index} of {app.worker.count}"
+        log.info("runestone %s ready on http://%s:%d (pid %d%s)", __version__, app.host, app.port, os.getpid(), worker)
+        if control_fd is not None:
+            from .cluster.workers import answer_parent
+
+            nursery.start_soon(answer_parent, app, control_fd)
     return 0
 
 
@@ -80,8 +78,15 @@ def cmd_serve(args) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    worker = None
+    if args.worker_index is not None:
+        from .cluster.workers import WorkerIdentity
+
+        worker = WorkerIdentity(args.worker_index, args.worker_count, os.getppid())
+    elif args.workers is not None:
+        return _serve_workers(args, config)
     try:
-        app = Application(config, host=args.host, port=args.port)
+        app = Application(config, host=args.host, port=args.port, worker=worker)
     except StartupError as exc:
         print(f"runestone: {exc}", file=sys.stderr)
         return 2
@@ -90,12 +95,48 @@ def cmd_serve(args) -> int:
     # in flight then; 0.5 ms bounds the stall while costing the writer almost nothing.
     sys.setswitchinterval(0.0005)
     try:
-        return trio.run(_serve, app)
+        return trio.run(_serve, app, args.worker_control_fd)
     except KeyboardInterrupt:
         return 0
     except Exception:
         log.exception("runestone stopped on an error")
         return 1
+
+
+def _serve_workers(args, config) -> int:
+    """``serve --workers N``: the parent that holds the port and supervises N ``serve`` processes on it."""
+    from .cluster.workers import reserve_port, run_workers
+
+    count = args.workers
+    if args.restart_intensity < 0 or not args.restart_period > 0:
+        print("runestone: --restart-intensity must be 0 or more and --restart-period more than 0", file=sys.stderr)
+        return 2
+    if count > 1 and not config.cluster.redis_url:
+        print(f"runestone: --workers {count} needs [cluster] redis_url (or RUNESTONE_REDIS_URL), so that the "
+              "workers share limits, budgets, breakers and providers; set it, or run --workers 1", file=sys.stderr)
+        return 2
+    host = args.host or config.server.host
+    try:
+        reservation = reserve_port(host, config.server.port if args.port is None else args.port)
+    except OSError as exc:
+        print(f"runestone: cannot bind {host}:{args.port or config.server.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    port = reservation.getsockname()[1]
+
+    def command(index: int, control_fd: int) -> list[str]:
+        argv = [sys.executable, "-m", "runestone.cli", "--log-level", args.log_level, "serve", "--host", host,
+                "--port", str(port), "--worker-index", str(index), "--worker-count", str(count),
+                "--worker-control-fd", str(control_fd)]
+        return argv + (["--config", args.config] if args.config else [])
+
+    ready = (f"runestone {__version__} ready on http://{host}:{port} with {count} worker(s) (parent pid "
+             f"{os.getpid()})")
+    try:
+        return run_workers(count, command, ready_line=ready, intensity=args.restart_intensity,
+                           period=args.restart_period, stop_grace=config.server.drain_timeout_ms / 1000 + 15.0)
+    finally:
+        reservation.close()
 
 
 def cmd_check_config(args) -> int:
@@ -142,7 +183,18 @@ def cmd_fake_provider(args) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    from .cluster.workers import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .cluster.workers import INTENSITY, PERIOD
+
     p = argparse.ArgumentParser(prog="runestone", description="An OpenAI-compatible LLM gateway.")
     p.add_argument("--version", action="version", version=f"runestone {__version__}")
     p.add_argument("--log-level", default=os.environ.get("RUNESTONE_LOG_LEVEL", "INFO"),
@@ -153,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="config file (default: $RUNESTONE_CONFIG or the embedded default)")
     s.add_argument("--host", help="address to bind (default from config)")
     s.add_argument("--port", type=int, help="port to bind (default: $PORT or config, 4003)")
+    s.add_argument("--workers", type=_workers, metavar="N",
+                   help="run N gateway processes on the port under one supervising parent ('auto': one per "
+                        "core); more than one needs [cluster] redis_url (default: one process, no parent)")
+    s.add_argument("--restart-intensity", type=int, default=INTENSITY, metavar="N",
+                   help="with --workers: the most worker restarts allowed within --restart-period; one more and "
+                        "the parent stops every worker and exits 1, as the tree's supervisors do (default: "
+                        "%(default)s)")
+    s.add_argument("--restart-period", type=float, default=PERIOD, metavar="SECONDS",
+                   help="with --workers: the window of --restart-intensity (default: %(default)s)")
+    # Set by the --workers parent on the processes it starts (runestone.cluster.workers).
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-control-fd", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a config file and the environment")
@@ -219,7 +284,7 @@ POST /_fake/reset clears it.""")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, getattr(args, "worker_index", None))
     return args.func(args)
 
 

@@ -10,6 +10,9 @@ not ours: it lives in the shared folder beside the project (``--relay PATH`` to 
 
 Layout on two or more cores: the gateway and the relay pinned to core 0 (only one of them is loaded at a time),
 the fake upstream and the load generator (wrk, installed from Debian's packages when missing) on core 1.
+``--workers N`` runs the gateway as ``serve --workers N`` on cores 0..N-1 (so on two cores its second worker
+shares core 1 with the upstream and wrk), with a ``redis-server`` for ``[cluster] redis_url`` when N > 1, and
+counts the CPU of the parent and every worker.
 
 These machines are noisy (the same configuration's CPU per request has moved by 2x within half an hour), so
 each case runs in rounds, and each round measures direct, relay and gateway back to back (in an order that
@@ -81,6 +84,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (the workers of ``serve --workers N``)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its children: one gateway, or a ``--workers`` parent and its workers."""
+    total = cpu_seconds(pid)
+    for child in children(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:  # it exited meanwhile
+            pass
+    return total
+
+
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -99,6 +121,27 @@ def wait_port(port: int, proc: subprocess.Popen, seconds: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listens on port {port}")
+
+
+def wait_workers(port: int, count: int, proc: subprocess.Popen, seconds: float = 60.0) -> None:
+    """Wait until ``count`` distinct worker pids answered ``/health/detailed`` (fresh connections each)."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(pids) < count:
+        if proc.poll() is not None:
+            raise SystemExit(f"the gateway exited early ({proc.returncode}); see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(f"GET /health/detailed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                          "Connection: close\r\n\r\n".encode())
+                raw = b""
+                while data := s.recv(65536):
+                    raw += data
+            pids.add(json.loads(raw.split(b"\r\n\r\n", 1)[1])["worker"]["pid"])
+        except (OSError, ValueError, KeyError, IndexError):
+            time.sleep(0.05)
+    if len(pids) < count:
+        raise SystemExit(f"only {len(pids)} of {count} workers answered within {seconds:g} s")
 
 
 def ensure_wrk() -> str | None:
@@ -167,7 +210,7 @@ class Runner:
             raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, argv: list[str], core: int | None, log: str, env: dict | None = None) -> subprocess.Popen:
+    def spawn(self, argv: list[str], core: int | str | None, log: str, env: dict | None = None) -> subprocess.Popen:
         if self.pin and core is not None:
             argv = ["taskset", "-c", str(core), *argv]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
@@ -221,10 +264,10 @@ class Runner:
 
 
 def measured(runner: Runner, pid: int, port: int, body: dict, connections: int, seconds: float) -> dict:
-    """One wrk run against ``port`` with the CPU the process ``pid`` spent on it, per request."""
-    cpu0 = cpu_seconds(pid)
+    """One wrk run against ``port`` with the CPU the process ``pid`` (and its workers) spent on it, per request."""
+    cpu0 = tree_cpu_seconds(pid)
     result = runner.wrk_run(port, body, connections=connections, seconds=seconds)
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = tree_cpu_seconds(pid) - cpu0
     result["cpu_ms_per_request"] = cpu * 1000 / max(result["requests"], 1)
     return result
 
@@ -309,7 +352,9 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
 """
 
 
-def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_port: int | None = None) -> None:
+def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_port: int | None = None,
+                 redis_port: int | None = None) -> None:
+    cluster = "" if redis_port is None else f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_port}/0"\n'
     observe = "" if sink_port is None else textwrap.dedent(f"""
         [log]
         access = true
@@ -317,7 +362,7 @@ def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_p
         [otel]
         endpoint = "http://127.0.0.1:{sink_port}"
     """)
-    path.write_text(observe + textwrap.dedent(f"""
+    path.write_text(cluster + observe + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {gw_port}
@@ -379,23 +424,28 @@ def main() -> None:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--observe", action="store_true",
                    help="run the gateway with the access log and OpenTelemetry tracing on (to an OTLP sink)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run the gateway as `serve --workers N` (with a redis-server for [cluster] redis_url when "
+                        "N > 1), pinned to cores 0..N-1; CPU is the parent's and its workers' (default: one "
+                        "process, no parent)")
     args = p.parse_args()
-    if args.rounds < 1 or args.seconds <= 0:
-        p.error("--rounds and --seconds must be positive")
+    if args.rounds < 1 or args.seconds <= 0 or args.workers < 0:
+        p.error("--rounds and --seconds must be positive, --workers 0 or more")
 
     relay = find_relay(args.relay)
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
     runner = Runner(workdir)
     fake_port, gw_port, relay_port = free_port(), free_port(), free_port()
     sink_port = free_port() if args.observe else None
+    redis_port = free_port() if args.workers > 1 else None
     config = workdir / "gateway.toml"
-    write_config(config, workdir, gw_port, fake_port, sink_port)
+    write_config(config, workdir, gw_port, fake_port, sink_port, redis_port)
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
     print(f"bench: {machine()}; gateway and relay pinned to core 0, upstream and wrk to core 1: {runner.pin}",
           flush=True)
     print(f"bench: relay {relay}; wrk {runner.wrk}; workdir {workdir}", flush=True)
     results: dict = {"machine": machine(), "pinned": runner.pin, "rounds": args.rounds, "seconds": args.seconds,
-                     "relay": str(relay), "observe": args.observe, "cases": []}
+                     "relay": str(relay), "observe": args.observe, "workers": args.workers, "cases": []}
     try:
         # The fake upstream writes each stream at once (--coalesce): a fast upstream, so that what is measured
         # is the gateway, which still parses and validates every one of the 20 events it relays.
@@ -405,7 +455,18 @@ def main() -> None:
         if sink_port is not None:
             print("bench: the gateway writes the access log and exports traces (--observe)", flush=True)
             wait_port(sink_port, runner.spawn([sys.executable, "-c", SINK, str(sink_port)], 1, "sink.log"))
-        gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, "gateway.log")
+        if redis_port is not None:
+            redis = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
+            wait_port(redis_port, runner.spawn([redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save",
+                                                "", "--appendonly", "no"], 1, "redis.log"))
+        if args.workers:
+            cores = ",".join(str(i % (os.cpu_count() or 1)) for i in range(args.workers))
+            print(f"bench: the gateway runs {args.workers} worker(s) on core(s) {cores}", flush=True)
+            gw = runner.spawn([*exe, "serve", "--config", str(config), "--workers", str(args.workers)], cores,
+                              "gateway.log")
+            wait_workers(gw_port, args.workers, gw)
+        else:
+            gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, "gateway.log")
         rl = runner.spawn([sys.executable, str(relay), "--port", str(relay_port), "--upstream",
                            f"http://127.0.0.1:{fake_port}", "--key", KEY], 0, "relay.log", env={"COALESCE": "1"})
         wait_port(gw_port, gw)
@@ -429,7 +490,9 @@ def main() -> None:
             results["cases"].append(case)
         stream_body = {**CHAT, "stream": True}
         results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()}
-        results["peak_rss_mib"] = {"gateway": round(rss_kib(gw.pid, "VmHWM") / 1024, 1),
+        # With --workers: the parent's and every worker's peaks, summed.
+        gateway_peak = rss_kib(gw.pid, "VmHWM") + sum(rss_kib(c, "VmHWM") for c in children(gw.pid))
+        results["peak_rss_mib"] = {"gateway": round(gateway_peak / 1024, 1),
                                    "relay": round(rss_kib(rl.pid, "VmHWM") / 1024, 1)}
         if args.soak:
             rate = max(case["gateway"]["rps"] for case in results["cases"])
@@ -438,6 +501,10 @@ def main() -> None:
     finally:
         runner.stop_all()
     print_table(results["cases"], args.rounds, args.seconds)
+    if args.workers:
+        print(f"Runestone ran {args.workers} worker(s): req/s per worker "
+              + ", ".join(f"{c['case']} {c['gateway']['rps'] / args.workers:.0f}" for c in results["cases"])
+              + " (CPU per request is the parent's and every worker's)")
     t = results["ttfb_ms"]
     print(f"time to first event (median of 300 sequential streams): direct {t['direct']:.3f} ms, "
           f"relay {t['relay']:.3f} ms, Runestone {t['gateway']:.3f} ms")

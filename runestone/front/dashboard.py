@@ -6,7 +6,9 @@ stream of one ``tick`` message a second. A tick carries the supervision tree (ea
 mailbox depth and last error, from the runtime's state dump without the actors' snapshots), every provider's
 breaker state, health and requests in flight, what each provider did since the last tick (attempts, errors,
 latency and time-to-first-token percentiles), the failover groups and their counts, the splits with their
-variants' metrics, the oldest requests in flight, the busiest keys by spend since the feed opened, and the
+variants' metrics, the oldest requests in flight, the busiest keys by spend since the feed opened, the
+busiest managed keys and teams by spend in their budget period (``spend``, from the governance's running
+accounts, once managed keys exist), and the
 telemetry events of the interval (breaker transitions, failovers, restarts, health alerts, failed requests),
 taken from the telemetry handler's live feed (the one ``subscribe`` on ``/v1/control`` gives). The page keeps
 bounded buffers only (a few minutes of each chart, the last few hundred events).
@@ -309,6 +311,7 @@ class DashboardRoutes:
                                "max_attempts": spec.get("max_attempts"), "stats": group_stats})
         now = trio.current_time()
         requests = sorted(app.inflight.requests.values(), key=lambda r: r.started)
+        gov = getattr(app, "governance", None)
         return {
             "type": "tick",
             "time": time.time(),
@@ -325,6 +328,9 @@ class DashboardRoutes:
             },
             "telemetry": {"dropped": app.telemetry.dropped},
             **window.take(),
+            # Managed keys and teams by spend in their budget period (the governance's running accounts).
+            "spend": ({"keys": gov.busiest("key", KEYS_SHOWN), "teams": gov.busiest("team", KEYS_SHOWN)}
+                      if gov is not None and gov.has_keys else {"keys": [], "teams": []}),
         }
 
     async def _subscribe(self, send) -> Any:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import time
 from urllib.parse import parse_qs
 
+import attrs
 import trio
 
 from ..http.errors import local_resource_errors
@@ -115,6 +117,8 @@ class HealthRoutes:
         return Response.json({
             "status": self.overall_status(providers),
             "uptime_s": round(time.time() - self.started_wall, 3),
+            # Which process answered: under `serve --workers N` each worker answers for itself alone.
+            "worker": {"pid": os.getpid(), **(attrs.asdict(app.worker) if app.worker is not None else {})},
             "providers": providers,
             "totals": await self.summary(),
             "tree": children,

@@ -29,6 +29,7 @@ get the configured limits and no budget, as before.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import os
@@ -699,6 +700,31 @@ class Governance:
         out = team.to_dict()
         out["spend"] = self._spend_view("team", name)
         out["keys"] = sorted(k.id for k in self.keys.values() if k.team == name)
+        return out
+
+    def busiest(self, scope: str, n: int) -> list[dict]:
+        """The ``n`` managed keys (``scope="key"``) or teams with the most spend in their current budget period,
+        busiest first, for the dashboard: name, team (keys), spend and budget in USD, requests, period.
+
+        Reads the running accounts only (those a request has touched): no store access, O(accounts)."""
+        wall = self.wall()
+        holders = self.keys if scope == "key" else self.teams
+        accounts = []
+        for a in self._allowances.values():
+            if a.scope == scope and (a.spent or a.requests) and a.name in holders:
+                accounts.append(a)
+        for a in accounts:
+            if wall >= a.resets_at:
+                a.roll(wall)
+        accounts = [a for a in accounts if a.spent or a.requests]
+        out = []
+        for a in heapq.nlargest(n, accounts, key=lambda a: (a.spent, a.requests)):
+            row = {"name": a.name, "spent_usd": usd(a.spent), "requests": a.requests, "period": a.period,
+                   "budget_usd": usd(a.budget.nano) if a.budget else None}
+            if scope == "key":
+                key = self.keys[a.name]
+                row["key_name"], row["team"] = key.name, key.team
+            out.append(row)
         return out
 
     def list_keys(self) -> list[dict]:

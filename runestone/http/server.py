@@ -204,12 +204,16 @@ async def _refuse_connection(server: HttpServer, stream: trio.SocketStream) -> N
     await trio.aclose_forcefully(stream)
 
 
-async def _listen(host: str, port: int) -> trio.socket.SocketType:
+async def _listen(host: str, port: int, reuse_port: bool = False) -> trio.socket.SocketType:
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE)
     family, type_, proto, _, sockaddr = infos[0]
     sock = trio.socket.socket(family, type_, proto)
     try:
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # Several processes listen on this port, each with its own accept queue, and the kernel spreads
+            # new connections over them (runestone.cluster.workers says why this and not one shared socket).
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
         await sock.bind(sockaddr)
         sock.listen(_LISTEN_BACKLOG)
     except BaseException:
@@ -225,6 +229,7 @@ async def serve_http(
     *,
     limits: Limits = Limits(),
     error_body: ErrorBody | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve HTTP/1.1 (and WebSocket upgrades) on ``host:port`` until stopped.
@@ -232,9 +237,10 @@ async def serve_http(
     Calls ``task_status.started(server)`` once the socket listens (``server.port`` is the
     real port when ``port`` is 0). Returns after ``server.request_stop()`` once every
     connection is done or ``limits.drain_timeout`` passed. Cancelling it is a hard stop:
-    every connection is closed at once.
+    every connection is closed at once. ``reuse_port`` sets ``SO_REUSEPORT``, so that other
+    processes of the same user can listen on the same port beside this one.
     """
-    sock = await _listen(host, port)
+    sock = await _listen(host, port, reuse_port)
     server = HttpServer(handler, host, sock.getsockname()[1], limits, error_body)
     listener = trio.SocketListener(sock)
     try:

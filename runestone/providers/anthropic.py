@@ -97,6 +97,8 @@ class AnthropicStream(UpstreamStream):
                     raise UpstreamError(provider, "http", f"upstream reported {exc.type} mid-stream: {detail.message}",
                                         status=exc.status, detail=detail) from None
                 for chunk in chunks:
+                    if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                        note_finish_reasons(chunk["choices"])
                     out.append(dumps(chunk))
                 if translator.done:
                     if translator.usage:

@@ -29,8 +29,14 @@ from .openai import OpenAIAdapter
 
 __all__ = ["AzureAdapter", "content_filter_summary"]
 
-#: The api-version of the deployments listing used for discovery in the deployment scheme.
+#: The api-version of the deployments listing used for discovery in the deployment scheme: Azure's data-plane
+#: ``Deployments_List`` (``GET {endpoint}/openai/deployments``) is published in the stable authoring API
+#: 2022-12-01 only (azure-rest-api-specs, ``cognitiveservices/data-plane/AzureOpenAI/authoring``); from
+#: 2023-05-15 on that API lists models (``GET {endpoint}/openai/models``, ``Models_List``) and deployments are
+#: managed through Azure Resource Manager, which takes an Entra ID token rather than the resource's key.
 DEPLOYMENTS_LIST_VERSION = "2022-12-01"
+#: Deployment states worth serving (the others: ``notRunning``, ``running``, ``failed``, ``canceled``, ``deleted``).
+_SERVING = ("succeeded", None)
 
 
 def content_filter_summary(inner) -> str:
@@ -113,21 +119,40 @@ class AzureAdapter(OpenAIAdapter):
                              retry_after=parse_retry_after(headers), detail=detail)
 
     async def list_models(self) -> list[str]:
-        """v1: ``GET /openai/v1/models``. Deployment scheme: the resource's deployments (their names are
-        what requests address; the model each runs is mapped to it when no map entry says otherwise)."""
+        """v1: ``GET /openai/v1/models``. Deployment scheme: the resource's deployments (``GET
+        /openai/deployments?api-version=2022-12-01``; their names are what requests address, and the model each
+        runs is mapped to it when no map entry says otherwise); a deployment that did not succeed is not served.
+        A resource that no longer answers that listing (a 404) is asked for its models instead (``GET
+        /openai/models?api-version={api_version}``): those it can run, each taken as deployed under its own name."""
         if self._v1:
             return await super().list_models()
-        url = f"{self._base}/openai/deployments?api-version={DEPLOYMENTS_LIST_VERSION}"
-        _, obj = await self._read_json(url, b"", method="GET")
+        try:
+            _, obj = await self._read_json(f"{self._base}/openai/deployments?api-version={DEPLOYMENTS_LIST_VERSION}",
+                                           b"", method="GET")
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise
+            return await self._models_listing()
         data = obj.get("data")
         if not isinstance(data, list):
             raise UpstreamError(self.name, "malformed", "upstream deployments listing has no 'data' list")
+        data = [d for d in data if isinstance(d, dict) and d.get("status") in _SERVING]
         names = model_ids(self.name, data)
         served = list(names)
         for d in data:
-            if isinstance(d, dict) and isinstance(d.get("model"), str) and isinstance(d.get("id"), str):
+            if isinstance(d.get("model"), str) and isinstance(d.get("id"), str):
                 model = d["model"][:200]
                 if model not in self._deployments and model not in names:
                     self._deployments[model] = d["id"]
                     served.append(model)
         return served
+
+    async def _models_listing(self) -> list[str]:
+        _, obj = await self._read_json(f"{self._base}/openai/models?api-version={self._api_version}", b"",
+                                       method="GET")
+        data = obj.get("data")
+        if not isinstance(data, list):
+            raise UpstreamError(self.name, "malformed", "upstream models listing has no 'data' list")
+        runnable = [m for m in data if isinstance(m, dict) and m.get("status") in _SERVING
+                    and isinstance(m.get("capabilities"), dict) and m["capabilities"].get("inference")]
+        return model_ids(self.name, runnable)

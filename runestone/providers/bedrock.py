@@ -25,6 +25,7 @@ import orjson
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
+from ..telemetry.observe import note_finish_reasons
 from ..wire.bedrock import (
     ConverseToOpenAIStream,
     bedrock_error_info,
@@ -132,6 +133,8 @@ class BedrockStream(UpstreamStream):
                             check_name(provider, use, "toolUseId")
                             check_name(provider, use, "name")
                     for chunk in translator.feed(event or "", data):
+                        if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                            note_finish_reasons(chunk["choices"])
                         out.append(dumps(chunk))
                     if translator.done:
                         usage_from(provider, translator.usage, self.usage)
@@ -220,6 +223,7 @@ class BedrockAdapter:
                 check_name(self.name, block["toolUse"], "toolUseId")
                 check_name(self.name, block["toolUse"], "name")
         resp = converse_to_openai_response(obj, model=model, request_id=request_id, created=new_created())
+        note_finish_reasons(resp["choices"])
         usage = Usage()
         usage_from(self.name, resp["usage"], usage)
         return ChatResult(orjson.dumps(resp), usage)

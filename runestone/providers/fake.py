@@ -15,6 +15,7 @@ import orjson
 import trio
 
 from ..resilience.errors import UpstreamError
+from ..telemetry.observe import note_finish_reasons
 from .base import ChatResult, Usage, new_created
 from .fake_content import FakeAnswer, FakeRequestError, fake_answer, fake_embeddings, openai_completion, openai_stream_frames
 
@@ -22,10 +23,11 @@ __all__ = ["FakeAdapter"]
 
 
 class FakeStream:
-    __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "usage", "finished", "_closed")
+    __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "_finish", "usage", "finished", "_closed")
 
-    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float) -> None:
+    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float, finish=()) -> None:
         self._pieces = pieces
+        self._finish = [{"finish_reason": reason} for reason in finish]
         self._i = 0
         self._ttfb = ttfb
         self._delay = delay
@@ -46,6 +48,7 @@ class FakeStream:
         self._i = i + 1
         if self._i == len(self._pieces):
             self.finished = True
+            note_finish_reasons(self._finish)  # on the request's task, as an upstream stream's last read is
         return self._pieces[i]
 
     async def aclose(self) -> None:
@@ -89,6 +92,7 @@ class FakeAdapter:
         if self._ttfb:
             await trio.sleep(self._ttfb)
         resp = openai_completion(answer, self._head(body, request_id))
+        note_finish_reasons(resp["choices"])
         return ChatResult(orjson.dumps(resp), Usage(answer.prompt_tokens, answer.completion_tokens))
 
     async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> FakeStream:
@@ -101,7 +105,8 @@ class FakeAdapter:
         out = [[p] for p in pieces] or [[]]
         out[0] = opening + out[0]
         out[-1] = out[-1] + closing
-        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay)
+        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay,
+                          [c.finish_reason for c in answer.choices])
 
     async def embed(self, body: dict) -> ChatResult:
         try:

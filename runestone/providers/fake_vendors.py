@@ -7,8 +7,9 @@
   ``x-goog-api-key`` (or ``?key=``, as Google does); errors are Google's ``{"error": {"code", "message",
   "status", "details"}}``, a 429 with a ``google.rpc.RetryInfo`` when ``retry_after`` is set.
 - Azure OpenAI, under ``/openai``: the deployment scheme (``deployments/{deployment}/chat/completions``,
-  ``/embeddings`` with a required ``api-version``; ``GET deployments``) and the v1 scheme (``v1/chat/completions``,
-  ``v1/embeddings``, ``GET v1/models``), the key in ``api-key`` or as a bearer token. Answers carry Azure's
+  ``/embeddings`` with a required ``api-version``; ``GET deployments`` with api-version 2022-12-01, the one
+  that publishes it, and ``GET models``) and the v1 scheme (``v1/chat/completions``, ``v1/embeddings``,
+  ``GET v1/models``), the key in ``api-key`` or as a bearer token. Answers carry Azure's
   content-filter annotations; the ``content_filter`` knob makes the filter refuse the prompt (``"prompt"``: the
   400 with code ``content_filter`` and its ``innererror``) or stop the completion (``"completion"``:
   ``finish_reason: "content_filter"``).
@@ -26,9 +27,10 @@ import orjson
 from ..http.server import Response
 from ..wire.gemini import TranslationError, gemini_request_to_openai, openai_answer_to_gemini
 from ..wire.sse import encode_event
-from .fake_content import FakeRequestError, fake_answer, fake_embedding, openai_completion, openai_stream_frames
+from .fake_content import (FakeRequestError, fake_answer, fake_embedding, openai_completion, openai_stream_frames,
+                           thinking_signature)
 
-__all__ = ["AZURE_FILTER_MESSAGE", "azure_error", "gemini_error_response"]
+__all__ = ["AZURE_FILTER_MESSAGE", "azure_error", "check_signatures", "gemini_error_response"]
 
 _JSON = ((b"content-type", b"application/json"),)
 _SSE = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
@@ -59,6 +61,70 @@ _CHOICE_RESULTS = {"hate": _SAFE, "protected_material_code": {"filtered": False,
                    "protected_material_text": {"filtered": False, "detected": False}, "self_harm": _SAFE,
                    "sexual": _SAFE, "violence": _SAFE}
 _FILTERED_RESULTS = {**_CHOICE_RESULTS, "violence": {"filtered": True, "severity": "high"}}
+
+
+def _signed(part: dict) -> str:
+    """What the fake's thought signature of a part covers: its function call, or its text."""
+    fc = part.get("functionCall")
+    if isinstance(fc, dict):
+        return "call\x00" + str(fc.get("name")) + "\x00" + orjson.dumps(fc.get("args") or {},
+                                                                        option=orjson.OPT_SORT_KEYS).decode()
+    return "text\x00" + str(part.get("text"))
+
+
+def _answer_signature(choice, call) -> str | None:
+    """The signature the fake gives an answer, as Gemini 3 does: always on a function call, on the last text
+    part when the model thought first."""
+    if call is not None:
+        return thinking_signature(_signed({"functionCall": {"name": call[0], "args": orjson.loads(call[1])}}))
+    if choice.reasoning:  # it covers the whole answer, which the gateway gives back as one text part
+        return thinking_signature(_signed({"text": "".join(choice.pieces)}))
+    return None
+
+
+def _logprobs(choice, pieces) -> list | None:
+    if choice.piece_logprobs is None or choice.tool_call:
+        return None
+    return [e for k in pieces for e in choice.piece_logprobs[k]]
+
+
+def check_signatures(body: dict) -> str | None:
+    """Why Gemini would refuse the thought signatures of a request's model turns (as Gemini 3 does), or None.
+
+    Every signature must be the fake's own for that part, byte for byte; and in the current turn (the model
+    turns after the last user text), the first function call of each model turn must carry its signature.
+    """
+    contents = body.get("contents")
+    if not isinstance(contents, list):
+        return None
+    current = 0
+    for i, content in enumerate(contents):
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if isinstance(content, dict) and content.get("role", "user") == "user" and isinstance(parts, list) and any(
+                isinstance(p, dict) and "functionResponse" not in p for p in parts):
+            current = i
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or content.get("role") != "model" or not isinstance(content.get("parts"), list):
+            continue
+        first_call, text = True, ""
+        for k, part in enumerate(content["parts"]):
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str) and not part.get("thought"):
+                text += part["text"]
+            covered = part if "functionCall" in part or part.get("thought") else {"text": text}
+            sig = part.get("thoughtSignature")
+            if sig is not None and (not isinstance(sig, str) or sig != thinking_signature(_signed(covered))):
+                return f"Unable to submit request because Thought signature is not valid. (contents[{i}].parts[{k}])"
+            if isinstance(part.get("functionCall"), dict):
+                if first_call and sig is None and i > current:
+                    name = part["functionCall"].get("name")
+                    return (f"Function call is missing a thought_signature in functionCall parts. This is required for "
+                            f"tools to work correctly, and missing thought_signature may lead to degraded model "
+                            f"performance. Additional data, function call `default_api:{name}` , position {k + 1}. "
+                            "Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures for more details.")
+                first_call = False
+    return None
 
 
 class VendorRoutes:
@@ -114,6 +180,10 @@ class VendorRoutes:
             return self._gemini_embed(body, model)
         if verb not in ("generateContent", "streamGenerateContent"):
             return gemini_error_response(404, f"Method not found: {verb}")
+        refused = check_signatures(body)
+        if refused is not None:
+            self.fake._fault("signature")
+            return gemini_error_response(400, refused)
         try:
             chat = gemini_request_to_openai(body, model)
             answer = fake_answer(chat, chunks=self.fake.knobs.chunks, text=self.fake.knobs.text)
@@ -121,29 +191,40 @@ class VendorRoutes:
             return gemini_error_response(400, f"* GenerateContentRequest.{exc.param}: {exc.message}"
                                          if exc.param else exc.message)
         response_id = self.fake._next_id("gemresp")
-        usage = {"promptTokenCount": answer.prompt_tokens, "candidatesTokenCount": answer.completion_tokens,
+        thoughts = answer.reasoning_tokens
+        usage = {"promptTokenCount": answer.prompt_tokens, "candidatesTokenCount": answer.completion_tokens - thoughts,
                  "totalTokenCount": answer.prompt_tokens + answer.completion_tokens,
                  "promptTokensDetails": [{"modality": "TEXT", "tokenCount": answer.prompt_tokens}]}
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
         tail = {"modelVersion": model, "responseId": response_id}
         if verb == "generateContent":
-            candidates = [openai_answer_to_gemini(
-                c.pieces, finish=c.finish_reason, index=c.index,
-                tool_call=(c.tool_call.name, c.tool_call.arguments) if c.tool_call else None) for c in answer.choices]
+            candidates = []
+            for c in answer.choices:
+                call = (c.tool_call.name, c.tool_call.arguments) if c.tool_call else None
+                candidates.append(openai_answer_to_gemini(
+                    c.pieces, finish=c.finish_reason, index=c.index, tool_call=call, thought=c.reasoning,
+                    signature=_answer_signature(c, call), logprobs=_logprobs(c, range(len(c.pieces)))))
             return Response.json({"candidates": candidates, "usageMetadata": usage, **tail})
         if "alt=sse" not in (request.query or ""):
             return gemini_error_response(400, "this fake serves streamGenerateContent with alt=sse only")
         frames = []
         prompt_only = {"promptTokenCount": answer.prompt_tokens, "totalTokenCount": answer.prompt_tokens}
         for c in answer.choices:
+            for piece in c.reasoning_pieces if c.reasoning else ():
+                frames.append([openai_answer_to_gemini((), finish="", index=c.index, thought=piece)])
             if c.tool_call:
-                cand = openai_answer_to_gemini((), finish=c.finish_reason, index=c.index,
-                                               tool_call=(c.tool_call.name, c.tool_call.arguments))
+                call = (c.tool_call.name, c.tool_call.arguments)
+                cand = openai_answer_to_gemini((), finish=c.finish_reason, index=c.index, tool_call=call,
+                                               signature=_answer_signature(c, call))
                 frames.append([cand])
                 continue
             pieces = c.pieces or ("",)
             for k, piece in enumerate(pieces):
                 last = k == len(pieces) - 1
-                frames.append([openai_answer_to_gemini((piece,), finish=c.finish_reason if last else "", index=c.index)])
+                frames.append([openai_answer_to_gemini(
+                    (piece,), finish=c.finish_reason if last else "", index=c.index,
+                    signature=_answer_signature(c, None) if last else None, logprobs=_logprobs(c, (k,)))])
         events = []
         for k, cands in enumerate(frames):
             doc = {"candidates": cands, "usageMetadata": usage if k == len(frames) - 1 else prompt_only, **tail}
@@ -174,8 +255,11 @@ class VendorRoutes:
         if rest.startswith("v1/"):
             op = rest[3:]
             deployment = None
-        elif rest == "deployments":
-            op, deployment = "deployments", None
+        elif rest in ("deployments", "models"):  # the data-plane listings (Deployments_List: 2022-12-01 only)
+            op, deployment = rest, None
+            query = request.query or ""
+            if "api-version=" not in query or (rest == "deployments" and "api-version=2022-12-01" not in query):
+                return azure_error(404, "404", "Resource not found")
         elif rest.startswith("deployments/"):
             deployment, _, op = rest[len("deployments/"):].partition("/")
             if "api-version=" not in (request.query or ""):
@@ -187,7 +271,7 @@ class VendorRoutes:
                                            "sure to provide a valid key for an active subscription and use a correct "
                                            "regional API endpoint for your resource.")
         if method == "GET" and op in ("deployments", "models"):
-            return self._azure_listing(op)
+            return self._azure_listing(op, deployment is None and rest.startswith("v1/"))
         if method != "POST" or op not in ("chat/completions", "embeddings"):
             return azure_error(404, "404", "Resource not found")
         return await self.fake._model_route(
@@ -199,11 +283,18 @@ class VendorRoutes:
         knobs = self.fake.knobs
         return {**{m: m for m in knobs.models}, **knobs.azure_deployments}
 
-    def _azure_listing(self, op: str) -> Response:
+    def _azure_listing(self, op: str, v1: bool) -> Response:
         deployments = self._deployments()
-        if op == "models":
+        if op == "models" and v1:
             return Response.json({"object": "list", "data": [
                 {"id": d, "object": "model", "created": 1700000000, "owned_by": "system"} for d in deployments]})
+        if op == "models":  # Models_List of the authoring API: what the resource can run, not its deployments
+            caps = {"fine_tune": False, "inference": True, "completion": False, "chat_completion": True,
+                    "embeddings": False}
+            return Response.json({"object": "list", "data": [
+                {"id": m, "object": "model", "status": "succeeded", "created_at": 1700000000, "capabilities": caps,
+                 "lifecycle_status": "generally-available", "deprecation": {"inference": 1900000000}}
+                for m in dict.fromkeys(deployments.values())]})
         return Response.json({"object": "list", "data": [
             {"id": d, "model": m, "object": "deployment", "status": "succeeded", "owner": "organization-owner",
              "scale_settings": {"scale_type": "standard"}, "created_at": 1700000000, "updated_at": 1700000000}

@@ -16,6 +16,7 @@ import orjson
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
+from ..telemetry.observe import note_finish_reasons
 from ..wire.gemini import (
     USAGE_COUNTS,
     GeminiToOpenAIStream,
@@ -136,7 +137,10 @@ class GeminiStream(UpstreamStream):
                     chunks = translator.feed(doc)
                 except PromptBlocked as exc:
                     raise _blocked_error(provider, exc) from None
-                out.extend(dumps(c) for c in chunks)
+                for chunk in chunks:
+                    if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                        note_finish_reasons(chunk["choices"])
+                    out.append(dumps(chunk))
             if out:
                 return out
 
@@ -207,6 +211,7 @@ class GeminiAdapter:
             raise _blocked_error(self.name, exc) from None
         if not resp["choices"]:
             raise UpstreamError(self.name, "malformed", "upstream response has no candidates")
+        note_finish_reasons(resp["choices"])
         usage = Usage()
         usage_from(self.name, resp["usage"], usage)
         return ChatResult(orjson.dumps(resp), usage)

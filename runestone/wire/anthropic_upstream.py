@@ -20,7 +20,7 @@ import attrs
 import orjson
 
 from .errors import InvalidRequest
-from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
+from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_for
 
 __all__ = [
     "AnthropicToOpenAIStream",
@@ -224,6 +224,10 @@ def _thinking_blocks(msg: dict, i: int) -> list[dict]:
             if block["type"] == "thinking" and not block.get("signature"):
                 raise TranslationError(f"{param}[{j}].signature", "this thinking block has no signature (it came "
                                        "from another provider), and Anthropic accepts only the signed blocks it "
+                                       "wrote: leave it out of the conversation")
+            if block["type"] == "thinking" and signed_by(block) != "anthropic":
+                raise TranslationError(f"{param}[{j}].signature", f"this thinking block was signed by "
+                                       f"{signed_by(block)}, and Anthropic accepts only the signed blocks it "
                                        "wrote: leave it out of the conversation")
         return list(blocks)
     if reasoning_of(msg) is not None:

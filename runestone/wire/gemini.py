@@ -15,7 +15,8 @@ Where the formats differ:
   the call they answer (Gemini matches results by function name, OpenAI by call id); consecutive turns of one
   role are merged, so parallel calls' results travel together as Gemini wants.
 - Tool call ids: Gemini's ``functionCall`` may carry no ``id``; the gateway then names it
-  ``call_<digest of name, arguments and position>``, the same on every read of the same answer.
+  ``call_<digest of name, arguments and the call's place among the candidate's calls>``, the same on every read
+  of the same answer, streamed or not.
 - JSON Schema (tool parameters, ``response_format``) becomes Gemini's OpenAPI-subset ``Schema``: upper-case
   types, ``["string", "null"]`` as ``nullable``, local ``$ref``s inlined; keywords the subset lacks
   (``additionalProperties``, ``$schema``, ...) are dropped, a schema that cannot be expressed is a 400.
@@ -26,7 +27,20 @@ Where the formats differ:
   is ``length``, the safety family (``SAFETY``, ``RECITATION``, ``BLOCKLIST``, ``PROHIBITED_CONTENT``,
   ``SPII``, ``IMAGE_SAFETY``) is ``content_filter``. A prompt Gemini blocked (``promptFeedback.blockReason``,
   no candidates) is a 400 with code ``content_filter``, the shape Azure OpenAI gives a filtered prompt.
-- Thought parts (``thought: true``) are ``reasoning_content``, as OpenAI-compatible reasoning servers send it.
+- Thought parts (``thought: true``) are ``reasoning_content``, as OpenAI-compatible reasoning servers send it,
+  and ``thinking_blocks`` (:mod:`.reasoning`): a run of thought parts is one block, ended by a part carrying a
+  ``thoughtSignature``, whose signature is then ``gemini:<signature>``; a signed text part (Gemini puts the
+  signature on an answer's last part) is a block with no text and the signature ``gemini-text:<signature>``.
+  Request ``thinking``/``reasoning_effort`` become ``generationConfig.thinkingConfig`` (:func:`_thinking_config`).
+- A ``functionCall`` part's ``thoughtSignature`` rides in its tool call id (:func:`call_id_signature`:
+  ``<id>__thought__<URL-safe base64>``, LiteLLM's separator). OpenAI's chat shape has no field for it, and the
+  id is what every front door's client sends back unchanged (chat ``tool_calls[].id`` and ``tool_call_id``,
+  Anthropic ``tool_use.id``, Responses ``call_id``); it stays ``[A-Za-z0-9_-]``, which Anthropic's ids require.
+  Google's own OpenAI-compatible ``extra_content.google.thought_signature`` is read as well. On the way back
+  every signature returns to its part (Gemini 3 refuses a current-turn function call without one); another
+  vendor's reasoning goes as unsigned thought text, a ``redacted_thinking`` block is a 400.
+- Logprobs: ``logprobs``/``top_logprobs`` are ``responseLogprobs``/``logprobs``; a candidate's
+  ``logprobsResult`` (``chosenCandidates`` with ``topCandidates`` step by step) is ``logprobs.content``.
 """
 
 from __future__ import annotations
@@ -41,10 +55,13 @@ import orjson
 
 from .anthropic_upstream import TranslationError, tool_arguments
 from .errors import UpstreamErrorBody, scrub
+from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
+                        reasoning_of)
 
 __all__ = [
     "GeminiToOpenAIStream",
     "TranslationError",
+    "call_id_signature",
     "gemini_error",
     "gemini_model_ids",
     "gemini_request_to_openai",
@@ -53,6 +70,7 @@ __all__ = [
     "gemini_usage",
     "json_schema_to_gemini",
     "openai_answer_to_gemini",
+    "openai_logprobs_to_gemini",
     "openai_to_gemini_embeddings",
     "openai_to_gemini_request",
 ]
@@ -140,6 +158,95 @@ def _resolve_ref(root: dict, ref, param: str):
             raise TranslationError(param, f"$ref {ref!r} points to nothing in the schema")
         node = node[part]
     return node
+
+
+# ---------------------------------------------------------------------------------------------------------
+# thought signatures (see the module docstring)
+
+#: Between a tool call's own id and the thought signature it carries (LiteLLM's separator, so ids it wrote read).
+SIGNATURE_SEPARATOR = "__thought__"
+
+
+def call_id_signature(call_id: str, signature: str | None) -> str:
+    """A tool call id carrying ``signature`` (URL-safe base64 of its UTF-8, so the id stays ``[A-Za-z0-9_-]``)."""
+    if not signature:
+        return call_id
+    packed = base64.urlsafe_b64encode(signature.encode()).decode().rstrip("=")
+    return f"{call_id}{SIGNATURE_SEPARATOR}{packed}"
+
+
+def split_call_id(call_id: str) -> tuple[str, str | None]:
+    """``(own id, thought signature or None)`` of a tool call id written by :func:`call_id_signature`."""
+    head, sep, packed = call_id.partition(SIGNATURE_SEPARATOR)
+    if not sep or not packed:
+        return call_id, None
+    try:
+        return head, base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return call_id, None
+
+
+def _signature_of(part: dict) -> str | None:
+    sig = part.get("thoughtSignature", part.get("thought_signature"))
+    return sig if isinstance(sig, str) and sig else None
+
+
+class _Thoughts:
+    """A candidate's thought parts as ``thinking_blocks`` and fragments of them: a run of thought parts is one
+    block, ended by a part that carries a signature or by any other part; a signed text part is a block of its
+    own (no thinking text, the signature prefixed :data:`GEMINI_TEXT_PREFIX`)."""
+
+    __slots__ = ("index", "open")
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.open = False
+
+    def fragment(self, part: dict) -> dict | None:
+        """The ``thinking_blocks`` fragment of ``part`` (a thought or a signed text part), or None."""
+        sig = _signature_of(part)
+        if part.get("thought"):
+            if not self.open:
+                self.index += 1
+                self.open = True
+            frag: dict = {"index": self.index, "type": "thinking", "thinking": part.get("text") or ""}
+            if sig:
+                frag["signature"] = GEMINI_THOUGHT_PREFIX + sig
+                self.open = False
+            return frag
+        self.open = False
+        if sig and "text" in part:
+            self.index += 1
+            return {"index": self.index, "type": "thinking", "thinking": "", "signature": GEMINI_TEXT_PREFIX + sig}
+        return None
+
+
+def _model_parts(msg: dict, i: int) -> tuple[list[dict], str | None]:
+    """The thought parts an assistant message gives back to Gemini, and the signature of its text part.
+
+    ``thinking_blocks`` a Gemini answer gave (:data:`GEMINI_THOUGHT_PREFIX`/:data:`GEMINI_TEXT_PREFIX` signatures) go back as
+    they came; another vendor's reasoning, or ``reasoning_content`` alone, goes as unsigned thought text.
+    A redacted block (Anthropic's encrypted reasoning) has no counterpart: a 400 naming it.
+    """
+    blocks = msg.get("thinking_blocks")
+    if blocks is None:
+        text = reasoning_of(msg)
+        return ([{"text": text, "thought": True}] if text else []), None
+    parts, text_sig = [], None
+    for j, block in enumerate(check_thinking_blocks(blocks, f"messages[{i}].thinking_blocks")):
+        if block["type"] == "redacted_thinking":
+            raise TranslationError(f"messages[{i}].thinking_blocks[{j}]",
+                                   "a redacted_thinking block (Anthropic's encrypted reasoning) can only go back to "
+                                   "an Anthropic or Bedrock provider; this one is Gemini")
+        sig = block.get("signature") or ""
+        if sig.startswith(GEMINI_TEXT_PREFIX):
+            text_sig = sig[len(GEMINI_TEXT_PREFIX):]
+            continue
+        part: dict = {"text": block["thinking"], "thought": True}
+        if sig.startswith(GEMINI_THOUGHT_PREFIX):
+            part["thoughtSignature"] = sig[len(GEMINI_THOUGHT_PREFIX):]
+        parts.append(part)
+    return parts, text_sig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,6 +338,35 @@ _DROPPED_SILENTLY = ("user", "stream_options", "parallel_tool_calls", "service_t
                      "prediction", "modalities", "audio", "logit_bias")
 
 
+def _thinking_config(body: dict) -> dict | None:
+    """Gemini's ``thinkingConfig`` for the canonical ``thinking`` (Anthropic's object) or ``reasoning_effort``.
+
+    Thinking asked for comes back as thought summaries (``includeThoughts``), the budget as Anthropic's or
+    :data:`~.reasoning.EFFORT_BUDGETS`' (adaptive thinking is Gemini's dynamic budget, -1); ``none`` and
+    ``minimal`` efforts and disabled thinking are a budget of 0.
+    """
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        kind = thinking.get("type")
+        if kind == "disabled":
+            return {"thinkingBudget": 0}
+        if kind == "adaptive":
+            return {"includeThoughts": True, "thinkingBudget": -1}
+        if kind == "enabled":
+            budget = thinking.get("budget_tokens")
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+                raise TranslationError("thinking.budget_tokens", "budget_tokens must be a non-negative integer")
+            return {"includeThoughts": True, "thinkingBudget": budget}
+        raise TranslationError("thinking.type", "thinking.type must be enabled, disabled or adaptive")
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in EFFORT_BUDGETS:
+        raise TranslationError("reasoning_effort", "reasoning_effort must be one of " + ", ".join(EFFORT_BUDGETS))
+    budget = EFFORT_BUDGETS[effort] or 0
+    return {"includeThoughts": True, "thinkingBudget": budget} if budget else {"thinkingBudget": 0}
+
+
 def openai_to_gemini_request(body: dict) -> dict:
     """Build a Gemini ``generateContent`` body (the model goes in the URL) from an OpenAI chat request.
 
@@ -250,16 +386,29 @@ def openai_to_gemini_request(body: dict) -> dict:
         if role == "user":
             _push(contents, "user", _user_parts(content, f"messages[{i}].content"))
         elif role == "assistant":
-            parts = _text_parts(content, f"messages[{i}].content")
+            parts, text_sig = _model_parts(msg, i)
+            texts = _text_parts(content, f"messages[{i}].content")
+            if text_sig and texts:
+                texts[-1]["thoughtSignature"] = text_sig
+            parts.extend(texts)
             for j, call in enumerate(msg.get("tool_calls") or ()):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                     raise TranslationError(f"messages[{i}].tool_calls[{j}].function", "a tool call needs a function name")
                 call_id = call.get("id")
+                signature = None
                 if isinstance(call_id, str) and call_id:
                     call_names[call_id] = fn["name"]
-                parts.append({"functionCall": {"name": fn["name"], "args": tool_arguments(
-                    fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}})
+                    signature = split_call_id(call_id)[1]
+                if signature is None:  # Google's own OpenAI-compatible endpoint puts it here
+                    extra = call.get("extra_content")
+                    google = extra.get("google") if isinstance(extra, dict) else None
+                    signature = _signature_of(google) if isinstance(google, dict) else None
+                part = {"functionCall": {"name": fn["name"], "args": tool_arguments(
+                    fn.get("arguments"), f"messages[{i}].tool_calls[{j}].function.arguments")}}
+                if signature:
+                    part["thoughtSignature"] = signature
+                parts.append(part)
             _push(contents, "model", parts)
         elif role == "tool":
             call_id = msg.get("tool_call_id")
@@ -333,6 +482,9 @@ def openai_to_gemini_request(body: dict) -> dict:
         config["responseLogprobs"] = True
         if body.get("top_logprobs"):
             config["logprobs"] = body["top_logprobs"]
+    thinking = _thinking_config(body)
+    if thinking is not None:
+        config["thinkingConfig"] = thinking
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
         kind = response_format.get("type")
@@ -432,26 +584,69 @@ def _blocked(doc: dict) -> PromptBlocked | None:
     return None
 
 
+def _tool_call(part: dict, index: int, position: int) -> dict:
+    """A ``functionCall`` part (the candidate's ``position``-th call) as an OpenAI tool call; its thought
+    signature rides in the id."""
+    fc = part["functionCall"]
+    args = orjson.dumps(fc.get("args") or {}).decode()
+    name = fc.get("name") or ""
+    call_id = call_id_signature(fc.get("id") or _call_id(name, args, index, position), _signature_of(part))
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+
+
 def _message_of(content, index: int) -> tuple[dict, bool]:
     """A candidate's ``content`` as an OpenAI assistant message; True when it called a function."""
     texts, thoughts, calls = [], [], []
-    for position, part in enumerate((content or {}).get("parts") or ()):
+    tracker = _Thoughts()
+    blocks: dict[int, dict] = {}
+    for part in (content or {}).get("parts") or ():
         if not isinstance(part, dict):
             continue
+        if isinstance(part.get("functionCall"), dict):
+            tracker.open = False
+            calls.append(_tool_call(part, index, len(calls)))
+            continue
+        frag = tracker.fragment(part)
+        if frag is not None:
+            block = blocks.setdefault(frag["index"], {"type": "thinking", "thinking": "", "signature": ""})
+            block["thinking"] += frag["thinking"]
+            block["signature"] += frag.get("signature", "")
         if "text" in part:
             (thoughts if part.get("thought") else texts).append(part.get("text") or "")
-        elif isinstance(part.get("functionCall"), dict):
-            fc = part["functionCall"]
-            args = orjson.dumps(fc.get("args") or {}).decode()
-            name = fc.get("name") or ""
-            calls.append({"id": fc.get("id") or _call_id(name, args, index, position), "type": "function",
-                          "function": {"name": name, "arguments": args}})
     message: dict = {"role": "assistant", "content": "".join(texts) if texts or not calls else None, "refusal": None}
     if thoughts:
         message["reasoning_content"] = "".join(thoughts)
+    if blocks:
+        message["thinking_blocks"] = [blocks[k] for k in sorted(blocks)]
     if calls:
         message["tool_calls"] = calls
     return message, bool(calls)
+
+
+def gemini_logprobs(result) -> list[dict] | None:
+    """A candidate's ``logprobsResult`` as OpenAI's ``logprobs.content`` entries (None when there is none)."""
+    if not isinstance(result, dict):
+        return None
+    chosen = result.get("chosenCandidates")
+    if not isinstance(chosen, list):
+        return None
+    tops = result.get("topCandidates") if isinstance(result.get("topCandidates"), list) else []
+    entries = []
+    for step, cand in enumerate(chosen):
+        if not isinstance(cand, dict):
+            continue
+        token = cand.get("token") if isinstance(cand.get("token"), str) else ""
+        top = tops[step].get("candidates") if step < len(tops) and isinstance(tops[step], dict) else None
+        entries.append({"token": token, "logprob": _logprob_value(cand), "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": t.get("token") or "", "logprob": _logprob_value(t),
+                                          "bytes": list((t.get("token") or "").encode())}
+                                         for t in top or () if isinstance(t, dict) and isinstance(t.get("token", ""), str)]})
+    return entries
+
+
+def _logprob_value(cand: dict) -> float:
+    value = cand.get("logProbability")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def gemini_to_openai_response(doc: dict, *, model: str, request_id: str, created: int) -> dict:
@@ -468,7 +663,9 @@ def gemini_to_openai_response(doc: dict, *, model: str, request_id: str, created
             continue
         index = cand.get("index") if isinstance(cand.get("index"), int) else k
         message, called = _message_of(cand.get("content"), index)
-        choices.append({"index": index, "message": message, "logprobs": None,
+        logprobs = gemini_logprobs(cand.get("logprobsResult"))
+        choices.append({"index": index, "message": message,
+                        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                         "finish_reason": _finish(cand.get("finishReason"), called)})
     return {
         "id": request_id,
@@ -501,15 +698,17 @@ class GeminiToOpenAIStream:
     _finished: set = attrs.Factory(set)
     _tool_index: dict = attrs.Factory(dict)
     _called: set = attrs.Factory(set)
-    _positions: dict = attrs.Factory(dict)
+    _thoughts: dict = attrs.Factory(dict)
 
-    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
         chunk = {
             "id": self.request_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta,
+                         "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                         "finish_reason": finish_reason}],
         }
         if self.include_usage:
             chunk["usage"] = None
@@ -534,25 +733,34 @@ class GeminiToOpenAIStream:
             if first:
                 self._started.add(index)
                 out.append(self._chunk(index, {"role": "assistant", "content": ""}))
+            thoughts = self._thoughts.get(index)
+            if thoughts is None:
+                thoughts = self._thoughts[index] = _Thoughts()
+            # An event's logprobs are those of its tokens: they go on its first text chunk (or one of their own).
+            logprobs = gemini_logprobs(cand.get("logprobsResult"))
             for part in (cand.get("content") or {}).get("parts") or ():
                 if not isinstance(part, dict):
                     continue
-                position = self._positions[index] = self._positions.get(index, -1) + 1
-                if "text" in part:
-                    text = part.get("text")
-                    if text:
-                        key = "reasoning_content" if part.get("thought") else "content"
-                        out.append(self._chunk(index, {key: text}))
-                elif isinstance(part.get("functionCall"), dict):
-                    fc = part["functionCall"]
-                    args = orjson.dumps(fc.get("args") or {}).decode()
-                    name = fc.get("name") or ""
+                if isinstance(part.get("functionCall"), dict):
+                    thoughts.open = False
                     calls = self._tool_index.setdefault(index, 0)
                     self._tool_index[index] = calls + 1
                     self._called.add(index)
-                    out.append(self._chunk(index, {"tool_calls": [{
-                        "index": calls, "id": fc.get("id") or _call_id(name, args, index, position),
-                        "type": "function", "function": {"name": name, "arguments": args}}]}))
+                    out.append(self._chunk(index, {"tool_calls": [{"index": calls, **_tool_call(part, index, calls)}]}))
+                    continue
+                delta: dict = {}
+                text = part.get("text") if isinstance(part.get("text"), str) else ""
+                if text:
+                    delta["reasoning_content" if part.get("thought") else "content"] = text
+                frag = thoughts.fragment(part)
+                if frag is not None:
+                    delta["thinking_blocks"] = [frag]
+                if delta:
+                    out.append(self._chunk(index, delta, logprobs=logprobs if "content" in delta else None))
+                    if "content" in delta:
+                        logprobs = None
+            if logprobs:
+                out.append(self._chunk(index, {}, logprobs=logprobs))
             reason = cand.get("finishReason")
             if reason and index not in self._finished:
                 self._finished.add(index)
@@ -762,6 +970,17 @@ def gemini_request_to_openai(body: dict, model: str) -> dict:
                          ("maxOutputTokens", "max_tokens"), ("candidateCount", "n"), ("stopSequences", "stop")):
         if config.get(theirs) is not None:
             out[ours] = config[theirs]
+    if config.get("responseLogprobs"):
+        out["logprobs"] = True
+        if config.get("logprobs"):
+            out["top_logprobs"] = config["logprobs"]
+    elif config.get("logprobs"):
+        raise TranslationError("generationConfig.logprobs", "logprobs is only valid if responseLogprobs is true")
+    thinking = config.get("thinkingConfig") or config.get("thinking_config")
+    if isinstance(thinking, dict) and thinking.get("includeThoughts"):
+        budget = thinking.get("thinkingBudget")
+        out["thinking"] = ({"type": "adaptive"} if budget in (None, -1)
+                           else {"type": "enabled", "budget_tokens": budget})
     if config.get("responseMimeType") == "application/json":
         schema = config.get("responseSchema")
         out["response_format"] = ({"type": "json_schema", "json_schema": {"name": "response", "schema": _schema_from_gemini(schema)}}
@@ -789,13 +1008,30 @@ def gemini_request_to_openai(body: dict, model: str) -> dict:
 _OPENAI_TO_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP", "content_filter": "SAFETY"}
 
 
-def openai_answer_to_gemini(choice_texts, *, finish: str, tool_call=None, index: int = 0) -> dict:
-    """One Gemini candidate from the fake's answer: its text (or one function call) and finish reason."""
+def openai_logprobs_to_gemini(entries) -> dict:
+    """OpenAI ``logprobs.content`` entries as Gemini's ``logprobsResult`` (the fake's answers carry them)."""
+    chosen = [{"token": e["token"], "logProbability": e["logprob"]} for e in entries]
+    result: dict = {"chosenCandidates": chosen, "logProbabilitySum": round(sum(e["logprob"] for e in entries), 4)}
+    if any(e.get("top_logprobs") for e in entries):
+        result["topCandidates"] = [{"candidates": [{"token": t["token"], "logProbability": t["logprob"]}
+                                                   for t in e.get("top_logprobs") or ()]} for e in entries]
+    return result
+
+
+def openai_answer_to_gemini(choice_texts, *, finish: str, tool_call=None, index: int = 0, thought: str | None = None,
+                            signature: str | None = None, logprobs=None) -> dict:
+    """One Gemini candidate from the fake's answer: its thought summary, its text (or one function call), its
+    finish reason; ``signature`` goes where Gemini puts it (the function call, else the last text part)."""
+    parts = [{"text": thought, "thought": True}] if thought else []
     if tool_call is not None:
-        parts = [{"functionCall": {"name": tool_call[0], "args": orjson.loads(tool_call[1])}}]
+        parts.append({"functionCall": {"name": tool_call[0], "args": orjson.loads(tool_call[1])}})
     else:
-        parts = [{"text": t} for t in choice_texts]
+        parts.extend({"text": t} for t in choice_texts)
+    if signature and parts:
+        parts[-1]["thoughtSignature"] = signature
     cand: dict = {"content": {"parts": parts, "role": "model"}, "index": index}
+    if logprobs is not None:
+        cand["logprobsResult"] = openai_logprobs_to_gemini(logprobs)
     if finish:
         cand["finishReason"] = _OPENAI_TO_GEMINI_FINISH.get(finish, "STOP")
     return cand

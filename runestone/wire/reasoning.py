@@ -59,6 +59,21 @@ def reasoning_of(obj: dict) -> str | None:
     return text if isinstance(text, str) and text else None
 
 
+#: The ``thinking_blocks`` signature prefix of a Gemini thought part's signature ...
+GEMINI_THOUGHT_PREFIX = "gemini:"
+#: ... and of the signature Gemini put on an answer's text part (a block with no thinking text of its own).
+GEMINI_TEXT_PREFIX = "gemini-text:"
+
+
+def signed_by(block: dict) -> str:
+    """Which vendor signed a thinking block: ``"gemini"`` for the signatures the Gemini translation wraps,
+    else ``"anthropic"`` (Anthropic's signatures are opaque and carry no prefix)."""
+    signature = block.get("signature") or ""
+    if signature.startswith((GEMINI_THOUGHT_PREFIX, GEMINI_TEXT_PREFIX)):
+        return "gemini"
+    return "anthropic"
+
+
 def check_thinking_blocks(blocks: Any, param: str) -> list[dict]:
     """``thinking_blocks`` of an assistant message, checked: a 400 naming the block when one is malformed."""
     if not isinstance(blocks, list):

@@ -193,3 +193,48 @@ def test_a_tick_forwards_a_bounded_number_of_events():
     assert p["attempts"] == 5000 and p["errors"] == 500
     assert 0.04 <= p["p50"] <= 0.06 and p["p95"] >= 0.09 and p["ttft_p50"] is None
     assert window.take()["window"] == {}
+
+
+PRICED = '[pricing."fake-model"]\ninput_per_mtok = 0.0\noutput_per_mtok = 1000.0\n'  # an output token: $0.001
+
+
+async def _spend_setup(gateway_factory, fake_factory):
+    """A gateway with an admin key, a team of two managed keys and a key of no team, each having spent."""
+    upstream, _ = await fake_factory(text="aaa bbb ccc ddd", chunks=1)
+    gw = await gateway_factory(f'[auth]\nadmin_key = "{ADMIN}"\n' + PRICED + provider_toml(
+        "up", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1", api_key="sk-up", models=["fake-model"]))
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        for team in ("search", "support"):
+            assert (await http.post("/admin/teams", headers=admin, json={"name": team})).status_code == 201
+        keys = {}
+        for name, team in (("indexer", "search"), ("ranker", "search"), ("helpdesk", "support"), ("lonely", None)):
+            r = await http.post("/admin/keys", headers=admin, json={"name": name, "team": team})
+            assert r.status_code == 201, r.text
+            keys[name] = r.json()
+        for name, n in (("indexer", 3), ("ranker", 1), ("helpdesk", 2), ("lonely", 1)):
+            for _ in range(n):
+                r = await http.post("/v1/chat/completions", headers={"authorization": f"Bearer {keys[name]['secret']}"},
+                                    json={"model": "fake-model", "max_tokens": 4,
+                                          "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200, r.text
+    return gw, keys
+
+
+async def test_the_feed_shows_the_busiest_managed_keys_and_teams_by_spend(gateway_factory, fake_factory):
+    gw, keys = await _spend_setup(gateway_factory, fake_factory)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        async with http.stream("GET", "/dashboard/feed", headers={"authorization": f"Bearer {ADMIN}"}) as feed:
+            async for line in feed.aiter_lines():
+                if line.startswith("data: "):
+                    tick = orjson.loads(line[6:])
+                    break
+    spend = tick["spend"]
+    assert [(k["key_name"], k["team"], k["requests"]) for k in spend["keys"]] == [
+        ("indexer", "search", 3), ("helpdesk", "support", 2), ("ranker", "search", 1), ("lonely", None, 1)]
+    assert spend["keys"][0]["name"] == keys["indexer"]["id"]
+    assert spend["keys"][0]["spent_usd"] == pytest.approx(3 * 4 * 0.001)
+    assert [(t["name"], t["requests"]) for t in spend["teams"]] == [("search", 4), ("support", 2)]
+    assert spend["teams"][0]["spent_usd"] == pytest.approx(4 * 4 * 0.001)
+    # never a secret
+    assert not any(k["secret"] in line for k in keys.values())

@@ -5,7 +5,8 @@ providers; failures injected at one upstream open its breaker, and the page show
 the event feed); a crash injected into the failover manager is restarted by its supervisor, and the page's
 tree shows the restart. A screenshot is saved in the test's temporary directory. Then the page is fed an
 hour of ticks and thousands of events by hand, and holds no more than its bounded buffers; once the browser
-is gone, the gateway keeps no subscription for it.
+is gone, the gateway keeps no subscription for it. With managed keys and teams that have spent, a page opened
+with the admin key (HTTP Basic) lists the busiest of each by spend, in order.
 
 The browser runs on real time (the page's own timers), so this test uses the real clock: every wait is for
 a condition, bounded, never a fixed sleep.
@@ -230,3 +231,37 @@ def _feed_an_hour(chrome, providers: list[str]) -> dict:
     chrome.execute_script("window.gc && window.gc()")
     stats["heap"] = chrome.execute_cdp_cmd("Runtime.getHeapUsage", {})["usedSize"]
     return stats
+
+
+async def test_the_page_shows_the_busiest_keys_and_teams_by_spend(gateway_factory, fake_factory, tmp_path):
+    """With managed keys and teams, the page lists the busiest of each by spend in the budget period."""
+    from test_dashboard import ADMIN, _spend_setup
+
+    browser_path, driver_path = _chromium()
+    gw, keys = await _spend_setup(gateway_factory, fake_factory)
+    browser = Browser(browser_path, driver_path)
+    await browser.started()
+    try:
+        # The admin key as the Basic password, as an operator types it when the browser asks.
+        await browser.run(lambda chrome: chrome.get(gw.url.replace("://", f"://operator:{ADMIN}@") + "/dashboard"))
+        await browser.run(_wait_for('#conn[data-state="live"]'))
+        first = await browser.run(_wait_for(f'#keys tr[data-key="{keys["indexer"]["id"]}"]'))
+        assert "indexer" in first and "search" in first and "$0.0120" in first
+        await browser.run(_wait_for(f'#keys tr[data-key="{keys["lonely"]["id"]}"]'))
+        search = await browser.run(_wait_for('#teams tr[data-team="search"]'))
+        assert "$0.0160" in search
+        await browser.run(_wait_for('#teams tr[data-team="support"]'))
+
+        def order(chrome):
+            from selenium.webdriver.common.by import By
+            return ([r.get_attribute("data-key") for r in chrome.find_elements(By.CSS_SELECTOR, "#keys tr[data-key]")],
+                    [r.get_attribute("data-team") for r in chrome.find_elements(By.CSS_SELECTOR, "#teams tr[data-team]")])
+
+        key_rows, team_rows = await browser.run(order)
+        assert key_rows == [keys[n]["id"] for n in ("indexer", "helpdesk", "ranker", "lonely")]
+        assert team_rows == ["search", "support"]
+        shot = tmp_path / "dashboard-spend.png"
+        await browser.run(lambda chrome: chrome.save_screenshot(str(shot)))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        await browser.close()

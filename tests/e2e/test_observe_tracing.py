@@ -177,3 +177,81 @@ async def test_the_environment_variable_turns_tracing_on(gateway_factory, nurser
     assert await trio.to_thread.run_sync(gw.app.observer.tracing.force_flush)
     assert {s["kind"] for s in receiver.spans} == {SERVER, CLIENT}
     assert primary_seen[0] is not None and primary_seen[0].startswith("00-")
+
+
+# -- finish reasons on every path ----------------------------------------------------------------------------
+
+BEDROCK_MODEL = "anthropic.claude-haiku-4-5-20251001-v1:0"
+#: provider type -> (the model it serves here, the TOML of its provider given the fake upstream's base URL)
+UPSTREAMS = {
+    "openai": ("gpt-4o-mini", lambda base: provider_toml("p-openai", "openai", base_url=base + "/v1", api_key="sk-up",
+                                                         models=["gpt-4o-mini"])),
+    "anthropic": ("claude-haiku-4-5", lambda base: provider_toml("p-anthropic", "anthropic", base_url=base,
+                                                                 api_key="sk-ant-up", models=["claude-haiku-4-5"])),
+    "gemini": ("gemini-2.5-flash", lambda base: provider_toml("p-gemini", "gemini", base_url=base + "/v1beta",
+                                                              api_key="AIzaSyFAKE-gemini-key-0123456789abcdef",
+                                                              models=["gemini-2.5-flash"])),
+    "bedrock": (BEDROCK_MODEL, lambda base: provider_toml(
+        "p-bedrock", "bedrock", base_url=base, region="us-east-1", models=[BEDROCK_MODEL],
+        aws_access_key_id=FakeKnobs().aws_access_key_id, aws_secret_access_key=FakeKnobs().aws_secret_access_key)),
+    "azure": ("azure-4o", lambda base: provider_toml("p-azure", "azure", base_url=base, api_key="azure-key-0123",
+                                                     models=["azure-4o"])),
+    "fake": ("fake-model", lambda base: provider_toml("p-fake", "fake", models=["fake-model"])),
+}
+
+
+@pytest.fixture
+async def every_upstream(gateway_factory, nursery):
+    receiver = await start_otlp_receiver(nursery)
+    models = tuple(m for m, _ in UPSTREAMS.values())
+    fake = make_fake_handler(FakeKnobs(models=models, azure_deployments={"azure-4o": "gpt-4o-mini"}))
+    server = await nursery.start(functools.partial(serve_http, fake, "127.0.0.1", 0))
+    base = f"http://127.0.0.1:{server.port}"
+    text = f'[telemetry]\nusage_ledger = false\n[otel]\nendpoint = "{receiver.url}"\n'
+    gw = await gateway_factory(text + "".join(toml(base) for _, toml in UPSTREAMS.values()))
+    return gw, receiver
+
+
+async def _request_span(gw, receiver, request_id: str) -> dict:
+    assert await trio.to_thread.run_sync(gw.app.observer.tracing.force_flush)
+    [span] = [s for s in receiver.spans if s["kind"] == SERVER and s["attributes"]["runestone.request_id"] == request_id]
+    return span
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("upstream", list(UPSTREAMS))
+async def test_finish_reasons_are_on_the_span_for_every_upstream(every_upstream, upstream, stream):
+    gw, receiver = every_upstream
+    model = UPSTREAMS[upstream][0]
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        r = await http.post("/chat/completions", json={"model": model, "stream": stream, "max_tokens": 3,
+                                                       "messages": [{"role": "user", "content": "tell me a story"}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-runestone-provider"] == f"p-{upstream}"
+    span = await _request_span(gw, receiver, r.headers["x-request-id"])
+    assert span["attributes"]["gen_ai.response.finish_reasons"] == ["length"]
+
+
+FRONT_DOORS = {
+    "chat": ("/chat/completions", lambda model, stream: {"model": model, "stream": stream, "max_tokens": 3,
+                                                         "messages": [{"role": "user", "content": "tell me a story"}]}),
+    "messages": ("/messages", lambda model, stream: {"model": model, "stream": stream, "max_tokens": 3,
+                                                     "messages": [{"role": "user", "content": "tell me a story"}]}),
+    "responses": ("/responses", lambda model, stream: {"model": model, "stream": stream, "max_output_tokens": 3,
+                                                       "input": "tell me a story"}),
+    "completions": ("/completions", lambda model, stream: {"model": model, "stream": stream, "max_tokens": 3,
+                                                           "prompt": "tell me a story"}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("door", list(FRONT_DOORS))
+@pytest.mark.parametrize("upstream", ["anthropic", "gemini"])
+async def test_finish_reasons_are_on_the_span_for_every_front_door(every_upstream, door, upstream, stream):
+    gw, receiver = every_upstream
+    path, body = FRONT_DOORS[door]
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        r = await http.post(path, json=body(UPSTREAMS[upstream][0], stream))
+        assert r.status_code == 200, r.text
+    span = await _request_span(gw, receiver, r.headers["x-request-id"])
+    assert span["attributes"]["gen_ai.response.finish_reasons"] == ["length"]

@@ -262,3 +262,130 @@ async def test_reasoning_tokens_appear_in_usage(gw):
                                                        "messages": [{"role": "user", "content": "count me"}]})
     usage = orjson.loads([e for e in r.text.split("\n\n") if e.startswith("data: {")][-1][6:])["usage"]
     assert usage["completion_tokens_details"]["reasoning_tokens"] == details.reasoning_tokens
+
+
+# -- Gemini: thought signatures (the fake refuses a signature that is not its own, and a current-turn function
+# call without one, as Gemini 3 does) -------------------------------------------------------------------------
+
+GEMINI = "gemini-2.5-flash"
+
+
+@pytest.fixture
+async def gem(gateway_factory, nursery):
+    upstream = RecordingUpstream(models=(GEMINI,))
+    server = await nursery.start(lambda task_status: serve_http(upstream, "127.0.0.1", 0, task_status=task_status))
+    started = await gateway_factory(
+        provider_toml("gem", "gemini", base_url=f"http://127.0.0.1:{server.port}/v1beta",
+                      api_key="AIzaSyFAKE-gemini-key-0123456789abcdef", models=[GEMINI]),
+        env={"RUNESTONE_API_KEYS": KEY})
+    started.upstream = upstream
+    return started
+
+
+def _model_turns(gw) -> list[list[dict]]:
+    """The parts of every model turn of the last body sent to the Gemini upstream."""
+    return [c["parts"] for c in gw.upstream.last_body()["contents"] if c["role"] == "model"]
+
+
+def _signatures(parts) -> list[str]:
+    return [p["thoughtSignature"] for p in parts if "thoughtSignature" in p]
+
+
+async def test_openai_client_to_gemini_thought_signatures_three_turns(gem):
+    client = _openai(gem)
+    ask = [{"role": "user", "content": "weather in Paris?"}]
+    first = await client.chat.completions.create(model=GEMINI, reasoning_effort="low", tools=[CHAT_TOOL], messages=ask)
+    assert gem.upstream.last_body()["generationConfig"]["thinkingConfig"] == {"includeThoughts": True,
+                                                                             "thinkingBudget": 1024}
+    message = first.choices[0].message.model_dump(exclude_none=True)
+    assert message["reasoning_content"].startswith("Thinking:")
+    call = message["tool_calls"][0]
+    assert "__thought__" in call["id"]
+    stream = await client.chat.completions.create(model=GEMINI, reasoning_effort="low", tools=[CHAT_TOOL],
+                                                  messages=ask, stream=True)
+    ids, text = [], []
+    async for chunk in stream:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        ids += [c.id for c in (delta.tool_calls or ())] if delta else []
+        text.append((delta.model_dump().get("reasoning_content") or "") if delta else "")
+    assert ids == [call["id"]] and "".join(text) == message["reasoning_content"]
+
+    second_ask = ask + [message, {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+    second = await client.chat.completions.create(model=GEMINI, reasoning_effort="low", tools=[CHAT_TOOL],
+                                                  messages=second_ask)
+    [turn1] = _model_turns(gem)
+    assert len(_signatures(turn1)) == 1 and "functionCall" in turn1[-1] and "thoughtSignature" in turn1[-1]
+    second_message = second.choices[0].message.model_dump(exclude_none=True)
+    assert second.choices[0].finish_reason == "stop" and second_message["content"]
+
+    third_ask = second_ask + [second_message, {"role": "user", "content": "and tomorrow?"}]
+    third = await client.chat.completions.create(model=GEMINI, reasoning_effort="low", tools=[CHAT_TOOL],
+                                                 messages=third_ask)
+    assert third.choices[0].finish_reason == "tool_calls"  # answered: both turns' signatures verified
+    turn1_again, turn2 = _model_turns(gem)
+    assert turn1_again == turn1
+    assert turn2[-1]["text"] == second_message["content"] and "thoughtSignature" in turn2[-1]
+
+    # A signature that was changed is refused by the upstream; one dropped in the current turn too.
+    changed = {**call, "id": call["id"][:-2] + ("AA" if not call["id"].endswith("AA") else "BB")}
+    for bad in (changed, {**call, "id": call["id"].partition("__thought__")[0]}):
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model=GEMINI, tools=[CHAT_TOOL], messages=ask + [
+                {**message, "tool_calls": [bad]}, {"role": "tool", "tool_call_id": bad["id"], "content": "sunny"}])
+        assert "signature" in str(e.value)
+
+
+async def test_anthropic_client_to_gemini_thought_signatures_three_turns(gem):
+    client = _anthropic(gem)
+    ask = [{"role": "user", "content": "weather in Paris?"}]
+    first = await client.messages.create(model=GEMINI, max_tokens=2000, thinking=THINKING, tools=[TOOL], messages=ask)
+    assert gem.upstream.last_body()["generationConfig"]["thinkingConfig"] == {"includeThoughts": True,
+                                                                             "thinkingBudget": 1024}
+    thinking, use = first.content
+    assert thinking.type == "thinking" and thinking.thinking.startswith("Thinking:") and use.type == "tool_use"
+    async with client.messages.stream(model=GEMINI, max_tokens=2000, thinking=THINKING, tools=[TOOL],
+                                      messages=ask) as s:
+        streamed = await s.get_final_message()
+    assert [b.to_dict() for b in streamed.content] == [b.to_dict() for b in first.content]
+
+    second_ask = ask + [{"role": "assistant", "content": [b.to_dict() for b in first.content]},
+                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+    second = await client.messages.create(model=GEMINI, max_tokens=2000, thinking=THINKING, tools=[TOOL],
+                                          messages=second_ask)
+    [turn1] = _model_turns(gem)
+    assert turn1[0] == {"text": thinking.thinking, "thought": True} and len(_signatures(turn1)) == 1
+    assert second.stop_reason == "end_turn"
+
+    third_ask = second_ask + [{"role": "assistant", "content": [b.to_dict() for b in second.content]},
+                              {"role": "user", "content": "and tomorrow?"}]
+    async with client.messages.stream(model=GEMINI, max_tokens=2000, thinking=THINKING, tools=[TOOL],
+                                      messages=third_ask) as s:
+        third = await s.get_final_message()
+    assert third.stop_reason == "tool_use"  # answered: both turns' signatures verified
+    turn1_again, turn2 = _model_turns(gem)
+    assert turn1_again == turn1 and "thoughtSignature" in turn2[-1]
+
+
+async def test_responses_client_to_gemini_thought_signatures_three_turns(gem):
+    client = _openai(gem)
+    tool = {"type": "function", "name": TOOL["name"], "parameters": TOOL["input_schema"]}
+    first = await client.responses.create(model=GEMINI, input="weather in Paris?", reasoning={"effort": "low"},
+                                          tools=[tool])
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and call.type == "function_call" and "__thought__" in call.call_id
+    async with client.responses.stream(model=GEMINI, input="weather in Paris?", reasoning={"effort": "low"},
+                                       tools=[tool]) as s:
+        streamed = await s.get_final_response()
+    assert streamed.output[1].call_id == call.call_id
+
+    items = [it.model_dump(exclude_none=True) for it in first.output]
+    second = await client.responses.create(model=GEMINI, reasoning={"effort": "low"}, tools=[tool], input=[
+        {"role": "user", "content": "weather in Paris?"}, *items,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    [turn1] = _model_turns(gem)
+    assert len(_signatures(turn1)) == 1 and "thoughtSignature" in turn1[-1]
+    third = await client.responses.create(model=GEMINI, reasoning={"effort": "low"}, tools=[tool],
+                                          previous_response_id=second.id, input="and tomorrow?")
+    assert third.status == "completed"
+    turn1_again, turn2 = _model_turns(gem)
+    assert turn1_again == turn1 and "thoughtSignature" in turn2[-1]

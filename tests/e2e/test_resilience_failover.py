@@ -61,14 +61,16 @@ async def test_a_retry_waits_at_least_the_upstreams_retry_after(clock, gateway_f
             fake.knobs.fault_status = 0
 
         nursery.start_soon(heal)
-        started = trio.current_time()
+        backoffs = _record_backoffs(gw.app.gateway)
         r = await http.post("/chat/completions", json={"model": MODEL, "messages": ASK, "stream": stream})
         assert r.status_code == 200, r.text
         assert r.headers["x-runestone-provider"] == "solo"
         assert len(arrivals) == 2
-        # Jittered backoff is at most base_delay (0.1 s) here: the pause is the upstream's 2 s.
-        assert 2.0 <= arrivals[1] - arrivals[0] < 2.1
-        assert arrivals[0] - started < 0.1
+        # One backoff, given the upstream's Retry-After (its jittered own part is at most base_delay, 0.1 s),
+        # and the retry did wait it. (No upper bound on the pause: under load, MockClock's autojump may jump
+        # to any other timer while real socket I/O is slow.)
+        assert [retry_after for _, retry_after in backoffs] == [2]
+        assert arrivals[1] - arrivals[0] >= 2.0
 
 
 async def test_a_retry_after_beyond_the_deadline_is_answered_at_once(clock, gateway_factory, nursery):
@@ -95,6 +97,23 @@ FAULTS = {
 }
 
 
+def _record_backoffs(gateway) -> list:
+    """Every backoff the gateway's retry policy computes, as (failures, retry_after)."""
+    calls: list = []
+    policy = gateway.retry
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(policy, name)
+
+        def delay(self, failures, retry_after=None):
+            calls.append((failures, retry_after))
+            return policy.delay(failures, retry_after)
+
+    gateway.retry = Recording()
+    return calls
+
+
 @pytest.mark.parametrize("routing", ["group", "plain"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_failover_to_a_healthy_provider(clock, gateway_factory, fake_factory, fault, routing):
@@ -110,6 +129,7 @@ async def test_failover_to_a_healthy_provider(clock, gateway_factory, fake_facto
     )
     model = "chat" if routing == "group" else MODEL
     client = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+    backoffs = _record_backoffs(gw.app.gateway)
     for stream in (False, True):
         started = trio.current_time()
         raw = await client.chat.completions.with_raw_response.create(model=model, messages=ASK, stream=stream)
@@ -121,9 +141,10 @@ async def test_failover_to_a_healthy_provider(clock, gateway_factory, fake_facto
             text = raw.parse().choices[0].message.content
         assert text.startswith("Echo: hello")
         if fault == "hang":
-            assert 0.5 <= elapsed < 0.6  # the primary's own timeout, then the secondary at once
-        else:
-            assert elapsed < 0.1  # failover is immediate: no backoff before a provider not yet tried
+            assert elapsed >= 0.5  # the primary's own timeout, then the secondary
+    # Failover is immediate: no backoff is computed before a provider not yet tried. (Counted, not timed:
+    # under load, MockClock's autojump may jump to any timer while real socket I/O is slow.)
+    assert backoffs == []
     async with httpx.AsyncClient() as http:
         stats = (await http.get(f"http://127.0.0.1:{bad.port}/_fake/stats")).json()
     assert sum(stats["faults"].values()) >= 2

@@ -138,3 +138,49 @@ async def test_a_pin_reaches_any_model_the_vendor_serves(gateway_factory, fake_f
     r = await _chat(gw, f"up:{model}")
     assert r.status_code == 200, r.text
     assert r.headers["x-runestone-provider"] == "up"
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent.parent / "wire" / "fixtures"
+
+
+async def _azure_listing_server(nursery, deployments_status: int):
+    """A loopback Azure resource answering its two data-plane listings from the fixtures (written from the
+    published examples), recording each request's target."""
+    from runestone.http.server import Response, serve_http
+
+    seen: list[str] = []
+
+    async def handler(request):
+        target = request.path + ("?" + request.query if request.query else "")
+        seen.append(target)
+        assert request.header(b"api-key") == b"azure-key-0123456789"
+        if request.path == "/openai/deployments" and deployments_status == 200:
+            return Response(200, [(b"content-type", b"application/json")],
+                            (FIXTURES / "azure_deployments_list.json").read_bytes())
+        if request.path == "/openai/models":
+            return Response(200, [(b"content-type", b"application/json")],
+                            (FIXTURES / "azure_models_list.json").read_bytes())
+        return Response(404, [(b"content-type", b"application/json")],
+                        b'{"error": {"code": "404", "message": "Resource not found"}}')
+
+    server = await nursery.start(lambda task_status: serve_http(handler, "127.0.0.1", 0, task_status=task_status))
+    return f"http://127.0.0.1:{server.port}", seen
+
+
+async def test_azure_discovery_uses_the_published_deployments_listing(gateway_factory, nursery):
+    base, seen = await _azure_listing_server(nursery, 200)
+    gw = await gateway_factory(provider_toml("az", "azure", base_url=base, api_key="azure-key-0123456789"))
+    assert seen == ["/openai/deployments?api-version=2022-12-01"]
+    # each deployment that succeeded, and the model it runs; the failed deployment is not served
+    assert gw.app.providers.value["az"].info.models == frozenset({"prod-4o", "gpt-4o", "embed-small",
+                                                                  "text-embedding-3-small"})
+
+
+async def test_azure_discovery_falls_back_to_the_models_listing(gateway_factory, nursery):
+    base, seen = await _azure_listing_server(nursery, 404)
+    gw = await gateway_factory(provider_toml("az", "azure", base_url=base, api_key="azure-key-0123456789",
+                                             api_version="2024-10-21"))
+    assert seen == ["/openai/deployments?api-version=2022-12-01", "/openai/models?api-version=2024-10-21"]
+    # what the resource can run (inference), taken as deployed under its own name; fine-tune-only models are not
+    assert gw.app.providers.value["az"].info.models == frozenset({
+        "gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18.ft-72a2792ef7d24ba7b82c7fe4a37e379f"})

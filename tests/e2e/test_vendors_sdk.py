@@ -304,3 +304,21 @@ async def test_gemini_invalid_key_400_is_the_gateways_own_credential(gateway_fac
         assert r.status_code == 502 and r.json()["error"]["code"] == "provider_auth_failed", r.text
         assert "API key not valid" in r.json()["error"]["message"]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_logprobs_streamed_and_not(gateway_factory, fake_factory, vendor):
+    gw, base, model, _ = await _setup(gateway_factory, fake_factory, vendor)
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+    whole = await client.chat.completions.create(model=model, messages=USER, logprobs=True, top_logprobs=2)
+    entries = whole.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token for e in entries)
+    if vendor == "gemini":
+        [sent] = (await _sent(base))[-1:]
+        assert sent["body"]["generationConfig"] == {"responseLogprobs": True, "logprobs": 2}
+    stream = await client.chat.completions.create(model=model, messages=USER, logprobs=True, top_logprobs=2,
+                                                  stream=True)
+    streamed = [e async for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]

@@ -162,6 +162,21 @@ def test_untranslatable_requests_name_the_field(messages, param):
     assert info.value.status == 400 and info.value.message
 
 
+@pytest.mark.parametrize("signature", ["gemini:c2lnLWE", "gemini-text:c2lnLWI"])
+def test_a_thinking_block_gemini_signed_is_a_400_naming_it_not_a_relayed_refusal(signature):
+    turn = {"role": "assistant", "content": "ok",
+            "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "Anthropic-sig"},
+                                {"type": "thinking", "thinking": "", "signature": signature}]}
+    with pytest.raises(TranslationError) as info:
+        openai_to_anthropic_request({"messages": [{"role": "user", "content": "hi"}, turn]}, model="m", stream=False)
+    assert info.value.param == "messages[1].thinking_blocks[1].signature"
+    assert info.value.status == 400 and "signed by gemini" in info.value.message
+    # Anthropic's own signed block alone goes through unchanged
+    turn["thinking_blocks"].pop()
+    body = openai_to_anthropic_request({"messages": [{"role": "user", "content": "hi"}, turn]}, model="m", stream=False)
+    assert body["messages"][1]["content"][0] == {"type": "thinking", "thinking": "t", "signature": "Anthropic-sig"}
+
+
 def test_text_response():
     resp = anthropic_to_openai_response(fixture("anthropic_message_text.json"), model="claude-sonnet-4-5", request_id="chatcmpl-1", created=1700000000)
     ChatCompletion.model_validate(resp)

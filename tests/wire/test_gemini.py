@@ -24,6 +24,7 @@ from runestone.wire.gemini import (
     openai_to_gemini_embeddings,
     openai_to_gemini_request,
 )
+from runestone.wire.reasoning import ThinkingBlocks
 from runestone.wire.sse import SSEParser
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -164,7 +165,8 @@ def test_stream_text_with_thoughts_and_usage():
     assert t.complete
     chunks.extend(t.end())
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[1]["choices"][0]["delta"] == {"reasoning_content": "Thinking about temperatures"}
+    assert chunks[1]["choices"][0]["delta"] == {"reasoning_content": "Thinking about temperatures", "thinking_blocks": [
+        {"index": 0, "type": "thinking", "thinking": "Thinking about temperatures"}]}
     assert [c["choices"][0]["delta"].get("content") for c in chunks[2:4]] == ["Paris is", " warmer."]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 11
@@ -239,3 +241,107 @@ def test_the_fakes_reverse_translation_round_trips_the_conversation():
     assert tool_ids == [c["id"] for c in assistant["tool_calls"]]
     assert back["response_format"]["json_schema"]["schema"]["properties"]["celsius"] == {"type": "number"}
     assert back["n"] == 2 and back["max_tokens"] == 512 and back["stop"] == ["\n\nHuman:"]
+
+
+# -- thought signatures and logprobs ---------------------------------------------------------------------
+
+SIGNED_THOUGHT = "CtwFAVSoXO5wlFbaJNtHYbZXn2UTz2hOWD1Vwb+OqhsRgVBWzXVHHSYnuGs+b4RE7A=="
+SIGNED_CALL = "EqYDCqMDAdHtim9/Ie3nPdS0yVl+7Fq2sc3gqGiHcJGsoPMrVvNDhBNuOfZ0s6hRUg=="
+
+
+def test_thought_signatures_come_back_in_place_on_the_next_turn():
+    resp = gemini_to_openai_response(fixture("gemini_response_signatures.json"), model="m", request_id="r", created=1)
+    ChatCompletion.model_validate(resp)
+    message = resp["choices"][0]["message"]
+    assert message["reasoning_content"].startswith("**Checking the weather**")
+    assert message["thinking_blocks"] == [{"type": "thinking", "thinking": message["reasoning_content"],
+                                           "signature": "gemini:" + SIGNED_THOUGHT}]
+    first, second = message["tool_calls"]
+    assert "__thought__" in first["id"] and "__thought__" not in second["id"]
+    # the id that carries the signature stays what Anthropic's tool_use ids allow
+    assert all(ch.isalnum() or ch in "_-" for ch in first["id"])
+
+    history = [{"role": "user", "content": "weather in Paris and Berlin?"}, message,
+               {"role": "tool", "tool_call_id": first["id"], "content": "sunny"},
+               {"role": "tool", "tool_call_id": second["id"], "content": "rain"}]
+    sent = openai_to_gemini_request({"model": "m", "messages": history})
+    assert sent["contents"][1] == {"role": "model", "parts": [
+        {"text": message["reasoning_content"], "thought": True, "thoughtSignature": SIGNED_THOUGHT},
+        {"text": "Let me look that up."},
+        {"functionCall": {"name": "get_weather", "args": {"location": "Paris, France"}}, "thoughtSignature": SIGNED_CALL},
+        {"functionCall": {"name": "get_weather", "args": {"location": "Berlin, Germany"}}}]}
+    assert [p["functionResponse"]["name"] for p in sent["contents"][2]["parts"]] == ["get_weather", "get_weather"]
+
+
+def test_a_signature_in_googles_extra_content_is_read_too():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"},
+            "extra_content": {"google": {"thought_signature": SIGNED_CALL}}}
+    sent = openai_to_gemini_request({"model": "m", "messages": [
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]})
+    assert sent["contents"][1]["parts"] == [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": SIGNED_CALL}]
+
+
+def test_other_vendors_reasoning_goes_as_unsigned_thoughts_and_redacted_is_a_400():
+    anthropic_signed = {"role": "assistant", "content": "hi", "reasoning_content": "hm",
+                        "thinking_blocks": [{"type": "thinking", "thinking": "hm", "signature": "EqQBCkgIAR"}]}
+    sent = openai_to_gemini_request({"model": "m", "messages": [{"role": "user", "content": "a"}, anthropic_signed,
+                                                                 {"role": "user", "content": "b"}]})
+    assert sent["contents"][1]["parts"] == [{"text": "hm", "thought": True}, {"text": "hi"}]
+    plain = openai_to_gemini_request({"model": "m", "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "hi", "reasoning_content": "hm"},
+        {"role": "user", "content": "b"}]})
+    assert plain["contents"][1]["parts"] == [{"text": "hm", "thought": True}, {"text": "hi"}]
+    with pytest.raises(TranslationError) as e:
+        openai_to_gemini_request({"model": "m", "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "hi", "thinking_blocks": [{"type": "redacted_thinking", "data": "x"}]},
+            {"role": "user", "content": "b"}]})
+    assert e.value.param == "messages[1].thinking_blocks[0]"
+
+
+@pytest.mark.parametrize(("body", "config"), [
+    ({"reasoning_effort": "low"}, {"includeThoughts": True, "thinkingBudget": 1024}),
+    ({"reasoning_effort": "none"}, {"thinkingBudget": 0}),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, {"includeThoughts": True, "thinkingBudget": 2048}),
+    ({"thinking": {"type": "adaptive"}}, {"includeThoughts": True, "thinkingBudget": -1}),
+    ({"thinking": {"type": "disabled"}}, {"thinkingBudget": 0})])
+def test_reasoning_requests_are_a_thinking_config(body, config):
+    sent = openai_to_gemini_request({"model": "m", "messages": [{"role": "user", "content": "a"}], **body})
+    assert sent["generationConfig"]["thinkingConfig"] == config
+
+
+def test_logprobs_request_and_response():
+    sent = openai_to_gemini_request({"model": "m", "messages": [{"role": "user", "content": "a"}],
+                                     "logprobs": True, "top_logprobs": 2})
+    assert sent["generationConfig"] == {"responseLogprobs": True, "logprobs": 2}
+    resp = gemini_to_openai_response(fixture("gemini_response_signatures.json"), model="m", request_id="r", created=1)
+    ChatCompletion.model_validate(resp)
+    assert resp["choices"][0]["logprobs"] == {"refusal": None, "content": [
+        {"token": "Let", "logprob": -0.0012, "bytes": list(b"Let"), "top_logprobs": [
+            {"token": "Let", "logprob": -0.0012, "bytes": list(b"Let")}, {"token": "I", "logprob": -6.9, "bytes": [73]}]},
+        {"token": " me", "logprob": -0.0001, "bytes": list(b" me"), "top_logprobs": [
+            {"token": " me", "logprob": -0.0001, "bytes": list(b" me")},
+            {"token": " us", "logprob": -9.4, "bytes": list(b" us")}]}]}
+    plain = gemini_to_openai_response(fixture("gemini_response_text.json"), model="m", request_id="r", created=1)
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_stream_signatures_and_logprobs():
+    t = GeminiToOpenAIStream(model="m", request_id="r", created=1, include_usage=False)
+    chunks = [c for doc in _events("gemini_stream_signatures_logprobs.sse") for c in t.feed(doc)]
+    final = _accumulate(chunks)
+    assert final.choices[0].message.content == "Yes."
+    assert [e.token for e in final.choices[0].logprobs.content] == ["Yes", "."]
+    assert [t.token for t in final.choices[0].logprobs.content[0].top_logprobs] == ["Yes", "No"]
+    blocks = ThinkingBlocks()
+    for c in chunks:
+        blocks.feed(c["choices"][0]["delta"].get("thinking_blocks"))
+    assert blocks.blocks() == [{"type": "thinking", "thinking": "Weighing the question", "signature": ""},
+                               {"type": "thinking", "thinking": "", "signature": "gemini-text:Cq0CAdHtim8sig/text+part=="}]
+    # The text signature goes back on the answer's text part.
+    message = {"role": "assistant", "content": "Yes.", "thinking_blocks": blocks.blocks()}
+    sent = openai_to_gemini_request({"model": "m", "messages": [{"role": "user", "content": "a"}, message,
+                                                                 {"role": "user", "content": "b"}]})
+    assert sent["contents"][1]["parts"] == [{"text": "Weighing the question", "thought": True},
+                                            {"text": "Yes.", "thoughtSignature": "Cq0CAdHtim8sig/text+part=="}]

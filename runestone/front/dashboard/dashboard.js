@@ -192,7 +192,8 @@
     renderGroups(msg.groups || []);
     renderSplits(msg.splits || []);
     renderInFlight(msg.in_flight || { count: 0, oldest: [] });
-    renderKeys(msg.keys || []);
+    renderKeys(msg.keys || [], (msg.spend || {}).keys || []);
+    renderTeams((msg.spend || {}).teams || []);
   }
 
   function renderTotals(msg) {
@@ -356,10 +357,28 @@
         `<td class="num">${r.attempts}</td><td class="num">${r.age.toFixed(1)} s</td></tr>`).join("") + `</table>`;
   }
 
-  function renderKeys(keys) {
-    if (!keys.length) { $("keys").innerHTML = `<div class="empty">no request yet</div>`; return; }
+  const money = (usd) => `$${Number(usd).toFixed(4)}`;
+  const ofBudget = (row) => row.budget_usd == null ? "" : ` <small>of ${money(row.budget_usd)}</small>`;
+
+  // Managed keys by spend in their budget period when there are any; else what this page saw per key.
+  function renderKeys(seen, managed) {
+    $("keys-note").textContent = managed.length ? "by spend, this budget period" : "by spend, since this page opened";
+    if (managed.length) {
+      $("keys").innerHTML = `<table><tr><th>key</th><th>team</th><th class="num">requests</th><th class="num">spend</th></tr>` +
+        managed.map((k) => `<tr data-key="${esc(k.name)}" data-spend="${k.spent_usd}"><td class="id" title="${esc(k.name)}">${esc(k.key_name || k.name)}</td>` +
+          `<td>${esc(k.team ?? "–")}</td><td class="num">${k.requests}</td><td class="num">${money(k.spent_usd)}${ofBudget(k)}</td></tr>`).join("") + `</table>`;
+      return;
+    }
+    if (!seen.length) { $("keys").innerHTML = `<div class="empty">no request yet</div>`; return; }
     $("keys").innerHTML = `<table><tr><th>key</th><th>team</th><th class="num">requests</th><th class="num">spend</th></tr>` +
-      keys.map((k) => `<tr><td class="id">${esc(k.key_id)}</td><td>${esc(k.team ?? "–")}</td><td class="num">${k.requests}</td><td class="num">$${Number(k.spend).toFixed(4)}</td></tr>`).join("") + `</table>`;
+      seen.map((k) => `<tr data-key="${esc(k.key_id)}"><td class="id">${esc(k.key_id)}</td><td>${esc(k.team ?? "–")}</td><td class="num">${k.requests}</td><td class="num">${money(k.spend)}</td></tr>`).join("") + `</table>`;
+  }
+
+  function renderTeams(teams) {
+    if (!teams.length) { $("teams").innerHTML = `<div class="empty">no team has spent yet</div>`; return; }
+    $("teams").innerHTML = `<table><tr><th>team</th><th class="num">requests</th><th class="num">spend</th></tr>` +
+      teams.map((t) => `<tr data-team="${esc(t.name)}" data-spend="${t.spent_usd}"><td>${esc(t.name)}</td><td class="num">${t.requests}</td>` +
+        `<td class="num">${money(t.spent_usd)}${ofBudget(t)}</td></tr>`).join("") + `</table>`;
   }
 
   // -- start ---------------------------------------------------------------------------------------
