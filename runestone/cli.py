@@ -276,7 +276,7 @@ POST /_fake/reset clears it.""")
                    help="share of model requests that get --fault-status (default: %(default)s)")
     f.set_defaults(func=cmd_fake_provider)
 
-    from .control_cli import add_control_commands
+    from .control.cli import add_control_commands
 
     add_control_commands(sub)
     return p

@@ -168,18 +168,13 @@ def test_anthropic_api_key_registers_anthropic_default_with_its_settings():
         "ANTHROPIC_API_KEY": SECRET,
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9999",
         "ANTHROPIC_TIMEOUT": "2500",
-        "ANTHROPIC_RETRY_ATTEMPTS": "1",
         "ANTHROPIC_CIRCUIT_BREAKER": "false",
     }
     spec = load_config(env=env).provider("anthropic-default")
     assert spec.type == "anthropic"
     assert spec.config.models == ANTHROPIC_DEFAULT_MODELS
     assert spec.base_url == "http://127.0.0.1:9999"
-    assert (spec.config.timeout_ms, spec.config.retry_attempts, spec.config.circuit_breaker) == (
-        2500,
-        1,
-        False,
-    )
+    assert (spec.config.timeout_ms, spec.config.circuit_breaker) == (2500, False)
 
 
 def test_openai_settings_apply_to_the_default_provider_only():
@@ -203,11 +198,11 @@ def test_key_updates_an_openai_default_declared_in_the_file(write):
         priority = 5
         """
     )
-    config = load_config(path, env={"OPENAI_API_KEY": SECRET, "OPENAI_RETRY_ATTEMPTS": "4"})
+    config = load_config(path, env={"OPENAI_API_KEY": SECRET, "OPENAI_TIMEOUT": "4"})
     assert len(config.providers) == 1
     spec = config.providers[0]
     assert (spec.config.api_key, spec.config.models, spec.config.priority) == (SECRET, ("gpt-4o",), 5)
-    assert spec.config.retry_attempts == 4
+    assert spec.config.timeout_ms == 4
 
 
 # --------------------------------------------------------------------------
@@ -329,7 +324,8 @@ def provider(name="p", type="fake", config=""):
         (provider(config="models = [1]"), "providers[0].config.models[0] = 1: must be a string"),
         (provider(config='transport = "curl"'), 'providers[0].config.transport = "curl": must be one of fast, httpx'),
         (provider(config="http2 = true"), 'providers[0].config.transport = "fast": must be "httpx" when proxy or http2 is set'),
-        (provider(config="retry_attempts = 0"), "providers[0].config.retry_attempts = 0: must be an integer in 1..100"),
+        (provider(config="retry_attempts = 2"), "unknown key providers[0].config.retry_attempts"),
+        (provider(config='cost_tier = "low"'), "unknown key providers[0].config.cost_tier"),
         (provider(config="fail_rate = 2.0"), "providers[0].config.fail_rate = 2.0: must be a number in 0..1"),
         ('[[providers]]\ntype = "fake"\n', "providers[0].name is required: must be a name of 1 to 64 letters, digits, '-', '_' or '.'"),
         ("providers = 3\n", "providers = 3: must be an array of tables"),
@@ -477,7 +473,6 @@ FULL_PROVIDER = {
         "transport": "httpx",
         "proxy": "http://127.0.0.1:3128",
         "http2": True,
-        "retry_attempts": 2,
         "circuit_breaker": False,
         "pool_size": 8,
     },

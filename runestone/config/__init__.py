@@ -18,6 +18,7 @@ of this runs per request.
 
 # The package, by job (imports point down this list; the schema imports only the field checks):
 #   _checks.py    field checks (each with the words for what it allows), the upstream URL parser, host allow-list
+#   provider_types.py  the registry of provider types (adapter, capabilities, base URL, knobs, env)
 #   schema.py     the attrs classes rooted at Config, the enumerations and default model lists
 #   _report.py    strict cattrs structuring and one-line problem reports (ConfigError)
 #   _validate.py  checks across fields: references, uniqueness, a provider's settings together
@@ -27,12 +28,10 @@ of this runs per request.
 
 from ._checks import parse_upstream_url as parse_upstream_url
 from ._checks import upstream_host_allowed as upstream_host_allowed
-from .schema import ANTHROPIC_DEFAULT_MODELS as ANTHROPIC_DEFAULT_MODELS
 from .schema import AZURE_AUTH as AZURE_AUTH
 from .schema import AdminConfig as AdminConfig
 from .schema import AuthConfig as AuthConfig
 from .schema import BudgetsConfig as BudgetsConfig
-from .schema import COST_TIERS as COST_TIERS
 from .schema import CacheConfig as CacheConfig
 from .schema import CircuitBreakerConfig as CircuitBreakerConfig
 from .schema import ClusterConfig as ClusterConfig
@@ -49,13 +48,13 @@ from .schema import LimitsConfig as LimitsConfig
 from .schema import LogConfig as LogConfig
 from .schema import MetricsConfig as MetricsConfig
 from .schema import ModelPrice as ModelPrice
-from .schema import OPENAI_DEFAULT_MODELS as OPENAI_DEFAULT_MODELS
 from .schema import OPENAI_PRESETS as OPENAI_PRESETS
 from .schema import OtelConfig as OtelConfig
 from .schema import PROVIDER_TYPES as PROVIDER_TYPES
 from .schema import PoolConfig as PoolConfig
 from .schema import ProviderConfig as ProviderConfig
 from .schema import ProviderSpec as ProviderSpec
+from .schema import RETIRED_PROVIDER_SETTINGS as RETIRED_PROVIDER_SETTINGS
 from .schema import ROUTER_POLICIES as ROUTER_POLICIES
 from .schema import ResponsesConfig as ResponsesConfig
 from .schema import RetryConfig as RetryConfig
@@ -66,6 +65,12 @@ from .schema import SplitVariantConfig as SplitVariantConfig
 from .schema import TRANSPORTS as TRANSPORTS
 from .schema import TelemetryConfig as TelemetryConfig
 from .schema import data_dir_default as data_dir_default
+from .provider_types import ANTHROPIC_DEFAULT_MODELS as ANTHROPIC_DEFAULT_MODELS
+from .provider_types import OPENAI_DEFAULT_MODELS as OPENAI_DEFAULT_MODELS
+from .provider_types import PROVIDER_TYPE_REGISTRY as PROVIDER_TYPE_REGISTRY
+from .provider_types import EnvProvider as EnvProvider
+from .provider_types import ProviderType as ProviderType
+from .provider_types import provider_type as provider_type
 from ._report import ConfigError as ConfigError
 from .load import check_config as check_config
 from .load import load_config as load_config
@@ -78,6 +83,9 @@ from .forms import provider_spec_to_dict as provider_spec_to_dict
 # Read by tests/test_readme.py, which checks that the README lists every variable.
 from ._env import _AWS_ENV, _ENV_PROVIDER_SETTINGS, _ENV_PROVIDERS, _ENV_SETTINGS  # noqa: F401
 
-from . import forms, load, schema  # noqa: E402 - the modules, for __all__
+from . import forms, load, provider_types, schema  # noqa: E402 - the modules, for __all__
 
-__all__ = [*schema.__all__, *load.__all__, *forms.__all__, "ConfigError", "parse_upstream_url", "upstream_host_allowed"]
+__all__ = [
+    *schema.__all__,
+    *provider_types.__all__,
+    *load.__all__, *forms.__all__, "ConfigError", "parse_upstream_url", "upstream_host_allowed"]

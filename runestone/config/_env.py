@@ -8,7 +8,8 @@ from typing import Any
 import attrs
 
 from ._report import _is_homogeneous_tuple, _Path, _resolve, _unwrap_optional
-from .schema import ANTHROPIC_DEFAULT_MODELS, OPENAI_DEFAULT_MODELS, Config, ProviderConfig
+from .provider_types import PROVIDER_TYPE_REGISTRY
+from .schema import Config, ProviderConfig
 
 # The environment.
 
@@ -39,15 +40,13 @@ _ENV_SETTINGS: tuple[tuple[str, _Path], ...] = (
 )
 
 # (prefix, provider name, provider type, default models)
-_ENV_PROVIDERS = (
-    ("OPENAI", "openai-default", "openai", OPENAI_DEFAULT_MODELS),
-    ("ANTHROPIC", "anthropic-default", "anthropic", ANTHROPIC_DEFAULT_MODELS),
+_ENV_PROVIDERS = tuple(
+    (t.env.prefix, t.env.name, t.name, t.env.models) for t in PROVIDER_TYPE_REGISTRY.values() if t.env is not None
 )
 _ENV_PROVIDER_SETTINGS = (
     ("API_KEY", "api_key"),
     ("BASE_URL", "base_url"),
     ("TIMEOUT", "timeout_ms"),
-    ("RETRY_ATTEMPTS", "retry_attempts"),
     ("CIRCUIT_BREAKER", "circuit_breaker"),
 )
 

@@ -5,6 +5,7 @@ from collections.abc import Collection, Mapping
 
 from ._checks import upstream_host_allowed
 from ._report import _Path, _Report
+from .provider_types import PROVIDER_TYPE_REGISTRY
 from .schema import Config, ProviderSpec
 
 
@@ -19,11 +20,14 @@ def _check_provider(report: _Report, spec: ProviderSpec, path: _Path, upstream_h
             cfg.transport,
             '"httpx" when proxy or http2 is set',
         )
-    if spec.type == "azure" and not cfg.base_url:
-        report.bad(path + ("config", "base_url"), None, "the Azure OpenAI endpoint (https://NAME.openai.azure.com, "
-                   "or .../openai/v1 for the v1 API)")
-    if cfg.preset is not None and spec.type != "openai":
-        report.bad(path + ("config", "preset"), cfg.preset, 'unset: presets apply to type "openai" providers')
+    kind = PROVIDER_TYPE_REGISTRY.get(spec.type)
+    if kind is None:
+        return  # the type's own check reports it
+    if kind.base_url_required and not cfg.base_url:
+        report.bad(path + ("config", "base_url"), None, kind.base_url_required)
+    if cfg.preset is not None and "preset" not in kind.knobs:
+        takers = " or ".join(f'"{t.name}"' for t in PROVIDER_TYPE_REGISTRY.values() if "preset" in t.knobs)
+        report.bad(path + ("config", "preset"), cfg.preset, f"unset: presets apply to type {takers} providers")
 
 
 def _check_cross(report: _Report, cfg: Config) -> None:

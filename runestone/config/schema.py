@@ -30,10 +30,10 @@ from ._checks import (
     _url_repr,
     _weights,
 )
+from .provider_types import PROVIDER_TYPE_REGISTRY
 
 __all__ = [
     "AdminConfig",
-    "ANTHROPIC_DEFAULT_MODELS",
     "AuthConfig",
     "AZURE_AUTH",
     "BudgetsConfig",
@@ -41,7 +41,6 @@ __all__ = [
     "CircuitBreakerConfig",
     "ClusterConfig",
     "Config",
-    "COST_TIERS",
     "data_dir_default",
     "DatabaseConfig",
     "DataConfig",
@@ -55,13 +54,13 @@ __all__ = [
     "LogConfig",
     "MetricsConfig",
     "ModelPrice",
-    "OPENAI_DEFAULT_MODELS",
     "OPENAI_PRESETS",
     "OtelConfig",
     "PoolConfig",
     "PROVIDER_TYPES",
     "ProviderConfig",
     "ProviderSpec",
+    "RETIRED_PROVIDER_SETTINGS",
     "ResponsesConfig",
     "RetryConfig",
     "ROUTER_POLICIES",
@@ -87,15 +86,10 @@ FAILOVER_STRATEGIES = (
     "cost",
 )
 
-PROVIDER_TYPES = ("openai", "anthropic", "fake", "azure", "gemini", "bedrock")
+PROVIDER_TYPES = tuple(PROVIDER_TYPE_REGISTRY)
 TRANSPORTS = ("fast", "httpx")
-COST_TIERS = ("low", "medium", "high")
 
-DEFAULT_BASE_URLS = {
-    "openai": "https://api.openai.com/v1",
-    "anthropic": "https://api.anthropic.com",
-    "gemini": "https://generativelanguage.googleapis.com/v1beta",
-}
+DEFAULT_BASE_URLS = {t.name: t.default_base_url for t in PROVIDER_TYPE_REGISTRY.values() if t.default_base_url}
 # ``preset`` on an ``openai`` provider: the host's base URL (its quirks: runestone/providers/presets.py).
 OPENAI_PRESETS = {
     "groq": "https://api.groq.com/openai/v1",
@@ -109,32 +103,6 @@ OPENAI_PRESETS = {
 }
 AZURE_AUTH = ("api-key", "bearer")
 
-# What the providers registered from OPENAI_API_KEY / ANTHROPIC_API_KEY serve
-# until someone lists models explicitly: the vendors' current public model ids.
-OPENAI_DEFAULT_MODELS = (
-    "gpt-4o",
-    "gpt-4o-mini",
-    "gpt-4.1",
-    "gpt-4.1-mini",
-    "gpt-4.1-nano",
-    "gpt-5",
-    "gpt-5-mini",
-    "gpt-5-nano",
-    "o3",
-    "o3-mini",
-    "o4-mini",
-    "text-embedding-3-small",
-    "text-embedding-3-large",
-)
-ANTHROPIC_DEFAULT_MODELS = (
-    "claude-opus-4-5",
-    "claude-opus-4-1",
-    "claude-sonnet-4-5",
-    "claude-sonnet-4-0",
-    "claude-haiku-4-5",
-    "claude-3-7-sonnet-latest",
-    "claude-3-5-haiku-latest",
-)
 
 # The schema. Defaults here equal the embedded config/runestone.toml.
 
@@ -396,8 +364,8 @@ class DatabaseConfig:
 class ProviderConfig:
     """One provider's settings; knobs that do not apply to its type are ignored.
 
-    ``retry_attempts`` None means ``[retry].max_attempts``. A ``proxy`` or
-    ``http2`` needs the httpx transport.
+    A ``proxy`` or ``http2`` needs the httpx transport (``http2`` also the ``h2`` package: a provider
+    asking for it without h2 fails to start, saying so).
     """
 
     base_url: str | None = _setting(None, _http_url(), repr_=_url_repr)
@@ -411,12 +379,9 @@ class ProviderConfig:
     #: Lower is preferred.
     priority: int = _setting(100, _int_between(-1_000_000, 1_000_000))
     weight: float = _setting(1.0, _number_in(0.0, 1_000_000.0, low_open=True))
-    #: Orders providers under the cost policy when a model has no price.
-    cost_tier: str = _setting("medium", _one_of(COST_TIERS))
     transport: str = _setting("fast", _one_of(TRANSPORTS))
     proxy: str | None = _setting(None, _proxy_url(), repr_=_url_repr)
     http2: bool = _setting(False)
-    retry_attempts: int | None = _setting(None, _optional_int_between(1, 100))
     circuit_breaker: bool = _setting(True)
     pool_size: int = _setting(100, _int_between(1, 100_000))
     # fake provider
@@ -453,6 +418,11 @@ class ProviderConfig:
     connect_timeout_s = _seconds("connect_timeout_ms")
     ttfb_s = _seconds("ttfb_ms")
     chunk_delay_s = _seconds("chunk_delay_ms")
+
+
+#: Provider settings that were accepted once and never read; a persisted registration that carries one is
+#: read without it (runestone/control/store.py), a configuration file that sets one is told it is unknown.
+RETIRED_PROVIDER_SETTINGS = frozenset({"cost_tier", "retry_attempts"})
 
 
 @attrs.frozen

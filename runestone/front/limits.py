@@ -148,11 +148,24 @@ _MS_TEXT = tuple(b"%dms" % max(ms, 1) for ms in range(1001))
 
 
 def _reset_text(seconds: float) -> bytes:
-    # OpenAI's format: "1s", "6m0s", "250ms".
+    # OpenAI's format: "1s", "6m0s", "250ms". Formatted as bytes: these are made for every admitted request.
     if seconds < 1:
         return _MS_TEXT[math.ceil(seconds * 1000)]
     s = math.ceil(seconds)
     return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
+
+
+def _bucket_headers(b: _Bucket, names: tuple[bytes, bytes, bytes], now: float) -> tuple:
+    ahead = b.tat - now
+    if ahead < 0:
+        ahead = 0.0
+    level = b.capacity - ahead * b.rate
+    return ((names[0], b.limit_text), (names[1], b"%d" % level if level > 0 else b"0"),
+            (names[2], _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)))
+
+
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
@@ -213,26 +226,10 @@ class KeyLimiter:
         headers = []
         b = st.minute or st.hour
         if b is not None:
-            ahead = b.tat - now
-            if ahead < 0:
-                ahead = 0.0
-            level = b.capacity - ahead * b.rate
-            headers += [
-                (b"x-ratelimit-limit-requests", b.limit_text),
-                (b"x-ratelimit-remaining-requests", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-requests", _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)),
-            ]
+            headers += _bucket_headers(b, _REQUEST_HEADERS, now)
         t = st.tokens
         if t is not None:
-            ahead = t.tat - now
-            if ahead < 0:
-                ahead = 0.0
-            level = t.capacity - ahead * t.rate
-            headers += [
-                (b"x-ratelimit-limit-tokens", t.limit_text),
-                (b"x-ratelimit-remaining-tokens", b"%d" % level if level > 0 else b"0"),
-                (b"x-ratelimit-reset-tokens", _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)),
-            ]
+            headers += _bucket_headers(t, _TOKEN_HEADERS, now)
         return headers
 
     def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:

@@ -1,6 +1,6 @@
 """``runestone keys|teams ...``: managed keys and teams of a running gateway, over the control socket.
 
-Same connection, options and exit statuses as the other operator commands (runestone.control_cli). A new
+Same connection, options and exit statuses as the other operator commands (runestone.control.cli). A new
 or rotated key's secret is printed once, on its own line, and is nowhere to be found afterwards.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from ..control_cli import CliError, _control, _out, _run, _table
+from ..control.cli import CliError, _control, _out, _run, _table
 
 __all__ = ["add_key_commands"]
 

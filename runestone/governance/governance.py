@@ -233,7 +233,7 @@ class Governance:
                  wall: Callable[[], float] = time.time, journal: SpendJournal | None = None) -> None:
         self.store = store
         #: Reservations and settlements on disk until the next flush (None: spend is in memory until then).
-        self.journal = journal if store is not None else None
+        self.journal = journal if store is not None and store.keeps_journal else None
         #: The open reservations the journal has, by sequence number (carried into each new segment).
         self._open: dict[int, GovernedLease] = {}
         #: key id -> b"<key id> <team or ->" (the journal's holder fields).

@@ -16,16 +16,10 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import ProviderSpec, provider_spec_to_dict
+from ..config import PROVIDER_TYPE_REGISTRY, ProviderSpec, provider_spec_to_dict
 from ..http.client import PoolLimits, Timeouts, make_transport
 from ..resilience.failover import ProviderInfo
 from ..runtime import Actor, ChildSpec, Published, Supervisor
-from .anthropic import AnthropicAdapter
-from .azure import AzureAdapter
-from .bedrock import BedrockAdapter
-from .fake import FakeAdapter
-from .gemini import GeminiAdapter
-from .openai import OpenAIAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -38,10 +32,8 @@ __all__ = [
 
 log = logging.getLogger("runestone.providers")
 
-ADAPTERS = {"openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "fake": FakeAdapter}
-ADAPTERS["azure"] = AzureAdapter
-ADAPTERS["gemini"] = GeminiAdapter
-ADAPTERS["bedrock"] = BedrockAdapter
+# Each type's adapter class, as the registry of provider types (runestone/config/provider_types.py) names it.
+ADAPTERS = {name: kind.adapter_class() for name, kind in PROVIDER_TYPE_REGISTRY.items()}
 
 # The original's provider names, still used by old clients and configs.
 LEGACY_NAMES = {"openai": "openai-default", "anthropic": "anthropic-default"}
@@ -54,14 +46,6 @@ def canonical_provider(name: str, table: "ProviderTable | None" = None) -> str:
     return LEGACY_NAMES.get(name, name)
 
 
-_CAPS_BY_TYPE = {
-    "openai": frozenset({"streaming", "tools", "vision", "embeddings"}),
-    "anthropic": frozenset({"streaming", "tools", "vision"}),
-    "fake": frozenset({"streaming", "tools", "vision", "embeddings"}),
-    "bedrock": frozenset({"streaming", "tools", "vision"}),
-}
-_CAPS_BY_TYPE["azure"] = frozenset({"streaming", "tools", "vision", "embeddings"})
-_CAPS_BY_TYPE["gemini"] = frozenset({"streaming", "tools", "vision", "embeddings"})
 
 
 @attrs.frozen
@@ -112,13 +96,13 @@ class ProviderTable(Published):
 
 def build_adapter(spec: ProviderSpec):
     cfg = spec.config
-    if spec.type == "fake":
-        return FakeAdapter(spec.name, cfg)
+    if not PROVIDER_TYPE_REGISTRY[spec.type].transport:
+        return ADAPTERS[spec.type](spec.name, cfg)
     timeouts = Timeouts(connect=cfg.connect_timeout_ms / 1000, read=cfg.timeout_ms / 1000,
                         write=cfg.timeout_ms / 1000, pool=cfg.timeout_ms / 1000)
     kind = cfg.transport
     if kind == "httpx" or cfg.proxy:
-        transport = make_transport("httpx", proxy=cfg.proxy, timeouts=timeouts,
+        transport = make_transport("httpx", proxy=cfg.proxy, http2=cfg.http2, timeouts=timeouts,
                                    limits=PoolLimits(max_connections=cfg.pool_size))
     else:
         transport = make_transport("fast", timeouts=timeouts, limits=PoolLimits(max_connections=cfg.pool_size))
@@ -141,7 +125,7 @@ def provider_info(spec: ProviderSpec, models) -> ProviderInfo:
         weight=cfg.weight,
         max_concurrency=cfg.max_concurrency,
         models=frozenset(models),
-        capabilities=_CAPS_BY_TYPE.get(spec.type, frozenset({"streaming"}))
+        capabilities=PROVIDER_TYPE_REGISTRY[spec.type].capabilities
         | (frozenset({"responses"}) if spec.type == "openai" and cfg.responses_api else frozenset()),
     )
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from runestone.config import provider_spec_from_dict
-from runestone.control_store import ControlState, ControlStore, ControlStoreError
+from runestone.control.store import ControlState, ControlStore, ControlStoreError
 from runestone.resilience.failover import GroupSpec
 
 

@@ -168,7 +168,7 @@ async def test_anthropic_sdk_in_front_of_bedrock(gateway_factory, nursery):
 
 async def test_a_wrong_secret_is_refused_by_the_signature_check_and_never_shown(gateway_factory, nursery):
     wrong = "wrongSecretKeyThatMustNeverLeak000000000"
-    gw, upstream = await _gateway(gateway_factory, nursery, aws_secret_access_key=wrong, retry_attempts=1)
+    gw, upstream = await _gateway(gateway_factory, nursery, aws_secret_access_key=wrong)
     async with httpx.AsyncClient(base_url=gw.v1, headers={"authorization": f"Bearer {KEY}"}) as http:
         for stream in (False, True):
             r = await http.post("/chat/completions", json={"model": MODEL, "messages": ASK, "stream": stream})
@@ -183,7 +183,7 @@ async def test_a_wrong_secret_is_refused_by_the_signature_check_and_never_shown(
 async def test_throttling_is_a_retryable_429(clock, gateway_factory, nursery):
     upstream = RecordingUpstream(fault_status=429, retry_after=1)
     server = await nursery.start(lambda task_status: serve_http(upstream, "127.0.0.1", 0, task_status=task_status))
-    gw = await gateway_factory("[telemetry]\nusage_ledger = false\n" + bedrock_toml("bed", server.port, retry_attempts=3))
+    gw = await gateway_factory("[telemetry]\nusage_ledger = false\n" + bedrock_toml("bed", server.port))
     async with httpx.AsyncClient(base_url=gw.v1, timeout=60) as http:
         r = await http.post("/chat/completions", json={"model": MODEL, "messages": ASK})
     assert r.status_code == 429

@@ -399,6 +399,6 @@ def add_control_commands(sub) -> None:
     c.add_argument("--count", type=int, help="stop after this many events")
     c.set_defaults(func=_run(events))
 
-    from .governance.cli import add_key_commands
+    from ..governance.cli import add_key_commands
 
     add_key_commands(sub, admin)

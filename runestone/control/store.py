@@ -23,8 +23,8 @@ import attrs
 import orjson
 import trio
 
-from .config import ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
-from .resilience.failover import GroupSpec
+from ..config import RETIRED_PROVIDER_SETTINGS, ConfigError, ProviderSpec, provider_spec_from_dict, provider_spec_to_dict
+from ..resilience.failover import GroupSpec
 
 __all__ = ["ControlState", "ControlStore", "ControlStoreError", "group_to_dict", "FILE_NAME"]
 
@@ -46,6 +46,13 @@ def group_to_dict(group: GroupSpec) -> dict[str, Any]:
         "max_attempts": group.max_attempts,
         "health_threshold": group.health_threshold,
     }
+
+
+def _without_retired(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    config = data.get("config")
+    if isinstance(config, Mapping) and not RETIRED_PROVIDER_SETTINGS.isdisjoint(config):
+        return {**data, "config": {k: v for k, v in config.items() if k not in RETIRED_PROVIDER_SETTINGS}}
+    return data
 
 
 def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -118,7 +125,8 @@ class ControlState:
         out = {}
         for name, data in self.providers.items():
             try:
-                spec = provider_spec_from_dict(data, upstream_hosts)
+                # Settings since retired were written by older versions: read the registration without them.
+                spec = provider_spec_from_dict(_without_retired(data), upstream_hosts)
             except ConfigError as exc:
                 raise ControlStoreError(f"persisted provider {name!r} is not valid: {'; '.join(exc.problems) or exc}")
             if spec.name != name:
@@ -182,15 +190,32 @@ class ControlState:
 
 
 class ControlStore:
-    """``control.json`` in a data directory. ``load`` is for start-up (synchronous, before the tree
-    runs); ``save`` runs the file work in a thread. Callers serialise their ``save`` calls."""
+    """``control.json`` in a data directory, or (``database_url``) one document in Postgres (see
+    :class:`runestone.storage.control.ControlDocument`). ``load`` is for start-up (synchronous, before the tree
+    runs); ``save`` runs the file or database work in a thread. Callers serialise their ``save`` calls."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *, database_url: str | None = None) -> None:
         self.dir = Path(data_dir)
         self.path = self.dir / FILE_NAME
+        self._document = None
+        if database_url:
+            from ..storage.control import ControlDocument
+
+            self._document = ControlDocument(database_url)
+
+    @property
+    def where(self) -> str:
+        """Where the state is kept, as dumps may show it: the file, or the database url without credentials."""
+        return str(self.path) if self._document is None else self._document.where
 
     def load(self) -> ControlState:
         """The persisted state, or an empty one when nothing was ever saved."""
+        if self._document is not None:
+            try:
+                raw = self._document.read()
+            except self._document.failures as exc:
+                raise ControlStoreError(f"cannot read the control state from {self._document.where}: {exc}") from None
+            return ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -200,12 +225,19 @@ class ControlStore:
         return ControlState.from_json(raw, str(self.path))
 
     async def save(self, state: ControlState) -> None:
-        """Replace the file with ``state``, atomically. Raises ControlStoreError; the old file is then kept.
+        """Replace the file (or the database's document) with ``state``, atomically. Raises ControlStoreError;
+        the old one is then kept.
 
         The write runs in a worker thread and is not abandoned on cancellation: once begun, the file
         ends up either old or new, and the caller learns which by whether this returned.
         """
         data = state.to_json()
+        if self._document is not None:
+            try:
+                await trio.to_thread.run_sync(self._document.write, data)
+            except self._document.failures as exc:
+                raise ControlStoreError(f"cannot write the control state to {self._document.where}: {exc}") from None
+            return
         await trio.to_thread.run_sync(self._write, data)
 
     def _write(self, data: bytes) -> None:
