@@ -17,6 +17,13 @@ Messages (``@attrs.frozen``; anything else gets the runtime's unknown-message po
            Reset(p | None)             -> BreakerView | Mapping (None: every breaker); Rejected not_found
            Configure(p | None, settings) -> BreakerView | Mapping (None: the default for providers without their own)
            Remove(p)                   -> bool (was there one)
+
+A fleet (``[cluster] redis_url``, runestone/cluster/breakers.py) adds one cast, :class:`FleetTransition`
+(another instance's breaker moved: follow it), and two hooks: ``probe_gate`` (an async
+``(provider, limit, ttl) -> bool`` asked before a half-open probe slot is granted, so probes are
+budgeted fleet-wide; it answers True when it cannot ask) and ``probe_done`` (told, without blocking, when
+a probe's outcome arrives, to give the fleet-wide slot back). Local and fleet transitions alike leave
+through ``_transitioned``.
 """
 
 from __future__ import annotations
@@ -29,12 +36,12 @@ from typing import Any
 import attrs
 import trio
 
-from runestone.resilience.breaker import CLOSED, BreakerSettings, BreakerView, CircuitBreaker, Transition
+from runestone.resilience.breaker import CLOSED, HALF_OPEN, BreakerSettings, BreakerView, CircuitBreaker, Transition
 from runestone.runtime import Actor, Published, Rejected
 from runestone.telemetry.events import BreakerTransition
 
-__all__ = ["Acquire", "CircuitBreakerManager", "Configure", "GetState", "NAME", "Outcome", "Release", "Remove",
-           "Reset", "outcome"]
+__all__ = ["Acquire", "CircuitBreakerManager", "Configure", "FleetTransition", "GetState", "NAME", "Outcome",
+           "Release", "Remove", "Reset", "outcome"]
 
 NAME = "circuit_breaker_manager"
 
@@ -52,6 +59,16 @@ class Release:
     """Cast: the half-open probe slot ``provider``'s attempt held is given back, nothing learned."""
 
     provider: str
+
+
+@attrs.frozen
+class FleetTransition:
+    """Cast: another instance's breaker for ``provider`` moved to ``state`` ("open" until ``retry_in``
+    seconds from now, or "closed"); this manager follows it (``CircuitBreaker.follow``)."""
+
+    provider: str
+    state: str
+    retry_in: float | None = None
 
 
 @attrs.frozen
@@ -138,8 +155,12 @@ class CircuitBreakerManager(Actor):
         providers: Iterable[str] = (),
         registry: Any = None,
         mailbox_size: int | None = None,
+        probe_gate: Callable[[str, int, float], Any] | None = None,
+        probe_done: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(NAME, registry=registry, mailbox_size=mailbox_size)
+        self.probe_gate = probe_gate
+        self.probe_done = probe_done
         self.views = views
         self.emit = emit
         self.default_settings = settings if settings is not None else BreakerSettings()
@@ -173,19 +194,25 @@ class CircuitBreakerManager(Actor):
         match message:
             case Outcome(provider=provider, ok=True):
                 breaker = self._breaker(provider)
+                self._probe_done(breaker)
                 transitions = breaker.record_success(now)
                 if not transitions and breaker.state == CLOSED:
                     self._dirty.add(provider)
                     return
             case Outcome(provider=provider):
                 breaker = self._breaker(provider)
+                self._probe_done(breaker)
                 transitions = breaker.record_failure(now)
             case Release(provider=provider):
                 breaker = self.breakers.get(provider)
                 if breaker is None:
                     return
+                self._probe_done(breaker)
                 breaker.release(now)
                 transitions = None
+            case FleetTransition():
+                self._follow(message)
+                return
             case _:
                 self.unknown_cast(message)
                 return
@@ -201,6 +228,11 @@ class CircuitBreakerManager(Actor):
             case Acquire(provider=provider):
                 breaker = self._breaker(provider)
                 allowed = breaker.acquire(now)
+                if allowed and breaker.state == HALF_OPEN and self.probe_gate is not None:
+                    settings = breaker.settings
+                    if not await self.probe_gate(breaker.provider, settings.half_open_limit, settings.probe_timeout):
+                        breaker.release(trio.current_time())  # another instance holds the fleet's probe slots
+                        allowed = False
                 self._publish_one(breaker)
                 self._transitioned(breaker.drain_transitions())
                 return allowed
@@ -247,6 +279,18 @@ class CircuitBreakerManager(Actor):
         }
 
     # -- internals ---------------------------------------------------------
+
+    def _follow(self, message: FleetTransition) -> None:
+        breaker = self._breaker(message.provider)
+        now = trio.current_time()
+        retry_at = None if message.retry_in is None else now + max(0.0, message.retry_in)
+        transitions = breaker.follow(message.state, retry_at, now)
+        self._publish_one(breaker)
+        self._transitioned(transitions)
+
+    def _probe_done(self, breaker: CircuitBreaker) -> None:
+        if breaker.state == HALF_OPEN and breaker.probes_in_flight and self.probe_done is not None:
+            self.probe_done(breaker.provider)
 
     def _settings_for(self, provider: str) -> BreakerSettings:
         return self.overrides.get(provider, self.default_settings)
