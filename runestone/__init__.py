@@ -16,7 +16,8 @@ Floor 1, on the runtime at most, none importing another:
 - ``config``: the configuration schema, loading from TOML and the environment, and its checks.
 - ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
 - ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
-  (the worker processes under a runtime supervisor).
+  (the worker processes under a runtime supervisor). Its fleet modules each stand just above the layer
+  whose state they share: ``status`` on floor 2, ``breakers`` on 3, ``control`` on 6, ``responses`` on 7.
 
 Floor 2, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
 orderings every policy is made of, and the breaker and failover actors.
@@ -39,7 +40,8 @@ Floor 8, ``app``: builds the supervision tree from the configuration.
 Floor 9, ``cli``: ``runestone serve | state | providers | chat | fake-provider``, with the control CLI
 client (``control/cli.py``) and the key and team commands (``governance/cli.py``), which are the CLI's.
 
-Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
+Two lazy imports still point up (front's ``install`` wiring the fleet's response tiers); the test lists
+them as debt. Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
 modules with a leading underscore are private. DESIGN.md and docs/ give the reasons.
 """
 
