@@ -4,13 +4,12 @@ read with the same checks as the file's, and written back (secrets masked by def
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import attrs
-
+from ..runtime import plain
 from ._checks import _redact_url
 from ._report import _Report, _structure
 from ._validate import _check_provider
 from .load import _GROUP_INHERITED
-from .schema import Config, FailoverConfig, FailoverGroupSpec, ProviderConfig, ProviderSpec
+from .schema import Config, FailoverConfig, FailoverGroupSpec, ProviderSpec
 
 __all__ = [
     "config_to_dict",
@@ -33,8 +32,7 @@ def provider_spec_from_dict(d: Mapping[str, Any], upstream_hosts: Collection[str
     return spec
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+_URL_SETTINGS = ("base_url", "proxy")
 
 
 def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, Any]:
@@ -42,17 +40,11 @@ def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, 
 
     With ``redact`` the api_key reads ``"***"`` and credentials in URLs are masked.
     """
-    config: dict[str, Any] = {}
-    for field in attrs.fields(ProviderConfig):
-        value = getattr(spec.config, field.name)
-        if value is None:
-            continue
-        if redact:
-            if field.metadata.get("secret") and value:
-                value = "***"
-            elif field.name in ("base_url", "proxy"):
-                value = _redact_url(value)
-        config[field.name] = _plain(value)
+    config = {k: v for k, v in plain(spec.config, redact=redact).items() if v is not None}
+    if redact:
+        for name in _URL_SETTINGS:
+            if name in config:
+                config[name] = _redact_url(config[name])
     return {"name": spec.name, "type": spec.type, "config": config}
 
 
@@ -79,27 +71,12 @@ def group_spec_from_dict(
 
 
 def group_spec_to_dict(group: FailoverGroupSpec) -> dict[str, Any]:
-    return {f.name: _plain(getattr(group, f.name)) for f in attrs.fields(FailoverGroupSpec)}
-
-
-def _to_plain(obj: Any, redact: bool) -> Any:
-    if isinstance(obj, ProviderSpec):
-        return provider_spec_to_dict(obj, redact)
-    if attrs.has(type(obj)):
-        out = {}
-        for field in attrs.fields(type(obj)):
-            value = getattr(obj, field.name)
-            if redact and field.metadata.get("secret") and value:
-                value = ["***" for _ in value] if isinstance(value, tuple) else "***"
-            out[field.name] = _to_plain(value, redact)
-        return out
-    if isinstance(obj, tuple):
-        return [_to_plain(v, redact) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v, redact) for k, v in obj.items()}
-    return obj
+    return plain(group)
 
 
 def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:
-    """The whole configuration as plain data (for state dumps), secrets masked by default."""
-    return _to_plain(config, redact)
+    """The whole configuration as plain data (for state dumps), secrets masked by default; each provider
+    in its dict form (:func:`provider_spec_to_dict`)."""
+    out = plain(config, redact=redact)
+    out["providers"] = [provider_spec_to_dict(spec, redact) for spec in config.providers]
+    return out
