@@ -37,6 +37,7 @@ from ..routing.errors import GatewayError
 from ..routing.executor import Chunks, Failed, ModelRequest
 from ..wire.errors import InvalidRequest, openai_error_object
 from ..wire.openai import validate_chat
+from ..wire.websocket import valid_id, ws_error
 from .api import Caller, requirements_of
 from .errors import gateway_error
 
@@ -58,15 +59,6 @@ CLOSE_POLICY = 1008
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TOO_BIG = 1009
 
-
-
-def ws_error(id: Any, message: str, code: str | None, type: str = "invalid_request_error", *,
-             param: str | None = None, status: int | None = None) -> dict:
-    """An ``error`` message: OpenAI's error object under ``error``, and the HTTP status it stands for."""
-    out = {"type": "error", "id": id, "error": openai_error_object(message, type, param, code)}
-    if status is not None:
-        out["status"] = status
-    return out
 
 
 def _gateway_error(id: Any, exc: GatewayError) -> dict:
@@ -218,13 +210,6 @@ class MessageConnection:
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(self.key_id, len(self.active), self._out.statistics().current_buffer_used,
                                     self.queue_capacity, self.received, self.sent)
-
-
-def valid_id(value: Any) -> bool:
-    """Client ids: a string of 1 to 128 characters or an integer (not a boolean)."""
-    if isinstance(value, str):
-        return 0 < len(value) <= 128
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def serve_connection(conn: MessageConnection, caller: Caller | None,
