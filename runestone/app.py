@@ -44,11 +44,12 @@ from .routing.executor import Gateway
 from .routing.pool import InFlightTable, ProviderPool
 from .routing.splits import NamedRoutes
 from .runtime import ChildSpec, NamedRef, Published, Registry, Supervisor, dump_state
+from .storage import DatabaseError
 from .telemetry.events import ActorRestarted
 from .telemetry.handler import TelemetryHandler
 from .telemetry.health import HealthParams
 from .telemetry.access_log import AccessLog
-from .telemetry.ledger import UsageLedger
+from .telemetry.ledger import PostgresLedgerBackend, UsageLedger
 from .telemetry.metrics import MetricLabels
 from .telemetry.observe import RequestObserver
 from .telemetry.otel import Tracing
@@ -101,8 +102,14 @@ class Application:
         self.worker = worker
         keys = config.auth.api_keys
         self.data_dir = Path(config.data.dir)
+        #: [database] url: keys, teams, spend and the ledger in Postgres (shared by every instance), else SQLite.
+        database_url = config.database.url
+        try:
+            key_store = KeyStore(self.data_dir, database_url=database_url)
+        except DatabaseError as exc:
+            raise StartupError(str(exc)) from None
         #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
-        self.governance = Governance(KeyStore(self.data_dir), KeyLimiter(config.limits), pricing=config.pricing,
+        self.governance = Governance(key_store, KeyLimiter(config.limits), pricing=config.pricing,
                                      default_output_tokens=config.budgets.default_output_tokens,
                                      flush_interval=config.budgets.flush_ms / 1000)
         try:
@@ -128,14 +135,18 @@ class Application:
         tel = config.telemetry
         #: The usage ledger: made once, so its buffer outlives telemetry handler restarts; the request path
         #: adds rows to it through the sender, the handler writes them.
-        self.ledger = UsageLedger(str(self.data_dir / "usage.sqlite3"), pricing=config.pricing,
-                                  batch=tel.ledger_batch) if tel.usage_ledger else None
+        #: With a database url its rows go to Postgres; what it cannot store goes to the local quarantine file.
+        self.ledger = UsageLedger(
+            str(self.data_dir / "usage.sqlite3"), pricing=config.pricing, batch=tel.ledger_batch,
+            backend=PostgresLedgerBackend(database_url) if database_url else None,
+            quarantine_path=str(self.data_dir / "usage.quarantine.jsonl") if database_url else None,
+        ) if tel.usage_ledger else None
         self.telemetry = Telemetry(self.registry, ledger=self.ledger)
         self.governance.telemetry = self.telemetry
         if self.ledger is not None:
             self.ledger.team_of = self.governance.team_of
         # Run-time registrations and groups, persisted in the data directory, win over the file.
-        self.control_store = ControlStore(self.data_dir)
+        self.control_store = ControlStore(self.data_dir, database_url=database_url)
         try:
             self.control_state = self.control_store.load()
             #: The provider specs the provider supervisor (re)starts with; registrations change it.
@@ -292,6 +303,11 @@ class Application:
         finally:
             if self.observer is not None:
                 self.observer.close()
+            if self.ledger is not None and self.ledger.pending:
+                # The tree is down and its last flush failed: the rows go to the local quarantine file
+                # rather than die with the process.
+                with trio.CancelScope(shield=True):
+                    await self.ledger.quarantine_pending("its database was failing when the gateway stopped")
 
     def _on_restart(self, supervisor: str, child: str, restarts: int, error) -> None:
         self.restarts[child] = self.restarts.get(child, 0) + 1

@@ -102,3 +102,38 @@ if [ "$_extra" = "test" ] && ! command -v redis-server >/dev/null 2>&1 && [ ! -x
     fi
     _say "redis-server: $(command -v redis-server || echo "$VENV/bin/redis-server")"
 fi
+
+# -- Postgres for the tests of [database] url (tests/pgserver.py starts its own server from these binaries) --
+_postgres_bin() {
+    # initdb and postgres: on PATH, or where Debian's postgresql package puts them (the newest version).
+    if command -v postgres >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then return 0; fi
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | while read -r d; do
+        [ -x "$d/postgres" ] && [ -x "$d/initdb" ] && echo "$d"
+    done | grep -q .
+}
+_ensure_postgres() {
+    [ -n "${RUNESTONE_TEST_POSTGRES_BIN:-}" ] && [ -x "$RUNESTONE_TEST_POSTGRES_BIN/postgres" ] && return 0
+    _postgres_bin && return 0
+    # The Postgres tests never skip: a machine without the server gets it, or this stops with the reason.
+    if ! command -v apt-get >/dev/null 2>&1; then
+        _say "the Postgres tests need a PostgreSQL server (initdb, postgres), and this machine has no apt-get:" \
+             "install it with your package manager, or set RUNESTONE_TEST_POSTGRES_BIN to its bin directory"
+        exit 1
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+            _say "the Postgres tests need Debian's postgresql package; install it as root (apt-get install" \
+                 "postgresql), or set RUNESTONE_TEST_POSTGRES_BIN, then run this again"
+            exit 1
+        fi
+    fi
+    _say "installing Debian's postgresql with apt-get (for the [database] url tests; once per machine)"
+    if ! { $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+            postgresql; } 2>&1 | sed -u 's/^/  apt: /' >&2 || ! _postgres_bin; then
+        _say "apt-get could not install postgresql (see above); fix the cause and run this again"
+        exit 1
+    fi
+    _say "installed postgresql"
+}
+if [ "$_extra" = "test" ]; then _ensure_postgres; fi

@@ -20,6 +20,10 @@ rotates from round to round); the ratio is taken within each round and the table
 rounds with the lowest and highest. CPU is the server process's user + system time from /proc around each run,
 divided by the requests wrk completed. Every run is bounded by time (wrk ``-d``, and a subprocess timeout), the
 soak also by count; all traffic is on 127.0.0.1.
+
+``--baseline DIR`` runs a second gateway from another checkout of the project (``git worktree add DIR main``)
+on the same upstream and config, as a fourth target in every round: a before/after comparison measured
+interleaved, each side's CPU ratio taken against the relay of the same round.
 """
 
 from __future__ import annotations
@@ -210,14 +214,15 @@ class Runner:
             raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, argv: list[str], core: int | str | None, log: str, env: dict | None = None) -> subprocess.Popen:
+    def spawn(self, argv: list[str], core: int | str | None, log: str, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         if self.pin and core is not None:
             argv = ["taskset", "-c", str(core), *argv]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "OPENAI_", "ANTHROPIC_"))}
         base.pop("PORT", None)
         base.pop("COALESCE", None)
         out = open(self.workdir / log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**base, **(env or {})})
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**base, **(env or {})}, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -297,20 +302,28 @@ def ttfb_probe(port: int, body: dict, n: int) -> float:
     return samples[len(samples) // 2]
 
 
-def summarize(rounds: list[dict]) -> dict:
+def ratio_of(rounds: list[dict], target: str, floor: str = "relay") -> dict | None:
+    """The per-round CPU ratio ``target`` / ``floor``: median, lowest, highest."""
+    ratios = [r[target]["cpu_ms_per_request"] / r[floor]["cpu_ms_per_request"]
+              for r in rounds if r[floor]["cpu_ms_per_request"] > 0]
+    return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+            "max": round(max(ratios), 2)} if ratios else None
+
+
+def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
     """Medians over the rounds, and the per-round CPU ratio gateway / relay as median, lowest, highest."""
     out: dict = {}
-    for target in TARGETS:
+    for target in targets:
         runs = [r[target] for r in rounds]
         out[target] = {key: round(statistics.median(run[key] for run in runs), 4)
                        for key in ("rps", "cpu_ms_per_request", "p50_ms", "p99_ms")}
         out[target]["errors"] = sum(run["non_2xx"] for run in runs)
         out[target]["socket_errors"] = sorted({run["socket_errors"] for run in runs if run["socket_errors"]})
-    ratios = [r["gateway"]["cpu_ms_per_request"] / r["relay"]["cpu_ms_per_request"]
-              for r in rounds if r["relay"]["cpu_ms_per_request"] > 0]
     rps_ratios = [r["gateway"]["rps"] / r["relay"]["rps"] for r in rounds if r["relay"]["rps"] > 0]
-    out["cpu_ratio"] = {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
-                        "max": round(max(ratios), 2)} if ratios else None
+    out["cpu_ratio"] = ratio_of(rounds, "gateway")
+    if "baseline" in targets:
+        out["baseline_cpu_ratio"] = ratio_of(rounds, "baseline")
+        out["vs_baseline"] = ratio_of(rounds, "gateway", "baseline")
     out["rps_ratio"] = round(statistics.median(rps_ratios), 2) if rps_ratios else None
     return out
 
@@ -329,7 +342,16 @@ def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
         print(f"{case['case']:<24} | {d['rps']:>12.0f} {d['p50_ms']:>5.2f}ms | {r['rps']:>11.0f} "
               f"{r['cpu_ms_per_request']:>6.3f}ms | {g['rps']:>15.0f} {g['cpu_ms_per_request']:>6.3f}ms "
               f"{g['p50_ms']:>5.2f}ms {g['p99_ms']:>5.2f}ms | {ratio_text:>16} {case['rps_ratio'] or 0:>10.2f}x")
-        errors = {t: case[t]["errors"] for t in TARGETS if case[t]["errors"] or case[t]["socket_errors"]}
+        if "baseline" in case:
+            b, ratio = case["baseline"], case["baseline_cpu_ratio"]
+            ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
+            print(f"{'  baseline':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {b['rps']:>15.0f} "
+                  f"{b['cpu_ms_per_request']:>6.3f}ms {b['p50_ms']:>5.2f}ms {b['p99_ms']:>5.2f}ms | {ratio_text:>16}")
+            v = case["vs_baseline"]
+            if v:
+                print(f"  Runestone CPU / baseline CPU, per round: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})")
+        targets = [t for t in (*TARGETS, "baseline") if t in case]
+        errors = {t: case[t]["errors"] for t in targets if case[t]["errors"] or case[t]["socket_errors"]}
         if errors:
             print(f"  errors in {case['case']}: " + ", ".join(
                 f"{t}: {case[t]['errors']} non-2xx {' '.join(case[t]['socket_errors'])}" for t in errors))
@@ -420,6 +442,8 @@ def main() -> None:
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help="run only this case (repeatable; default all three)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run a gateway from the checkout in DIR (e.g. `git worktree add DIR main`), interleaved")
     p.add_argument("--observe", action="store_true",
                    help="run the gateway with the access log and OpenTelemetry tracing on (to an OTLP sink)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
@@ -429,11 +453,15 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1 or args.seconds <= 0 or args.workers < 0:
         p.error("--rounds and --seconds must be positive, --workers 0 or more")
+    baseline = Path(args.baseline).resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "runestone" / "__init__.py").is_file():
+        p.error(f"--baseline {args.baseline}: not a checkout of the project (no runestone/__init__.py)")
+    targets = TARGETS + ("baseline",) if baseline is not None else TARGETS
 
     relay = find_relay(args.relay)
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
     runner = Runner(workdir)
-    fake_port, gw_port, relay_port = free_port(), free_port(), free_port()
+    fake_port, gw_port, relay_port, base_port = free_port(), free_port(), free_port(), free_port()
     sink_port = free_port() if args.observe else None
     redis_port = free_port() if args.workers > 1 else None
     config = workdir / "gateway.toml"
@@ -470,6 +498,17 @@ def main() -> None:
         wait_port(gw_port, gw)
         wait_port(relay_port, rl)
         servers = {"direct": (fake.pid, fake_port), "relay": (rl.pid, relay_port), "gateway": (gw.pid, gw_port)}
+        if baseline is not None:
+            # The same config on its own port and data dir; the baseline's own code first on the path.
+            base_dir = workdir / "baseline"
+            base_dir.mkdir()
+            base_config = workdir / "baseline.toml"
+            write_config(base_config, base_dir, base_port, fake_port, sink_port)
+            bl = runner.spawn([*exe, "serve", "--config", str(base_config)], 0, "baseline.log",
+                              env={"PYTHONPATH": str(baseline)}, cwd=baseline)
+            wait_port(base_port, bl)
+            servers["baseline"] = (bl.pid, base_port)
+            print(f"bench: baseline gateway from {baseline}", flush=True)
         for _pid, port in servers.values():  # warm up: connection pools, code paths
             for body in (CHAT, {**CHAT, "stream": True}):
                 runner.wrk_run(port, body, connections=8, seconds=1)
@@ -477,14 +516,17 @@ def main() -> None:
             body = {**CHAT, "stream": True} if stream else CHAT
             rounds = []
             for i in range(args.rounds):
-                order = TARGETS[i % 3:] + TARGETS[:i % 3]
+                k = i % len(targets)
+                order = targets[k:] + targets[:k]
                 rounds.append({t: measured(runner, *servers[t], body, conns, args.seconds) for t in order})
                 r = rounds[-1]
                 print(f"  {label} round {i + 1}: " + "  ".join(
-                    f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in TARGETS)
-                    + f"  ratio {r['gateway']['cpu_ms_per_request'] / max(r['relay']['cpu_ms_per_request'], 1e-9):.2f}",
-                    flush=True)
-            case = {"case": label, "stream": stream, "connections": conns, **summarize(rounds), "rounds": rounds}
+                    f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in targets)
+                    + "  ratio " + " ".join(
+                        f"{r[t]['cpu_ms_per_request'] / max(r['relay']['cpu_ms_per_request'], 1e-9):.2f}"
+                        for t in targets if t in ("gateway", "baseline")), flush=True)
+            case = {"case": label, "stream": stream, "connections": conns, **summarize(rounds, targets),
+                    "rounds": rounds}
             results["cases"].append(case)
         stream_body = {**CHAT, "stream": True}
         results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()}

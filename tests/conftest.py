@@ -106,3 +106,31 @@ def redis_factory(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+# -- Postgres ([database] url): one real server for the session, a fresh database per test ------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A Postgres server on a free loopback port for the whole session (see ``pgserver``). Missing binaries fail
+    the test that needs them: ``scripts/test`` installs them (``scripts/_venv.sh``)."""
+    from pgserver import PostgresServer, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.fail("this test needs a Postgres server (initdb and postgres), and none was found: run it through "
+                    "scripts/test, which installs Debian's postgresql, or set RUNESTONE_TEST_POSTGRES_BIN")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The url of a new, empty database on the session's server (the server is started again if a test
+    stopped it)."""
+    if postgres_server.proc is None or postgres_server.proc.poll() is not None:
+        postgres_server.start()
+    return postgres_server.create_database()

@@ -603,7 +603,7 @@ class ControlPlane:
         app = self.app
         ws_routes = getattr(app, "ws_routes", None)
         return {
-            "store": str(self.store.path),
+            "store": self.store.where,
             "persisted_providers": sorted(self.state.providers),
             "removed_providers": sorted(self.state.removed_providers),
             "persisted_groups": sorted(self.state.groups),

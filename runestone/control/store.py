@@ -190,15 +190,32 @@ class ControlState:
 
 
 class ControlStore:
-    """``control.json`` in a data directory. ``load`` is for start-up (synchronous, before the tree
-    runs); ``save`` runs the file work in a thread. Callers serialise their ``save`` calls."""
+    """``control.json`` in a data directory, or (``database_url``) one document in Postgres (see
+    :class:`runestone.storage.control.ControlDocument`). ``load`` is for start-up (synchronous, before the tree
+    runs); ``save`` runs the file or database work in a thread. Callers serialise their ``save`` calls."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *, database_url: str | None = None) -> None:
         self.dir = Path(data_dir)
         self.path = self.dir / FILE_NAME
+        self._document = None
+        if database_url:
+            from ..storage.control import ControlDocument
+
+            self._document = ControlDocument(database_url)
+
+    @property
+    def where(self) -> str:
+        """Where the state is kept, as dumps may show it: the file, or the database url without credentials."""
+        return str(self.path) if self._document is None else self._document.where
 
     def load(self) -> ControlState:
         """The persisted state, or an empty one when nothing was ever saved."""
+        if self._document is not None:
+            try:
+                raw = self._document.read()
+            except self._document.failures as exc:
+                raise ControlStoreError(f"cannot read the control state from {self._document.where}: {exc}") from None
+            return ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -208,12 +225,19 @@ class ControlStore:
         return ControlState.from_json(raw, str(self.path))
 
     async def save(self, state: ControlState) -> None:
-        """Replace the file with ``state``, atomically. Raises ControlStoreError; the old file is then kept.
+        """Replace the file (or the database's document) with ``state``, atomically. Raises ControlStoreError;
+        the old one is then kept.
 
         The write runs in a worker thread and is not abandoned on cancellation: once begun, the file
         ends up either old or new, and the caller learns which by whether this returned.
         """
         data = state.to_json()
+        if self._document is not None:
+            try:
+                await trio.to_thread.run_sync(self._document.write, data)
+            except self._document.failures as exc:
+                raise ControlStoreError(f"cannot write the control state to {self._document.where}: {exc}") from None
+            return
         await trio.to_thread.run_sync(self._write, data)
 
     def _write(self, data: bytes) -> None:

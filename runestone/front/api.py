@@ -223,7 +223,8 @@ class Front:
         if type(result) is Completed:
             response = Response(200, [_JSON, *result.headers], result.body)
             return response if cache is None else cache.store(cache_key, response, result.provider)
-        return Response(200, [*SSE_HEADERS, *result.headers], stream=openai_sse(result))
+        return Response(200, [*SSE_HEADERS, *result.headers],
+                        stream=openai_sse(result), first_ready=True)
 
     async def embeddings(self, request: Request, caller: Caller) -> Response:
         body = await self.read_json(request)

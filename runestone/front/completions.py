@@ -37,7 +37,8 @@ class CompletionsRoute:
             out = text_completion_from_chat(orjson.loads(result.body), echo_prompt=echo_prompt)
             return Response(200, [_JSON, *result.headers], orjson.dumps(out))
         feed = TextCompletionStream(echo_prompt, chat.get("n") or 1).feed
-        return Response(200, [*SSE_HEADERS, *result.headers], stream=encoded(result, feed, openai_failure))
+        return Response(200, [*SSE_HEADERS, *result.headers],
+                        stream=encoded(result, feed, openai_failure), first_ready=True)
 
 
 def install(front, app) -> None:

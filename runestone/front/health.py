@@ -27,7 +27,7 @@ from ..http.server import Response
 from ..resilience.breaker import DENY, check
 from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
-from ..telemetry.metrics import render_counter
+from ..telemetry.metrics import ledger_families, render_counter
 from ..telemetry.ledger import SUMMARY_COLUMNS
 
 __all__ = ["install"]
@@ -123,6 +123,7 @@ class HealthRoutes:
             "totals": await self.summary(),
             "tree": children,
             "telemetry": app.telemetry.snapshot(),
+            "ledger": attrs.asdict(app.ledger.status()) if app.ledger is not None else None,
         })
 
     async def providers(self, request, caller) -> Response:
@@ -170,6 +171,8 @@ class HealthRoutes:
         governance = getattr(self.app, "governance", None)
         if governance is not None:
             text += governance.prometheus().encode()
+        if self.app.ledger is not None:
+            text += ledger_families(self.app.ledger.status()).encode()
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:
@@ -195,6 +198,9 @@ class HealthRoutes:
                                "server_error", code="telemetry_unavailable")
         result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id, group_by, team),
                                 timeout=10.0)
+        if result.get("unavailable"):
+            raise GatewayError(503, "usage is unavailable while the ledger's database fails; retry shortly (rows "
+                               "are buffered meanwhile, none is lost)", "server_error", code="ledger_unavailable")
         if key_id == "open" and not caller.admin:
             result = dict(result)
             result["key_id"] = None

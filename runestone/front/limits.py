@@ -109,11 +109,22 @@ class Lease:
 
 
 def _reset_text(seconds: float) -> bytes:
-    # OpenAI's format: "1s", "6m0s", "250ms".
+    # OpenAI's format: "1s", "6m0s", "250ms". Formatted as bytes: these are made for every admitted request.
     if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms".encode()
+        ms = math.ceil(seconds * 1000)
+        return b"%dms" % (ms if ms > 1 else 1)
     s = math.ceil(seconds)
-    return (f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s").encode()
+    return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
+
+
+def _bucket_headers(b: "_Bucket", names: tuple[bytes, bytes, bytes]) -> tuple:
+    level = b.level
+    return ((names[0], b"%d" % b.capacity), (names[1], b"%d" % level if level > 0 else b"0"),
+            (names[2], _reset_text((b.capacity - level) / b.rate)))
+
+
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
@@ -168,18 +179,10 @@ class KeyLimiter:
         headers = []
         b = st.minute or st.hour
         if b is not None:
-            headers += [
-                (b"x-ratelimit-limit-requests", str(int(b.capacity)).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, int(b.level))).encode()),
-                (b"x-ratelimit-reset-requests", _reset_text(b.reset_in())),
-            ]
+            headers += _bucket_headers(b, _REQUEST_HEADERS)
         t = st.tokens
         if t is not None:
-            headers += [
-                (b"x-ratelimit-limit-tokens", str(int(t.capacity)).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, int(t.level))).encode()),
-                (b"x-ratelimit-reset-tokens", _reset_text(t.reset_in())),
-            ]
+            headers += _bucket_headers(t, _TOKEN_HEADERS)
         return headers
 
     def _take(self, key: str, st: _KeyState) -> Lease:

@@ -68,7 +68,8 @@ class MessagesRoute:
             message = openai_response_to_anthropic(orjson.loads(result.body), model=model)
             return Response(200, [_JSON, *result.headers], orjson.dumps(message))
         feed = AnthropicEventStream(model).feed
-        return Response(200, [*SSE_HEADERS, *result.headers], stream=encoded(result, feed, anthropic_failure))
+        return Response(200, [*SSE_HEADERS, *result.headers],
+                        stream=encoded(result, feed, anthropic_failure), first_ready=True)
 
 
     async def _count(self, request: Request, caller) -> Response:

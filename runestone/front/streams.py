@@ -3,13 +3,17 @@
 :func:`encoded` is the one relay loop every HTTP front door uses: one write per upstream read (each
 :class:`~runestone.routing.executor.Chunks` becomes at most one item), the failure's error event in the
 API's shape, and ``aclose()`` of the stream however the loop ends (the client left, the server stopped).
-It holds no cancel scope: the stream bounds each of its own reads by the request's deadline.
+It holds no cancel scope: the stream bounds each of its own reads by the request's deadline. A committed
+stream's first read is in hand, so its response says ``first_ready`` (the head goes out with it); when the
+request ended with its last read (``Streaming.ended``) that read's bytes are a ``LastItem``, written with the
+end of the body: a whole answer that came in one upstream read is one write.
 """
 
 from __future__ import annotations
 
 from typing import AsyncIterator, Callable
 
+from ..http import LastItem
 from ..routing.errors import GatewayError
 from ..routing.executor import Chunks, Failed, Streaming
 from ..wire.anthropic import AnthropicEventStream
@@ -69,7 +73,10 @@ async def _encode(streaming: Streaming, feed, failure) -> AsyncIterator[bytes]:
         async for event in streaming:
             if type(event) is Chunks:
                 data = feed(event.payloads, event.last)
-                if data:
+                if event.last and streaming.ended:
+                    # The request is over and recorded: these bytes and the end of the body go in one write.
+                    yield LastItem(data)
+                elif data:
                     yield data
             elif type(event) is Failed:
                 yield failure(event.error)
@@ -80,3 +87,4 @@ async def _encode(streaming: Streaming, feed, failure) -> AsyncIterator[bytes]:
 def openai_sse(streaming: Streaming) -> Relay:
     """A chat stream as OpenAI's SSE: the upstream's chunk payloads framed, then ``[DONE]``."""
     return encoded(streaming, sse_chunks, openai_failure)
+

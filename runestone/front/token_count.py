@@ -18,7 +18,6 @@ import trio
 
 from ..resilience.breaker import DENY, check
 from ..resilience.errors import UpstreamError
-from ..routing.errors import GatewayError
 from ..routing.executor import client_error
 from ..wire.token_estimate import estimate_chat_tokens
 
@@ -36,11 +35,7 @@ async def count_input_tokens(gateway, model: str, chat: dict, responses_body: di
 
     ``responses_body``, for a Responses request, is what a provider speaking Responses natively counts.
     """
-    if not gateway.known_model(model):
-        raise GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
-                           "list the available models and failover groups with GET /v1/models",
-                           "not_found_error", param="model", code="model_not_found")
-    plan = gateway.plan(model, chat)
+    plan = gateway.plan(model, chat, check_known=True)
     table = gateway.providers.value
     for target in plan.targets[:1]:
         entry = table.get(target.provider)

@@ -1,11 +1,15 @@
-"""The embedded store of keys, teams and spend: one SQLite database, ``keys.sqlite3`` in the data directory.
+"""The store of keys, teams and spend: one SQLite database, ``keys.sqlite3`` in the data directory (the embedded
+default), or the ``[database] url`` Postgres database (shared by every instance).
 
 Keys and teams are one JSON document per row (a key's secret is never stored, only its digest). Spend is
 one row per budget holder (``scope`` "key" or "team", its id or name) with the start of its current period,
 the nano-USD spent and the requests made in it. Reads happen once, at start (:meth:`KeyStore.load`, before
 the event loop serves anything); every write runs on a worker thread (``trio.to_thread``) under one lock,
-so the event loop never waits on the disk and two writes never share the connection at once. WAL mode with
-``synchronous=NORMAL``, as the usage ledger: a committed write survives a crash of the process.
+so the event loop never waits on the database and two writes never share the connection at once. SQLite is in
+WAL mode with ``synchronous=NORMAL``, as the usage ledger: a committed write survives a crash of the process.
+The database is a backend (:class:`SQLiteKeyBackend`, :class:`PostgresKeyBackend`) behind the same
+:class:`KeyStore`; a Postgres write that fails (server down or restarting) raises :class:`KeyStoreError` as a
+disk error does, and the next write opens a new connection, so the store resumes by itself.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import trio
 
 from .records import KeyRecord, Team, key_from_doc, team_from_doc
 
-__all__ = ["KeyStore", "KeyStoreError", "Loaded"]
+__all__ = ["KeyStore", "KeyStoreError", "Loaded", "PostgresKeyBackend", "SQLiteKeyBackend"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -49,13 +54,28 @@ class Loaded:
         self.spend = spend
 
 
-class KeyStore:
+
+#: A write, as data: ``("team", name, doc)``, ``("delete_team", name)``, ``("key", id, digest, doc)`` or
+#: ``("spend", scope, name, period_start, nano, requests)``; a backend says each in its own SQL.
+Op = tuple
+
+
+class SQLiteKeyBackend:
+    """``keys.sqlite3`` in a data directory; made (with the directory) at the first write."""
+
+    failures: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    _sql = {
+        "team": "INSERT OR REPLACE INTO teams (name, doc) VALUES (?, ?)",
+        "delete_team": "DELETE FROM teams WHERE name = ?",
+        "delete_team_spend": "DELETE FROM spend WHERE scope = 'team' AND name = ?",
+        "key": "INSERT OR REPLACE INTO keys (id, digest, doc) VALUES (?, ?, ?)",
+        "spend": "INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES (?, ?, ?, ?, ?)",
+    }
+
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir) / "keys.sqlite3"
+        self.where = str(self.path)
         self._conn: sqlite3.Connection | None = None
-        self._lock = trio.Lock()
-        #: Spend rows written since start.
-        self.spend_writes = 0
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -71,66 +91,134 @@ class KeyStore:
             self._conn = conn
         return self._conn
 
+    def read(self) -> tuple[list, list, list] | None:
+        """(team docs, key docs, spend rows), or None when nothing was ever stored."""
+        if self._conn is None and not self.path.exists():
+            return None
+        conn = self._connect()
+        return (conn.execute("SELECT doc FROM teams ORDER BY name").fetchall(),
+                conn.execute("SELECT doc FROM keys ORDER BY id").fetchall(),
+                conn.execute("SELECT scope, name, period_start, nano, requests FROM spend").fetchall())
+
+    def write(self, ops: list[Op]) -> None:
+        conn = self._connect()
+        conn.execute("BEGIN")
+        try:
+            for op in ops:
+                for sql, params in _statements(self._sql, op):
+                    conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
+    kind, *params = op
+    if kind == "delete_team":
+        return [(sql["delete_team"], tuple(params)), (sql["delete_team_spend"], tuple(params))]
+    return [(sql[kind], tuple(params))]
+
+
+class PostgresKeyBackend:
+    """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection)."""
+
+    _sql = {
+        "team": "INSERT INTO teams (name, doc) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
+        "delete_team": "DELETE FROM teams WHERE name = %s",
+        "delete_team_spend": "DELETE FROM spend WHERE scope = 'team' AND name = %s",
+        "key": "INSERT INTO keys (id, digest, doc) VALUES (%s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+               " digest = EXCLUDED.digest, doc = EXCLUDED.doc",
+        "spend": "INSERT INTO spend (scope, name, period_start, nano, requests) VALUES (%s, %s, %s, %s, %s)"
+                 " ON CONFLICT (scope, name) DO UPDATE SET period_start = EXCLUDED.period_start,"
+                 " nano = EXCLUDED.nano, requests = EXCLUDED.requests",
+    }
+
+    def __init__(self, url: str) -> None:
+        from .. import storage
+
+        self.where = storage.redact(url)
+        self.failures = storage.failure_types() + storage.row_error_types() + (storage.DatabaseError,)
+        self._session = storage.Session(url, "runestone-keys")
+
+    def read(self) -> tuple[list, list, list]:
+        return self._session.run(lambda conn: (
+            conn.execute("SELECT doc FROM teams ORDER BY name").fetchall(),
+            conn.execute("SELECT doc FROM keys ORDER BY id").fetchall(),
+            conn.execute("SELECT scope, name, period_start, nano, requests FROM spend").fetchall()))
+
+    def write(self, ops: list[Op]) -> None:
+        def write(conn: Any) -> None:
+            with conn.transaction():
+                for op in ops:
+                    for sql, params in _statements(self._sql, op):
+                        conn.execute(sql, params)
+
+        self._session.run(write)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class KeyStore:
+    """Keys, teams and spend in ``data_dir``'s SQLite file, or in Postgres at ``database_url``."""
+
+    def __init__(self, data_dir: str | Path, *, database_url: str | None = None) -> None:
+        self.backend = PostgresKeyBackend(database_url) if database_url else SQLiteKeyBackend(data_dir)
+        #: Where the keys are, as messages may show it (the SQLite file, or the url without credentials).
+        self.path = self.backend.where
+        self._lock = trio.Lock()
+        #: Spend rows written since start.
+        self.spend_writes = 0
+
     def load(self) -> Loaded:
         """Everything stored (blocking: called once at start). KeyStoreError names what is wrong.
 
         A store that does not exist yet is empty; it (and the data directory) is made at the first write."""
-        if self._conn is None and not self.path.exists():
-            return Loaded([], [], {})
         try:
-            conn = self._connect()
-            teams = [team_from_doc(orjson.loads(d)) for (d,) in conn.execute("SELECT doc FROM teams ORDER BY name")]
-            keys = [key_from_doc(orjson.loads(d)) for (d,) in conn.execute("SELECT doc FROM keys ORDER BY id")]
-            spend = {(s, n): (p, u, r) for s, n, p, u, r in conn.execute(
-                "SELECT scope, name, period_start, nano, requests FROM spend")}
-        except (sqlite3.Error, OSError) as exc:
-            raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
+            raw = self.backend.read()
+            if raw is None:
+                return Loaded([], [], {})
+            team_docs, key_docs, spend_rows = raw
+            teams = [team_from_doc(orjson.loads(d)) for (d,) in team_docs]
+            keys = [key_from_doc(orjson.loads(d)) for (d,) in key_docs]
+            spend = {(s, n): (p, u, r) for s, n, p, u, r in spend_rows}
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise KeyStoreError(f"the key store {self.path} holds a malformed record ({type(exc).__name__}: "
                                 f"{exc}); restore it from a backup or move it away to start without keys") from None
+        except self.backend.failures as exc:
+            raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
         return Loaded(teams, keys, spend)
 
-    async def _write(self, sql_params: list[tuple[str, tuple]]) -> None:
-        def write() -> None:
-            conn = self._connect()
-            conn.execute("BEGIN")
-            try:
-                for sql, params in sql_params:
-                    conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
+    async def _write(self, ops: list[Op]) -> None:
         async with self._lock:
             try:
                 # Shielded: once started, a write finishes (or fails) whole even if its caller goes away.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(write)
-            except (sqlite3.Error, OSError) as exc:
+                    await trio.to_thread.run_sync(self.backend.write, ops)
+            except self.backend.failures as exc:
                 raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
 
     async def put_team(self, team: Team) -> None:
-        await self._write([("INSERT OR REPLACE INTO teams (name, doc) VALUES (?, ?)",
-                            (team.name, orjson.dumps(team.to_doc()).decode()))])
+        await self._write([("team", team.name, orjson.dumps(team.to_doc()).decode())])
 
     async def delete_team(self, name: str) -> None:
-        await self._write([("DELETE FROM teams WHERE name = ?", (name,)),
-                           ("DELETE FROM spend WHERE scope = 'team' AND name = ?", (name,))])
+        await self._write([("delete_team", name)])
 
     async def put_key(self, key: KeyRecord) -> None:
-        await self._write([("INSERT OR REPLACE INTO keys (id, digest, doc) VALUES (?, ?, ?)",
-                            (key.id, key.digest.hex(), orjson.dumps(key.to_doc()).decode()))])
+        await self._write([("key", key.id, key.digest.hex(), orjson.dumps(key.to_doc()).decode())])
 
     async def put_spend(self, rows: list[tuple[str, str, float, int, int]]) -> None:
         """Write ``(scope, name, period_start, nano, requests)`` rows in one transaction."""
-        await self._write([("INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES "
-                            "(?, ?, ?, ?, ?)", row) for row in rows])
+        await self._write([("spend", *row) for row in rows])
         self.spend_writes += len(rows)
 
     async def close(self) -> None:
         async with self._lock:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                await trio.to_thread.run_sync(conn.close)
+            await trio.to_thread.run_sync(self.backend.close)

@@ -23,6 +23,7 @@ re-exports the public names; everything else is private to its module.
 from ._messages import (
     ErrorBody as ErrorBody,
     Handler as Handler,
+    LastItem as LastItem,
     Limits as Limits,
     Request as Request,
     Response as Response,

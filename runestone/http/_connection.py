@@ -25,7 +25,7 @@ import httptools
 import trio
 
 from . import _server_wire as wire
-from ._messages import Request, Response
+from ._messages import LastItem, Request, Response
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -679,19 +679,46 @@ class _Connection:
                 self._begin_watch()
             try:
                 iterator = stream.__aiter__()
-                await self._send(head)
                 send = self._send
                 frame = wire.chunk if chunked else None
-                checkpoint = trio.lowlevel.checkpoint
-                async for item in iterator:
-                    if item:
-                        await send(frame(item) if frame is not None else item)
-                        # A write that fits the socket buffer does not yield: let the
-                        # other tasks run between two items, as a trio stream would, so
-                        # a producer that never waits cannot starve them.
+                ended = False
+                if response.first_ready:
+                    # The first item is at hand: it goes out with the head, in one write.
+                    try:
+                        item = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        item = LastItem()
+                    except BaseException:
+                        await send(head)
+                        raise
+                    ended = item.__class__ is LastItem
+                    if item and frame is not None:
+                        head += frame(item)
+                    elif item:
+                        head += item
+                    if ended and chunked:
+                        head += wire.LAST_CHUNK
+                await send(head)
+                if not ended:
+                    checkpoint = trio.lowlevel.checkpoint
+                    if response.first_ready:
                         await checkpoint()
-                if chunked:
-                    await send(wire.LAST_CHUNK)
+                    async for item in iterator:
+                        if item.__class__ is LastItem:
+                            if frame is not None:
+                                await send(frame(item) + wire.LAST_CHUNK if item else wire.LAST_CHUNK)
+                            elif item:
+                                await send(item)
+                            ended = True
+                            break
+                        if item:
+                            await send(frame(item) if frame is not None else item)
+                            # A write that fits the socket buffer does not yield: let the
+                            # other tasks run between two items, as a trio stream would, so
+                            # a producer that never waits cannot starve them.
+                            await checkpoint()
+                    if chunked and not ended:
+                        await send(wire.LAST_CHUNK)
                 completed = True
             except Exception as exc:
                 failure = exc

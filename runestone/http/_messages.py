@@ -19,7 +19,7 @@ from .websocket import WebSocketAccept
 if TYPE_CHECKING:
     from ._connection import _Connection
 
-__all__ = ["ErrorBody", "Handler", "Limits", "Request", "Response"]
+__all__ = ["ErrorBody", "Handler", "LastItem", "Limits", "Request", "Response"]
 
 
 def _positive(instance, attribute, value) -> None:
@@ -152,6 +152,13 @@ class _BodyIterator:
 
 
 
+class LastItem(bytes):
+    """A stream item that is the body's last (it may be empty): the server writes it and the end of the body
+    in one write, then closes the stream without reading it again."""
+
+    __slots__ = ()
+
+
 @attrs.define(eq=False, repr=False)
 class Response:
     """What a handler answers: a status, headers and either ``body`` or ``stream``.
@@ -165,12 +172,17 @@ class Response:
     The server adds ``date``, ``server``, ``content-length`` or ``transfer-encoding``
     and ``connection``; handler headers of those framing names are dropped.
     ``headers`` is a fresh list for each response unless given, so a caller may append to it.
+
+    Two hints save writes on the hot path: with ``first_ready`` (the stream's first item is at hand, so
+    waiting for it costs nothing) the head goes out in the same write as that first item; an item that is
+    a :class:`LastItem` goes out with the end of the body.
     """
 
     status: int = 200
     headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
     body: bytes = b""
     stream: AsyncIterable[bytes] | None = None
+    first_ready: bool = False
 
     def __repr__(self) -> str:
         kind = "stream" if self.stream is not None else f"{len(self.body)} bytes"

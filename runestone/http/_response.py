@@ -168,6 +168,10 @@ class _FastResponse(UpstreamResponse):
         chunks.clear()
         return data
 
+    @property
+    def at_end(self) -> bool:
+        return self._complete and not self._chunks
+
     def set_deadline(self, deadline: float | None) -> None:
         conn = self._conn
         if conn is not None:

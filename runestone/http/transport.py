@@ -104,6 +104,12 @@ class UpstreamResponse:
         """Bound the body reads from now on by ``deadline`` (trio's clock; None: only by the read timeout)."""
         raise NotImplementedError
 
+    @property
+    def at_end(self) -> bool:
+        """The body has been read to its end: no read follows, and ``aclose()`` will not block. False where
+        an implementation cannot tell without reading."""
+        return False
+
     async def aclose(self) -> None:
         raise NotImplementedError
 

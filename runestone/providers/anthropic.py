@@ -109,8 +109,6 @@ class AnthropicStream(UpstreamStream):
                 return out
 
 class AnthropicAdapter:
-    takes_deadline = True
-
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         base = (getattr(config, "base_url", None) or "https://api.anthropic.com").rstrip("/")

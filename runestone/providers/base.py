@@ -101,18 +101,26 @@ class ChatStream(Protocol):
 
     async def __anext__(self) -> list[bytes]: ...
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """Reads from now on fail as an ``UpstreamError`` of kind ``timeout`` once ``deadline`` passes."""
+
+    @property
+    def at_end(self) -> bool:
+        """``finished``, and nothing is left to read: ``aclose()`` will not block."""
+
+    async def drain(self) -> None:
+        """After ``finished``: read what is left of the upstream's answer, so its connection can be reused."""
+
     async def aclose(self) -> None: ...
 
 
 class Adapter(Protocol):
     """What a provider type implements. ``body`` is OpenAI-shaped; ``include_usage`` is the client's wish.
 
-    An adapter with ``takes_deadline = True`` bounds every wait of a call by ``deadline`` (trio's clock),
-    through its transport, and its streams have ``set_deadline``: the pipeline then opens no cancel scope
-    around its attempts. Others are bounded by a cancel scope around each call and each stream read.
+    Every adapter bounds every wait of a call by ``deadline`` (trio's clock; the HTTP adapters through their
+    transport), and its streams have ``set_deadline`` (and ``drain()``, ``at_end``): the pipeline opens no
+    cancel scope around attempts or stream reads.
     """
-
-    takes_deadline: bool
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult: ...
 
@@ -171,6 +179,12 @@ class UpstreamStream:
     def set_deadline(self, deadline: float | None) -> None:
         """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""
         self._response.set_deadline(deadline)
+
+    @property
+    def at_end(self) -> bool:
+        """The end marker came and the upstream body is read to its end: nothing is left to drain, and
+        ``aclose()`` returns the connection without blocking."""
+        return self.finished and self._response.at_end
 
     async def drain(self) -> None:
         """After the end marker: read what is left of the body (the chunked terminator, as a rule: one read),

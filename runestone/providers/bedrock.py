@@ -149,8 +149,6 @@ class BedrockStream(UpstreamStream):
 class BedrockAdapter:
     """Talks to ``{base_url}/model/{modelId}/converse`` and ``/converse-stream``, signing every request."""
 
-    takes_deadline = True
-
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         self._region = getattr(config, "region", None)

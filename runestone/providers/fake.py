@@ -4,7 +4,9 @@ It answers as :mod:`.fake_content`'s fake model does (``n``, ``stop``, ``max_tok
 ``response_format``, ``tool_choice``; the same answers as ``runestone fake-provider``), streams in
 ``chunks`` pieces with an optional time to first byte and delay between chunks (config knobs ``chunks``,
 ``ttfb_ms``, ``chunk_delay_ms``), and serves embeddings. A request a real API would refuse is an upstream
-400. Sleeps go through trio, so tests under MockClock see its timing exactly.
+400. Sleeps go through trio, so tests under MockClock see its timing exactly. Like the HTTP adapters it bounds
+its own waits by the attempt's ``deadline`` (a sleep that would pass it fails as an upstream timeout when it
+does), and its streams take ``set_deadline``: the pipeline opens no cancel scope for it.
 """
 
 from __future__ import annotations
@@ -22,15 +24,27 @@ from .fake_content import FakeAnswer, FakeRequestError, fake_answer, fake_embedd
 __all__ = ["FakeAdapter"]
 
 
-class FakeStream:
-    __slots__ = ("_pieces", "_i", "_ttfb", "_delay", "_finish", "usage", "finished", "_closed")
+async def _wait(provider: str, seconds: float, deadline: float | None) -> None:
+    """Sleep ``seconds``, or until ``deadline`` and then fail as an upstream that did not answer in time."""
+    if deadline is not None and trio.current_time() + seconds >= deadline:
+        await trio.sleep_until(deadline)
+        raise UpstreamError(provider, "timeout", "the fake model did not answer before the deadline")
+    await trio.sleep(seconds)
 
-    def __init__(self, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float, finish=()) -> None:
+
+class FakeStream:
+    __slots__ = ("_provider", "_pieces", "_i", "_ttfb", "_delay", "_deadline", "_finish", "usage", "finished",
+                 "_closed")
+
+    def __init__(self, provider: str, pieces: list[list[bytes]], usage: Usage, ttfb: float, delay: float,
+                 deadline: float | None = None, finish=()) -> None:
+        self._provider = provider
         self._pieces = pieces
         self._finish = [{"finish_reason": reason} for reason in finish]
         self._i = 0
         self._ttfb = ttfb
         self._delay = delay
+        self._deadline = deadline
         self.usage = usage
         self.finished = False
         self._closed = False
@@ -44,12 +58,23 @@ class FakeStream:
             raise StopAsyncIteration
         wait = self._ttfb if i == 0 else self._delay
         if wait:
-            await trio.sleep(wait)
+            await _wait(self._provider, wait, self._deadline)
         self._i = i + 1
         if self._i == len(self._pieces):
             self.finished = True
             note_finish_reasons(self._finish)  # on the request's task, as an upstream stream's last read is
         return self._pieces[i]
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""
+        self._deadline = deadline
+
+    @property
+    def at_end(self) -> bool:
+        return self.finished
+
+    async def drain(self) -> None:
+        """Nothing is left to read after the last piece."""
 
     async def aclose(self) -> None:
         self._closed = True
@@ -86,16 +111,17 @@ class FakeAdapter:
     def _head(self, body: dict, request_id: str) -> dict:
         return {"id": request_id, "created": new_created(), "model": body["model"], "system_fingerprint": "fp_runestone_fake"}
 
-    async def complete(self, body: dict, *, request_id: str) -> ChatResult:
+    async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
         self._maybe_fail()
         answer = self._answer(body)
         if self._ttfb:
-            await trio.sleep(self._ttfb)
+            await _wait(self.name, self._ttfb, deadline)
         resp = openai_completion(answer, self._head(body, request_id))
         note_finish_reasons(resp["choices"])
         return ChatResult(orjson.dumps(resp), Usage(answer.prompt_tokens, answer.completion_tokens))
 
-    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool) -> FakeStream:
+    async def open_stream(self, body: dict, *, request_id: str, include_usage: bool,
+                          deadline: float | None = None) -> FakeStream:
         self._maybe_fail()
         answer = self._answer(body)
         opening, pieces, closing = openai_stream_frames(answer, self._head(body, request_id),
@@ -105,10 +131,10 @@ class FakeAdapter:
         out = [[p] for p in pieces] or [[]]
         out[0] = opening + out[0]
         out[-1] = out[-1] + closing
-        return FakeStream(out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb, self._delay,
-                          [c.finish_reason for c in answer.choices])
+        return FakeStream(self.name, out, Usage(answer.prompt_tokens, answer.completion_tokens), self._ttfb,
+                          self._delay, deadline, [c.finish_reason for c in answer.choices])
 
-    async def embed(self, body: dict) -> ChatResult:
+    async def embed(self, body: dict, deadline: float | None = None) -> ChatResult:
         try:
             resp = fake_embeddings(body, body["model"])
         except FakeRequestError as exc:

@@ -24,6 +24,7 @@ import attrs
 import orjson
 import trio
 
+from ..http import LastItem
 from ..http.server import ClientDisconnected, Response, serve_http
 from .fake_bedrock import EVENT_STREAM, bedrock_error, converse_answer, converse_stream_frames, exception_message, verify_sigv4
 from .fake_content import (FakeRequestError, check_thinking, fake_answer, fake_embeddings, openai_completion,
@@ -318,7 +319,7 @@ class FakeProvider:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         opening, pieces, closing = openai_stream_frames(answer, head, include_usage=include_usage)
         error = b'data: {"error":{"message":"injected mid-stream fault","type":"server_error","param":null,"code":null}}\n\n'
-        return Response(200, _SSE_HEADERS, stream=self._stream([*opening, *pieces, *closing], error))
+        return self._streamed(_SSE_HEADERS, [*opening, *pieces, *closing], error)
 
     # -- Anthropic ---------------------------------------------------------------------------------------
 
@@ -438,7 +439,7 @@ class FakeProvider:
         )
         frames.append(event("message_stop", {"type": "message_stop"}))
         error = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-        return Response(200, _SSE_HEADERS, stream=self._stream(frames, error))
+        return self._streamed(_SSE_HEADERS, frames, error)
 
     # -- Bedrock -----------------------------------------------------------------------------------------
 
@@ -467,7 +468,7 @@ class FakeProvider:
         if not stream:
             return Response.json(converse_answer(answer))
         error = exception_message("ModelStreamErrorException", "injected mid-stream fault")
-        return Response(200, EVENT_STREAM, stream=self._stream(converse_stream_frames(answer), error))
+        return self._streamed(EVENT_STREAM, converse_stream_frames(answer), error)
 
     async def _foundation_models(self, request) -> Response:
         refused = verify_sigv4(request, await request.body(), self._credentials())
@@ -481,6 +482,15 @@ class FakeProvider:
 
     # -- streaming and the mid-stream knobs --------------------------------------------------------------
 
+    def _coalesced(self) -> bool:
+        knobs = self.knobs
+        return knobs.coalesce and not (knobs.chunk_delay_ms or knobs.drop_mid_stream or knobs.stream_error
+                                       or knobs.malformed_sse)
+
+    def _streamed(self, headers, frames: list[bytes], error_frame: bytes) -> Response:
+        # Coalesced, the whole answer is one write: the head, every frame and the end of the body.
+        return Response(200, headers, stream=self._stream(frames, error_frame), first_ready=self._coalesced())
+
     def _stream(self, frames: list[bytes], error_frame: bytes) -> AsyncIterator[bytes]:
         """The body of a streaming answer, one frame per write, paced by ``chunk_delay_ms``.
 
@@ -493,7 +503,8 @@ class FakeProvider:
         delay = knobs.chunk_delay_ms / 1000
         drop, stream_error, malformed = knobs.drop_mid_stream, knobs.stream_error, knobs.malformed_sse
 
-        if knobs.coalesce and not (delay or drop or stream_error or malformed):
+        coalesced = self._coalesced()
+        if coalesced:
             frames = [b"".join(frames)]
             half = -1
 
@@ -517,6 +528,10 @@ class FakeProvider:
                         if malformed:
                             self._fault("malformed_sse")
                             yield b'data: {"id": "broken", "choices": [{"delta": \n\n'
+                    if coalesced:
+                        ended = True
+                        yield LastItem(frame)
+                        return
                     yield frame
                 ended = True
             finally:

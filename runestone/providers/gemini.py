@@ -151,8 +151,6 @@ def _blocked_error(provider: str, exc: PromptBlocked) -> UpstreamError:
 
 
 class GeminiAdapter:
-    takes_deadline = True
-
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         self._base = (getattr(config, "base_url", None) or DEFAULT_GEMINI_BASE_URL).rstrip("/")

@@ -133,8 +133,6 @@ class OpenAIAdapter:
     """Talks to ``{base_url}/chat/completions``, ``/embeddings`` and ``/models``; with ``responses_api`` also
     to ``/responses``, which gets the client's Responses body unchanged (``speaks_responses``)."""
 
-    takes_deadline = True
-
     def __init__(self, name: str, config, transport, timeouts=None) -> None:
         self.name = name
         base = (getattr(config, "base_url", None) or preset_base_url(config) or "https://api.openai.com/v1").rstrip("/")

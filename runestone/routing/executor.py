@@ -221,9 +221,7 @@ class Gateway:
         self.admission: Admission | None = None
         #: When the gateway stops: streams still reading then end with a "stopping" error.
         self.stop_deadline = float("inf")
-        #: Cancel scopes of stream reads in progress (adapters without deadlines of their own), and the
-        #: streams that bound their own reads: both are moved to ``stop_deadline`` when it is set.
-        self._reading: set = set()
+        #: The streams reading now: their read deadlines are moved to ``stop_deadline`` when it is set.
         self._streams: set = set()
         #: (provider, model) -> (input, output) USD per token, from the static pricing table.
         self._prices: dict = {}
@@ -313,7 +311,10 @@ class Gateway:
         return any(e.info.serves(model) for e in table.values())
 
     def plan(self, model: str, body: dict, requirements: Requirements = NO_REQUIREMENTS,
-             capability: str | None = None) -> Plan:
+             capability: str | None = None, *, check_known: bool = False) -> Plan:
+        """The ordered targets for ``model``. With ``check_known`` a model nobody serves is a 404 (GatewayError),
+        decided only where it is not decided already: a pool, split, group, pinned provider or reused plan
+        is known by construction."""
         asked = model
         model = self.resolve_alias(model)
         _, table, infos, info_list, _ = self._view()
@@ -379,6 +380,8 @@ class Gateway:
             if hit is not None and hit[0][0] == snapshots[0] and hit[0][1] is snapshots[1] \
                     and hit[0][2] is snapshots[2]:
                 return hit[1]
+        if check_known and not self.known_model(asked):
+            raise unknown_model(asked)
         state = self._state(body, infos, requirements, policy)
         try:
             decision = route(model, info_list, state, policy=policy, requirements=requirements,
@@ -434,16 +437,12 @@ class Gateway:
         that got past admission is recorded exactly once (``RequestFinished``), however it ends.
         """
         model = request.model
-        if not self.known_model(model):
-            raise GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
-                               "list the available models and failover groups with GET /v1/models",
-                               "not_found_error", param="model", code="model_not_found")
         capability = "embeddings" if request.operation == "embed" else None
         requirements = request.requirements
         needs = request.capabilities
         if needs and not needs <= requirements.require:
             requirements = attrs.evolve(requirements, require=requirements.require | needs)
-        plan = self.plan(model, request.body, requirements, capability)
+        plan = self.plan(model, request.body, requirements, capability, check_known=True)
         lease = None
         if self.admission is not None:
             lease = await self.admission.admit_request(request, plan)
@@ -463,19 +462,16 @@ class Gateway:
         request_id = ctx.request_id
         if request.operation == "embed":
             async def call(adapter, upstream, attempt, deadline):
-                if deadline is None:
-                    return await adapter.embed(upstream)
                 return await adapter.embed(upstream, deadline=deadline)
         else:
             native = request.native
 
             async def call(adapter, upstream, attempt, deadline):
-                kw = {} if deadline is None else {"deadline": deadline}
                 if native is not None and getattr(adapter, "speaks_responses", False):
                     attempt.native = True
                     return await adapter.responses({**native, "model": upstream["model"]}, request_id=request_id,
-                                                   **kw)
-                return await adapter.complete(upstream, request_id=request_id, **kw)
+                                                   deadline=deadline)
+                return await adapter.complete(upstream, request_id=request_id, deadline=deadline)
         try:
             attempt, result = await self.run(ctx, request.body, plan, call)
         except GatewayError as exc:
@@ -497,13 +493,13 @@ class Gateway:
         native = request.native
 
         async def call(adapter, upstream, attempt, deadline):
-            kw = {} if deadline is None else {"deadline": deadline}
             if native is not None and getattr(adapter, "speaks_responses", False):
                 attempt.native = True
                 stream = await adapter.open_responses_stream({**native, "model": upstream["model"]},
-                                                             request_id=request_id, **kw)
+                                                             request_id=request_id, deadline=deadline)
             else:
-                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage, **kw)
+                stream = await adapter.open_stream(upstream, request_id=request_id, include_usage=include_usage,
+                                                   deadline=deadline)
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
@@ -661,14 +657,8 @@ class Gateway:
             attempt_deadline = min(ctx.deadline, attempt.started + timeout)
             adapter = entry.adapter
             try:
-                if getattr(adapter, "takes_deadline", False):
-                    # The transport bounds every wait of the attempt: no cancel scope on the hot path.
-                    result = await call(adapter, upstream, attempt, attempt_deadline)
-                else:
-                    with trio.move_on_at(attempt_deadline) as attempt_scope:
-                        result = await call(adapter, upstream, attempt, None)
-                    if attempt_scope.cancelled_caught:
-                        raise UpstreamError(provider, "timeout", f"no answer within {timeout:g}s")
+                # The adapter bounds every wait of the attempt by its deadline: no cancel scope on the hot path.
+                result = await call(adapter, upstream, attempt, attempt_deadline)
             except InvalidRequest as exc:
                 # The body cannot be said in this provider's wire format: the client's to fix.
                 self.report(attempt, None, cancelled=True)
@@ -762,9 +752,6 @@ class Gateway:
         """The gateway is stopping: streams still running at ``deadline`` end then with an error event
         saying so (recorded as ``shutdown``), before the server's drain cuts their connections."""
         self.stop_deadline = deadline
-        for scope in list(self._reading):
-            if scope.deadline > deadline:
-                scope.deadline = deadline
         for streaming in list(self._streams):
             streaming._stream.set_deadline(min(streaming._ctx.deadline, deadline))
 
@@ -773,8 +760,8 @@ class Streaming:
     """A committed stream: iterate for :class:`Chunks`, then exactly one :class:`Done` or :class:`Failed`.
 
     The relay contract: each ``__anext__`` reads the upstream once (one upstream read's chunk payloads per
-    item, so a front door writes once per read), bounded by the request's deadline (through the upstream
-    stream's own ``set_deadline``, or else a cancel scope around that one read); no scope is open between
+    item, so a front door writes once per read), bounded by the request's deadline through the upstream
+    stream's own ``set_deadline`` (every adapter's streams bound their reads); no scope is open between
     items, so whatever the consumer does between reads (a slow client
     blocking its write, a WebSocket queue) is never cancelled by this request's deadline. A deadline passed
     while the consumer was away is noticed at the next read. The first item is the read that committed
@@ -784,7 +771,7 @@ class Streaming:
     """
 
     __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
-                 "_bounded", "native")
+                 "native", "_final")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
         self._gw = gw
@@ -793,15 +780,16 @@ class Streaming:
         self._stream = stream
         self._first: list[bytes] | None = first
         self._ended = False
+        #: The end event produced with the last Chunks (the upstream's end came with its body's), not yet
+        #: returned.
+        self._final: Done | None = None
         self._closed = False
         self.provider = attempt.provider
         self.model = attempt.model
         self.headers = _answer_headers(ctx)
-        #: The upstream stream bounds its own reads (set_deadline): no cancel scope per read.
-        self._bounded = hasattr(stream, "set_deadline")
-        if self._bounded:
-            stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
-            gw._streams.add(self)
+        # The upstream stream bounds its own reads: no cancel scope per read.
+        stream.set_deadline(min(ctx.deadline, gw.stop_deadline))
+        gw._streams.add(self)
         #: The payloads are the native API's events (``ModelRequest.native`` was sent), not chat chunks.
         self.native = attempt.native
 
@@ -816,45 +804,55 @@ class Streaming:
     def __aiter__(self):
         return self
 
+    @property
+    def ended(self) -> bool:
+        """The stream's end is produced and the request recorded: after the Chunks just returned (``last``)
+        come only the end event and StopAsyncIteration, with no upstream read."""
+        return self._ended
+
     async def __anext__(self):
         if self._ended:
+            final = self._final
+            if final is not None:
+                self._final = None
+                return final
             raise StopAsyncIteration
         stream = self._stream
         first = self._first
         if first is not None:
             self._first = None
-            return Chunks(first, stream.finished)
+            return self._chunks(first)
         if stream.finished:
-            if self._bounded:
-                # The client has the whole answer; let the upstream connection be reused.
-                await stream.drain()
+            # The client has the whole answer; let the upstream connection be reused.
+            await stream.drain()
             return self._end(None)
         gw = self._gw
         try:
-            if self._bounded:
-                # A read that would not wait (the bytes are buffered) is still past a deadline that passed.
-                if trio.current_time() >= min(self._ctx.deadline, gw.stop_deadline):
-                    return self._end(self._expired())
-                items = await stream.__anext__()
-            else:
-                with trio.move_on_at(min(self._ctx.deadline, gw.stop_deadline)) as scope:
-                    gw._reading.add(scope)
-                    try:
-                        items = await stream.__anext__()
-                    finally:
-                        gw._reading.discard(scope)
-                if scope.cancelled_caught:
-                    return self._end(self._expired())
+            # A read that would not wait (the bytes are buffered) is still past a deadline that passed.
+            if trio.current_time() >= min(self._ctx.deadline, gw.stop_deadline):
+                return self._end(self._expired())
+            items = await stream.__anext__()
         except StopAsyncIteration:
             return self._end(UpstreamError(self.provider, "stream_cut", "upstream stream ended early"))
         except UpstreamError as exc:
-            if exc.kind == "timeout" and self._bounded:
+            if exc.kind == "timeout":
                 exc = self._expired() or exc
             return self._end(exc)
         except Exception as exc:  # anything else from the upstream's side still ends the stream honestly
             return self._end(UpstreamError(self.provider, "protocol",
                                            f"the upstream stream failed: {type(exc).__name__}"))
-        return Chunks(items, stream.finished)
+        return self._chunks(items)
+
+    def _chunks(self, items: list) -> Chunks:
+        stream = self._stream
+        if not stream.finished:
+            return Chunks(items, False)
+        if stream.at_end:
+            # The upstream's end came with the rest of its body: nothing is left to read, so the request is
+            # recorded now, before the client has the last bytes, and the front door may write them with
+            # the end of its response (``ended``).
+            self._final = self._end(None)
+        return Chunks(items, True)
 
     def _expired(self):
         """Why a read timed out, if a deadline of ours passed: the gateway stopping, or the request's."""
@@ -897,8 +895,12 @@ class Streaming:
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+        stream = self._stream
+        if stream.at_end:
+            await stream.aclose()  # the connection goes back to its pool; nothing here waits
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
         if not self._ended:
             # The consumer stopped reading before the end: the client went away.
             self._ended = True
@@ -951,6 +953,12 @@ def _cacheable(decision, table, breakers) -> bool:
         if view is not None and view.state != CLOSED:
             return False
     return True
+
+
+def unknown_model(model: str) -> GatewayError:
+    return GatewayError(404, f"the model {model!r} does not exist or no registered provider serves it; "
+                        "list the available models and failover groups with GET /v1/models",
+                        "not_found_error", param="model", code="model_not_found")
 
 
 def _error_kind(error: BaseException | None) -> str:

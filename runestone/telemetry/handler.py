@@ -352,13 +352,14 @@ class TelemetryHandler(Actor):
         if self.ledger is None:
             return {"ledger": False, "key_id": key_id, "team": team, "rows": [], "totals": None}
         await self._flush()
-        return {
-            "ledger": True,
-            "key_id": key_id,
-            "team": team,
-            "rows": await self.ledger.summary(key_id, group_by, team),
-            "totals": await self.ledger.totals(key_id, team),
-        }
+        try:
+            rows = await self.ledger.summary(key_id, group_by, team)
+            totals = await self.ledger.totals(key_id, team)
+        except Exception as exc:
+            # The database is down or too slow: the caller gets a clear "unavailable", the handler lives on.
+            return {"ledger": True, "key_id": key_id, "team": team, "rows": [], "totals": None,
+                    "unavailable": f"{type(exc).__name__}: {exc}"[:300]}
+        return {"ledger": True, "key_id": key_id, "team": team, "rows": rows, "totals": totals}
 
     # -- background and shutdown ---------------------------------------------
 

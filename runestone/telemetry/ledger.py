@@ -1,24 +1,33 @@
-"""The usage ledger: one SQLite row per finished request, for accounting.
+"""The usage ledger: one row per finished request, for accounting, in SQLite or in Postgres.
 
 ``add`` only appends the record's fields to an in-memory buffer (O(1), no I/O, never raises), so the request
 path itself may call it: rows then never wait in, or get lost with, the telemetry handler's mailbox. ``flush``
-swaps the buffer out and writes it in a single transaction on a worker thread (``trio.to_thread``), so the event
-loop never waits on the disk. The ledger object is meant to outlive the actor that flushes it (the application
-makes one and hands it to each incarnation of the telemetry handler), so a crash of that actor loses no
-buffered row; ``close`` closes the database but keeps the buffer, and ``open`` opens it again.
+swaps the buffer out and writes it as one batch in a single transaction on a worker thread (``trio.to_thread``),
+so the event loop never waits on the database. The ledger object is meant to outlive the actor that flushes it
+(the application makes one and hands it to each incarnation of the telemetry handler), so a crash of that
+actor loses no buffered row; ``close`` closes the database but keeps the buffer, and ``open`` opens it again.
 
-The database is in WAL mode with ``synchronous=NORMAL``: a committed flush survives a crash of the process (a
-power loss may take the last ones). So a SIGKILL loses the rows added since the last committed flush: with the
-handler flushing on a fixed schedule, at most one flush interval of rows plus the batch being written. Readers
-(``summary``, ``totals``) never block a writer. Rows are kept across restarts: reopening the same path continues
-the same ledger (a database from before the ``request_id`` column gets it added).
+Where the rows go is a :class:`LedgerBackend`: :class:`SQLiteLedgerBackend` (the embedded default, a file in
+the data directory) or :class:`PostgresLedgerBackend` (``[database] url``; one dedicated connection, the batch
+sent with ``executemany`` in one pipelined round trip). The guarantees below hold for both.
+
+SQLite is in WAL mode with ``synchronous=NORMAL``: a committed flush survives a crash of the process (a power
+loss may take the last ones); Postgres commits durably. So a SIGKILL loses the rows added since the last
+committed flush: with the handler flushing on a fixed schedule, at most one flush interval of rows plus the
+batch being written. Readers (``summary``, ``totals``) never block a writer. Rows are kept across restarts:
+reopening the same database continues the same ledger (an SQLite file from before the ``request_id`` column
+gets it added; Postgres gets its schema from :mod:`runestone.storage`'s migrations).
 
 The writer trusts no row. Each is checked before it is stored: names and ids are strings of at most
 ``MAX_NAME_CHARS`` (``key_id`` and ``request_id`` may be null), token counts integers in ``0..MAX_TOKENS``, cost,
-latency and time finite and non-negative, the HTTP status in ``0..999``. A row that fails a check, or that SQLite
-still refuses, is *quarantined*: appended as one JSON line to ``<path>.quarantine.jsonl`` beside the database
-and counted in ``quarantined``, while the rest of its batch is stored. Only a failure of the database itself
-(``sqlite3.OperationalError``: a full disk, a lock) fails a flush; its batch goes back to the buffer.
+latency and time finite and non-negative, the HTTP status in ``0..999``. A row that fails a check, or that the
+database still refuses, is *quarantined*: appended as one JSON line to the quarantine file (by default
+``<path>.quarantine.jsonl`` beside the SQLite database) and counted in ``quarantined``, while the rest of its
+batch is stored. Only a failure of the database itself (a full disk, a lock, a Postgres server down,
+restarting or too slow) fails a flush; its batch goes back to the buffer and the next flush retries it, on a
+new connection for Postgres, so the ledger resumes by itself one flush interval after the server is back.
+Meanwhile it is *degraded* (:meth:`UsageLedger.status`). The buffer is bounded (``max_buffer``): past it the
+oldest rows are quarantined (``overflowed``, with the reason "buffer full") instead of kept in memory.
 
 Records are any objects with the attributes of :class:`~runestone.telemetry.events.RequestFinished` used by the
 schema (``wall_time`` becomes ``ts``, ``latency`` seconds become ``latency_ms``); a missing attribute makes a
@@ -29,28 +38,32 @@ from __future__ import annotations
 
 import json
 import logging
+import itertools
 import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from .costs import Pricer
 
-__all__ = ["MAX_NAME_CHARS", "MAX_TOKENS", "SUMMARY_COLUMNS", "UsageLedger"]
+__all__ = ["MAX_NAME_CHARS", "MAX_TOKENS", "SUMMARY_COLUMNS", "LedgerBackend", "LedgerStatus",
+           "PostgresLedgerBackend", "SQLiteLedgerBackend", "UsageLedger"]
 
 log = logging.getLogger(__name__)
 
 #: The most tokens one count of one request may be: far beyond any context window, and small enough that
-#: sums over billions of rows fit SQLite's 64-bit integers. Upstream usage beyond it is a protocol error.
+#: sums over billions of rows fit 64-bit integers. Upstream usage beyond it is a protocol error.
 MAX_TOKENS = 1_000_000_000
 #: The longest id or model name an upstream may send, and the ledger store.
 MAX_NAME_CHARS = 512
 
-_SCHEMA = """
+_SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -73,17 +86,15 @@ CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
 #: SQLite's page cache for the ledger's connection, in KiB: what the ledger keeps in memory at most.
 _CACHE_KIB = 256
 
-_INSERT = (
-    "INSERT INTO usage (ts, request_id, key_id, provider, model, endpoint, tokens_in, tokens_out, cost,"
-    " latency_ms, status, http_status, team) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+_COLUMNS = ("ts, request_id, key_id, provider, model, endpoint, tokens_in, tokens_out, cost, latency_ms, status,"
+            " http_status, team")
 
 #: The fields of a buffered row, in order (``latency`` in seconds, as the record has it).
 _FIELDS = ("wall_time", "request_id", "key_id", "provider", "model", "endpoint", "tokens_in", "tokens_out",
            "cost", "latency", "status", "http_status", "team")
 
-#: What ``summary`` may group by, and the SQL for each (a whitelist: these are
-#: pasted into the query, so nothing else may be).
+#: What ``summary`` may group by, and the SQL for each (a whitelist: these are pasted into the query, so
+#: nothing else may be). ``day`` is SQLite's expression; a backend may say it its own way (``day_sql``).
 SUMMARY_COLUMNS = {
     "model": "model",
     "provider": "provider",
@@ -93,17 +104,6 @@ SUMMARY_COLUMNS = {
     "status": "status",
     "day": "date(ts, 'unixepoch')",
 }
-
-_AGGREGATES = (
-    "COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost), 0.0),"
-    " COALESCE(SUM(status != 'ok'), 0)"
-)
-
-# What SQLite may still refuse about one row (beyond the checks): the row is quarantined. An
-# OperationalError is the database failing, not the row, and fails the flush instead.
-_ROW_ERRORS = (OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError,
-               sqlite3.DataError, sqlite3.ProgrammingError)
-
 
 def _text(v: Any) -> bool:
     return type(v) is str and len(v) <= MAX_NAME_CHARS
@@ -151,43 +151,66 @@ def _plain(v: Any) -> Any:
     return text
 
 
-class UsageLedger:
-    """A buffered, append-only usage table in SQLite at ``path``.
 
-    ``pricing`` prices rows that carry no cost (see :class:`~runestone.telemetry.costs.Pricer`). ``batch``
-    rows waiting set :attr:`batch_full`, which the flushing task waits on between its ticks. ``max_buffer``
-    bounds what is kept when writes keep failing (a full disk) or nobody flushes: past it the oldest records
-    are dropped and counted in ``lost``, since the ledger must not grow memory without bound.
+class LedgerBackend:
+    """Where a :class:`UsageLedger` keeps its rows: the seam between the ledger's guarantees and one database.
+
+    Every method blocks and is called on a worker thread, one call at a time (under the ledger's lock).
+    ``insert`` stores checked, priced rows (in :data:`_COLUMNS` order, then the row's sequence number, unique
+    in this ledger: a retried row has the same) in one transaction and returns the ones
+    the database refused, as ``(index, reason)``, having stored all the others; an exception of ``failures``
+    is the database failing (nothing of the batch is stored). A backend that ``reconnects`` opens a new
+    connection for its next call after a failure, and may start without its database (the first flush then
+    connects). ``day_sql``, ``aggregates``, ``nulls_first`` and ``param`` are its dialect for ``summary``.
     """
 
-    def __init__(self, path: str, *, pricing: Mapping[str, Any] | None = None, batch: int = 500,
-                 max_buffer: int = 100_000):
-        self.path = path
-        #: Where rows that cannot be stored are kept, one JSON object per line.
-        self.quarantine_path = None if path == ":memory:" else path + ".quarantine.jsonl"
-        self.batch = batch
-        self.max_buffer = max_buffer
-        #: key id -> its team (or None), asked when a row is added: the team the key was in at the time.
-        self.team_of = None
-        self._price = Pricer(pricing)
-        self._buffer: list[tuple] = []
+    name = "?"
+    #: Where the rows go, as messages and dumps may show it (no secret).
+    where = "?"
+    failures: tuple[type[BaseException], ...] = ()
+    reconnects = False
+    day_sql = SUMMARY_COLUMNS["day"]
+    aggregates = ""
+    nulls_first = ""
+    param = "?"
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def insert(self, rows: list[tuple]) -> list[tuple[int, str]]:
+        raise NotImplementedError
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class SQLiteLedgerBackend(LedgerBackend):
+    """The embedded ledger: an SQLite file at ``path`` (WAL, ``synchronous=NORMAL``)."""
+
+    name = "sqlite"
+    failures = (sqlite3.OperationalError,)
+    aggregates = ("COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost), 0.0),"
+                  " COALESCE(SUM(status != 'ok'), 0)")
+    _insert = f"INSERT INTO usage ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    # What SQLite may still refuse about one row (beyond the checks): the row is quarantined. An
+    # OperationalError is the database failing, not the row, and fails the flush instead.
+    _row_errors = (OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+                   sqlite3.DataError, sqlite3.ProgrammingError)
+
+    def __init__(self, path: str) -> None:
+        self.path = self.where = path
         self._conn: sqlite3.Connection | None = None
-        self._lock = trio.Lock()
-        #: Set when ``batch`` rows wait; a new event after each flush.
-        self.batch_full = trio.Event()
-        #: Rows committed by this ledger (across its opens).
-        self.written = 0
-        #: Rows that could not be stored and were written to the quarantine file instead.
-        self.quarantined = 0
-        #: Records dropped: the buffer was full, or a quarantine line could not be written.
-        self.lost = 0
 
-    @property
-    def pending(self) -> int:
-        """Records added but not yet written."""
-        return len(self._buffer)
-
-    def _open_sync(self) -> sqlite3.Connection:
+    def open(self) -> None:
+        if self._conn is not None:
+            return
         directory = os.path.dirname(self.path)
         if directory and self.path != ":memory:":
             os.makedirs(directory, exist_ok=True)
@@ -198,7 +221,7 @@ class UsageLedger:
             # SQLite's page cache (2 MB by default) fills with every page the ledger appends, so the
             # process grew ~100 bytes per request up to 2 MB. Appends and the rare summary need little of it.
             conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SQLITE_SCHEMA)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
             if "request_id" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
@@ -208,13 +231,222 @@ class UsageLedger:
         except BaseException:
             conn.close()
             raise
-        return conn
+        self._conn = conn
+
+    def insert(self, rows: list[tuple]) -> list[tuple[int, str]]:
+        conn = self._conn
+        refused: list[tuple[int, str]] = []
+        conn.execute("BEGIN")
+        try:
+            try:
+                conn.executemany(self._insert, [row[:-1] for row in rows])
+            except sqlite3.OperationalError:
+                raise
+            except self._row_errors:
+                # One row the checks let through: store the others one by one, keep that one aside.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN")
+                for i, row in enumerate(rows):
+                    try:
+                        conn.execute(self._insert, row[:-1])
+                    except sqlite3.OperationalError:
+                        raise
+                    except self._row_errors as exc:
+                        refused.append((i, _reason(exc)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return refused
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresLedgerBackend(LedgerBackend):
+    """The ledger in Postgres at ``url`` (``[database] url``), on one dedicated connection.
+
+    The connection is opened (and the schema migrated) at ``open``, or at the first flush when the server is
+    down then; a failure closes it and the next call opens a new one. Every call is bounded in time
+    (:func:`runestone.storage.bounded`), so a server that stops answering fails a flush instead of holding it.
+    """
+
+    name = "postgres"
+    reconnects = True
+    day_sql = "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    aggregates = ("COUNT(*), COALESCE(SUM(tokens_in), 0)::bigint, COALESCE(SUM(tokens_out), 0)::bigint,"
+                  " COALESCE(SUM(cost), 0.0)::float8, COUNT(*) FILTER (WHERE status <> 'ok')")
+    nulls_first = " NULLS FIRST"
+    param = "%s"
+    # A commit whose answer the connection lost (the server went away right then) may have happened: the
+    # retried batch must not store its rows twice. Each row carries (origin, seq), origin unique to this backend.
+    _insert = (f"INSERT INTO usage ({_COLUMNS}, origin, seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+               " ON CONFLICT (origin, seq) DO NOTHING")
+
+    def __init__(self, url: str) -> None:
+        from .. import storage
+
+        self.origin = uuid.uuid4().hex
+        self.where = storage.redact(url)
+        self.failures = storage.failure_types()
+        self._row_errors = storage.row_error_types()
+        self._session = storage.Session(url, "runestone-ledger")
+
+    def open(self) -> None:
+        self._session.run(lambda conn: None)
+
+    def insert(self, rows: list[tuple]) -> list[tuple[int, str]]:
+        return self._session.run(lambda conn: self._insert_rows(conn, rows))
+
+    def _insert_rows(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str]]:
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._insert, [(*row[:-1], self.origin, row[-1]) for row in rows])
+            return []
+        except self._row_errors:
+            pass
+        # One row the checks let through: each alone in a savepoint, the refused ones kept aside.
+        refused: list[tuple[int, str]] = []
+        with conn.transaction():
+            for i, row in enumerate(rows):
+                try:
+                    with conn.transaction():
+                        conn.execute(self._insert, (*row[:-1], self.origin, row[-1]))
+                except self._row_errors as exc:
+                    refused.append((i, _reason(exc)))
+        return refused
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        return self._session.run(lambda conn: conn.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        self._session.close()
+
+
+@attrs.frozen
+class LedgerStatus:
+    """What the ledger is doing, for ``/health/detailed`` and ``/metrics``."""
+
+    backend: str
+    """``sqlite`` or ``postgres``."""
+    where: str
+    """The SQLite file, or the Postgres url without its credentials."""
+    state: str
+    """``ok``, or ``degraded`` while the database fails (rows are buffered and retried)."""
+    pending: int
+    """Rows waiting for the next flush."""
+    written: int
+    """Rows committed by this ledger (across its opens)."""
+    quarantined: int
+    """Rows kept in the quarantine file instead of the database (the overflowed ones included)."""
+    overflowed: int
+    """Rows quarantined because the buffer was full while the database failed."""
+    lost: int
+    """Rows dropped: not even the quarantine file could take them."""
+    failures: int
+    """Flushes (and reads) the database failed."""
+    degraded_since: float | None
+    """Wall time of the first failure of the current degraded spell."""
+    last_error: str | None
+    """The last failure, as ``Type: message``."""
+
+
+class UsageLedger:
+    """A buffered, append-only usage table: in SQLite at ``path``, or in the given ``backend``.
+
+    ``pricing`` prices rows that carry no cost (see :class:`~runestone.telemetry.costs.Pricer`). ``batch``
+    rows waiting set :attr:`batch_full`, which the flushing task waits on between its ticks. ``max_buffer``
+    bounds what is kept when writes keep failing (a full disk, Postgres down) or nobody flushes: past it the
+    oldest rows go to the quarantine file at the next flush (counted in ``overflowed``), since the ledger must
+    not grow memory without bound. ``quarantine_path`` defaults to ``<path>.quarantine.jsonl``.
+    """
+
+    def __init__(self, path: str, *, pricing: Mapping[str, Any] | None = None, batch: int = 500,
+                 max_buffer: int = 100_000, backend: LedgerBackend | None = None,
+                 quarantine_path: str | None = None):
+        self.path = path
+        self.backend = backend if backend is not None else SQLiteLedgerBackend(path)
+        #: Where rows that cannot be stored are kept, one JSON object per line.
+        self.quarantine_path = quarantine_path or (None if path == ":memory:" else path + ".quarantine.jsonl")
+        self.batch = batch
+        self.max_buffer = max_buffer
+        #: key id -> its team (or None), asked when a row is added: the team the key was in at the time.
+        self.team_of = None
+        self._price = Pricer(pricing)
+        self._buffer: list[tuple] = []
+        #: Rows pushed out of a full buffer, for the quarantine file at the next flush (bounded the same).
+        self._overflow: list[tuple] = []
+        self._opened = False
+        #: Numbers each row, after its fields: a backend that cannot know whether a commit it lost the answer
+        #: to happened stores a retried row once by it (Postgres: ``ON CONFLICT (origin, seq) DO NOTHING``).
+        self._seq = itertools.count()
+        self._lock = trio.Lock()
+        #: Set when ``batch`` rows wait; a new event after each flush.
+        self.batch_full = trio.Event()
+        #: Rows committed by this ledger (across its opens).
+        self.written = 0
+        #: Rows that could not be stored and were written to the quarantine file instead.
+        self.quarantined = 0
+        #: Of those, the rows a full buffer pushed out while the database failed.
+        self.overflowed = 0
+        #: Records dropped: not even the quarantine file could take them.
+        self.lost = 0
+        #: Operations the database failed (flushes, reads, an open).
+        self.database_failures = 0
+        self.degraded_since: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        """Records added but not yet written."""
+        return len(self._buffer)
+
+    @property
+    def degraded(self) -> bool:
+        """True from a failure of the database to the next write it takes."""
+        return self.degraded_since is not None
+
+    def status(self) -> LedgerStatus:
+        return LedgerStatus(
+            backend=self.backend.name, where=self.backend.where, state="degraded" if self.degraded else "ok",
+            pending=len(self._buffer) + len(self._overflow), written=self.written, quarantined=self.quarantined,
+            overflowed=self.overflowed, lost=self.lost, failures=self.database_failures,
+            degraded_since=self.degraded_since, last_error=self.last_error)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.database_failures += 1
+        self.last_error = _reason(exc)[:500]
+        if self.degraded_since is None:
+            self.degraded_since = time.time()
+            log.error("usage ledger: %s fails (%s); rows are buffered and retried", self.backend.where,
+                      self.last_error)
+
+    def _recovered(self) -> None:
+        if self.degraded_since is not None:
+            log.warning("usage ledger: %s is back after %.1f s", self.backend.where, time.time() - self.degraded_since)
+            self.degraded_since = None
 
     async def open(self) -> None:
-        """Open (creating it and its directory if needed) the database; idempotent."""
+        """Open (creating it and its directory if needed) the database; idempotent.
+
+        A backend that reconnects opens even when its database is down (the ledger starts degraded and its
+        first flush connects); any other backend's failure propagates."""
         async with self._lock:
-            if self._conn is None:
-                self._conn = await trio.to_thread.run_sync(self._open_sync)
+            if self._opened:
+                return
+            try:
+                await trio.to_thread.run_sync(self.backend.open)
+            except self.backend.failures as exc:
+                if not self.backend.reconnects:
+                    raise
+                self._failed(exc)
+            self._opened = True
 
     def add(self, record: Any, cost: float | None = None) -> None:
         """Buffer one record for the next flush. Never does I/O, never raises.
@@ -223,8 +455,7 @@ class UsageLedger:
         """
         buffer = self._buffer
         if len(buffer) >= self.max_buffer:
-            del buffer[0]  # the oldest goes; only when writes keep failing
-            self.lost += 1
+            self._spill(1)  # the oldest goes; only when writes keep failing
         g = getattr
         key_id = g(record, "key_id", None)
         team = g(record, "team", None)
@@ -239,17 +470,28 @@ class UsageLedger:
             g(record, "tokens_in", None), g(record, "tokens_out", None),
             g(record, "cost", None) if cost is None else cost,
             g(record, "latency", None), g(record, "status", None), g(record, "http_status", None), team,
+            next(self._seq),
         ))
         if len(buffer) >= self.batch:
             self.batch_full.set()
 
+    def _spill(self, n: int) -> None:
+        """Move the ``n`` oldest buffered rows to the overflow (quarantined at the next flush)."""
+        moved = self._buffer[:n]
+        del self._buffer[:n]
+        self._overflow.extend(moved)
+        extra = len(self._overflow) - self.max_buffer
+        if extra > 0:  # the quarantine file has been failing too
+            del self._overflow[:extra]
+            self.lost += extra
+
     def _stored(self, row: tuple) -> tuple:
         """The row as inserted: priced, latency in milliseconds."""
-        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team = row
+        ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team, seq = row
         cost = self._price(cost, provider, model, tin, tout)
-        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team)
+        return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team, seq)
 
-    def _write_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
+    def _write_sync(self, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
         """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""
         refused: list[tuple[tuple, str]] = []
         good: list[tuple] = []
@@ -262,40 +504,18 @@ class UsageLedger:
             try:
                 stored = self._stored(row)
             except Exception as exc:
-                refused.append((row, f"{type(exc).__name__}: {exc}"))
+                refused.append((row, _reason(exc)))
                 continue
             if not _amount(stored[8]):
                 refused.append((row, "cost out of range"))
                 continue
             good.append(stored)
             originals.append(row)
-        written = len(good)
-        conn.execute("BEGIN")
-        try:
-            try:
-                conn.executemany(_INSERT, good)
-            except sqlite3.OperationalError:
-                raise
-            except _ROW_ERRORS:
-                # One row the checks let through: store the others one by one, keep that one aside.
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN")
-                written = 0
-                for stored, row in zip(good, originals):
-                    try:
-                        conn.execute(_INSERT, stored)
-                    except sqlite3.OperationalError:
-                        raise
-                    except _ROW_ERRORS as exc:
-                        refused.append((row, f"{type(exc).__name__}: {exc}"))
-                    else:
-                        written += 1
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return written, refused
+        if not good:
+            return 0, refused
+        rejected = self.backend.insert(good)
+        refused.extend((originals[i], reason) for i, reason in rejected)
+        return len(good) - len(rejected), refused
 
     def _quarantine_sync(self, refused: list[tuple[tuple, str]]) -> int:
         """Append the refused rows to the quarantine file; return how many could not be written."""
@@ -307,6 +527,9 @@ class UsageLedger:
         if self.quarantine_path is None:
             return len(lines)
         try:
+            directory = os.path.dirname(self.quarantine_path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
             with open(self.quarantine_path, "a", encoding="utf-8") as f:
                 f.write("".join(lines))
         except OSError as exc:
@@ -315,65 +538,99 @@ class UsageLedger:
             return len(lines)
         return 0
 
-    def _flush_sync(self, conn: sqlite3.Connection, rows: list[tuple]) -> tuple[int, int, int]:
-        written, refused = self._write_sync(conn, rows)
+    def _flush_sync(self, rows: list[tuple]) -> tuple[int, int, int]:
+        written, refused = self._write_sync(rows)
         lost = self._quarantine_sync(refused) if refused else 0
         return written, len(refused) - lost, lost
+
+    def _counted(self, quarantined: int, lost: int) -> None:
+        if quarantined or lost:
+            before = self.quarantined + self.lost
+            self.quarantined += quarantined
+            self.lost += lost
+            if before == 0 or before // 1000 != (before + quarantined + lost) // 1000:  # not every flush
+                log.warning("usage ledger: rows it could not store were quarantined in %s (%d so far)",
+                            self.quarantine_path, self.quarantined)
+
+    async def _quarantine_overflow(self) -> None:
+        overflow, self._overflow = self._overflow, []
+        reason = f"buffer full ({self.max_buffer} rows) while {self.backend.where} failed"
+        lost = await trio.to_thread.run_sync(self._quarantine_sync, [(row, reason) for row in overflow])
+        self.overflowed += len(overflow) - lost
+        self._counted(len(overflow) - lost, lost)
 
     async def flush(self) -> int:
         """Write every buffered record in one transaction; return how many were stored.
 
         Rows that cannot be stored are quarantined (the others are stored). If the database itself fails,
         none of the batch is, and it goes back to the front of the buffer for the next flush (then the error
-        propagates). The write runs to its end on its thread even if the caller is cancelled meanwhile, so a
-        cancelled flush never leaves a half-written batch; records added during the write wait for the next
-        flush.
+        propagates); what no longer fits the buffer is quarantined at once. The write runs to its end on its
+        thread even if the caller is cancelled meanwhile, so a cancelled flush never leaves a half-written
+        batch; records added during the write wait for the next flush.
         """
         async with self._lock:
+            if self._overflow:
+                await self._quarantine_overflow()
             if not self._buffer:
                 return 0
-            if self._conn is None:
+            if not self._opened:
                 raise RuntimeError("UsageLedger.flush before open()")
             batch, self._buffer = self._buffer, []
             self.batch_full = trio.Event()
             try:
-                written, quarantined, lost = await trio.to_thread.run_sync(self._flush_sync, self._conn, batch)
-            except BaseException:
+                written, quarantined, lost = await trio.to_thread.run_sync(self._flush_sync, batch)
+            except BaseException as exc:
                 self._buffer[:0] = batch
                 overflow = len(self._buffer) - self.max_buffer
                 if overflow > 0:
-                    del self._buffer[:overflow]
-                    self.lost += overflow
+                    self._spill(overflow)
+                if isinstance(exc, Exception):
+                    self._failed(exc)
+                if self._overflow:
+                    with trio.CancelScope(shield=True):
+                        await self._quarantine_overflow()
                 raise
+            self._recovered()
             self.written += written
-            if quarantined or lost:
-                before = self.quarantined + self.lost
-                self.quarantined += quarantined
-                self.lost += lost
-                if before == 0 or before // 1000 != (before + quarantined + lost) // 1000:  # not every flush
-                        log.warning("usage ledger: rows it could not store were quarantined in %s (%d so far)",
-                                self.quarantine_path, self.quarantined)
+            self._counted(quarantined, lost)
             return written
+
+    async def quarantine_pending(self, reason: str) -> int:
+        """Move every row still buffered to the quarantine file (the gateway stops while its database fails,
+        and the buffer would die with the process); return how many moved."""
+        async with self._lock:
+            rows, self._buffer = self._overflow + self._buffer, []
+            self._overflow = []
+            if not rows:
+                return 0
+            lost = await trio.to_thread.run_sync(self._quarantine_sync, [(row, reason) for row in rows])
+            self._counted(len(rows) - lost, lost)
+            log.error("usage ledger: %d rows not stored in %s (%s) are in %s", len(rows) - lost, self.backend.where,
+                      reason, self.quarantine_path)
+            return len(rows) - lost
 
     async def close(self) -> None:
         """Flush what is buffered, then close the database; idempotent. What a failed flush leaves stays
         buffered, for the next ``open`` and ``flush``."""
-        if self._conn is None:
+        if not self._opened:
             return
         try:
             await self.flush()
         finally:
             async with self._lock:
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    await trio.to_thread.run_sync(conn.close)
+                if self._opened:
+                    self._opened = False
+                    await trio.to_thread.run_sync(self.backend.close)
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         async with self._lock:
-            if self._conn is None:
+            if not self._opened:
                 raise RuntimeError("UsageLedger query before open()")
-            conn = self._conn
-            return await trio.to_thread.run_sync(lambda: conn.execute(sql, params).fetchall())
+            try:
+                return await trio.to_thread.run_sync(self.backend.query, sql, params)
+            except self.backend.failures as exc:
+                self._failed(exc)
+                raise
 
     async def summary(
         self, key_id: str | None = None, group_by: Sequence[str] = ("model", "day"), team: str | None = None
@@ -383,27 +640,30 @@ class UsageLedger:
         ``key_id`` None covers every key; ``team`` keeps the rows of that team's keys. ``group_by`` names come from
         :data:`SUMMARY_COLUMNS` (``day`` is the UTC date, ``YYYY-MM-DD``);
         rows are ordered by the group columns. Unflushed records are not
-        counted: call ``flush`` first for an up-to-the-moment answer.
+        counted: call ``flush`` first for an up-to-the-moment answer. A failure of the database propagates
+        (the backend's ``failures``).
         """
+        backend = self.backend
         cols = []
         for name in group_by:
             if name not in SUMMARY_COLUMNS:
                 raise ValueError(f"cannot group usage by {name!r}; choose from {sorted(SUMMARY_COLUMNS)}")
-            cols.append(SUMMARY_COLUMNS[name])
-        select = ", ".join(cols + [_AGGREGATES])
+            cols.append(backend.day_sql if name == "day" else SUMMARY_COLUMNS[name])
+        select = ", ".join(cols + [backend.aggregates])
         sql = f"SELECT {select} FROM usage"
         where, params = [], []
         if key_id is not None:
-            where.append("key_id = ?")
+            where.append(f"key_id = {backend.param}")
             params.append(key_id)
         if team is not None:
-            where.append("team = ?")
+            where.append(f"team = {backend.param}")
             params.append(team)
         if where:
             sql += " WHERE " + " AND ".join(where)
         if cols:
-            order = ", ".join(str(i + 1) for i in range(len(cols)))
-            sql += f" GROUP BY {order} ORDER BY {order}"
+            group = ", ".join(str(i + 1) for i in range(len(cols)))
+            order = ", ".join(f"{i + 1}{backend.nulls_first}" for i in range(len(cols)))
+            sql += f" GROUP BY {group} ORDER BY {order}"
         rows = await self._query(sql, params)
         names = tuple(group_by) + ("requests", "tokens_in", "tokens_out", "cost", "errors")
         return [dict(zip(names, row)) for row in rows if row[len(cols)]]

@@ -453,3 +453,21 @@ def budget_families(spend_usd: Mapping[str, float], refusals: Mapping[tuple[str,
             (("runestone_budget_refusals_total", _labels(("team", "budget"), k), n)
              for k, n in sorted(refusals.items())))
     return "".join(out)
+
+
+def ledger_families(status: Any) -> str:
+    """The usage ledger's state (a :class:`~runestone.telemetry.ledger.LedgerStatus`) in the text format: whether
+    its database fails now, what waits, and what it could not store."""
+    backend = _labels(("backend",), (status.backend,))
+    out: list[str] = []
+    _family(out, "runestone_ledger_degraded", "1 while the usage ledger's database fails (rows are buffered and "
+            "retried), else 0.", "gauge", (("runestone_ledger_degraded", backend, int(status.state != "ok")),))
+    _family(out, "runestone_ledger_pending_rows", "Usage rows waiting for the next flush.", "gauge",
+            (("runestone_ledger_pending_rows", backend, status.pending),))
+    _family(out, "runestone_ledger_database_failures_total", "Usage ledger flushes and reads its database failed.",
+            "counter", (("runestone_ledger_database_failures_total", backend, status.failures),))
+    _family(out, "runestone_ledger_overflowed_total", "Usage rows a full buffer sent to the quarantine file while "
+            "the database failed.", "counter", (("runestone_ledger_overflowed_total", backend, status.overflowed),))
+    _family(out, "runestone_ledger_lost_total", "Usage rows not even the quarantine file could take.", "counter",
+            (("runestone_ledger_lost_total", backend, status.lost),))
+    return "".join(out)

@@ -312,6 +312,37 @@ async def test_a_finished_stream_gives_its_upstream_connection_back(gateway_fact
     assert (stats.open, stats.idle) == (1, 1)
 
 
+async def test_a_stream_that_came_in_one_upstream_read_is_answered_in_one_write(gateway_factory, fake_factory,
+                                                                                monkeypatch):
+    from runestone.http import _connection
+
+    upstream, _ = await fake_factory(chunks=20, coalesce=True)
+    gw = await gateway_factory(LEDGER_OFF + _openai("up", upstream.port))
+    writes = []
+    send = _connection._Connection._send
+
+    async def counted(self, data):
+        if self._stream.socket.getsockname()[1] == gw.port:  # the gateway's writes, not the fake upstream's
+            # what was recorded when the client's bytes went out: the request in flight or not
+            writes.append((bytes(data), len(gw.app.gateway.inflight.requests)))
+        await send(self, data)
+
+    monkeypatch.setattr(_connection._Connection, "_send", counted)
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        for _ in range(2):
+            writes.clear()
+            r = await http.post("/chat/completions", json={**BODY, "stream": True})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and r.text.count("data: ") > 20
+            # head, 20 chunks, [DONE] and the end of the body: one write, made once the request was recorded
+            assert len(writes) == 1, [(w[0][:60], w[0][-60:]) for w in writes]
+            data, in_flight = writes[0]
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            assert in_flight == 0
+    stats = gw.app.gateway.providers.value["up"].adapter._transport.statistics().origin(
+        f"http://127.0.0.1:{upstream.port}")
+    assert (stats.open, stats.idle) == (1, 1)  # and the upstream connection went back to the pool
+
+
 async def test_the_default_plan_is_reused_until_a_snapshot_changes(gateway_factory, fake_factory):
     upstream, _ = await fake_factory()
     gw = await gateway_factory(LEDGER_OFF + _openai("up", upstream.port))

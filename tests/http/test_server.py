@@ -269,15 +269,82 @@ async def test_stream_items_become_chunks_and_empty_items_are_skipped(start_serv
 
     server = await start_server(handler)
     client = await connect(server)
-    await client.send(h11.Request(method="GET", target="/", headers=[("host", "t")]), h11.EndOfMessage())
+    assert await chunked_items(client, "/") == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert closed == [True]
+
+
+async def chunked_items(client, path: str) -> list[bytes]:
+    """GET ``path``: the chunks of its chunked body, as received, after checking the body ended cleanly."""
+    await client.send(h11.Request(method="GET", target=path, headers=[("host", "t")]), h11.EndOfMessage())
     response = await client.next_event()
     assert header(response, b"transfer-encoding") == b"chunked"
     received = []
     while isinstance(event := await client.next_event(), h11.Data):
         received.append(event.data)
     assert isinstance(event, h11.EndOfMessage)
-    assert received == [b"data: 1\n\n", b"data: 2\n\n"]
-    assert closed == [True]
+    return received
+
+
+async def test_a_ready_first_item_goes_out_with_the_head_and_a_last_item_with_the_end(
+        start_server, connect, monkeypatch):
+    from runestone.http import LastItem
+    from runestone.http import _connection
+
+    writes = []
+    send = _connection._Connection._send
+
+    async def counted(self, data):
+        writes.append(bytes(data))
+        await send(self, data)
+
+    monkeypatch.setattr(_connection._Connection, "_send", counted)
+    steps = []
+
+    async def handler(request: Request) -> Response:
+        # /two: the first item, then the last one; /one: the first item is the last
+        async def events():
+            try:
+                steps.append("first")
+                if request.path == "/one":
+                    yield LastItem(b"data: 1\n\n")
+                else:
+                    yield b"data: 1\n\n"
+                    yield LastItem(b"data: 2\n\n")
+                steps.append("read past the last item")
+                yield b"data: never\n\n"
+            finally:
+                steps.append("closed")
+
+        return Response(200, [("content-type", "text/event-stream")], stream=events(), first_ready=True)
+
+    server = await start_server(handler)
+    client = await connect(server)
+    for path, expected, n_writes in (("/two", [b"data: 1\n\n", b"data: 2\n\n"], 2), ("/one", [b"data: 1\n\n"], 1)):
+        writes.clear()
+        steps.clear()
+        assert await chunked_items(client, path) == expected
+        # one write per item: the head rides with the first, the end of the body with the last
+        assert len(writes) == n_writes
+        assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"data: 1\n\n\r\n" if n_writes == 2
+                                                                                   else b"0\r\n\r\n")
+        assert writes[-1].endswith(b"0\r\n\r\n")
+        assert steps == ["first", "closed"]
+        client.conn.start_next_cycle()  # the connection is kept for the next request
+
+
+async def test_a_ready_first_item_that_is_the_end_still_makes_a_well_formed_body(start_server, connect):
+    async def handler(request: Request) -> Response:
+        async def nothing():
+            return
+            yield b""  # an async generator that ends at once
+
+        return Response(200, [("content-type", "text/event-stream")], stream=nothing(), first_ready=True)
+
+    server = await start_server(handler)
+    client = await connect(server)
+    for _ in range(2):
+        response, body = await client.request("GET", "/")
+        assert response.status_code == 200 and body == b""
 
 
 async def test_unread_body_is_drained_and_the_connection_reused(start_server, connect):

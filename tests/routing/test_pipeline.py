@@ -29,10 +29,20 @@ def _ok(provider: str) -> ChatResult:
     return ChatResult(orjson.dumps(body), Usage(3, 2))
 
 
+async def _hang(provider: str, deadline: float | None):
+    """An upstream that never answers, bounded as every adapter bounds its waits: by the deadline."""
+    if deadline is None:
+        await trio.sleep_forever()
+    await trio.sleep_until(deadline)
+    raise UpstreamError(provider, "timeout", "no answer before the deadline")
+
+
 class _Stream:
-    def __init__(self, items: list, end):
+    def __init__(self, provider: str, items: list, end):
+        self._provider = provider
         self._items = list(items)
         self._end = end
+        self._deadline = None
         self.usage = Usage(3, len(items))
         self.finished = False
         self.closed = False
@@ -49,8 +59,18 @@ class _Stream:
         if isinstance(self._end, BaseException):
             raise self._end
         if self._end == "hang":
-            await trio.sleep_forever()
+            await _hang(self._provider, self._deadline)
         raise StopAsyncIteration
+
+    def set_deadline(self, deadline):
+        self._deadline = deadline
+
+    @property
+    def at_end(self):
+        return self.finished
+
+    async def drain(self):
+        pass
 
     async def aclose(self):
         self.closed = True
@@ -70,26 +90,26 @@ class Scripted:
         self.calls.append(self.name)
         return self.script.pop(0) if self.script else "ok"
 
-    async def complete(self, body, *, request_id):
+    async def complete(self, body, *, request_id, deadline=None):
         step = self._next()
         if step == "hang":
-            await trio.sleep_forever()
+            await _hang(self.name, deadline)
         if isinstance(step, BaseException):
             raise step
         return _ok(self.name)
 
-    async def open_stream(self, body, *, request_id, include_usage):
+    async def open_stream(self, body, *, request_id, include_usage, deadline=None):
         step = self._next()
         if isinstance(step, BaseException):
             raise step
         _, n, end = step if isinstance(step, tuple) else ("stream", 2, None)
         chunk = orjson.dumps({"id": "c", "object": "chat.completion.chunk", "model": MODEL,
                               "choices": [{"index": 0, "delta": {"content": self.name}, "finish_reason": None}]})
-        stream = _Stream([[chunk]] * n, end)
+        stream = _Stream(self.name, [[chunk]] * n, end)
         self.streams.append(stream)
         return stream
 
-    async def embed(self, body):
+    async def embed(self, body, deadline=None):
         return _ok(self.name)
 
     async def list_models(self):

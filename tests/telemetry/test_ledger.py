@@ -1,4 +1,5 @@
-"""The usage ledger: buffered batch writes, persistence across reopen, summaries."""
+"""The usage ledger: buffered batch writes, persistence across reopen, summaries; on both backends (SQLite,
+and Postgres on a real server) wherever the behaviour is the backend's to keep."""
 
 import json
 import sqlite3
@@ -6,7 +7,7 @@ import sqlite3
 import pytest
 
 from runestone.telemetry.events import RequestFinished
-from runestone.telemetry.ledger import UsageLedger
+from runestone.telemetry.ledger import PostgresLedgerBackend, UsageLedger
 
 DAY1 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 DAY2 = DAY1 + 86_400
@@ -26,17 +27,59 @@ def rows(path):
         return c.execute("SELECT key_id, model, tokens_in, latency_ms, status, http_status FROM usage").fetchall()
 
 
-async def test_add_buffers_and_flush_writes_in_one_batch(tmp_path):
-    path = str(tmp_path / "usage.db")
-    ledger = UsageLedger(path)
+class Store:
+    """One database for a test's ledgers: an SQLite file, or a fresh Postgres database."""
+
+    def __init__(self, kind, tmp_path, url=None):
+        self.kind = kind
+        self.path = str(tmp_path / "usage.db")
+        self.url = url
+
+    def ledger(self, **kw):
+        if self.kind == "sqlite":
+            return UsageLedger(self.path, **kw)
+        return UsageLedger(self.path, backend=PostgresLedgerBackend(self.url), **kw)
+
+    def sql(self, statement):
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.path) as c:
+                return c.execute(statement).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as c:
+            cur = c.execute(statement)
+            return cur.fetchall() if cur.description else []
+
+    def rows(self):
+        return [tuple(r) for r in self.sql(
+            "SELECT key_id, model, tokens_in, latency_ms, status, http_status FROM usage ORDER BY id")]
+
+    @property
+    def failure(self):
+        if self.kind == "sqlite":
+            return sqlite3.OperationalError
+        import psycopg
+
+        return psycopg.Error
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return Store("sqlite", tmp_path)
+    return Store("postgres", tmp_path, request.getfixturevalue("postgres_url"))
+
+
+async def test_add_buffers_and_flush_writes_in_one_batch(store):
+    ledger = store.ledger()
     await ledger.open()
     for _ in range(5):
         ledger.add(rec())
     assert ledger.pending == 5
-    assert rows(path) == []  # nothing touches the disk before a flush
+    assert store.rows() == []  # nothing touches the database before a flush
     assert await ledger.flush() == 5
     assert ledger.pending == 0 and ledger.written == 5
-    assert rows(path) == [("k1", "gpt-4o", 10, 250.0, "ok", 200)] * 5
+    assert store.rows() == [("k1", "gpt-4o", 10, 250.0, "ok", 200)] * 5
     assert await ledger.flush() == 0
     await ledger.close()
 
@@ -49,9 +92,8 @@ async def test_wal_mode(tmp_path):
     await ledger.close()
 
 
-async def test_close_flushes_and_reopen_keeps_rows(tmp_path):
-    path = str(tmp_path / "usage.db")
-    ledger = UsageLedger(path)
+async def test_close_flushes_and_reopen_keeps_rows(store):
+    ledger = store.ledger()
     await ledger.open()
     ledger.add(rec())
     await ledger.flush()
@@ -59,7 +101,7 @@ async def test_close_flushes_and_reopen_keeps_rows(tmp_path):
     await ledger.close()  # the unflushed one is written here
     await ledger.close()  # idempotent
 
-    again = UsageLedger(path)
+    again = store.ledger()
     await again.open()
     again.add(rec(key="k3"))
     await again.flush()
@@ -68,8 +110,8 @@ async def test_close_flushes_and_reopen_keeps_rows(tmp_path):
     await again.close()
 
 
-async def test_summary_by_model_and_day_with_key_filter(tmp_path):
-    ledger = UsageLedger(str(tmp_path / "usage.db"))
+async def test_summary_by_model_and_day_with_key_filter(store):
+    ledger = store.ledger()
     await ledger.open()
     for r in (
         rec("k1", "gpt-4o", ts=DAY1, tin=1, tout=2, cost=0.1),
@@ -106,26 +148,44 @@ async def test_summary_by_model_and_day_with_key_filter(tmp_path):
     await ledger.close()
 
 
-async def test_failed_write_keeps_the_batch_for_the_next_flush(tmp_path):
-    path = str(tmp_path / "usage.db")
-    ledger = UsageLedger(path, max_buffer=3)
+async def opened(store, keys, **kw):
+    """A ledger of ``store`` (``kw`` its settings), open, with one record per key of ``keys`` added."""
+    ledger = store.ledger(**kw)
     await ledger.open()
-    for i in range(2):
-        ledger.add(rec(key=f"k{i}"))
-    with sqlite3.connect(path) as c:  # make inserts fail: a column the writer does not fill becomes required
-        c.execute("ALTER TABLE usage RENAME TO usage_old")
-    with pytest.raises(sqlite3.OperationalError):
+    for key in keys:
+        ledger.add(rec(key=key))
+    return ledger
+
+
+async def test_failed_write_keeps_the_batch_for_the_next_flush(store):
+    ledger = await opened(store, ["k0", "k1"], max_buffer=3)
+    store.sql("ALTER TABLE usage RENAME TO usage_old")  # the database fails every insert
+    with pytest.raises(store.failure):
         await ledger.flush()
-    assert ledger.pending == 2
+    assert ledger.pending == 2 and ledger.status().state == "degraded"
     ledger.add(rec(key="k2"))
     ledger.add(rec(key="k3"))
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(store.failure):
         await ledger.flush()
-    assert ledger.pending == 3 and ledger.lost == 1  # bounded: the oldest went
-    with sqlite3.connect(path) as c:
-        c.execute("ALTER TABLE usage_old RENAME TO usage")
+    # Bounded: the oldest went to the quarantine file, not lost.
+    assert ledger.pending == 3 and ledger.lost == 0 and ledger.overflowed == 1 and ledger.quarantined == 1
+    [line] = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert line["row"]["key_id"] == "k0" and line["reason"].startswith("buffer full (3 rows)")
+    store.sql("ALTER TABLE usage_old RENAME TO usage")
     assert await ledger.flush() == 3
-    assert [r[0] for r in rows(path)] == ["k1", "k2", "k3"]
+    assert [r[0] for r in store.rows()] == ["k1", "k2", "k3"]
+    status = ledger.status()
+    assert status.state == "ok" and status.failures == 2 and status.written == 3 and status.degraded_since is None
+    await ledger.close()
+
+
+async def test_a_full_buffer_spills_to_the_quarantine_file_before_any_flush(store):
+    ledger = await opened(store, [f"k{i}" for i in range(5)], max_buffer=3)
+    assert ledger.pending == 3 and ledger.status().pending == 5  # two wait for the quarantine file
+    assert await ledger.flush() == 3
+    assert [r[0] for r in store.rows()] == ["k2", "k3", "k4"]
+    assert [json.loads(line)["row"]["key_id"] for line in open(ledger.quarantine_path)] == ["k0", "k1"]
+    assert ledger.overflowed == 2 and ledger.lost == 0
     await ledger.close()
 
 
@@ -136,14 +196,13 @@ async def test_flush_before_open_is_an_error(tmp_path):
         await ledger.flush()
 
 
-async def test_add_with_cost_override(tmp_path):
-    ledger = UsageLedger(str(tmp_path / "u.db"))
+async def test_add_with_cost_override(store):
+    ledger = store.ledger()
     await ledger.open()
     ledger.add(rec(cost=0.0), cost=0.25)
     ledger.add(rec(cost=0.5))
     await ledger.close()
-    with sqlite3.connect(ledger.path) as c:
-        assert [r[0] for r in c.execute("SELECT cost FROM usage ORDER BY id")] == [0.25, 0.5]
+    assert [r[0] for r in store.sql("SELECT cost FROM usage ORDER BY id")] == [0.25, 0.5]
 
 
 async def test_open_creates_the_directory(tmp_path):
@@ -180,9 +239,8 @@ POISONED = {
 }
 
 
-async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is_stored(tmp_path):
-    path = str(tmp_path / "usage.db")
-    ledger = UsageLedger(path)
+async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is_stored(store):
+    ledger = store.ledger()
     await ledger.open()
     ledger.add(rec(key="before"))
     for fields in POISONED.values():
@@ -190,7 +248,7 @@ async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is
     ledger.add(object())  # not a record at all
     ledger.add(rec(key="after", tin=1))
     assert await ledger.flush() == 2
-    assert [(k, t) for k, _, t, *_ in rows(path)] == [("before", 10), ("after", 1)]
+    assert [(k, t) for k, _, t, *_ in store.rows()] == [("before", 10), ("after", 1)]
     assert ledger.quarantined == len(POISONED) + 1 and ledger.pending == 0 and ledger.lost == 0
     lines = [json.loads(line) for line in open(ledger.quarantine_path)]
     assert len(lines) == len(POISONED) + 1
@@ -198,7 +256,7 @@ async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is
     assert lines[0]["row"]["request_id"] == "r" and lines[0]["row"]["key_id"] == "k1"
     assert lines[6]["reason"] == "cost out of range" and lines[6]["row"]["cost"] == "nan"
     assert lines[9]["row"]["model"].endswith("...[100000 characters]")
-    # Text SQLite cannot encode passes the checks; the insert refuses it, and that row alone is set aside.
+    # Text the database cannot encode passes the checks; the insert refuses it, and that row alone is set aside.
     assert lines[-1]["reason"].startswith("UnicodeEncodeError") and lines[-1]["row"]["key_id"] == "\ud800"
     assert lines[-1]["row"]["latency"] == 0.25  # as the record had it
     # The ledger goes on as before.
@@ -208,19 +266,23 @@ async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is
     await ledger.close()
 
 
-async def test_a_row_sqlite_refuses_after_the_checks_is_quarantined_alone(tmp_path, monkeypatch):
-    path = str(tmp_path / "usage.db")
-    ledger = UsageLedger(path)
+async def test_a_row_the_database_refuses_after_the_checks_is_quarantined_alone(store):
+    ledger = store.ledger()
     await ledger.open()
-    with sqlite3.connect(path) as c:  # a constraint the checks know nothing of
-        c.execute("CREATE TRIGGER no_k2 BEFORE INSERT ON usage WHEN NEW.key_id = 'k2' "
+    # A constraint the checks know nothing of.
+    if store.kind == "sqlite":
+        store.sql("CREATE TRIGGER no_k2 BEFORE INSERT ON usage WHEN NEW.key_id = 'k2' "
                   "BEGIN SELECT RAISE(ABORT, 'k2 refused'); END")
+        reason = "IntegrityError: k2 refused"
+    else:
+        store.sql("ALTER TABLE usage ADD CONSTRAINT no_k2 CHECK (key_id <> 'k2')")
+        reason = "CheckViolation: "
     for key in ("k1", "k2", "k3"):
         ledger.add(rec(key=key))
     assert await ledger.flush() == 2
-    assert [r[0] for r in rows(path)] == ["k1", "k3"]
+    assert [r[0] for r in store.rows()] == ["k1", "k3"]
     [line] = [json.loads(line) for line in open(ledger.quarantine_path)]
-    assert line["reason"] == "IntegrityError: k2 refused" and line["row"]["key_id"] == "k2"
+    assert line["reason"].startswith(reason) and line["row"]["key_id"] == "k2"
     await ledger.close()
 
 
@@ -239,4 +301,75 @@ async def test_a_database_from_before_request_ids_gets_the_column(tmp_path):
     await ledger.flush()
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT key_id, request_id FROM usage ORDER BY id").fetchall() == [("old", None), ("new", "r")]
+    await ledger.close()
+
+
+async def test_a_batch_retried_after_a_commit_whose_answer_was_lost_is_stored_once(postgres_url, tmp_path):
+    import psycopg
+
+    store = Store("postgres", tmp_path, postgres_url)
+    ledger = await opened(store, ["k0", "k1"])
+    insert = ledger.backend.insert
+
+    def committed_then_cut(rows):
+        insert(rows)  # the server commits...
+        raise psycopg.OperationalError("server closed the connection unexpectedly")  # ...the answer is lost
+
+    ledger.backend.insert = committed_then_cut
+    with pytest.raises(psycopg.OperationalError):
+        await ledger.flush()
+    ledger.backend.insert = insert
+    ledger.add(rec(key="k2"))
+    assert ledger.pending == 3
+    await ledger.flush()
+    assert [r[0] for r in store.rows()] == ["k0", "k1", "k2"] and ledger.quarantined == 0
+    await ledger.close()
+
+
+async def test_postgres_down_at_open_starts_degraded_and_a_stop_quarantines_what_is_buffered(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ledger = UsageLedger(str(tmp_path / "usage"), backend=PostgresLedgerBackend(f"postgresql://u:pw@127.0.0.1:{port}/x"))
+    await ledger.open()  # no error: the first flush connects
+    status = ledger.status()
+    assert status.state == "degraded" and status.where == f"postgresql://***@127.0.0.1:{port}/x"
+    assert "pw" not in status.last_error
+    ledger.add(rec(key="k0"))
+    ledger.add(rec(key="k1"))
+    with pytest.raises(ledger.backend.failures):
+        await ledger.flush()
+    assert ledger.pending == 2
+    assert await ledger.quarantine_pending("stopping") == 2
+    assert ledger.pending == 0 and ledger.quarantined == 2 and ledger.lost == 0
+    lines = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert [(x["row"]["key_id"], x["reason"]) for x in lines] == [("k0", "stopping"), ("k1", "stopping")]
+    await ledger.close()
+
+
+async def test_a_postgres_that_stops_answering_fails_the_flush_instead_of_holding_it(postgres_url, tmp_path,
+                                                                                     monkeypatch):
+    import os
+    import signal
+
+    from runestone.storage import postgres
+
+    monkeypatch.setattr(postgres, "OPERATION_TIMEOUT", 0.5)  # real seconds: what a wait on the server may take
+    store = Store("postgres", tmp_path, postgres_url)
+    ledger = await opened(store, ["k0"])
+    assert await ledger.flush() == 1
+    backend_pid = ledger.backend._session._conn.info.backend_pid
+    os.kill(backend_pid, signal.SIGSTOP)  # the server process of the ledger's connection freezes
+    try:
+        ledger.add(rec(key="k1"))
+        with pytest.raises(ledger.backend.failures):
+            await ledger.flush()  # returns (with the failure) instead of waiting forever
+        assert ledger.pending == 1 and ledger.status().state == "degraded"
+    finally:
+        os.kill(backend_pid, signal.SIGCONT)
+    ledger.add(rec(key="k2"))
+    await ledger.flush()  # on a new connection
+    assert sorted(r[0] for r in store.rows()) == ["k0", "k1", "k2"] and ledger.status().state == "ok"
     await ledger.close()
