@@ -27,8 +27,10 @@ import attrs
 import trio
 
 from .config import Config, ProviderSpec
+from .control.plane import ControlPlane
 from .control.store import ControlStore, ControlStoreError
 from .front.api import Front
+from .front.deps import FrontDeps
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
@@ -65,7 +67,8 @@ class StartupError(Exception):
 
 
 def _route_installers():
-    """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
+    """The route modules by name, each with ``install(front, deps)`` (deps a FrontDeps); their order is the
+    order of route lookup. What an install returns is kept by that name."""
     from .front.cache import install as install_cache
     from .front.completions import install as install_completions
     from .front.dashboard import install as install_dashboard
@@ -78,8 +81,10 @@ def _route_installers():
     from .front.splits import install as install_splits
     from .front.ws import install as install_ws
 
-    return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
-            install_admin, install_keys, install_openapi, install_splits, install_dashboard]
+    return {"health": install_health, "completions": install_completions, "messages": install_messages,
+            "responses": install_responses, "cache": install_cache, "ws": install_ws, "admin": install_admin,
+            "keys": install_keys, "openapi": install_openapi, "splits": install_splits,
+            "dashboard": install_dashboard}
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -172,17 +177,28 @@ class Application:
         self.gateway.admission = self.governance
         #: Control-socket operations route modules add beside the control plane's own: op -> fn(msg).
         self.control_ops: dict = {}
-        # Route groups beyond the chat core register themselves on the front: install(front, app).
-        for install in _route_installers():
-            install(self.front, self)
-        #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
-        self.observer = self._observer()
         self.root: Supervisor | None = None
-        self.provider_supervisor: EnhancedProviderSupervisor | None = None
-        self.server = None
         self.ready = trio.Event()
         #: child id -> restarts performed by its supervisor (actor names: provider children are provider names).
         self.restarts: dict[str, int] = {}
+        self.control = ControlPlane(self)
+        #: What the route modules read of this application, and all they see of it.
+        self.front_deps = FrontDeps(
+            config=config, data_dir=self.data_dir, gateway=self.gateway, keys=self.keys,
+            governance=self.governance, telemetry=self.telemetry, registry=self.registry,
+            providers=self.providers, breaker_views=self.breaker_views, health=self.health,
+            inflight=self.inflight, catalog=self.catalog, splits=self.splits, ledger=self.ledger,
+            worker=worker, control=self.control, control_ops=self.control_ops, ready=self.ready,
+            root=lambda: self.root, restart_counts=self.restart_counts)
+        # Route groups beyond the chat core register themselves on the front: install(front, deps).
+        installed = {name: install(self.front, self.front_deps) for name, install in _route_installers().items()}
+        #: The /v1/ws routes (their connections are in the control plane's state dump).
+        self.ws_routes = installed["ws"]
+        self.dashboard = installed["dashboard"]
+        #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
+        self.observer = self._observer()
+        self.provider_supervisor: EnhancedProviderSupervisor | None = None
+        self.server = None
 
     def _observer(self) -> RequestObserver | None:
         cfg = self.config

@@ -23,6 +23,7 @@ from ..control.socket import ControlSession, ControlSocket
 from ..http.server import Request, Response, WebSocketAccept
 from ..routing.executor import GatewayError
 from .api import Caller
+from .deps import FrontDeps
 from .ws import MessageConnection, serve_connection
 
 __all__ = ["ControlPlane", "AdminRoutes", "install"]
@@ -51,11 +52,11 @@ class ControlConnection(MessageConnection):
 class AdminRoutes:
     """The HTTP and WebSocket faces of one :class:`ControlPlane`."""
 
-    def __init__(self, front, app) -> None:
+    def __init__(self, front, deps: FrontDeps) -> None:
         self.front = front
-        self.app = app
-        self.plane = ControlPlane(app)
-        self.socket = ControlSocket(self.plane, app.registry, app.control_ops)
+        self.plane = deps.control
+        self.socket = ControlSocket(deps.control, deps.registry, deps.control_ops)
+        self.max_message_bytes = deps.config.server.max_ws_message_bytes
         self.connections: set[MessageConnection] = set()
 
     # -- HTTP routes ----------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class AdminRoutes:
         elif not keys.has_admin:
             # No admin key: open loopback mode lets the local operator in, anything else is closed.
             authed = self.front.authenticate(request, "admin", caller.request_id)
-        max_bytes = self.app.config.server.max_ws_message_bytes
+        max_bytes = self.max_message_bytes
 
         async def handler(ws) -> None:
             conn = ControlConnection(ws, max_message_bytes=max_bytes)
@@ -153,9 +154,8 @@ class AdminRoutes:
         await self.socket.handle(conn.session, msg, nursery)
 
 
-def install(front, app) -> None:
-    routes = AdminRoutes(front, app)
-    app.control = routes.plane
+def install(front, deps: FrontDeps) -> AdminRoutes:
+    routes = AdminRoutes(front, deps)
     add = front.routes.add
     add("GET", "/admin/providers", routes.list_providers, "admin")
     add("POST", "/admin/providers", routes.post_provider, "admin")
@@ -170,3 +170,4 @@ def install(front, app) -> None:
     add("POST", "/admin/circuits/*", routes.reset_circuit, "admin")
     add("GET", "/admin/state", routes.state, "admin")
     add("GET", "/v1/control", routes.control, "public")
+    return routes

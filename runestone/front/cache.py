@@ -31,6 +31,7 @@ import trio
 
 from ..http.server import Request, Response
 from ..telemetry.events import RequestFinished
+from .deps import FrontDeps
 
 __all__ = ["CacheStatistics", "ResponseCache", "install"]
 
@@ -173,13 +174,11 @@ class ResponseCache:
         return response
 
 
-def install(front, app) -> None:
+def install(front, deps: FrontDeps) -> None:
     """Give the front a cache when ``[cache] enabled``; otherwise the chat route runs without one."""
-    cfg = app.config.cache
+    cfg = deps.config.cache
     if not cfg.enabled:
         return
-    front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=app.telemetry,
-                                resolve_alias=app.gateway.resolve_alias)
-    governance = getattr(app, "governance", None)
-    if governance is not None:
-        front.cache.admit = governance.admit_cached
+    front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=deps.telemetry,
+                                resolve_alias=deps.gateway.resolve_alias)
+    front.cache.admit = deps.governance.admit_cached

@@ -39,6 +39,7 @@ from .api import requirements_of
 from .response_store import ResponseStore
 from .streams import SSE_HEADERS, Relay
 from .token_count import COUNT_HEADER, count_input_tokens
+from .deps import FrontDeps
 
 __all__ = ["ResponsesRoutes", "install"]
 
@@ -259,9 +260,9 @@ def _page(items: list, query: str) -> dict:
             "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
 
 
-def install(front, app) -> None:
-    cfg = app.config.responses
-    store = ResponseStore(str(app.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
+def install(front, deps: FrontDeps) -> None:
+    cfg = deps.config.responses
+    store = ResponseStore(str(deps.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
                           max_stored=cfg.max_stored)
     routes = ResponsesRoutes(front, store)
     add = front.routes.add

@@ -40,6 +40,7 @@ from ..wire.openai import validate_chat
 from ..wire.websocket import valid_id, ws_error
 from .api import Caller, requirements_of
 from .errors import gateway_error
+from .deps import FrontDeps
 
 __all__ = ["AUTH_TIMEOUT", "MessageConnection", "ConnectionStatistics", "WebSocketRoutes", "install", "ws_error"]
 
@@ -244,14 +245,14 @@ async def serve_connection(conn: MessageConnection, caller: Caller | None,
 class WebSocketRoutes:
     """``/v1/ws``: chat streams over WebSocket through the same Gateway as the HTTP route."""
 
-    def __init__(self, front, app, *, max_streams: int = MAX_STREAMS, queue_size: int = OUT_QUEUE) -> None:
+    def __init__(self, front, deps: FrontDeps, *, max_streams: int = MAX_STREAMS,
+                 queue_size: int = OUT_QUEUE) -> None:
         self.front = front
-        self.app = app
         self.gateway = front.gateway
         self.keys = front.keys
         self.max_streams = max_streams
         self.queue_size = queue_size
-        self.max_message_bytes = app.config.server.max_ws_message_bytes
+        self.max_message_bytes = deps.config.server.max_ws_message_bytes
         self.connections: set[MessageConnection] = set()
 
     # -- the upgrade ----------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ class WebSocketRoutes:
         return [c.statistics() for c in list(self.connections)]
 
 
-def install(front, app) -> None:
-    routes = WebSocketRoutes(front, app)
-    app.ws_routes = routes
+def install(front, deps: FrontDeps) -> WebSocketRoutes:
+    routes = WebSocketRoutes(front, deps)
     front.routes.add("GET", "/v1/ws", routes.route, "public")
+    return routes
