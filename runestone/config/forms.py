@@ -4,12 +4,14 @@ read with the same checks as the file's, and written back (secrets masked by def
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import attrs
+
 from ..runtime import plain
-from ._checks import _redact_url
+from ._checks import _redact_url, _url_repr
 from ._report import _Report, _structure
 from ._validate import _check_provider
 from .load import _GROUP_INHERITED
-from .schema import Config, FailoverConfig, FailoverGroupSpec, ProviderSpec
+from .schema import Config, FailoverConfig, FailoverGroupSpec, ProviderConfig, ProviderSpec
 
 __all__ = [
     "config_to_dict",
@@ -32,7 +34,16 @@ def provider_spec_from_dict(d: Mapping[str, Any], upstream_hosts: Collection[str
     return spec
 
 
-_URL_SETTINGS = ("base_url", "proxy")
+def _url_settings(cls: type) -> tuple[str, ...]:
+    """The settings of ``cls`` that are URLs which may carry credentials (shown redacted by their repr)."""
+    return tuple(f.name for f in attrs.fields(cls) if f.repr is _url_repr)
+
+
+def _redact_urls(section: dict[str, Any], cls: type) -> dict[str, Any]:
+    for name in _url_settings(cls):
+        if section.get(name):
+            section[name] = _redact_url(section[name])
+    return section
 
 
 def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, Any]:
@@ -42,9 +53,7 @@ def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, 
     """
     config = {k: v for k, v in plain(spec.config, redact=redact).items() if v is not None}
     if redact:
-        for name in _URL_SETTINGS:
-            if name in config:
-                config[name] = _redact_url(config[name])
+        _redact_urls(config, ProviderConfig)
     return {"name": spec.name, "type": spec.type, "config": config}
 
 
@@ -75,8 +84,13 @@ def group_spec_to_dict(group: FailoverGroupSpec) -> dict[str, Any]:
 
 
 def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:
-    """The whole configuration as plain data (for state dumps), secrets masked by default; each provider
-    in its dict form (:func:`provider_spec_to_dict`)."""
+    """The whole configuration as plain data (for state dumps), secrets masked by default (credentials in
+    URLs too: ``[cluster] redis_url``, ``[database] url``, ...); each provider in its dict form
+    (:func:`provider_spec_to_dict`)."""
     out = plain(config, redact=redact)
+    if redact:
+        for field in attrs.fields(Config):
+            if attrs.has(field.type) and isinstance(out.get(field.name), dict):
+                _redact_urls(out[field.name], field.type)
     out["providers"] = [provider_spec_to_dict(spec, redact) for spec in config.providers]
     return out

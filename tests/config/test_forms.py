@@ -14,3 +14,19 @@ def test_config_dump_is_strict_json_as_every_state_dump(tmp_path):
     assert json.loads(text)["retry"]["backoff_factor"] == "inf"
     assert [p["name"] for p in dumped["providers"]] == ["f"]
     assert dumped["providers"][0]["config"]["models"] == ["a", "b"]
+
+
+def test_config_dump_masks_credentials_in_every_url(tmp_path):
+    path = tmp_path / "runestone.toml"
+    path.write_text('[cluster]\nredis_url = "redis://:s3cret@127.0.0.1:6390/2"\n'
+                    '[database]\nurl = "postgresql://rs:s3cret@127.0.0.1:5433/rs"\n'
+                    '[[providers]]\nname = "up"\ntype = "openai"\n'
+                    '[providers.config]\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["m"]\ntransport = "httpx"\n'
+                    'proxy = "http://u:s3cret@127.0.0.1:3128"\n')
+    config = load_config(path, env={})
+    dumped = config_to_dict(config)
+    assert "s3cret" not in repr(dumped)
+    assert dumped["cluster"]["redis_url"] == "redis://***@127.0.0.1:6390/2"
+    assert dumped["database"]["url"] == "postgresql://***@127.0.0.1:5433/rs"
+    assert dumped["providers"][0]["config"]["proxy"] == "http://***@127.0.0.1:3128"
+    assert config_to_dict(config, redact=False)["cluster"]["redis_url"] == config.cluster.redis_url
