@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from ..config import Config, ProviderSpec
     from ..control.plane import ControlPlane
     from ..control.socket import ExtraOperation
-    from ..governance import Governance
     from ..providers.supervisor import ProviderTable
     from ..routing.executor import Gateway
     from ..routing.pool import InFlightTable
@@ -43,7 +42,9 @@ class FrontDeps:
     data_dir: Path
     gateway: Gateway
     keys: KeyRing
-    governance: Governance
+    #: The keys, teams and budgets (a runestone.governance.Governance: governance sits above the front, which
+    #: only calls it).
+    governance: Any
     telemetry: Telemetry
     registry: Registry
     #: The published cells and tables the status routes read.
