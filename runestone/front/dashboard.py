@@ -214,7 +214,8 @@ def _find(node: dict | None, child_id: str) -> dict | None:
 
 
 class DashboardRoutes:
-    """The page, its feed and its one-shot state, for one running gateway (its :class:`~runestone.front.deps.FrontDeps`)."""
+    """The page, its feed and its one-shot state, for one running gateway (as its
+    :class:`~runestone.front.deps.FrontDeps` shows it)."""
 
     def __init__(self, front, deps: FrontDeps) -> None:
         self.front = front
