@@ -34,7 +34,7 @@ from .front.deps import FrontDeps
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
-from .governance import Governance, KeyStore, KeyStoreError
+from .governance import Governance, KeyStore, KeyStoreError, SpendJournal
 from .http.server import Limits, serve_http
 from .providers.supervisor import EnhancedProviderSupervisor, ProviderTable
 from .resilience.breaker import BreakerSettings
@@ -116,7 +116,8 @@ class Application:
         #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
         self.governance = Governance(key_store, KeyLimiter(config.limits), pricing=config.pricing,
                                      default_output_tokens=config.budgets.default_output_tokens,
-                                     flush_interval=config.budgets.flush_ms / 1000)
+                                     flush_interval=config.budgets.flush_ms / 1000,
+                                     journal=SpendJournal(self.data_dir))
         try:
             self.governance.load()
         except KeyStoreError as exc:

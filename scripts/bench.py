@@ -236,9 +236,11 @@ class Runner:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def wrk_run(self, port: int, body: dict, *, connections: int, seconds: float, limit: int = 0) -> dict:
-        script = self.workdir / f"post-{int(body.get('stream', False))}-{limit}.lua"
-        text = LUA.format(key=KEY, body=json.dumps(body, separators=(",", ":")))
+    def wrk_run(self, port: int, body: dict, *, connections: int, seconds: float, limit: int = 0,
+                key: str | None = None) -> dict:
+        """One wrk run against ``port`` with ``key`` (default ``KEY``); two may run at once on different ports."""
+        script = self.workdir / f"post-{int(body.get('stream', False))}-{limit}-{port}.lua"
+        text = LUA.format(key=key or KEY, body=json.dumps(body, separators=(",", ":")))
         if limit:
             text += LUA_LIMIT.format(limit=limit)
         script.write_text(text)

@@ -1,9 +1,17 @@
 """Benchmark (not a test): the gateway's CPU per request with a managed key (a team, budgets on both, limits on
-both) against a static key from the configuration, on the same gateway process, in alternating rounds.
+both) against a static key from the configuration.
 
-Uses scripts/bench.py's process runner and wrk driver (gateway pinned to core 0, fake upstream and wrk on
+Two ways, both interleaved on the same machine:
+
+- default: one gateway process, the two keys in alternating rounds (each round reversed from the last);
+- ``--paired``: two identical gateway processes on the same core, loaded *at the same time*, one with each
+  key, the roles swapped every round. Both see the same contention from whatever else the machine runs,
+  so their ratio holds on a busy machine where the alternating rounds' CPU per request drifts by more than
+  the difference measured.
+
+Uses scripts/bench.py's process runner and wrk driver (gateways pinned to core 0, fake upstream and wrk on
 core 1). Each round is bounded in time; all traffic is on 127.0.0.1. Run: ``.venv/bin/python
-scripts/bench_keys.py [--seconds 5] [--rounds 3]``.
+scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired]``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import sys
 import tempfile
 import textwrap
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 ADMIN = "bench-admin"
+BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
 
 
 def admin(port: int, path: str, body: dict) -> dict:
@@ -29,26 +39,20 @@ def admin(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
-    args = p.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
-    runner = bench.Runner(args, workdir)
-    fake_port, gw_port = bench.free_port(), bench.free_port()
-    config = workdir / "gateway.toml"
+def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str) -> tuple:
+    """A gateway with the static key and a managed key (team, budgets, limits): (process, port, managed secret,
+    budgets-only secret)."""
+    port = bench.free_port()
+    config = workdir / f"{name}.toml"
     config.write_text(textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
-        port = {gw_port}
+        port = {port}
         [auth]
         api_keys = ["{bench.KEY}"]
         admin_key = "{ADMIN}"
         [data]
-        dir = "{workdir / 'data'}"
+        dir = "{workdir / (name + '-data')}"
         [pricing."fake-model"]
         input_per_mtok = 0.15
         output_per_mtok = 0.60
@@ -61,46 +65,96 @@ def main() -> None:
         models = ["fake-model"]
     """))
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
-    static_key = bench.KEY
+    gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log")
+    bench.wait_port(port, gw)
+    limits = {"rpm": BIG, "rph": BIG, "tpm": BIG, "max_concurrent": 10_000}
+    admin(port, "/admin/teams", {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}, "limits": limits})
+    managed = admin(port, "/admin/keys", {"name": "bench", "team": "bench-team", "models": ["fake-model"],
+                                          "budget": {"usd": 1e6, "period": "day"}, "limits": limits})["secret"]
+    admin(port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}})
+    budgets_only = admin(port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
+                                               "budget": {"usd": 1e6, "period": "day"}})["secret"]
+    return gw, port, managed, budgets_only
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def alternating(args, runner: bench.Runner, gw, port: int, cases: list, body: dict) -> None:
+    results: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _, key in cases:  # warm both paths up
+        runner.wrk_run(port, body, connections=8, seconds=1, key=key)
+    for r in range(args.rounds):
+        # Every other round in reverse order, so that a drift within a round favours no case.
+        for name, key in (cases if r % 2 == 0 else cases[::-1]):
+            cpu0 = bench.cpu_seconds(gw.pid)
+            run = runner.wrk_run(port, body, connections=args.connections, seconds=args.seconds, key=key)
+            per = (bench.cpu_seconds(gw.pid) - cpu0) * 1000 / max(run.get("requests", 0), 1)
+            results[name].append(per)
+            print(f"  {name:<8} {run['rps']:>8.0f} req/s  cpu {per:.4f} ms/req  errors {run['non_2xx']}", flush=True)
+    s = median(results["static"])
+    for name, values in results.items():
+        m = median(values)
+        print(f"median CPU per request, {name}: {m:.4f} ms ({(m / s - 1) * 100:+.1f}% vs the static key)")
+
+
+def paired(args, runner: bench.Runner, gateways: list, body: dict) -> None:
+    """Both gateways loaded at once, one per key; roles swapped each round; the ratio per round."""
+    ratios: list[float] = []
+    figures: dict[str, list[float]] = {"static": [], "managed": []}
+
+    def load(gw, port: int, key: str, out: dict) -> None:
+        cpu0 = bench.cpu_seconds(gw.pid)
+        run = runner.wrk_run(port, body, connections=args.connections, seconds=args.seconds, key=key)
+        out.update(run, cpu_ms=(bench.cpu_seconds(gw.pid) - cpu0) * 1000 / max(run.get("requests", 0), 1))
+
+    for gw, port, managed, _ in gateways:  # warm both paths of both up
+        for key in (bench.KEY, managed):
+            runner.wrk_run(port, body, connections=8, seconds=1, key=key)
+    for r in range(args.rounds):
+        (a, b) = gateways if r % 2 == 0 else gateways[::-1]
+        jobs = {"static": (a[0], a[1], bench.KEY, {}), "managed": (b[0], b[1], b[2], {})}
+        threads = [threading.Thread(target=load, args=job) for job in jobs.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.seconds + 90)
+        line = []
+        for name, (_, _, _, out) in jobs.items():
+            figures[name].append(out["cpu_ms"])
+            line.append(f"{name} {out['rps']:>6.0f} req/s cpu {out['cpu_ms']:.4f} ms/req errors {out['non_2xx']}")
+        ratios.append(jobs["managed"][3]["cpu_ms"] / jobs["static"][3]["cpu_ms"])
+        print(f"  round {r + 1}: " + "  |  ".join(line) + f"  managed/static {ratios[-1]:.3f}", flush=True)
+    print(f"median CPU per request, static: {median(figures['static']):.4f} ms; managed: "
+          f"{median(figures['managed']):.4f} ms; median of the rounds' ratios: {(median(ratios) - 1) * 100:+.1f}% "
+          f"(lowest {(min(ratios) - 1) * 100:+.1f}%, highest {(max(ratios) - 1) * 100:+.1f}%)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
+    p.add_argument("--paired", action="store_true", help="two gateways loaded at once, one per key (see above)")
+    args = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
+    runner = bench.Runner(workdir)
+    fake_port = bench.free_port()
+    exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
+    body = {**bench.CHAT, "max_tokens": 64}
     try:
         fake = runner.spawn([*exe, "fake-provider", "--port", str(fake_port), "--coalesce"], 1, "fake.log")
         bench.wait_port(fake_port, fake)
-        gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, "gateway.log")
-        bench.wait_port(gw_port, gw)
-        big = 10**9  # limits and budgets that are checked and charged on every request but never refuse
-        admin(gw_port, "/admin/teams", {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"},
-                                        "limits": {"rpm": big, "rph": big, "tpm": big, "max_concurrent": 10_000}})
-        managed = admin(gw_port, "/admin/keys", {
-            "name": "bench", "team": "bench-team", "models": ["fake-model"], "budget": {"usd": 1e6, "period": "day"},
-            "limits": {"rpm": big, "rph": big, "tpm": big, "max_concurrent": 10_000}})["secret"]
-        budgets_only = admin(gw_port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
-                                                      "budget": {"usd": 1e6, "period": "day"}})["secret"] \
-            if admin(gw_port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}}) \
-            else None
-        url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
-        body = {**bench.CHAT, "max_tokens": 64}
-        cases = [("static", static_key), ("managed", managed)]
+        if args.paired:
+            paired(args, runner, [start_gateway(runner, workdir, fake_port, n) for n in ("gw-a", "gw-b")], body)
+            return
+        gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway")
+        cases = [("static", bench.KEY), ("managed", managed)]
         if args.variants:
             cases.append(("budgets", budgets_only))
-        results: dict[str, list[float]] = {name: [] for name, _ in cases}
-        for _, key in cases:  # warm both paths up
-            bench.KEY = key
-            runner.wrk_run(url, body, connections=8, seconds=1)
-        for r in range(args.rounds):
-            # Every other round in reverse order, so that a drift within a round favours no case.
-            for name, key in (cases if r % 2 == 0 else cases[::-1]):
-                bench.KEY = key
-                cpu0 = bench.cpu_seconds(gw.pid)
-                run = runner.wrk_run(url, body, connections=args.connections, seconds=args.seconds)
-                cpu = bench.cpu_seconds(gw.pid) - cpu0
-                per = cpu * 1000 / max(run.get("requests", 0), 1)
-                results[name].append(per)
-                print(f"  {name:<8} {run['rps']:>8.0f} req/s  cpu {per:.4f} ms/req  errors {run['non_2xx']}",
-                      flush=True)
-        s = sorted(results["static"])[len(results["static"]) // 2]
-        for name, values in results.items():
-            m = sorted(values)[len(values) // 2]
-            print(f"median CPU per request, {name}: {m:.4f} ms ({(m / s - 1) * 100:+.1f}% vs the static key)")
+        alternating(args, runner, gw, port, cases, body)
     finally:
         runner.stop_all()
 

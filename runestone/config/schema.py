@@ -306,7 +306,7 @@ class LimitsConfig:
 @attrs.frozen
 class BudgetsConfig:
     """Managed keys' budgets: the output cap reserved for a request that sets none, and how often spend
-    is written to the key store (also the most a SIGKILL can lose)."""
+    is written to the key store (in between it is in the budget journal, which a SIGKILL does not lose)."""
 
     default_output_tokens: int = _setting(4096, _int_at_least(1))
     flush_ms: int = _setting(1000, _int_at_least(1))

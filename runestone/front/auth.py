@@ -11,7 +11,9 @@ with it costs a dictionary lookup instead of a hash. Only keys that matched are 
 bounded by the configured keys and a stream of wrong keys pays the hash every time as before. The lookup
 compares the presented bytes with a remembered key only when their salted ``hash()`` values (SipHash under
 a per-process random key) are equal, so how long a wrong key takes depends on nothing an attacker can
-relate to a configured key's bytes, as with the digest lookup.
+relate to a configured key's bytes, as with the digest lookup. A managed key's secret that matched is
+remembered with its digest only (at most 10,000 of them): the key is looked up every time, since it may be
+revoked or expire, but the hash is made once.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class KeyRing:
         self.has_admin = self._admin is not None
         #: Managed keys (runestone.governance): digest -> key id of an active key, or None.
         self.managed = None
+        #: Presented secrets that matched a managed key, and their digests (bounded): the lookup itself is
+        #: made every time (a managed key may be revoked or expire), only the hashing is saved.
+        self._managed_digests: dict[bytes, bytes] = {}
 
     @staticmethod
     def bearer(header: bytes | None) -> bytes | None:
@@ -70,6 +75,9 @@ class KeyRing:
         kid = self._matched.get(token)
         if kid is not None:
             return kid
+        d = self._managed_digests.get(token)
+        if d is not None:
+            return self.managed(d)
         d = _digest(token)
         kid = self._clients.get(d)
         if kid is None and self._admin is not None and hmac.compare_digest(self._admin, d):
@@ -79,7 +87,12 @@ class KeyRing:
             self._matched[token] = kid
             return kid
         if self.managed is not None:
-            return self.managed(d)
+            kid = self.managed(d)
+            if kid is not None:
+                if len(self._managed_digests) >= 10_000:
+                    self._managed_digests.clear()
+                self._managed_digests[token] = d
+            return kid
         return None
 
     def is_admin(self, token: bytes | None) -> bool:

@@ -24,7 +24,7 @@ import trio
 
 from ..routing.executor import GatewayError
 
-__all__ = ["KeyLimiter", "Lease", "LimitValues"]
+__all__ = ["KeyLimiter", "Lease", "LimitValues", "add_tokens", "release_state"]
 
 
 @attrs.frozen
@@ -40,26 +40,43 @@ class LimitValues:
         return bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
 
 
-@attrs.define(slots=True)
 class _Bucket:
-    capacity: float
-    rate: float  # per second
-    level: float
-    stamp: float
+    """A token bucket kept as the time it is full again (GCRA's "theoretical arrival time", ``tat``): its
+    level at ``now`` is ``capacity - (tat - now) * rate`` (``capacity`` once ``tat <= now``), so it refills
+    by itself and a check is one comparison. Exactly the bucket refilled continuously at ``rate`` and
+    capped at ``capacity``; the level may go below 0 (a debt of tokens, paid back at ``rate``).
 
-    def refill(self, now: float) -> float:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
-        return self.level
+    ``slack`` is how far ahead ``tat`` may be while ``need`` tokens are still there: blocked iff
+    ``tat - now > slack``."""
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until ``amount`` is available (0 if now)."""
-        missing = amount - self.level
-        return 0.0 if missing <= 0 else missing / self.rate
+    __slots__ = ("capacity", "rate", "interval", "tat", "slack", "limit_text")
 
-    def reset_in(self) -> float:
-        return (self.capacity - self.level) / self.rate
+    def __init__(self, capacity: float, rate: float, now: float, need: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.interval = 1.0 / rate
+        self.tat = now
+        self.slack = (capacity - need) / rate
+        #: The ``x-ratelimit-limit-*`` header's value.
+        self.limit_text = b"%d" % capacity
+
+    def level(self, now: float) -> float:
+        ahead = self.tat - now
+        return self.capacity if ahead <= 0 else self.capacity - ahead * self.rate
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``need`` tokens are there (0 if now)."""
+        w = self.tat - now - self.slack
+        return w if w > 0 else 0.0
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until it is full."""
+        ahead = self.tat - now
+        return ahead if ahead > 0 else 0.0
+
+    def take(self, amount: float, now: float) -> None:
+        tat = self.tat
+        self.tat = (tat if tat > now else now) + amount * self.interval
 
 
 @attrs.define
@@ -97,30 +114,54 @@ class Lease:
             headers = self._headers = self._limiter._headers(self._st)
         return headers
 
+    @property
+    def state(self):
+        """The limiter state this lease holds a request on."""
+        return self._st
+
     def release(self) -> None:
         if not self._done:
             self._done = True
-            self._limiter._release(self._key)
+            release_state(self._st)
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """The tokens the request used count against the key's tokens-per-minute bucket."""
         if tokens_in or tokens_out:
-            self._limiter.record_tokens(self._key, tokens_in + tokens_out)
+            add_tokens(self._st, tokens_in + tokens_out, trio.current_time())
+
+
+def release_state(st: _KeyState) -> None:
+    """A request admitted on ``st`` is over."""
+    st.active -= 1
+    if st.waiters:
+        st.waiters[0].set()
+
+
+def add_tokens(st: _KeyState, tokens: int, now: float) -> None:
+    """``tokens`` used by a finished request count against ``st``'s tokens-per-minute bucket."""
+    t = st.tokens
+    if t is not None and tokens:
+        t.take(tokens, now)  # may go below 0: the key then waits until it has paid its debt back
+
+
+_MS_TEXT = tuple(b"%dms" % max(ms, 1) for ms in range(1001))
 
 
 def _reset_text(seconds: float) -> bytes:
     # OpenAI's format: "1s", "6m0s", "250ms". Formatted as bytes: these are made for every admitted request.
     if seconds < 1:
-        ms = math.ceil(seconds * 1000)
-        return b"%dms" % (ms if ms > 1 else 1)
+        return _MS_TEXT[math.ceil(seconds * 1000)]
     s = math.ceil(seconds)
     return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
 
 
-def _bucket_headers(b: "_Bucket", names: tuple[bytes, bytes, bytes]) -> tuple:
-    level = b.level
-    return ((names[0], b"%d" % b.capacity), (names[1], b"%d" % level if level > 0 else b"0"),
-            (names[2], _reset_text((b.capacity - level) / b.rate)))
+def _bucket_headers(b: _Bucket, names: tuple[bytes, bytes, bytes], now: float) -> tuple:
+    ahead = b.tat - now
+    if ahead < 0:
+        ahead = 0.0
+    level = b.capacity - ahead * b.rate
+    return ((names[0], b.limit_text), (names[1], b"%d" % level if level > 0 else b"0"),
+            (names[2], _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)))
 
 
 _REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
@@ -129,9 +170,9 @@ _TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
     rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
-    return (_Bucket(rpm, rpm / 60.0, rpm, now) if rpm else None,
-            _Bucket(rph, rph / 3600.0, rph, now) if rph else None,
-            _Bucket(tpm, tpm / 60.0, tpm, now) if tpm else None)
+    return (_Bucket(rpm, rpm / 60.0, now, 1) if rpm else None,
+            _Bucket(rph, rph / 3600.0, now, 1) if rph else None,
+            _Bucket(tpm, tpm / 60.0, now, 0) if tpm else None)
 
 
 class KeyLimiter:
@@ -167,29 +208,58 @@ class KeyLimiter:
         max_concurrent = st.limits.max_concurrent
         if max_concurrent and st.active >= max_concurrent:
             return math.inf, "concurrent requests"
-        if st.minute is not None and st.minute.refill(now) < 1:
-            return st.minute.wait_for(1), "requests per minute"
-        if st.hour is not None and st.hour.refill(now) < 1:
-            return st.hour.wait_for(1), "requests per hour"
-        if st.tokens is not None and st.tokens.refill(now) < 0:
-            return st.tokens.wait_for(0.0), "tokens per minute"
+        b = st.minute
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "requests per minute"
+        b = st.hour
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "requests per hour"
+        b = st.tokens
+        if b is not None and b.tat - now > b.slack:
+            return b.wait(now), "tokens per minute"
         return None
 
-    def _headers(self, st: _KeyState) -> list:
+    @staticmethod
+    def _headers(st: _KeyState, now: float | None = None) -> list:
+        if now is None:
+            now = trio.current_time()
         headers = []
         b = st.minute or st.hour
         if b is not None:
-            headers += _bucket_headers(b, _REQUEST_HEADERS)
+            headers += _bucket_headers(b, _REQUEST_HEADERS, now)
         t = st.tokens
         if t is not None:
-            headers += _bucket_headers(t, _TOKEN_HEADERS)
+            headers += _bucket_headers(t, _TOKEN_HEADERS, now)
         return headers
 
-    def _take(self, key: str, st: _KeyState) -> Lease:
+    def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:
+        """``key``'s limiter state at ``limits`` (made or brought up to date): for :meth:`take`. A state lives
+        as long as the limiter, so a caller may keep it."""
+        return self._state(key, trio.current_time(), limits, label)
+
+    def take(self, states: tuple, now: float) -> None:
+        """Admit one request on every state in ``states`` at once (none queues: ``queue`` is off), or raise
+        the first one's 429 and take nothing. The caller ends it with :func:`release_state` on each."""
+        for st in states:
+            blocked = self._blocked(st, now)
+            if blocked is not None:
+                raise self._refusal(st, blocked, "")
+        for st in states:
+            b = st.minute
+            if b is not None:
+                tat = b.tat
+                b.tat = (tat if tat > now else now) + b.interval
+            b = st.hour
+            if b is not None:
+                tat = b.tat
+                b.tat = (tat if tat > now else now) + b.interval
+            st.active += 1
+
+    def _take(self, key: str, st: _KeyState, now: float) -> Lease:
         if st.minute is not None:
-            st.minute.level -= 1
+            st.minute.take(1, now)
         if st.hour is not None:
-            st.hour.level -= 1
+            st.hour.take(1, now)
         st.active += 1
         return Lease(self, key, st)
 
@@ -203,7 +273,7 @@ class KeyLimiter:
         st = self._state(key, now, limits, label)
         if st.waiters or self._blocked(st, now) is not None:
             return None
-        return self._take(key, st)
+        return self._take(key, st, now)
 
     async def admit(self, key: str, limits: LimitValues | None = None, label: str = "this key") -> Lease:
         """Admit a request for ``key`` now, after a fair wait (queue mode), or raise a 429 GatewayError.
@@ -214,7 +284,7 @@ class KeyLimiter:
         st = self._state(key, now, limits, label)
         blocked = None if st.waiters else self._blocked(st, now)
         if blocked is None and not st.waiters:
-            return self._take(key, st)
+            return self._take(key, st, now)
         if not self.queue:
             raise self._refusal(st, blocked, key)
         if len(st.waiters) >= self.queue_size:
@@ -232,7 +302,7 @@ class KeyLimiter:
                         blocked = self._blocked(st, now)
                         if blocked is None:
                             st.waiters.popleft()
-                            lease = self._take(key, st)
+                            lease = self._take(key, st, now)
                             self._wake_head(st)
                             return lease
                         wait = blocked[0]
@@ -264,17 +334,10 @@ class KeyLimiter:
         if st.waiters:
             st.waiters[0].set()
 
-    def _release(self, key: str) -> None:
-        st = self._keys.get(key)
-        if st is not None:
-            st.active -= 1
-            self._wake_head(st)
-
     def record_tokens(self, key: str, tokens: int) -> None:
         st = self._keys.get(key)
-        if st is not None and st.tokens is not None and tokens:
-            st.tokens.refill(trio.current_time())
-            st.tokens.level -= tokens  # may go negative: the key then waits until it has paid its debt back
+        if st is not None:
+            add_tokens(st, tokens, trio.current_time())
 
     def _refusal(self, st: _KeyState, blocked: tuple[float, str], key: str, *, waited: bool = False) -> GatewayError:
         self.refused += 1

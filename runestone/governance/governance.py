@@ -18,8 +18,11 @@ checked again after it. Money is nano-USD integers, so sums are exact.
 
 Nothing here waits on a mailbox or the disk: key lookup is a dict hit on the secret's digest, the
 allowances are in memory, and spend reaches the store through a batch written by :meth:`Governance.run`
-on a worker thread every ``flush_interval`` (and at stop): a crash loses at most that interval's spend,
-as the usage ledger. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
+on a worker thread every ``flush_interval`` (and at stop). Between two batches the budget journal
+(:mod:`.journal`) holds every reservation (written before dispatch) and settlement (written before the
+answer goes out), each a copy into a memory-mapped file, so a SIGKILL loses no spend: the next start replays it, charges
+what was settled, releases what was in flight (no complete answer reached its client), and logs one
+line with the counts. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
 get the configured limits and no budget, as before.
 """
 
@@ -37,13 +40,14 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..front.limits import KeyLimiter, LimitValues
+from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
 from ..telemetry.costs import estimate_input_tokens, price_for
 from ..telemetry.events import BudgetExceeded
 from .periods import iso, period_bounds
 from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, parse_key, parse_key_patch, parse_team,
                       parse_team_patch, usd)
+from .journal import SpendJournal
 from .store import KeyStore, KeyStoreError
 
 __all__ = ["Allowance", "Governance", "GovernedLease"]
@@ -109,29 +113,38 @@ class _FreeLease:
 
 
 FREE = _FreeLease()
+_UNPRICED = object()
 
 
 class GovernedLease:
-    """A managed key's admitted request: its reservation on each budget and its limiter leases."""
+    """A managed key's admitted request: its reservation on each budget and its place in the limiter
+    states (the key's and its team's, each with a request taken).
 
-    __slots__ = ("_gov", "_holders", "_amount", "_leases", "_team", "_state")
+    ``seq`` and ``line`` are its reservation's number and line in the budget journal (0 and b"" without one).
+    """
 
-    def __init__(self, gov: "Governance", holders: list, amount: int, leases: list, team: str | None) -> None:
+    __slots__ = ("_gov", "_holders", "_amount", "_states", "_team", "_state", "seq", "line", "_headers")
+
+    def __init__(self, gov: "Governance", holders: tuple, amount: int, states: tuple, team: str | None,
+                 seq: int = 0, line: bytes = b"") -> None:
         self._gov = gov
         self._holders = holders
         self._amount = amount
-        self._leases = leases
+        self._states = states
         self._team = team
         self._state = 0  # 0 reserved, 1 settled, 2 released
+        self.seq = seq
+        self.line = line
+        self._headers = None
 
     @property
     def headers(self) -> list:
-        """The first limiter lease's ``x-ratelimit-*`` headers (the key's when it has limits)."""
-        for lease in self._leases:
-            headers = lease.headers
-            if headers:
-                return headers
-        return []
+        """The ``x-ratelimit-*`` headers of the first limiter state (the key's when it has limits), as its
+        buckets are when first read."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = KeyLimiter._headers(self._states[0]) if self._states else []
+        return headers
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """Turn the reservation into the real cost (0 for a request that got no answer)."""
@@ -140,26 +153,60 @@ class GovernedLease:
         self._state = 1
         nano = round(cost * NANO) if cost > 0 else 0
         gov = self._gov
+        if self.seq:
+            del gov._open[self.seq]
+            if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
+                gov.journal.write(b"S%d %d\n" % (self.seq, nano))
+        amount = self._amount
+        dirty = gov._dirty
         for h in self._holders:
             h.holds -= 1
-            h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+            h.reserved = h.reserved - amount if h.holds > 0 else 0
             h.spent += nano
-            gov._dirty.add(h)
+            dirty.add(h)
         if nano:
-            gov.spend_by_team[self._team or ""] = gov.spend_by_team.get(self._team or "", 0) + nano
-        for lease in self._leases:
-            lease.settle(tokens_in, tokens_out, cost)
+            team = self._team or ""
+            gov.spend_by_team[team] = gov.spend_by_team.get(team, 0) + nano
+        tokens = tokens_in + tokens_out
+        if tokens and self._states:
+            now = trio.current_time()
+            for st in self._states:
+                t = st.tokens
+                if t is not None:  # add_tokens, inline: a debt may build up, paid back at the bucket's rate
+                    tat = t.tat
+                    t.tat = (tat if tat > now else now) + tokens * t.interval
 
     def release(self) -> None:
         if self._state == 2:
             return
         if self._state == 0:
+            amount = self._amount
             for h in self._holders:
                 h.holds -= 1
-                h.reserved = h.reserved - self._amount if h.holds > 0 else 0
+                h.reserved = h.reserved - amount if h.holds > 0 else 0
+            if self.seq:
+                del self._gov._open[self.seq]
         self._state = 2
-        for lease in self._leases:
-            lease.release()
+        for st in self._states:
+            release_state(st)
+
+
+@attrs.define(slots=True, eq=False)
+class _Account:
+    """A managed key as admission needs it, resolved once and kept until the key, a team or a budget
+    changes (the cache is cleared) or ``until`` (a period's end, the key's expiry) passes."""
+
+    key: KeyRecord
+    team: Team | None
+    #: The key's allowance, then its team's.
+    holders: tuple
+    #: The limiter states that bind it: the key's (when it has limits), then its team's (when it has some).
+    states: tuple
+    #: The journal's holder fields: b"<key id> <team or ->".
+    fields: bytes
+    until: float
+    #: Model names both allow-lists allow as they are (a bounded cache of the check).
+    allowed: set = attrs.Factory(set)
 
 
 def new_key_id() -> str:
@@ -183,8 +230,18 @@ class Governance:
 
     def __init__(self, store: KeyStore | None, limiter: KeyLimiter, *, pricing: dict | None = None,
                  telemetry: Any = None, default_output_tokens: int = 4096, flush_interval: float = 1.0,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, journal: SpendJournal | None = None) -> None:
         self.store = store
+        #: Reservations and settlements on disk until the next flush (None: spend is in memory until then).
+        self.journal = journal if store is not None and store.keeps_journal else None
+        #: The open reservations the journal has, by sequence number (carried into each new segment).
+        self._open: dict[int, GovernedLease] = {}
+        #: key id -> b"<key id> <team or ->" (the journal's holder fields).
+        self._holder_fields: dict[str, bytes] = {}
+        #: What the last start recovered from the journal (the state dump shows it).
+        self.recovered: dict | None = None
+        #: The journal segments below this one are deleted (the stored spend includes them).
+        self._journal_floor = 0
         self.limiter = limiter
         self.pricing = pricing or {}
         self.telemetry = telemetry
@@ -198,6 +255,8 @@ class Governance:
         self._previous: dict[bytes, str] = {}
         self._allowances: dict[tuple[str, str], Allowance] = {}
         self._limits: dict[str, LimitValues] = {}
+        #: key id -> its admission account (cleared by every change of a key, a team or a budget).
+        self._accounts: dict[str, _Account] = {}
         self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
         self._dirty: set[Allowance] = set()
         self._changes = trio.Lock()
@@ -224,6 +283,50 @@ class Governance:
             a = self._allowance(scope, name, wall)
             if a is not None and a.period_start == start:
                 a.spent, a.requests = nano, requests
+        if self.journal is not None:
+            self._recover(loaded.journal_floor, wall)
+
+    def _recover(self, floor: int, wall: float) -> None:
+        """Replay the journal past the stored spend, checkpoint the result, and say what it found."""
+        journal = self.journal
+        try:
+            found = journal.replay(floor)
+        except OSError as exc:
+            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be read: {exc}") from None
+        self._journal_floor = floor
+        touched: set[Allowance] = set()
+        for (scope, name), walls in found.requests.items():
+            a = self._allowance(scope, name, wall)
+            if a is not None:
+                a.requests += sum(1 for w in walls if w >= a.period_start)
+                touched.add(a)
+        for (scope, name), items in found.spent.items():
+            a = self._allowance(scope, name, wall)
+            if a is not None:
+                a.spent += sum(nano for w, nano in items if w >= a.period_start)
+                touched.add(a)
+        self.recovered = {"segments": found.segments, "settled": found.settled, "settled_usd": usd(found.settled_nano),
+                          "released": found.released, "released_usd": usd(found.released_nano),
+                          "malformed_lines": found.malformed}
+        if not found.segments:
+            return
+        # Checkpoint before serving: the replayed spend is stored, the old segments go, a new one starts.
+        new = journal.gen + 1
+        rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in touched]
+        self.store.put_spend_now(rows, new)
+        journal.start(new)
+        self._journal_floor = new
+        try:
+            journal.drop_before(new)
+        except OSError as exc:
+            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
+        if found.settled or found.released or found.malformed:
+            log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d settled "
+                        "reservation(s) charged ($%.6f); %d reservation(s) in flight at the stop released "
+                        "($%.6f given back); %d unreadable line(s)", found.segments, found.settled,
+                        usd(found.settled_nano), found.released, usd(found.released_nano), found.malformed)
+        else:
+            log.info("budget journal: nothing was in flight at the last stop (%d empty segment(s))", found.segments)
 
     def _install_key(self, key: KeyRecord) -> None:
         old = self.keys.get(key.id)
@@ -236,6 +339,8 @@ class Governance:
         if key.previous_digest:
             self._previous[key.previous_digest] = key.id
         self._limits.pop(key.id, None)
+        self._accounts.clear()
+        self._holder_fields[key.id] = f"{key.id} {key.team or '-'}".encode()
         a = self._allowances.get(("key", key.id))
         if a is not None:
             self._rebudget(a, key.budget)
@@ -289,47 +394,105 @@ class Governance:
 
     # -- admission ------------------------------------------------------------------------------------
 
-    async def admit_request(self, request, plan):
-        """The pipeline's admission (runestone.routing.executor.Admission)."""
-        key_id = request.key_id
-        key = self.keys.get(key_id) if key_id is not None else None
-        if key is None:
-            limiter = self.limiter
-            if limiter.enabled:
-                return await limiter.admit(key_id or "open")
-            return FREE
-        wall = self.wall()
+    def _account(self, key: KeyRecord, wall: float) -> _Account:
+        """``key``'s account now (401 for a revoked or expired key); kept in ``_accounts``."""
         team = self._active(key, wall)
-        self._check_models(key, team, request.model, plan)
+        holders = tuple(self._holders(key, team, wall))
+        limiter = self.limiter
+        states = []
+        limits = self._key_limits(key)
+        if limits:
+            states.append(limiter.state(key.id, limits, "this key"))
+        if team is not None and team.limits:
+            states.append(limiter.state("team:" + team.name, team.limits, f"team {team.name!r}"))
+        until = min(h.resets_at for h in holders)
+        if key.expires_at is not None and key.expires_at < until:
+            until = key.expires_at
+        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until)
+        return acct
+
+    async def admit_request(self, request, plan):
+        """The pipeline's admission (runestone.routing.executor.Admission).
+
+        The hot path: the key's :class:`_Account` from a dict, one float comparison for its periods and
+        expiry, the allow-list from a set, the worst case, the fit, the limits, the reservation, and one
+        journal line; nothing between the fit and the reservation yields."""
+        key_id = request.key_id
+        acct = self._accounts.get(key_id)
+        wall = self.wall()
+        if acct is None or wall >= acct.until:
+            key = self.keys.get(key_id) if key_id is not None else None
+            if key is None:
+                limiter = self.limiter
+                if limiter.enabled:
+                    return await limiter.admit(key_id or "open")
+                return FREE
+            acct = self._account(key, wall)
+        key, team = acct.key, acct.team
+        model = request.model
+        if model not in acct.allowed:
+            self._check_models(key, team, model, plan)
+            if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
+                acct.allowed.add(model)
         amount = self.worst_case(request, plan)
-        holders = self._holders(key, team, wall)
-        self._check_fit(holders, amount, key, team, request.model)
+        holders = acct.holders
+        for h in holders:
+            budget = h.budget
+            if budget is not None and budget.nano - h.spent - h.reserved < amount:
+                raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, team, model)
+        states = acct.states
+        if states:
+            limiter = self.limiter
+            if limiter.queue:
+                return await self._admit_queued(request, acct, amount)
+            limiter.take(states, trio.current_time())
+        return self._reserve(acct, amount, wall)
+
+    async def _admit_queued(self, request, acct: _Account, amount: int) -> GovernedLease:
+        """Admission when the limiter queues: wait for the key's and the team's turn, then judge the key and
+        the budgets again as they are then."""
+        limiter = self.limiter
+        key, team = acct.key, acct.team
         leases = []
         try:
-            limiter = self.limiter
             limits = self._key_limits(key)
             if limits:
                 leases.append(await limiter.admit(key.id, limits))
             if team is not None and team.limits:
                 leases.append(await limiter.admit("team:" + team.name, team.limits, f"team {team.name!r}"))
-            if leases and limiter.queue:
-                # The limiter may have waited its queue: judge the key and the budgets as they are now.
-                # (Without a queue it never yields, so nothing can have changed since the check.)
-                wall = self.wall()
-                key = self.keys[key.id]
-                team = self._active(key, wall)
-                holders = self._holders(key, team, wall)
-                self._check_fit(holders, amount, key, team, request.model)
+            wall = self.wall()
+            key = self.keys[key.id]
+            acct = self._account(key, wall)
+            for h in acct.holders:
+                budget = h.budget
+                if budget is not None and budget.nano - h.spent - h.reserved < amount:
+                    raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, acct.team, request.model)
         except BaseException:
             for lease in leases:
                 lease.release()
             raise
+        # The states the requests were taken on (the key's team may have changed during the wait).
+        return self._reserve(acct, amount, wall, tuple(lease.state for lease in leases))
+
+    def _reserve(self, acct: _Account, amount: int, wall: float, states: tuple | None = None) -> GovernedLease:
+        if states is None:
+            states = acct.states
+        holders = acct.holders
+        dirty = self._dirty
         for h in holders:
             h.reserved += amount
             h.holds += 1
             h.requests += 1
-            self._dirty.add(h)
-        return GovernedLease(self, holders, amount, leases, key.team)
+            dirty.add(h)
+        journal = self.journal
+        if journal is None:
+            return GovernedLease(self, holders, amount, states, acct.key.team)
+        # In the journal before dispatch (see .journal); no checkpoint since the fit was judged.
+        seq = journal.seq = journal.seq + 1
+        line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
+        journal.write(line)
+        lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)
+        return lease
 
     def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
@@ -373,6 +536,8 @@ class Governance:
         for h in holders:
             h.requests += 1
             self._dirty.add(h)
+        if self.journal is not None:
+            self.journal.write(b"Q%d %s\n" % (wall, self._holder_fields[key.id]))
         return True
 
     def _active(self, key: KeyRecord, wall: float) -> Team | None:
@@ -431,21 +596,38 @@ class Governance:
     def worst_case(self, request, plan) -> int:
         """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
         body = request.body
-        tokens_in = estimate_input_tokens(body)
+        messages = body.get("messages")
+        tokens_in = -1
+        if messages.__class__ is list and "system" not in body and "prompt" not in body and "input" not in body:
+            # The common shape (string contents), counted here as estimate_input_tokens counts it.
+            chars = 0
+            for m in messages:
+                content = m.get("content") if m.__class__ is dict else None
+                if content.__class__ is not str:
+                    break
+                chars += len(content)
+            else:
+                tokens_in = chars // 4 or 1
+        if tokens_in < 0:
+            tokens_in = estimate_input_tokens(body)
         if request.operation == "embed":
             tokens_out = 0
         else:
-            messages = body.get("messages")
-            if isinstance(messages, list):
+            if messages.__class__ is list:
                 tokens_in += MESSAGE_TOKENS * len(messages)
             cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-            if type(cap) is not int or cap <= 0:
+            if cap.__class__ is not int or cap <= 0:
                 cap = self.default_output_tokens
             n = body.get("n")
-            tokens_out = cap * (n if type(n) is int and n > 1 else 1)
+            if n.__class__ is int and n > 1:
+                cap *= n
+            tokens_out = cap
         dearest = 0.0
+        prices = self._prices
         for target in plan.targets:
-            price = self._price(target.provider, target.model)
+            price = prices.get((target.provider, target.model), _UNPRICED)
+            if price is _UNPRICED:
+                price = self._price(target.provider, target.model)
             if price is not None:
                 c = tokens_in * price[0] + tokens_out * price[1]
                 if c > dearest:
@@ -575,8 +757,12 @@ class Governance:
 
     def snapshot(self) -> dict:
         """For the state dump: counts and spend, never a secret or a digest."""
+        journal = self.journal
         return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
                 "unwritten_spend": len(self._dirty), "spend_write_failures": self.spend_write_failures,
+                "open_reservations": len(self._open), "recovered": self.recovered,
+                "journal": {"segment": journal.gen, "writes": journal.writes, "failures": journal.failures}
+                if journal is not None else None,
                 "refusals": {f"{t or '-'}/{s}": n for (t, s), n in sorted(self.refusals.items())}}
 
     def prometheus(self) -> str:
@@ -689,6 +875,7 @@ class Governance:
             new = attrs.evolve(team, **patch)
             await self._persist(self.store.put_team(new) if self.store else None)
             self.teams[name] = new
+            self._accounts.clear()
             a = self._allowances.get(("team", name))
             if a is not None:
                 self._rebudget(a, new.budget)
@@ -704,6 +891,7 @@ class Governance:
                                    code="team_not_empty")
             await self._persist(self.store.delete_team(name) if self.store else None)
             del self.teams[name]
+            self._accounts.clear()
             self._allowances.pop(("team", name), None)
         return {"name": name, "deleted": True}
 
@@ -717,22 +905,44 @@ class Governance:
     # -- persistence of spend -------------------------------------------------------------------------
 
     async def flush(self) -> int:
-        """Write the spend changed since the last flush (on a worker thread); how many rows."""
+        """Write the spend changed since the last flush (on a worker thread); how many rows.
+
+        With the journal: a new segment starts first (the open reservations carried into it), in the same
+        step as the rows are taken, so the rows hold every event of the older segments and none of the
+        new one; they are stored with that segment's number, and then the older segments are deleted."""
         if self.store is None:
             self._dirty.clear()
             return 0
-        if not self._dirty:
+        journal = self.journal
+        if not self._dirty and (journal is None or not journal.pending):
             return 0
+        floor = None
+        if journal is not None:
+            if journal.pending:
+                try:  # the next segment's blocks, off the event loop (the rotation then only maps them)
+                    await trio.to_thread.run_sync(journal.prepare, journal.gen + 1)
+                except OSError as exc:
+                    log.error("budget journal: the next segment could not be made: %s", exc)
+                journal.rotate([lease.line for lease in self._open.values()])
+            # The rows hold every event before the current segment (which, unless it was just started,
+            # has had nothing but carried-over reservations: no spend, no request).
+            floor = journal.gen
         dirty, self._dirty = self._dirty, set()
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in dirty
                 if self._allowances.get((a.scope, a.name)) is a]
         try:
-            await self.store.put_spend(rows)
+            await self.store.put_spend(rows, floor)
         except KeyStoreError as exc:
             self.spend_write_failures += 1
             self._dirty |= dirty
             log.error("spend not written (kept for the next try): %s", exc)
             return 0
+        if floor is not None and floor > self._journal_floor:
+            self._journal_floor = floor
+            try:
+                await trio.to_thread.run_sync(journal.drop_before, floor)
+            except OSError as exc:
+                log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
         return len(rows)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -745,3 +955,5 @@ class Governance:
         finally:
             with trio.CancelScope(shield=True):
                 await self.flush()
+            if self.journal is not None:
+                self.journal.close()  # reopened at its next line, should this task be restarted

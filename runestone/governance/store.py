@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS spend (
     requests INTEGER NOT NULL,
     PRIMARY KEY (scope, name)
 );
+-- The first budget-journal segment the spend above does not include (runestone.governance.journal).
+CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY CHECK (id = 0), floor INTEGER NOT NULL);
 """
 
 
@@ -47,16 +49,19 @@ class KeyStoreError(Exception):
 class Loaded:
     """What the store held at start."""
 
-    def __init__(self, teams: list[Team], keys: list[KeyRecord], spend: dict) -> None:
+    def __init__(self, teams: list[Team], keys: list[KeyRecord], spend: dict, journal_floor: int = 0) -> None:
         self.teams = teams
         self.keys = keys
         #: (scope, name) -> (period_start, nano, requests)
         self.spend = spend
+        #: The first budget-journal segment ``spend`` does not include.
+        self.journal_floor = journal_floor
 
 
 
-#: A write, as data: ``("team", name, doc)``, ``("delete_team", name)``, ``("key", id, digest, doc)`` or
-#: ``("spend", scope, name, period_start, nano, requests)``; a backend says each in its own SQL.
+#: A write, as data: ``("team", name, doc)``, ``("delete_team", name)``, ``("key", id, digest, doc)``,
+#: ``("spend", scope, name, period_start, nano, requests)`` or ``("journal_floor", segment)`` (SQLite only);
+#: a backend says each in its own SQL.
 Op = tuple
 
 
@@ -70,7 +75,10 @@ class SQLiteKeyBackend:
         "delete_team_spend": "DELETE FROM spend WHERE scope = 'team' AND name = ?",
         "key": "INSERT OR REPLACE INTO keys (id, digest, doc) VALUES (?, ?, ?)",
         "spend": "INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES (?, ?, ?, ?, ?)",
+        "journal_floor": "INSERT OR REPLACE INTO journal (id, floor) VALUES (0, ?)",
     }
+    #: The spend it holds is checkpointed with this instance's budget journal (one instance per database).
+    keeps_journal = True
 
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir) / "keys.sqlite3"
@@ -100,6 +108,13 @@ class SQLiteKeyBackend:
                 conn.execute("SELECT doc FROM keys ORDER BY id").fetchall(),
                 conn.execute("SELECT scope, name, period_start, nano, requests FROM spend").fetchall())
 
+    def read_journal_floor(self) -> int:
+        """The first budget-journal segment the stored spend does not include (0: none checkpointed)."""
+        if self._conn is None and not self.path.exists():
+            return 0
+        row = self._connect().execute("SELECT floor FROM journal WHERE id = 0").fetchone()
+        return row[0] if row else 0
+
     def write(self, ops: list[Op]) -> None:
         conn = self._connect()
         conn.execute("BEGIN")
@@ -128,6 +143,9 @@ def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
 
 class PostgresKeyBackend:
     """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection)."""
+
+    #: Shared by every instance: no instance's local budget journal is checkpointed in it.
+    keeps_journal = False
 
     _sql = {
         "team": "INSERT INTO teams (name, doc) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
@@ -176,6 +194,8 @@ class KeyStore:
         self._lock = trio.Lock()
         #: Spend rows written since start.
         self.spend_writes = 0
+        #: Its spend is checkpointed with a budget journal (runestone.governance.journal): SQLite only.
+        self.keeps_journal = self.backend.keeps_journal
 
     def load(self) -> Loaded:
         """Everything stored (blocking: called once at start). KeyStoreError names what is wrong.
@@ -189,12 +209,13 @@ class KeyStore:
             teams = [team_from_doc(orjson.loads(d)) for (d,) in team_docs]
             keys = [key_from_doc(orjson.loads(d)) for (d,) in key_docs]
             spend = {(s, n): (p, u, r) for s, n, p, u, r in spend_rows}
+            floor = self.backend.read_journal_floor() if self.keeps_journal else 0
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise KeyStoreError(f"the key store {self.path} holds a malformed record ({type(exc).__name__}: "
                                 f"{exc}); restore it from a backup or move it away to start without keys") from None
         except self.backend.failures as exc:
             raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
-        return Loaded(teams, keys, spend)
+        return Loaded(teams, keys, spend, floor)
 
     async def _write(self, ops: list[Op]) -> None:
         async with self._lock:
@@ -214,11 +235,27 @@ class KeyStore:
     async def put_key(self, key: KeyRecord) -> None:
         await self._write([("key", key.id, key.digest.hex(), orjson.dumps(key.to_doc()).decode())])
 
-    async def put_spend(self, rows: list[tuple[str, str, float, int, int]]) -> None:
-        """Write ``(scope, name, period_start, nano, requests)`` rows in one transaction."""
-        await self._write([("spend", *row) for row in rows])
+    async def put_spend(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int | None = None) -> None:
+        """Write ``(scope, name, period_start, nano, requests)`` rows in one transaction, with the first
+        budget-journal segment they do not include (``journal_floor``) when given."""
+        await self._write(_spend_ops(rows, journal_floor))
+        self.spend_writes += len(rows)
+
+    def put_spend_now(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int) -> None:
+        """:meth:`put_spend`, blocking: the checkpoint after the journal's replay, at start."""
+        try:
+            self.backend.write(_spend_ops(rows, journal_floor))
+        except self.backend.failures as exc:
+            raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
         self.spend_writes += len(rows)
 
     async def close(self) -> None:
         async with self._lock:
             await trio.to_thread.run_sync(self.backend.close)
+
+
+def _spend_ops(rows: list[tuple[str, str, float, int, int]], journal_floor: int | None) -> list[Op]:
+    ops: list[Op] = [("spend", *row) for row in rows]
+    if journal_floor is not None:
+        ops.append(("journal_floor", journal_floor))
+    return ops

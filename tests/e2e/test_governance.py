@@ -19,6 +19,7 @@ import trio_websocket
 from gatewaytest import provider_toml
 from runestone.app import Application
 from runestone.config import load_config
+from runestone.http.server import Response, serve_http
 
 ADMIN_KEY = "ak-governance-admin"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -327,7 +328,7 @@ async def test_every_path_charges_the_one_counter(gateway_factory, fake_factory)
     gw, _ = await _gateway(gateway_factory, fake_factory, extra="[cache]\nenabled = true\n")
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
         await _admin(http, "POST", "/admin/teams", {"name": "all", "budget": {"usd": 10, "period": "month"}}, 201)
-        key = await _admin(http, "POST", "/admin/keys", {"name": "every path", "team": "all", "limits": {"rph": 9},
+        key = await _admin(http, "POST", "/admin/keys", {"name": "every path", "team": "all", "limits": {"rph": 11},
                                                         "budget": {"usd": 1, "period": "month"}}, 201)
         secret = key["secret"]
         client = _client(gw, secret)
@@ -350,31 +351,79 @@ async def test_every_path_charges_the_one_counter(gateway_factory, fake_factory)
                 "model": "fake-model", "messages": ASK, "max_tokens": 4}}).decode())
             while orjson.loads(await ws.get_message())["type"] == "chunk":
                 pass
-        # The tenth request, whatever its path, is over the key's 9 requests per hour: one counter.
+        answer = await client.responses.create(model="fake-model", input="hi", max_output_tokens=4)  # 10: responses
+        assert answer.usage.output_tokens == 4
+        async with client.responses.stream(model="fake-model", input="hi", max_output_tokens=4) as stream:  # 11
+            assert (await stream.get_final_response()).usage.output_tokens == 4
+        # The twelfth request, whatever its path, is over the key's 11 requests per hour: one counter.
         with pytest.raises(openai.RateLimitError) as limited:
             await client.embeddings.create(model="fake-embedding", input="hi")
-        assert "9 requests per hour for this key" in limited.value.body["message"]
+        assert "11 requests per hour for this key" in limited.value.body["message"]
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.create(model="fake-model", input="hi", max_output_tokens=4)
         with pytest.raises(openai.RateLimitError):  # a cached answer is refused too (through the pipeline)
             await _chat(client)
 
         spend = (await _admin(http, "GET", f"/admin/keys/{key['id']}"))["spend"]
-        assert spend["requests"] == 9
-        # Seven answers of 4 output tokens (the cache hit and the embeddings cost nothing).
-        assert spend["spent_usd"] == pytest.approx(7 * 4 * TOKEN_USD)
+        assert spend["requests"] == 11 and spend["reserved_usd"] == 0
+        # Nine answers of 4 output tokens (the cache hit and the embeddings cost nothing).
+        assert spend["spent_usd"] == pytest.approx(9 * 4 * TOKEN_USD)
         team = (await _admin(http, "GET", "/admin/teams/all"))["spend"]
-        assert team["requests"] == 9 and team["spent_usd"] == pytest.approx(spend["spent_usd"])
+        assert team["requests"] == 11 and team["spent_usd"] == pytest.approx(spend["spent_usd"])
         usage = (await http.get("/v1/usage", headers={"authorization": f"Bearer {secret}"},
                                 params={"group_by": "team,endpoint,provider"})).json()
         rows = {(r["team"], r["endpoint"], r["provider"]): r for r in usage["rows"]}
         assert rows[("all", "chat", "cache")]["cost"] == 0 and rows[("all", "chat", "cache")]["requests"] == 1
         assert usage["totals"]["cost"] == pytest.approx(spend["spent_usd"])
-        # The refusals were not recorded as usage: nine rows, one per answered request.
-        assert sum(r["requests"] for r in usage["rows"] if r["provider"]) == 9
+        assert rows[("all", "responses", "up")]["requests"] == 2
+        assert rows[("all", "responses", "up")]["cost"] == pytest.approx(2 * 4 * TOKEN_USD)
+        # The refusals were not recorded as usage: eleven rows, one per answered request.
+        assert sum(r["requests"] for r in usage["rows"] if r["provider"]) == 11
         by_team = (await http.get("/v1/usage", headers=ADMIN, params={"team": "all", "group_by": "key_id,day"})).json()
-        assert by_team["rows"][0]["key_id"] == key["id"] and by_team["totals"]["requests"] == 9
+        assert by_team["rows"][0]["key_id"] == key["id"] and by_team["totals"]["requests"] == 11
         metrics = (await http.get("/metrics")).text
-        assert f'runestone_budget_spend_usd_total{{team="all"}} {7 * 4 * TOKEN_USD:g}' in metrics \
-            or 'runestone_budget_spend_usd_total{team="all"} 0.028' in metrics
+        assert 'runestone_budget_spend_usd_total{team="all"} 0.036' in metrics
+
+
+async def _native_responses(request) -> Response:
+    """An upstream speaking the Responses API itself: one answer of 2 output tokens (and 12 input ones)."""
+    body = orjson.loads(await request.body())
+    response = {"id": "resp_up", "object": "response", "created_at": 1, "status": "completed", "model": body["model"],
+                "output": [{"id": "msg_up", "type": "message", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "hi", "annotations": []}]}],
+                "usage": {"input_tokens": 12, "output_tokens": 2, "total_tokens": 14}}
+    if not body.get("stream"):
+        return Response.json(response)
+    events = [{"type": "response.created", "response": {**response, "status": "in_progress", "output": []}},
+              {"type": "response.completed", "response": response}]
+    data = b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps({**e, "sequence_number": i})
+                    + b"\n\n" for i, e in enumerate(events))
+
+    async def stream():
+        yield data
+
+    return Response(200, [(b"content-type", b"text/event-stream")], stream=stream())
+
+
+async def test_the_responses_api_charges_the_one_counter_on_a_native_provider_too(gateway_factory, nursery):
+    """A provider speaking Responses itself gets the client's body; its answer's usage is what is charged."""
+    server = await nursery.start(lambda task_status: serve_http(_native_responses, "127.0.0.1", 0,
+                                                                task_status=task_status))
+    gw = await gateway_factory(f'[auth]\nadmin_key = "{ADMIN_KEY}"\n' + PRICING + provider_toml(
+        "native", "openai", base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-up", models=["fake-model"],
+        responses_api=True))
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        key = await _admin(http, "POST", "/admin/keys", {"name": "native", "limits": {"rph": 2},
+                                                        "budget": {"usd": 1, "period": "month"}}, 201)
+        client = _client(gw, key["secret"])
+        assert (await client.responses.create(model="fake-model", input="hi", max_output_tokens=4)).usage.output_tokens == 2
+        async with client.responses.stream(model="fake-model", input="hi", max_output_tokens=4) as stream:
+            assert (await stream.get_final_response()).usage.output_tokens == 2
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.create(model="fake-model", input="hi", max_output_tokens=4)
+        spend = (await _admin(http, "GET", f"/admin/keys/{key['id']}"))["spend"]
+        assert spend["requests"] == 2 and spend["reserved_usd"] == 0
+        assert spend["spent_usd"] == pytest.approx(2 * 2 * TOKEN_USD)
 
 
 async def test_a_budget_refusal_is_on_the_live_feed_and_counted_per_team(gateway_factory, fake_factory):
