@@ -11,33 +11,34 @@ Floor 0, knowing nothing of the gateway and importing nothing of ours:
 - ``wire``: the wire formats (OpenAI, Anthropic, Gemini, Bedrock): validation, errors, SSE, translators.
 - ``storage``: Postgres for a fleet (``[database] url``): the connections the stores open, migrations.
 
-Floor 1, on the runtime at most, none importing another:
+Floor 1, on the runtime at most, neither importing the other:
 
-- ``config``: the configuration schema, loading from TOML and the environment, and its checks.
-- ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
+- ``config``: the configuration schema, loading from TOML and the environment, its checks, and prices.
 - ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
   (the worker processes under a runtime supervisor). Its fleet modules each stand just above the layer
-  whose state they share: ``status`` on floor 2, ``breakers`` on 3, ``control`` on 6, ``responses`` on 7.
+  whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses`` on 8.
 
-Floor 2, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
+Floor 2, ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
+
+Floor 3, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
 orderings every policy is made of, and the breaker and failover actors.
 
-Floor 3, ``providers``: one adapter per kind of upstream, the provider table and the provider actors.
+Floor 4, ``providers``: one adapter per kind of upstream, the provider table and the provider actors.
 
-Floor 4, ``routing``: router policies, pools and splits, aliases, the in-flight table, and
+Floor 5, ``routing``: router policies, pools and splits, aliases, the in-flight table, and
 ``Gateway.serve``, the one request pipeline.
 
-Floor 5, ``control``: the control plane (the one writer of the provider catalog and the groups, each
+Floor 6, ``control``: the control plane (the one writer of the provider catalog and the groups, each
 change one typed value through ``ControlPlane.apply``), its persistence and the control socket.
 
-Floor 6, ``front``: the front doors (decode a wire format, call the pipeline, encode the answer) and
+Floor 7, ``front``: the front doors (decode a wire format, call the pipeline, encode the answer) and
 the operator routes.
 
-Floor 7, ``governance``: keys, teams and budgets (it uses the front's limiter and the pipeline's errors).
+Floor 8, ``governance``: keys, teams and budgets (it uses the front's limiter and the pipeline's errors).
 
-Floor 8, ``app``: builds the supervision tree from the configuration.
+Floor 9, ``app``: builds the supervision tree from the configuration.
 
-Floor 9, ``cli``: ``runestone serve | state | providers | chat | fake-provider``, with the control CLI
+Floor 10, ``cli``: ``runestone serve | state | providers | chat | fake-provider``, with the control CLI
 client (``control/cli.py``) and the key and team commands (``governance/cli.py``), which are the CLI's.
 
 Two lazy imports still point up (front's ``install`` wiring the fleet's response tiers); the test lists

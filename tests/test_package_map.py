@@ -26,7 +26,8 @@ ROOT = Path(runestone.__file__).parent
 #: above that layer.
 FLOORS: tuple[frozenset[str], ...] = (
     frozenset({"runtime", "http", "wire", "storage"}),  # import nothing of ours
-    frozenset({"config", "telemetry", "cluster"}),  # cluster: the Redis client, serve --workers
+    frozenset({"config", "cluster"}),  # cluster: the Redis client, serve --workers
+    frozenset({"telemetry"}),
     frozenset({"resilience", "cluster.status"}),
     frozenset({"providers", "cluster.breakers"}),
     frozenset({"routing"}),
