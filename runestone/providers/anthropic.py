@@ -23,13 +23,13 @@ from .base import (
     UpstreamStream,
     Usage,
     check_name,
+    check_usage,
     loads_object,
     model_ids,
     new_created,
     open_exchange,
     read_exchange,
     secrets_of,
-    token_count,
     usage_from,
 )
 
@@ -43,13 +43,8 @@ _USAGE_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
 
 
 def _check_usage(provider: str, u) -> None:
-    """Anthropic's token counts, checked before the translator adds them up (see :func:`token_count`)."""
-    if u is None:
-        return
-    if not isinstance(u, dict):
-        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    for name in _USAGE_COUNTS:
-        token_count(provider, u, name)
+    """Anthropic's token counts, checked before the translator adds them up."""
+    check_usage(provider, u, _USAGE_COUNTS)
 
 
 def _check_event(provider: str, name: str, data: dict) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_TOKENS",
     "check_name",
+    "check_usage",
     "model_ids",
     "out_of_range",
     "secrets_of",
@@ -235,6 +236,17 @@ def token_count(provider: str, u: dict, name: str) -> int:
         return int(v)
     shown = repr(v) if t in (int, float, bool) else t.__name__
     raise out_of_range(provider, f"usage.{name}", shown[:40])
+
+
+def check_usage(provider: str, u, names, field: str = "usage") -> None:
+    """An upstream's usage object ``u`` (absent or null is none): an object whose counts ``names`` are each a
+    :func:`token_count`; checked before anything adds them up."""
+    if u is None:
+        return
+    if not isinstance(u, dict):
+        raise UpstreamError(provider, "malformed", f"upstream {field} is not an object")
+    for name in names:
+        token_count(provider, u, name)
 
 
 def check_name(provider: str, obj: dict, name: str) -> None:

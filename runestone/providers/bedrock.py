@@ -38,11 +38,11 @@ from .base import (
     UpstreamStream,
     Usage,
     check_name,
+    check_usage,
     loads_object,
     new_created,
     open_exchange,
     read_exchange,
-    token_count,
     transport_error,
     usage_from,
 )
@@ -57,12 +57,7 @@ _USAGE_COUNTS = ("inputTokens", "outputTokens", "cacheReadInputTokens", "cacheWr
 
 
 def _check_usage(provider: str, u) -> None:
-    if u is None:
-        return
-    if not isinstance(u, dict):
-        raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    for name in _USAGE_COUNTS:
-        token_count(provider, u, name)
+    check_usage(provider, u, _USAGE_COUNTS)
 
 
 def _http_error(provider: str, status: int, headers, body: bytes, secrets) -> UpstreamError:

@@ -34,10 +34,12 @@ from .base import (
     UpstreamStream,
     Usage,
     check_name,
+    check_usage,
     loads_object,
     new_created,
+    open_exchange,
+    read_exchange,
     secrets_of,
-    token_count,
     transport_error,
     usage_from,
 )
@@ -51,12 +53,7 @@ _MAX_MODEL_PAGES = 10
 
 
 def _check_usage(provider: str, meta) -> None:
-    if meta is None:
-        return
-    if not isinstance(meta, dict):
-        raise UpstreamError(provider, "malformed", "upstream usageMetadata is not an object")
-    for name in USAGE_COUNTS:
-        token_count(provider, meta, name)
+    check_usage(provider, meta, USAGE_COUNTS, "usageMetadata")
 
 
 def _check_candidates(provider: str, doc: dict) -> None:
@@ -172,30 +169,14 @@ class GeminiAdapter:
                              status=err.status, retry_after=retry_after, detail=err.detail)
 
     async def _open(self, url: str, payload: bytes, method: str = "POST", deadline: float | None = None):
-        cm = self._transport.stream(method, url, self._headers, payload, timeouts=self._timeouts, deadline=deadline)
-        try:
-            response = await cm.__aenter__()
-        except TransportError as exc:
-            raise transport_error(self.name, exc, self._secrets) from None
-        if response.status != 200:
-            try:
-                raw = await response.read()
-            except TransportError:
-                raw = b""
-            finally:
-                await cm.__aexit__(None, None, None)
-            raise self._error(response.status, response.headers, raw)
-        return cm, response
+        return await open_exchange(self.name, self._transport, method, url, self._headers, payload,
+                                   timeouts=self._timeouts, deadline=deadline, secrets=self._secrets,
+                                   http_error=lambda _provider, status, headers, raw, _secrets:
+                                   self._error(status, headers, raw))
 
     async def _read(self, url: str, payload: bytes, method: str = "POST", deadline: float | None = None) -> dict:
         cm, response = await self._open(url, payload, method, deadline)
-        try:
-            raw = await response.read()
-        except TransportError as exc:
-            raise transport_error(self.name, exc, self._secrets) from None
-        finally:
-            await cm.__aexit__(None, None, None)
-        return loads_object(self.name, raw, "the response")
+        return loads_object(self.name, await read_exchange(self.name, cm, response, self._secrets), "the response")
 
     async def complete(self, body: dict, *, request_id: str, deadline: float | None = None) -> ChatResult:
         model = body["model"]

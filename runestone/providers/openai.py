@@ -165,12 +165,13 @@ class OpenAIAdapter:
     def _embed_target(self, body: dict) -> tuple[str, dict]:
         return self._embed_url, body
 
-    async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
-        headers = self._headers
+    def _outgoing_headers(self):
         traceparent = outgoing_traceparent(self.name)
-        if traceparent is not None:
-            headers = [*headers, (b"traceparent", traceparent)]
-        cm = self._transport.stream(method, url, headers, body, timeouts=self._timeouts, deadline=deadline)
+        return self._headers if traceparent is None else [*self._headers, (b"traceparent", traceparent)]
+
+    async def _open(self, url: str, body: bytes, method: str = "POST", deadline: float | None = None):
+        cm = self._transport.stream(method, url, self._outgoing_headers(), body, timeouts=self._timeouts,
+                                    deadline=deadline)
         try:
             response = await cm.__aenter__()
         except TransportError as exc:
@@ -179,16 +180,10 @@ class OpenAIAdapter:
 
     async def _open_events(self, url: str, body: bytes, deadline: float | None = None):
         """An event stream's response, its status 200 (anything else is the upstream's error, read and raised)."""
-        cm, response = await self._open(url, body, deadline=deadline)
-        if response.status != 200:
-            try:
-                raw = await response.read()
-            except TransportError:
-                raw = b""
-            finally:
-                await cm.__aexit__(None, None, None)
-            raise self._http_error(response.status, response.headers, raw)
-        return cm, response
+        return await open_exchange(self.name, self._transport, "POST", url, self._outgoing_headers(), body,
+                                   timeouts=self._timeouts, deadline=deadline, secrets=self._secrets,
+                                   http_error=lambda _provider, status, headers, raw, _secrets:
+                                   self._http_error(status, headers, raw))
 
     async def _read_json(self, url: str, payload: bytes, method: str = "POST",
                          deadline: float | None = None) -> tuple[bytes, dict]:
