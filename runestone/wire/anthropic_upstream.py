@@ -25,6 +25,7 @@ from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_
 __all__ = [
     "AnthropicToOpenAIStream",
     "TranslationError",
+    "data_url_parts",
     "tool_arguments",
     "UpstreamStreamError",
     "anthropic_error_to_openai",
@@ -142,10 +143,8 @@ def _image_block(url, param: str) -> dict:
     if not isinstance(url, str) or not url:
         raise TranslationError(param, "image_url.url must be a non-empty string")
     if url.startswith("data:"):
-        header, sep, data = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise TranslationError(param, "data URLs must be base64 encoded (data:<media type>;base64,<data>)")
-        return {"type": "image", "source": {"type": "base64", "media_type": header[5:-7], "data": data}}
+        media_type, data = data_url_parts(url, param)
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return {"type": "image", "source": {"type": "url", "url": url}}
 
 
@@ -197,6 +196,15 @@ def _push(out: list, role: str, content) -> None:
             prev.extend(content)
     else:
         out.append({"role": role, "content": content})
+
+
+def data_url_parts(url: str, param: str) -> tuple[str, str]:
+    """(media type with its parameters, base64 data) of a ``data:`` URL, which every translation takes images
+    and files as; a 400 naming ``param`` unless it is ``data:<media type>;base64,<data>``."""
+    header, sep, data = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise TranslationError(param, "data URLs must be base64 encoded (data:<media type>;base64,<data>)")
+    return header[5:-7], data
 
 
 def tool_arguments(arguments, param: str) -> dict:

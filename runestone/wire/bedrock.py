@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .anthropic_upstream import tool_arguments
+from .anthropic_upstream import data_url_parts, tool_arguments
 from .errors import ErrorInfo, InvalidRequest
 from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
@@ -72,10 +72,8 @@ def _data_url(url, param: str) -> tuple[str, str]:
     if not isinstance(url, str) or not url.startswith("data:"):
         raise _bad(param, "Bedrock takes images and files as bytes: send a base64 data URL "
                    "(data:<media type>;base64,<data>), not a link")
-    header, sep, data = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise _bad(param, "data URLs must be base64 encoded (data:<media type>;base64,<data>)")
-    return header[5:-7].split(";")[0].lower(), data
+    media_type, data = data_url_parts(url, param)
+    return media_type.split(";")[0].lower(), data
 
 
 def _user_blocks(content, param: str) -> list[dict]:

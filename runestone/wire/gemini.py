@@ -53,7 +53,7 @@ import struct
 import attrs
 import orjson
 
-from .anthropic_upstream import TranslationError, tool_arguments
+from .anthropic_upstream import TranslationError, data_url_parts, tool_arguments
 from .errors import UpstreamErrorBody, scrub
 from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
                         reasoning_of)
@@ -276,10 +276,8 @@ def _data_url(url, param: str) -> dict:
     if not url.startswith("data:"):
         raise TranslationError(param, "the Gemini API takes images and files inline: send a base64 data URL "
                                       "(data:<media type>;base64,<data>), not a link")
-    header, sep, data = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise TranslationError(param, "data URLs must be base64 encoded (data:<media type>;base64,<data>)")
-    return {"inlineData": {"mimeType": header[5:-7], "data": data}}
+    media_type, data = data_url_parts(url, param)
+    return {"inlineData": {"mimeType": media_type, "data": data}}
 
 
 def _user_parts(content, param: str) -> list[dict]:
