@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-import orjson
-
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
-from ..wire.errors import UpstreamErrorBody, parse_upstream_error
+from ..wire.errors import UpstreamErrorBody, loads_or_none, parse_upstream_error
 from .base import model_ids
 from .openai import OpenAIAdapter
 
@@ -105,10 +103,7 @@ class AzureAdapter(OpenAIAdapter):
     def _http_error(self, status: int, headers, raw: bytes) -> UpstreamError:
         detail = parse_upstream_error(raw, self._secrets)
         inner = None
-        try:
-            doc = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            doc = None
+        doc = loads_or_none(raw)
         if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
             inner = doc["error"].get("innererror")
         if inner is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, loads_or_none
 from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_for
 
 __all__ = [
@@ -103,10 +103,7 @@ def anthropic_error_to_openai(status: int, body: bytes) -> tuple[int, dict]:
     (an HTML page from a proxy, say) is classified by status alone and quoted, shortened, in the message.
     """
     type_ = message = None
-    try:
-        doc = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        doc = None
+    doc = loads_or_none(body)
     if isinstance(doc, dict):
         err = doc.get("error")
         if isinstance(err, dict):

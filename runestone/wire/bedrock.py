@@ -23,7 +23,7 @@ import attrs
 import orjson
 
 from .anthropic_upstream import data_url_parts, tool_arguments
-from .errors import ErrorInfo, InvalidRequest
+from .errors import ErrorInfo, InvalidRequest, loads_or_none
 from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
 __all__ = [
@@ -466,10 +466,7 @@ def bedrock_error_info(status: int, error_type: str | None, body: bytes) -> Erro
     body ``{"message": ...}``) as the neutral :class:`ErrorInfo`; unknown names are classified by status."""
     name = _exception_name(error_type)
     message = None
-    try:
-        doc = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        doc = None
+    doc = loads_or_none(body)
     if isinstance(doc, dict):
         message = doc.get("message") or doc.get("Message")
         if name is None and isinstance(doc.get("__type"), str):

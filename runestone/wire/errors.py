@@ -24,6 +24,7 @@ __all__ = [
     "UpstreamErrorBody",
     "anthropic_error_body",
     "anthropic_type",
+    "loads_or_none",
     "openai_error_body",
     "openai_error_object",
     "parse_upstream_error",
@@ -114,6 +115,14 @@ def _str(value, limit: int = 200) -> str | None:
     return None
 
 
+def loads_or_none(raw: bytes | str):
+    """``raw`` as JSON, or None when it is empty or not JSON (an upstream's error body may be an HTML page)."""
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+
+
 def parse_upstream_error(body: bytes, secrets=()) -> UpstreamErrorBody:
     """The upstream's error as it said it, scrubbed of ``secrets`` and credential-like text.
 
@@ -121,12 +130,7 @@ def parse_upstream_error(body: bytes, secrets=()) -> UpstreamErrorBody:
     "error": {"type", "message"}}`` are read field by field; anything else (an HTML page from a proxy)
     becomes a shortened message.
     """
-    doc = None
-    if body:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
+    doc = loads_or_none(body)
     if isinstance(doc, dict):
         err = doc.get("error")
         if isinstance(err, dict):

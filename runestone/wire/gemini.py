@@ -54,7 +54,7 @@ import attrs
 import orjson
 
 from .anthropic_upstream import TranslationError, data_url_parts, tool_arguments
-from .errors import UpstreamErrorBody, scrub
+from .errors import UpstreamErrorBody, loads_or_none, scrub
 from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
                         reasoning_of)
 
@@ -325,10 +325,7 @@ def _tool_response(content, param: str) -> dict:
     else is ``{"output": text}`` (the key Gemini's function-calling guide names for a function's output)."""
     parts = _text_parts(content, param)
     text = "".join(p["text"] for p in parts)
-    try:
-        value = orjson.loads(text) if text else None
-    except orjson.JSONDecodeError:
-        value = None
+    value = loads_or_none(text)
     return value if isinstance(value, dict) else {"output": text}
 
 
@@ -850,12 +847,7 @@ def gemini_error(status: int, body: bytes, secrets=()) -> GeminiError:
     ``retryDelay`` the pause; an ``ErrorInfo`` reason ``API_KEY_INVALID`` (which Gemini sends as a 400) is
     treated as the 401 it is, so the gateway reports its own credential refused rather than blaming the client.
     """
-    doc = None
-    if body:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
+    doc = loads_or_none(body)
     err = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(err, dict):
         text = body[:200].decode("utf-8", "replace").strip()
