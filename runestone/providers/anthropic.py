@@ -21,6 +21,7 @@ from ..wire.anthropic_upstream import (
 from .base import (
     ChatResult,
     UpstreamStream,
+    append_chunks,
     Usage,
     check_name,
     check_usage,
@@ -76,7 +77,6 @@ class AnthropicStream(UpstreamStream):
             raise StopAsyncIteration
         provider = self._provider
         translator = self._translator
-        dumps = orjson.dumps
         while True:
             events = await self._events("message_stop")
             out = []
@@ -91,10 +91,7 @@ class AnthropicStream(UpstreamStream):
                     detail = UpstreamErrorBody(scrub(exc.message, self._secrets), exc.type, None, None, "anthropic")
                     raise UpstreamError(provider, "http", f"upstream reported {exc.type} mid-stream: {detail.message}",
                                         status=exc.status, detail=detail) from None
-                for chunk in chunks:
-                    if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
-                        note_finish_reasons(chunk["choices"])
-                    out.append(dumps(chunk))
+                append_chunks(out, chunks)
                 if translator.done:
                     if translator.usage:
                         usage_from(provider, translator.usage, self.usage)

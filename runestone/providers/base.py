@@ -39,6 +39,7 @@ from ..resilience.retry import parse_retry_after
 from ..wire.errors import parse_upstream_error, scrub
 from ..wire.sse import SSEError, SSEParser
 from ..telemetry.ledger import MAX_NAME_CHARS, MAX_TOKENS
+from ..telemetry.observe import note_finish_reasons
 
 __all__ = [
     "Adapter",
@@ -46,6 +47,7 @@ __all__ = [
     "ChatResult",
     "Usage",
     "UpstreamStream",
+    "append_chunks",
     "usage_from",
     "transport_error",
     "upstream_http_error",
@@ -156,24 +158,33 @@ class UpstreamStream:
     def __aiter__(self):
         return self
 
+    async def _read(self) -> bytes | None:
+        """The next upstream read, None at the end of the body; a transport failure is an UpstreamError."""
+        try:
+            return await self._it.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TransportError as exc:
+            raise transport_error(self._provider, exc, self._secrets) from None
+
+    def _feed(self, raw: bytes) -> list:
+        """The SSE events ``raw`` completes; malformed framing is an UpstreamError."""
+        try:
+            return self._parser.feed(raw)
+        except SSEError as exc:
+            raise UpstreamError(self._provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+
     async def _events(self, end_marker: str) -> list:
         """The events completed by the next upstream read(s); never an empty list.
 
         A stream that ends before ``end_marker``, a transport failure and malformed framing are
         UpstreamErrors, so the breaker and failover judge them like any other failure.
         """
-        provider = self._provider
         while True:
-            try:
-                raw = await self._it.__anext__()
-            except StopAsyncIteration:
-                raise UpstreamError(provider, "stream_cut", f"upstream stream ended before {end_marker}") from None
-            except TransportError as exc:
-                raise transport_error(provider, exc, self._secrets) from None
-            try:
-                events = self._parser.feed(raw)
-            except SSEError as exc:
-                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+            raw = await self._read()
+            if raw is None:
+                raise UpstreamError(self._provider, "stream_cut", f"upstream stream ended before {end_marker}")
+            events = self._feed(raw)
             if events:
                 return events
 
@@ -201,6 +212,15 @@ class UpstreamStream:
         if not self._closed:
             self._closed = True
             await self._cm.__aexit__(None, None, None)
+
+
+def append_chunks(out: list, chunks) -> None:
+    """Translated chat chunks appended to ``out`` as JSON, each finish reason noted for the request's span."""
+    dumps = orjson.dumps
+    for chunk in chunks:
+        if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+            note_finish_reasons(chunk["choices"])
+        out.append(dumps(chunk))
 
 
 def secrets_of(config) -> tuple[str, ...]:

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import orjson
 
-from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
 from ..telemetry.observe import note_finish_reasons
@@ -36,6 +35,7 @@ from ..wire.errors import UpstreamErrorBody, scrub
 from .base import (
     ChatResult,
     UpstreamStream,
+    append_chunks,
     Usage,
     check_name,
     check_usage,
@@ -43,7 +43,6 @@ from .base import (
     new_created,
     open_exchange,
     read_exchange,
-    transport_error,
     usage_from,
 )
 
@@ -95,17 +94,13 @@ class BedrockStream(UpstreamStream):
         provider = self._provider
         translator = self._translator
         buffer = self._buffer
-        dumps = orjson.dumps
         while True:
-            try:
-                raw = await self._it.__anext__()
-            except StopAsyncIteration:
+            raw = await self._read()
+            if raw is None:
                 if translator.stopped:  # messageStop seen, the metadata event missing: the answer is whole
                     self.finished = True
                     return []
-                raise UpstreamError(provider, "stream_cut", "upstream stream ended before messageStop") from None
-            except TransportError as exc:
-                raise transport_error(provider, exc, self._secrets) from None
+                raise UpstreamError(provider, "stream_cut", "upstream stream ended before messageStop")
             buffer.add_data(raw)
             out: list[bytes] = []
             try:
@@ -127,10 +122,7 @@ class BedrockStream(UpstreamStream):
                         if isinstance(use, dict):
                             check_name(provider, use, "toolUseId")
                             check_name(provider, use, "name")
-                    for chunk in translator.feed(event or "", data):
-                        if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
-                            note_finish_reasons(chunk["choices"])
-                        out.append(dumps(chunk))
+                    append_chunks(out, translator.feed(event or "", data))
                     if translator.done:
                         usage_from(provider, translator.usage, self.usage)
                         self.finished = True

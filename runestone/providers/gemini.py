@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import orjson
 
-from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
 from ..telemetry.observe import note_finish_reasons
@@ -28,10 +27,10 @@ from ..wire.gemini import (
     openai_to_gemini_embeddings,
     openai_to_gemini_request,
 )
-from ..wire.sse import SSEError
 from .base import (
     ChatResult,
     UpstreamStream,
+    append_chunks,
     Usage,
     check_name,
     check_usage,
@@ -40,7 +39,6 @@ from .base import (
     open_exchange,
     read_exchange,
     secrets_of,
-    transport_error,
     usage_from,
 )
 from .tokens import estimate_tokens
@@ -104,26 +102,18 @@ class GeminiStream(UpstreamStream):
             raise StopAsyncIteration
         provider = self._provider
         translator = self._translator
-        dumps = orjson.dumps
         while True:
-            try:
-                raw = await self._it.__anext__()
-            except StopAsyncIteration:
+            raw = await self._read()
+            if raw is None:
                 if not translator.complete:
                     raise UpstreamError(provider, "stream_cut",
-                                        "upstream stream ended before every candidate's finishReason") from None
+                                        "upstream stream ended before every candidate's finishReason")
                 if translator.usage:
                     usage_from(provider, translator.usage, self.usage)
                 self.finished = True
-                return [dumps(c) for c in translator.end()]
-            except TransportError as exc:
-                raise transport_error(provider, exc, self._secrets) from None
-            try:
-                events = self._parser.feed(raw)
-            except SSEError as exc:
-                raise UpstreamError(provider, "malformed", f"upstream sent a malformed event stream: {exc}") from None
+                return [orjson.dumps(c) for c in translator.end()]
             out = []
-            for ev in events:
+            for ev in self._feed(raw):
                 doc = loads_object(provider, ev.data, "a stream event")
                 if isinstance(doc.get("error"), dict):
                     err = gemini_error(500, ev.data, self._secrets)
@@ -134,10 +124,7 @@ class GeminiStream(UpstreamStream):
                     chunks = translator.feed(doc)
                 except PromptBlocked as exc:
                     raise _blocked_error(provider, exc) from None
-                for chunk in chunks:
-                    if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
-                        note_finish_reasons(chunk["choices"])
-                    out.append(dumps(chunk))
+                append_chunks(out, chunks)
             if out:
                 return out
 
