@@ -72,33 +72,27 @@ class AnthropicStream(UpstreamStream):
         super().__init__(provider, cm, response, secrets)
         self._translator = translator
 
-    async def __anext__(self) -> list[bytes]:
-        if self.finished or self._closed:
-            raise StopAsyncIteration
+    _END = "message_stop"
+
+    def _event(self, ev, out: list[bytes]) -> bool:
         provider = self._provider
         translator = self._translator
-        while True:
-            events = await self._events("message_stop")
-            out = []
-            for ev in events:
-                data = loads_object(provider, ev.data, "a stream event")
-                name = ev.event or data.get("type") or ""
-                if name != "content_block_delta":
-                    _check_event(provider, name, data)
-                try:
-                    chunks = translator.feed(name, data)
-                except UpstreamStreamError as exc:
-                    detail = UpstreamErrorBody(scrub(exc.message, self._secrets), exc.type, None, None, "anthropic")
-                    raise UpstreamError(provider, "http", f"upstream reported {exc.type} mid-stream: {detail.message}",
-                                        status=exc.status, detail=detail) from None
-                append_chunks(out, chunks)
-                if translator.done:
-                    if translator.usage:
-                        usage_from(provider, translator.usage, self.usage)
-                    self.finished = True
-                    return out
-            if out:
-                return out
+        data = loads_object(provider, ev.data, "a stream event")
+        name = ev.event or data.get("type") or ""
+        if name != "content_block_delta":
+            _check_event(provider, name, data)
+        try:
+            chunks = translator.feed(name, data)
+        except UpstreamStreamError as exc:
+            detail = UpstreamErrorBody(scrub(exc.message, self._secrets), exc.type, None, None, "anthropic")
+            raise UpstreamError(provider, "http", f"upstream reported {exc.type} mid-stream: {detail.message}",
+                                status=exc.status, detail=detail) from None
+        append_chunks(out, chunks)
+        if translator.done:
+            if translator.usage:
+                usage_from(provider, translator.usage, self.usage)
+            return True
+        return False
 
 class AnthropicAdapter:
     def __init__(self, name: str, config, transport, timeouts=None) -> None:

@@ -139,10 +139,14 @@ class Adapter(Protocol):
 
 class UpstreamStream:
     """The part every wire format's stream shares: the open upstream response, its SSE parser, usage and
-    the end marker flag; ``aclose()`` closes the upstream exchange (idempotent). Subclasses implement
+    the end marker flag; ``aclose()`` closes the upstream exchange (idempotent). A stream of SSE events
+    ending with a marker implements ``_event`` (and names the marker in ``_END``); any other implements
     ``__anext__``."""
 
     __slots__ = ("_provider", "_cm", "_response", "_it", "_parser", "usage", "finished", "_closed", "_secrets")
+
+    #: The end marker, as a stream cut before it says.
+    _END = "its end marker"
 
     def __init__(self, provider: str, cm, response, secrets=()) -> None:
         self._provider = provider
@@ -187,6 +191,23 @@ class UpstreamStream:
             events = self._feed(raw)
             if events:
                 return events
+
+    async def __anext__(self) -> list[bytes]:
+        """What the next upstream read(s) give to relay, never an empty list (until the end marker's read)."""
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        while True:
+            out: list[bytes] = []
+            for ev in await self._events(self._END):
+                if self._event(ev, out):
+                    self.finished = True
+                    return out
+            if out:
+                return out
+
+    def _event(self, ev, out: list[bytes]) -> bool:
+        """Append to ``out`` what SSE event ``ev`` relays; True for the end marker."""
+        raise NotImplementedError
 
     def set_deadline(self, deadline: float | None) -> None:
         """Bound the reads from now on by ``deadline`` (trio's clock): past it a read fails as a timeout."""

@@ -62,71 +62,58 @@ class OpenAIStream(UpstreamStream):
         #: A host's own name for reasoning deltas (a preset's), renamed to ``reasoning_content`` on the way.
         self._reasoning_field = reasoning_field
 
-    async def __anext__(self) -> list[bytes]:
-        if self.finished or self._closed:
-            raise StopAsyncIteration
+    _END = "its [DONE] marker"
+
+    def _event(self, ev, out: list[bytes]) -> bool:
+        data = ev.data
+        if data == b"[DONE]":
+            return True
         provider = self._provider
-        while True:
-            events = await self._events("its [DONE] marker")
-            out = []
-            for ev in events:
-                data = ev.data
-                if data == b"[DONE]":
-                    self.finished = True
-                    return out
-                obj = loads_object(provider, data, "a stream chunk")
-                err = obj.get("error")
-                if err is not None:
-                    raise upstream_stream_error(provider, err, self._secrets)
-                choices = obj.get("choices")
-                if not isinstance(choices, list):
-                    raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
-                if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
-                    check_name(provider, obj, "id")
-                    check_name(provider, obj, "model")
-                if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
-                    note_finish_reasons(choices)
-                u = obj.get("usage")
-                if u:
-                    usage_from(provider, u, self.usage)
-                    if not choices and not self._include_usage:
-                        continue
-                if self._reasoning_field is not None:
-                    data = rename_reasoning(obj, data, self._reasoning_field)
-                out.append(data)
-            if out:
-                return out
+        obj = loads_object(provider, data, "a stream chunk")
+        err = obj.get("error")
+        if err is not None:
+            raise upstream_stream_error(provider, err, self._secrets)
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
+        if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
+            check_name(provider, obj, "id")
+            check_name(provider, obj, "model")
+        if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
+            note_finish_reasons(choices)
+        u = obj.get("usage")
+        if u:
+            usage_from(provider, u, self.usage)
+            if not choices and not self._include_usage:
+                return False
+        if self._reasoning_field is not None:
+            data = rename_reasoning(obj, data, self._reasoning_field)
+        out.append(data)
+        return False
 
 class ResponsesStream(UpstreamStream):
     """A Responses API event stream relayed event by event (native pass-through), its usage captured."""
 
     __slots__ = ()
 
-    async def __anext__(self) -> list[bytes]:
-        if self.finished or self._closed:
-            raise StopAsyncIteration
+    _END = "response.completed"
+
+    def _event(self, ev, out: list[bytes]) -> bool:
+        data = ev.data
+        if data == b"[DONE]":
+            return True
         provider = self._provider
-        while True:
-            events = await self._events("response.completed")
-            out = []
-            for ev in events:
-                data = ev.data
-                if data == b"[DONE]":
-                    self.finished = True
-                    return out
-                obj = loads_object(provider, data, "a stream event")
-                kind = obj.get("type")
-                if kind == "error":
-                    raise upstream_stream_error(provider, obj.get("error") or obj, self._secrets)
-                out.append(data)
-                if kind in _RESPONSE_ENDS:
-                    response = obj.get("response")
-                    if isinstance(response, dict):
-                        _response_usage(provider, response, self.usage)
-                    self.finished = True
-                    return out
-            if out:
-                return out
+        obj = loads_object(provider, data, "a stream event")
+        kind = obj.get("type")
+        if kind == "error":
+            raise upstream_stream_error(provider, obj.get("error") or obj, self._secrets)
+        out.append(data)
+        if kind in _RESPONSE_ENDS:
+            response = obj.get("response")
+            if isinstance(response, dict):
+                _response_usage(provider, response, self.usage)
+            return True
+        return False
 
 
 class OpenAIAdapter:
