@@ -27,7 +27,6 @@ import math
 import socket
 import ssl
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,7 +48,7 @@ from .errors import (
     local_resource_kind,
 )
 from .httpx_transport import HttpxTransport
-from .transport import HeaderList, PoolLimits, Timeouts, Transport, UpstreamResponse, _Exchange
+from .transport import HeaderList, PoolLimits, Timeouts, Transport, UpstreamResponse
 
 __all__ = [
     "FastTransport",
@@ -206,18 +205,6 @@ class FastTransport(Transport):
     def __repr__(self) -> str:
         return f"<FastTransport origins={len(self._pools)} {self._limits!r} {self._timeouts!r}>"
 
-    def stream(
-        self,
-        method: str,
-        url: str,
-        headers: HeaderList,
-        body: bytes = b"",
-        *,
-        timeouts: Timeouts | None = None,
-        deadline: float | None = None,
-    ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts,
-                                math.inf if deadline is None else deadline))
 
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(
@@ -303,9 +290,11 @@ class FastTransport(Transport):
         self._next_sweep = now + min(expiry, _SWEEP_INTERVAL)
 
     async def _start(
-        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts, deadline: float
+        self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts, deadline: float | None
     ) -> _FastResponse:
         await checkpoint_if_cancelled()
+        if deadline is None:
+            deadline = math.inf
         if self._closed:
             raise TransportError("the transport is closed")
         entry = self._targets.get(url)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -35,9 +33,6 @@ from .errors import (
     WriteTimeout,
     local_resource_kind,
 )
-
-if TYPE_CHECKING:
-    from types import TracebackType
 
 __all__ = ["HttpxTransport"]
 
@@ -107,52 +102,6 @@ class _HttpxResponse(UpstreamResponse):
         await self._response.aclose()
 
 
-class _HttpxExchange:
-    """Builds and sends the request on entry, so that every error surfaces from ``async with``,
-    as with the fast transport."""
-
-    __slots__ = ("_args", "_response", "_transport")
-
-    def __init__(
-        self, transport: HttpxTransport, args: tuple[str, str, HeaderList, bytes, Timeouts | None, float]
-    ) -> None:
-        self._transport = transport
-        self._args = args
-        self._response: _HttpxResponse | None = None
-
-    async def __aenter__(self) -> UpstreamResponse:
-        method, url, headers, body, timeouts, deadline = self._args
-        client = self._transport._client
-        try:
-            request = client.build_request(
-                method,
-                url,
-                headers=[(name, value) for name, value in headers if _name(name) not in _DROPPED],
-                content=body or None,
-                timeout=_httpx_timeout(timeouts) if timeouts is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-            response = None
-            with trio.move_on_at(deadline):
-                response = await client.send(request, stream=True)
-        except _CAUGHT as exc:
-            raise _translate(exc) from exc
-        except RuntimeError as exc:
-            if not client.is_closed:
-                raise
-            raise TransportError("the transport is closed") from exc
-        if response is None:
-            raise ReadTimeout(_DEADLINE_PASSED)
-        self._response = _HttpxResponse(response, deadline)
-        return self._response
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._response is not None:
-            response, self._response = self._response, None
-            await response.aclose()
-
-
 def _httpx_timeout(timeouts: Timeouts) -> httpx.Timeout:
     return httpx.Timeout(connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool)
 
@@ -202,17 +151,33 @@ class HttpxTransport(Transport):
     def __repr__(self) -> str:
         return f"<HttpxTransport {self._timeouts!r}>"
 
-    def stream(
-        self,
-        method: str,
-        url: str,
-        headers: HeaderList,
-        body: bytes = b"",
-        *,
-        timeouts: Timeouts | None = None,
-        deadline: float | None = None,
-    ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _HttpxExchange(self, (method, url, headers, body, timeouts, math.inf if deadline is None else deadline))
+    async def _start(self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts,
+                     deadline: float | None) -> UpstreamResponse:
+        """Builds and sends the request on entry, so that every error surfaces from ``async with``,
+        as with the fast transport."""
+        if deadline is None:
+            deadline = math.inf
+        client = self._client
+        try:
+            request = client.build_request(
+                method,
+                url,
+                headers=[(name, value) for name, value in headers if _name(name) not in _DROPPED],
+                content=body or None,
+                timeout=_httpx_timeout(timeouts),
+            )
+            response = None
+            with trio.move_on_at(deadline):
+                response = await client.send(request, stream=True)
+        except _CAUGHT as exc:
+            raise _translate(exc) from exc
+        except RuntimeError as exc:
+            if not client.is_closed:
+                raise
+            raise TransportError("the transport is closed") from exc
+        if response is None:
+            raise ReadTimeout(_DEADLINE_PASSED)
+        return _HttpxResponse(response, deadline)
 
     async def aclose(self, *, abort_in_use: bool = False) -> None:
         """Close the client; httpx closes its whole pool, in-use connections included, either way."""

@@ -129,6 +129,7 @@ class Transport:
     ``TransportTimeout``, whose message says the deadline passed.
     ``UpstreamResponse.set_deadline`` moves it for the body reads that follow.
     A deadline costs no cancel scope: callers need none around the exchange.
+    A transport implements ``_start`` (``stream()`` calls it on entry) and sets ``_timeouts``.
     Cancellation at any point closes the connection at once: a connection
     in an unknown state never goes back to the pool. A transport is also an
     async context manager closing itself on exit.
@@ -144,6 +145,14 @@ class Transport:
         timeouts: Timeouts | None = None,
         deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts, deadline))
+
+    #: The timeouts of an exchange that names none.
+    _timeouts: Timeouts
+
+    async def _start(self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts,
+                     deadline: float | None) -> UpstreamResponse:
+        """Send the request and wait for the response head (what entering ``stream()`` does)."""
         raise NotImplementedError
 
     async def aclose(self, *, abort_in_use: bool = False) -> None:
@@ -161,7 +170,7 @@ class Transport:
 
 class _Exchange:
     """The context manager ``stream()`` returns: ``transport._start(*args)`` on entry, the response's ``aclose()``
-    on exit. A plain class, cheaper than a generator-based one (``FastTransport`` and ``MockTransport`` share it)."""
+    on exit. A plain class, cheaper than a generator-based one."""
 
     __slots__ = ("_args", "_response", "_transport")
 
@@ -354,18 +363,6 @@ class MockTransport(Transport):
 
     def __repr__(self) -> str:
         return f"<MockTransport {self.handler!r} requests={len(self.requests)}>"
-
-    def stream(
-        self,
-        method: str,
-        url: str,
-        headers: HeaderList,
-        body: bytes = b"",
-        *,
-        timeouts: Timeouts | None = None,
-        deadline: float | None = None,
-    ) -> AbstractAsyncContextManager[UpstreamResponse]:
-        return _Exchange(self, (method, url, headers, body, timeouts or self._timeouts, deadline))
 
     async def _start(self, method: str, url: str, headers: HeaderList, body: bytes, timeouts: Timeouts,
                      deadline: float | None) -> _MockResponseStream:
