@@ -17,7 +17,9 @@ A change is plain JSON and never carries a secret: a new or rotated key travels 
 validated patch the admin API was given. The read position is kept in the data directory
 (``fleet_governance.json``): a restarted instance reads on from there, a new one replays the stream from
 its start (the newest ``MAX_ENTRIES`` changes). While Redis is down changes apply locally at once and wait,
-in order, to be appended when Redis is back; the reader resumes from its last id.
+in order, to be appended when Redis is back; the reader resumes from its last id. A change from the fleet
+that this instance's store cannot take (its disk, or the Postgres server, failing) is tried again for up to
+``_PERSIST_FOR`` seconds before it is refused and logged; the changes after it wait meanwhile.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 
-from runestone.cluster.control import FleetControl
+from runestone.cluster.control import _RETRY, FleetControl
 from runestone.cluster.redis import RedisClient
 from runestone.routing.errors import GatewayError
 
@@ -37,6 +40,8 @@ __all__ = ["FleetGovernance", "STREAM"]
 log = logging.getLogger("runestone.cluster")
 
 STREAM = "runestone:governance"
+#: Seconds a change from the fleet is tried again while this instance's key store cannot be written.
+_PERSIST_FOR = 30.0
 
 
 class FleetGovernance(FleetControl):
@@ -54,7 +59,7 @@ class FleetGovernance(FleetControl):
             change = orjson.loads(data or b"")
             if not isinstance(change, dict):
                 raise TypeError("not a JSON object")
-            op = await self.plane.apply_change(change)
+            op = await self._apply_persisted(change)
         except GatewayError as exc:
             self.refused += 1
             log.warning("fleet governance: %s from the fleet (%s) refused here: %s",
@@ -67,3 +72,19 @@ class FleetGovernance(FleetControl):
             return
         self.applied += 1
         log.info("fleet governance: applied %s from the fleet (%s)", op, entry_id)
+
+    async def _apply_persisted(self, change: dict) -> str:
+        """``apply_change``, tried again while this instance's store cannot be written (the Postgres server
+        restarting, say), for up to ``_PERSIST_FOR`` seconds: the stream's later changes wait behind it."""
+        with trio.move_on_after(_PERSIST_FOR) as scope:
+            while True:
+                try:
+                    return await self.plane.apply_change(change)
+                except GatewayError as exc:
+                    if exc.code != "persistence_failed":
+                        raise
+                    log.warning("fleet governance: %s not persisted here yet (%s); trying again", change.get("op"),
+                                exc)
+                await trio.sleep(_RETRY)
+        assert scope.cancelled_caught
+        return await self.plane.apply_change(change)  # the last try: its error is the refusal
