@@ -34,6 +34,7 @@ from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
 from .cluster.governance import FleetGovernance
 from .cluster.redis import RedisClient
+from .cluster.responses import SharedCacheTier, SharedResponseStore
 from .cluster.status import cluster_prometheus, cluster_status
 from .config import Config, ProviderSpec
 from .control.plane import ControlPlane
@@ -204,7 +205,10 @@ class Application:
             providers=self.providers, breaker_views=self.breaker_views, health=self.health,
             inflight=self.inflight, catalog=self.catalog, splits=self.splits, ledger=self.ledger,
             worker=worker, control=self.control, control_ops=self.control_ops, ready=self.ready,
-            root=lambda: self.root, restart_counts=self.restart_counts, redis=self.redis,
+            root=lambda: self.root, restart_counts=self.restart_counts,
+            shared_cache=SharedCacheTier(self.redis) if self.redis is not None and config.cache.enabled else None,
+            share_responses=(None if self.redis is None else
+                             lambda local, days: SharedResponseStore(self.redis, local, retention_days=days)),
             cluster_status=lambda: cluster_status(self), cluster_metrics=lambda: cluster_prometheus(self))
         # Route groups beyond the chat core register themselves on the front: install(front, deps).
         installed = {name: install(self.front, self.front_deps) for name, install in _route_installers().items()}
