@@ -3,11 +3,14 @@
 ::
 
     runestone (root supervisor, one_for_one)
+    ├── redis                        RedisClient.run ([cluster] redis_url only)
     ├── telemetry_handler            TelemetryHandler
     ├── circuit_breaker_manager      CircuitBreakerManager
+    ├── fleet_breakers               FleetBreakers ([cluster] redis_url only)
     ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
+    ├── fleet_control                FleetControl ([cluster] redis_url only: control changes shared)
     └── front                        the HTTP/SSE/WebSocket server (started last, stopped first)
 
 The published cells (provider table, breaker views, groups, health) and the in-flight table are made
@@ -26,6 +29,9 @@ from typing import Any
 import attrs
 import trio
 
+from .cluster.breakers import FleetBreakers
+from .cluster.control import FleetControl
+from .cluster.redis import RedisClient
 from .config import Config, ProviderSpec
 from .control.store import ControlStore, ControlStoreError
 from .front.api import Front
@@ -130,6 +136,11 @@ class Application:
         # Published cells and tables: made once, outlive actor restarts.
         self.providers = ProviderTable()
         self.breaker_views = Published({}, owner="circuit_breaker_manager")
+        #: [cluster] redis_url: the fleet's shared state (runestone/cluster/), else None (all local).
+        self.redis = RedisClient(config.cluster.redis_url) if config.cluster.redis_url else None
+        self.fleet_breakers = (FleetBreakers(self.redis, self.breaker_views,
+                                             NamedRef(self.registry, "circuit_breaker_manager"))
+                               if self.redis is not None else None)
         self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
@@ -176,6 +187,10 @@ class Application:
         # Route groups beyond the chat core register themselves on the front: install(front, app).
         for install in _route_installers():
             install(self.front, self)
+        #: Control changes shared with the fleet ([cluster] redis_url), through the plane the admin routes made.
+        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
+                                           upstream_hosts=config.admin.upstream_hosts)
+                              if self.redis is not None and getattr(self, "control", None) is not None else None)
         #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
         self.observer = self._observer()
         self.root: Supervisor | None = None
@@ -230,9 +245,15 @@ class Application:
                 pricing=cfg.pricing, health_cell=self.health, latency_window=tel.latency_window,
                 labels=MetricLabels(self.providers, self.is_route_name))
 
+        fleet = self.fleet_breakers
+
         def breaker_manager():
-            return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
-                                         overrides=overrides, providers=list(self.catalog), registry=reg)
+            if fleet is None:
+                return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
+                                             overrides=overrides, providers=list(self.catalog), registry=reg)
+            return CircuitBreakerManager(self.breaker_views, emit=fleet.observe(emit), settings=breaker_settings,
+                                         overrides=overrides, providers=list(self.catalog), registry=reg,
+                                         probe_gate=fleet.probe_gate, probe_done=fleet.probe_done)
 
         def provider_supervisor():
             sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg,
@@ -250,15 +271,25 @@ class Application:
         def provider_pool():
             return ProviderPool(self.inflight, registry=reg)
 
+        # The Redis connection first (ready at once, up or not), its users after what they feed.
+        cluster = [ChildSpec(id="redis", start=self.redis.run, shutdown=1.0)] if self.redis is not None else []
+        fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
+        if getattr(self, "fleet_cache", None) is not None:  # set by the cache's install ([cache] enabled)
+            fleet_children.append(ChildSpec(id="fleet_cache", start=self.fleet_cache.run, shutdown=1.0))
         return [
+            *cluster,
             _actor_child("telemetry_handler", telemetry_handler, shutdown=10.0),
             _actor_child("circuit_breaker_manager", breaker_manager),
+            *fleet_children,
             ChildSpec(id="enhanced_provider_supervisor", start=start_provider_supervisor, restart="permanent",
                       shutdown=15.0, kind="supervisor"),
             _actor_child("failover_manager", failover_manager),
             _actor_child("provider_pool", provider_pool),
             _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
             ChildSpec(id="key_store", start=self.governance.run, restart="permanent", shutdown=5.0),
+            # after the provider supervisor: it applies the fleet's changes through the control plane
+            *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
+              if self.fleet_control is not None else []),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]

@@ -4,8 +4,8 @@
 test's nursery from config text, with its data directory under ``tmp_path`` and an empty environment, so
 nothing on the machine leaks into a test. ``fake_factory(**knobs)`` starts a fake OpenAI/Anthropic upstream;
 ``gated_factory(after, **knobs)`` one whose streams wait at a :class:`~gatewaytest.Gate` after ``after`` frames.
-``redis_server`` is a real redis-server shared by the session (running and answering when a test starts; a
-test may kill, restart or pause it), ``redis_factory()`` starts one of the test's own.
+``redis_server`` is a real redis-server shared by the session (running, answering and empty when a test
+starts; a test may kill, restart or pause it), ``redis_factory()`` starts one of the test's own.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def _redis_session(tmp_path_factory):
 @pytest.fixture
 def redis_server(_redis_session) -> RedisServer:
     _redis_session.ensure_running()
+    _redis_session.command("FLUSHALL")  # each test starts from an empty Redis
     yield _redis_session
     _redis_session.ensure_running()
 

@@ -337,7 +337,7 @@ class RedisClient:
             await self._connected.wait()
 
     def _stalled(self, now: float) -> bool:
-        return bool(self._pending) and now - self._pending[0].sent_at > self.timeout
+        return bool(self._pending) and now - self._pending[0].sent_at >= self.timeout
 
     def _set_state(self, state: str) -> None:
         self._state = state

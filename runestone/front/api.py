@@ -214,7 +214,7 @@ class Front:
         shape = validate_chat(body)
         cache = self.cache
         if cache is not None and not shape.stream:
-            cache_key, cached = cache.lookup(request, body, caller.key_id, caller.request_id)
+            cache_key, cached = await cache.lookup(request, body, caller.key_id, caller.request_id)
             if cached is not None:
                 return cached
         result = await self.gateway.serve(ModelRequest(

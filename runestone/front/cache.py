@@ -15,7 +15,11 @@ provider ``cache`` and cost 0 (it cost nothing upstream). When ``admit`` says no
 model is no longer allowed), the request goes through the pipeline instead, which refuses or queues it
 exactly as it would any request.
 
-The cache is shared by the connection tasks of one trio thread; no method awaits, so each is atomic.
+The cache is shared by the connection tasks of one trio thread; no method but ``lookup`` awaits, so each
+is atomic. With ``[cluster] redis_url`` the cache has a second tier shared by the fleet (``shared``,
+runestone/cluster/responses.py): a local miss asks Redis in one round trip (a hit found there is kept
+locally for the rest of its TTL) and every stored answer is also written there in the background. While
+Redis is away the cache is this instance's alone.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class ResponseCache:
         self.expirations = 0
         #: ``admit(key_id, model) -> bool``: may this caller be answered from the cache now (and count it)?
         self.admit = None
+        #: The fleet's tier (``fetch(key)``, ``push(key, body, provider, ttl)``), or None.
+        self.shared = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -120,12 +126,13 @@ class ResponseCache:
             self._telemetry.cache_result(hit)
         return entry
 
-    def put(self, key: bytes, body: bytes, provider: str = "") -> bool:
-        """Store an answer; False (not stored) when it is larger than ``max_entry_bytes``."""
+    def put(self, key: bytes, body: bytes, provider: str = "", *, ttl: float | None = None) -> bool:
+        """Store an answer (for ``ttl`` seconds, default the cache's); False (not stored) when it is larger
+        than ``max_entry_bytes``."""
         if len(body) > self.max_entry_bytes:
             return False
         entries = self._entries
-        entries[key] = _Entry(trio.current_time() + self.ttl, body, provider.encode())
+        entries[key] = _Entry(trio.current_time() + (self.ttl if ttl is None else ttl), body, provider.encode())
         entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
@@ -140,8 +147,8 @@ class ResponseCache:
 
     # -- the chat route's two calls -----------------------------------------------------------------------
 
-    def lookup(self, request: Request, body: dict, key_id: str | None,
-               request_id: str | None = None) -> tuple[bytes | None, Response | None]:
+    async def lookup(self, request: Request, body: dict, key_id: str | None,
+                     request_id: str | None = None) -> tuple[bytes | None, Response | None]:
         """Before routing: ``(key to store under or None, the cached response or None)``."""
         directive = request.header(b"cache-control")
         lookup = True
@@ -153,6 +160,10 @@ class ResponseCache:
         key = self.key(body, key_id)
         if lookup:
             entry = self._live(key)
+            if entry is None and self.shared is not None:
+                found = await self.shared.fetch(key)
+                if found is not None and self.put(key, found[0], found[1], ttl=found[2]):
+                    entry = self._entries[key]
             model = body.get("model")
             if entry is not None and self.admit is not None and not self.admit(key_id, model):
                 entry = None  # the pipeline serves it, and refuses or queues it as the caller's limits say
@@ -168,7 +179,8 @@ class ResponseCache:
     def store(self, key: bytes | None, response: Response, provider: str) -> Response:
         """After a fresh answer: keep it under ``key`` (if any) and mark the response a miss."""
         if key is not None:
-            self.put(key, response.body, provider)
+            if self.put(key, response.body, provider) and self.shared is not None:
+                self.shared.push(key, response.body, provider, self.ttl)
             response.headers.append(_MISS)
         return response
 
@@ -183,3 +195,9 @@ def install(front, app) -> None:
     governance = getattr(app, "governance", None)
     if governance is not None:
         front.cache.admit = governance.admit_cached
+    redis = getattr(app, "redis", None)
+    if redis is not None:
+        from ..cluster.responses import SharedCacheTier
+
+        # its writer task runs in the tree (Application._children: fleet_cache)
+        front.cache.shared = app.fleet_cache = SharedCacheTier(redis)

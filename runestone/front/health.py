@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
+from ..cluster.status import cluster_prometheus, cluster_status
 from ..http.errors import local_resource_errors
 from ..http.server import Response
 from ..resilience.breaker import DENY, check
@@ -114,8 +115,12 @@ class HealthRoutes:
         if app.root is not None:
             for info in app.root.which_children():
                 children.append({"id": info.id, "status": info.status, "restarts": info.restarts})
+        cluster = cluster_status(app)
+        status = self.overall_status(providers)
+        if status == "healthy" and cluster is not None and cluster["status"] != "ok":
+            status = "degraded"  # serving, on this instance's own state until Redis is back
         return Response.json({
-            "status": self.overall_status(providers),
+            "status": status,
             "uptime_s": round(time.time() - self.started_wall, 3),
             # Which process answered: under `serve --workers N` each worker answers for itself alone.
             "worker": {"pid": os.getpid(), **(attrs.asdict(app.worker) if app.worker is not None else {})},
@@ -123,6 +128,7 @@ class HealthRoutes:
             "totals": await self.summary(),
             "tree": children,
             "telemetry": app.telemetry.snapshot(),
+            "cluster": cluster,
             "ledger": attrs.asdict(app.ledger.status()) if app.ledger is not None else None,
         })
 
@@ -171,6 +177,7 @@ class HealthRoutes:
         governance = getattr(self.app, "governance", None)
         if governance is not None:
             text += governance.prometheus().encode()
+        text += cluster_prometheus(self.app)
         if self.app.ledger is not None:
             text += ledger_families(self.app.ledger.status()).encode()
         return Response(200, [_TEXT_METRICS], text)

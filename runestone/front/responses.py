@@ -263,6 +263,10 @@ def install(front, app) -> None:
     cfg = app.config.responses
     store = ResponseStore(str(app.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
                           max_stored=cfg.max_stored)
+    if getattr(app, "redis", None) is not None:  # [cluster] redis_url: any instance finds them
+        from ..cluster.responses import SharedResponseStore
+
+        store = app.fleet_responses = SharedResponseStore(app.redis, store, retention_days=cfg.retention_days)
     routes = ResponsesRoutes(front, store)
     add = front.routes.add
     add("POST", "/v1/responses", routes.create)

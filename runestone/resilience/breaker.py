@@ -145,7 +145,7 @@ class Transition:
     from_state: str
     to_state: str
     #: "consecutive_failures", "failure_rate", "recovery_timeout", "probe_failed",
-    #: "probes_succeeded" or "reset".
+    #: "probes_succeeded", "reset" or "fleet" (followed from another instance: runestone/cluster/breakers.py).
     reason: str
     at: float
 
@@ -314,6 +314,24 @@ class CircuitBreaker:
         if from_state != CLOSED:
             transitions.append(transition)
         return transitions
+
+    def follow(self, state: str, retry_at: float | None, now: float) -> list[Transition]:
+        """Another instance's breaker for this provider moved to ``state`` (shared through Redis): open it
+        here too until ``retry_at`` (kept if this one already waits longer), or close it. Half open is each
+        instance's own step (its probes are budgeted fleet-wide), so it is not followed. A disabled breaker
+        follows nothing. Returns the transition made (reason ``"fleet"``), if any."""
+        if not self.settings.enabled:
+            return []
+        if state == OPEN and retry_at is not None:
+            if self.state == OPEN:
+                self.retry_at = max(self.retry_at or retry_at, retry_at)
+                return []
+            transition = self._move(OPEN, "fleet", now)
+            self.retry_at = retry_at
+            return [transition]
+        if state == CLOSED and self.state != CLOSED:
+            return [self._move(CLOSED, "fleet", now)]
+        return []
 
     def reconfigure(self, settings: BreakerSettings) -> None:
         """Take new settings, keeping the state; the window is resized, keeping its newest outcomes."""

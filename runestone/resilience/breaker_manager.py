@@ -18,6 +18,12 @@ Calls (replies in parentheses; a refused call replies ``Rejected``)::
     ("reset", p | None)         -> BreakerView | Mapping (None: every breaker)
     ("configure", p, settings)  -> BreakerView (None: the default for providers without their own)
     ("remove", p)               -> bool (was there one)
+
+A fleet (``[cluster] redis_url``, runestone/cluster/breakers.py) adds one cast, :class:`FleetTransition`
+(another instance's breaker moved: follow it), and two hooks: ``probe_gate`` (an async
+``(provider, limit, ttl) -> bool`` asked before a half-open probe slot is granted, so probes are
+budgeted fleet-wide; it answers True when it cannot ask) and ``probe_done`` (told, without blocking, when
+a probe's outcome arrives, to give the fleet-wide slot back).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import attrs
 import trio
 
 from runestone.resilience.breaker import (
@@ -34,6 +41,7 @@ from runestone.resilience.breaker import (
     ASK,
     DENY,
     CLOSED,
+    HALF_OPEN,
     BreakerSettings,
     BreakerView,
     CircuitBreaker,
@@ -44,7 +52,7 @@ from runestone.runtime import Actor, Published, Rejected
 from runestone.telemetry.events import BreakerTransition
 
 # ALLOW and DENY are re-exported for callers comparing ``admit``'s answers.
-__all__ = ["CircuitBreakerManager", "NAME", "PROBE", "ALLOW", "DENY", "admit"]
+__all__ = ["CircuitBreakerManager", "FleetTransition", "NAME", "PROBE", "ALLOW", "DENY", "admit"]
 
 NAME = "circuit_breaker_manager"
 
@@ -60,6 +68,16 @@ _DIRTY_INTERVAL = 0.25
 
 def _drop(_event: object) -> None:
     pass
+
+
+@attrs.frozen
+class FleetTransition:
+    """Cast: another instance's breaker for ``provider`` moved to ``state`` ("open" until ``retry_in``
+    seconds from now, or "closed"); this manager follows it (``CircuitBreaker.follow``)."""
+
+    provider: str
+    state: str
+    retry_in: float | None = None
 
 
 class CircuitBreakerManager(Actor):
@@ -84,8 +102,12 @@ class CircuitBreakerManager(Actor):
         providers: Iterable[str] = (),
         registry: Any = None,
         mailbox_size: int | None = None,
+        probe_gate: Callable[[str, int, float], Any] | None = None,
+        probe_done: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(NAME, registry=registry, mailbox_size=mailbox_size)
+        self.probe_gate = probe_gate
+        self.probe_done = probe_done
         self.views = views
         self.emit = emit
         self.default_settings = settings if settings is not None else BreakerSettings()
@@ -115,6 +137,9 @@ class CircuitBreakerManager(Actor):
     # -- messages ----------------------------------------------------------
 
     async def handle_cast(self, message: Any) -> None:
+        if isinstance(message, FleetTransition):
+            self._follow(message)
+            return
         try:
             verb, provider = message
         except (TypeError, ValueError):
@@ -123,14 +148,17 @@ class CircuitBreakerManager(Actor):
         now = trio.current_time()
         if verb == "success":
             breaker = self._breaker(provider)
+            self._probe_done(breaker)
             transitions = breaker.record_success(now)
         elif verb == "failure":
             breaker = self._breaker(provider)
+            self._probe_done(breaker)
             transitions = breaker.record_failure(now)
         elif verb == "release":
             breaker = self.breakers.get(provider)
             if breaker is None:
                 return
+            self._probe_done(breaker)
             breaker.release(now)
             transitions = None
         else:
@@ -151,6 +179,11 @@ class CircuitBreakerManager(Actor):
         if verb == "acquire" and len(message) == 2:
             breaker = self._breaker(message[1])
             allowed = breaker.acquire(now)
+            if allowed and breaker.state == HALF_OPEN and self.probe_gate is not None:
+                settings = breaker.settings
+                if not await self.probe_gate(breaker.provider, settings.half_open_limit, settings.probe_timeout):
+                    breaker.release(trio.current_time())  # another instance holds the fleet's probe slots
+                    allowed = False
             self._publish_one(breaker)
             self._emit(breaker.drain_transitions())
             return allowed
@@ -202,6 +235,18 @@ class CircuitBreakerManager(Actor):
         }
 
     # -- internals ---------------------------------------------------------
+
+    def _follow(self, message: FleetTransition) -> None:
+        breaker = self._breaker(message.provider)
+        now = trio.current_time()
+        retry_at = None if message.retry_in is None else now + max(0.0, message.retry_in)
+        transitions = breaker.follow(message.state, retry_at, now)
+        self._publish_one(breaker)
+        self._emit(transitions)
+
+    def _probe_done(self, breaker: CircuitBreaker) -> None:
+        if breaker.state == HALF_OPEN and breaker.probes_in_flight and self.probe_done is not None:
+            self.probe_done(breaker.provider)
 
     def _settings_for(self, provider: str) -> BreakerSettings:
         return self.overrides.get(provider, self.default_settings)

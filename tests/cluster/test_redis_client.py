@@ -81,13 +81,13 @@ async def test_concurrent_callers_share_the_connection(redis_server):
         results = []
 
         async def one(i):
-            results.append(await client.pipeline([("INCR", "t:shared"), ("ECHO", str(i))]))
+            results.append((i, await client.pipeline([("INCR", "t:shared"), ("ECHO", str(i))])))
 
         async with trio.open_nursery() as nursery:
             for i in range(300):
                 nursery.start_soon(one, i)
-        assert sorted(r[0] for r in results) == list(range(1, 301))  # each caller got its own replies
-        assert all(r[1] == str(i).encode() for r in results for i in [int(r[1])])
+        assert sorted(r[0] for _, r in results) == list(range(1, 301))
+        assert [(i, r[1]) for i, r in results] == [(i, str(i).encode()) for i, _ in results]  # its own replies
         assert await client.execute("GET", "t:shared") == b"300"
         assert client.statistics().connects == 1
         await client.execute("DEL", "t:shared")
@@ -161,7 +161,8 @@ async def test_pubsub_and_resubscribe_after_restart(redis_server):
 
     async with open_redis(redis_server.url, timeout=SLOW_OK) as client:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(client.listen, ["t:chan"], lambda c, m: got.append((c, m)), on_connect=on_connect))
+            listen = partial(client.listen, ["t:chan"], lambda c, m: got.append((c, m)), on_connect=on_connect)
+            await nursery.start(listen)
             with trio.fail_after(30):
                 await connected[-1].wait()
                 await client.wait_up()
