@@ -198,7 +198,8 @@ _WHICH = {"rpm": "requests per minute", "rph": "requests per hour", "tpm": "toke
 class Subject:
     """One holder of limits and a budget as the scripts see it (a key, a team, a configuration key)."""
 
-    __slots__ = ("name", "label", "limits", "budget", "holder", "period_start", "period_end", "base")
+    __slots__ = ("name", "label", "limits", "budget", "holder", "period_start", "period_end", "base", "period",
+                 "admit_keys", "admit_args", "settle_keys")
 
     def __init__(self, name: str, label: str, limits: LimitValues, budget: int, holder: Any,
                  period_start: float, period_end: float) -> None:
@@ -209,10 +210,15 @@ class Subject:
         self.holder = holder  # the Allowance this instance keeps (spend it stores and reports), or None
         self.period_start = period_start
         self.period_end = period_end
-        self.base = PREFIX + name
-
-    def period_key(self) -> str:
-        return f"{self.base}:p:{int(self.period_start)}" if self.budget >= 0 else "-"
+        base = self.base = PREFIX + name
+        #: The budget period's hash ("-" without a budget); a subject is made anew for each period.
+        self.period = f"{base}:p:{int(period_start)}" if budget >= 0 else "-"
+        self.admit_keys = (self.period, base + ":holds", base + ":amounts", base + ":rpm", base + ":rph",
+                           base + ":tpm")
+        self.settle_keys = (base + ":holds", base + ":amounts", base + ":tpm")
+        #: ADMIT's arguments for this subject but the spend floor (between the first two and the rest).
+        self.admit_args = ((budget, int(period_end * 1000) if math.isfinite(period_end) else -1),
+                           (limits.rpm, limits.rph, limits.tpm, limits.max_concurrent))
 
 
 class FleetLease:
@@ -310,20 +316,17 @@ class FleetLimits:
         keys: list = []
         args: list = [int(wall_ms), lease_id, int(wall_ms + HOLD_TTL * 1000), amount, len(subjects)]
         for s in subjects:
-            base = s.base
-            period = s.period_key()
-            keys += (period, base + ":holds", base + ":amounts", base + ":rpm", base + ":rph", base + ":tpm")
-            lim = s.limits
-            floor = s.holder.spent if s.holder is not None and s.budget >= 0 else 0
-            end = s.period_end
-            args += (s.budget, int(end * 1000) if math.isfinite(end) else -1, floor, lim.rpm, lim.rph, lim.tpm,
-                     lim.max_concurrent)
+            keys += s.admit_keys
+            head, tail = s.admit_args
+            args += head
+            args.append(s.holder.spent if s.holder is not None and s.budget >= 0 else 0)
+            args += tail
         try:
             reply = await ADMIT(self.redis, keys, args)
         except RedisUnavailable as exc:
             if isinstance(exc, RedisTimeout):
                 # It may have run: give back whatever it took (sent after it on the same connection).
-                self.queue_settle(subjects, lease_id, tuple(s.period_key() for s in subjects), 0, 0)
+                self.queue_settle(subjects, lease_id, tuple(s.period for s in subjects), 0, 0)
             return self._admit_local(subjects, amount, team, lease_id, exc)
         except RedisReplyError as exc:
             log.error("fleet limits: the admission script failed (%s); this instance's share applies", exc)
@@ -340,7 +343,7 @@ class FleetLimits:
             for s in subjects:
                 if s.holder is not None:
                     s.holder.requests += 1
-            return FleetLease(self, subjects, lease_id, amount, tuple(s.period_key() for s in subjects),
+            return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects),
                               team=team)
         _, index, which, number = reply
         which = which.decode() if isinstance(which, bytes) else str(which)
@@ -382,7 +385,7 @@ class FleetLimits:
                 s.holder.requests += 1
         self.local_admissions += 1
         # No hold in Redis: settling charges the spend only (SETTLE with a lease id Redis never saw).
-        return FleetLease(self, subjects, lease_id, amount, tuple(s.period_key() for s in subjects), states,
+        return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), states,
                           tuple(shares), team)
 
     def _limit_refusal(self, s: Subject, which: str, number: int) -> GatewayError:
@@ -406,8 +409,8 @@ class FleetLimits:
         keys: list = []
         tpms: list = []
         for s, period in zip(subjects, periods):
-            base = s.base
-            keys += (period, base + ":holds", base + ":amounts", base + ":tpm")
+            keys.append(period)
+            keys += s.settle_keys
             tpms.append(s.limits.tpm)
         args = [int(self.wall() * 1000), lease_id, nano, tokens, len(subjects), *tpms]
         self._queue.append(SETTLE.call(keys, args))
