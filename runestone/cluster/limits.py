@@ -417,23 +417,28 @@ class FleetLimits:
         self._wake.set()
 
     async def _sender(self) -> None:
-        queue = self._queue
         while True:
-            if not queue:
+            if not self._queue:
                 self._wake = trio.Event()
                 await self._wake.wait()
-            batch = [queue[i] for i in range(min(len(queue), BATCH))]
-            try:
-                replies = await self.redis.pipeline(batch, timeout=max(self.redis.timeout, 1.0))
-            except RedisError:
+            if not await self.send_batch():
                 await trio.sleep(0.2)  # kept, in order; retried until Redis takes them
-                continue
-            for _ in batch:
-                queue.popleft()
-            self.settled += len(batch)
-            for reply in replies:
-                if isinstance(reply, RedisReplyError):
-                    log.error("fleet limits: a settlement was refused by Redis: %s", reply)
+
+    async def send_batch(self) -> bool:
+        """Send up to ``BATCH`` queued settlements in one round trip; False (all kept) when Redis cannot."""
+        queue = self._queue
+        batch = [queue[i] for i in range(min(len(queue), BATCH))]
+        try:
+            replies = await self.redis.pipeline(batch, timeout=max(self.redis.timeout, 1.0))
+        except RedisError:
+            return False
+        for _ in batch:
+            queue.popleft()
+        self.settled += len(batch)
+        for reply in replies:
+            if isinstance(reply, RedisReplyError):
+                log.error("fleet limits: a settlement was refused by Redis: %s", reply)
+        return True
 
     async def _heartbeat(self) -> None:
         while True:
@@ -460,8 +465,8 @@ class FleetLimits:
             finally:
                 with trio.move_on_after(1.0) as scope:
                     scope.shield = True
-                    while self._queue and self.redis.healthy:
-                        await trio.sleep(0.01)
+                    while self._queue and await self.send_batch():
+                        pass  # the settlements of requests that finished before the stop
                     try:
                         await self.redis.execute("ZREM", INSTANCES, self.instance)
                     except RedisError:
