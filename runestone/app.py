@@ -34,9 +34,12 @@ from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
 from .cluster.limits import FleetLimits
 from .cluster.redis import RedisClient
+from .cluster.status import cluster_prometheus, cluster_status
 from .config import Config, ProviderSpec
+from .control.plane import ControlPlane
 from .control.store import ControlStore, ControlStoreError
 from .front.api import Front
+from .front.deps import FrontDeps
 from .front.errors import http_error_body
 from .front.auth import KeyRing, is_loopback
 from .front.limits import KeyLimiter
@@ -73,7 +76,8 @@ class StartupError(Exception):
 
 
 def _route_installers():
-    """The route modules, each with ``install(front, app)``; their order is the order of route lookup."""
+    """The route modules by name, each with ``install(front, deps)`` (deps a FrontDeps); their order is the
+    order of route lookup. What an install returns is kept by that name."""
     from .front.cache import install as install_cache
     from .front.completions import install as install_completions
     from .front.dashboard import install as install_dashboard
@@ -86,8 +90,10 @@ def _route_installers():
     from .front.splits import install as install_splits
     from .front.ws import install as install_ws
 
-    return [install_health, install_completions, install_messages, install_responses, install_cache, install_ws,
-            install_admin, install_keys, install_openapi, install_splits, install_dashboard]
+    return {"health": install_health, "completions": install_completions, "messages": install_messages,
+            "responses": install_responses, "cache": install_cache, "ws": install_ws, "admin": install_admin,
+            "keys": install_keys, "openapi": install_openapi, "splits": install_splits,
+            "dashboard": install_dashboard}
 
 
 def _actor_child(id: str, make, *, shutdown: float = 5.0) -> ChildSpec:
@@ -189,21 +195,36 @@ class Application:
         self.gateway.admission = self.governance
         #: Control-socket operations route modules add beside the control plane's own: op -> fn(msg).
         self.control_ops: dict = {}
-        # Route groups beyond the chat core register themselves on the front: install(front, app).
-        for install in _route_installers():
-            install(self.front, self)
-        #: Control changes shared with the fleet ([cluster] redis_url), through the plane the admin routes made.
-        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
-                                           upstream_hosts=config.admin.upstream_hosts)
-                              if self.redis is not None and getattr(self, "control", None) is not None else None)
-        #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
-        self.observer = self._observer()
         self.root: Supervisor | None = None
-        self.provider_supervisor: EnhancedProviderSupervisor | None = None
-        self.server = None
         self.ready = trio.Event()
         #: child id -> restarts performed by its supervisor (actor names: provider children are provider names).
         self.restarts: dict[str, int] = {}
+        self.control = ControlPlane(self)
+        #: What the route modules read of this application, and all they see of it.
+        self.front_deps = FrontDeps(
+            config=config, data_dir=self.data_dir, gateway=self.gateway, keys=self.keys,
+            governance=self.governance, telemetry=self.telemetry, registry=self.registry,
+            providers=self.providers, breaker_views=self.breaker_views, health=self.health,
+            inflight=self.inflight, catalog=self.catalog, splits=self.splits, ledger=self.ledger,
+            worker=worker, control=self.control, control_ops=self.control_ops, ready=self.ready,
+            root=lambda: self.root, restart_counts=self.restart_counts, redis=self.redis,
+            cluster_status=lambda: cluster_status(self), cluster_metrics=lambda: cluster_prometheus(self))
+        # Route groups beyond the chat core register themselves on the front: install(front, deps).
+        installed = {name: install(self.front, self.front_deps) for name, install in _route_installers().items()}
+        #: The /v1/ws routes (their connections are in the control plane's state dump).
+        self.ws_routes = installed["ws"]
+        self.dashboard = installed["dashboard"]
+        #: The shared tiers of the response cache and the Responses store ([cluster] redis_url), or None.
+        self.fleet_cache = installed["cache"]
+        self.fleet_responses = installed["responses"]
+        #: Control changes shared with the fleet ([cluster] redis_url), through the one control plane.
+        self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
+                                           upstream_hosts=config.admin.upstream_hosts)
+                              if self.redis is not None else None)
+        #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
+        self.observer = self._observer()
+        self.provider_supervisor: EnhancedProviderSupervisor | None = None
+        self.server = None
 
     def _observer(self) -> RequestObserver | None:
         cfg = self.config
@@ -281,7 +302,7 @@ class Application:
         fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
         if self.fleet_limits is not None:
             fleet_children.append(ChildSpec(id="fleet_limits", start=self.fleet_limits.run, shutdown=2.0))
-        if getattr(self, "fleet_cache", None) is not None:  # set by the cache's install ([cache] enabled)
+        if self.fleet_cache is not None:  # [cache] enabled
             fleet_children.append(ChildSpec(id="fleet_cache", start=self.fleet_cache.run, shutdown=1.0))
         return [
             *cluster,

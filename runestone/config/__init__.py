@@ -19,6 +19,7 @@ of this runs per request.
 # The package, by job (imports point down this list; the schema imports only the field checks):
 #   _checks.py    field checks (each with the words for what it allows), the upstream URL parser, host allow-list
 #   provider_types.py  the registry of provider types (adapter, capabilities, base URL, knobs, env)
+#   pricing.py    the one ModelPrice, price_for (the table's lookup) and cost_of
 #   schema.py     the attrs classes rooted at Config, the enumerations and default model lists
 #   _report.py    strict cattrs structuring and one-line problem reports (ConfigError)
 #   _validate.py  checks across fields: references, uniqueness, a provider's settings together
@@ -47,7 +48,6 @@ from .schema import FailoverGroupSpec as FailoverGroupSpec
 from .schema import LimitsConfig as LimitsConfig
 from .schema import LogConfig as LogConfig
 from .schema import MetricsConfig as MetricsConfig
-from .schema import ModelPrice as ModelPrice
 from .schema import OPENAI_PRESETS as OPENAI_PRESETS
 from .schema import OtelConfig as OtelConfig
 from .schema import PROVIDER_TYPES as PROVIDER_TYPES
@@ -65,6 +65,9 @@ from .schema import SplitVariantConfig as SplitVariantConfig
 from .schema import TRANSPORTS as TRANSPORTS
 from .schema import TelemetryConfig as TelemetryConfig
 from .schema import data_dir_default as data_dir_default
+from .pricing import ModelPrice as ModelPrice
+from .pricing import cost_of as cost_of
+from .pricing import price_for as price_for
 from .provider_types import ANTHROPIC_DEFAULT_MODELS as ANTHROPIC_DEFAULT_MODELS
 from .provider_types import OPENAI_DEFAULT_MODELS as OPENAI_DEFAULT_MODELS
 from .provider_types import PROVIDER_TYPE_REGISTRY as PROVIDER_TYPE_REGISTRY
@@ -83,9 +86,9 @@ from .forms import provider_spec_to_dict as provider_spec_to_dict
 # Read by tests/test_readme.py, which checks that the README lists every variable.
 from ._env import _AWS_ENV, _ENV_PROVIDER_SETTINGS, _ENV_PROVIDERS, _ENV_SETTINGS  # noqa: F401
 
-from . import forms, load, provider_types, schema  # noqa: E402 - the modules, for __all__
+from . import forms, load, pricing, provider_types, schema  # noqa: E402 - the modules, for __all__
 
 __all__ = [
-    *schema.__all__,
+    *schema.__all__, *pricing.__all__,
     *provider_types.__all__,
     *load.__all__, *forms.__all__, "ConfigError", "parse_upstream_url", "upstream_host_allowed"]

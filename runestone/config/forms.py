@@ -6,7 +6,8 @@ from typing import Any
 
 import attrs
 
-from ._checks import _redact_url
+from ..runtime import plain
+from ._checks import _redact_url, _url_repr
 from ._report import _Report, _structure
 from ._validate import _check_provider
 from .load import _GROUP_INHERITED
@@ -33,8 +34,16 @@ def provider_spec_from_dict(d: Mapping[str, Any], upstream_hosts: Collection[str
     return spec
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def _url_settings(cls: type) -> tuple[str, ...]:
+    """The settings of ``cls`` that are URLs which may carry credentials (shown redacted by their repr)."""
+    return tuple(f.name for f in attrs.fields(cls) if f.repr is _url_repr)
+
+
+def _redact_urls(section: dict[str, Any], cls: type) -> dict[str, Any]:
+    for name in _url_settings(cls):
+        if section.get(name):
+            section[name] = _redact_url(section[name])
+    return section
 
 
 def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, Any]:
@@ -42,17 +51,9 @@ def provider_spec_to_dict(spec: ProviderSpec, redact: bool = True) -> dict[str, 
 
     With ``redact`` the api_key reads ``"***"`` and credentials in URLs are masked.
     """
-    config: dict[str, Any] = {}
-    for field in attrs.fields(ProviderConfig):
-        value = getattr(spec.config, field.name)
-        if value is None:
-            continue
-        if redact:
-            if field.metadata.get("secret") and value:
-                value = "***"
-            elif field.name in ("base_url", "proxy"):
-                value = _redact_url(value)
-        config[field.name] = _plain(value)
+    config = {k: v for k, v in plain(spec.config, redact=redact).items() if v is not None}
+    if redact:
+        _redact_urls(config, ProviderConfig)
     return {"name": spec.name, "type": spec.type, "config": config}
 
 
@@ -79,27 +80,17 @@ def group_spec_from_dict(
 
 
 def group_spec_to_dict(group: FailoverGroupSpec) -> dict[str, Any]:
-    return {f.name: _plain(getattr(group, f.name)) for f in attrs.fields(FailoverGroupSpec)}
-
-
-def _to_plain(obj: Any, redact: bool) -> Any:
-    if isinstance(obj, ProviderSpec):
-        return provider_spec_to_dict(obj, redact)
-    if attrs.has(type(obj)):
-        out = {}
-        for field in attrs.fields(type(obj)):
-            value = getattr(obj, field.name)
-            if redact and field.metadata.get("secret") and value:
-                value = ["***" for _ in value] if isinstance(value, tuple) else "***"
-            out[field.name] = _to_plain(value, redact)
-        return out
-    if isinstance(obj, tuple):
-        return [_to_plain(v, redact) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v, redact) for k, v in obj.items()}
-    return obj
+    return plain(group)
 
 
 def config_to_dict(config: Config, redact: bool = True) -> dict[str, Any]:
-    """The whole configuration as plain data (for state dumps), secrets masked by default."""
-    return _to_plain(config, redact)
+    """The whole configuration as plain data (for state dumps), secrets masked by default (credentials in
+    URLs too: ``[cluster] redis_url``, ``[database] url``, ...); each provider in its dict form
+    (:func:`provider_spec_to_dict`)."""
+    out = plain(config, redact=redact)
+    if redact:
+        for field in attrs.fields(Config):
+            if attrs.has(field.type) and isinstance(out.get(field.name), dict):
+                _redact_urls(out[field.name], field.type)
+    out["providers"] = [provider_spec_to_dict(spec, redact) for spec in config.providers]
+    return out

@@ -12,7 +12,8 @@ import attrs
 from ._env import _apply_aws_env, _apply_env, _set_in
 from ._report import ConfigError, _Path, _Report, _structure
 from ._validate import _check_cross
-from .schema import DEFAULT_CONFIG_PATH, DEFAULT_PRICING_PATH, Config, ModelPrice, _PricingFile, data_dir_default
+from .pricing import ModelPrice
+from .schema import DEFAULT_CONFIG_PATH, DEFAULT_PRICING_PATH, Config, _PricingFile, data_dir_default
 
 __all__ = [
     "check_config",

@@ -30,6 +30,7 @@ from ._checks import (
     _url_repr,
     _weights,
 )
+from .pricing import ModelPrice
 from .provider_types import PROVIDER_TYPE_REGISTRY
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "MetricsConfig",
-    "ModelPrice",
     "OPENAI_PRESETS",
     "OtelConfig",
     "PoolConfig",
@@ -438,20 +438,6 @@ class ProviderSpec:
         """The configured base URL, else the preset's or the vendor's (None for the fake and azure)."""
         preset = OPENAI_PRESETS.get(self.config.preset or "") if self.type == "openai" else None
         return self.config.base_url or preset or DEFAULT_BASE_URLS.get(self.type)
-
-
-@attrs.frozen
-class ModelPrice:
-    """List price of a model in USD per million tokens."""
-
-    input_per_mtok: float = _setting(check=_number_at_least(0.0))
-    output_per_mtok: float = _setting(0.0, _number_at_least(0.0))
-
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        """USD for one request's usage."""
-        return (
-            input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok
-        ) / 1_000_000
 
 
 @attrs.frozen

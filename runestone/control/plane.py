@@ -16,7 +16,8 @@ one ends, never polling), then stops its actor; once accepted, it completes even
 Updating is unregistering and registering again with the new settings. Two changes to the same name at
 once are refused (409) rather than interleaved.
 
-The HTTP routes and the ``/v1/control`` socket that call it are in :mod:`runestone.front.admin`.
+The ``/v1/control`` protocol that calls it is :mod:`runestone.control.socket`; the HTTP routes and the
+WebSocket plumbing are in :mod:`runestone.front.admin`.
 """
 
 from __future__ import annotations

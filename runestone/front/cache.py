@@ -35,6 +35,7 @@ import trio
 
 from ..http.server import Request, Response
 from ..telemetry.events import RequestFinished
+from .deps import FrontDeps
 
 __all__ = ["CacheStatistics", "ResponseCache", "install"]
 
@@ -185,19 +186,19 @@ class ResponseCache:
         return response
 
 
-def install(front, app) -> None:
-    """Give the front a cache when ``[cache] enabled``; otherwise the chat route runs without one."""
-    cfg = app.config.cache
+def install(front, deps: FrontDeps):
+    """Give the front a cache when ``[cache] enabled``; otherwise the chat route runs without one. Returns
+    the cache's shared tier (its writer task is a child of the tree) with ``[cluster] redis_url``, else None."""
+    cfg = deps.config.cache
     if not cfg.enabled:
-        return
-    front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=app.telemetry,
-                                resolve_alias=app.gateway.resolve_alias)
-    governance = getattr(app, "governance", None)
-    if governance is not None:
-        front.cache.admit = governance.admit_cached
-    redis = getattr(app, "redis", None)
-    if redis is not None:
+        return None
+    front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=deps.telemetry,
+                                resolve_alias=deps.gateway.resolve_alias)
+    front.cache.admit = deps.governance.admit_cached
+    if deps.redis is not None:
         from ..cluster.responses import SharedCacheTier
 
         # its writer task runs in the tree (Application._children: fleet_cache)
-        front.cache.shared = app.fleet_cache = SharedCacheTier(redis)
+        front.cache.shared = SharedCacheTier(deps.redis)
+        return front.cache.shared
+    return None

@@ -13,6 +13,7 @@ from ..wire.completions import TextCompletionStream, chat_body_from_completion, 
 from ..wire.openai import parse_json_object, validate_chat
 from .api import requirements_of
 from .streams import SSE_HEADERS, encoded, openai_failure
+from .deps import FrontDeps
 
 __all__ = ["CompletionsRoute", "install"]
 
@@ -41,7 +42,7 @@ class CompletionsRoute:
                         stream=encoded(result, feed, openai_failure), first_ready=True)
 
 
-def install(front, app) -> None:
+def install(front, deps: FrontDeps) -> None:
     route = CompletionsRoute(front)
     front.routes.add("POST", "/v1/completions", route)
     front.routes.add("POST", "/completions", route)

@@ -39,6 +39,7 @@ from ..http.server import Request, Response
 from ..routing.errors import GatewayError
 from ..runtime import ActorError, dump_state
 from ..telemetry.health import LatencyWindow
+from .deps import FrontDeps
 
 __all__ = ["DashboardRoutes", "FeedWindow", "install"]
 
@@ -213,11 +214,12 @@ def _find(node: dict | None, child_id: str) -> dict | None:
 
 
 class DashboardRoutes:
-    """The page, its feed and its one-shot state, for one :class:`~runestone.app.Application`."""
+    """The page, its feed and its one-shot state, for one running gateway (as its
+    :class:`~runestone.front.deps.FrontDeps` shows it)."""
 
-    def __init__(self, front, app) -> None:
+    def __init__(self, front, deps: FrontDeps) -> None:
         self.front = front
-        self.app = app
+        self.deps = deps
         self.assets = {path: (_load(name), ctype) for path, (name, ctype) in _ASSETS.items()}
         #: Feeds open now.
         self.feeds = 0
@@ -272,16 +274,17 @@ class DashboardRoutes:
 
     def tick(self, window: FeedWindow) -> dict:
         """One tick: the state now, and what ``window`` saw since the last one."""
-        app = self.app
-        tree = dump_state(app.root) if app.root is not None else None
-        table = app.providers.value
-        breakers = app.breaker_views.value or {}
-        health = app.health.value or {}
-        in_flight = app.telemetry.in_flight
+        deps = self.deps
+        root = deps.root()
+        tree = dump_state(root) if root is not None else None
+        table = deps.providers.value
+        breakers = deps.breaker_views.value or {}
+        health = deps.health.value or {}
+        in_flight = deps.telemetry.in_flight
         providers = []
-        for name in sorted(set(app.catalog) | set(table)):
+        for name in sorted(set(deps.catalog) | set(table)):
             entry = table.get(name)
-            spec = entry.spec if entry is not None else app.catalog.get(name)
+            spec = entry.spec if entry is not None else deps.catalog.get(name)
             view = breakers.get(name)
             h = health.get(name)
             providers.append({
@@ -310,8 +313,8 @@ class DashboardRoutes:
                 groups.append({"name": name, "strategy": spec.get("strategy"), "providers": spec.get("providers"),
                                "max_attempts": spec.get("max_attempts"), "stats": group_stats})
         now = trio.current_time()
-        requests = sorted(app.inflight.requests.values(), key=lambda r: r.started)
-        gov = getattr(app, "governance", None)
+        requests = sorted(deps.inflight.requests.values(), key=lambda r: r.started)
+        gov = deps.governance
         return {
             "type": "tick",
             "time": time.time(),
@@ -319,14 +322,14 @@ class DashboardRoutes:
             "tree": _compact_tree(tree),
             "providers": providers,
             "groups": groups,
-            "splits": [s.describe() for s in app.splits.splits.values()],
+            "splits": [s.describe() for s in deps.splits.splits.values()],
             "in_flight": {
                 "count": len(requests),
                 "oldest": [{"request_id": r.request_id, "model": r.model, "provider": r.provider,
                             "attempts": r.attempts, "endpoint": r.endpoint, "stream": r.stream, "key_id": r.key_id,
                             "age": now - r.started} for r in requests[:IN_FLIGHT_SHOWN]],
             },
-            "telemetry": {"dropped": app.telemetry.dropped},
+            "telemetry": {"dropped": deps.telemetry.dropped},
             **window.take(),
             # Managed keys and teams by spend in their budget period (the governance's running accounts).
             "spend": ({"keys": gov.busiest("key", KEYS_SHOWN), "teams": gov.busiest("team", KEYS_SHOWN)}
@@ -334,7 +337,7 @@ class DashboardRoutes:
         }
 
     async def _subscribe(self, send) -> Any:
-        ref = self.app.registry.whereis("telemetry_handler")
+        ref = self.deps.registry.whereis("telemetry_handler")
         if ref is None:
             return None
         try:
@@ -361,7 +364,7 @@ class DashboardRoutes:
                         window.add(await recv.receive())
                 now = trio.current_time()
                 next_tick = max(next_tick + TICK, now)
-                current = self.app.registry.whereis("telemetry_handler")
+                current = self.deps.registry.whereis("telemetry_handler")
                 if current is not ref or now - subscribed_at >= RESUBSCRIBE:
                     # A restarted handler has forgotten us; a live one ignores the repeat.
                     ref = await self._subscribe(send)
@@ -370,7 +373,7 @@ class DashboardRoutes:
         finally:
             self.feeds -= 1
             send.close()
-            ref = self.app.registry.whereis("telemetry_handler")
+            ref = self.deps.registry.whereis("telemetry_handler")
             if ref is not None:
                 with trio.CancelScope(shield=True), contextlib.suppress(ActorError):
                     await ref.call(("unsubscribe", send), timeout=2.0)
@@ -382,12 +385,12 @@ class DashboardRoutes:
         return {"feeds": self.feeds, "feeds_opened": self.feeds_opened}
 
 
-def install(front, app) -> None:
-    routes = DashboardRoutes(front, app)
-    app.dashboard = routes
+def install(front, deps: FrontDeps) -> DashboardRoutes:
+    routes = DashboardRoutes(front, deps)
     add = front.routes.add
     # "public" for the router: the routes check the admin key themselves, Basic authentication included.
     for path in _ASSETS:
         add("GET", path, routes.page, "public")
     add("GET", "/dashboard/feed", routes.feed, "public")
     add("GET", "/dashboard/state", routes.state, "public")
+    return routes

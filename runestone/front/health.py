@@ -22,7 +22,6 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
-from ..cluster.status import cluster_prometheus, cluster_status
 from ..http.errors import local_resource_errors
 from ..http.server import Response
 from ..resilience.breaker import DENY, check
@@ -30,6 +29,7 @@ from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
 from ..telemetry.metrics import ledger_families, render_counter
 from ..telemetry.ledger import SUMMARY_COLUMNS
+from .deps import FrontDeps
 
 __all__ = ["install"]
 
@@ -37,23 +37,23 @@ _TEXT_METRICS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 
 class HealthRoutes:
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, deps: FrontDeps) -> None:
+        self.deps = deps
         self.started_wall = time.time()
-        metrics = app.config.metrics
+        metrics = deps.config.metrics
         self.metrics_key_required = metrics.require_key
         self._metrics_key = hashlib.sha256(metrics.key.encode()).digest() if metrics.key else None
 
     # -- shared views ---------------------------------------------------------------------------------
 
     def providers_view(self) -> dict[str, dict]:
-        app = self.app
-        breakers = app.breaker_views.value or {}
-        health = app.health.value
-        in_flight = app.telemetry.in_flight
+        deps = self.deps
+        breakers = deps.breaker_views.value or {}
+        health = deps.health.value
+        in_flight = deps.telemetry.in_flight
         now = trio.current_time()
         out = {}
-        for name, entry in sorted(app.providers.value.items()):
+        for name, entry in sorted(deps.providers.value.items()):
             view = health.get(name) if health is not None else None
             bview = breakers.get(name)
             circuit = bview.state if bview is not None else "closed"
@@ -85,7 +85,7 @@ class HealthRoutes:
         return "degraded"
 
     async def summary(self) -> dict | None:
-        ref = self.app.registry.whereis("telemetry_handler")
+        ref = self.deps.registry.whereis("telemetry_handler")
         if ref is None:
             return None
         try:
@@ -99,8 +99,9 @@ class HealthRoutes:
         return Response.json({"status": "ok", "uptime_s": round(time.time() - self.started_wall, 3)})
 
     async def ready(self, request, caller) -> Response:
-        app = self.app
-        tree_up = app.root is not None and app.root.alive and app.ready.is_set()
+        deps = self.deps
+        root = deps.root()
+        tree_up = root is not None and root.alive and deps.ready.is_set()
         usable = [n for n, p in self.providers_view().items() if p["healthy"]]
         ok = tree_up and bool(usable)
         body = {"ready": ok, "tree": "up" if tree_up else "down", "usable_providers": usable}
@@ -110,12 +111,13 @@ class HealthRoutes:
 
     async def detailed(self, request, caller) -> Response:
         providers = self.providers_view()
-        app = self.app
+        deps = self.deps
         children = []
-        if app.root is not None:
-            for info in app.root.which_children():
+        root = deps.root()
+        if root is not None:
+            for info in root.which_children():
                 children.append({"id": info.id, "status": info.status, "restarts": info.restarts})
-        cluster = cluster_status(app)
+        cluster = deps.cluster_status()
         status = self.overall_status(providers)
         if status == "healthy" and cluster is not None and cluster["status"] != "ok":
             status = "degraded"  # serving, on this instance's own state until Redis is back
@@ -123,13 +125,13 @@ class HealthRoutes:
             "status": status,
             "uptime_s": round(time.time() - self.started_wall, 3),
             # Which process answered: under `serve --workers N` each worker answers for itself alone.
-            "worker": {"pid": os.getpid(), **(attrs.asdict(app.worker) if app.worker is not None else {})},
+            "worker": {"pid": os.getpid(), **(attrs.asdict(deps.worker) if deps.worker is not None else {})},
             "providers": providers,
             "totals": await self.summary(),
             "tree": children,
-            "telemetry": app.telemetry.snapshot(),
+            "telemetry": deps.telemetry.snapshot(),
             "cluster": cluster,
-            "ledger": attrs.asdict(app.ledger.status()) if app.ledger is not None else None,
+            "ledger": attrs.asdict(deps.ledger.status()) if deps.ledger is not None else None,
         })
 
     async def providers(self, request, caller) -> Response:
@@ -142,12 +144,12 @@ class HealthRoutes:
             "totals": summary,
             "success_rate": summary.get("success_rate"),
             "latency_ms": {q: _ms(summary.get(q)) for q in ("p50", "p95", "p99")},
-            "requests_in_flight": dict(self.app.telemetry.in_flight),
-            "telemetry_events_dropped": self.app.telemetry.dropped,
+            "requests_in_flight": dict(self.deps.telemetry.in_flight),
+            "telemetry_events_dropped": self.deps.telemetry.dropped,
         })
 
     def _check_metrics_key(self, request) -> None:
-        keys = self.app.keys
+        keys = self.deps.keys
         token = keys.bearer(request.header(b"authorization"))
         if keys.is_admin(token):
             return
@@ -162,10 +164,10 @@ class HealthRoutes:
     async def prometheus(self, request, caller) -> Response:
         if self.metrics_key_required:
             self._check_metrics_key(request)
-        breakers = {n: v.state for n, v in (self.app.breaker_views.value or {}).items()}
+        breakers = {n: v.state for n, v in (self.deps.breaker_views.value or {}).items()}
         try:
-            text = await self.app.telemetry.metrics_text(timeout=2.0, breaker_states=breakers,
-                                                         actor_restarts=self.app.restart_counts())
+            text = await self.deps.telemetry.metrics_text(timeout=2.0, breaker_states=breakers,
+                                                         actor_restarts=self.deps.restart_counts())
         except (ActorError, LookupError):
             raise GatewayError(503, "metrics are unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable") from None
@@ -174,12 +176,10 @@ class HealthRoutes:
             "Requests the gateway could not make, and connections it could not accept, for want of its own "
             "resources (op connect|accept; kind emfile, enfile, enomem, enobufs, pool_full).",
             ("op", "kind"), local_resource_errors)
-        governance = getattr(self.app, "governance", None)
-        if governance is not None:
-            text += governance.prometheus().encode()
-        text += cluster_prometheus(self.app)
-        if self.app.ledger is not None:
-            text += ledger_families(self.app.ledger.status()).encode()
+        text += self.deps.governance.prometheus().encode()
+        text += self.deps.cluster_metrics()
+        if self.deps.ledger is not None:
+            text += ledger_families(self.deps.ledger.status()).encode()
         return Response(200, [_TEXT_METRICS], text)
 
     async def usage(self, request, caller) -> Response:
@@ -199,7 +199,7 @@ class HealthRoutes:
             if unknown:
                 raise GatewayError(400, f"cannot group usage by {unknown[0]!r}; choose from "
                                    f"{', '.join(sorted(SUMMARY_COLUMNS))}", param="group_by", code="invalid_value")
-        ref = self.app.registry.whereis("telemetry_handler")
+        ref = self.deps.registry.whereis("telemetry_handler")
         if ref is None:
             raise GatewayError(503, "usage is unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable")
@@ -218,8 +218,8 @@ def _ms(seconds):
     return round(seconds * 1000.0, 3) if isinstance(seconds, (int, float)) else None
 
 
-def install(front, app) -> None:
-    routes = HealthRoutes(app)
+def install(front, deps: FrontDeps) -> None:
+    routes = HealthRoutes(deps)
     add = front.routes.add
     add("GET", "/health", routes.live, "public")
     add("GET", "/health/ready", routes.ready, "public")

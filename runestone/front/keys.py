@@ -20,6 +20,7 @@ import orjson
 from ..http.server import Request, Response
 from ..routing.errors import GatewayError
 from ..wire.openai import parse_json_object
+from .deps import FrontDeps
 
 __all__ = ["KeyRoutes", "install"]
 
@@ -41,10 +42,9 @@ async def _now(fn, *args):
 
 
 class KeyRoutes:
-    def __init__(self, front, app) -> None:
+    def __init__(self, front, deps: FrontDeps) -> None:
         self.front = front
-        self.app = app
-        self.gov = app.governance
+        self.gov = deps.governance
 
     # -- path parts -----------------------------------------------------------------------------------
 
@@ -149,8 +149,8 @@ class KeyRoutes:
         }
 
 
-def install(front, app) -> None:
-    routes = KeyRoutes(front, app)
+def install(front, deps: FrontDeps) -> None:
+    routes = KeyRoutes(front, deps)
     add = front.routes.add
     add("POST", "/admin/keys", routes.post_key, "admin")
     add("GET", "/admin/keys", routes.list_keys, "admin")
@@ -164,4 +164,4 @@ def install(front, app) -> None:
     add("PATCH", "/admin/teams/*", routes.patch_team, "admin")
     add("DELETE", "/admin/teams/*", routes.delete_team, "admin")
     add("GET", "/v1/key", routes.own_key)
-    app.control_ops.update(routes.operations())
+    deps.control_ops.update(routes.operations())

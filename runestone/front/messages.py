@@ -23,6 +23,7 @@ from .api import requirements_of
 from .errors import anthropic_response
 from .streams import SSE_HEADERS, anthropic_failure, encoded
 from .token_count import COUNT_HEADER, count_input_tokens
+from .deps import FrontDeps
 
 __all__ = ["MessagesRoute", "anthropic_error", "install"]
 
@@ -90,7 +91,7 @@ def _has_images(chat: dict) -> bool:
     return False
 
 
-def install(front, app) -> None:
+def install(front, deps: FrontDeps) -> None:
     # "public": the route authenticates itself so that a refusal is in Anthropic's shape.
     front.routes.add("POST", "/v1/messages", MessagesRoute(front), "public")
     front.routes.add("POST", "/v1/messages/count_tokens", MessagesRoute(front, count=True), "public")

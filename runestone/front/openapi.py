@@ -11,6 +11,7 @@ import orjson
 
 from .. import __version__
 from ..http.server import Response
+from .deps import FrontDeps
 
 __all__ = ["install", "build_openapi"]
 
@@ -173,7 +174,7 @@ def build_openapi(routes) -> dict:
     }
 
 
-def install(front, app) -> None:
+def install(front, deps: FrontDeps) -> None:
     cached: list[bytes] = []
 
     async def openapi(request, caller) -> Response:

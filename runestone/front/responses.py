@@ -39,6 +39,7 @@ from .api import requirements_of
 from .response_store import ResponseStore
 from .streams import SSE_HEADERS, Relay
 from .token_count import COUNT_HEADER, count_input_tokens
+from .deps import FrontDeps
 
 __all__ = ["ResponsesRoutes", "install"]
 
@@ -259,17 +260,20 @@ def _page(items: list, query: str) -> dict:
             "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
 
 
-def install(front, app) -> None:
-    cfg = app.config.responses
-    store = ResponseStore(str(app.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
+def install(front, deps: FrontDeps):
+    """The Responses API's routes; returns the shared store with ``[cluster] redis_url``, else None."""
+    cfg = deps.config.responses
+    store = ResponseStore(str(deps.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
                           max_stored=cfg.max_stored)
-    if getattr(app, "redis", None) is not None:  # [cluster] redis_url: any instance finds them
+    shared = None
+    if deps.redis is not None:  # [cluster] redis_url: any instance finds them
         from ..cluster.responses import SharedResponseStore
 
-        store = app.fleet_responses = SharedResponseStore(app.redis, store, retention_days=cfg.retention_days)
+        store = shared = SharedResponseStore(deps.redis, store, retention_days=cfg.retention_days)
     routes = ResponsesRoutes(front, store)
     add = front.routes.add
     add("POST", "/v1/responses", routes.create)
     add("POST", "/v1/responses/input_tokens", routes.input_tokens)
     add("GET", _PREFIX + "*", routes.read)
     add("DELETE", _PREFIX + "*", routes.delete)
+    return shared

@@ -13,14 +13,15 @@ from urllib.parse import unquote
 
 from ..http.server import Request, Response
 from ..routing.executor import GatewayError
+from .deps import FrontDeps
 
 __all__ = ["install"]
 
 _PREFIX = "/v1/splits/"
 
 
-def install(front, app) -> None:
-    routes = app.splits
+def install(front, deps: FrontDeps) -> None:
+    routes = deps.splits
 
     def find(name: str):
         split = routes.splits.get(name)

@@ -37,8 +37,10 @@ from ..routing.errors import GatewayError
 from ..routing.executor import Chunks, Failed, ModelRequest
 from ..wire.errors import InvalidRequest, openai_error_object
 from ..wire.openai import validate_chat
+from ..wire.websocket import valid_id, ws_error
 from .api import Caller, requirements_of
 from .errors import gateway_error
+from .deps import FrontDeps
 
 __all__ = ["AUTH_TIMEOUT", "MessageConnection", "ConnectionStatistics", "WebSocketRoutes", "install", "ws_error"]
 
@@ -58,15 +60,6 @@ CLOSE_POLICY = 1008
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TOO_BIG = 1009
 
-
-
-def ws_error(id: Any, message: str, code: str | None, type: str = "invalid_request_error", *,
-             param: str | None = None, status: int | None = None) -> dict:
-    """An ``error`` message: OpenAI's error object under ``error``, and the HTTP status it stands for."""
-    out = {"type": "error", "id": id, "error": openai_error_object(message, type, param, code)}
-    if status is not None:
-        out["status"] = status
-    return out
 
 
 def _gateway_error(id: Any, exc: GatewayError) -> dict:
@@ -220,13 +213,6 @@ class MessageConnection:
                                     self.queue_capacity, self.received, self.sent)
 
 
-def valid_id(value: Any) -> bool:
-    """Client ids: a string of 1 to 128 characters or an integer (not a boolean)."""
-    if isinstance(value, str):
-        return 0 < len(value) <= 128
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 async def serve_connection(conn: MessageConnection, caller: Caller | None,
                            check: Callable[[bytes], Caller | None], what: str,
                            dispatch: Callable[[MessageConnection, Caller, dict, trio.Nursery], Awaitable[None]],
@@ -259,14 +245,14 @@ async def serve_connection(conn: MessageConnection, caller: Caller | None,
 class WebSocketRoutes:
     """``/v1/ws``: chat streams over WebSocket through the same Gateway as the HTTP route."""
 
-    def __init__(self, front, app, *, max_streams: int = MAX_STREAMS, queue_size: int = OUT_QUEUE) -> None:
+    def __init__(self, front, deps: FrontDeps, *, max_streams: int = MAX_STREAMS,
+                 queue_size: int = OUT_QUEUE) -> None:
         self.front = front
-        self.app = app
         self.gateway = front.gateway
         self.keys = front.keys
         self.max_streams = max_streams
         self.queue_size = queue_size
-        self.max_message_bytes = app.config.server.max_ws_message_bytes
+        self.max_message_bytes = deps.config.server.max_ws_message_bytes
         self.connections: set[MessageConnection] = set()
 
     # -- the upgrade ----------------------------------------------------------------------------------
@@ -397,7 +383,7 @@ class WebSocketRoutes:
         return [c.statistics() for c in list(self.connections)]
 
 
-def install(front, app) -> None:
-    routes = WebSocketRoutes(front, app)
-    app.ws_routes = routes
+def install(front, deps: FrontDeps) -> WebSocketRoutes:
+    routes = WebSocketRoutes(front, deps)
     front.routes.add("GET", "/v1/ws", routes.route, "public")
+    return routes

@@ -1,12 +1,9 @@
-"""Prices and costs: what a request cost, and what it would cost where.
+"""Costs: what a request cost, and what it would cost where.
 
-A price is USD per million tokens, input and output apart. Pricing tables are
-mappings from a key to a price; a price may be a :class:`ModelPrice`, any
-object with ``input_per_mtok``/``output_per_mtok`` attributes (the config's own
-class), or a dict with those keys. A provider's model is looked up first as
-``"provider/model"`` (a provider-specific price), then as ``"model"``, then,
-for a dated id (``gpt-4o-2024-08-06``, ``claude-sonnet-4-5-20250929``), as
-its undated name.
+The price type, its lookup and the arithmetic are the config's
+(:mod:`runestone.config.pricing`: :class:`ModelPrice`, :func:`price_for`,
+:func:`cost_of`, re-exported here); this module adds the cached
+:class:`Pricer` and the estimates before a request runs:
 ``estimate_costs`` is the ``cost`` routing policy's view before a request runs:
 input tokens guessed as characters / 4, output tokens from ``max_tokens``
 (or ``max_completion_tokens``) or a default of 256.
@@ -18,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
+from ..config.pricing import ModelPrice, cost_of, price_for
 
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
@@ -31,49 +28,6 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_TOKENS = 256
-_PER_MTOK = 1e-6
-
-
-@attrs.frozen
-class ModelPrice:
-    """USD per million input and output tokens."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-
-
-def _parts(price: Any) -> tuple[float, float]:
-    if isinstance(price, Mapping):
-        return float(price["input_per_mtok"]), float(price["output_per_mtok"])
-    return float(price.input_per_mtok), float(price.output_per_mtok)
-
-
-def cost_of(usage_in: int, usage_out: int, price: Any) -> float:
-    """USD for ``usage_in`` input and ``usage_out`` output tokens at ``price``.
-
-    ``price`` None costs 0.0: an unpriced model is free rather than an error,
-    because a request must never fail on accounting.
-    """
-    if price is None:
-        return 0.0
-    pin, pout = _parts(price)
-    return (usage_in * pin + usage_out * pout) * _PER_MTOK
-
-
-def price_for(pricing: Mapping[str, Any] | None, provider: str, model: str) -> Any:
-    """The price of ``model`` at ``provider``; None if unknown (lookup order in the module docstring)."""
-    if not pricing:
-        return None
-    price = pricing.get(f"{provider}/{model}")
-    if price is None:
-        price = pricing.get(model)
-        if price is None:
-            base = _undated(model)
-            if base is not None:
-                price = pricing.get(base)
-    return price
-
-
 _NO_PRICE = object()
 
 
@@ -98,17 +52,6 @@ class Pricer:
                 self._prices.clear()
             price = self._prices[key] = price_for(self.pricing, provider, model)
         return cost if price is None else cost_of(tokens_in, tokens_out, price)
-
-
-def _undated(model: str) -> str | None:
-    """``gpt-4o-2024-08-06`` -> ``gpt-4o``, ``claude-x-20250929`` -> ``claude-x``; else None."""
-    head, _, tail = model.rpartition("-")
-    if head and len(tail) == 8 and tail.isdigit():
-        return head
-    parts = model.rsplit("-", 3)
-    if len(parts) == 4 and len(parts[1]) == 4 and all(p.isdigit() for p in parts[1:]):
-        return parts[0]
-    return None
 
 
 def _text_chars(content: Any) -> int:

@@ -10,6 +10,7 @@
 - :mod:`.bedrock`: the canonical chat body as Amazon Bedrock's Converse API, and its answers and stream events back.
 - :mod:`.reasoning`: how reasoning (thinking blocks, ``reasoning_content``, efforts) rides in the canonical body.
 - :mod:`.sse`: the server-sent events parser and encoder.
+- :mod:`.websocket`: what the WebSocket APIs share: a client's message id, the ``error`` message.
 """
 
 from .errors import ErrorInfo as ErrorInfo
