@@ -164,7 +164,7 @@ class Application:
             backend=PostgresLedgerBackend(database_url) if database_url else None,
             quarantine_path=str(self.data_dir / "usage.quarantine.jsonl") if database_url else None,
         ) if tel.usage_ledger else None
-        self.telemetry = Telemetry(self.registry, ledger=self.ledger)
+        self.telemetry = Telemetry(self.registry, ledger=self.ledger, in_flight=self.inflight.counts)
         self.governance.telemetry = self.telemetry
         if self.ledger is not None:
             self.ledger.team_of = self.governance.team_of

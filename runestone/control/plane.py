@@ -32,6 +32,8 @@ import trio
 
 from ..config import ConfigError, ProviderSpec, group_spec_from_dict, provider_spec_from_dict, provider_spec_to_dict
 from ..resilience.breaker import BreakerSettings
+from ..resilience.breaker_manager import Configure, Remove, Reset
+from ..resilience import failover_manager as groups  # its calls share names with this module's changes
 from ..resilience.failover import DEFAULT_GROUP, GroupSpec
 from ..routing.executor import GatewayError
 from ..runtime import ActorError, NamedRef, Rejected, plain
@@ -235,7 +237,7 @@ class ControlPlane:
         if not spec.config.circuit_breaker:
             settings = attrs.evolve(settings, enabled=False)
         try:
-            await self.breaker.call(("configure", spec.name, settings), timeout=5.0)
+            await self.breaker.call(Configure(spec.name, settings), timeout=5.0)
         except ActorError as exc:
             log.warning("circuit breaker of provider %s not configured: %s", spec.name, _reason(exc))
 
@@ -340,9 +342,9 @@ class ControlPlane:
         """Wait until no request is in flight on ``name`` or ``grace`` seconds pass: (drained, left)."""
         # One wait on the owner of the in-flight table, woken when the provider's last request ends
         # (Gateway.report signals it), not a poll.
-        in_flight = self.app.telemetry.in_flight
-        drained = await self.app.inflight.wait_idle(name, in_flight, trio.current_time() + grace)
-        return drained, in_flight.get(name, 0)
+        inflight = self.app.inflight
+        drained = await inflight.wait_idle(name, trio.current_time() + grace)
+        return drained, inflight.count(name)
 
     def _grace(self, value: Any) -> float:
         if value is None:
@@ -372,7 +374,7 @@ class ControlPlane:
                 drained, left = await self._drain(name, grace)
                 await self._stop(name)
                 try:
-                    await self.breaker.call(("remove", name), timeout=5.0)
+                    await self.breaker.call(Remove(name), timeout=5.0)
                 except ActorError:
                     pass
             app.telemetry.emit(ProviderUnregistered(name))
@@ -491,7 +493,7 @@ class ControlPlane:
         return GroupSpec.from_config(parsed)
 
     async def list_groups(self) -> list[dict]:
-        stats = await self._call(self.failover, ("get_stats", None), "failover manager")
+        stats = await self._call(self.failover, groups.GetStats(None), "failover manager")
         out = []
         for name, group in sorted(self._groups().items()):
             row = group_to_dict(group)
@@ -518,11 +520,11 @@ class ControlPlane:
                 raise GatewayError(409, f"failover group {spec.name!r} already exists; change it with PATCH "
                                    f"/admin/groups/{spec.name} (update_group)", param="name", code="conflict")
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("create_group", spec), "failover manager")
+                await self._call(self.failover, groups.CreateGroup(spec), "failover manager")
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("delete_group", spec.name), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, groups.DeleteGroup(spec.name), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s created", spec.name)
         return group_to_dict(spec)
@@ -547,11 +549,11 @@ class ControlPlane:
             raise _not_found("failover group", name, "create it with POST /admin/groups")
         with self._changing("group", name):
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("update_group", spec), "failover manager")
+                await self._call(self.failover, groups.UpdateGroup(spec), "failover manager")
                 try:
                     await self._persist(lambda s: s.with_group(spec))
                 except GatewayError:
-                    await self._call(self.failover, ("update_group", current), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, groups.UpdateGroup(current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s updated", name)
         return group_to_dict(spec)
@@ -572,12 +574,12 @@ class ControlPlane:
             raise _not_found("failover group", name, "list them with GET /admin/groups")
         with self._changing("group", name):
             with trio.CancelScope(shield=True):
-                await self._call(self.failover, ("delete_group", name), "failover manager")
+                await self._call(self.failover, groups.DeleteGroup(name), "failover manager")
                 try:
                     configured = any(g.name == name for g in self.app.config.failover.groups)
                     await self._persist(lambda s: s.without_group(name, configured=configured))
                 except GatewayError:
-                    await self._call(self.failover, ("create_group", current), "failover manager")  # noqa: ASYNC120
+                    await self._call(self.failover, groups.CreateGroup(current), "failover manager")  # noqa: ASYNC120
                     raise
             log.info("failover group %s deleted", name)
         return {"name": name, "deleted": True}
@@ -590,7 +592,7 @@ class ControlPlane:
         if name not in self.app.catalog and name not in (self.app.breaker_views.value or {}):
             raise _not_found("provider", name, "list them with GET /admin/providers")
         try:
-            view = await self._call(self.breaker, ("reset", name), "circuit breaker manager")
+            view = await self._call(self.breaker, Reset(name), "circuit breaker manager")
         except GatewayError as exc:
             if exc.status != 404:
                 raise

@@ -26,6 +26,7 @@ import trio
 from ..routing.errors import GatewayError
 from ..runtime import ActorError, Registry
 from ..wire.websocket import valid_id, ws_error
+from ..telemetry.messages import Subscribe, Unsubscribe
 from .plane import ControlPlane, _reason
 
 __all__ = ["EVENT_BUFFER", "MAX_OPS", "OPERATIONS", "RESUBSCRIBE", "ControlSession", "ControlSocket"]
@@ -160,7 +161,7 @@ class ControlSocket:
                                "shortly", "server_error", code="telemetry_unavailable")
         send, recv = trio.open_memory_channel[dict](EVENT_BUFFER)
         try:
-            await ref.call(("subscribe", send), timeout=5.0)
+            await ref.call(Subscribe(send), timeout=5.0)
         except ActorError as exc:
             raise GatewayError(503, f"the live feed is unavailable ({_reason(exc)}); retry shortly", "server_error",
                                code="telemetry_unavailable") from None
@@ -187,7 +188,7 @@ class ControlSocket:
                         ref = registry.whereis("telemetry_handler")
                         if ref is not None:
                             with contextlib.suppress(ActorError):
-                                await ref.call(("subscribe", send), timeout=2.0)
+                                await ref.call(Subscribe(send), timeout=2.0)
                         continue
                     await session.send({"type": "event", "event": event})
         finally:
@@ -196,7 +197,7 @@ class ControlSocket:
             if ref is not None:
                 # The handler drops a closed channel at its next event anyway; this makes it prompt.
                 with trio.CancelScope(shield=True), contextlib.suppress(ActorError):
-                    await ref.call(("unsubscribe", send), timeout=2.0)
+                    await ref.call(Unsubscribe(send), timeout=2.0)
 
 
 def _named(msg: dict, field: str) -> tuple[Any, Any]:

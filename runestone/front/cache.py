@@ -35,6 +35,7 @@ import trio
 
 from ..http.server import Request, Response
 from ..telemetry.events import RequestFinished
+from ..telemetry.observe import note_finish_reasons, observing
 from .deps import FrontDeps
 
 __all__ = ["CacheStatistics", "ResponseCache", "install"]
@@ -170,6 +171,8 @@ class ResponseCache:
                 entry = None  # the pipeline serves it, and refuses or queues it as the caller's limits say
             entry = self._counted(key, entry)
             if entry is not None:
+                if observing():  # the span of a hit has the finish reasons of the answer it repeats
+                    note_finish_reasons(orjson.loads(entry.body).get("choices"))
                 if self._telemetry is not None:
                     self._telemetry.emit(RequestFinished(
                         request_id or "req_" + os.urandom(12).hex(), key_id, "cache", model, "chat", False, "ok", 200,

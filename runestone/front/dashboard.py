@@ -39,6 +39,7 @@ from ..http.server import Request, Response
 from ..routing.errors import GatewayError
 from ..runtime import ActorError, dump_state
 from ..telemetry.health import LatencyWindow
+from ..telemetry.messages import Subscribe, Unsubscribe
 from .deps import FrontDeps
 
 __all__ = ["DashboardRoutes", "FeedWindow", "install"]
@@ -341,7 +342,7 @@ class DashboardRoutes:
         if ref is None:
             return None
         try:
-            await ref.call(("subscribe", send), timeout=2.0)
+            await ref.call(Subscribe(send), timeout=2.0)
         except ActorError:
             return None
         return ref
@@ -376,7 +377,7 @@ class DashboardRoutes:
             ref = self.deps.registry.whereis("telemetry_handler")
             if ref is not None:
                 with trio.CancelScope(shield=True), contextlib.suppress(ActorError):
-                    await ref.call(("unsubscribe", send), timeout=2.0)
+                    await ref.call(Unsubscribe(send), timeout=2.0)
 
     def _frame(self, window: FeedWindow) -> bytes:
         return b"data: " + orjson.dumps(self.tick(window), default=str) + b"\n\n"

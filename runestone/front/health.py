@@ -29,6 +29,7 @@ from ..routing.executor import GatewayError
 from ..runtime import ActorError, plain
 from ..telemetry.metrics import ledger_families, render_counter
 from ..telemetry.ledger import SUMMARY_COLUMNS
+from ..telemetry.messages import Summary, Usage
 from .deps import FrontDeps
 
 __all__ = ["install"]
@@ -89,7 +90,7 @@ class HealthRoutes:
         if ref is None:
             return None
         try:
-            return plain(await ref.call("summary", timeout=2.0))
+            return plain(await ref.call(Summary(), timeout=2.0))
         except ActorError:
             return None
 
@@ -203,7 +204,7 @@ class HealthRoutes:
         if ref is None:
             raise GatewayError(503, "usage is unavailable while the telemetry handler restarts; retry shortly",
                                "server_error", code="telemetry_unavailable")
-        result = await ref.call(("usage", None if key_id == "open" and not caller.admin else key_id, group_by, team),
+        result = await ref.call(Usage(None if key_id == "open" and not caller.admin else key_id, group_by, team),
                                 timeout=10.0)
         if result.get("unavailable"):
             raise GatewayError(503, "usage is unavailable while the ledger's database fails; retry shortly (rows "

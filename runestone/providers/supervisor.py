@@ -145,7 +145,8 @@ class ProviderSnapshot:
 
 
 class ProviderActor(Actor):
-    """One registered provider. Calls: ``"snapshot"``, ``"models"``."""
+    """One registered provider. It takes no messages (its state is published in the table; dumps read
+    :meth:`snapshot`), so any message gets the runtime's unknown-message policy."""
 
     mailbox_size = 64
 
@@ -239,13 +240,6 @@ class ProviderActor(Actor):
             latency = trio.current_time() - started
             self.last_check = {"ok": error is None, "error": error, "latency_s": round(latency, 4)}
             self.emit(AttemptFinished(self.spec.name, "(health check)", error is None, error, latency, None))
-
-    async def handle_call(self, message):
-        if message == "snapshot":
-            return self.snapshot()
-        if message == "models":
-            return sorted(self.entry.info.models) if self.entry else []
-        raise ValueError(f"{self.ref.name}: unknown call {message!r}")
 
     async def terminate(self, reason) -> None:
         entry = self.entry

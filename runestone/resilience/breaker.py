@@ -5,7 +5,8 @@
 changed, so the owning actor (``CircuitBreakerManager``) can publish a fresh
 ``BreakerView`` and emit the ``Transition`` events. The request path never calls
 the actor while a breaker is closed: it reads the published views through
-``check`` and only asks the actor when a probe slot must be reserved.
+``check`` (and ``refuses``, the same answer as a predicate: the only breaker
+predicate there is) and only asks the actor when a probe slot must be reserved.
 
 States: ``closed`` lets everything through and watches outcomes; it opens after
 ``failure_threshold`` consecutive failures, or when the failure rate over the last
@@ -32,6 +33,7 @@ __all__ = [
     "CircuitBreaker",
     "Transition",
     "check",
+    "refuses",
     "counts_as_failure",
     "is_retryable",
     "UpstreamError",
@@ -388,3 +390,11 @@ def check(views: Any, provider: str, now: float) -> str:
     if view.probes_in_flight < view.half_open_limit or now >= view.probe_deadline:
         return ASK
     return DENY
+
+
+def refuses(views: Any, provider: str, now: float) -> bool:
+    """The one breaker predicate of ordering and filtering: does ``provider``'s breaker refuse an attempt
+    at ``now`` (``check`` says ``DENY``)? An open breaker due for a probe, or a half-open one with a probe
+    slot that may be free, does not: whether the slot is free is the manager's to decide (``Acquire``).
+    """
+    return check(views, provider, now) == DENY

@@ -1,29 +1,29 @@
 """The ``CircuitBreakerManager`` actor: owns one breaker per provider and publishes their views.
 
-Outcomes arrive as casts from the request path (``("success", p)``,
-``("failure", p)``, ``("release", p)``), so reporting never waits. After every
-change the manager publishes a fresh immutable ``Mapping[str, BreakerView]``
-into a ``Published`` cell that the request path reads through ``check``; only
-a breaker that is open and due for a probe, or half open, sends a request to
-``call(("acquire", p))``, where the manager reserves the probe slot
-atomically. Every state change is emitted as a telemetry ``BreakerTransition``.
-The cell is made by whoever builds the tree: a restarted manager finds the
-last views there and resumes from them, so a crash does not close open breakers.
+Outcomes arrive as casts from the request path (:class:`Outcome`, :class:`Release`), so reporting never
+waits. After every change the manager publishes a fresh immutable ``Mapping[str, BreakerView]`` into a
+``Published`` cell that the request path reads through ``check`` (the one breaker predicate); only a
+breaker that is open and due for a probe, or half open, makes a request call :class:`Acquire`, where the
+manager reserves the probe slot atomically. Every state change goes through one method, ``_transitioned``,
+which emits it as a telemetry ``BreakerTransition``. The cell is made by whoever builds the tree: a
+restarted manager finds the last views there and resumes from them, so a crash does not close open breakers.
 
-Calls (replies in parentheses; a refused call replies ``Rejected``)::
+Messages (``@attrs.frozen``; anything else gets the runtime's unknown-message policy)::
 
-    ("acquire", p)              -> bool
-    ("get_state", p)            -> BreakerView | None (unknown provider)
-    ("get_state", None)         -> Mapping[str, BreakerView]
-    ("reset", p | None)         -> BreakerView | Mapping (None: every breaker)
-    ("configure", p, settings)  -> BreakerView (None: the default for providers without their own)
-    ("remove", p)               -> bool (was there one)
+    casts  Outcome(p, ok)                 a finished attempt that counts (``outcome(p, ok)`` reuses them)
+           Release(p)                     a probe slot given back without an outcome that counts
+    calls  Acquire(p)                  -> bool (a probe slot, or a closed breaker's go-ahead)
+           GetState(p | None)          -> BreakerView | None (unknown provider); None: Mapping[str, BreakerView]
+           Reset(p | None)             -> BreakerView | Mapping (None: every breaker); Rejected not_found
+           Configure(p | None, settings) -> BreakerView | Mapping (None: the default for providers without their own)
+           Remove(p)                   -> bool (was there one)
 
 A fleet (``[cluster] redis_url``, runestone/cluster/breakers.py) adds one cast, :class:`FleetTransition`
 (another instance's breaker moved: follow it), and two hooks: ``probe_gate`` (an async
 ``(provider, limit, ttl) -> bool`` asked before a half-open probe slot is granted, so probes are
 budgeted fleet-wide; it answers True when it cannot ask) and ``probe_done`` (told, without blocking, when
-a probe's outcome arrives, to give the fleet-wide slot back).
+a probe's outcome arrives, to give the fleet-wide slot back). Local and fleet transitions alike leave
+through ``_transitioned``.
 """
 
 from __future__ import annotations
@@ -36,38 +36,29 @@ from typing import Any
 import attrs
 import trio
 
-from runestone.resilience.breaker import (
-    ALLOW,
-    ASK,
-    DENY,
-    CLOSED,
-    HALF_OPEN,
-    BreakerSettings,
-    BreakerView,
-    CircuitBreaker,
-    Transition,
-    check,
-)
+from runestone.resilience.breaker import CLOSED, HALF_OPEN, BreakerSettings, BreakerView, CircuitBreaker, Transition
 from runestone.runtime import Actor, Published, Rejected
 from runestone.telemetry.events import BreakerTransition
 
-# ALLOW and DENY are re-exported for callers comparing ``admit``'s answers.
-__all__ = ["CircuitBreakerManager", "FleetTransition", "NAME", "PROBE", "ALLOW", "DENY", "admit"]
+__all__ = ["Acquire", "CircuitBreakerManager", "Configure", "FleetTransition", "GetState", "NAME", "Outcome",
+           "Release", "Remove", "Reset", "outcome"]
 
 NAME = "circuit_breaker_manager"
 
-#: ``admit``'s answer when the caller holds a half-open probe slot.
-PROBE = "probe"
 
-log = logging.getLogger("runestone.resilience")
+@attrs.frozen
+class Outcome:
+    """Cast: an attempt on ``provider`` that counts for its breaker succeeded (``ok``) or failed."""
 
-_EMPTY_VIEWS: Mapping[str, BreakerView] = MappingProxyType({})
-#: Seconds between batched publications of counters that routing does not read.
-_DIRTY_INTERVAL = 0.25
+    provider: str
+    ok: bool
 
 
-def _drop(_event: object) -> None:
-    pass
+@attrs.frozen
+class Release:
+    """Cast: the half-open probe slot ``provider``'s attempt held is given back, nothing learned."""
+
+    provider: str
 
 
 @attrs.frozen
@@ -78,6 +69,68 @@ class FleetTransition:
     provider: str
     state: str
     retry_in: float | None = None
+
+
+@attrs.frozen
+class Acquire:
+    """Call: may an attempt go to ``provider`` now? Reserves a half-open probe slot; replies a bool."""
+
+    provider: str
+
+
+@attrs.frozen
+class GetState:
+    """Call: the view of ``provider``'s breaker (None if it has none), or every view when ``provider`` is None."""
+
+    provider: str | None = None
+
+
+@attrs.frozen
+class Reset:
+    """Call: close ``provider``'s breaker (every breaker when None) and clear its counts."""
+
+    provider: str | None = None
+
+
+@attrs.frozen
+class Configure:
+    """Call: give ``provider`` its own settings, or (``provider`` None) set the default of the others."""
+
+    provider: str | None
+    settings: BreakerSettings = attrs.field(validator=attrs.validators.instance_of(BreakerSettings))
+
+
+@attrs.frozen
+class Remove:
+    """Call: forget ``provider``'s breaker and settings (it was unregistered); replies whether it had one."""
+
+    provider: str
+
+
+# Outcome messages are immutable, so the request path reuses one pair per provider instead of building
+# one per attempt (bounded: provider names come from the control plane, but keep it safe).
+_OUTCOMES: dict[str, tuple[Outcome, Outcome]] = {}
+
+
+def outcome(provider: str, ok: bool) -> Outcome:
+    """``Outcome(provider, ok)``, built once per provider."""
+    pair = _OUTCOMES.get(provider)
+    if pair is None:
+        if len(_OUTCOMES) >= 4096:
+            _OUTCOMES.clear()
+        pair = _OUTCOMES[provider] = (Outcome(provider, False), Outcome(provider, True))
+    return pair[ok]
+
+
+log = logging.getLogger("runestone.resilience")
+
+_EMPTY_VIEWS: Mapping[str, BreakerView] = MappingProxyType({})
+#: Seconds between batched publications of counters that routing does not read.
+_DIRTY_INTERVAL = 0.25
+
+
+def _drop(_event: object) -> None:
+    pass
 
 
 class CircuitBreakerManager(Actor):
@@ -122,8 +175,8 @@ class CircuitBreakerManager(Actor):
             self.breakers[name] = CircuitBreaker.from_view(view, self._settings_for(name))
         for name in self.initial_providers:
             self._breaker(name)
-        self._publish()
         self._dirty: set[str] = set()
+        self._publish()
         self.nursery.start_soon(self._publish_dirty)
 
     async def _publish_dirty(self) -> None:
@@ -137,95 +190,86 @@ class CircuitBreakerManager(Actor):
     # -- messages ----------------------------------------------------------
 
     async def handle_cast(self, message: Any) -> None:
-        if isinstance(message, FleetTransition):
-            self._follow(message)
-            return
-        try:
-            verb, provider = message
-        except (TypeError, ValueError):
-            log.warning("circuit breaker manager: ignoring malformed cast %r", message)
-            return
         now = trio.current_time()
-        if verb == "success":
-            breaker = self._breaker(provider)
-            self._probe_done(breaker)
-            transitions = breaker.record_success(now)
-        elif verb == "failure":
-            breaker = self._breaker(provider)
-            self._probe_done(breaker)
-            transitions = breaker.record_failure(now)
-        elif verb == "release":
-            breaker = self.breakers.get(provider)
-            if breaker is None:
+        match message:
+            case Outcome(provider=provider, ok=True):
+                breaker = self._breaker(provider)
+                self._probe_done(breaker)
+                transitions = breaker.record_success(now)
+                if not transitions and breaker.state == CLOSED:
+                    self._dirty.add(provider)
+                    return
+            case Outcome(provider=provider):
+                breaker = self._breaker(provider)
+                self._probe_done(breaker)
+                transitions = breaker.record_failure(now)
+            case Release(provider=provider):
+                breaker = self.breakers.get(provider)
+                if breaker is None:
+                    return
+                self._probe_done(breaker)
+                breaker.release(now)
+                transitions = None
+            case FleetTransition():
+                self._follow(message)
                 return
-            self._probe_done(breaker)
-            breaker.release(now)
-            transitions = None
-        else:
-            log.warning("circuit breaker manager: ignoring unknown cast %r", message)
-            return
-        if verb == "success" and not transitions and breaker.state == CLOSED:
-            self._dirty.add(provider)
-            return
+            case _:
+                self.unknown_cast(message)
+                return
         # Published before emitting: if emitting fails and this actor restarts,
         # it resumes from the new state rather than lose the transition.
         self._publish_one(breaker)
         if transitions:
-            self._emit(transitions)
+            self._transitioned(transitions)
 
     async def handle_call(self, message: Any) -> Any:
-        verb = message[0] if isinstance(message, tuple) and message else None
         now = trio.current_time()
-        if verb == "acquire" and len(message) == 2:
-            breaker = self._breaker(message[1])
-            allowed = breaker.acquire(now)
-            if allowed and breaker.state == HALF_OPEN and self.probe_gate is not None:
-                settings = breaker.settings
-                if not await self.probe_gate(breaker.provider, settings.half_open_limit, settings.probe_timeout):
-                    breaker.release(trio.current_time())  # another instance holds the fleet's probe slots
-                    allowed = False
-            self._publish_one(breaker)
-            self._emit(breaker.drain_transitions())
-            return allowed
-        if verb == "get_state" and len(message) == 2:
-            provider = message[1]
-            if provider is None:
+        match message:
+            case Acquire(provider=provider):
+                breaker = self._breaker(provider)
+                allowed = breaker.acquire(now)
+                if allowed and breaker.state == HALF_OPEN and self.probe_gate is not None:
+                    settings = breaker.settings
+                    if not await self.probe_gate(breaker.provider, settings.half_open_limit, settings.probe_timeout):
+                        breaker.release(trio.current_time())  # another instance holds the fleet's probe slots
+                        allowed = False
+                self._publish_one(breaker)
+                self._transitioned(breaker.drain_transitions())
+                return allowed
+            case GetState(provider=None):
                 return self._views()
-            breaker = self.breakers.get(provider)
-            return None if breaker is None else breaker.view()
-        if verb == "reset" and len(message) == 2:
-            provider = message[1]
-            targets = list(self.breakers.values()) if provider is None else [self.breakers.get(provider)]
-            if targets == [None]:
-                return Rejected("not_found", f"no circuit breaker for provider {provider!r}")
-            transitions = [t for breaker in targets for t in breaker.reset(now)]
-            self._publish()
-            self._emit(transitions)
-            return self._views() if provider is None else targets[0].view()
-        if verb == "configure" and len(message) == 3:
-            provider, settings = message[1], message[2]
-            if not isinstance(settings, BreakerSettings):
-                return Rejected("invalid", f"configure needs BreakerSettings, got {type(settings).__name__}")
-            if provider is None:
+            case GetState(provider=provider):
+                breaker = self.breakers.get(provider)
+                return None if breaker is None else breaker.view()
+            case Reset(provider=provider):
+                targets = list(self.breakers.values()) if provider is None else [self.breakers.get(provider)]
+                if targets == [None]:
+                    return Rejected("not_found", f"no circuit breaker for provider {provider!r}")
+                transitions = [t for breaker in targets for t in breaker.reset(now)]
+                self._publish()
+                self._transitioned(transitions)
+                return self._views() if provider is None else targets[0].view()
+            case Configure(provider=None, settings=settings):
                 self.default_settings = settings
                 for name, breaker in self.breakers.items():
                     if name not in self.overrides:
                         breaker.reconfigure(settings)
                 self._publish()
                 return self._views()
-            self.overrides[provider] = settings
-            breaker = self._breaker(provider)
-            breaker.reconfigure(settings)
-            self._publish_one(breaker)
-            return breaker.view()
-        if verb == "remove" and len(message) == 2:
-            provider = message[1]
-            self.overrides.pop(provider, None)
-            existed = self.breakers.pop(provider, None) is not None
-            if existed:
-                self._publish()
-            return existed
-        return Rejected("invalid", f"circuit breaker manager does not understand {message!r}")
+            case Configure(provider=provider, settings=settings):
+                self.overrides[provider] = settings
+                breaker = self._breaker(provider)
+                breaker.reconfigure(settings)
+                self._publish_one(breaker)
+                return breaker.view()
+            case Remove(provider=provider):
+                self.overrides.pop(provider, None)
+                existed = self.breakers.pop(provider, None) is not None
+                if existed:
+                    self._publish()
+                return existed
+            case _:
+                return self.unknown_call(message)
 
     def snapshot(self) -> Any:
         return {
@@ -242,7 +286,7 @@ class CircuitBreakerManager(Actor):
         retry_at = None if message.retry_in is None else now + max(0.0, message.retry_in)
         transitions = breaker.follow(message.state, retry_at, now)
         self._publish_one(breaker)
-        self._emit(transitions)
+        self._transitioned(transitions)
 
     def _probe_done(self, breaker: CircuitBreaker) -> None:
         if breaker.state == HALF_OPEN and breaker.probes_in_flight and self.probe_done is not None:
@@ -272,27 +316,9 @@ class CircuitBreakerManager(Actor):
         updated[breaker.provider] = breaker.view()
         self.views.publish(MappingProxyType(updated))
 
-    def _emit(self, transitions: list[Transition]) -> None:
+    def _transitioned(self, transitions: list[Transition]) -> None:
+        """The one place a breaker's state change leaves the manager (already published): telemetry today."""
         emit = self.emit
         for t in transitions:
             emit(BreakerTransition(t.provider, t.from_state, t.to_state, t.reason))
 
-
-async def admit(views: Published, manager: Any, provider: str, *, timeout: float = 1.0) -> str:
-    """The request path's gate before an attempt on ``provider``.
-
-    Returns ``"allow"`` (go; nothing reserved), ``"probe"`` (go; a half-open
-    probe slot is held: report the outcome, or cast ``("release", provider)``
-    if the attempt ends without one that counts) or ``"deny"`` (skip it). Waits
-    on the manager only when the published view says a probe may be possible;
-    if the manager cannot answer in ``timeout`` the answer is ``"deny"``, the
-    safe side for a provider that was failing.
-    """
-    verdict = check(views.value, provider, trio.current_time())
-    if verdict != ASK:
-        return verdict
-    try:
-        granted = await manager.call(("acquire", provider), timeout)
-    except Exception:
-        return DENY
-    return PROBE if granted is True else DENY

@@ -37,7 +37,9 @@ from typing import Any
 
 import attrs
 
-from runestone.resilience.breaker import CLOSED, OPEN, BreakerView
+from runestone.resilience.breaker import BreakerView, refuses
+from runestone.resilience.ordering import (COST, IN_FLIGHT, NAME, PRIORITY, TTFT, Ordering, breakers_last, rotated,
+                                           sorted_by, weighted_shuffle)
 from runestone.runtime import Published
 
 __all__ = [
@@ -51,10 +53,17 @@ __all__ = [
     "RouteState",
     "GroupSelector",
     "order_candidates",
-    "breaker_blocks",
 ]
 
-STRATEGIES = frozenset({"round_robin", "priority", "load_balanced", "least_loaded", "fastest_first", "cost"})
+#: Failover strategies: name -> the ordering (``runestone.resilience.ordering``) it stands for.
+STRATEGIES: Mapping[str, Ordering] = MappingProxyType({
+    "round_robin": rotated(),
+    "priority": sorted_by(PRIORITY),  # stable: equal priorities keep the group's listed order
+    "load_balanced": weighted_shuffle(),
+    "least_loaded": rotated(IN_FLIGHT),
+    "fastest_first": sorted_by(TTFT, PRIORITY, NAME),
+    "cost": sorted_by(COST, PRIORITY, NAME),
+})
 DEFAULT_GROUP = "default"
 DEFAULT_CAPABILITIES = frozenset({"streaming", "tools", "vision"})
 
@@ -203,23 +212,6 @@ class RouteState:
     probes: ProbeSchedule | None = None
 
 
-def breaker_blocks(view: BreakerView | None, now: float | None) -> bool:
-    """Does this breaker refuse requests right now (open and not yet due for a probe)?
-
-    Without ``now`` every open breaker counts as refusing. A half-open breaker
-    does not: whether its probe slot is free is the manager's to decide.
-    """
-    if view is None or view.state == CLOSED or not view.enabled:
-        return False
-    if view.state == OPEN:
-        return now is None or now < view.retry_at  # type: ignore[operator]
-    return False
-
-
-def _by_priority(p: ProviderInfo) -> int:
-    return p.priority
-
-
 def order_candidates(
     strategy: str,
     providers: Sequence[ProviderInfo],
@@ -229,14 +221,13 @@ def order_candidates(
     rng: Any = _random,
     now: float | None = None,
 ) -> list[str]:
-    """Order ``providers`` by ``strategy``; the names, first to try first.
+    """Order ``providers`` by ``strategy`` (a name in ``STRATEGIES``); the names, first to try first.
 
     * ``round_robin``: the given order, rotated left by ``rotation``.
     * ``priority``: the given order (a group's listed order), except that a lower
       ``priority`` goes first when the providers' priorities differ.
     * ``load_balanced``: a random order in which each provider's chance of coming
-      before the others is proportional to its ``weight`` (weighted sampling
-      without replacement, Efraimidis-Spirakis); weight 0 goes last.
+      before the others is proportional to its ``weight``; weight 0 goes last.
     * ``least_loaded``: fewest requests in flight first; ties keep the round-robin
       order, so idle providers share the load.
     * ``fastest_first``: lowest time-to-first-token average first, then the
@@ -245,49 +236,13 @@ def order_candidates(
       priority.
 
     Then providers whose breaker refuses them at ``now`` are moved last, keeping
-    their relative order.
+    their relative order (without ``now``, every open breaker refuses).
     """
-    n = len(providers)
-    if n == 0:
-        return []
-    if strategy == "priority":
-        ordered = sorted(providers, key=_by_priority)  # stable: equal priorities keep the given order
-    elif strategy == "round_robin" or strategy == "least_loaded":
-        shift = rotation % n
-        ordered = list(providers[shift:]) + list(providers[:shift]) if shift else list(providers)
-        if strategy == "least_loaded":
-            in_flight = state.in_flight
-            ordered.sort(key=lambda p: in_flight.get(p.name, 0))
-    elif strategy == "load_balanced":
-        random = rng.random
-
-        def key(p: ProviderInfo) -> float:
-            # u ** (1/w) for u uniform in (0, 1]: the largest key goes first.
-            if p.weight <= 0:
-                return -1.0
-            return (1.0 - random()) ** (1.0 / p.weight)
-
-        ordered = sorted(providers, key=key, reverse=True)
-    elif strategy == "fastest_first":
-        ttft = state.ttft_ewma
-        inf = math.inf
-        ordered = sorted(providers, key=lambda p: (ttft.get(p.name, inf), p.priority, p.name))
-    elif strategy == "cost":
-        cost = state.cost
-        inf = math.inf
-        ordered = sorted(providers, key=lambda p: (cost.get(p.name, inf), p.priority, p.name))
-    else:
+    ordering = STRATEGIES.get(strategy)
+    if ordering is None:
         raise ValueError(f"unknown failover strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
-    breakers = state.breakers
-    if not breakers:
-        return [p.name for p in ordered]
-    names = []
-    blocked = []
-    for p in ordered:
-        (blocked if breaker_blocks(breakers.get(p.name), now) else names).append(p.name)
-    if blocked:
-        names.extend(blocked)
-    return names
+    ordered = ordering(providers, state, rotation=rotation, rng=rng)
+    return [p.name for p in breakers_last(ordered, state.breakers, now)]
 
 
 @attrs.define
@@ -365,15 +320,16 @@ class GroupSelector:
             healthy = []
             unhealthy = []
             breakers = state.breakers
+            at = -math.inf if now is None else now
             for name in names:
-                if health.get(name, 1.0) >= threshold or breaker_blocks(breakers.get(name), now):
+                if health.get(name, 1.0) >= threshold or refuses(breakers, name, at):
                     # Blocked ones are already last; keep them there.
                     healthy.append(name)
                 else:
                     unhealthy.append(name)
             if unhealthy:
                 cut = len(healthy)
-                while cut and breaker_blocks(breakers.get(healthy[cut - 1]), now):
+                while cut and refuses(breakers, healthy[cut - 1], at):
                     cut -= 1
                 probe = self.probes.first_due(unhealthy, now) if cut and now is not None else None
                 if probe is not None:

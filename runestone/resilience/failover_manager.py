@@ -3,45 +3,109 @@
 Groups change by call (operators, the control plane) and are published as an
 immutable ``Mapping[str, GroupSpec]`` into the ``GroupSelector``'s cell, which
 the request path reads through ``select`` without touching this mailbox. Each
-finished request reports once, by cast::
+finished request through a group reports once, by casting a :class:`GroupOutcome`:
+the provider of each attempt in the order tried, and whether the last one served
+it. From these the manager keeps per-group and per-provider counts and emits the
+telemetry ``FailoverEvent``\\ s ``fallback_success`` (served, after another
+provider had failed the request) and ``fallback_exhausted`` (every attempt failed).
 
-    ("outcome", group, provider, ok, attempts[, failed])
+Messages (``@attrs.frozen``; anything else gets the runtime's unknown-message policy)::
 
-``provider`` served the request (``ok``) or was the last one tried; ``failed``
-lists the provider of each failed attempt before that last one, in the order
-tried (on an exhausted request a list that also names the last attempt, one
-entry per attempt, is accepted). From these the
-manager keeps per-group and per-provider counts and emits the telemetry
-``FailoverEvent``\\ s ``fallback_success`` (served, but not by the first
-provider tried) and ``fallback_exhausted`` (every attempt failed).
-
-Calls (a refused call replies ``Rejected``)::
-
-    ("create_group", GroupSpec)      -> GroupSpec      (conflict if it exists)
-    ("update_group", GroupSpec)      -> GroupSpec      (not_found if it does not)
-    ("delete_group", name)           -> GroupSpec      (the removed one)
-    ("get_group", name)              -> GroupSpec      (``default`` always exists)
-    ("list_groups",)                 -> Mapping[str, GroupSpec]
-    ("get_stats", group | None)      -> FailoverStats | Mapping[str, FailoverStats]
-    ("reset_stats", group | None)    -> None
+    cast   GroupOutcome(group, tried, ok)
+    calls  CreateGroup(spec)        -> GroupSpec      (Rejected conflict if it exists)
+           UpdateGroup(spec)        -> GroupSpec      (Rejected not_found if it does not)
+           DeleteGroup(name)        -> GroupSpec      (the removed one)
+           GetGroup(name)           -> GroupSpec      (``default`` always exists)
+           ListGroups()             -> Mapping[str, GroupSpec]
+           GetStats(group | None)   -> FailoverStats | Mapping[str, FailoverStats]
+           ResetStats(group | None) -> None
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import attrs
 
-from runestone.resilience.failover import DEFAULT_GROUP, GroupSelector, GroupSpec, ProviderInfo, RouteState
+from runestone.resilience.failover import DEFAULT_GROUP, GroupSelector, GroupSpec
 from runestone.runtime import Actor, Rejected
 from runestone.telemetry.events import FailoverEvent
 
-__all__ = ["FailoverManager", "NAME", "GroupStats", "ProviderStats", "FailoverStats"]
+__all__ = ["CreateGroup", "DeleteGroup", "FailoverManager", "FailoverStats", "GetGroup", "GetStats", "GroupOutcome",
+           "GroupStats", "ListGroups", "NAME", "ProviderStats", "ResetStats", "UpdateGroup"]
 
 NAME = "failover_manager"
+
+_spec = attrs.validators.instance_of(GroupSpec)
+
+
+def _tried(_inst: object, _attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("a group outcome needs at least one attempt")
+
+
+@attrs.frozen
+class GroupOutcome:
+    """Cast: one finished request through ``group``.
+
+    ``tried`` names the provider of every attempt in the order made (a provider tried twice appears
+    twice); ``ok`` says whether the last one served the request (if not, every attempt failed).
+    """
+
+    group: str
+    tried: tuple[str, ...] = attrs.field(converter=tuple, validator=_tried)
+    ok: bool
+
+
+@attrs.frozen
+class CreateGroup:
+    """Call: add a group; ``Rejected("conflict")`` if one has its name."""
+
+    spec: GroupSpec = attrs.field(validator=_spec)
+
+
+@attrs.frozen
+class UpdateGroup:
+    """Call: replace a group (``default`` may be set without existing); ``Rejected("not_found")`` otherwise."""
+
+    spec: GroupSpec = attrs.field(validator=_spec)
+
+
+@attrs.frozen
+class DeleteGroup:
+    """Call: remove the group called ``name`` and its statistics; replies the removed spec."""
+
+    name: str
+
+
+@attrs.frozen
+class GetGroup:
+    """Call: the group called ``name``."""
+
+    name: str
+
+
+@attrs.frozen
+class ListGroups:
+    """Call: every group published."""
+
+
+@attrs.frozen
+class GetStats:
+    """Call: the statistics of ``group``, or of every group that has some when None."""
+
+    group: str | None = None
+
+
+@attrs.frozen
+class ResetStats:
+    """Call: forget the statistics of ``group``, or of every group when None."""
+
+    group: str | None = None
+
 
 log = logging.getLogger("runestone.resilience")
 
@@ -160,34 +224,19 @@ class FailoverManager(Actor):
         self.stats = {}
         self._publish()
 
-    def select(
-        self,
-        group_name: str,
-        providers_info: Sequence[ProviderInfo] | Mapping[str, ProviderInfo],
-        state: RouteState,
-        *,
-        now: float | None = None,
-    ) -> list[str]:
-        """``GroupSelector.select``: runs in the caller's task, synchronously and
-        atomically, on the published groups; never touches the mailbox."""
-        return self.selector.select(group_name, providers_info, state, now=now)
-
     # -- messages ----------------------------------------------------------
 
     async def handle_cast(self, message: Any) -> None:
-        if not (isinstance(message, tuple) and message and message[0] == "outcome" and len(message) in (5, 6)):
-            log.warning("failover manager: ignoring unknown cast %r", message)
-            return
-        group, provider, ok, attempts = message[1:5]
-        failed: tuple[str, ...] = tuple(message[5]) if len(message) == 6 else ()
-        if not isinstance(attempts, int) or attempts < 1:
-            log.warning("failover manager: ignoring outcome with attempts=%r", attempts)
-            return
-        if not ok and len(failed) >= attempts and provider in failed:
-            # The final failed attempt was listed too; it is counted once, as the last.
-            rest = list(failed)
-            rest.remove(provider)
-            failed = tuple(rest)
+        match message:
+            case GroupOutcome(group=group, tried=tried, ok=ok):
+                self._record(group, tried, ok)
+            case _:
+                self.unknown_cast(message)
+
+    def _record(self, group: str, tried: tuple[str, ...], ok: bool) -> None:
+        last = tried[-1]
+        failed = tried[:-1]
+        attempts = len(tried)
         counts = self.stats.get(group)
         if counts is None:
             counts = self.stats[group] = _GroupCounts()
@@ -198,70 +247,72 @@ class FailoverManager(Actor):
             p = counts.provider(name)
             p.attempts += 1
             p.failures += 1
-        last = counts.provider(provider)
-        last.attempts += 1
+        served = counts.provider(last)
+        served.attempts += 1
         if ok:
             g.successes += 1
             g.failures += attempts - 1
-            last.successes += 1
-            first_other = next((name for name in failed if name != provider), None)
-            if first_other is not None or (not failed and attempts > 1):
+            served.successes += 1
+            first_other = next((name for name in failed if name != last), None)
+            if first_other is not None:
                 g.fallbacks += 1
-                last.fallbacks += 1
-                self.emit(FailoverEvent("fallback_success", group, first_other, provider, attempts))
+                served.fallbacks += 1
+                self.emit(FailoverEvent("fallback_success", group, first_other, last, attempts))
         else:
             g.failures += attempts
             g.exhausted += 1
-            last.failures += 1
-            last.exhausted += 1
-            self.emit(FailoverEvent("fallback_exhausted", group, provider, None, attempts))
+            served.failures += 1
+            served.exhausted += 1
+            self.emit(FailoverEvent("fallback_exhausted", group, last, None, attempts))
 
     async def handle_call(self, message: Any) -> Any:
-        verb = message[0] if isinstance(message, tuple) and message else None
-        arg = message[1] if verb is not None and len(message) == 2 else None
-        if verb in ("create_group", "update_group"):
-            if not isinstance(arg, GroupSpec):
-                return Rejected("invalid", f"{verb} needs a GroupSpec, got {type(arg).__name__}")
-            exists = arg.name in self.groups
-            if verb == "create_group" and exists:
-                return Rejected("conflict", f"failover group {arg.name!r} already exists")
-            if verb == "update_group" and not exists and arg.name != DEFAULT_GROUP:
-                return Rejected("not_found", f"no failover group named {arg.name!r}")
-            self.groups[arg.name] = arg
-            self._publish()
-            return arg
-        if verb == "delete_group":
-            spec = self.groups.pop(arg, None)
-            if spec is None:
-                return Rejected("not_found", f"no failover group named {arg!r}")
-            self.stats.pop(arg, None)
-            self._publish()
-            return spec
-        if verb == "get_group":
-            spec = self.groups.get(arg)
-            if spec is None:
-                if arg == DEFAULT_GROUP:
-                    return self.selector.default
-                return Rejected("not_found", f"no failover group named {arg!r}")
-            return spec
-        if verb == "list_groups" and len(message) == 1:
-            return MappingProxyType(dict(self.groups))
-        if verb == "get_stats" and len(message) == 2:
-            if arg is None:
+        match message:
+            case CreateGroup(spec=spec):
+                if spec.name in self.groups:
+                    return Rejected("conflict", f"failover group {spec.name!r} already exists")
+                return self._put(spec)
+            case UpdateGroup(spec=spec):
+                if spec.name not in self.groups and spec.name != DEFAULT_GROUP:
+                    return Rejected("not_found", f"no failover group named {spec.name!r}")
+                return self._put(spec)
+            case DeleteGroup(name=name):
+                spec = self.groups.pop(name, None)
+                if spec is None:
+                    return Rejected("not_found", f"no failover group named {name!r}")
+                self.stats.pop(name, None)
+                self._publish()
+                return spec
+            case GetGroup(name=name):
+                spec = self.groups.get(name)
+                if spec is None:
+                    if name == DEFAULT_GROUP:
+                        return self.selector.default
+                    return Rejected("not_found", f"no failover group named {name!r}")
+                return spec
+            case ListGroups():
+                return MappingProxyType(dict(self.groups))
+            case GetStats(group=None):
                 return MappingProxyType({name: c.freeze() for name, c in self.stats.items()})
-            counts = self.stats.get(arg)
-            if counts is None:
-                if arg in self.groups or arg == DEFAULT_GROUP:
-                    return _GroupCounts().freeze()
-                return Rejected("not_found", f"no failover group named {arg!r}")
-            return counts.freeze()
-        if verb == "reset_stats" and len(message) == 2:
-            if arg is None:
+            case GetStats(group=group):
+                counts = self.stats.get(group)
+                if counts is None:
+                    if group in self.groups or group == DEFAULT_GROUP:
+                        return _GroupCounts().freeze()
+                    return Rejected("not_found", f"no failover group named {group!r}")
+                return counts.freeze()
+            case ResetStats(group=None):
                 self.stats.clear()
-            else:
-                self.stats.pop(arg, None)
-            return None
-        return Rejected("invalid", f"failover manager does not understand {message!r}")
+                return None
+            case ResetStats(group=group):
+                self.stats.pop(group, None)
+                return None
+            case _:
+                return self.unknown_call(message)
+
+    def _put(self, spec: GroupSpec) -> GroupSpec:
+        self.groups[spec.name] = spec
+        self._publish()
+        return spec
 
     def snapshot(self) -> Any:
         return {

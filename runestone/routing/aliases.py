@@ -24,7 +24,7 @@ import trio
 from ..config import DEFAULT_CONFIG_PATH
 from ..runtime import Actor, Published
 
-__all__ = ["AliasError", "AliasWatcher", "AliasWatcherSnapshot", "DEFAULT_ALIASES_PATH", "aliases_path",
+__all__ = ["AliasError", "AliasWatcher", "AliasWatcherSnapshot", "DEFAULT_ALIASES_PATH", "Reload", "aliases_path",
            "load_aliases", "parse_aliases"]
 
 log = logging.getLogger("runestone.routing.aliases")
@@ -102,6 +102,11 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 @attrs.frozen
+class Reload:
+    """Call: read the alias file now; replies the map in use afterwards."""
+
+
+@attrs.frozen
 class AliasWatcherSnapshot:
     """What a state dump shows of the alias watcher."""
 
@@ -120,10 +125,10 @@ class AliasWatcherSnapshot:
 class AliasWatcher(Actor):
     """Owns the alias map: loads the file, watches it, publishes into ``cell``.
 
-    The published dict is never mutated after publishing; a reload publishes a new one. Calls:
-    ``"aliases"`` (the map in use) and ``"reload"`` (load now, whatever the file's identity, and return
-    the map in use afterwards; a refused file leaves the old map in use and the snapshot's ``error``
-    says why).
+    The published dict is never mutated after publishing; a reload publishes a new one. One call:
+    :class:`Reload` (load now, whatever the file's identity, and return the map in use afterwards; a
+    refused file leaves the old map in use and the snapshot's ``error`` says why). Anything else gets
+    the runtime's unknown-message policy.
     """
 
     def __init__(self, cell: Published, path: str | os.PathLike[str], *, interval: float = 2.0, registry=None,
@@ -175,12 +180,12 @@ class AliasWatcher(Actor):
             log.info("aliases loaded from %s: %d alias(es)", self.path, len(aliases))
 
     async def handle_call(self, message):
-        if message == "aliases":
-            return dict(self.cell.value or {})
-        if message == "reload":
-            self._check(force=True)
-            return dict(self.cell.value or {})
-        raise ValueError(f"alias_watcher: unknown call {message!r}")
+        match message:
+            case Reload():
+                self._check(force=True)
+                return dict(self.cell.value or {})
+            case _:
+                return self.unknown_call(message)
 
     def snapshot(self) -> AliasWatcherSnapshot:
         return AliasWatcherSnapshot(path=str(self.path), aliases=dict(self.cell.value or {}), loads=self._loads,

@@ -33,9 +33,11 @@ import trio
 from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, CLOSED, DENY, check
+from ..resilience.breaker_manager import Acquire, Release, outcome
 from ..runtime import Published
 from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
+from ..resilience.failover_manager import GroupOutcome
 from ..resilience.retry import RetryPolicy
 from ..telemetry.costs import cost_of, estimate_costs, price_for
 from ..telemetry.events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
@@ -254,7 +256,7 @@ class Gateway:
                     scores = {n: s for n, s in scores.items() if n not in recovering}
             self._scores_cache = (breakers, health, scores)
         return RouteState(
-            in_flight=self.telemetry.in_flight,
+            in_flight=self.inflight.counts,
             breakers=breakers,
             health=scores,
             ttft_ewma=getattr(health, "ttft_ewma_ms", None) or _EMPTY,
@@ -543,7 +545,7 @@ class Gateway:
         if verdict == DENY:
             return False, False
         try:
-            granted = await self.breaker_ref.call(("acquire", provider), timeout=1.0)
+            granted = await self.breaker_ref.call(Acquire(provider), timeout=1.0)
         except Exception:
             return True, False
         return bool(granted), bool(granted)
@@ -556,26 +558,24 @@ class Gateway:
         attempt.reported = True
         provider = attempt.provider
         telemetry = self.telemetry
-        telemetry.request_ended(provider)
-        if not telemetry.in_flight.get(provider):
-            self.inflight.provider_done(provider)
+        self.inflight.attempt_ended(provider)
         latency = trio.current_time() - attempt.started
         if cancelled:
             # The client left or the gateway is stopping: nothing was learned about the provider.
             if attempt.probe:
-                self.breaker_ref.try_cast(("release", provider))
+                self.breaker_ref.try_cast(Release(provider))
             return
         if error is None:
-            self.breaker_ref.try_cast(("success", provider))
+            self.breaker_ref.try_cast(outcome(provider, True))
             telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
             return
         if not counts_as_failure(error):
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
             # against its health it would let one client's bad requests demote it for everyone.
             if attempt.probe:
-                self.breaker_ref.try_cast(("release", provider))
+                self.breaker_ref.try_cast(Release(provider))
             return
-        self.breaker_ref.try_cast(("failure", provider))
+        self.breaker_ref.try_cast(outcome(provider, False))
         telemetry.emit(AttemptFinished(provider, attempt.model, False, _error_kind(error), latency, None))
 
     async def run(self, ctx: RequestContext, body: dict, plan: Plan, call, *, keep_open: bool = False):
@@ -636,7 +636,7 @@ class Gateway:
                     delay = self.retry.delay(failed[provider], retry_after)
                     if now + delay >= ctx.deadline:
                         if probe:
-                            self.breaker_ref.try_cast(("release", provider))
+                            self.breaker_ref.try_cast(Release(provider))
                         break
                     ctx.retries += 1
                     telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
@@ -652,7 +652,7 @@ class Gateway:
                 entry_row.attempts = attempts
             upstream = body if body.get("model") == target.model else {**body, "model": target.model}
             attempt = Attempt(provider, target.model, trio.current_time(), probe)
-            telemetry.request_started(provider)
+            self.inflight.attempt_started(provider)
             timeout = entry.spec.config.timeout_ms / 1000
             attempt_deadline = min(ctx.deadline, attempt.started + timeout)
             adapter = entry.adapter
@@ -689,12 +689,12 @@ class Gateway:
             if not keep_open:
                 self.report(attempt, None)
             if plan.group:
-                self.groups_outcome(plan.group, provider, True, attempts, failed_order)
+                self.groups_outcome(plan.group, (*failed_order, provider), True)
             ctx.provider = provider
             ctx.model = target.model if plan.group or plan.variant else ctx.model
             return attempt, result
         if plan.group and last_target is not None:
-            self.groups_outcome(plan.group, last_target.provider, False, attempts, failed_order)
+            self.groups_outcome(plan.group, tuple(failed_order), False)
         if deadline_hit:
             raise GatewayError(504, f"the request deadline of {self.request_timeout:g}s passed after {attempts} "
                                f"attempt(s)" + (f"; last error: {last_error}" if last_error else ""),
@@ -705,9 +705,9 @@ class Gateway:
                                f"{', '.join(denied) or 'all candidates'}", "server_error", code="no_provider_available")
         raise client_error(last_error, attempts)
 
-    def groups_outcome(self, group: str, provider: str, ok: bool, attempts: int, failed: list[str]) -> None:
+    def groups_outcome(self, group: str, tried: tuple[str, ...], ok: bool) -> None:
         """Group stats and the fallback_success / fallback_exhausted events are the FailoverManager's."""
-        self.failover_ref.try_cast(("outcome", group, provider, ok, attempts, tuple(failed)))
+        self.failover_ref.try_cast(GroupOutcome(group, tried, ok))
 
     # -- accounting -----------------------------------------------------------------------------------
 

@@ -23,8 +23,10 @@ from typing import Any
 
 import attrs
 
-from runestone.resilience.breaker import DENY, check
+from runestone.resilience.breaker import refuses
 from runestone.resilience.failover import ProviderInfo, RouteState
+from runestone.resilience.ordering import (COST, HEALTH, NAME, PRIORITY, SCORE, WEIGHT, Ordering, enhanced_score,
+                                           sorted_by)
 
 __all__ = [
     "POLICIES",
@@ -37,7 +39,14 @@ __all__ = [
     "enhanced_score",
 ]
 
-POLICIES = frozenset({"default", "health", "enhanced", "cost"})
+#: Router policies: name -> the ordering (``runestone.resilience.ordering``) it stands for. Ties fall back to
+#: priority, then name, so a decision is deterministic.
+POLICIES: Mapping[str, Ordering] = MappingProxyType({
+    "default": sorted_by(PRIORITY, WEIGHT, NAME),
+    "health": sorted_by(HEALTH, PRIORITY, NAME),
+    "enhanced": sorted_by(SCORE, PRIORITY, NAME),
+    "cost": sorted_by(COST, PRIORITY, NAME),
+})
 CAPABILITIES = frozenset({"streaming", "tools", "vision", "embeddings"})
 
 _NO_SKIPS: Mapping[str, str] = MappingProxyType({})
@@ -149,52 +158,6 @@ def parse_requirements(obj: Any) -> Requirements:
     )
 
 
-# Weights of the ``enhanced`` blend; they sum to 1, so the score stays in [0, 1].
-_W_HEALTH = 0.4
-_W_LATENCY = 0.3
-_W_LOAD = 0.2
-_W_PRIORITY = 0.1
-# The time to first token that scores 0.5 on latency.
-_LATENCY_REF_MS = 500.0
-
-
-def enhanced_score(p: ProviderInfo, state: RouteState, best_priority: int) -> float:
-    """The ``enhanced`` policy's blend, in [0, 1], higher is better::
-
-        0.4 * health                                    (score, 1.0 when unknown)
-      + 0.3 * 500 / (500 + ttft_ms)                     (0.5 when unmeasured)
-      + 0.2 * (1 - in_flight / max_concurrency)         (1 / (1 + in_flight) if unlimited)
-      + 0.1 * 1 / (1 + priority - best_priority)
-    """
-    name = p.name
-    health = state.health.get(name, 1.0)
-    ttft = state.ttft_ewma.get(name)
-    latency = 0.5 if ttft is None else _LATENCY_REF_MS / (_LATENCY_REF_MS + max(ttft, 0.0))
-    in_flight = state.in_flight.get(name, 0)
-    if p.max_concurrency > 0:
-        load = 1.0 - min(in_flight / p.max_concurrency, 1.0)
-    else:
-        load = 1.0 / (1.0 + in_flight)
-    rank = 1.0 / (1.0 + max(p.priority - best_priority, 0))
-    return _W_HEALTH * health + _W_LATENCY * latency + _W_LOAD * load + _W_PRIORITY * rank
-
-
-def _order(policy: str, chosen: list[ProviderInfo], state: RouteState) -> list[ProviderInfo]:
-    if len(chosen) < 2:
-        return chosen
-    if policy == "default":
-        return sorted(chosen, key=lambda p: (p.priority, -p.weight, p.name))
-    if policy == "health":
-        health = state.health
-        return sorted(chosen, key=lambda p: (-health.get(p.name, 1.0), p.priority, p.name))
-    if policy == "cost":
-        cost = state.cost
-        inf = math.inf
-        return sorted(chosen, key=lambda p: (cost.get(p.name, inf), p.priority, p.name))
-    best = min(p.priority for p in chosen)
-    return sorted(chosen, key=lambda p: (-enhanced_score(p, state, best), p.priority, p.name))
-
-
 def route(
     model: str,
     candidates: Sequence[ProviderInfo],
@@ -237,7 +200,7 @@ def route(
         why = None
         if name in exclude:
             why = "excluded"
-        elif breakers and check(breakers, name, now) == DENY:
+        elif breakers and refuses(breakers, name, now):
             why = "circuit_open"
         elif require and not require <= p.capabilities:
             why = "missing_capability:" + ",".join(sorted(require - p.capabilities))
@@ -265,8 +228,9 @@ def route(
             reason = f"every provider of model {model!r} was ruled out"
         else:
             reason = f"no provider serves model {model!r}"
-    ordered = _order(chosen_policy, chosen, state)
-    aside = _order(chosen_policy, unhealthy, state) if unhealthy else unhealthy
+    ordering = POLICIES[chosen_policy]
+    ordered = ordering(chosen, state)
+    aside = ordering(unhealthy, state) if unhealthy else unhealthy
     probe = None
     probes = state.probes
     if aside and probes is not None:

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..resilience.failover import breaker_blocks
+from ..resilience.failover import ProviderInfo, RouteState
+from ..resilience.ordering import split_refused, weighted_first
 
 __all__ = [
     "Arm",
@@ -50,6 +51,7 @@ __all__ = [
 DEFAULT_WINDOW = 1024
 
 _EMPTY: Mapping[str, Any] = {}
+_NO_STATE = RouteState()
 
 
 class UnknownVariant(ValueError):
@@ -102,12 +104,15 @@ class Pool:
 
     spec: PoolSpec
     rng: Any = _random
-    #: (provider, weight), heaviest first; ties keep the configured order.
-    by_weight: tuple[tuple[str, float], ...] = attrs.field(init=False)
+    #: The members as the ordering sees them, each with its weight in this pool: heaviest first, ties in the
+    #: configured order.
+    members: tuple[ProviderInfo, ...] = attrs.field(init=False)
+    #: How a request's members are ordered (``runestone.resilience.ordering``).
+    ordering: Any = attrs.field(init=False, factory=weighted_first)
 
     def __attrs_post_init__(self) -> None:
-        pairs = list(zip(self.spec.providers, self.spec.weights))
-        self.by_weight = tuple(sorted(pairs, key=lambda p: -p[1]))
+        pairs = sorted(zip(self.spec.providers, self.spec.weights), key=lambda p: -p[1])
+        self.members = tuple(ProviderInfo(n, weight=w) for n, w in pairs)
 
     @property
     def name(self) -> str:
@@ -126,35 +131,10 @@ class Pool:
         heaviest first, and members whose breaker refuses them come last (by the time the others have
         failed one may be due for a probe). A member of weight 0 is never drawn first while another can be.
         """
-        ready: list[tuple[str, float]] = []
-        blocked: list[str] = []
-        for pair in self.by_weight:
-            name = pair[0]
-            if name not in routable:
-                continue
-            if breakers and breaker_blocks(breakers.get(name), now):
-                blocked.append(name)
-            else:
-                ready.append(pair)
-        names = [n for n, _ in ready]
-        if len(ready) > 1:
-            total = 0.0
-            for _, w in ready:
-                total += w
-            if total > 0:
-                x = self.rng.random() * total
-                pick = 0
-                for i, (_, w) in enumerate(ready):
-                    if w > 0:
-                        pick = i  # rounding may leave x >= 0 after the last step: keep a weighted member
-                        x -= w
-                        if x < 0:
-                            break
-                if pick:
-                    names.insert(0, names.pop(pick))
-        if blocked:
-            names.extend(blocked)
-        return names
+        ready, refused = split_refused([m for m in self.members if m.name in routable], breakers, now)
+        ordered = self.ordering(ready, _NO_STATE, rng=self.rng)
+        ordered.extend(refused)
+        return [m.name for m in ordered]
 
     def describe(self) -> dict:
         spec = self.spec

@@ -31,3 +31,27 @@ from ._spec import ChildInfo as ChildInfo
 from ._spec import ChildSpec as ChildSpec
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorSnapshot as SupervisorSnapshot
+
+__all__ = [
+    "Actor",
+    "ActorDead",
+    "ActorError",
+    "ActorLifecycle",
+    "ActorRef",
+    "CallTimeout",
+    "ChildInfo",
+    "ChildSpec",
+    "default_registry",
+    "dump_state",
+    "MailboxFull",
+    "NamedRef",
+    "plain",
+    "Published",
+    "Registry",
+    "Rejected",
+    "Shutdown",
+    "Supervisor",
+    "SupervisorEscalation",
+    "SupervisorSnapshot",
+    "unwrap",
+]

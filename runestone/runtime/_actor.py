@@ -8,6 +8,18 @@ fire-and-forget, never blocking), or reach whichever incarnation currently holds
 a name through a :class:`NamedRef`, which survives restarts. The mailbox is a
 bounded trio memory channel; a call parks the caller on a one-shot slot instead
 of opening a reply channel, because calls sit on warm paths.
+
+Messages are values of ``@attrs.frozen`` classes, one class per kind of
+message, defined beside the actor that handles them and dispatched with
+``match`` (never strings or tuples parsed by position). The one policy for a
+message an actor does not understand, the same for every actor: a **call** is
+answered with ``Rejected("invalid", ...)`` (:meth:`Actor.unknown_call`), a
+**cast** is dropped (:meth:`Actor.unknown_cast`); both are counted in
+``lifecycle.unknown_messages`` (shown in state dumps) and logged, the first
+and then every 1000th, by type name only (a message may carry a secret).
+Neither crashes the actor: a bad message from one sender must not take the
+state that every other sender relies on down with it. A handler's ``case _:``
+hands the message to those two methods, as the default callbacks do.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from ._errors import ActorDead, CallTimeout, MailboxFull
 from ._registry import Registry, default_registry
+from ._replies import Rejected
 from ._spec import ChildSpec
 
 log = logging.getLogger("runestone.runtime")
@@ -317,6 +330,8 @@ class ActorLifecycle:
     """Runs after the first one: each is a restart of this actor object."""
     last_error: BaseException | None = None
     """The exception that ended the last run that crashed."""
+    unknown_messages: int = 0
+    """Messages this actor object did not understand, over all its runs: calls rejected, casts dropped."""
 
 
 def _collapse(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -379,12 +394,35 @@ class Actor:
         messages sent meanwhile wait in the mailbox. Raising here fails the start."""
 
     async def handle_call(self, message: Any) -> Any:
-        """Answer a request; the return value is the reply. Raising crashes the actor."""
-        raise NotImplementedError(f"{type(self).__name__} does not handle calls (got {message!r})")
+        """Answer a request; the return value is the reply. Raising crashes the actor.
+
+        The default understands no call: it answers :meth:`unknown_call`'s ``Rejected``.
+        """
+        return self.unknown_call(message)
 
     async def handle_cast(self, message: Any) -> None:
-        """Handle a fire-and-forget message. Raising crashes the actor."""
-        raise NotImplementedError(f"{type(self).__name__} does not handle casts (got {message!r})")
+        """Handle a fire-and-forget message. Raising crashes the actor.
+
+        The default understands no cast: it drops it through :meth:`unknown_cast`.
+        """
+        self.unknown_cast(message)
+
+    def unknown_call(self, message: Any) -> Rejected:
+        """The reply to a call this actor does not understand (the module docstring's policy)."""
+        self._note_unknown("call", message)
+        return Rejected("invalid", f"{self.name} does not understand {type(message).__name__} calls")
+
+    def unknown_cast(self, message: Any) -> None:
+        """Drop a cast this actor does not understand (the module docstring's policy)."""
+        self._note_unknown("cast", message)
+
+    def _note_unknown(self, kind: str, message: Any) -> None:
+        lifecycle = self.lifecycle
+        lifecycle.unknown_messages += 1
+        n = lifecycle.unknown_messages
+        if n == 1 or n % 1000 == 0:
+            log.warning("actor %r: ignored a %s it does not understand: %s (%d so far)", self.name, kind,
+                        type(message).__name__, n)
 
     async def terminate(self, reason: BaseException | None) -> None:
         """Best-effort cleanup on every exit once ``init()`` has begun (even a failed one).

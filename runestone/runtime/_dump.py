@@ -81,6 +81,7 @@ def _actor_node(actor: Actor) -> dict[str, Any]:
         "status": lifecycle.status,
         "restarts": lifecycle.restarts,
         "last_error": _error(lifecycle.last_error),
+        "unknown_messages": lifecycle.unknown_messages,
         "mailbox": {
             "depth": ref.mailbox_depth if ref is not None else 0,
             "capacity": actor.mailbox_size,

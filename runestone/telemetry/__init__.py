@@ -2,7 +2,7 @@
 
 Layers inside: ``events`` (immutable facts) <- ``metrics``, ``health``,
 ``costs``, ``ledger`` (pure state, owned by one task) <- ``handler`` (the
-``TelemetryHandler`` actor that owns them all). ``sender.Telemetry`` is the
+``TelemetryHandler`` actor that owns them all; its calls in ``messages``). ``sender.Telemetry`` is the
 hot path's non-blocking way in. Beside them, on the request's own task:
 ``observe`` (the per-request scope and the sender's tap) feeding ``access_log``
 (one JSON line per request) and ``otel`` (OpenTelemetry spans; the SDK is
@@ -29,6 +29,13 @@ from .health import HealthTracker as HealthTracker
 from .health import HealthTable as HealthTable
 from .health import HealthView as HealthView
 from .ledger import UsageLedger as UsageLedger
+from .messages import Flush as Flush
+from .messages import Health as Health
+from .messages import Metrics as Metrics
+from .messages import Subscribe as Subscribe
+from .messages import Summary as Summary
+from .messages import Unsubscribe as Unsubscribe
+from .messages import Usage as Usage
 from .metrics import TelemetryMetrics as TelemetryMetrics
 from .observe import RequestObserver as RequestObserver
 from .observe import RequestScope as RequestScope
@@ -39,3 +46,43 @@ from .sender import Telemetry as Telemetry
 from .handler import OverallSummary as OverallSummary
 from .handler import TelemetryHandler as TelemetryHandler
 from .handler import TelemetryStats as TelemetryStats
+
+__all__ = [
+    "AccessLog",
+    "ActorRestarted",
+    "AttemptFinished",
+    "BreakerTransition",
+    "cost_of",
+    "estimate_costs",
+    "Event",
+    "ExtraGauges",
+    "FailoverEvent",
+    "Flush",
+    "Health",
+    "HealthParams",
+    "HealthTable",
+    "HealthTracker",
+    "HealthView",
+    "Metrics",
+    "ModelPrice",
+    "OverallSummary",
+    "price_for",
+    "ProviderRegistered",
+    "ProviderStatusEvent",
+    "ProviderUnregistered",
+    "render_prometheus",
+    "RequestFinished",
+    "RequestObserver",
+    "RequestScope",
+    "RetryScheduled",
+    "Subscribe",
+    "Summary",
+    "Telemetry",
+    "TelemetryHandler",
+    "TelemetryMetrics",
+    "TelemetryStats",
+    "Tracing",
+    "Unsubscribe",
+    "Usage",
+    "UsageLedger",
+]

@@ -13,7 +13,8 @@ runtime runs on every exit, crashes included) flushes what is left. The
 ledger given as ``ledger`` outlives the handler (the application's, fed by the
 sender on the request path), so a crash loses the in-memory metrics, never a
 usage row: what a failed exit flush leaves is written by the next incarnation.
-Flush failures are counted and logged, never a crash. Live
+Flush failures are counted and logged, never a crash. Its calls are the
+classes of :mod:`runestone.telemetry.messages`; its casts are the events. Live
 subscribers get every event's ``to_dict()`` with ``send_nowait``: a slow
 subscriber misses events, it never slows the handler.
 """
@@ -44,6 +45,7 @@ from .events import (
 )
 from .health import HealthParams, HealthTracker, HealthView, LatencyWindow
 from .ledger import UsageLedger
+from .messages import Flush, Health, Metrics, Subscribe, Summary, Unsubscribe, Usage
 from .metrics import MetricLabels, TelemetryMetrics, render_prometheus
 from .sender import HANDLER_NAME, ExtraGauges
 
@@ -79,7 +81,7 @@ class TelemetryStats:
     events: int
     """Events handled (all kinds)."""
     unknown_events: int
-    """Casts that were not a telemetry event, ignored."""
+    """Messages that were neither a telemetry event nor a call of ``telemetry.messages``, over all runs."""
     bad_events: int
     """Events whose fields could not be recorded (wrong types), skipped."""
     subscribers: int
@@ -105,17 +107,17 @@ class TelemetryHandler(Actor):
     """The telemetry actor (registered as ``"telemetry_handler"``).
 
     Casts: any event of :mod:`runestone.telemetry.events`.
-    Calls:
+    Calls (:mod:`runestone.telemetry.messages`):
 
-    - ``"metrics"`` or ``("metrics", ExtraGauges)``: the ``/metrics`` body (bytes);
-    - ``"health"``: ``{provider: HealthView}``;
-    - ``"summary"``: :class:`OverallSummary`;
-    - ``("usage", key_id | None)``, ``("usage", key_id, group_by)`` or ``(..., group_by, team)``: flushes,
-      then ``{"ledger": bool, "key_id", "rows": [...], "totals": {...}}``;
-    - ``("subscribe", send_channel)`` / ``("unsubscribe", send_channel)``: bool;
-    - ``"flush"``: rows written.
+    - ``Metrics(ExtraGauges | None)``: the ``/metrics`` body (bytes);
+    - ``Health()``: ``{provider: HealthView}``;
+    - ``Summary()``: :class:`OverallSummary`;
+    - ``Usage(key_id, group_by, team)``: flushes, then
+      ``{"ledger": bool, "key_id", "team", "rows": [...], "totals": {...}}``;
+    - ``Subscribe(send_channel)`` / ``Unsubscribe(send_channel)``: bool;
+    - ``Flush()``: rows written.
 
-    Any other call is answered with None (and logged) rather than crashing.
+    Anything else gets the runtime's unknown-message policy (``Rejected`` for a call).
 
     ``pricing`` prices requests whose event carries ``cost == 0``;
     ``health_cell`` is a :class:`~runestone.runtime.Published` cell this handler
@@ -164,7 +166,6 @@ class TelemetryHandler(Actor):
         self.subscribers: list[Any] = []
         self.subscriber_drops = 0
         self.events = 0
-        self.unknown_events = 0
         self.bad_events = 0
         self.ledger_errors = 0
         self._price = Pricer(self.pricing)
@@ -175,18 +176,6 @@ class TelemetryHandler(Actor):
         self._cost = 0.0
         self._latencies = LatencyWindow(self.latency_window)
         self._health_dirty = False
-        self._dispatch = {
-            RequestFinished: self._on_request,
-            AttemptFinished: self._on_attempt,
-            BreakerTransition: self._on_breaker,
-            RetryScheduled: self.metrics.record_retry,
-            FailoverEvent: self.metrics.record_failover,
-            ActorRestarted: self.metrics.record_restart,
-            ProviderRegistered: self._on_registered,
-            ProviderUnregistered: self._on_unregistered,
-            ProviderStatusEvent: _ignore,
-            BudgetExceeded: _ignore,  # for the live feed; its counts are the governance's
-        }
         ledger = self._given_ledger
         if ledger is None and self.ledger_path is not None:
             ledger = UsageLedger(self.ledger_path, pricing=self.pricing, batch=self.batch)
@@ -202,10 +191,31 @@ class TelemetryHandler(Actor):
     async def handle_cast(self, msg: Any) -> None:
         """Fold one event in. A malformed event is counted and skipped: it must
         not crash the handler and wipe every metric with it."""
-        handler = self._dispatch.get(type(msg))
-        if handler is None:
-            self.unknown_events += 1
-            return
+        # The two events of every request come first: a class pattern is one type check.
+        match msg:
+            case AttemptFinished():
+                handler = self._on_attempt
+            case RequestFinished():
+                handler = self._on_request
+            case BreakerTransition():
+                handler = self._on_breaker
+            case RetryScheduled():
+                handler = self.metrics.record_retry
+            case FailoverEvent():
+                handler = self.metrics.record_failover
+            case ActorRestarted():
+                handler = self.metrics.record_restart
+            case ProviderRegistered():
+                handler = self._on_registered
+            case ProviderUnregistered():
+                handler = self._on_unregistered
+            case ProviderStatusEvent() | BudgetExceeded():
+                # Status alerts from elsewhere (active checks) and budget refusals (their counts are the
+                # governance's) are only forwarded to live feeds.
+                handler = _ignore
+            case _:
+                self.unknown_cast(msg)
+                return
         self.events += 1
         if self.subscribers:
             # Before handling, so a feed shows an event before the alert it causes.
@@ -215,7 +225,8 @@ class TelemetryHandler(Actor):
         except Exception:
             self.bad_events += 1
             if self.bad_events == 1 or self.bad_events % 1000 == 0:
-                log.exception("telemetry event %r could not be recorded (%d so far)", msg, self.bad_events)
+                log.exception("telemetry event %s could not be recorded (%d so far)", type(msg).__name__,
+                              self.bad_events)
 
     def _on_request(self, ev: RequestFinished) -> None:
         if self._feeds_ledger:
@@ -288,33 +299,28 @@ class TelemetryHandler(Actor):
     # -- calls ----------------------------------------------------------------
 
     async def handle_call(self, msg: Any) -> Any:
-        if isinstance(msg, str):
-            if msg == "metrics":
-                return self.render_metrics(None)
-            if msg == "health":
-                return self.health.views()
-            if msg == "summary":
+        match msg:
+            case Metrics(extra=extra):
+                return self.render_metrics(extra)
+            case Summary():
                 return self.overall()
-            if msg == "flush":
-                return await self._flush()
-        elif isinstance(msg, tuple) and msg:
-            op = msg[0]
-            if op == "metrics" and len(msg) == 2:
-                return self.render_metrics(msg[1])
-            if op == "usage" and len(msg) in (2, 3, 4):
-                return await self.usage(msg[1], *msg[2:])
-            if op == "subscribe" and len(msg) == 2:
-                if msg[1] not in self.subscribers:
-                    self.subscribers.append(msg[1])
+            case Health():
+                return self.health.views()
+            case Usage(key_id=key_id, group_by=group_by, team=team):
+                return await self.usage(key_id, group_by, team)
+            case Subscribe(channel=channel):
+                if channel not in self.subscribers:
+                    self.subscribers.append(channel)
                 return True
-            if op == "unsubscribe" and len(msg) == 2:
-                if msg[1] in self.subscribers:
-                    self.subscribers.remove(msg[1])
+            case Unsubscribe(channel=channel):
+                if channel in self.subscribers:
+                    self.subscribers.remove(channel)
                     return True
                 return False
-        # Raising would crash the handler and lose every metric over a bad request.
-        log.warning("%s: unknown call %r", self.name, msg)
-        return None
+            case Flush():
+                return await self._flush()
+            case _:
+                return self.unknown_call(msg)
 
     def render_metrics(self, extra: ExtraGauges | None) -> bytes:
         if extra is None:
@@ -421,7 +427,7 @@ class TelemetryHandler(Actor):
         ledger = self.ledger
         return TelemetryStats(
             events=self.events,
-            unknown_events=self.unknown_events,
+            unknown_events=self.lifecycle.unknown_messages,
             bad_events=self.bad_events,
             subscribers=len(self.subscribers),
             subscriber_drops=self.subscriber_drops,
@@ -437,4 +443,4 @@ class TelemetryHandler(Actor):
 
 
 def _ignore(_event: Any) -> None:
-    """Status alerts from elsewhere (active checks) are only forwarded."""
+    """An event that is only forwarded to live feeds."""

@@ -26,7 +26,8 @@ import trio
 from .access_log import AccessLog, access_record, iso_time
 from .events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 
-__all__ = ["RequestObserver", "RequestScope", "current_scope", "note_finish_reasons", "outgoing_traceparent"]
+__all__ = ["RequestObserver", "RequestScope", "current_scope", "note_finish_reasons", "observing",
+           "outgoing_traceparent"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ def outgoing_traceparent(provider: str) -> bytes | None:
     except Exception:
         log.exception("tracing: the span of an attempt to %s could not be started", provider)
         return None
+
+
+def observing() -> bool:
+    """Is the request being handled now observed (access log or tracing on)? One context-variable read."""
+    return _SCOPE.get() is not None
 
 
 def note_finish_reasons(choices) -> None:

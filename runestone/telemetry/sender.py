@@ -6,22 +6,25 @@ mailbox is full, or the handler is down between a crash and its restart, the
 event is counted in ``dropped`` and forgotten. Nothing here raises into the
 request or yields to the scheduler. The handler is found by name on every
 emit (through the runtime's named reference), so a restarted handler is picked
-up without anyone re-wiring. Gauges that must be exact at any instant (requests
-in flight, cache hits and misses) are plain ints kept here rather than events,
-since only the single-threaded request code writes them; the handler reads
-them when it renders ``/metrics``. With a ``ledger``, each ``RequestFinished``
+up without anyone re-wiring. Gauges that must be exact at any instant (cache
+hits and misses) are plain ints kept here rather than events, since only the
+single-threaded request code writes them; the handler reads them when it
+renders ``/metrics``, with the requests in flight per provider, which this
+sender only reads (their one owner is ``runestone.routing.pool.InFlightTable``).
+With a ``ledger``, each ``RequestFinished``
 is also added to it here (an O(1) append): a usage row never waits in, nor is
 lost with, the handler's mailbox, nor while the handler restarts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
 from .events import RequestFinished
+from .messages import Metrics
 
 __all__ = ["HANDLER_NAME", "ExtraGauges", "Telemetry"]
 
@@ -59,13 +62,16 @@ class Telemetry:
     ``"telemetry_handler"``), an actor ref with ``try_cast``, or a zero-argument
     callable returning such a ref or None. ``ledger`` (a
     :class:`~runestone.telemetry.ledger.UsageLedger`) gets a row per
-    ``RequestFinished`` emitted. All methods except :meth:`metrics_text` are
+    ``RequestFinished`` emitted. ``in_flight`` is the live per-provider
+    count of attempts in flight, owned by whoever serves them (the
+    in-flight table's ``counts``), read here for gauges. All methods except
+    :meth:`metrics_text` are
     synchronous, O(1) and never raise.
     """
 
     __slots__ = ("_resolve", "ledger", "tap", "dropped", "in_flight", "cache_hits", "cache_misses")
 
-    def __init__(self, target: Any, ledger: Any = None):
+    def __init__(self, target: Any, ledger: Any = None, in_flight: Mapping[str, int] | None = None):
         self._resolve = _resolver(target)
         self.ledger = ledger
         #: Called with every event, synchronously on the emitting task, before it is cast (the access log
@@ -73,8 +79,8 @@ class Telemetry:
         self.tap: Callable[[Any], None] | None = None
         #: Events that could not be handed to the handler.
         self.dropped = 0
-        #: provider -> client requests being served right now.
-        self.in_flight: dict[str, int] = {}
+        #: provider -> attempts being served right now (read only: the in-flight table writes it).
+        self.in_flight: Mapping[str, int] = in_flight if in_flight is not None else {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -97,17 +103,6 @@ class Telemetry:
             # A dead or missing handler must cost the request nothing but a count.
             pass
         self.dropped += 1
-
-    def request_started(self, provider: str, model: str | None = None) -> None:
-        in_flight = self.in_flight
-        in_flight[provider] = in_flight.get(provider, 0) + 1
-
-    def request_ended(self, provider: str, model: str | None = None) -> None:
-        in_flight = self.in_flight
-        n = in_flight.get(provider, 0) - 1
-        # Kept at zero rather than deleted: a series that vanishes and returns
-        # reads as a reset to Prometheus.
-        in_flight[provider] = n if n > 0 else 0
 
     def cache_result(self, hit: bool) -> None:
         if hit:
@@ -137,7 +132,7 @@ class Telemetry:
         ref = self._resolve()
         if ref is None:
             raise LookupError(f"{HANDLER_NAME} is not running")
-        return await ref.call(("metrics", self.gauges(breaker_states, actor_restarts)), timeout=timeout)
+        return await ref.call(Metrics(self.gauges(breaker_states, actor_restarts)), timeout=timeout)
 
     def snapshot(self) -> dict[str, Any]:
         return {

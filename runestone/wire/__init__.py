@@ -19,3 +19,12 @@ from .errors import anthropic_error_body as anthropic_error_body
 from .errors import openai_error_body as openai_error_body
 from .errors import parse_upstream_error as parse_upstream_error
 from .errors import scrub as scrub
+
+__all__ = [
+    "anthropic_error_body",
+    "ErrorInfo",
+    "InvalidRequest",
+    "openai_error_body",
+    "parse_upstream_error",
+    "scrub",
+]

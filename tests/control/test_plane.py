@@ -66,11 +66,11 @@ class _CountingInFlight:
         self.waits = 0
         self.deadline = self.returned = None
 
-    async def wait_idle(self, provider, in_flight, deadline):
+    async def wait_idle(self, provider, deadline):
         self.waits += 1
         self.deadline = deadline
         try:
-            return await self.table.wait_idle(provider, in_flight, deadline)
+            return await self.table.wait_idle(provider, deadline)
         finally:
             self.returned = trio.current_time()
 
@@ -81,17 +81,15 @@ class _CountingInFlight:
 async def test_unregister_drains_in_one_wait_woken_by_the_last_request_end(clock, gateway_factory, nursery):
     plane, app = await _plane(gateway_factory)
     await plane.apply(RegisterProvider(_spec()))
-    telemetry = app.telemetry
     app.inflight = counting = _CountingInFlight(app.inflight)
-    telemetry.request_started("extra")
+    app.inflight.attempt_started("extra")
 
     ended = []
 
     async def finish_at_five_seconds():
         await trio.sleep(5.0)
-        telemetry.request_ended("extra")
+        app.inflight.attempt_ended("extra")  # what Gateway.report does; at 0 it wakes the drain
         ended.append(trio.current_time())
-        app.inflight.provider_done("extra")  # what Gateway.report does when a provider's count reaches 0
 
     nursery.start_soon(finish_at_five_seconds)
     result = await plane.apply(UnregisterProvider("extra", 60.0))
@@ -104,7 +102,7 @@ async def test_unregister_drains_in_one_wait_woken_by_the_last_request_end(clock
 async def test_a_drain_gives_up_at_its_grace(clock, gateway_factory):
     plane, app = await _plane(gateway_factory)
     await plane.apply(RegisterProvider(_spec()))
-    app.telemetry.request_started("extra")
+    app.inflight.attempt_started("extra")
     app.inflight = counting = _CountingInFlight(app.inflight)
     result = await plane.apply(UnregisterProvider("extra", 2.0))
     assert counting.returned == counting.deadline  # gave up at the grace, not before or a tick later
@@ -133,14 +131,13 @@ async def test_a_change_that_cannot_be_persisted_is_undone_and_no_hook_hears_it(
 async def test_a_second_change_to_a_name_being_changed_is_409(clock, gateway_factory, nursery):
     plane, app = await _plane(gateway_factory)
     await plane.apply(RegisterProvider(_spec()))
-    app.telemetry.request_started("extra")  # keeps the first change draining
+    app.inflight.attempt_started("extra")  # keeps the first change draining
     nursery.start_soon(plane.apply, UnregisterProvider("extra", 30.0))
     await trio.sleep(1.0)
     with pytest.raises(GatewayError) as err:
         await plane.apply(UnregisterProvider("extra", 0.0))
     assert err.value.status == 409 and err.value.code == "change_in_progress"
-    app.telemetry.request_ended("extra")
-    app.inflight.provider_done("extra")
+    app.inflight.attempt_ended("extra")
 
 
 async def test_groups_are_created_and_deleted_through_apply(gateway_factory):

@@ -1,6 +1,7 @@
 """The control socket /v1/control over a real WebSocket: operations and refusals as messages, the live event
 feed beside HTTP traffic, the admin key (the protocol message by message: tests/control/test_socket.py)."""
 
+from runestone.telemetry.messages import Summary
 import httpx
 import orjson
 import pytest
@@ -91,7 +92,7 @@ async def test_live_event_feed(gateway_factory):
         async with httpx.AsyncClient(base_url=gw.url) as http:
             await http.post("/v1/chat/completions", headers={"authorization": "Bearer client-key"},
                             json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
-        await gw.app.registry.whereis("telemetry_handler").call("summary")  # every event so far is handled
+        await gw.app.registry.whereis("telemetry_handler").call(Summary())  # every event so far is handled
         await send(ws, {"type": "ping", "id": "p"})
         assert await recv(ws) == {"type": "pong", "id": "p"}
 

@@ -2,6 +2,7 @@
 access-log lines and trace spans are searched for every client key, the admin key and every provider credential
 after traffic and control operations."""
 
+from runestone.telemetry.messages import Summary
 import logging
 
 import httpx
@@ -149,7 +150,7 @@ async def test_no_secret_in_dumps_events_errors_or_logs(gateway_factory, fake_fa
                 for op in ("dump_state", "list_keys", "list_teams", "list_providers"):
                     await control.send_message(orjson.dumps({"type": op, "id": op}).decode())
                 assert (await call("DELETE", "/admin/providers/rt-anthropic", headers=admin)).status_code == 200
-                await gw.app.registry.whereis("telemetry_handler").call("summary")
+                await gw.app.registry.whereis("telemetry_handler").call(Summary())
             with trio.fail_after(60):  # only a hang trips this
                 while not any(e["kind"] == "provider_unregistered" for e in events) or not any(
                         '"id":"list_providers"' in s for s in seen):

@@ -14,6 +14,7 @@ would have expired or the heap is pruned, so what is left after that is residue.
 
 from __future__ import annotations
 
+from runestone.telemetry.messages import Flush, Summary
 import gc
 import tracemalloc
 from collections import Counter
@@ -88,7 +89,7 @@ async def _settle(gw, upstream_port: int, started: int) -> None:
             await trio.sleep(0.1)
     assert streams == {"started": started, "finished": 0, "cancelled": started}
     await trio.sleep(20)  # past every deadline a request armed (all 5 s)
-    await gw.app.registry.whereis("telemetry_handler").call("flush")
+    await gw.app.registry.whereis("telemetry_handler").call(Flush())
 
 
 _FILTERS = [
@@ -144,7 +145,7 @@ async def test_clients_leaving_mid_stream_leave_no_residue(clock, gateway_factor
     server = app.server.statistics()
     assert (server.connections_open, server.requests_in_flight) == (0, 0)
     assert server.requests_total == WARMUP + 2 * CLIENTS
-    summary = await app.registry.whereis("telemetry_handler").call("summary")
+    summary = await app.registry.whereis("telemetry_handler").call(Summary())
     # Every client counted, as the 499 it was.
     assert (summary.requests, summary.errors) == (WARMUP + 2 * CLIENTS, WARMUP + 2 * CLIENTS)
     # Where a per-client residue would show: an allocation site whose live blocks grow with the clients.

@@ -7,6 +7,7 @@ that exist nowhere. Every such name is counted under ``model="other"``: after a 
 
 from __future__ import annotations
 
+from runestone.telemetry.messages import Summary
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,7 +45,7 @@ async def _run(http: httpx.AsyncClient, names: range) -> dict[int, int]:
 
 
 async def _metrics(gw, http: httpx.AsyncClient) -> str:
-    await gw.app.registry.whereis("telemetry_handler").call("summary")  # after every cast so far
+    await gw.app.registry.whereis("telemetry_handler").call(Summary())  # after every cast so far
     r = await http.get("/metrics")
     assert r.status_code == 200
     return r.text

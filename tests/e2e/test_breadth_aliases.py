@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from gatewaytest import provider_toml
+from runestone.routing.aliases import Reload
 from runestone.runtime import Published
 from runestone.routing.aliases import (
     DEFAULT_ALIASES_PATH,
@@ -78,7 +79,7 @@ async def test_watcher_reloads_on_change_keeps_old_aliases_on_a_bad_file(autojum
     assert (snap.loads, snap.rejected) == (2, 1) and "not valid TOML" in snap.error
 
     path.write_text('[aliases]\nfast = "m4"\n')
-    assert await ref.call("reload") == {"fast": "m4"}  # an operator need not wait for the next check
+    assert await ref.call(Reload()) == {"fast": "m4"}  # an operator need not wait for the next check
     assert watcher.snapshot().error is None
 
     path.unlink()

@@ -3,6 +3,7 @@ so a provider nobody sends traffic to is still measured. Under MockClock the min
 
 from gatewaytest import provider_toml
 
+from runestone.telemetry.messages import Summary
 import trio
 
 
@@ -13,7 +14,7 @@ async def test_active_checks_score_idle_providers(gateway_factory, autojump_cloc
         + provider_toml("bad", "fake", models=["m2"], fail_rate=1.0, fail_status=503)
     )
     await trio.sleep(60)  # twelve checks each
-    await gw.app.registry.whereis("telemetry_handler").call("summary")  # every report handled
+    await gw.app.registry.whereis("telemetry_handler").call(Summary())  # every report handled
     health = gw.app.health.value
     assert health["good"].requests >= 10 and health["good"].errors == 0
     assert health["good"].status == "healthy"

@@ -1,5 +1,6 @@
 """Health endpoints, Prometheus metrics and the usage summary, observed over HTTP on a live gateway."""
 
+from runestone.telemetry.messages import Summary
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +20,7 @@ def _samples(text: str) -> dict:
 
 async def _settle(gw) -> None:
     # Telemetry is asynchronous by design; a call through the handler's mailbox orders us after every cast.
-    await gw.app.registry.whereis("telemetry_handler").call("summary")
+    await gw.app.registry.whereis("telemetry_handler").call(Summary())
 
 
 async def test_liveness_readiness_and_provider_health(gateway_factory):

@@ -255,3 +255,21 @@ async def test_finish_reasons_are_on_the_span_for_every_front_door(every_upstrea
         assert r.status_code == 200, r.text
     span = await _request_span(gw, receiver, r.headers["x-request-id"])
     assert span["attributes"]["gen_ai.response.finish_reasons"] == ["length"]
+
+
+async def test_a_cached_answer_has_the_finish_reasons_it_was_stored_with(gateway_factory, nursery):
+    receiver = await start_otlp_receiver(nursery)
+    fake = make_fake_handler(FakeKnobs())
+    server = await nursery.start(functools.partial(serve_http, fake, "127.0.0.1", 0))
+    gw = await gateway_factory(f'[telemetry]\nusage_ledger = false\n[cache]\nenabled = true\n'
+                               f'[otel]\nendpoint = "{receiver.url}"\n'
+                               + provider_toml("p", "openai", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                               api_key="sk-up", models=[MODEL]))
+    ask = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "tell me a story"}]}
+    async with httpx.AsyncClient(base_url=gw.v1, timeout=30) as http:
+        first = await http.post("/chat/completions", json=ask)
+        second = await http.post("/chat/completions", json=ask)
+    assert (first.headers["x-runestone-cache"], second.headers["x-runestone-cache"]) == ("miss", "hit")
+    for r in (first, second):
+        span = await _request_span(gw, receiver, r.headers["x-request-id"])
+        assert span["attributes"]["gen_ai.response.finish_reasons"] == ["length"]

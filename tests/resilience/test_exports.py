@@ -4,7 +4,7 @@ import importlib
 
 import runestone.resilience as resilience
 
-MODULES = ["breaker", "breaker_manager", "errors", "failover", "failover_manager", "retry"]
+MODULES = ["breaker", "breaker_manager", "errors", "failover", "failover_manager", "ordering", "retry"]
 
 
 def test_reexports_are_the_modules_objects():
@@ -23,7 +23,9 @@ def test_main_api_is_reexported():
         "GroupSelector",
         "RetryPolicy",
         "UpstreamError",
-        "admit",
+        "Acquire",
+        "GroupOutcome",
+        "Outcome",
         "check",
         "counts_as_failure",
         "order_candidates",

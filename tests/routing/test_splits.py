@@ -262,7 +262,7 @@ model = "p1:fake-model"
     assert cfg.pools[0].weights == (3.0, 1.0) and cfg.pools[0].max_attempts is None
     assert [v.weight for v in cfg.splits[1].variants] == [1.0]
     routes = NamedRoutes.from_config(cfg)
-    assert routes.pools["pool-a"].by_weight == (("p1", 3.0), ("p2", 1.0))
+    assert [(m.name, m.weight) for m in routes.pools["pool-a"].members] == [("p1", 3.0), ("p2", 1.0)]
     assert routes.splits["exp-1"].by_variant["candidate"].model == "pool-a"
 
 

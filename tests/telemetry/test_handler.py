@@ -10,6 +10,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from gatewaytest import fail_next_ledger_write
+from runestone.telemetry.messages import Flush, Health, Metrics, Subscribe, Summary, Unsubscribe, Usage
 from runestone.runtime import Published, Registry
 from runestone.telemetry import (
     AttemptFinished,
@@ -84,7 +85,7 @@ async def test_events_become_metrics_health_and_summary(autojump_clock):
             FailoverEvent("failover", "main", "b", "a", 1),
         ):
             ref.cast(ev)
-        got = samples(await ref.call(("metrics", ExtraGauges(in_flight={"a": 2}, dropped=4))))
+        got = samples(await ref.call(Metrics(ExtraGauges(in_flight={"a": 2}, dropped=4))))
 
         def value(name, **labels):
             return got[(name, frozenset(labels.items()))]
@@ -104,7 +105,7 @@ async def test_events_become_metrics_health_and_summary(autojump_clock):
         assert value("runestone_requests_in_flight", provider="a") == 2
         assert value("runestone_telemetry_events_dropped_total") == 4
 
-        health = await ref.call("health")
+        health = await ref.call(Health())
         assert health["a"].requests == 3 and health["a"].errors == 1
         assert health["a"].success_rate == pytest.approx(2 / 3)
         assert health["a"].score == pytest.approx((2 + 2) / (3 + 2))  # p50 0.3 s: no latency penalty
@@ -113,7 +114,7 @@ async def test_events_become_metrics_health_and_summary(autojump_clock):
         # The breaker opening changed a status, so the table was republished at once.
         assert cell.value.scores == {"a": pytest.approx(0.8), "b": 0.0}
 
-        summary = await ref.call("summary")
+        summary = await ref.call(Summary())
         assert (summary.requests, summary.errors, summary.tokens_in, summary.tokens_out) == (3, 1, 111, 51)
         assert summary.success_rate == pytest.approx(2 / 3)
         assert summary.cost == pytest.approx(0.25 + 720e-6)
@@ -127,7 +128,7 @@ async def test_health_publishes_at_once_on_status_change_else_on_the_tick(autoju
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery, health_cell=cell, health_params=params, flush_interval=0.5)
         ref.cast(attempt("a", ok=True))
-        await ref.call("summary")  # a round trip: every cast before it was handled
+        await ref.call(Summary())  # a round trip: every cast before it was handled
         published, version = cell.value, cell.version
         assert "a" not in published  # no status change: waits for the tick
         await trio.sleep(0.6)
@@ -135,7 +136,7 @@ async def test_health_publishes_at_once_on_status_change_else_on_the_tick(autoju
         assert cell.version > version, "the health table changed without a publish"
         version = cell.version
         ref.cast(attempt("a", ok=False))  # 1/2 -> degraded: a change, published now
-        await ref.call("summary")
+        await ref.call(Summary())
         assert cell.value["a"].status == "degraded"
         assert cell.version == version + 1
         ref.request_stop()
@@ -145,13 +146,13 @@ async def test_subscribers_get_every_event_and_one_alert_per_transition(autojump
     send, receive = trio.open_memory_channel(100)
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery, health_params=HealthParams(window=10, prior=0.0))
-        assert await ref.call(("subscribe", send)) is True
+        assert await ref.call(Subscribe(send)) is True
         for _ in range(4):
             ref.cast(attempt("a", ok=False))
         ref.cast(BreakerTransition("a", "closed", "open", "consecutive_failures"))
         ref.cast(BreakerTransition("a", "open", "half_open", "recovery_timeout"))
         ref.cast(BreakerTransition("a", "half_open", "closed", "probes_succeeded"))
-        await ref.call("summary")
+        await ref.call(Summary())
         feed = []
         while True:
             try:
@@ -168,10 +169,10 @@ async def test_subscribers_get_every_event_and_one_alert_per_transition(autojump
         ]
         assert feed[1] == {"kind": "provider_unhealthy", "provider": "a", "score": 0.0}
         assert feed[0]["ok"] is False and feed[0]["provider"] == "a"
-        assert await ref.call(("unsubscribe", send)) is True
-        assert await ref.call(("unsubscribe", send)) is False
+        assert await ref.call(Unsubscribe(send)) is True
+        assert await ref.call(Unsubscribe(send)) is False
         ref.cast(attempt("a"))
-        await ref.call("summary")
+        await ref.call(Summary())
         with pytest.raises(trio.WouldBlock):
             receive.receive_nowait()
         ref.request_stop()
@@ -182,12 +183,12 @@ async def test_slow_or_gone_subscribers_never_block_the_handler(autojump_clock):
     gone_send, gone_receive = trio.open_memory_channel(10)
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery)
-        await ref.call(("subscribe", slow_send))
-        await ref.call(("subscribe", gone_send))
+        await ref.call(Subscribe(slow_send))
+        await ref.call(Subscribe(gone_send))
         gone_receive.close()
         for _ in range(5):
             ref.cast(attempt())
-        await ref.call("summary")
+        await ref.call(Summary())
         stats = handler.snapshot()
         assert (stats.events, stats.subscriber_drops, stats.subscribers) == (5, 4, 1)
         assert slow_receive.receive_nowait()["kind"] == "attempt_finished"
@@ -200,11 +201,11 @@ async def test_ledger_flushes_on_the_interval(tmp_path, autojump_clock):
         handler, ref = await start(nursery, ledger_path=path, flush_interval=0.5, batch=1000)
         ref.cast(request(key="k1"))
         ref.cast(request(key="k2"))
-        await ref.call("summary")
+        await ref.call(Summary())
         assert db_rows(path) == []
         await trio.sleep(0.6)
         # Waits for a flush still on its thread; 0 means the tick already wrote everything.
-        assert await ref.call("flush", timeout=FOREVER) == 0
+        assert await ref.call(Flush(), timeout=FOREVER) == 0
         assert [r[0] for r in db_rows(path)] == ["k1", "k2"]
         ref.request_stop()
 
@@ -215,9 +216,9 @@ async def test_ledger_flushes_when_a_batch_is_full(tmp_path, autojump_clock):
         handler, ref = await start(nursery, ledger_path=path, flush_interval=100.0, batch=3)
         for key in ("k1", "k2", "k3"):
             ref.cast(request(key=key))
-        await ref.call("summary")
+        await ref.call(Summary())
         await trio.testing.wait_all_tasks_blocked()  # the flusher woke and is on its thread
-        assert await ref.call("flush", timeout=FOREVER) == 0  # the batch was already written
+        assert await ref.call(Flush(), timeout=FOREVER) == 0  # the batch was already written
         assert trio.current_time() < 100.0  # ...long before the interval
         assert len(db_rows(path)) == 3
         ref.request_stop()
@@ -238,14 +239,14 @@ async def test_graceful_stop_loses_nothing_and_a_restart_keeps_rows(tmp_path, au
         ref = await nursery.start(handler.run)  # the same object, run again: a restart
         ref.cast(request(key="k2", ts=DAY + 86_400))
         ref.cast(request(key="k1", model="other", cost=0.5))
-        usage = await ref.call(("usage", "k1"), timeout=FOREVER)
+        usage = await ref.call(Usage("k1"), timeout=FOREVER)
         assert usage["ledger"] is True
         assert [(r["model"], r["day"], r["requests"], r["cost"]) for r in usage["rows"]] == [
             ("m", "2023-11-14", 1, 1.0), ("other", "2023-11-14", 1, 0.5)]
-        everyone = await ref.call(("usage", None, ("day",)), timeout=FOREVER)
+        everyone = await ref.call(Usage(None, ("day",)), timeout=FOREVER)
         assert [(r["day"], r["requests"]) for r in everyone["rows"]] == [("2023-11-14", 2), ("2023-11-15", 1)]
         assert everyone["totals"]["requests"] == 3
-        assert (await ref.call("summary")).requests == 2  # in-memory metrics start over per incarnation
+        assert (await ref.call(Summary())).requests == 2  # in-memory metrics start over per incarnation
         ref.request_stop()
 
 
@@ -253,8 +254,8 @@ async def test_no_ledger(autojump_clock):
     async with trio.open_nursery() as nursery:
         handler, ref = await start(nursery)
         ref.cast(request())
-        assert await ref.call(("usage", None)) == {"ledger": False, "key_id": None, "team": None, "rows": [], "totals": None}
-        assert await ref.call("flush") == 0
+        assert await ref.call(Usage(None)) == {"ledger": False, "key_id": None, "team": None, "rows": [], "totals": None}
+        assert await ref.call(Flush()) == 0
         ref.request_stop()
 
 
@@ -264,11 +265,11 @@ async def test_bad_input_is_counted_not_fatal(autojump_clock):
         ref.cast("not an event")
         ref.cast(request(latency=None))  # malformed: a histogram cannot place None
         ref.cast(attempt("a", latency=0.1))
-        assert await ref.call("no such call") is None
-        assert await ref.call(("subscribe",)) is None
+        assert (await ref.call("no such call")).code == "invalid"  # the runtime's policy: Rejected, no crash
+        assert (await ref.call(("subscribe",))).code == "invalid"
         stats = handler.snapshot()
-        assert (stats.unknown_events, stats.bad_events, stats.events) == (1, 1, 2)
-        assert (await ref.call("health"))["a"].requests == 1
+        assert (stats.unknown_events, stats.bad_events, stats.events) == (3, 1, 2)
+        assert (await ref.call(Health()))["a"].requests == 1
         assert ref.alive
         ref.request_stop()
 
@@ -279,21 +280,20 @@ async def test_unregistered_provider_leaves_health_and_breaker_gauge(autojump_cl
         handler, ref = await start(nursery, health_cell=cell)
         ref.cast(ProviderRegistered("a"))
         ref.cast(BreakerTransition("a", "closed", "open", "consecutive_failures"))
-        await ref.call("summary")
+        await ref.call(Summary())
         assert "a" in cell.value
         ref.cast(ProviderUnregistered("a"))
-        assert "a" not in await ref.call("health")
+        assert "a" not in await ref.call(Health())
         assert "a" not in cell.value
-        assert b'runestone_circuit_breaker_state{provider="a"}' not in await ref.call("metrics")
+        assert b'runestone_circuit_breaker_state{provider="a"}' not in await ref.call(Metrics())
         ref.request_stop()
 
 
 async def test_hot_path_sender_to_metrics(autojump_clock):
     registry = Registry()
-    telemetry = Telemetry(registry)
+    telemetry = Telemetry(registry, in_flight={"a": 1})
     async with trio.open_nursery() as nursery:
         await start(nursery, registry=registry)
-        telemetry.request_started("a")
         telemetry.cache_result(hit=True)
         telemetry.emit(request("a"))
         got = samples(await telemetry.metrics_text())
@@ -331,8 +331,8 @@ async def test_a_crash_keeps_ledger_rows_and_loses_only_memory(tmp_path, autojum
 
     async with trio.open_nursery() as nursery:
         ref = await nursery.start(run)
-        assert (await ref.call("summary")).requests == 0
-        assert (await ref.call(("usage", "k1"), timeout=FOREVER))["totals"]["requests"] == 1
+        assert (await ref.call(Summary())).requests == 0
+        assert (await ref.call(Usage("k1"), timeout=FOREVER))["totals"]["requests"] == 1
         ref.request_stop()
 
 
@@ -345,7 +345,7 @@ async def test_state_dump_is_plain_data(autojump_clock):
         handler, ref = await start(nursery)
         ref.cast(attempt("a"))
         ref.cast(request("a"))
-        await ref.call("summary")
+        await ref.call(Summary())
         dumped = dump_state(ref)
         snap = dumped["snapshot"]
         assert snap["events"] == 2 and snap["overall"]["requests"] == 1
@@ -362,13 +362,13 @@ async def test_rows_the_ledger_cannot_store_never_crash_the_handler(tmp_path, au
         ref.cast(request(key="huge", tin=2**64))
         ref.cast(request(key="nan", cost=float("nan")))
         ref.cast(request(key="k2"))
-        assert await ref.call("flush", timeout=FOREVER) == 2
-        got = samples(await ref.call("metrics"))
+        assert await ref.call(Flush(), timeout=FOREVER) == 2
+        got = samples(await ref.call(Metrics()))
         assert got[("runestone_ledger_quarantined_total", frozenset())] == 2
         stats = handler.snapshot()
         assert (stats.ledger_quarantined, stats.ledger_errors, stats.ledger_pending) == (2, 0, 0)
         ref.cast(request(key="k3"))
-        assert (await ref.call(("usage", None), timeout=FOREVER))["totals"]["requests"] == 3
+        assert (await ref.call(Usage(None), timeout=FOREVER))["totals"]["requests"] == 3
         ref.request_stop()
     assert [k for k, _ in db_rows(path)] == ["k1", "k2", "k3"]
     assert [json.loads(line)["row"]["key_id"] for line in open(path + ".quarantine.jsonl")] == ["huge", "nan"]
@@ -400,7 +400,7 @@ async def test_a_crash_whose_exit_flush_fails_leaves_every_row_to_the_next_incar
 
     async with trio.open_nursery() as nursery:
         ref = await nursery.start(run)
-        assert (await ref.call(("usage", None), timeout=FOREVER))["totals"]["requests"] == 3
+        assert (await ref.call(Usage(None), timeout=FOREVER))["totals"]["requests"] == 3
         telemetry.emit(request(key="k4"))
         ref.request_stop()
     assert [k for k, _ in db_rows(path)] == ["k1", "k2", "k3", "k4"]  # each once: the handler adds none itself

@@ -4,6 +4,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from runestone.telemetry.messages import Summary, Usage
 from runestone.runtime import Registry
 from runestone.telemetry import RetryScheduled, Telemetry, TelemetryHandler
 
@@ -63,7 +64,7 @@ async def test_follows_the_restarted_incarnation(autojump_clock):
         assert second is not first
         telemetry.emit(retry())
         assert telemetry.dropped == 0
-        assert (await second.call("summary")).requests == 0
+        assert (await second.call(Summary())).requests == 0
         assert second.actor.snapshot().events == 1
         second.request_stop()
 
@@ -99,19 +100,15 @@ def test_other_targets_and_failures_never_raise():
 
 
 def test_in_flight_and_cache_gauges():
-    t = Telemetry(lambda: None)
-    t.request_started("a", "m")
-    t.request_started("a", "m")
-    t.request_started("b")
-    t.request_ended("a", "m")
-    t.request_ended("b")
-    t.request_ended("b")  # an extra end must not go negative
+    counts = {"a": 1, "b": 0}  # the in-flight owner's live counts: the sender only reads them
+    t = Telemetry(lambda: None, in_flight=counts)
+    assert t.in_flight is counts
     t.cache_result(True)
     t.cache_result(False)
     t.cache_result(False)
     g = t.gauges({"a": "open"})
     assert (g.in_flight, g.cache_hits, g.cache_misses, g.breaker_states) == ({"a": 1, "b": 0}, 1, 2, {"a": "open"})
-    t.request_started("a")
+    counts["a"] += 1
     assert g.in_flight == {"a": 1, "b": 0}  # a copy: later changes do not leak into a render in progress
 
 
@@ -129,5 +126,5 @@ async def test_a_full_mailbox_drops_the_event_not_its_ledger_row(tmp_path, autoj
             telemetry.emit(retry())
             telemetry.emit(ev)
         assert telemetry.dropped > 10 and ledger.pending == 10
-        assert (await ref.call(("usage", None), timeout=float("inf")))["totals"]["requests"] == 10
+        assert (await ref.call(Usage(None), timeout=float("inf")))["totals"]["requests"] == 10
         ref.request_stop()
