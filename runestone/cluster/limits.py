@@ -183,6 +183,7 @@ end
 return 1
 """)
 
+
 class BudgetShort(Exception):
     """A subject's budget (or its local share) cannot hold the reservation; its owner words the 429."""
 
@@ -282,6 +283,10 @@ class FleetLease:
 class FleetLimits:
     """The shared admission backend (see the module docstring). ``governance`` is the Governance it serves
     (its limiter keeps the local share's buckets; its allowances the spend this instance stores)."""
+
+    #: What its owner builds subjects with and catches (governance stands beside this module: no import).
+    Subject = Subject
+    BudgetShort = BudgetShort
 
     def __init__(self, redis: RedisClient, governance: Any, *, instance: str | None = None,
                  wall: Callable[[], float] | None = None) -> None:

@@ -460,21 +460,19 @@ class Governance:
         return self._reserve(acct, amount, wall)
 
     async def _admit_fleet(self, acct: _Account, amount: int, model: str):
-        """Admission through the fleet's shared limits and budgets (runestone.cluster.limits)."""
-        from ..cluster.limits import BudgetShort
-
+        """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
+        fleet = self.fleet
         subjects = acct.subjects
         if subjects is None:
             subjects = acct.subjects = self._fleet_subjects(acct)
         try:
-            return await self.fleet.admit(subjects, amount, acct.key.team)
-        except BudgetShort as short:
+            return await fleet.admit(subjects, amount, acct.key.team)
+        except fleet.BudgetShort as short:
             s = short.subject
             raise self._refusal(s.holder, short.remaining, amount, acct.key, acct.team, model) from None
 
     def _fleet_subjects(self, acct: _Account) -> tuple:
-        from ..cluster.limits import Subject
-
+        Subject = self.fleet.Subject
         key, team = acct.key, acct.team
         out = []
         for h, limits, label in ((acct.holders[0], self._key_limits(key), "this key"),
@@ -489,12 +487,10 @@ class Governance:
     def _static_subject(self, key_id: str):
         s = self._static_subjects.get(key_id)
         if s is None:
-            from ..cluster.limits import Subject
-
             if len(self._static_subjects) >= 10_000:
                 self._static_subjects.clear()
-            s = self._static_subjects[key_id] = Subject("static:" + key_id, "this key", self.limiter.defaults, -1,
-                                                        None, 0.0, math.inf)
+            s = self._static_subjects[key_id] = self.fleet.Subject("static:" + key_id, "this key",
+                                                                   self.limiter.defaults, -1, None, 0.0, math.inf)
         return s
 
     async def _admit_queued(self, request, acct: _Account, amount: int) -> GovernedLease:
