@@ -16,8 +16,8 @@ Floor 1, on the runtime at most, neither importing the other:
 - ``config``: the configuration schema, loading from TOML and the environment, its checks, and prices.
 - ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
   (the worker processes under a runtime supervisor). Its fleet modules each stand just above the layer
-  whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses`` and ``limits`` on 8 (``limits``
-  beside governance, which app wires it into: neither imports the other).
+  whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses``, ``limits`` and ``governance`` on 8
+  (beside the governance package, which app wires them into: neither imports the other).
 
 Floor 2, ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
 

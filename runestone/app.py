@@ -12,6 +12,7 @@
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
     ├── fleet_control                FleetControl ([cluster] redis_url only: control changes shared)
+    ├── fleet_governance             FleetGovernance ([cluster] redis_url only: key and team changes shared)
     └── front                        the HTTP/SSE/WebSocket server (started last, stopped first)
 
 The published cells (provider table, breaker views, groups, health) and the in-flight table are made
@@ -32,6 +33,7 @@ import trio
 
 from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
+from .cluster.governance import FleetGovernance
 from .cluster.limits import FleetLimits
 from .cluster.redis import RedisClient
 from .cluster.status import cluster_prometheus, cluster_status
@@ -221,6 +223,9 @@ class Application:
         self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
                                            upstream_hosts=config.admin.upstream_hosts)
                               if self.redis is not None else None)
+        #: Key and team changes shared with the fleet ([cluster] redis_url).
+        self.fleet_governance = (FleetGovernance(self.redis, self.governance, self.data_dir)
+                                 if self.redis is not None else None)
         #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
         self.observer = self._observer()
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
@@ -318,6 +323,8 @@ class Application:
             # after the provider supervisor: it applies the fleet's changes through the control plane
             *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
               if self.fleet_control is not None else []),
+            *([ChildSpec(id="fleet_governance", start=self.fleet_governance.run, shutdown=1.0)]
+              if self.fleet_governance is not None else []),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]

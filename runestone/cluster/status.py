@@ -34,7 +34,8 @@ def cluster_status(app: Any) -> dict | None:
             "last_error": stats.last_error,
         },
     }
-    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control", "fleet_limits"):
+    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control", "fleet_governance",
+                 "fleet_limits"):
         part = getattr(app, name, None)
         if part is not None:
             out[name.removeprefix("fleet_")] = part.snapshot()
@@ -73,4 +74,15 @@ def cluster_prometheus(app: Any) -> bytes:
         counter = Counter(name, help)
         counter.values = {(): float(value)}
         _family(out, name, help, counter.type, counter.samples())
+    governance = getattr(app, "fleet_governance", None)
+    if governance is not None:
+        changes = Counter("runestone_fleet_key_changes_total", "Key and team changes through the fleet's stream: "
+                          "published from here, applied from others, refused here", ("outcome",))
+        changes.values = {("published",): float(governance.published), ("applied",): float(governance.applied),
+                          ("refused",): float(governance.refused)}
+        waiting = Gauge("runestone_fleet_key_changes_waiting", "Key and team changes made here, in force here, "
+                        "waiting for Redis to share them")
+        waiting.set((), float(governance.snapshot()["waiting"]))
+        for family in (changes, waiting):
+            _family(out, family.name, family.help, family.type, family.samples())
     return "".join(out).encode()
