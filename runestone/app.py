@@ -7,6 +7,7 @@
     ├── telemetry_handler            TelemetryHandler
     ├── circuit_breaker_manager      CircuitBreakerManager
     ├── fleet_breakers               FleetBreakers ([cluster] redis_url only)
+    ├── fleet_limits                 FleetLimits ([cluster] redis_url only: limits and budgets shared)
     ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
@@ -33,6 +34,7 @@ import trio
 from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
 from .cluster.governance import FleetGovernance
+from .cluster.limits import FleetLimits
 from .cluster.redis import RedisClient
 from .cluster.responses import SharedCacheTier, SharedResponseStore
 from .cluster.status import cluster_prometheus, cluster_status
@@ -150,6 +152,9 @@ class Application:
         self.fleet_breakers = (FleetBreakers(self.redis, self.breaker_views,
                                              NamedRef(self.registry, "circuit_breaker_manager"))
                                if self.redis is not None else None)
+        #: Limits and budgets shared by the fleet: the governance admits through it ([cluster] redis_url only).
+        self.fleet_limits = FleetLimits(self.redis, self.governance) if self.redis is not None else None
+        self.governance.fleet = self.fleet_limits
         self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
@@ -304,6 +309,8 @@ class Application:
         # The Redis connection first (ready at once, up or not), its users after what they feed.
         cluster = [ChildSpec(id="redis", start=self.redis.run, shutdown=1.0)] if self.redis is not None else []
         fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
+        if self.fleet_limits is not None:
+            fleet_children.append(ChildSpec(id="fleet_limits", start=self.fleet_limits.run, shutdown=2.0))
         if self.fleet_cache is not None:  # [cache] enabled
             fleet_children.append(ChildSpec(id="fleet_cache", start=self.fleet_cache.run, shutdown=1.0))
         return [

@@ -34,7 +34,8 @@ def cluster_status(app: Any) -> dict | None:
             "last_error": stats.last_error,
         },
     }
-    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control", "fleet_governance"):
+    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control", "fleet_governance",
+                 "fleet_limits"):
         part = getattr(app, name, None)
         if part is not None:
             out[name.removeprefix("fleet_")] = part.snapshot()
@@ -53,7 +54,16 @@ def cluster_prometheus(app: Any) -> bytes:
     state = Gauge("runestone_redis_state", "The Redis connection's state (1 for the current one)", ("state",))
     for name in _STATES:
         state.set((name,), 1.0 if stats.state == name else 0.0)
-    for family in (up, state):
+    families = [up, state]
+    limits = getattr(app, "fleet_limits", None)
+    if limits is not None:
+        shared = Gauge("runestone_fleet_limits_shared", "1 while rate limits and budgets are shared through Redis, "
+                       "0 while this instance applies its share (limit / live instances)")
+        shared.set((), 1.0 if limits.mode == "shared" else 0.0)
+        live = Gauge("runestone_fleet_instances", "Live instances sharing limits (counted by their heartbeats)")
+        live.set((), float(limits.instances))
+        families += [shared, live]
+    for family in families:
         _family(out, family.name, family.help, family.type, family.samples())
     for name, help, value in (
         ("runestone_redis_connects_total", "Connections made to Redis (the first and every reconnect)", stats.connects),

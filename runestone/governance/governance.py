@@ -207,6 +207,8 @@ class _Account:
     until: float
     #: Model names both allow-lists allow as they are (a bounded cache of the check).
     allowed: set = attrs.Factory(set)
+    #: Its subjects in the fleet's shared limits (runestone.cluster.limits), made at its first admission there.
+    subjects: tuple | None = None
 
 
 def new_key_id() -> str:
@@ -268,6 +270,11 @@ class Governance:
         self.spend_write_failures = 0
         #: Hooks told of each key or team change made here, once in force and persisted (see subscribe).
         self._listeners: list[Callable[[dict, str], None]] = []
+        #: [cluster] redis_url: limits and budgets shared by the fleet (runestone.cluster.limits.FleetLimits);
+        #: None: this instance's own (the limiter and the allowances here).
+        self.fleet = None
+        #: configuration key id -> its runestone.cluster.limits.Subject (with ``fleet``).
+        self._static_subjects: dict = {}
 
     # -- loading and indexing -------------------------------------------------------------------------
 
@@ -427,6 +434,8 @@ class Governance:
             if key is None:
                 limiter = self.limiter
                 if limiter.enabled:
+                    if self.fleet is not None:
+                        return await self.fleet.admit((self._static_subject(key_id or "open"),), 0)
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
@@ -437,6 +446,8 @@ class Governance:
             if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
                 acct.allowed.add(model)
         amount = self.worst_case(request, plan)
+        if self.fleet is not None:
+            return await self._admit_fleet(acct, amount, model)
         holders = acct.holders
         for h in holders:
             budget = h.budget
@@ -449,6 +460,40 @@ class Governance:
                 return await self._admit_queued(request, acct, amount)
             limiter.take(states, trio.current_time())
         return self._reserve(acct, amount, wall)
+
+    async def _admit_fleet(self, acct: _Account, amount: int, model: str):
+        """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
+        fleet = self.fleet
+        subjects = acct.subjects
+        if subjects is None:
+            subjects = acct.subjects = self._fleet_subjects(acct)
+        try:
+            return await fleet.admit(subjects, amount, acct.key.team)
+        except fleet.BudgetShort as short:
+            s = short.subject
+            raise self._refusal(s.holder, short.remaining, amount, acct.key, acct.team, model) from None
+
+    def _fleet_subjects(self, acct: _Account) -> tuple:
+        Subject = self.fleet.Subject
+        key, team = acct.key, acct.team
+        out = []
+        for h, limits, label in ((acct.holders[0], self._key_limits(key), "this key"),
+                                 *(((acct.holders[1], team.limits, f"team {team.name!r}"),) if team else ())):
+            budget = h.budget.nano if h.budget is not None else -1
+            if not limits and budget < 0 and h.scope == "key" and team is not None:
+                continue  # nothing to share for the key itself: its team's subject does it
+            out.append(Subject(f"{h.scope}:{h.name}", label, limits or NO_LIMITS, budget, h,
+                               h.period_start, h.resets_at))
+        return tuple(out)
+
+    def _static_subject(self, key_id: str):
+        s = self._static_subjects.get(key_id)
+        if s is None:
+            if len(self._static_subjects) >= 10_000:
+                self._static_subjects.clear()
+            s = self._static_subjects[key_id] = self.fleet.Subject("static:" + key_id, "this key",
+                                                                   self.limiter.defaults, -1, None, 0.0, math.inf)
+        return s
 
     async def _admit_queued(self, request, acct: _Account, amount: int) -> GovernedLease:
         """Admission when the limiter queues: wait for the key's and the team's turn, then judge the key and
