@@ -16,7 +16,8 @@ Floor 1, on the runtime at most, neither importing the other:
 - ``config``: the configuration schema, loading from TOML and the environment, its checks, and prices.
 - ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
   (the worker processes under a runtime supervisor). Its fleet modules each stand just above the layer
-  whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses`` on 8.
+  whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses``, ``limits`` and ``governance`` on 8
+  (beside the governance package, which app wires them into: neither imports the other).
 
 Floor 2, ``telemetry``: events, metrics, health scores, costs, the usage ledger and its actor.
 
@@ -36,13 +37,12 @@ the operator routes.
 
 Floor 8, ``governance``: keys, teams and budgets (it uses the front's limiter and the pipeline's errors).
 
-Floor 9, ``app``: builds the supervision tree from the configuration.
+Floor 9, ``app``: builds the supervision tree from the configuration (and wires the fleet's tiers).
 
 Floor 10, ``cli``: ``runestone serve | state | providers | chat | fake-provider``, with the control CLI
 client (``control/cli.py``) and the key and team commands (``governance/cli.py``), which are the CLI's.
 
-Two lazy imports still point up (front's ``install`` wiring the fleet's response tiers); the test lists
-them as debt. Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
+No import points up. Every package's ``__init__`` says its own layers inside and re-exports its public names (``__all__``);
 modules with a leading underscore are private. DESIGN.md and docs/ give the reasons.
 """
 

@@ -7,10 +7,12 @@
     ├── telemetry_handler            TelemetryHandler
     ├── circuit_breaker_manager      CircuitBreakerManager
     ├── fleet_breakers               FleetBreakers ([cluster] redis_url only)
+    ├── fleet_limits                 FleetLimits ([cluster] redis_url only: limits and budgets shared)
     ├── enhanced_provider_supervisor EnhancedProviderSupervisor → provider:<name> × N
     ├── failover_manager             FailoverManager
     ├── provider_pool                ProviderPool
     ├── fleet_control                FleetControl ([cluster] redis_url only: control changes shared)
+    ├── fleet_governance             FleetGovernance ([cluster] redis_url only: key and team changes shared)
     └── front                        the HTTP/SSE/WebSocket server (started last, stopped first)
 
 The published cells (provider table, breaker views, groups, health) and the in-flight table are made
@@ -31,7 +33,10 @@ import trio
 
 from .cluster.breakers import FleetBreakers
 from .cluster.control import FleetControl
+from .cluster.governance import FleetGovernance
+from .cluster.limits import FleetLimits
 from .cluster.redis import RedisClient
+from .cluster.responses import SharedCacheTier, SharedResponseStore
 from .cluster.status import cluster_prometheus, cluster_status
 from .config import Config, ProviderSpec
 from .control.plane import ControlPlane
@@ -147,6 +152,9 @@ class Application:
         self.fleet_breakers = (FleetBreakers(self.redis, self.breaker_views,
                                              NamedRef(self.registry, "circuit_breaker_manager"))
                                if self.redis is not None else None)
+        #: Limits and budgets shared by the fleet: the governance admits through it ([cluster] redis_url only).
+        self.fleet_limits = FleetLimits(self.redis, self.governance) if self.redis is not None else None
+        self.governance.fleet = self.fleet_limits
         self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()
         self.inflight = InFlightTable()
@@ -202,7 +210,10 @@ class Application:
             providers=self.providers, breaker_views=self.breaker_views, health=self.health,
             inflight=self.inflight, catalog=self.catalog, splits=self.splits, ledger=self.ledger,
             worker=worker, control=self.control, control_ops=self.control_ops, ready=self.ready,
-            root=lambda: self.root, restart_counts=self.restart_counts, redis=self.redis,
+            root=lambda: self.root, restart_counts=self.restart_counts,
+            shared_cache=SharedCacheTier(self.redis) if self.redis is not None and config.cache.enabled else None,
+            share_responses=(None if self.redis is None else
+                             lambda local, days: SharedResponseStore(self.redis, local, retention_days=days)),
             cluster_status=lambda: cluster_status(self), cluster_metrics=lambda: cluster_prometheus(self))
         # Route groups beyond the chat core register themselves on the front: install(front, deps).
         installed = {name: install(self.front, self.front_deps) for name, install in _route_installers().items()}
@@ -216,6 +227,9 @@ class Application:
         self.fleet_control = (FleetControl(self.redis, self.control, self.data_dir,
                                            upstream_hosts=config.admin.upstream_hosts)
                               if self.redis is not None else None)
+        #: Key and team changes shared with the fleet ([cluster] redis_url).
+        self.fleet_governance = (FleetGovernance(self.redis, self.governance, self.data_dir)
+                                 if self.redis is not None else None)
         #: The access log and traces ([log] access, [otel] endpoint), or None when both are off.
         self.observer = self._observer()
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
@@ -295,6 +309,8 @@ class Application:
         # The Redis connection first (ready at once, up or not), its users after what they feed.
         cluster = [ChildSpec(id="redis", start=self.redis.run, shutdown=1.0)] if self.redis is not None else []
         fleet_children = [ChildSpec(id="fleet_breakers", start=fleet.run, shutdown=1.0)] if fleet is not None else []
+        if self.fleet_limits is not None:
+            fleet_children.append(ChildSpec(id="fleet_limits", start=self.fleet_limits.run, shutdown=2.0))
         if self.fleet_cache is not None:  # [cache] enabled
             fleet_children.append(ChildSpec(id="fleet_cache", start=self.fleet_cache.run, shutdown=1.0))
         return [
@@ -311,6 +327,8 @@ class Application:
             # after the provider supervisor: it applies the fleet's changes through the control plane
             *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
               if self.fleet_control is not None else []),
+            *([ChildSpec(id="fleet_governance", start=self.fleet_governance.run, shutdown=1.0)]
+              if self.fleet_governance is not None else []),
             ChildSpec(id="front", start=self._serve_front, restart="permanent",
                       shutdown=cfg.server.drain_timeout_ms / 1000 + 1.0),
         ]

@@ -11,7 +11,8 @@ Two ways, both interleaved on the same machine:
 
 Uses scripts/bench.py's process runner and wrk driver (gateways pinned to core 0, fake upstream and wrk on
 core 1). Each round is bounded in time; all traffic is on 127.0.0.1. Run: ``.venv/bin/python
-scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired]``.
+scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired] [--redis]``; ``--redis`` starts a redis-server and
+shares the limits and budgets through it ([cluster] redis_url: the managed key's admission is one script call).
 """
 
 from __future__ import annotations
@@ -39,12 +40,25 @@ def admin(port: int, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str) -> tuple:
+def start_redis(runner: bench.Runner, workdir: Path) -> str:
+    """A redis-server of the benchmark's own (core 1, nothing saved): its URL."""
+    import shutil
+
+    port = bench.free_port()
+    binary = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
+    proc = runner.spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                         "--dir", str(workdir)], 1, "redis.log")
+    bench.wait_port(port, proc)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str, redis_url: str = "") -> tuple:
     """A gateway with the static key and a managed key (team, budgets, limits): (process, port, managed secret,
-    budgets-only secret)."""
+    budgets-only secret). With ``redis_url``, its limits and budgets are shared through that Redis."""
     port = bench.free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(textwrap.dedent(f"""
+    cluster = f'[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
+    config.write_text(cluster + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {port}
@@ -138,6 +152,8 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
     p.add_argument("--paired", action="store_true", help="two gateways loaded at once, one per key (see above)")
+    p.add_argument("--redis", action="store_true",
+                   help="limits and budgets shared through a redis-server the benchmark starts ([cluster] redis_url)")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
     runner = bench.Runner(workdir)
@@ -147,10 +163,11 @@ def main() -> None:
     try:
         fake = runner.spawn([*exe, "fake-provider", "--port", str(fake_port), "--coalesce"], 1, "fake.log")
         bench.wait_port(fake_port, fake)
+        redis_url = start_redis(runner, workdir) if args.redis else ""
         if args.paired:
-            paired(args, runner, [start_gateway(runner, workdir, fake_port, n) for n in ("gw-a", "gw-b")], body)
+            paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url) for n in ("gw-a", "gw-b")], body)
             return
-        gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway")
+        gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway", redis_url)
         cases = [("static", bench.KEY), ("managed", managed)]
         if args.variants:
             cases.append(("budgets", budgets_only))

@@ -105,13 +105,19 @@ def decode_change(data: bytes, upstream_hosts: Any = ()) -> Any:
 class FleetControl:
     """Shares ``plane``'s changes through ``redis``; the read position is kept in ``data_dir``."""
 
+    #: The stream, and the file in the data directory keeping the read position (a subclass shares another
+    #: plane's changes on its own: runestone.cluster.governance).
+    stream = STREAM
+    offset_file = "fleet_control.json"
+    encode = staticmethod(encode_change)
+
     def __init__(self, redis: RedisClient, plane: Any, data_dir: Path, *, instance: str | None = None,
                  upstream_hosts: Any = ()) -> None:
         self.redis = redis
         self.plane = plane
         self.instance = instance or instance_id()
         self.upstream_hosts = upstream_hosts
-        self.offset_path = Path(data_dir) / "fleet_control.json"
+        self.offset_path = Path(data_dir) / self.offset_file
         self._queue: collections.deque[bytes] = collections.deque()
         self._wake = trio.Event()
         plane.subscribe(self._applied)
@@ -123,7 +129,7 @@ class FleetControl:
     def _applied(self, change: Any, origin: str) -> None:
         if origin == ORIGIN:
             return  # the fleet's own, applied here
-        self._queue.append(encode_change(change))
+        self._queue.append(self.encode(change))
         if len(self._queue) > _MAX_QUEUED:
             self._queue.popleft()
             log.error("fleet control: more than %d changes waiting for Redis; the oldest is not shared",
@@ -168,7 +174,7 @@ class FleetControl:
             try:
                 while self._queue:
                     data = self._queue[0]
-                    await self.redis.execute("XADD", STREAM, "MAXLEN", "~", MAX_ENTRIES, "*",
+                    await self.redis.execute("XADD", self.stream, "MAXLEN", "~", MAX_ENTRIES, "*",
                                              "i", self.instance, "c", data, timeout=2.0)
                     self._queue.popleft()
                     self.published += 1
@@ -181,7 +187,7 @@ class FleetControl:
                 async with self.redis.connection() as conn:
                     while True:
                         reply = await conn.execute("XREAD", "COUNT", 100, "BLOCK", int(_BLOCK * 1000),
-                                                   "STREAMS", STREAM, self.last_id,
+                                                   "STREAMS", self.stream, self.last_id,
                                                    timeout=_BLOCK + self.redis.connect_timeout + 1.0)
                         if reply:
                             await self._handle(reply[0][1])

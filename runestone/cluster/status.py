@@ -34,7 +34,8 @@ def cluster_status(app: Any) -> dict | None:
             "last_error": stats.last_error,
         },
     }
-    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control"):
+    for name in ("fleet_breakers", "fleet_responses", "fleet_cache", "fleet_control", "fleet_governance",
+                 "fleet_limits"):
         part = getattr(app, name, None)
         if part is not None:
             out[name.removeprefix("fleet_")] = part.snapshot()
@@ -53,7 +54,16 @@ def cluster_prometheus(app: Any) -> bytes:
     state = Gauge("runestone_redis_state", "The Redis connection's state (1 for the current one)", ("state",))
     for name in _STATES:
         state.set((name,), 1.0 if stats.state == name else 0.0)
-    for family in (up, state):
+    families = [up, state]
+    limits = getattr(app, "fleet_limits", None)
+    if limits is not None:
+        shared = Gauge("runestone_fleet_limits_shared", "1 while rate limits and budgets are shared through Redis, "
+                       "0 while this instance applies its share (limit / live instances)")
+        shared.set((), 1.0 if limits.mode == "shared" else 0.0)
+        live = Gauge("runestone_fleet_instances", "Live instances sharing limits (counted by their heartbeats)")
+        live.set((), float(limits.instances))
+        families += [shared, live]
+    for family in families:
         _family(out, family.name, family.help, family.type, family.samples())
     for name, help, value in (
         ("runestone_redis_connects_total", "Connections made to Redis (the first and every reconnect)", stats.connects),
@@ -64,4 +74,15 @@ def cluster_prometheus(app: Any) -> bytes:
         counter = Counter(name, help)
         counter.values = {(): float(value)}
         _family(out, name, help, counter.type, counter.samples())
+    governance = getattr(app, "fleet_governance", None)
+    if governance is not None:
+        changes = Counter("runestone_fleet_key_changes_total", "Key and team changes through the fleet's stream: "
+                          "published from here, applied from others, refused here", ("outcome",))
+        changes.values = {("published",): float(governance.published), ("applied",): float(governance.applied),
+                          ("refused",): float(governance.refused)}
+        waiting = Gauge("runestone_fleet_key_changes_waiting", "Key and team changes made here, in force here, "
+                        "waiting for Redis to share them")
+        waiting.set((), float(governance.snapshot()["waiting"]))
+        for family in (changes, waiting):
+            _family(out, family.name, family.help, family.type, family.samples())
     return "".join(out).encode()

@@ -198,10 +198,6 @@ def install(front, deps: FrontDeps):
     front.cache = ResponseCache(cfg.ttl_ms / 1000, cfg.max_entries, telemetry=deps.telemetry,
                                 resolve_alias=deps.gateway.resolve_alias)
     front.cache.admit = deps.governance.admit_cached
-    if deps.redis is not None:
-        from ..cluster.responses import SharedCacheTier
-
-        # its writer task runs in the tree (Application._children: fleet_cache)
-        front.cache.shared = SharedCacheTier(deps.redis)
-        return front.cache.shared
-    return None
+    # with [cluster] redis_url: its writer task runs in the tree (Application._children: fleet_cache)
+    front.cache.shared = deps.shared_cache
+    return deps.shared_cache

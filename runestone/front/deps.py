@@ -67,8 +67,11 @@ class FrontDeps:
     root: Callable[[], Supervisor | None]
     #: Restarts per actor since start.
     restart_counts: Callable[[], dict[str, int]]
-    #: The fleet's Redis client ([cluster] redis_url; a runestone.cluster.redis.RedisClient), or None.
-    redis: Any
+    #: With ``[cluster] redis_url``, the fleet's tiers (runestone.cluster.responses, wired by app.py): a cache
+    #: tier shared by the fleet, and ``share_responses(local_store, retention_days)`` wrapping the Responses
+    #: API's local store in the fleet's; both None without Redis.
+    shared_cache: Any
+    share_responses: Callable[[Any, int], Any] | None
     #: The ``cluster`` object of /health/detailed (None when nothing is shared), and its /metrics families.
     cluster_status: Callable[[], dict | None]
     cluster_metrics: Callable[[], str]

@@ -266,10 +266,8 @@ def install(front, deps: FrontDeps):
     store = ResponseStore(str(deps.data_dir / "responses.sqlite3"), retention_days=cfg.retention_days,
                           max_stored=cfg.max_stored)
     shared = None
-    if deps.redis is not None:  # [cluster] redis_url: any instance finds them
-        from ..cluster.responses import SharedResponseStore
-
-        store = shared = SharedResponseStore(deps.redis, store, retention_days=cfg.retention_days)
+    if deps.share_responses is not None:  # [cluster] redis_url: any instance finds them
+        store = shared = deps.share_responses(store, cfg.retention_days)
     routes = ResponsesRoutes(front, store)
     add = front.routes.add
     add("POST", "/v1/responses", routes.create)

@@ -45,8 +45,8 @@ from ..routing.errors import GatewayError
 from ..telemetry.costs import estimate_input_tokens, price_for
 from ..telemetry.events import BudgetExceeded
 from .periods import iso, period_bounds
-from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, parse_key, parse_key_patch, parse_team,
-                      parse_team_patch, usd)
+from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, key_from_doc, parse_key, parse_key_patch,
+                      parse_team, parse_team_patch, team_from_doc, usd)
 from .journal import SpendJournal
 from .store import KeyStore, KeyStoreError
 
@@ -207,6 +207,8 @@ class _Account:
     until: float
     #: Model names both allow-lists allow as they are (a bounded cache of the check).
     allowed: set = attrs.Factory(set)
+    #: Its subjects in the fleet's shared limits (runestone.cluster.limits), made at its first admission there.
+    subjects: tuple | None = None
 
 
 def new_key_id() -> str:
@@ -266,6 +268,13 @@ class Governance:
         self.spend_by_team: dict[str, int] = {}
         self.refusals: dict[tuple[str, str], int] = {}
         self.spend_write_failures = 0
+        #: Hooks told of each key or team change made here, once in force and persisted (see subscribe).
+        self._listeners: list[Callable[[dict, str], None]] = []
+        #: [cluster] redis_url: limits and budgets shared by the fleet (runestone.cluster.limits.FleetLimits);
+        #: None: this instance's own (the limiter and the allowances here).
+        self.fleet = None
+        #: configuration key id -> its runestone.cluster.limits.Subject (with ``fleet``).
+        self._static_subjects: dict = {}
 
     # -- loading and indexing -------------------------------------------------------------------------
 
@@ -425,6 +434,8 @@ class Governance:
             if key is None:
                 limiter = self.limiter
                 if limiter.enabled:
+                    if self.fleet is not None:
+                        return await self.fleet.admit((self._static_subject(key_id or "open"),), 0)
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
@@ -435,6 +446,8 @@ class Governance:
             if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
                 acct.allowed.add(model)
         amount = self.worst_case(request, plan)
+        if self.fleet is not None:
+            return await self._admit_fleet(acct, amount, model)
         holders = acct.holders
         for h in holders:
             budget = h.budget
@@ -447,6 +460,40 @@ class Governance:
                 return await self._admit_queued(request, acct, amount)
             limiter.take(states, trio.current_time())
         return self._reserve(acct, amount, wall)
+
+    async def _admit_fleet(self, acct: _Account, amount: int, model: str):
+        """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
+        fleet = self.fleet
+        subjects = acct.subjects
+        if subjects is None:
+            subjects = acct.subjects = self._fleet_subjects(acct)
+        try:
+            return await fleet.admit(subjects, amount, acct.key.team)
+        except fleet.BudgetShort as short:
+            s = short.subject
+            raise self._refusal(s.holder, short.remaining, amount, acct.key, acct.team, model) from None
+
+    def _fleet_subjects(self, acct: _Account) -> tuple:
+        Subject = self.fleet.Subject
+        key, team = acct.key, acct.team
+        out = []
+        for h, limits, label in ((acct.holders[0], self._key_limits(key), "this key"),
+                                 *(((acct.holders[1], team.limits, f"team {team.name!r}"),) if team else ())):
+            budget = h.budget.nano if h.budget is not None else -1
+            if not limits and budget < 0 and h.scope == "key" and team is not None:
+                continue  # nothing to share for the key itself: its team's subject does it
+            out.append(Subject(f"{h.scope}:{h.name}", label, limits or NO_LIMITS, budget, h,
+                               h.period_start, h.resets_at))
+        return tuple(out)
+
+    def _static_subject(self, key_id: str):
+        s = self._static_subjects.get(key_id)
+        if s is None:
+            if len(self._static_subjects) >= 10_000:
+                self._static_subjects.clear()
+            s = self._static_subjects[key_id] = self.fleet.Subject("static:" + key_id, "this key",
+                                                                   self.limiter.defaults, -1, None, 0.0, math.inf)
+        return s
 
     async def _admit_queued(self, request, acct: _Account, amount: int) -> GovernedLease:
         """Admission when the limiter queues: wait for the key's and the team's turn, then judge the key and
@@ -799,11 +846,7 @@ class Governance:
                 kid = new_key_id()
             key = KeyRecord(kid, fields["name"], digest_of(secret), fields["team"], fields["models"],
                             fields["budget"], fields["limits"], fields["expires_at"], fields["metadata"], self.wall())
-            await self._persist(self.store.put_key(key) if self.store else None)
-            first = not self.keys
-            self._install_key(key)
-        if first and self.on_first_key is not None:
-            self.on_first_key()
+            await self._put_key(key, {"op": "create_key", "key": key.to_doc()})
         log.info("key %s (%s) created%s", kid, key.name, f" in team {key.team}" if key.team else "")
         return {**self.describe_key(kid), "secret": secret}
 
@@ -814,8 +857,7 @@ class Governance:
             if "team" in patch:
                 self._known_team(patch["team"])
             new = attrs.evolve(key, **patch)
-            await self._persist(self.store.put_key(new) if self.store else None)
-            self._install_key(new)
+            await self._put_key(new, {"op": "update_key", "id": key_id, "patch": data})
         return self.describe_key(key_id)
 
     async def revoke_key(self, key_id: str) -> dict:
@@ -824,8 +866,7 @@ class Governance:
             key = self._key(key_id)
             if key.revoked_at is None:
                 new = attrs.evolve(key, revoked_at=self.wall(), previous_until=None)
-                await self._persist(self.store.put_key(new) if self.store else None)
-                self._install_key(new)
+                await self._put_key(new, {"op": "revoke_key", "id": key_id, "revoked_at": new.revoked_at})
         log.info("key %s revoked", key_id)
         return self.describe_key(key_id)
 
@@ -845,8 +886,9 @@ class Governance:
             now = self.wall()
             new = attrs.evolve(key, digest=digest_of(secret), previous_digest=key.digest if grace_ms else None,
                                previous_until=now + grace_ms / 1000 if grace_ms else None)
-            await self._persist(self.store.put_key(new) if self.store else None)
-            self._install_key(new)
+            await self._put_key(new, {"op": "rotate_key", "id": key_id, "digest": new.digest.hex(),
+                                      "previous_digest": key.digest.hex() if grace_ms else None,
+                                      "previous_until": new.previous_until})
         log.info("key %s rotated (previous secret valid %gs more)", key_id, grace_ms / 1000)
         return {**self.describe_key(key_id), "secret": secret}
 
@@ -864,8 +906,7 @@ class Governance:
                 raise GatewayError(409, f"team {fields['name']!r} exists; change it with PATCH /admin/teams/"
                                    f"{fields['name']}", param="name", code="conflict")
             team = Team(fields["name"], fields["models"], fields["budget"], fields["limits"], self.wall())
-            await self._persist(self.store.put_team(team) if self.store else None)
-            self.teams[team.name] = team
+            await self._put_team(team, {"op": "create_team", "team": team.to_doc()})
         return self.describe_team(team.name)
 
     async def update_team(self, name: Any, data: Any) -> dict:
@@ -873,27 +914,107 @@ class Governance:
         async with self._changes:
             team = self._team(name)
             new = attrs.evolve(team, **patch)
-            await self._persist(self.store.put_team(new) if self.store else None)
-            self.teams[name] = new
-            self._accounts.clear()
-            a = self._allowances.get(("team", name))
-            if a is not None:
-                self._rebudget(a, new.budget)
+            await self._put_team(new, {"op": "update_team", "name": name, "patch": data})
         return self.describe_team(name)
 
     async def delete_team(self, name: Any) -> dict:
         async with self._changes:
             self._team(name)
-            members = sorted(k.id for k in self.keys.values() if k.team == name and k.revoked_at is None)
-            if members:
-                raise GatewayError(409, f"team {name!r} still has {len(members)} active key(s) ({', '.join(members[:5])}"
-                                   f"{', ...' if len(members) > 5 else ''}); move or revoke them first", param="name",
-                                   code="team_not_empty")
-            await self._persist(self.store.delete_team(name) if self.store else None)
-            del self.teams[name]
-            self._accounts.clear()
-            self._allowances.pop(("team", name), None)
+            await self._drop_team(name, {"op": "delete_team", "name": name})
         return {"name": name, "deleted": True}
+
+    async def _drop_team(self, name: str, change: dict | None) -> None:
+        members = sorted(k.id for k in self.keys.values() if k.team == name and k.revoked_at is None)
+        if members:
+            raise GatewayError(409, f"team {name!r} still has {len(members)} active key(s) ({', '.join(members[:5])}"
+                               f"{', ...' if len(members) > 5 else ''}); move or revoke them first", param="name",
+                               code="team_not_empty")
+        await self._persist(self.store.delete_team(name) if self.store else None)
+        del self.teams[name]
+        self._accounts.clear()
+        self._allowances.pop(("team", name), None)
+        self._changed(change)
+
+    # -- changes: made here (told to the listeners), or made by another instance (apply_change) ---------
+
+    def subscribe(self, listener: Callable[[dict, str], None]) -> None:
+        """Call ``listener(change, "local")`` after each key or team change made here is in force and
+        persisted, in the order they were made. ``change`` is plain JSON data carrying no secret (a key's
+        digests only): what :meth:`apply_change` takes on another instance. It must not block."""
+        self._listeners.append(listener)
+
+    def _changed(self, change: dict | None) -> None:
+        if change is None:
+            return  # another instance's, applied here
+        for listener in self._listeners:
+            try:
+                listener(change, "local")
+            except Exception:
+                log.exception("a key change listener failed (the change stands)")
+
+    async def _put_key(self, key: KeyRecord, change: dict | None) -> None:
+        """Persist and install ``key`` (the caller holds ``_changes``)."""
+        await self._persist(self.store.put_key(key) if self.store else None)
+        first = not self.keys
+        self._install_key(key)
+        if first and self.on_first_key is not None:
+            self.on_first_key()
+        self._changed(change)
+
+    async def _put_team(self, team: Team, change: dict | None) -> None:
+        await self._persist(self.store.put_team(team) if self.store else None)
+        self.teams[team.name] = team
+        self._accounts.clear()
+        a = self._allowances.get(("team", team.name))
+        if a is not None:
+            self._rebudget(a, team.budget)
+        self._changed(change)
+
+    async def apply_change(self, change: dict) -> str:
+        """Apply a change another instance made (what a listener was given there), validated again,
+        persisted in this instance's store and installed, and not told to the listeners. Returns what it
+        did; raises GatewayError (or KeyError/TypeError/ValueError for a malformed change) having changed
+        nothing. A revocation is final: a change to a key revoked here keeps it revoked."""
+        op = change["op"]
+        async with self._changes:
+            if op == "create_key":
+                key = key_from_doc(change["key"])
+                if key.team is not None and key.team not in self.teams:
+                    raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
+                old = self.keys.get(key.id)
+                if old is not None and old.revoked_at is not None:
+                    key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
+                await self._put_key(key, None)
+            elif op == "update_key":
+                key = self._key(change["id"])
+                patch = parse_key_patch(change["patch"])
+                if "team" in patch:
+                    self._known_team(patch["team"])
+                await self._put_key(attrs.evolve(key, **patch), None)
+            elif op == "revoke_key":
+                key = self._key(change["id"])
+                if key.revoked_at is None:
+                    await self._put_key(attrs.evolve(key, revoked_at=float(change["revoked_at"]), previous_until=None),
+                                        None)
+            elif op == "rotate_key":
+                key = self._key(change["id"])
+                if key.revoked_at is not None:
+                    raise GatewayError(409, f"the key {key.id} is revoked here", code="key_revoked")
+                prev, until = change["previous_digest"], change["previous_until"]
+                await self._put_key(attrs.evolve(key, digest=bytes.fromhex(change["digest"]),
+                                                 previous_digest=bytes.fromhex(prev) if prev else None,
+                                                 previous_until=float(until) if until is not None else None), None)
+            elif op == "create_team":
+                await self._put_team(team_from_doc(change["team"]), None)
+            elif op == "update_team":
+                team = self._team(change["name"])
+                await self._put_team(attrs.evolve(team, **parse_team_patch(change["patch"])), None)
+            elif op == "delete_team":
+                if change["name"] in self.teams:
+                    await self._drop_team(change["name"], None)
+            else:
+                raise ValueError(f"unknown key or team change {op!r}")
+        return op
 
     def _team(self, name: Any) -> Team:
         team = self.teams.get(name) if isinstance(name, str) else None

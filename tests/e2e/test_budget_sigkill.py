@@ -130,6 +130,7 @@ async def test_a_sigkill_loses_no_settled_spend_and_leaves_no_reservation_held(t
     assert m, log
     settled, released = int(m.group(1)), int(m.group(2))
     assert HELD <= released <= HELD + WORKERS
-    assert settled >= 1
+    # How many settlements the replay charges depends on how many came after the last 200 ms checkpoint (none,
+    # on a slow enough machine): that the replay charges them is tests/governance/test_journal.py's to show.
     print(f"received {len(received)} answers (${got:.3f}); settled ${key['spent_usd']:.3f} ({extra:.0f} in transit "
           f"at the kill); the replay charged {settled} and released {released}")

@@ -1,0 +1,194 @@
+"""The fleet's admission and settlement scripts (runestone.cluster.limits) against a real redis-server.
+
+Every time the scripts judge by is passed to them explicitly (the wall clock of :class:`FleetLimits` is a
+variable the test sets), so nothing here depends on how fast the machine is: the edges are exact.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from runestone.cluster.limits import HOLD_TTL, BudgetShort, FleetLimits, Subject
+from runestone.cluster.redis import open_redis
+from runestone.config.schema import LimitsConfig
+from runestone.front.limits import KeyLimiter, LimitValues
+from runestone.governance import Governance
+from runestone.routing.errors import GatewayError
+
+T0 = 1_800_000_000.0  # a wall-clock second (2027-01-15), the start of the tests' time
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fleet(redis, clock: Clock, instance: str) -> FleetLimits:
+    gov = Governance(None, KeyLimiter(LimitsConfig()), wall=clock)
+    return FleetLimits(redis, gov, instance=instance, wall=clock)
+
+
+def _subject(name="team:eng", limits=LimitValues(), budget=-1, start=0.0, end=float("inf")) -> Subject:
+    return Subject(name, "team 'eng'", limits, budget, None, start, end)
+
+
+@asynccontextmanager
+async def _fleets(redis_server, *names: str, **settings):
+    """A clock the test sets, a client, and one FleetLimits per instance name."""
+    clock = Clock()
+    async with open_redis(redis_server.url, timeout=10, **settings) as redis:
+        await redis.wait_up()
+        yield clock, redis, [_fleet(redis, clock, name) for name in names]
+
+
+async def _drain(fleet: FleetLimits) -> None:
+    """Send the queued settlements now (what run()'s sender does in the background)."""
+    with trio.fail_after(30):
+        while fleet._queue:
+            assert await fleet.send_batch()
+
+
+async def test_gcra_edge_exact_at_the_limit_and_one_interval_later(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        s = _subject(limits=LimitValues(rpm=6))
+        for i in range(6):  # a burst of the whole limit, alternating between two instances
+            await (a if i % 2 else b).admit((s,), 0)
+        with pytest.raises(GatewayError) as refused:
+            await a.admit((s,), 0)
+        assert refused.value.status == 429 and "6 requests per minute" in str(refused.value)
+        # one interval (60 s / 6) minus a millisecond later: still refused; at the interval: exactly one more
+        clock.t = T0 + 9.999
+        with pytest.raises(GatewayError):
+            await b.admit((s,), 0)
+        clock.t = T0 + 10.0
+        await b.admit((s,), 0)
+        with pytest.raises(GatewayError):
+            await a.admit((s,), 0)
+
+
+async def test_two_subjects_are_taken_together_or_not_at_all(redis_server):
+    async with _fleets(redis_server, "a") as (clock, redis, [a]):
+        key = _subject("key:k1", LimitValues(rpm=100))
+        team = _subject("team:eng", LimitValues(rpm=2))
+        await a.admit((key, team), 0)
+        await a.admit((key, team), 0)
+        with pytest.raises(GatewayError) as refused:
+            await a.admit((key, team), 0)
+        assert "team 'eng'" in str(refused.value)
+        # the refused request took nothing from the key's bucket: its 100 are 98 away from empty
+        tat = float(await redis.execute("GET", "runestone:lim:key:k1:rpm"))
+        assert tat == pytest.approx(T0 * 1000 + 2 * 600, abs=0.01)
+
+
+async def test_concurrency_holds_expire_when_their_instance_is_gone(redis_server):
+    async with _fleets(redis_server, "dead", "alive") as (clock, redis, (dead, alive)):
+        s = _subject(limits=LimitValues(max_concurrent=2))
+        await dead.admit((s,), 0)
+        await dead.admit((s,), 0)  # held by an instance that will never settle them
+        with pytest.raises(GatewayError) as refused:
+            await alive.admit((s,), 0)
+        assert "2 requests in flight across the fleet" in str(refused.value)
+        clock.t = T0 + HOLD_TTL - 0.001
+        with pytest.raises(GatewayError):
+            await alive.admit((s,), 0)
+        clock.t = T0 + HOLD_TTL
+        lease = await alive.admit((s,), 0)
+        await alive.admit((s,), 0)
+        with pytest.raises(GatewayError):
+            await alive.admit((s,), 0)
+        lease.release()  # a settled hold gives its place back at once
+        await _drain(alive)
+        await alive.admit((s,), 0)
+
+
+async def test_budget_reserve_settle_and_expired_reservation(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        s = _subject(budget=1000, start=T0 - 100, end=T0 + 1000)
+        first = await a.admit((s,), 400)
+        await b.admit((s,), 400)  # b never settles: its reservation expires with its hold
+        with pytest.raises(BudgetShort) as short:
+            await a.admit((s,), 201)
+        assert short.value.remaining == 200
+        first.settle(0, 0, 150e-9)  # 150 nano-USD: 250 of the 400 come back
+        await _drain(a)
+        await a.admit((s,), 450)
+        with pytest.raises(BudgetShort) as short:
+            await a.admit((s,), 1)
+        assert short.value.remaining == 0
+        period = f"runestone:lim:team:eng:p:{int(T0 - 100)}"
+        assert int(await redis.execute("HGET", period, "spent")) == 150
+        clock.t = T0 + HOLD_TTL  # every hold expired (the period lasts longer): only the spend stays
+        await a.admit((s,), 850)
+        with pytest.raises(BudgetShort) as short:
+            await a.admit((s,), 1)
+        assert short.value.remaining == 0
+
+
+async def test_budget_period_rollover_starts_afresh(redis_server):
+    async with _fleets(redis_server, "a") as (clock, redis, [a]):
+        day1 = _subject(budget=100, start=T0, end=T0 + 86400)
+        lease = await a.admit((day1,), 100)
+        with pytest.raises(BudgetShort):
+            await a.admit((day1,), 1)
+        clock.t = T0 + 86400  # the next period: a new period key, the whole budget again
+        day2 = _subject(budget=100, start=T0 + 86400, end=T0 + 2 * 86400)
+        await a.admit((day2,), 100)
+        # the first day's reservation settles in its own period, never the new one's
+        lease.settle(0, 0, 60e-9)
+        await _drain(a)
+        assert int(await redis.execute("HGET", f"runestone:lim:team:eng:p:{int(T0)}", "spent")) == 60
+        assert int(await redis.execute("HGET", f"runestone:lim:team:eng:p:{int(T0)}", "reserved")) == 0
+        assert int(await redis.execute("HGET", f"runestone:lim:team:eng:p:{int(T0 + 86400)}", "spent")) == 0
+
+
+async def test_tokens_per_minute_charged_at_settlement(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        s = _subject(limits=LimitValues(tpm=600))
+        lease = await a.admit((s,), 0)
+        lease.settle(500, 200, 0.0)  # 700 tokens: 100 over the minute's 600
+        await _drain(a)
+        with pytest.raises(GatewayError) as refused:
+            await b.admit((s,), 0)
+        assert "600 tokens per minute" in str(refused.value)
+        clock.t = T0 + 10.0  # 100 tokens paid back at 10 per second
+        await b.admit((s,), 0)
+
+
+async def test_redis_down_gives_this_instance_its_share(redis_server):
+    async with _fleets(redis_server, "a", backoff_max=0.05) as (clock, redis, [a]):
+        a.instances = 3
+        rate = _subject("static:k", LimitValues(rpm=9))
+        money = _subject("team:eng", budget=900, start=0.0)
+        await a.admit((rate, money), 300)  # seen in Redis: 600 left
+        redis_server.kill()
+        with trio.fail_after(30):
+            while redis.state == "up":
+                await trio.sleep(0.01)
+        # 600 left / 3 instances = 200 of budget; 9 rpm / 3 = 3 requests
+        lease = await a.admit((rate, money), 100)
+        assert a.mode == "local"
+        with pytest.raises(BudgetShort) as short:
+            await a.admit((rate, money), 101)
+        assert short.value.remaining == 100
+        await a.admit((rate, money), 50)
+        await a.admit((rate, money), 0)
+        with pytest.raises(GatewayError) as refused:
+            await a.admit((rate, money), 0)
+        assert "3 requests per minute" in str(refused.value)
+        lease.settle(0, 0, 40e-9)  # spend while down: kept for Redis
+        assert len(a._queue) == 1
+        redis_server.start()
+        with trio.fail_after(30):
+            await redis.wait_up()
+            while a._queue:  # the first calls after the restart may still find the connection down
+                if not await a.send_batch():
+                    await trio.sleep(0.05)
+        await a.admit((rate, money), 0)
+        assert a.mode == "shared"
+        assert int(await redis.execute("HGET", "runestone:lim:team:eng:p:0", "spent")) == 40
