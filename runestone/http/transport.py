@@ -67,6 +67,15 @@ class PoolLimits:
 
 
 
+def _first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (any case) among ``headers`` (names lowercased), or None."""
+    name = name.lower()
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class UpstreamResponse:
     """A response whose head has arrived and whose body is read on demand.
 
@@ -84,11 +93,7 @@ class UpstreamResponse:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (any case), or None."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return _first_header(self.headers, name)
 
     def __aiter__(self) -> UpstreamResponse:
         return self
@@ -223,11 +228,7 @@ class MockRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (any case), or None."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return _first_header(self.headers, name)
 
     def json(self) -> Any:
         """The body parsed as JSON."""
