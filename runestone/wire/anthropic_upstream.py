@@ -25,6 +25,7 @@ from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_
 __all__ = [
     "AnthropicToOpenAIStream",
     "TranslationError",
+    "chat_messages",
     "data_url_parts",
     "tool_arguments",
     "UpstreamStreamError",
@@ -195,6 +196,18 @@ def _push(out: list, role: str, content) -> None:
         out.append({"role": role, "content": content})
 
 
+def chat_messages(body: dict):
+    """``(index, message)`` for each message of an OpenAI chat body, as the translations read them; a 400 when
+    ``messages`` is not an array or (when reached) a message is not an object."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise TranslationError("messages", "messages must be an array")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise TranslationError(f"messages[{i}]", "each message must be an object")
+        yield i, msg
+
+
 def data_url_parts(url: str, param: str) -> tuple[str, str]:
     """(media type with its parameters, base64 data) of a ``data:`` URL, which every translation takes images
     and files as; a 400 naming ``param`` unless it is ``data:<media type>;base64,<data>``."""
@@ -260,15 +273,10 @@ def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: i
 
     Raises :class:`TranslationError` naming the offending field when a message cannot be expressed.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise TranslationError("messages", "messages must be an array")
     system_parts: list[dict] = []
     out: list[dict] = []
     has_tool_blocks = False
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise TranslationError(f"messages[{i}]", "each message must be an object")
+    for i, msg in chat_messages(body):
         role = msg.get("role")
         content = msg.get("content")
         if role == "user":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .anthropic_upstream import data_url_parts, tool_arguments
+from .anthropic_upstream import chat_messages, data_url_parts, tool_arguments
 from .errors import ErrorInfo, InvalidRequest, loads_or_none
 from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
@@ -156,15 +156,10 @@ def openai_to_converse_request(body: dict, *, default_max_tokens: int = 4096) ->
       parameter on Bedrock; ``maxTokens`` is then always sent, from ``default_max_tokens`` if need be).
     - Parameters with no Converse equivalent (``n``, ``seed``, ``logprobs``, penalties...) are dropped.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise _bad("messages", "messages must be an array")
     system: list[dict] = []
     out: list[dict] = []
     has_tool_blocks = False
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise _bad(f"messages[{i}]", "each message must be an object")
+    for i, msg in chat_messages(body):
         role = msg.get("role")
         content = msg.get("content")
         param = f"messages[{i}].content"

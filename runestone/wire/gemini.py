@@ -53,7 +53,7 @@ import struct
 import attrs
 import orjson
 
-from .anthropic_upstream import TranslationError, data_url_parts, tool_arguments
+from .anthropic_upstream import TranslationError, chat_messages, data_url_parts, tool_arguments
 from .errors import UpstreamErrorBody, loads_or_none, scrub
 from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
                         reasoning_of)
@@ -367,15 +367,10 @@ def openai_to_gemini_request(body: dict) -> dict:
 
     Raises :class:`TranslationError` naming the field when the request cannot be expressed.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise TranslationError("messages", "messages must be an array")
     system: list[dict] = []
     contents: list[dict] = []
     call_names: dict[str, str] = {}
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise TranslationError(f"messages[{i}]", "each message must be an object")
+    for i, msg in chat_messages(body):
         role = msg.get("role")
         content = msg.get("content")
         if role == "user":

@@ -1,5 +1,6 @@
-"""An image as a data URL, read the same way by every upstream translation (Anthropic, Gemini, Bedrock):
-its media type and base64 data carried over, a data URL that is not base64 a 400 naming the part."""
+"""What every upstream translation (Anthropic, Gemini, Bedrock) reads the same way: the messages array, each
+message an object, else a 400 naming it; an image as a data URL, its media type and base64 data carried over,
+a data URL that is not base64 a 400 naming the part."""
 
 import pytest
 
@@ -37,3 +38,14 @@ def test_data_url_not_base64_is_a_400_naming_the_part(name, url):
         TRANSLATIONS[name](_image(url))
     assert info.value.param == "messages[0].content[1].image_url"
     assert "data URLs must be base64 encoded" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSLATIONS))
+@pytest.mark.parametrize(("messages", "param", "message"), [
+    ({"role": "user", "content": "hi"}, "messages", "messages must be an array"),
+    ([{"role": "user", "content": "hi"}, "hi"], "messages[1]", "each message must be an object"),
+])
+def test_messages_not_an_array_of_objects_is_a_400_naming_it(name, messages, param, message):
+    with pytest.raises(InvalidRequest) as info:
+        TRANSLATIONS[name]({"model": "m", "messages": messages})
+    assert (info.value.param, info.value.message) == (param, message)
