@@ -24,6 +24,7 @@ from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_
 
 __all__ = [
     "AnthropicToOpenAIStream",
+    "ChunkTranslator",
     "TranslationError",
     "chat_messages",
     "data_url_parts",
@@ -485,7 +486,30 @@ def anthropic_to_openai_response(msg: dict, *, model: str, request_id: str, crea
 
 
 @attrs.define
-class AnthropicToOpenAIStream:
+class ChunkTranslator:
+    """What every upstream stream translator into OpenAI chunks shares: the chunks' id, created and model;
+    with ``include_usage`` a ``"usage": None`` on each chunk and a last usage-only chunk."""
+
+    model: str
+    request_id: str
+    created: int
+    include_usage: bool
+    usage: dict | None = None
+
+    def _chunk_of(self, choices: list) -> dict:
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _usage_chunk(self, usage: dict) -> dict:
+        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage}
+
+
+@attrs.define
+class AnthropicToOpenAIStream(ChunkTranslator):
     """Translate an Anthropic event stream into OpenAI ``chat.completion.chunk`` dicts; one per response.
 
     Feed every event in order with its decoded data. The first chunk (at ``message_start``) carries
@@ -497,11 +521,6 @@ class AnthropicToOpenAIStream:
     raises :class:`UpstreamStreamError`.
     """
 
-    model: str
-    request_id: str
-    created: int
-    include_usage: bool
-    usage: dict | None = None
     finish_reason: str | None = None
     done: bool = False
     _input_tokens: int = 0
@@ -512,16 +531,7 @@ class AnthropicToOpenAIStream:
     _thinking_index: dict[int, int] = attrs.Factory(dict)
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        chunk = {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+        return self._chunk_of([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
     def _take_usage(self, usage: dict) -> None:
         # Counts in message_delta are cumulative; a missing or null field keeps what message_start said.
@@ -601,16 +611,7 @@ class AnthropicToOpenAIStream:
         if event == "message_stop":
             self.done = True
             if self.include_usage:
-                return [
-                    {
-                        "id": self.request_id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": self.usage or _openai_usage(0, 0, 0, 0),
-                    }
-                ]
+                return [self._usage_chunk(self.usage or _openai_usage(0, 0, 0, 0))]
             return []
         if event == "error":
             err = data.get("error") or {}

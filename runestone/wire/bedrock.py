@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .anthropic_upstream import chat_messages, data_url_parts, tool_arguments
+from .anthropic_upstream import ChunkTranslator, chat_messages, data_url_parts, tool_arguments
 from .errors import ErrorInfo, InvalidRequest, loads_or_none
 from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
 
@@ -340,7 +340,7 @@ def converse_to_openai_response(obj: dict, *, model: str, request_id: str, creat
 
 
 @attrs.define
-class ConverseToOpenAIStream:
+class ConverseToOpenAIStream(ChunkTranslator):
     """ConverseStream events in, OpenAI ``chat.completion.chunk`` dicts out; one per response.
 
     ``feed(event_type, payload)`` takes each event as botocore's decoder gave it (the ``:event-type`` header
@@ -350,23 +350,13 @@ class ConverseToOpenAIStream:
     usage-only chunk. ``done`` turns true at ``metadata``; ``stopped`` at ``messageStop``.
     """
 
-    model: str
-    request_id: str
-    created: int
-    include_usage: bool
-    usage: dict | None = None
     done: bool = False
     stopped: bool = False
     _tools: dict[int, int] = attrs.Factory(dict)  # contentBlockIndex -> tool call index
     _thinking: dict[int, int] = attrs.Factory(dict)  # contentBlockIndex -> thinking block index
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        chunk = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+        return self._chunk_of([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
     def _thinking_index(self, block: int) -> int:
         index = self._thinking.get(block)
@@ -421,8 +411,7 @@ class ConverseToOpenAIStream:
             self.usage = _openai_usage(data.get("usage"))
             self.done = True
             if self.include_usage:
-                return [{"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model, "choices": [], "usage": self.usage}]
+                return [self._usage_chunk(self.usage)]
             return []
         return []  # events added later are ignored, as the SDKs do
 

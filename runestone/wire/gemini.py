@@ -53,7 +53,7 @@ import struct
 import attrs
 import orjson
 
-from .anthropic_upstream import TranslationError, chat_messages, data_url_parts, tool_arguments
+from .anthropic_upstream import ChunkTranslator, TranslationError, chat_messages, data_url_parts, tool_arguments
 from .errors import UpstreamErrorBody, loads_or_none, scrub
 from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
                         reasoning_of)
@@ -668,7 +668,7 @@ def gemini_to_openai_response(doc: dict, *, model: str, request_id: str, created
 
 
 @attrs.define
-class GeminiToOpenAIStream:
+class GeminiToOpenAIStream(ChunkTranslator):
     """Translate ``streamGenerateContent?alt=sse`` events into ``chat.completion.chunk`` dicts; one per response.
 
     Feed each event's decoded data in order. Each candidate's first chunk carries ``delta.role``; text parts
@@ -679,11 +679,6 @@ class GeminiToOpenAIStream:
     end marker of its own: its stream ends with the HTTP body.
     """
 
-    model: str
-    request_id: str
-    created: int
-    include_usage: bool
-    usage: dict | None = None
     _started: set = attrs.Factory(set)
     _finished: set = attrs.Factory(set)
     _tool_index: dict = attrs.Factory(dict)
@@ -691,18 +686,9 @@ class GeminiToOpenAIStream:
     _thoughts: dict = attrs.Factory(dict)
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
-        chunk = {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": index, "delta": delta,
-                         "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-                         "finish_reason": finish_reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+        return self._chunk_of([{"index": index, "delta": delta,
+                                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                                 "finish_reason": finish_reason}])
 
     def feed(self, doc: dict) -> list[dict]:
         meta = doc.get("usageMetadata")
@@ -766,8 +752,7 @@ class GeminiToOpenAIStream:
         """The chunks after the last event: the usage chunk, when the client asked for it."""
         if not self.include_usage:
             return []
-        return [{"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "choices": [], "usage": self.usage or gemini_usage(None)}]
+        return [self._usage_chunk(self.usage or gemini_usage(None))]
 
 
 def gemini_to_openai_embeddings(doc: dict, model: str, encoding_format: str | None = None,
