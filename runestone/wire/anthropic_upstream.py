@@ -171,8 +171,8 @@ def _user_blocks(content, param: str):
             data = file.get("file_data")
             if not isinstance(data, str) or not data.startswith("data:"):
                 raise TranslationError(f"{param}[{k}].file", "only inline file_data (a base64 data URL) can be sent")
-            header, _, b64 = data.partition(",")
-            block = {"type": "document", "source": {"type": "base64", "media_type": header[5:].split(";")[0], "data": b64}}
+            media, b64 = data_url_parts(data, f"{param}[{k}].file.file_data")
+            block = {"type": "document", "source": {"type": "base64", "media_type": media.split(";")[0], "data": b64}}
         else:
             raise TranslationError(f"{param}[{k}].type", f"content part type {kind!r} is not supported by this provider")
         cache_control = part.get("cache_control")

@@ -177,6 +177,18 @@ def test_a_thinking_block_gemini_signed_is_a_400_naming_it_not_a_relayed_refusal
     assert body["messages"][1]["content"][0] == {"type": "thinking", "thinking": "t", "signature": "Anthropic-sig"}
 
 
+def test_a_file_part_must_be_a_base64_data_url():
+    def turn(data):
+        return {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": data}}]}]}
+
+    body = openai_to_anthropic_request(turn("data:application/pdf;base64,JVBERi0="), model="m", stream=False)
+    assert body["messages"][0]["content"][0] == {
+        "type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+    with pytest.raises(TranslationError) as info:  # was sent upstream as if it were base64
+        openai_to_anthropic_request(turn("data:application/pdf,%25PDF-1.4"), model="m", stream=False)
+    assert info.value.param == "messages[0].content[0].file.file_data" and info.value.status == 400
+
+
 def test_text_response():
     resp = anthropic_to_openai_response(fixture("anthropic_message_text.json"), model="claude-sonnet-4-5", request_id="chatcmpl-1", created=1700000000)
     ChatCompletion.model_validate(resp)
