@@ -15,7 +15,6 @@ usage ledger; a write runs to its end even if the caller is cancelled meanwhile.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from typing import Callable
@@ -23,6 +22,8 @@ from typing import Callable
 import attrs
 import orjson
 import trio
+
+from ..storage.sqlite import open_sqlite
 
 __all__ = ["ResponseStore", "StoredResponse"]
 
@@ -64,18 +65,7 @@ class ResponseStore:
         self._lock = trio.Lock()
 
     def _open_sync(self) -> sqlite3.Connection:
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return open_sqlite(self.path, _SCHEMA)
 
     async def _run(self, fn, *args):
         async with self._lock:

@@ -14,7 +14,6 @@ disk error does, and the next write opens a new connection, so the store resumes
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 import trio
 
+from ..storage.sqlite import open_sqlite
 from .records import KeyRecord, Team, key_from_doc, team_from_doc
 
 __all__ = ["KeyStore", "KeyStoreError", "Loaded", "PostgresKeyBackend", "SQLiteKeyBackend"]
@@ -87,16 +87,7 @@ class SQLiteKeyBackend:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            os.makedirs(self.path.parent, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.executescript(_SCHEMA)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = open_sqlite(str(self.path), _SCHEMA)
         return self._conn
 
     def read(self) -> tuple[list, list, list] | None:

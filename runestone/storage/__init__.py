@@ -8,9 +8,11 @@ thread (``trio.to_thread``), as the SQLite stores do, so the event loop never wa
 holding it) and brings the schema up to date on each one it opens (:mod:`.migrations`: numbered migrations as
 data, applied once each under an advisory lock, so instances starting together never race). This package
 imports nothing else of ours; psycopg (the ``postgres`` extra) is imported only when a database url is used.
+:func:`.sqlite.open_sqlite` opens the embedded default's SQLite files, the same way for every store.
 """
 
 from .migrations import MIGRATIONS as MIGRATIONS, Migration as Migration
+from .sqlite import open_sqlite as open_sqlite
 from .postgres import (
     DatabaseError as DatabaseError,
     Session as Session,
@@ -22,5 +24,5 @@ from .postgres import (
     row_error_types as row_error_types,
 )
 
-__all__ = ["MIGRATIONS", "DatabaseError", "Migration", "Session", "bounded", "connect", "failure_types", "migrate", "redact",
-           "row_error_types"]
+__all__ = ["MIGRATIONS", "DatabaseError", "Migration", "Session", "bounded", "connect", "failure_types", "migrate",
+           "open_sqlite", "redact", "row_error_types"]

@@ -50,6 +50,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..storage.sqlite import open_sqlite
 from .costs import Pricer
 
 __all__ = ["MAX_NAME_CHARS", "MAX_TOKENS", "SUMMARY_COLUMNS", "LedgerBackend", "LedgerStatus",
@@ -211,17 +212,10 @@ class SQLiteLedgerBackend(LedgerBackend):
     def open(self) -> None:
         if self._conn is not None:
             return
-        directory = os.path.dirname(self.path)
-        if directory and self.path != ":memory:":
-            os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # SQLite's page cache (2 MB by default) fills with every page the ledger appends, so the
+        # process grew ~100 bytes per request up to 2 MB. Appends and the rare summary need little of it.
+        conn = open_sqlite(self.path, _SQLITE_SCHEMA, pragmas=(f"cache_size=-{_CACHE_KIB}",))
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # SQLite's page cache (2 MB by default) fills with every page the ledger appends, so the
-            # process grew ~100 bytes per request up to 2 MB. Appends and the rare summary need little of it.
-            conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-            conn.executescript(_SQLITE_SCHEMA)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
             if "request_id" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
