@@ -104,12 +104,15 @@ class _KeyState:
     #: (minute, hour): made with the buckets (see :func:`_set_buckets`).
     checked: tuple = ()
     counted: tuple = ()
+    #: ``limits.max_concurrent``, kept with the limits.
+    most: int = 0
 
     def __attrs_post_init__(self) -> None:
         _set_buckets(self, self.minute, self.hour, self.tokens)
 
 
 def _set_buckets(st: _KeyState, minute: _Bucket | None, hour: _Bucket | None, tokens: _Bucket | None) -> None:
+    st.most = st.limits.max_concurrent
     st.minute, st.hour, st.tokens = minute, hour, tokens
     st.counted = tuple(b for b in (minute, hour) if b is not None)
     st.checked = st.counted + ((tokens,) if tokens is not None else ())
@@ -268,7 +271,7 @@ class KeyLimiter:
         """Admit one request on every state in ``states`` at once (none queues: ``queue`` is off), or raise
         the first one's 429 and take nothing. The caller ends it with :func:`release_state` on each."""
         for st in states:  # _blocked's checks, inline
-            most = st.limits.max_concurrent
+            most = st.most
             if most and st.active >= most:
                 raise self._refusal(st, self._blocked(st, now), "")
             for b in st.checked:

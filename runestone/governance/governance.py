@@ -75,6 +75,11 @@ class Allowance:
     reserved: int = 0
     #: Requests admitted in the current period (cached answers included).
     requests: int = 0
+    #: ``budget.nano`` (None without a budget): what admission checks, kept with the budget.
+    cap: int | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.cap = self.budget.nano if self.budget is not None else None
 
     def roll(self, wall: float) -> bool:
         """Start a new period if ``wall`` is past this one's end; True when it did."""
@@ -136,7 +141,8 @@ class GovernedLease:
     @property
     def headers(self) -> tuple:
         """The ``x-ratelimit-*`` headers of the first limiter state (the key's when it has limits), as its
-        buckets are when first read."""
+        buckets are when first read, or at the settlement if that comes first (in the same step as the
+        answer's headers are made: one clock reading for both)."""
         headers = self._headers
         if headers is None:
             states = self._acct.states
@@ -177,6 +183,8 @@ class GovernedLease:
                 if t is not None:  # add_tokens, inline: a debt may build up, paid back at the bucket's rate
                     tat = t.tat
                     t.tat = (tat if tat > now else now) + tokens * t.interval
+            if self._headers is None:
+                self._headers = KeyLimiter._headers(states[0], now)
 
     def release(self) -> None:
         state = self._state
@@ -379,6 +387,7 @@ class Governance:
 
     def _rebudget(self, a: Allowance, budget: Budget | None) -> None:
         a.budget = budget
+        a.cap = budget.nano if budget is not None else None
         period = budget.period if budget else "total"
         if period != a.period:
             # A new kind of period starts its spend afresh: a day's spend is not a month's.
@@ -449,20 +458,19 @@ class Governance:
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
-        key, team = acct.key, acct.team
         model = request.model
         if model not in acct.allowed:
+            key, team = acct.key, acct.team
             self._check_models(key, team, model, plan)
             if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
                 acct.allowed.add(model)
         amount = self.worst_case(request, plan)
         if self.fleet is not None:
             return await self._admit_fleet(acct, amount, model)
-        holders = acct.holders
-        for h in holders:
-            budget = h.budget
-            if budget is not None and budget.nano - h.spent - h.reserved < amount:
-                raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, team, model)
+        for h in acct.holders:
+            cap = h.cap
+            if cap is not None and cap - h.spent - h.reserved < amount:
+                raise self._refusal(h, cap - h.spent - h.reserved, amount, acct.key, acct.team, model)
         states = acct.states
         if states:
             limiter = self.limiter
