@@ -40,7 +40,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..front.limits import KeyLimiter, LimitValues, release_state
+from ..front.limits import KeyLimiter, LimitValues
 from ..routing.errors import GatewayError
 from ..telemetry.costs import estimate_input_tokens, price_for
 from ..telemetry.events import BudgetExceeded
