@@ -22,7 +22,10 @@ instances are admitted exactly as far as the budget and the limits allow). Per s
 period the reservation was made in, and adds the tokens to the TPM buckets. Settlements are queued and
 sent in batches by :meth:`FleetLimits.run` (off the response path; a batch is one pipelined round trip;
 while Redis is away they wait and are retried, never dropped), so a request costs exactly one Redis round
-trip, its admission.
+trip, its admission. ADMIT's reply also says how far ahead the first rate-limited subject's buckets are,
+from which the lease's ``x-ratelimit-*`` headers are made (the local limiter's builder): what an instance
+sends counts the requests and tokens of the whole fleet. A response-cache hit is counted the same way
+(:meth:`FleetLimits.admit_hit`: ADMIT at amount 0, its hold given back at once).
 
 Degradation (Redis down, stalled, or too slow: the client refuses at once or within its deadline): the
 admission falls back to *this instance's share of the fleet*: each limit divided by the number of live
@@ -45,7 +48,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..front.limits import LimitValues, release_state
+from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
 from .breakers import instance_id
 from .redis import RedisClient, RedisError, RedisReplyError, RedisTimeout, RedisUnavailable, Script
@@ -67,9 +70,11 @@ BATCH = 512
 
 #: KEYS per subject: period hash, holds, amounts, rpm, rph, tpm. ARGV: now_ms, lease, hold_until_ms, amount,
 #: subjects, then per subject: budget (-1: none), period_end_ms (-1: never), spent_floor, rpm, rph, tpm,
-#: max_concurrent. Reply: {1, remaining_1, remaining_2...} (-1 for no budget) or {0, subject index, which,
-#: number} (which: "concurrent" with the count, "rpm"/"rph"/"tpm" with the wait in ms, "budget" with what
-#: remains).
+#: max_concurrent. Reply: {1, remaining_1, remaining_2..., [h, requests_ahead, tokens_ahead]} (-1 for no
+#: budget; then, when a subject has a rate limit, the first such one's index and how far ahead of now its
+#: request bucket (RPM, else RPH) and its TPM bucket are, in ms, -1 for a bucket it lacks: the
+#: ``x-ratelimit-*`` headers) or {0, subject index, which, number} (which: "concurrent" with the count,
+#: "rpm"/"rph"/"tpm" with the wait in ms, "budget" with what remains).
 ADMIT = Script("""
 local now = tonumber(ARGV[1])
 local amount = tonumber(ARGV[4])
@@ -150,6 +155,24 @@ for i = 1, n do
 end
 local out = {1}
 for i = 1, n do out[i + 1] = remaining[i] end
+for i = 1, n do
+  local k = (i - 1) * 6
+  local a = 5 + (i - 1) * 7
+  local rpm, rph, tpm = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  if rpm > 0 or rph > 0 or tpm > 0 then
+    local function ahead(key)
+      local t = tonumber(redis.call('GET', key) or now)
+      if t <= now then return 0 end
+      return math.ceil(t - now)
+    end
+    out[n + 2] = i
+    out[n + 3] = -1
+    if rpm > 0 then out[n + 3] = ahead(KEYS[k + 4]) elseif rph > 0 then out[n + 3] = ahead(KEYS[k + 5]) end
+    out[n + 4] = -1
+    if tpm > 0 then out[n + 4] = ahead(KEYS[k + 6]) end
+    break
+  end
+end
 return out
 """)
 
@@ -342,14 +365,17 @@ class FleetLimits:
             self._shares.clear()
         if reply[0] == 1:
             self.shared_admissions += 1
-            for s, left in zip(subjects, reply[1:]):
+            n = len(subjects)
+            for s, left in zip(subjects, reply[1:n + 1]):
                 if s.budget >= 0:
                     self._seen[s.name] = int(left)
             for s in subjects:
                 if s.holder is not None:
                     s.holder.requests += 1
-            return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects),
-                              team=team)
+            lease = FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), team=team)
+            if len(reply) > n + 3:
+                lease.headers = self._headers(subjects[int(reply[n + 1]) - 1], int(reply[n + 2]), int(reply[n + 3]))
+            return lease
         _, index, which, number = reply
         which = which.decode() if isinstance(which, bytes) else str(which)
         s = subjects[int(index) - 1]
@@ -358,6 +384,28 @@ class FleetLimits:
                 self._seen[s.name] = int(number)
             raise BudgetShort(s, int(number))
         raise self._limit_refusal(s, which, int(number))
+
+    async def admit_hit(self, subjects: tuple, team: str | None) -> bool:
+        """Count a response-cache hit on every subject (ADMIT at amount 0: the rate limits, a budget already
+        overspent, the period's request count) and give its hold back at once; False when refused."""
+        try:
+            lease = await self.admit(subjects, 0, team)
+        except (GatewayError, BudgetShort):
+            return False
+        lease.release()
+        return True
+
+    def _headers(self, s: Subject, requests_ahead: int, tokens_ahead: int) -> list:
+        """The ``x-ratelimit-*`` headers of ``s``'s shared buckets as ADMIT left them (ms ahead of now),
+        made by the local limiter's own builder on a view of them (a limiter state no request takes)."""
+        view = self.governance.limiter.state("fleet:" + s.name, s.limits, s.label)
+        now = trio.current_time()
+        b = view.minute or view.hour
+        if b is not None and requests_ahead >= 0:
+            b.tat = now + requests_ahead / 1000
+        if view.tokens is not None and tokens_ahead >= 0:
+            view.tokens.tat = now + tokens_ahead / 1000
+        return KeyLimiter._headers(view, now)
 
     def _admit_local(self, subjects: tuple, amount: int, team: str | None, lease_id: str,
                      why: Exception) -> FleetLease:
@@ -390,8 +438,11 @@ class FleetLimits:
                 s.holder.requests += 1
         self.local_admissions += 1
         # No hold in Redis: settling charges the spend only (SETTLE with a lease id Redis never saw).
-        return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), states,
-                          tuple(shares), team)
+        lease = FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), states,
+                           tuple(shares), team)
+        if states:
+            lease.headers = KeyLimiter._headers(states[0])
+        return lease
 
     def _limit_refusal(self, s: Subject, which: str, number: int) -> GatewayError:
         lim = s.limits

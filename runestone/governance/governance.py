@@ -541,15 +541,18 @@ class Governance:
         lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)
         return lease
 
-    def admit_cached(self, key_id: str | None, model: str) -> bool:
+    async def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
         team's request counts; it costs nothing). False when anything would refuse or make it wait: the
-        caller then serves the request through the pipeline, which refuses or queues it as it should."""
+        caller then serves the request through the pipeline, which refuses or queues it as it should.
+        With the fleet's shared limits, the count is the fleet's (see :meth:`_cached_fleet`)."""
         key = self.keys.get(key_id) if key_id is not None else None
         limiter = self.limiter
         if key is None:
             if not limiter.enabled:
                 return True
+            if self.fleet is not None:
+                return await self.fleet.admit_hit((self._static_subject(key_id or "open"),), None)
             lease = limiter.try_admit(key_id or "open")
             if lease is None:
                 return False
@@ -561,6 +564,8 @@ class Governance:
             self._check_models(key, team, model, None)
         except GatewayError:
             return False
+        if self.fleet is not None:
+            return await self._cached_fleet(key, wall)
         holders = self._holders(key, team, wall)
         if any(h.budget is not None and h.remaining() < 0 for h in holders):
             return False
@@ -585,6 +590,25 @@ class Governance:
             self._dirty.add(h)
         if self.journal is not None:
             self.journal.write(b"Q%d %s\n" % (wall, self._holder_fields[key.id]))
+        return True
+
+    async def _cached_fleet(self, key: KeyRecord, wall: float) -> bool:
+        """A cache hit counted on the fleet's shared limits: ADMIT at amount 0 (the rate limits and the
+        period's request count; a budget already overspent refuses), its hold given back at once."""
+        acct = self._accounts.get(key.id)
+        if acct is None or wall >= acct.until:
+            acct = self._account(key, wall)
+        subjects = acct.subjects
+        if subjects is None:
+            subjects = acct.subjects = self._fleet_subjects(acct)
+        if not await self.fleet.admit_hit(subjects, key.team):
+            return False
+        for h in acct.holders:  # the fleet counted the request on the holders it knows (their subjects)
+            if all(s.holder is not h for s in subjects):
+                h.requests += 1
+            self._dirty.add(h)
+        if self.journal is not None:
+            self.journal.write(b"Q%d %s\n" % (wall, acct.fields))
         return True
 
     def _active(self, key: KeyRecord, wall: float) -> Team | None:

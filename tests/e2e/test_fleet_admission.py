@@ -1,0 +1,75 @@
+"""Admission across the fleet beyond the limits themselves: two ``runestone serve`` processes, one redis-server.
+
+- Cached answers count fleet-wide: with a shared RPM of 3, one request repeated (and answered from the
+  response cache) through both instances is admitted exactly 3 times in all.
+- ``x-ratelimit-*`` headers on fleet-admitted requests: what instance B sends reflects the requests and
+  the tokens spent through A.
+- ``[limits] queue`` with the fleet: a request over the fleet's concurrency limit waits on its instance
+  until the holder on the other instance finishes, then is served.
+- The admin views and ``/v1/key`` show the fleet's spend (Redis's period hash), not one instance's.
+
+Waits are polls or events under generous bounds (they catch a hang, not slowness); nothing asserts how
+long anything took.
+"""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from fleettest import ADMIN, ASK, Fleet, priced_config, until
+from runestone.front.auth import key_id_of
+
+CLIENT = {"authorization": "Bearer client-key"}
+#: client-key's subject in Redis (runestone.cluster.limits)
+SUBJECT = f"runestone:lim:static:{key_id_of('client-key')}"
+
+
+def _config(upstream_port: int, extra: str = "") -> str:
+    return priced_config(upstream_port, ["client-key"], extra)
+
+
+async def test_cached_answers_count_against_the_fleets_rate_limit(tmp_path, redis_server, fake_factory):
+    upstream, _ = await fake_factory()
+    config = _config(upstream.port, "[cache]\nenabled = true\n[limits]\nrequests_per_minute = 3\n")
+    async with Fleet(tmp_path, redis_server.url, config, size=2, headers=ADMIN) as fleet:
+        a, b = fleet.instances
+        async with httpx.AsyncClient(timeout=30) as http:
+            statuses, caches = [], []
+            for inst in (a, a, b, b, a, b, a, b, a):  # the second (through A) is a hit from A's own cache
+                r = await http.post(inst.url + "/v1/chat/completions", headers=CLIENT, json=ASK)
+                statuses.append(r.status_code)
+                caches.append(r.headers.get("x-runestone-cache"))
+                if r.status_code == 429:
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+            assert caches[1] == "hit", caches
+            assert statuses.count(200) == 3 and statuses.count(429) == 6, (statuses, caches)
+
+
+async def test_rate_limit_headers_through_b_reflect_requests_made_through_a(tmp_path, redis_server, fake_factory):
+    upstream, _ = await fake_factory()
+    # one request per 36 s and 8000 tokens a minute (133 a second) refill far slower than these requests go
+    config = _config(upstream.port, "[limits]\nrequests_per_hour = 100\ntokens_per_minute = 8000\n")
+    big = {**ASK, "messages": [{"role": "user", "content": "word " * 4000}]}
+    async with Fleet(tmp_path, redis_server.url, config, size=2, headers=ADMIN) as fleet:
+        a, b = fleet.instances
+        async with httpx.AsyncClient(timeout=30) as http:
+            for body in (big, ASK, ASK):
+                r = await http.post(a.url + "/v1/chat/completions", headers=CLIENT, json=body)
+                assert r.status_code == 200, r.text
+                assert r.headers["x-ratelimit-limit-requests"] == "100"
+            used = r.json()["usage"]["total_tokens"]
+
+            async def settled() -> bool:  # A's settlements (the tokens) are in Redis
+                return (redis_server.command("ZCARD", SUBJECT + ":holds") == 0
+                        and redis_server.command("EXISTS", SUBJECT + ":tpm") == 1)
+
+            await until("A's requests settled in Redis", settled)
+            r = await http.post(b.url + "/v1/chat/completions", headers=CLIENT, json=ASK)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-ratelimit-limit-requests"] == "100"
+            assert r.headers["x-ratelimit-remaining-requests"] == "96"  # three through A, this one through B
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+            assert r.headers["x-ratelimit-limit-tokens"] == "8000"
+            # the big request's ~4000 tokens (and two small ones) were spent through A
+            assert used > 0 and int(r.headers["x-ratelimit-remaining-tokens"]) <= 7000, dict(r.headers)
