@@ -320,6 +320,11 @@ class FleetLimits:
         self._seq = 0
         self._queue: collections.deque = collections.deque()
         self._wake = trio.Event()
+        #: Set (and renewed) each time a batch of this instance's settlements has reached Redis: queued
+        #: admissions try again then.
+        self._released = trio.Event()
+        #: subject name -> admissions of it waiting here ([limits] queue).
+        self._waiting: dict[str, int] = {}
         #: "shared" while admissions go through Redis, "local" while this instance's share applies.
         self.mode = "shared"
         #: Live instances at the last heartbeat (1 until one was read).
@@ -384,6 +389,54 @@ class FleetLimits:
                 self._seen[s.name] = int(number)
             raise BudgetShort(s, int(number))
         raise self._limit_refusal(s, which, int(number))
+
+    async def admit_queued(self, subjects: tuple, amount: int, team: str | None = None) -> FleetLease:
+        """``[limits] queue`` with the fleet: :meth:`admit`, and while a rate limit refuses, wait and try the
+        script again, at most the limiter's ``queue_timeout`` (then its 429, saying it waited). A wait ends
+        when this instance's own settlements reach Redis (a hold here was given back), or after the
+        refusal's own retry time (a bucket refilling) or a backoff doubling from 50 ms to 1 s (a hold
+        given back by another instance): one script call per wake-up, no busy loop. At most the limiter's
+        ``queue_size`` requests of one subject wait here; more are refused at once."""
+        limiter = self.governance.limiter
+        name = subjects[0].name
+        waiting = self._waiting
+        deadline = trio.current_time() + limiter.queue_timeout
+        backoff = 0.05
+        queued = False
+        try:
+            while True:
+                released = self._released
+                try:
+                    return await self.admit(subjects, amount, team)
+                except GatewayError as exc:
+                    if exc.status != 429 or exc.code != "rate_limit_exceeded":
+                        raise
+                    now = trio.current_time()
+                    if now >= deadline:
+                        exc.message += f" (waited {limiter.queue_timeout:g}s in the queue)"
+                        exc.args = (exc.message,)
+                        raise
+                    if not queued:
+                        if waiting.get(name, 0) >= limiter.queue_size:
+                            raise
+                        queued = True
+                        waiting[name] = waiting.get(name, 0) + 1
+                        limiter.queued += 1
+                    limiter.refused -= 1  # not refused (yet): it waits
+                    wait = backoff
+                    for k, v in exc.headers:
+                        if k == b"retry-after-ms":
+                            wait = max(wait, int(v) / 1000)
+                    backoff = min(backoff * 2, 1.0)
+                    with trio.move_on_at(min(now + wait, deadline)):
+                        await released.wait()
+        finally:
+            if queued:
+                left = waiting[name] - 1
+                if left:
+                    waiting[name] = left
+                else:
+                    del waiting[name]
 
     async def admit_hit(self, subjects: tuple, team: str | None) -> bool:
         """Count a response-cache hit on every subject (ADMIT at amount 0: the rate limits, a budget already
@@ -491,6 +544,8 @@ class FleetLimits:
         for _ in batch:
             queue.popleft()
         self.settled += len(batch)
+        self._released.set()
+        self._released = trio.Event()
         for reply in replies:
             if isinstance(reply, RedisReplyError):
                 log.error("fleet limits: a settlement was refused by Redis: %s", reply)
@@ -531,7 +586,8 @@ class FleetLimits:
     def snapshot(self) -> dict:
         return {"mode": self.mode, "instances": self.instances, "queued_settlements": len(self._queue),
                 "shared_admissions": self.shared_admissions, "local_admissions": self.local_admissions,
-                "degradations": self.degradations, "settled": self.settled}
+                "degradations": self.degradations, "settled": self.settled,
+                "queued_admissions": sum(self._waiting.values())}
 
 
 def _share(limits: LimitValues, n: int) -> LimitValues:

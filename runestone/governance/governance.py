@@ -435,7 +435,10 @@ class Governance:
                 limiter = self.limiter
                 if limiter.enabled:
                     if self.fleet is not None:
-                        return await self.fleet.admit((self._static_subject(key_id or "open"),), 0)
+                        subjects = (self._static_subject(key_id or "open"),)
+                        if limiter.queue:
+                            return await self.fleet.admit_queued(subjects, 0)
+                        return await self.fleet.admit(subjects, 0)
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
@@ -468,6 +471,8 @@ class Governance:
         if subjects is None:
             subjects = acct.subjects = self._fleet_subjects(acct)
         try:
+            if self.limiter.queue:
+                return await fleet.admit_queued(subjects, amount, acct.key.team)
             return await fleet.admit(subjects, amount, acct.key.team)
         except fleet.BudgetShort as short:
             s = short.subject

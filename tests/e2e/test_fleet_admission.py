@@ -73,3 +73,47 @@ async def test_rate_limit_headers_through_b_reflect_requests_made_through_a(tmp_
             assert r.headers["x-ratelimit-limit-tokens"] == "8000"
             # the big request's ~4000 tokens (and two small ones) were spent through A
             assert used > 0 and int(r.headers["x-ratelimit-remaining-tokens"]) <= 7000, dict(r.headers)
+
+
+async def test_a_queued_request_waits_for_the_fleets_concurrency_and_is_served(tmp_path, redis_server,
+                                                                               gated_factory):
+    upstream, gate, _ = await gated_factory(after=1)
+    # one request in flight fleet-wide; a second waits (a bound far above what it needs: only a hang trips it)
+    config = _config(upstream.port, "[limits]\nmax_concurrent_per_tenant = 1\nqueue = true\n"
+                                    "queue_timeout_ms = 120000\n")
+    async with Fleet(tmp_path, redis_server.url, config, size=2, headers=ADMIN) as fleet:
+        a, b = fleet.instances
+        async with httpx.AsyncClient(timeout=180) as http:
+            outcomes: dict[str, tuple] = {}
+
+            async def first() -> None:  # a stream through A, held by the gate after its first frame
+                async with http.stream("POST", a.url + "/v1/chat/completions", headers=CLIENT,
+                                       json={**ASK, "stream": True}) as r:
+                    body = b"".join([chunk async for chunk in r.aiter_bytes()])
+                outcomes["first"] = (r.status_code, body)
+
+            async def second() -> None:  # the same key through B, over the fleet's limit while the first runs
+                r = await http.post(b.url + "/v1/chat/completions", headers=CLIENT, json=ASK)
+                outcomes["second"] = (r.status_code, r.text)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                with trio.fail_after(60):
+                    await gate.wait_held(1)
+                nursery.start_soon(second)
+
+                async def b_waits() -> bool:
+                    assert "second" not in outcomes, outcomes["second"]  # refused at once: not queued
+                    return (await b.detailed(http))["cluster"]["limits"].get("queued_admissions") == 1
+
+                await until("the second request waiting on B", b_waits)
+                gate.open()
+            assert outcomes["first"][0] == 200 and b"[DONE]" in outcomes["first"][1]
+            assert outcomes["second"][0] == 200, outcomes["second"]
+            # nothing waits any more, and no hold is left in Redis
+            assert (await b.detailed(http))["cluster"]["limits"]["queued_admissions"] == 0
+
+            async def no_holds() -> bool:
+                return redis_server.command("ZCARD", SUBJECT + ":holds") == 0
+
+            await until("both holds given back", no_holds)
