@@ -10,8 +10,11 @@ instances are admitted exactly as far as the budget and the limits allow). Per s
 - ``:rpm``, ``:rph``, ``:tpm``: GCRA buckets, each one number, its theoretical arrival time in ms (the
   same bucket as front/limits.py's, judged by the wall-clock time the caller passes: instances agree);
 - ``:holds``: a sorted set of the subject's admitted requests (lease id -> expiry, ms). Its size is the
-  concurrency; a hold expires ``HOLD_TTL`` seconds after admission, so a killed instance's holds go by
-  themselves (expired holds are swept by the next script that touches the subject);
+  concurrency; a hold expires ``hold_ttl`` seconds (``[cluster] hold_ttl_ms``, default ``HOLD_TTL``) after
+  admission or its last renewal (each instance renews its running requests' holds every third of it, one
+  pipelined ``ZADD XX`` per holds key: :meth:`FleetLimits.renew_holds`), so a long stream keeps its place
+  and a killed instance's holds go by themselves (expired holds are swept by the next script that touches
+  the subject);
 - ``:amounts``: lease id -> "<reserved nano-USD> <period key>", the reservation each hold carries;
 - ``:p:<period start>``: a hash with ``spent``, ``reserved`` (nano-USD integers) and ``requests`` for one
   budget period (its start in the name: a new period is a new key, so rollover needs no reset). Budget
@@ -282,6 +285,7 @@ class FleetLease:
 
     def _end(self, nano: int, tokens: int) -> None:
         fleet = self._fleet
+        fleet._live.pop(self._id, None)
         for share in self._shares:
             share[0] += self._amount - nano
         gov = fleet.governance
@@ -312,8 +316,13 @@ class FleetLimits:
     BudgetShort = BudgetShort
 
     def __init__(self, redis: RedisClient, governance: Any, *, instance: str | None = None,
-                 wall: Callable[[], float] | None = None) -> None:
+                 wall: Callable[[], float] | None = None, hold_ttl: float = HOLD_TTL) -> None:
         self.redis = redis
+        #: Seconds a hold lives unless renewed ([cluster] hold_ttl_ms); renewed every third of it.
+        self.hold_ttl = hold_ttl
+        #: lease id -> its subjects, for each request admitted through Redis and not yet ended here.
+        self._live: dict[str, tuple] = {}
+        self.renewals = 0
         self.governance = governance
         self.instance = instance or instance_id()
         self.wall = wall or governance.wall
@@ -347,7 +356,7 @@ class FleetLimits:
         lease_id = f"{self.instance}:{self._seq}"
         wall_ms = self.wall() * 1000
         keys: list = []
-        args: list = [int(wall_ms), lease_id, int(wall_ms + HOLD_TTL * 1000), amount, len(subjects)]
+        args: list = [int(wall_ms), lease_id, int(wall_ms + self.hold_ttl * 1000), amount, len(subjects)]
         for s in subjects:
             keys += s.admit_keys
             head, tail = s.admit_args
@@ -378,6 +387,7 @@ class FleetLimits:
                 if s.holder is not None:
                     s.holder.requests += 1
             lease = FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), team=team)
+            self._live[lease_id] = subjects
             if len(reply) > n + 3:
                 lease.headers = self._headers(subjects[int(reply[n + 1]) - 1], int(reply[n + 2]), int(reply[n + 3]))
             return lease
@@ -551,6 +561,45 @@ class FleetLimits:
                 log.error("fleet limits: a settlement was refused by Redis: %s", reply)
         return True
 
+    async def renew_holds(self) -> int:
+        """Move the expiry of every hold this instance's running requests have in Redis to a whole
+        ``hold_ttl`` from now (a request longer than it keeps its place): per holds key one ``ZADD XX``
+        (a hold already gone is not made again), the keys' own expiries after them, pipelined in batches
+        of ``BATCH`` commands. Returns how many holds it renewed; raises RedisError when Redis cannot."""
+        live = self._live
+        if not live:
+            return 0
+        until = int(self.wall() * 1000 + self.hold_ttl * 1000)
+        zadds: dict[str, list] = {}
+        keys: set[str] = set()
+        count = 0
+        for lease_id, subjects in live.items():
+            for s in subjects:
+                holds = s.admit_keys[1]
+                args = zadds.get(holds)
+                if args is None:
+                    args = zadds[holds] = ["ZADD", holds, "XX"]
+                    keys.add(holds)
+                    if s.budget >= 0:
+                        keys.add(s.admit_keys[2])  # the reservations the holds carry
+                args += (until, lease_id)
+                count += 1
+        commands = [tuple(args) for args in zadds.values()]
+        commands += [("PEXPIREAT", key, until + 1000) for key in keys]
+        timeout = max(self.redis.timeout, 1.0)
+        for i in range(0, len(commands), BATCH):
+            await self.redis.pipeline(commands[i:i + BATCH], timeout=timeout)
+        self.renewals += count
+        return count
+
+    async def _renewer(self) -> None:
+        while True:
+            await trio.sleep(self.hold_ttl / 3)
+            try:
+                await self.renew_holds()
+            except RedisError as exc:  # the holds stand until their expiry; the next round tries again
+                log.warning("fleet limits: holds not renewed (%s)", exc)
+
     async def _heartbeat(self) -> None:
         while True:
             now_ms = int(time.time() * 1000)
@@ -570,6 +619,7 @@ class FleetLimits:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._sender)
+            nursery.start_soon(self._renewer)
             task_status.started(self)
             try:
                 await trio.sleep_forever()
@@ -587,7 +637,8 @@ class FleetLimits:
         return {"mode": self.mode, "instances": self.instances, "queued_settlements": len(self._queue),
                 "shared_admissions": self.shared_admissions, "local_admissions": self.local_admissions,
                 "degradations": self.degradations, "settled": self.settled,
-                "queued_admissions": sum(self._waiting.values())}
+                "queued_admissions": sum(self._waiting.values()), "live_holds": len(self._live),
+                "renewed_holds": self.renewals}
 
 
 def _share(limits: LimitValues, n: int) -> LimitValues:

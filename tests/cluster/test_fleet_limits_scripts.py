@@ -192,3 +192,28 @@ async def test_redis_down_gives_this_instance_its_share(redis_server):
         await a.admit((rate, money), 0)
         assert a.mode == "shared"
         assert int(await redis.execute("HGET", "runestone:lim:team:eng:p:0", "spent")) == 40
+
+
+async def test_a_running_requests_hold_is_renewed_and_an_ended_ones_is_not(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        s = _subject(limits=LimitValues(max_concurrent=1), budget=1000, start=T0 - 100, end=T0 + 10 * HOLD_TTL)
+        long = await a.admit((s,), 400)  # a stream longer than HOLD_TTL
+        clock.t = T0 + HOLD_TTL * 2 / 3
+        assert await a.renew_holds() == 1
+        clock.t = T0 + HOLD_TTL + 1  # past its first expiry: still held, its reservation still made
+        with pytest.raises(GatewayError) as refused:
+            await b.admit((s,), 0)
+        assert "1 requests in flight across the fleet" in str(refused.value)
+        short = _subject("team:ops", LimitValues(max_concurrent=1), budget=1000, start=T0 - 100,
+                         end=T0 + 10 * HOLD_TTL)
+        with pytest.raises(BudgetShort) as over:
+            await b.admit((_subject(budget=1000, start=T0 - 100, end=T0 + 10 * HOLD_TTL),), 601)
+        assert over.value.remaining == 600
+        done = await b.admit((short,), 0)
+        done.release()  # ended here: not renewed
+        assert await b.renew_holds() == 0
+        clock.t = T0 + HOLD_TTL * 2 / 3 + HOLD_TTL  # the renewed hold's expiry: it goes by itself
+        await b.admit((s,), 0)
+        long.release()
+        assert await a.renew_holds() == 0
+        await _drain(a)

@@ -14,6 +14,8 @@ long anything took.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import trio
 
@@ -117,3 +119,45 @@ async def test_a_queued_request_waits_for_the_fleets_concurrency_and_is_served(t
                 return redis_server.command("ZCARD", SUBJECT + ":holds") == 0
 
             await until("both holds given back", no_holds)
+
+
+async def test_a_stream_longer_than_the_hold_ttl_keeps_its_concurrency_place(tmp_path, redis_server,
+                                                                             gated_factory):
+    upstream, gate, _ = await gated_factory(after=1)
+    # holds of 2 s (renewed every 2/3 s while their request runs); one request in flight fleet-wide
+    config = "hold_ttl_ms = 2000\n" + _config(upstream.port, "[limits]\nmax_concurrent_per_tenant = 1\n")
+    async with Fleet(tmp_path, redis_server.url, config, size=2, headers=ADMIN) as fleet:
+        a, b = fleet.instances
+        async with httpx.AsyncClient(timeout=60) as http:
+            outcome: list = []
+
+            async def long_stream() -> None:  # through A, held by the gate after its first frame
+                async with http.stream("POST", a.url + "/v1/chat/completions", headers=CLIENT,
+                                       json={**ASK, "stream": True}) as r:
+                    body = b"".join([chunk async for chunk in r.aiter_bytes()])
+                outcome.append((r.status_code, body))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_stream)
+                with trio.fail_after(60):
+                    await gate.wait_held(1)
+                [lease, first_expiry] = redis_server.command("ZRANGE", SUBJECT + ":holds", 0, -1, "WITHSCORES")
+
+                async def first_expiry_passed() -> bool:  # the wall clock Redis and the instances judge by
+                    return time.time() * 1000 > float(first_expiry) + 500
+
+                await until("the hold's first expiry passed", first_expiry_passed)
+                # still held: renewed by A, so a request through B is over the fleet's concurrency
+                assert float(redis_server.command("ZSCORE", SUBJECT + ":holds", lease)) > float(first_expiry)
+                r = await http.post(b.url + "/v1/chat/completions", headers=CLIENT, json=ASK)
+                assert r.status_code == 429, r.text
+                assert "1 requests in flight across the fleet" in r.json()["error"]["message"]
+                assert (await a.detailed(http))["cluster"]["limits"]["renewed_holds"] >= 1
+                gate.open()
+            assert outcome[0][0] == 200 and b"[DONE]" in outcome[0][1]
+
+            async def b_admitted() -> bool:  # the stream's end gave its place back
+                r = await http.post(b.url + "/v1/chat/completions", headers=CLIENT, json=ASK)
+                return r.status_code == 200
+
+            await until("a request through B admitted after the stream ended", b_admitted)
