@@ -56,7 +56,8 @@ from ..routing.errors import GatewayError
 from .breakers import instance_id
 from .redis import RedisClient, RedisError, RedisReplyError, RedisTimeout, RedisUnavailable, Script
 
-__all__ = ["ADMIT", "SETTLE", "BudgetShort", "Subject", "FleetLimits", "FleetLease", "HOLD_TTL", "INSTANCE_TTL"]
+__all__ = ["ADMIT", "SETTLE", "BudgetShort", "Subject", "FleetLimits", "FleetLease", "HOLD_TTL", "INSTANCE_TTL",
+           "period_key"]
 
 log = logging.getLogger("runestone.cluster")
 
@@ -222,6 +223,11 @@ class BudgetShort(Exception):
 _WHICH = {"rpm": "requests per minute", "rph": "requests per hour", "tpm": "tokens per minute"}
 
 
+def period_key(name: str, period_start: float) -> str:
+    """The hash of subject ``name``'s budget period that starts at ``period_start`` (wall seconds)."""
+    return f"{PREFIX}{name}:p:{int(period_start)}"
+
+
 class Subject:
     """One holder of limits and a budget as the scripts see it (a key, a team, a configuration key)."""
 
@@ -239,7 +245,7 @@ class Subject:
         self.period_end = period_end
         base = self.base = PREFIX + name
         #: The budget period's hash ("-" without a budget); a subject is made anew for each period.
-        self.period = f"{base}:p:{int(period_start)}" if budget >= 0 else "-"
+        self.period = period_key(name, period_start) if budget >= 0 else "-"
         self.admit_keys = (self.period, base + ":holds", base + ":amounts", base + ":rpm", base + ":rph",
                            base + ":tpm")
         self.settle_keys = (base + ":holds", base + ":amounts", base + ":tpm")
@@ -560,6 +566,24 @@ class FleetLimits:
             if isinstance(reply, RedisReplyError):
                 log.error("fleet limits: a settlement was refused by Redis: %s", reply)
         return True
+
+    async def read_periods(self, periods: list) -> list | None:
+        """The fleet's ``(spent, reserved, requests)`` (nano-USD, nano-USD, count) of each ``(subject name,
+        period start)`` in ``periods``, None for a period Redis has no hash of (nothing admitted through it
+        yet), in one pipelined round trip; None when Redis cannot answer. For the admin views, off the
+        request path."""
+        commands = [("HMGET", period_key(name, start), "spent", "reserved", "requests") for name, start in periods]
+        try:
+            replies = await self.redis.pipeline(commands, timeout=max(self.redis.timeout, 1.0))
+        except RedisError:
+            return None
+        out = []
+        for reply in replies:
+            if isinstance(reply, Exception) or not isinstance(reply, list) or reply[0] is None:
+                out.append(None)
+            else:
+                out.append(tuple(int(v) if v is not None else 0 for v in reply))
+        return out
 
     async def renew_holds(self) -> int:
         """Move the expiry of every hold this instance's running requests have in Redis to a whole

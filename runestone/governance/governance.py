@@ -778,6 +778,61 @@ class Governance:
         out["keys"] = sorted(k.id for k in self.keys.values() if k.team == name)
         return out
 
+    # With the fleet ([cluster] redis_url) the HTTP views show the fleet's spend: each budget's period hash
+    # in Redis (one pipelined round trip for a whole listing), "spend_source": "fleet"; while Redis cannot
+    # answer, this instance's own spend, "spend_source": "local". Without the fleet, as the sync views.
+
+    async def key_view(self, key_id: str) -> dict:
+        out = self.describe_key(key_id)
+        await self._fleet_spend([(out, "spend", "key", key_id)])
+        return out
+
+    async def team_view(self, name: str) -> dict:
+        out = self.describe_team(name)
+        await self._fleet_spend([(out, "spend", "team", name)])
+        return out
+
+    async def keys_view(self) -> list[dict]:
+        out = self.list_keys()
+        await self._fleet_spend([(doc, "spend", "key", doc["id"]) for doc in out])
+        return out
+
+    async def teams_view(self) -> list[dict]:
+        out = self.list_teams()
+        await self._fleet_spend([(doc, "spend", "team", doc["name"]) for doc in out])
+        return out
+
+    async def own_view(self, key_id: str | None) -> dict:
+        """``GET /v1/key`` (:meth:`caller_view`) with the fleet's spend."""
+        out = self.caller_view(key_id)
+        if out.get("source") == "managed":
+            slots = [(out, "spend", "key", out["id"])]
+            if out.get("team_spend") is not None:
+                slots.append((out, "team_spend", "team", out["team"]))
+            await self._fleet_spend(slots)
+        return out
+
+    async def _fleet_spend(self, slots: list) -> None:
+        """Put the fleet's spend in each ``(doc, field, scope, name)``'s ``doc[field]`` (an allowance view)."""
+        fleet = self.fleet
+        if fleet is None or not slots:
+            return
+        wall = self.wall()
+        wanted = []
+        for doc, field, scope, name in slots:
+            a = self._allowance(scope, name, wall)
+            if a is not None and a.budget is not None:  # only budgets' spend is kept in Redis
+                wanted.append((doc, field, a))
+        rows = await fleet.read_periods([(f"{a.scope}:{a.name}", a.period_start) for _, _, a in wanted]) \
+            if wanted else []
+        source = "local" if rows is None else "fleet"
+        for doc, *_ in slots:
+            doc["spend_source"] = source
+        for (doc, field, a), row in zip(wanted, rows or ()):
+            if row is not None:  # else nothing was admitted through Redis this period: the local spend stands
+                spent, reserved, requests = row
+                doc[field] = attrs.evolve(a, spent=spent, reserved=reserved, requests=requests).view()
+
     def busiest(self, scope: str, n: int) -> list[dict]:
         """The ``n`` managed keys (``scope="key"``) or teams with the most spend in their current budget period,
         busiest first, for the dashboard: name, team (keys), spend and budget in USD, requests, period.

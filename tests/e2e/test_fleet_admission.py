@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 import trio
 
 from fleettest import ADMIN, ASK, Fleet, priced_config, until
@@ -161,3 +162,46 @@ async def test_a_stream_longer_than_the_hold_ttl_keeps_its_concurrency_place(tmp
                 return r.status_code == 200
 
             await until("a request through B admitted after the stream ended", b_admitted)
+
+
+async def test_spend_made_through_a_is_shown_by_bs_admin_views_and_v1_key(tmp_path, redis_server, fake_factory):
+    upstream, _ = await fake_factory(text="aaa bbb ccc", chunks=1)
+    async with Fleet(tmp_path, redis_server.url, _config(upstream.port), size=2, headers=ADMIN) as fleet:
+        a, b = fleet.instances
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.post(a.url + "/admin/teams", headers=ADMIN,
+                                json={"name": "eng", "budget": {"usd": 10, "period": "month"}})
+            assert r.status_code == 201, r.text
+            r = await http.post(a.url + "/admin/keys", headers=ADMIN,
+                                json={"name": "k", "team": "eng", "budget": {"usd": 5, "period": "day"}})
+            assert r.status_code == 201, r.text
+            kid, secret = r.json()["id"], r.json()["secret"]
+            for _ in range(3):
+                r = await http.post(a.url + "/v1/chat/completions", headers={"authorization": f"Bearer {secret}"},
+                                    json=ASK)
+                assert r.status_code == 200, r.text
+            # what A itself recorded (A served every request): the fleet's spend
+            spent = (await http.get(f"{a.url}/admin/keys/{kid}", headers=ADMIN)).json()["spend"]["spent_usd"]
+            assert spent > 0
+
+            async def b_shows_it() -> bool:  # once B heard of the key and A's settlements reached Redis
+                r = await http.get(f"{b.url}/admin/keys/{kid}", headers=ADMIN)
+                return r.status_code == 200 and r.json()["spend"]["spent_usd"] == spent
+
+            await until("A's spend shown by B", b_shows_it)
+            key = (await http.get(f"{b.url}/admin/keys/{kid}", headers=ADMIN)).json()
+            assert key["spend_source"] == "fleet" and key["spend"]["requests"] == 3
+            assert key["spend"]["remaining_usd"] == pytest.approx(5 - spent)
+            team = (await http.get(f"{b.url}/admin/teams/eng", headers=ADMIN)).json()
+            assert team["spend"]["spent_usd"] == spent and team["spend_source"] == "fleet"
+            listed = (await http.get(f"{b.url}/admin/keys", headers=ADMIN)).json()["data"]
+            assert [k["spend"]["spent_usd"] for k in listed if k["id"] == kid] == [spent]
+            teams = (await http.get(f"{b.url}/admin/teams", headers=ADMIN)).json()["data"]
+            assert [t["spend"]["spent_usd"] for t in teams if t["name"] == "eng"] == [spent]
+            own = (await http.get(f"{b.url}/v1/key", headers={"authorization": f"Bearer {secret}"})).json()
+            assert own["spend"]["spent_usd"] == spent and own["team_spend"]["spent_usd"] == spent
+            assert own["spend_source"] == "fleet"
+
+            redis_server.kill()  # B's own spend then, and it says so (never an error)
+            key = (await http.get(f"{b.url}/admin/keys/{kid}", headers=ADMIN)).json()
+            assert key["spend_source"] == "local" and key["spend"]["spent_usd"] == 0
