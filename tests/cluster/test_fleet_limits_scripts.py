@@ -217,3 +217,34 @@ async def test_a_running_requests_hold_is_renewed_and_an_ended_ones_is_not(redis
         long.release()
         assert await a.renew_holds() == 0
         await _drain(a)
+
+
+async def test_a_queued_admission_waits_is_woken_by_a_settle_and_is_bounded(redis_server):
+    # trio's own clock: a MockClock would jump past the Redis client's timers during a slow round trip
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        # a: a queue of one whose timeout only a hang reaches; b: a short one, to be reached
+        a.governance.limiter = KeyLimiter(LimitsConfig(queue=True, queue_size=1, queue_timeout_ms=600_000))
+        b.governance.limiter = KeyLimiter(LimitsConfig(queue=True, queue_timeout_ms=200))
+        s = _subject(limits=LimitValues(max_concurrent=1))
+        holder = await a.admit((s,), 0)
+        got = []
+
+        async def waiter(fleet: FleetLimits) -> None:
+            got.append(await fleet.admit_queued((s,), 0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter, a)
+            with trio.fail_after(30):
+                while a.snapshot()["queued_admissions"] != 1:
+                    await trio.sleep(0.01)
+            with pytest.raises(GatewayError) as full:  # a second waiter of the subject on a: the queue is full
+                await a.admit_queued((s,), 0)
+            assert full.value.status == 429
+            holder.release()
+            await _drain(a)  # the settlement reached Redis: the waiter tries again then
+        assert len(got) == 1 and a.snapshot()["queued_admissions"] == 0
+        # held by a now, and never given back: b's queued admission waits its whole timeout, then says so
+        with pytest.raises(GatewayError) as waited:
+            await b.admit_queued((s,), 0)
+        assert waited.value.status == 429 and "waited 0.2s in the queue" in waited.value.message
+        assert b.governance.limiter.queued == 1 and b.snapshot()["queued_admissions"] == 0
