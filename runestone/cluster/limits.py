@@ -459,7 +459,10 @@ class FleetLimits:
         overspent, the period's request count) and give its hold back at once; False when refused."""
         try:
             lease = await self.admit(subjects, 0, team)
-        except (GatewayError, BudgetShort):
+        except GatewayError:
+            self.governance.limiter.refused -= 1  # the pipeline serves it now, and counts its refusal
+            return False
+        except BudgetShort:
             return False
         lease.release()
         return True
