@@ -42,8 +42,9 @@ import trio
 
 from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
-from ..telemetry.costs import estimate_input_tokens, price_for
+from ..telemetry.costs import price_for
 from ..telemetry.events import BudgetExceeded
+from ..wire.token_estimate import estimate_input_tokens
 from .periods import iso, period_bounds
 from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, key_from_doc, parse_key, parse_key_patch,
                       parse_team, parse_team_patch, team_from_doc, usd)
@@ -56,9 +57,6 @@ log = logging.getLogger("runestone.governance")
 
 #: Longest grace a rotation may give the previous secret.
 MAX_GRACE_MS = 30 * 86400 * 1000
-#: Framing tokens reserved per chat message on top of its text (OpenAI counts 3-4).
-MESSAGE_TOKENS = 4
-
 
 @attrs.define(slots=True, eq=False)
 class Allowance:
@@ -643,25 +641,10 @@ class Governance:
     def worst_case(self, request, plan) -> int:
         """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
         body = request.body
-        messages = body.get("messages")
-        tokens_in = -1
-        if messages.__class__ is list and "system" not in body and "prompt" not in body and "input" not in body:
-            # The common shape (string contents), counted here as estimate_input_tokens counts it.
-            chars = 0
-            for m in messages:
-                content = m.get("content") if m.__class__ is dict else None
-                if content.__class__ is not str:
-                    break
-                chars += len(content)
-            else:
-                tokens_in = chars // 4 or 1
-        if tokens_in < 0:
-            tokens_in = estimate_input_tokens(body)
+        tokens_in = estimate_input_tokens(body)
         if request.operation == "embed":
             tokens_out = 0
         else:
-            if messages.__class__ is list:
-                tokens_in += MESSAGE_TOKENS * len(messages)
             cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
             if cap.__class__ is not int or cap <= 0:
                 cap = self.default_output_tokens
