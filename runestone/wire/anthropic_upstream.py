@@ -20,7 +20,7 @@ import attrs
 import orjson
 
 from .errors import InvalidRequest, loads_or_none
-from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_for
+from .reasoning import check_thinking_blocks, put_thinking, reasoning_of, signed_by, thinking_for
 
 __all__ = [
     "AnthropicToOpenAIStream",
@@ -486,12 +486,8 @@ def anthropic_to_openai_response(msg: dict, *, model: str, request_id: str, crea
                     "function": {"name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {}).decode()},
                 }
             )
-    message: dict = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None, "refusal": None}
-    if thinking:
-        text = "".join(b.get("thinking") or "" for b in thinking)
-        if text:
-            message["reasoning_content"] = text
-        message["thinking_blocks"] = thinking
+    message = put_thinking({"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None,
+                            "refusal": None}, thinking)
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = msg.get("usage") or {}

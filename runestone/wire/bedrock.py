@@ -25,7 +25,7 @@ import orjson
 from .anthropic_upstream import (ChunkTranslator, chat_messages, data_url_parts, text_parts, tool_arguments,
                                  unsupported_part, user_parts)
 from .errors import ErrorInfo, InvalidRequest, loads_or_none
-from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
+from .reasoning import check_thinking_blocks, put_thinking, reasoning_of, thinking_for
 
 __all__ = [
     "BEDROCK_ERRORS",
@@ -303,12 +303,8 @@ def converse_to_openai_response(obj: dict, *, model: str, request_id: str, creat
             t = _thinking_block(block["reasoningContent"])
             if t is not None:
                 thinking.append(t)
-    message: dict = {"role": "assistant", "content": "".join(texts) if texts or not calls else None, "refusal": None}
-    if thinking:
-        text = "".join(b.get("thinking", "") for b in thinking)
-        if text:
-            message["reasoning_content"] = text
-        message["thinking_blocks"] = thinking
+    message = put_thinking({"role": "assistant", "content": "".join(texts) if texts or not calls else None,
+                            "refusal": None}, thinking)
     if calls:
         message["tool_calls"] = calls
     return {
