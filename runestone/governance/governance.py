@@ -857,7 +857,7 @@ class Governance:
             if "team" in patch:
                 self._known_team(patch["team"])
             new = attrs.evolve(key, **patch)
-            await self._put_key(new, {"op": "update_key", "id": key_id, "patch": data})
+            await self._put_key(new, {"op": "update_key", "id": key_id, "patch": data, "key": new.to_doc()})
         return self.describe_key(key_id)
 
     async def revoke_key(self, key_id: str) -> dict:
@@ -866,7 +866,8 @@ class Governance:
             key = self._key(key_id)
             if key.revoked_at is None:
                 new = attrs.evolve(key, revoked_at=self.wall(), previous_until=None)
-                await self._put_key(new, {"op": "revoke_key", "id": key_id, "revoked_at": new.revoked_at})
+                await self._put_key(new, {"op": "revoke_key", "id": key_id, "revoked_at": new.revoked_at,
+                                          "key": new.to_doc()})
         log.info("key %s revoked", key_id)
         return self.describe_key(key_id)
 
@@ -888,7 +889,7 @@ class Governance:
                                previous_until=now + grace_ms / 1000 if grace_ms else None)
             await self._put_key(new, {"op": "rotate_key", "id": key_id, "digest": new.digest.hex(),
                                       "previous_digest": key.digest.hex() if grace_ms else None,
-                                      "previous_until": new.previous_until})
+                                      "previous_until": new.previous_until, "key": new.to_doc()})
         log.info("key %s rotated (previous secret valid %gs more)", key_id, grace_ms / 1000)
         return {**self.describe_key(key_id), "secret": secret}
 
@@ -914,7 +915,7 @@ class Governance:
         async with self._changes:
             team = self._team(name)
             new = attrs.evolve(team, **patch)
-            await self._put_team(new, {"op": "update_team", "name": name, "patch": data})
+            await self._put_team(new, {"op": "update_team", "name": name, "patch": data, "team": new.to_doc()})
         return self.describe_team(name)
 
     async def delete_team(self, name: Any) -> dict:
@@ -970,20 +971,43 @@ class Governance:
             self._rebudget(a, team.budget)
         self._changed(change)
 
-    async def apply_change(self, change: dict) -> str:
+    async def apply_change(self, change: dict) -> str | None:
         """Apply a change another instance made (what a listener was given there), validated again,
         persisted in this instance's store and installed, and not told to the listeners. Returns what it
         did; raises GatewayError (or KeyError/TypeError/ValueError for a malformed change) having changed
-        nothing. A revocation is final: a change to a key revoked here keeps it revoked."""
+        nothing. A revocation is final: a change to a key revoked here keeps it revoked.
+
+        A change carrying the whole resulting record (``key`` or ``team``, as every change made here does)
+        makes this instance hold that record (nothing is written when it does already), so applying the
+        fleet's changes in stream order ends every instance in the same state, and a replay is idempotent;
+        a change from an older version (a patch, a digest) is applied to the record held here. Returns None
+        when this instance held the record already."""
         op = change["op"]
         async with self._changes:
-            if op == "create_key":
+            if op in ("update_key", "revoke_key", "rotate_key") and isinstance(change.get("key"), dict):
+                key = key_from_doc(change["key"])
+                if key.team is not None and key.team not in self.teams:
+                    raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
+                old = self._key(key.id)
+                if old.revoked_at is not None and key.revoked_at is None:
+                    key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
+                if key == old:
+                    return None
+                await self._put_key(key, None)
+            elif op == "update_team" and isinstance(change.get("team"), dict):
+                team = team_from_doc(change["team"])
+                if self._team(team.name) == team:
+                    return None
+                await self._put_team(team, None)
+            elif op == "create_key":
                 key = key_from_doc(change["key"])
                 if key.team is not None and key.team not in self.teams:
                     raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
                 old = self.keys.get(key.id)
                 if old is not None and old.revoked_at is not None:
                     key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
+                if key == old:
+                    return None
                 await self._put_key(key, None)
             elif op == "update_key":
                 key = self._key(change["id"])
@@ -1005,13 +1029,17 @@ class Governance:
                                                  previous_digest=bytes.fromhex(prev) if prev else None,
                                                  previous_until=float(until) if until is not None else None), None)
             elif op == "create_team":
-                await self._put_team(team_from_doc(change["team"]), None)
+                team = team_from_doc(change["team"])
+                if self.teams.get(team.name) == team:
+                    return None
+                await self._put_team(team, None)
             elif op == "update_team":
                 team = self._team(change["name"])
                 await self._put_team(attrs.evolve(team, **parse_team_patch(change["patch"])), None)
             elif op == "delete_team":
-                if change["name"] in self.teams:
-                    await self._drop_team(change["name"], None)
+                if change["name"] not in self.teams:
+                    return None
+                await self._drop_team(change["name"], None)
             else:
                 raise ValueError(f"unknown key or team change {op!r}")
         return op
