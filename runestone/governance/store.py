@@ -14,7 +14,9 @@ disk error does, and the next write opens a new connection, so the store resumes
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,8 @@ class Loaded:
 
 
 #: A write, as data: ``("team", name, doc)``, ``("delete_team", name)``, ``("key", id, digest, doc)``,
-#: ``("spend", scope, name, period_start, nano, requests)`` or ``("journal_floor", segment)`` (SQLite only);
+#: ``("spend", scope, name, period_start, nano, requests)`` or ``("journal_floor", segment)`` (in Postgres under the
+#: data directory's origin);
 #: a backend says each in its own SQL.
 Op = tuple
 
@@ -133,10 +136,15 @@ def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
 
 
 class PostgresKeyBackend:
-    """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection)."""
+    """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection).
 
-    #: Shared by every instance: no instance's local budget journal is checkpointed in it.
-    keeps_journal = False
+    The spend it holds is checkpointed with this instance's budget journal too (its data directory's
+    segments): the first segment the stored spend does not include is a row of ``journal_floors`` under the
+    data directory's ``origin`` (a name made once and kept in it, ``budget-journal.origin``), written in the
+    spend's own transaction, so a SIGKILLed instance's unflushed spend is replayed into Postgres once, at
+    its next start, whether or not the previous checkpoint's commit answer arrived."""
+
+    keeps_journal = True
 
     _sql = {
         "team": "INSERT INTO teams (name, doc) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
@@ -147,14 +155,31 @@ class PostgresKeyBackend:
         "spend": "INSERT INTO spend (scope, name, period_start, nano, requests) VALUES (%s, %s, %s, %s, %s)"
                  " ON CONFLICT (scope, name) DO UPDATE SET period_start = EXCLUDED.period_start,"
                  " nano = EXCLUDED.nano, requests = EXCLUDED.requests",
+        "journal_floor": "INSERT INTO journal_floors (origin, floor) VALUES (%s, %s)"
+                         " ON CONFLICT (origin) DO UPDATE SET floor = EXCLUDED.floor",
     }
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, data_dir: str | Path | None = None) -> None:
         from .. import storage
 
         self.where = storage.redact(url)
         self.failures = storage.failure_types() + storage.row_error_types() + (storage.DatabaseError,)
         self._session = storage.Session(url, "runestone-keys")
+        self._origin_path = Path(data_dir) / ORIGIN_FILE if data_dir is not None else None
+        self._origin: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """This data directory's name among the instances sharing the database (made at the first call)."""
+        if self._origin is None:
+            self._origin = _data_dir_origin(self._origin_path) if self._origin_path is not None else "-"
+        return self._origin
+
+    def read_journal_floor(self) -> int:
+        origin = self.origin
+        row = self._session.run(lambda conn: conn.execute(
+            "SELECT floor FROM journal_floors WHERE origin = %s", (origin,)).fetchone())
+        return int(row[0]) if row else 0
 
     def read(self) -> tuple[list, list, list]:
         return self._session.run(lambda conn: (
@@ -163,6 +188,8 @@ class PostgresKeyBackend:
             conn.execute("SELECT scope, name, period_start, nano, requests FROM spend").fetchall()))
 
     def write(self, ops: list[Op]) -> None:
+        ops = [("journal_floor", self.origin, *op[1:]) if op[0] == "journal_floor" else op for op in ops]
+
         def write(conn: Any) -> None:
             with conn.transaction():
                 for op in ops:
@@ -175,17 +202,38 @@ class PostgresKeyBackend:
         self._session.close()
 
 
+#: The file in the data directory naming it among the instances that share a database.
+ORIGIN_FILE = "budget-journal.origin"
+
+
+def _data_dir_origin(path: Path) -> str:
+    """The name kept in ``path``, made (a random one) when there is none; OSError when it cannot be."""
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    origin = uuid.uuid4().hex
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(origin + "\n")
+    os.replace(tmp, path)
+    return origin
+
+
 class KeyStore:
     """Keys, teams and spend in ``data_dir``'s SQLite file, or in Postgres at ``database_url``."""
 
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None) -> None:
-        self.backend = PostgresKeyBackend(database_url) if database_url else SQLiteKeyBackend(data_dir)
+        self.backend = (PostgresKeyBackend(database_url, data_dir) if database_url
+                        else SQLiteKeyBackend(data_dir))
         #: Where the keys are, as messages may show it (the SQLite file, or the url without credentials).
         self.path = self.backend.where
         self._lock = trio.Lock()
         #: Spend rows written since start.
         self.spend_writes = 0
-        #: Its spend is checkpointed with a budget journal (runestone.governance.journal): SQLite only.
+        #: Its spend is checkpointed with this instance's budget journal (runestone.governance.journal).
         self.keeps_journal = self.backend.keeps_journal
 
     def load(self) -> Loaded:
@@ -206,6 +254,8 @@ class KeyStore:
                                 f"{exc}); restore it from a backup or move it away to start without keys") from None
         except self.backend.failures as exc:
             raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
+        except OSError as exc:
+            raise KeyStoreError(f"the key store's origin file in the data directory cannot be made: {exc}") from None
         return Loaded(teams, keys, spend, floor)
 
     async def _write(self, ops: list[Op]) -> None:
