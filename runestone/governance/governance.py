@@ -322,13 +322,19 @@ class Governance:
         # Checkpoint before serving: the replayed spend is stored, the old segments go, a new one starts.
         new = journal.gen + 1
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in touched]
-        self.store.put_spend_now(rows, new)
-        journal.start(new)
-        self._journal_floor = new
-        try:
-            journal.drop_before(new)
-        except OSError as exc:
-            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
+        if self.store.degraded is not None:
+            # The database is away: the replayed segments stay until the first flush that succeeds stores
+            # the spend (it is dirty) with a floor past them.
+            journal.start(new)
+            self._dirty |= touched
+        else:
+            self.store.put_spend_now(rows, new)
+            journal.start(new)
+            self._journal_floor = new
+            try:
+                journal.drop_before(new)
+            except OSError as exc:
+                raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
         if found.settled or found.released or found.malformed:
             log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d settled "
                         "reservation(s) charged ($%.6f); %d reservation(s) in flight at the stop released "
@@ -1094,12 +1100,41 @@ class Governance:
                 log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
         return len(rows)
 
+    async def _reload(self) -> None:
+        """Started without its database (a local copy, or nothing): read the database again; once it
+        answers, its keys and teams are installed (they win over the copy's) and this instance's spend is
+        kept, dirty, for the flush that follows."""
+        try:
+            loaded = await trio.to_thread.run_sync(self.store.reload)
+        except KeyStoreError as exc:
+            log.debug("the key store's database is still unreachable: %s", exc)
+            return
+        async with self._changes:
+            first = not self.keys
+            for team in loaded.teams:
+                self.teams[team.name] = team
+            for key in loaded.keys:
+                self._install_key(key)
+            self._accounts.clear()
+            wall = self.wall()
+            for (scope, name), (start, nano, requests) in loaded.spend.items():
+                a = self._allowance(scope, name, wall)
+                if a is not None and a.period_start == start and nano > a.spent:
+                    a.spent, a.requests = nano, max(a.requests, requests)
+            self._dirty |= set(self._allowances.values())
+            if first and self.keys and self.on_first_key is not None:
+                self.on_first_key()
+        log.warning("the key store's database %s is reachable again: %d key(s) and %d team(s) read from it",
+                    self.store.path, len(loaded.keys), len(loaded.teams))
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Write spend every ``flush_interval`` until cancelled, then once more (shielded)."""
         task_status.started()
         try:
             while True:
                 await trio.sleep(self.flush_interval)
+                if self.store is not None and self.store.degraded is not None:
+                    await self._reload()
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):
