@@ -86,10 +86,10 @@ class KeyRoutes:
         return _json(await self.create_key(await self.front.read_json(request)), 201)
 
     async def list_keys(self, request: Request, caller) -> Response:
-        return _json({"object": "list", "data": self.gov.list_keys()})
+        return _json({"object": "list", "data": await self.gov.keys_view()})
 
     async def get_key(self, request: Request, caller) -> Response:
-        return _json(self.gov.describe_key(self._key_id(request)))
+        return _json(await self.gov.key_view(self._key_id(request)))
 
     async def patch_key(self, request: Request, caller) -> Response:
         key_id = self._key_id(request)
@@ -113,10 +113,10 @@ class KeyRoutes:
         return _json(await self.gov.create_team(await self.front.read_json(request)), 201)
 
     async def list_teams(self, request: Request, caller) -> Response:
-        return _json({"object": "list", "data": self.gov.list_teams()})
+        return _json({"object": "list", "data": await self.gov.teams_view()})
 
     async def get_team(self, request: Request, caller) -> Response:
-        return _json(self.gov.describe_team(self._team(request)))
+        return _json(await self.gov.team_view(self._team(request)))
 
     async def patch_team(self, request: Request, caller) -> Response:
         name = self._team(request)
@@ -128,7 +128,7 @@ class KeyRoutes:
     # -- the caller's own key -------------------------------------------------------------------------
 
     async def own_key(self, request: Request, caller) -> Response:
-        return _json(self.gov.caller_view(caller.key_id))
+        return _json(await self.gov.own_view(caller.key_id))
 
     # -- the control socket ---------------------------------------------------------------------------
 
