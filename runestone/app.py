@@ -125,11 +125,13 @@ class Application:
             key_store = KeyStore(self.data_dir, database_url=database_url)
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
-        #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
+        #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission. The budget journal
+        #: is the data directory's; with a database, the workers of `serve --workers N` (which share one data
+        #: directory, and whose spend is Redis's) keep none, as before.
+        journal = None if database_url and worker is not None else SpendJournal(self.data_dir)
         self.governance = Governance(key_store, KeyLimiter(config.limits), pricing=config.pricing,
                                      default_output_tokens=config.budgets.default_output_tokens,
-                                     flush_interval=config.budgets.flush_ms / 1000,
-                                     journal=SpendJournal(self.data_dir))
+                                     flush_interval=config.budgets.flush_ms / 1000, journal=journal)
         try:
             self.governance.load()
         except KeyStoreError as exc:
