@@ -8,7 +8,12 @@ socket), once it is in force and persisted here (``Governance.subscribe``), and 
 Every instance reads the stream on a connection of its own (``XREAD BLOCK``) and applies the others'
 changes in stream order through ``Governance.apply_change``: validated again, persisted in its own key
 store (its SQLite file, or the shared Postgres database, where the write is the same row again) and
-installed in memory; they are not published again. A revocation is in force on every instance within
+installed in memory; they are not published again. The stream is the order, as for control changes
+(:mod:`runestone.cluster.control`): every change carries the key's or team's whole resulting record and
+applying it converges to it (nothing is written when the record is held already), an instance applies its
+own change again when its entry comes back behind another instance's to the same key or team, so
+concurrent changes end the same on every instance, the stream's later entry winning; a change made while
+Redis was away is ordered when it is published. A revocation is in force on every instance within
 about a second (the readers block on the server and wake at the new entry) and is final: a change to a
 key that arrives after its revocation keeps it revoked.
 
