@@ -23,6 +23,7 @@ actor, as a restart must.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -251,7 +252,9 @@ class Application:
     async def _recheck_control_store(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Started without the control state's database: read it again every second until it answers."""
         task_status.started()
-        while not await trio.to_thread.run_sync(self.control_store.recheck):
+        for _ in itertools.count():  # a retry of a remote server every second, not a wait for a local event
+            if await trio.to_thread.run_sync(self.control_store.recheck):
+                break
             await trio.sleep(1.0)
         if self.control_store.degraded is None:
             log.warning("the control state's database answers again, and holds the state this instance started from")
