@@ -37,8 +37,6 @@ def _no_route(request: Request) -> GatewayError:
     return GatewayError(404, f"no route for {request.method} {request.path}", "not_found_error", code="not_found")
 
 
-async def _now(fn, *args):
-    return fn(*args)
 
 
 class KeyRoutes:
@@ -136,14 +134,14 @@ class KeyRoutes:
         gov = self.gov
         return {
             "create_key": lambda m: self.create_key(m.get("key")),
-            "list_keys": lambda m: _now(gov.list_keys),
-            "get_key": lambda m: _now(gov.describe_key, m.get("key_id")),
+            "list_keys": lambda m: gov.keys_view(),
+            "get_key": lambda m: gov.key_view(m.get("key_id")),
             "update_key": lambda m: gov.update_key(m.get("key_id"), m.get("key")),
             "revoke_key": lambda m: gov.revoke_key(m.get("key_id")),
             "rotate_key": lambda m: gov.rotate_key(m.get("key_id"), m.get("grace_ms")),
             "create_team": lambda m: gov.create_team(m.get("team")),
-            "list_teams": lambda m: _now(gov.list_teams),
-            "get_team": lambda m: _now(gov.describe_team, m.get("name")),
+            "list_teams": lambda m: gov.teams_view(),
+            "get_team": lambda m: gov.team_view(m.get("name")),
             "update_team": lambda m: gov.update_team(m.get("name"), m.get("team")),
             "delete_team": lambda m: gov.delete_team(m.get("name")),
         }

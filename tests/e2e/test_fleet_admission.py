@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 
 import httpx
+import orjson
 import pytest
 import trio
+import trio_websocket
 
 from fleettest import ADMIN, ASK, Fleet, priced_config, until
 from runestone.front.auth import key_id_of
@@ -201,6 +203,18 @@ async def test_spend_made_through_a_is_shown_by_bs_admin_views_and_v1_key(tmp_pa
             own = (await http.get(f"{b.url}/v1/key", headers={"authorization": f"Bearer {secret}"})).json()
             assert own["spend"]["spent_usd"] == spent and own["team_spend"]["spent_usd"] == spent
             assert own["spend_source"] == "fleet"
+            # the control socket's views are the same as the HTTP ones
+            async with trio_websocket.open_websocket_url(
+                    f"{b.url.replace('http', 'ws', 1)}/v1/control",
+                    extra_headers=[(b"authorization", ADMIN["authorization"].encode())]) as control:
+                for op, fields in (("get_key", {"key_id": kid}), ("get_team", {"name": "eng"}),
+                                   ("list_keys", {}), ("list_teams", {})):
+                    await control.send_message(orjson.dumps({"type": op, "id": op, **fields}).decode())
+                    reply = orjson.loads(await control.get_message())
+                    docs = reply["result"] if isinstance(reply["result"], list) else [reply["result"]]
+                    assert [d["spend"]["spent_usd"] for d in docs if d.get("id", d.get("name")) in (kid, "eng")] \
+                        == [spent], (op, reply)
+                    assert all(d["spend_source"] == "fleet" for d in docs), (op, reply)
 
             redis_server.kill()  # B's own spend then, and it says so (never an error)
             key = (await http.get(f"{b.url}/admin/keys/{kid}", headers=ADMIN)).json()
