@@ -63,4 +63,4 @@ async def test_a_sigkill_in_postgres_mode_loses_no_settled_spend(tmp_path, gated
         else:
             assert not m, log  # replayed once: the floor was stored with the spend
             assert stored == first
-    print(f"received {len(received)} answers (${got:.3f}); Postgres holds ${nano / 1e9:.3f} ({extra:.0f} in transit)")
+    print(f"received {len(received)} answers (${got:.3f}); Postgres holds ${nano / 1e9:.3f} ({int(extra)} in transit)")
