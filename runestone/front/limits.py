@@ -22,6 +22,7 @@ from collections import deque
 import attrs
 import trio
 
+from ..http._server_wire import HEAD_LINES
 from ..routing.executor import GatewayError
 
 __all__ = ["KeyLimiter", "Lease", "LimitValues", "add_tokens", "release_state"]
@@ -53,7 +54,7 @@ class _Bucket:
     ``tat - now > slack``."""
 
     __slots__ = ("capacity", "rate", "interval", "tat", "slack", "names", "limit_text", "full", "shown",
-                 "shown_remaining", "shown_reset")
+                 "shown_remaining", "shown_reset", "full_lines", "lines", "lines_of")
 
     def __init__(self, capacity: float, rate: float, now: float, need: float,
                  names: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
@@ -70,6 +71,10 @@ class _Bucket:
         #: Its last three headers otherwise, and the remaining and reset they show: made again when those change.
         self.shown: tuple = ()
         self.shown_remaining = self.shown_reset = -1
+        #: ``full`` and ``shown`` as one (HEAD_LINES, lines) pair each, in a tuple (see _bucket_lines).
+        self.full_lines = _lines_of(self.full)
+        self.lines: tuple = ()
+        self.lines_of: tuple = ()
 
     def level(self, now: float) -> float:
         ahead = self.tat - now
@@ -196,6 +201,22 @@ def _bucket_headers(b: _Bucket, now: float) -> tuple:
     return shown
 
 
+def _lines_of(pairs: tuple) -> tuple:
+    return ((HEAD_LINES, b"".join(b"%s: %s\r\n" % pair for pair in pairs)),)
+
+
+def _bucket_lines(b: _Bucket, now: float) -> tuple:
+    """:func:`_bucket_headers` as one ``(HEAD_LINES, lines)`` pair (in a tuple) for the HTTP server to write
+    as it is (made once per distinct value; the names are ours, the values digits and units)."""
+    pairs = _bucket_headers(b, now)
+    if pairs is b.full:
+        return b.full_lines
+    if pairs is not b.lines_of:
+        b.lines_of = pairs
+        b.lines = _lines_of(pairs)
+    return b.lines
+
+
 _REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 _TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
@@ -251,16 +272,20 @@ class KeyLimiter:
             return b.wait(now), "tokens per minute"
         return None
 
+    #: A bucket's headers as one prebuilt block: ``_headers(st, now, KeyLimiter.lines)``.
+    lines = staticmethod(_bucket_lines)
+
     @staticmethod
-    def _headers(st: _KeyState, now: float | None = None) -> tuple:
-        """The ``x-ratelimit-*`` headers of ``st`` at ``now`` (a tuple of pairs: shared, not to be changed)."""
+    def _headers(st: _KeyState, now: float | None = None, each=_bucket_headers) -> tuple:
+        """The ``x-ratelimit-*`` headers of ``st`` at ``now`` (a tuple of pairs: shared, not to be changed);
+        with ``each=KeyLimiter.lines``, one prebuilt ``(HEAD_LINES, lines)`` pair per bucket."""
         if now is None:
             now = trio.current_time()
         b = st.minute or st.hour
         t = st.tokens
         if b is not None:
-            return _bucket_headers(b, now) + _bucket_headers(t, now) if t is not None else _bucket_headers(b, now)
-        return _bucket_headers(t, now) if t is not None else ()
+            return each(b, now) + each(t, now) if t is not None else each(b, now)
+        return each(t, now) if t is not None else ()
 
     def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:
         """``key``'s limiter state at ``limits`` (made or brought up to date): for :meth:`take`. A state lives

@@ -58,6 +58,12 @@ _NAMES: dict[bytes, bool] = {}
 _NAMES_MAX = 512
 
 
+#: A header "name" whose value is whole header lines (``name: value\r\n`` each), made and checked by the
+#: caller once and reused as they are (runestone.front.limits's x-ratelimit blocks): a pair ``(HEAD_LINES,
+#: block)`` among the handler headers. Not a valid header name (a colon), so no client-given name is it.
+HEAD_LINES = b":lines"
+
+
 def _check_name(name: bytes) -> bool:
     if not name or b"\n" in name or b"\r" in name or b":" in name:
         return False
@@ -71,7 +77,8 @@ def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes
     empty), ``connection`` one of ``KEEP_ALIVE``/``CLOSE`` (it ends the head). Handler
     headers may be ``str`` (encoded latin-1) or ``bytes``; a CR or LF in them, or a
     colon in a name, raises ``ValueError`` rather than letting a handler split the
-    response. Handler headers of the framing names the server owns are dropped.
+    response. Handler headers of the framing names the server owns are dropped; a
+    ``(HEAD_LINES, block)`` pair writes ``block``, whole header lines, as it is.
     """
     parts = [status_line(status)]
     names = _NAMES
@@ -83,6 +90,10 @@ def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes
             value = value.encode("latin-1")
         keep = names.get(name)
         if keep is None:
+            if name is HEAD_LINES:  # lines made whole (the final count below still checks their CR and LF)
+                parts.append(value)
+                lines += value.count(b"\n")
+                continue
             if not _check_name(name):
                 raise ValueError(f"invalid response header {name!r}: {value!r}")
             keep = name.lower() not in _SERVER_OWNED
@@ -100,7 +111,7 @@ def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes
     if head.count(b"\n") != expected or head.count(b"\r") != expected:
         for name, value in headers:
             text = value.encode("latin-1") if value.__class__ is not bytes else value
-            if b"\n" in text or b"\r" in text:
+            if (b"\n" in text or b"\r" in text) and name is not HEAD_LINES:
                 raise ValueError(f"invalid response header {name!r}: {value!r}")
         raise ValueError("invalid response head: a CR or LF outside the header lines")
     return head

@@ -644,6 +644,29 @@ async def test_handler_headers_of_framing_names_are_dropped_in_any_case(start_se
         assert (header(response, b"x-kept"), header(response, b"x-bytes")) == (b"yes", b"1")
 
 
+async def test_prebuilt_header_lines_are_written_as_they_are_and_a_bare_line_feed_in_them_is_a_500(start_server,
+                                                                                                   connect):
+    from runestone.http._server_wire import HEAD_LINES
+
+    block = b"x-ratelimit-limit-requests: 10\r\nx-ratelimit-remaining-requests: 9\r\n"
+    answers = iter([[(b"x-before", b"1"), (HEAD_LINES, block), (b"x-after", b"2")],
+                    [(HEAD_LINES, b"x-one: 1\nset-cookie: evil\r\n")]])
+
+    async def handler(request: Request) -> Response:
+        return Response(200, next(answers), b"ok")
+
+    server = await start_server(handler)
+    client = await connect(server)
+    response, body = await client.request("GET", "/")
+    assert (response.status_code, body) == (200, b"ok")
+    assert [(n, v) for n, v in response.headers if n.startswith(b"x-")] == [
+        (b"x-before", b"1"), (b"x-ratelimit-limit-requests", b"10"), (b"x-ratelimit-remaining-requests", b"9"),
+        (b"x-after", b"2")]
+    second, _ = await client.request("GET", "/")
+    assert second.status_code == 500
+    assert header(second, b"set-cookie") is None
+
+
 # -- limits -------------------------------------------------------------------------------
 
 
