@@ -138,3 +138,31 @@ async def test_a_line_torn_by_the_kill_is_ignored_and_its_reservation_released(t
     assert _spend(again, kid) == (pytest.approx(0.004), 0, 2, pytest.approx(0.996))
     assert again.recovered["malformed_lines"] == 1 and again.recovered["released"] == 1
     assert "1 unreadable line(s)" in caplog.text
+
+
+async def test_segments_are_sized_for_what_a_flush_interval_writes_and_a_kill_after_one_filled_counts_each_once(
+        tmp_path):
+    gov, kid = await _setup(tmp_path)
+    journal = gov.journal
+
+    def segments() -> list[int]:
+        return [p.stat().st_size for p in sorted(tmp_path.glob("budget-journal.*"), key=lambda p: int(p.suffix[1:]))]
+
+    lease = await gov.admit_request(_request(kid), PLAN)
+    lease.settle(0, 1, 0.000001)
+    await gov.flush()
+    assert segments() == [256 << 10]  # a quiet interval: the next segment is the smallest
+    first, n = journal.gen, 1
+    for _ in range(20_000):  # until the segment is full (about 5,000 requests' lines)
+        lease = await gov.admit_request(_request(kid), PLAN)
+        lease.settle(0, 1, 0.000001)
+        n += 1
+        if journal.gen != first:
+            break
+    assert journal.gen == first + 1 and segments() == [256 << 10, 512 << 10]  # went on in a larger one
+    held = await gov.admit_request(_request(kid), PLAN)
+    _kill(gov)
+    again = _gov(tmp_path)
+    assert _spend(again, kid) == (pytest.approx(n * 0.000001), 0, n + 1, pytest.approx(1 - n * 0.000001))
+    assert again.recovered["settled"] == n - 1 and again.recovered["released"] == 1
+    assert held.seq
