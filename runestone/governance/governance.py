@@ -224,6 +224,20 @@ class _Account:
     team_name: str = ""
 
 
+def _checkpointed(journal: SpendJournal, floor: int, drop: bool) -> None:
+    """After the spend was stored with ``floor`` (blocking: on a worker thread): the segments before it
+    deleted (when ``drop``), and the one after it made for the next flush's rotation."""
+    if drop:
+        try:
+            journal.drop_before(floor)
+        except OSError as exc:
+            log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
+    try:
+        journal.prepare(floor + 1)
+    except OSError as exc:
+        log.error("budget journal: the next segment could not be made: %s", exc)
+
+
 def new_key_id() -> str:
     return "key_" + os.urandom(6).hex()
 
@@ -1170,10 +1184,11 @@ class Governance:
         floor = None
         if journal is not None:
             if journal.pending:
-                try:  # the next segment's blocks, off the event loop (the rotation then only maps them)
-                    await trio.to_thread.run_sync(journal.prepare, journal.gen + 1)
-                except OSError as exc:
-                    log.error("budget journal: the next segment could not be made: %s", exc)
+                if journal.ready != journal.gen + 1:  # not made by the last flush's checkpoint (below)
+                    try:  # the next segment's blocks, off the event loop (the rotation then only maps them)
+                        await trio.to_thread.run_sync(journal.prepare, journal.gen + 1)
+                    except OSError as exc:
+                        log.error("budget journal: the next segment could not be made: %s", exc)
                 journal.rotate([lease.line for lease in self._open.values()])
             # The rows hold every event before the current segment (which, unless it was just started,
             # has had nothing but carried-over reservations: no spend, no request).
@@ -1188,12 +1203,12 @@ class Governance:
             self._dirty |= dirty
             log.error("spend not written (kept for the next try): %s", exc)
             return 0
-        if floor is not None and floor > self._journal_floor:
-            self._journal_floor = floor
-            try:
-                await trio.to_thread.run_sync(journal.drop_before, floor)
-            except OSError as exc:
-                log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
+        if floor is not None:
+            drop = floor > self._journal_floor
+            if drop:
+                self._journal_floor = floor
+            # One hand-off: the older segments deleted, and the next rotation's segment made ahead.
+            await trio.to_thread.run_sync(_checkpointed, journal, floor, drop)
         return len(rows)
 
     async def _reload(self) -> None:

@@ -87,6 +87,10 @@ class SpendJournal:
         self.segment_bytes = segment_bytes
         #: The current segment's size, and the next one's (see :meth:`_grow`).
         self._size = 0
+        #: What the segment before the current one held when it was left (sizes the next, with ``_off``).
+        self._last = 0
+        #: The number of the segment made ahead (``prepare``) for the next rotation, -1 if none.
+        self.ready = -1
         self.next_bytes = min(FIRST_SEGMENT_BYTES, segment_bytes)
         #: The current segment's number.
         self.gen = 0
@@ -162,7 +166,7 @@ class SpendJournal:
     def _grow(self) -> None:
         """Size the next segment for what the current one holds now: twice that, from
         FIRST_SEGMENT_BYTES up to ``segment_bytes`` (a quiet journal keeps small segments)."""
-        size, top, want = FIRST_SEGMENT_BYTES, self.segment_bytes, 2 * self._off
+        size, top, want = FIRST_SEGMENT_BYTES, self.segment_bytes, 2 * max(self._off, self._last)
         while size < want and size < top:
             size <<= 1
         self.next_bytes = min(size, top)
@@ -178,6 +182,7 @@ class SpendJournal:
             self._allocate(fd, self.next_bytes)
         finally:
             os.close(fd)
+        self.ready = gen
 
     def _allocate(self, fd: int, size: int) -> int:
         """Blocks for ``size`` bytes at least; the file's size (a segment made before may be larger)."""
@@ -217,6 +222,7 @@ class SpendJournal:
         """Start the next segment with the open reservations (``R`` lines, rewritten as ``C``); its number.
 
         The stored spend checkpointed with this number covers every event of the segments before it."""
+        self._last = self._off
         self.start(self.gen + 1)
         for line in carried:
             self.write(b"C" + line[1:])
