@@ -13,7 +13,8 @@ Floor 0, knowing nothing of the gateway and importing nothing of ours:
 
 Floor 1, on the runtime at most, neither importing the other:
 
-- ``config``: the configuration schema, loading from TOML and the environment, its checks, and prices.
+- ``config``: the configuration schema, loading from TOML and the environment, its checks, prices, and one
+  registry per enumeration (provider types, router policies, failover strategies) that the floors above read.
 - ``cluster``: the Redis client, for state shared by every instance of a fleet, and ``serve --workers``
   (the worker processes under a runtime supervisor). Its fleet modules each stand just above the layer
   whose state they share: ``status`` on floor 3, ``breakers`` on 4, ``control`` on 7, ``responses``, ``limits`` and ``governance`` on 8
@@ -24,7 +25,8 @@ Floor 2, ``telemetry``: events, metrics, health scores, costs, the usage ledger 
 Floor 3, ``resilience``: circuit breakers (the one breaker predicate), retry, failover groups, the
 orderings every policy is made of, and the breaker and failover actors.
 
-Floor 4, ``providers``: one adapter per kind of upstream, the provider table and the provider actors.
+Floor 4, ``providers``: one adapter per kind of upstream, the provider table and the provider actors (the
+table's only writers, with their supervisor, which drains and withdraws on the control plane's behalf).
 
 Floor 5, ``routing``: router policies, pools and splits, aliases, the in-flight table, and
 ``Gateway.serve``, the one request pipeline.

@@ -19,6 +19,7 @@ of this runs per request.
 # The package, by job (imports point down this list; the schema imports only the field checks):
 #   _checks.py    field checks (each with the words for what it allows), the upstream URL parser, host allow-list
 #   provider_types.py  the registry of provider types (adapter, capabilities, base URL, knobs, env)
+#   orderings.py  the registries of router policies and failover strategies (each name's ordering)
 #   pricing.py    the one ModelPrice, price_for (the table's lookup) and cost_of
 #   schema.py     the attrs classes rooted at Config, the enumerations and default model lists
 #   _report.py    strict cattrs structuring and one-line problem reports (ConfigError)
@@ -42,7 +43,6 @@ from .schema import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH
 from .schema import DEFAULT_PRICING_PATH as DEFAULT_PRICING_PATH
 from .schema import DataConfig as DataConfig
 from .schema import DatabaseConfig as DatabaseConfig
-from .schema import FAILOVER_STRATEGIES as FAILOVER_STRATEGIES
 from .schema import FailoverConfig as FailoverConfig
 from .schema import FailoverGroupSpec as FailoverGroupSpec
 from .schema import LimitsConfig as LimitsConfig
@@ -55,7 +55,6 @@ from .schema import PoolConfig as PoolConfig
 from .schema import ProviderConfig as ProviderConfig
 from .schema import ProviderSpec as ProviderSpec
 from .schema import RETIRED_PROVIDER_SETTINGS as RETIRED_PROVIDER_SETTINGS
-from .schema import ROUTER_POLICIES as ROUTER_POLICIES
 from .schema import ResponsesConfig as ResponsesConfig
 from .schema import RetryConfig as RetryConfig
 from .schema import RouterConfig as RouterConfig
@@ -74,6 +73,9 @@ from .provider_types import PROVIDER_TYPE_REGISTRY as PROVIDER_TYPE_REGISTRY
 from .provider_types import EnvProvider as EnvProvider
 from .provider_types import ProviderType as ProviderType
 from .provider_types import provider_type as provider_type
+from .orderings import FAILOVER_STRATEGY_REGISTRY as FAILOVER_STRATEGY_REGISTRY
+from .orderings import ROUTER_POLICY_REGISTRY as ROUTER_POLICY_REGISTRY
+from .orderings import NamedOrdering as NamedOrdering
 from ._report import ConfigError as ConfigError
 from .load import check_config as check_config
 from .load import load_config as load_config
@@ -86,9 +88,9 @@ from .forms import provider_spec_to_dict as provider_spec_to_dict
 # Read by tests/test_readme.py, which checks that the README lists every variable.
 from ._env import _AWS_ENV, _ENV_PROVIDER_SETTINGS, _ENV_PROVIDERS, _ENV_SETTINGS  # noqa: F401
 
-from . import forms, load, pricing, provider_types, schema  # noqa: E402 - the modules, for __all__
+from . import forms, load, orderings, pricing, provider_types, schema  # noqa: E402 - the modules, for __all__
 
 __all__ = [
     *schema.__all__, *pricing.__all__,
-    *provider_types.__all__,
+    *provider_types.__all__, *orderings.__all__,
     *load.__all__, *forms.__all__, "ConfigError", "parse_upstream_url", "upstream_host_allowed"]

@@ -14,10 +14,15 @@ import attrs
 
 @attrs.frozen
 class _Check:
-    """A predicate on a structured value and the phrase saying what passes."""
+    """A predicate on a structured value and the phrase saying what passes (or a function making the
+    phrase when it is shown, for a registry that may grow: see :func:`_one_of`)."""
 
     test: Callable[[Any], bool] = attrs.field(repr=False)
-    allowed: str
+    phrase: str | Callable[[], str]
+
+    @property
+    def allowed(self) -> str:
+        return self.phrase() if callable(self.phrase) else self.phrase
 
     def __call__(self, value: Any) -> bool:
         try:
@@ -64,8 +69,9 @@ def _fraction(*, zero_ok: bool = True) -> _Check:
     return _Check(lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1")
 
 
-def _one_of(choices: tuple[str, ...]) -> _Check:
-    return _Check(lambda v: v in choices, "one of " + ", ".join(choices))
+def _one_of(choices: Collection[str]) -> _Check:
+    """One of ``choices``, read when checked: a registry (``orderings.py``) counts its entries of the moment."""
+    return _Check(lambda v: isinstance(v, str) and v in choices, lambda: "one of " + ", ".join(choices))
 
 
 def _non_empty_str() -> _Check:

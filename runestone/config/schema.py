@@ -31,6 +31,7 @@ from ._checks import (
     _weights,
 )
 from .pricing import ModelPrice
+from .orderings import FAILOVER_STRATEGY_REGISTRY, ROUTER_POLICY_REGISTRY
 from .provider_types import PROVIDER_TYPE_REGISTRY
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "DEFAULT_BASE_URLS",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_PRICING_PATH",
-    "FAILOVER_STRATEGIES",
     "FailoverConfig",
     "FailoverGroupSpec",
     "LimitsConfig",
@@ -63,7 +63,6 @@ __all__ = [
     "RETIRED_PROVIDER_SETTINGS",
     "ResponsesConfig",
     "RetryConfig",
-    "ROUTER_POLICIES",
     "RouterConfig",
     "ServerConfig",
     "SplitConfig",
@@ -75,16 +74,6 @@ __all__ = [
 _ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CONFIG_PATH = _ROOT / "config" / "runestone.toml"
 DEFAULT_PRICING_PATH = _ROOT / "config" / "pricing.toml"
-
-ROUTER_POLICIES = ("default", "health", "enhanced", "cost")
-FAILOVER_STRATEGIES = (
-    "round_robin",
-    "priority",
-    "load_balanced",
-    "least_loaded",
-    "fastest_first",
-    "cost",
-)
 
 PROVIDER_TYPES = tuple(PROVIDER_TYPE_REGISTRY)
 TRANSPORTS = ("fast", "httpx")
@@ -166,7 +155,7 @@ class DataConfig:
 
 @attrs.frozen
 class RouterConfig:
-    policy: str = _setting("default", _one_of(ROUTER_POLICIES))
+    policy: str = _setting("default", _one_of(ROUTER_POLICY_REGISTRY))
 
 
 @attrs.frozen
@@ -218,14 +207,14 @@ class FailoverGroupSpec:
             "a non-empty array of distinct provider names",
         )
     )
-    strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGIES))
+    strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGY_REGISTRY))
     max_attempts: int = _setting(3, _int_between(1, 100))
     health_threshold: float = _setting(0.5, _fraction())
 
 
 @attrs.frozen
 class FailoverConfig:
-    strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGIES))
+    strategy: str = _setting("priority", _one_of(FAILOVER_STRATEGY_REGISTRY))
     max_attempts: int = _setting(3, _int_between(1, 100))
     health_threshold: float = _setting(0.5, _fraction())
     groups: tuple[FailoverGroupSpec, ...] = _setting(())

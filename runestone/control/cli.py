@@ -22,6 +22,8 @@ import orjson
 import trio
 import trio_websocket
 
+from ..config import FAILOVER_STRATEGY_REGISTRY
+
 __all__ = ["add_control_commands", "CliError", "DEFAULT_URL"]
 
 DEFAULT_URL = "http://127.0.0.1:4003"
@@ -373,7 +375,8 @@ def add_control_commands(sub) -> None:
     c = gs.add_parser("add", parents=[admin], help="create a failover group")
     c.add_argument("name")
     c.add_argument("--providers", required=True, help="comma-separated provider names, in order")
-    c.add_argument("--strategy")
+    c.add_argument("--strategy", help="how the group orders its providers: " + ", ".join(FAILOVER_STRATEGY_REGISTRY)
+                   + " (default: [failover] strategy)")
     c.add_argument("--max-attempts", type=int)
     c.add_argument("--health-threshold", type=float)
     c.set_defaults(func=_run(groups_add))

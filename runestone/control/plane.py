@@ -7,8 +7,9 @@ value (:data:`ControlChange`: :class:`RegisterProvider`, :class:`UpdateProvider`
 :class:`CreateGroup`, :class:`UpdateGroup`, :class:`DeleteGroup`) applied by :meth:`ControlPlane.apply`, the
 one path by which the catalog and the persisted state change; hooks added with
 :meth:`ControlPlane.subscribe` hear of each change once it is applied (so that another instance can be
-told). A change goes through the actor that owns what it changes (the EnhancedProviderSupervisor starts or
-stops one provider actor and nothing else; the FailoverManager owns the groups) and is persisted by
+told). A change goes through the actor that owns what it changes (the EnhancedProviderSupervisor starts,
+drains or stops one provider actor and nothing else, and is the only writer of the provider table besides
+the actors themselves; the FailoverManager owns the groups) and is persisted by
 :class:`~runestone.control.store.ControlStore`, so that a restart brings it back; when persisting fails the
 change is undone and reported. Unregistering marks the provider draining at once (no new request is routed
 to it), waits within a bounded grace for its requests in flight (woken by the in-flight table when the last
@@ -324,19 +325,23 @@ class ControlPlane:
                                code="provider_start_failed") from None
 
     async def _stop(self, name: str) -> None:
+        """Stop ``name``'s actor and have its entry withdrawn, both by the supervisor (the table's owner)."""
         sup = self.app.provider_supervisor
         if sup is not None:
             try:
                 await sup.unregister(name)
             except (KeyError, RuntimeError):
                 pass
-        # The actor withdraws its entry when it stops; one that was down (restarting) left it behind.
-        self.app.providers.remove(name)
+
+    def _mark_draining(self, name: str) -> None:
+        sup = self.app.provider_supervisor
+        if sup is not None:  # none yet: no actor has published an entry
+            sup.drain(name)
 
     def _undrain(self, name: str) -> None:
-        entry = self.app.providers.value.get(name)
-        if entry is not None and entry.draining:
-            self.app.providers.put(attrs.evolve(entry, draining=False))
+        sup = self.app.provider_supervisor
+        if sup is not None:
+            sup.undrain(name)
 
     async def _drain(self, name: str, grace: float) -> tuple[bool, int]:
         """Wait until no request is in flight on ``name`` or ``grace`` seconds pass: (drained, left)."""
@@ -362,7 +367,7 @@ class ControlPlane:
     async def _unregister(self, name: str, grace: float) -> dict:
         app = self.app
         with self._changing("provider", name):
-            app.providers.mark_draining(name)
+            self._mark_draining(name)
             try:
                 configured = any(s.name == name for s in app.config.providers)
                 await self._persist(lambda s: s.without_provider(name, configured=configured))
@@ -439,7 +444,7 @@ class ControlPlane:
         with self._changing("provider", name):
             sup = self._supervisor()
             earlier = self.state
-            app.providers.mark_draining(name)
+            self._mark_draining(name)
             try:
                 await self._persist(lambda s: s.with_provider(spec))
             except GatewayError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import orjson
 
 from .. import __version__
+from ..config import ROUTER_POLICY_REGISTRY
 from ..http.server import Response
 from .deps import FrontDeps
 
@@ -39,7 +40,7 @@ _RUNESTONE = {
     "type": "object",
     "description": "Routing wishes; stripped before the request goes upstream.",
     "properties": {
-        "policy": {"type": "string", "enum": ["default", "health", "enhanced", "cost"]},
+        "policy": {"type": "string", "enum": list(ROUTER_POLICY_REGISTRY)},
         "max_cost": {"type": "number", "minimum": 0},
         "max_latency_ms": {"type": "number", "minimum": 0},
         "require": {"type": "array", "items": {"type": "string", "enum": ["streaming", "tools", "vision", "embeddings"]}},

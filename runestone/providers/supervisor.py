@@ -6,6 +6,11 @@ and its adapter. At ``init`` it builds them, learns its models (from config, or 
 shared :class:`ProviderTable`; at ``terminate`` it withdraws the entry and closes its pool. The request
 path reads the table, never the actor's mailbox. The supervisor is ``one_for_one`` with dynamic
 children, so registering or unregistering a provider restarts nothing else.
+
+The table has one owner, this module: each actor writes its own entry, and the supervisor, which owns the
+actors, does the rest on the control plane's behalf (:meth:`EnhancedProviderSupervisor.drain` and
+``undrain``, and on ``unregister`` withdrawing the entry a crashed, still restarting, incarnation left
+behind). Nobody outside writes it.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class ProviderEntry:
 
 
 class ProviderTable(Published):
-    """Published ``{name: ProviderEntry}``; each provider actor writes only its own entry (copy on write)."""
+    """Published ``{name: ProviderEntry}`` (copy on write). Written only in this module: each provider actor
+    writes its own entry, the :class:`EnhancedProviderSupervisor` the drain flags and a down actor's leftover."""
 
     def __init__(self) -> None:
         super().__init__(value={})
@@ -310,7 +316,22 @@ class EnhancedProviderSupervisor(Supervisor):
         return await self.start_child(self.child_for(spec))
 
     async def unregister(self, name: str) -> None:
-        """Stop the provider's actor and forget its spec (OTP's terminate_child, then delete_child).
-        KeyError if there is no such provider."""
-        await self.terminate_child(name)
-        await self.delete_child(name)
+        """Stop the provider's actor and forget its spec (OTP's terminate_child, then delete_child), then
+        withdraw its entry. KeyError if there is no such provider, RuntimeError if the supervisor is not
+        running; the entry is withdrawn either way."""
+        try:
+            await self.terminate_child(name)
+            await self.delete_child(name)
+        finally:
+            # The actor withdraws its entry when it stops; one that was down (crashed, restarting) left it.
+            self.table.remove(name)
+
+    def drain(self, name: str) -> bool:
+        """Mark ``name`` draining: no new request is routed to it. False if it has no entry."""
+        return self.table.mark_draining(name)
+
+    def undrain(self, name: str) -> None:
+        """Route to ``name`` again (a drain whose change was undone)."""
+        entry = self.table.value.get(name)
+        if entry is not None and entry.draining:
+            self.table.put(attrs.evolve(entry, draining=False))

@@ -37,9 +37,9 @@ from typing import Any
 
 import attrs
 
+from runestone.config.orderings import FAILOVER_STRATEGY_REGISTRY
 from runestone.resilience.breaker import BreakerView, refuses
-from runestone.resilience.ordering import (COST, IN_FLIGHT, NAME, PRIORITY, TTFT, Ordering, breakers_last, rotated,
-                                           sorted_by, weighted_shuffle)
+from runestone.resilience.ordering import Ordering, Orderings, breakers_last
 from runestone.runtime import Published
 
 __all__ = [
@@ -55,15 +55,9 @@ __all__ = [
     "order_candidates",
 ]
 
-#: Failover strategies: name -> the ordering (``runestone.resilience.ordering``) it stands for.
-STRATEGIES: Mapping[str, Ordering] = MappingProxyType({
-    "round_robin": rotated(),
-    "priority": sorted_by(PRIORITY),  # stable: equal priorities keep the group's listed order
-    "load_balanced": weighted_shuffle(),
-    "least_loaded": rotated(IN_FLIGHT),
-    "fastest_first": sorted_by(TTFT, PRIORITY, NAME),
-    "cost": sorted_by(COST, PRIORITY, NAME),
-})
+#: Failover strategies: name -> the ordering it stands for, a view of the one registry
+#: (``runestone.config.orderings.FAILOVER_STRATEGY_REGISTRY``, what each does).
+STRATEGIES: Mapping[str, Ordering] = Orderings(FAILOVER_STRATEGY_REGISTRY)
 DEFAULT_GROUP = "default"
 DEFAULT_CAPABILITIES = frozenset({"streaming", "tools", "vision"})
 
@@ -223,18 +217,7 @@ def order_candidates(
 ) -> list[str]:
     """Order ``providers`` by ``strategy`` (a name in ``STRATEGIES``); the names, first to try first.
 
-    * ``round_robin``: the given order, rotated left by ``rotation``.
-    * ``priority``: the given order (a group's listed order), except that a lower
-      ``priority`` goes first when the providers' priorities differ.
-    * ``load_balanced``: a random order in which each provider's chance of coming
-      before the others is proportional to its ``weight``; weight 0 goes last.
-    * ``least_loaded``: fewest requests in flight first; ties keep the round-robin
-      order, so idle providers share the load.
-    * ``fastest_first``: lowest time-to-first-token average first, then the
-      providers not measured yet.
-    * ``cost``: cheapest estimate first, then those without an estimate; ties by
-      priority.
-
+    What each strategy does is said in its registry entry (``runestone/config/orderings.py``).
     Then providers whose breaker refuses them at ``now`` are moved last, keeping
     their relative order (without ``now``, every open breaker refuses).
     """

@@ -16,6 +16,10 @@ these objects, and the sort keys they share are written once here as :class:`Key
 ``weighted_first()``       one provider drawn by weight first, then the others heaviest first
 ========================  ======================================================================
 
+Each ordering's ``repr`` is also its notation: :func:`ordering_of` builds one from that text, which is how
+the registries of router policies and failover strategies in ``runestone/config/orderings.py`` name theirs
+(config stands below this package), and :class:`Orderings` is the name -> ordering view of such a registry.
+
 Whatever the ordering, a provider whose breaker refuses it right now goes after the others
 (:func:`breakers_last`, on the one breaker predicate ``breaker.refuses``): by the time the others have
 failed it may be due for a probe.
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import math
 import random as _random
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -36,9 +41,11 @@ __all__ = [
     "COST",
     "HEALTH",
     "IN_FLIGHT",
+    "KEYS",
     "Key",
     "NAME",
     "Ordering",
+    "Orderings",
     "PRIORITY",
     "SCORE",
     "TTFT",
@@ -46,6 +53,7 @@ __all__ = [
     "breakers_last",
     "split_refused",
     "enhanced_score",
+    "ordering_of",
     "rotated",
     "sorted_by",
     "weighted_first",
@@ -226,6 +234,59 @@ def weighted_shuffle() -> WeightedShuffle:
 
 def weighted_first() -> WeightedFirst:
     return WeightedFirst()
+
+
+KEYS: Mapping[str, Key] = {k.name: k for k in (PRIORITY, NAME, WEIGHT, HEALTH, TTFT, COST, IN_FLIGHT, SCORE)}
+_SHAPES: Mapping[str, Callable[..., Ordering]] = {
+    "sorted_by": sorted_by, "rotated": rotated, "weighted_shuffle": weighted_shuffle, "weighted_first": weighted_first}
+_KEYED = frozenset({"sorted_by", "rotated"})
+_NOTATION = re.compile(r"\s*(\w+)\(\s*((?:\w+\s*(?:,\s*\w+\s*)*)?)\)\s*")
+_BUILT: dict[str, Ordering] = {}
+
+
+def ordering_of(text: str) -> Ordering:
+    """The ordering ``text`` writes, in the notation of the orderings' ``repr`` (``sorted_by(cost, priority,
+    name)``, ``rotated()``, ``weighted_shuffle()``); built once per text. ValueError naming what is wrong."""
+    built = _BUILT.get(text)
+    if built is not None:
+        return built
+    match = _NOTATION.fullmatch(text)
+    shape = match and _SHAPES.get(match.group(1))
+    if shape is None:
+        raise ValueError(f"not an ordering: {text!r}; expected one of {', '.join(f'{s}(...)' for s in _SHAPES)}")
+    names = [n.strip() for n in match.group(2).split(",")] if match.group(2) else []
+    unknown = [n for n in names if n not in KEYS]
+    if unknown:
+        raise ValueError(f"unknown sort key(s) {', '.join(unknown)} in {text!r}; expected some of {', '.join(KEYS)}")
+    if names and match.group(1) not in _KEYED:
+        raise ValueError(f"{match.group(1)}() takes no sort key: {text!r}")
+    built = _BUILT[text] = shape(*(KEYS[n] for n in names))
+    return built
+
+
+class Orderings(Mapping[str, Ordering]):
+    """The live ``name -> ordering`` view of a registry of named orderings (``runestone.config.orderings``):
+    what the registry holds now, each entry's ``ordering`` text built by :func:`ordering_of`."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Mapping[str, Any]) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> Ordering:
+        return ordering_of(self._registry[name].ordering)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry)
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def __repr__(self) -> str:
+        return "Orderings({" + ", ".join(f"{n!r}: {self[n]!r}" for n in self) + "})"
 
 
 def split_refused(providers: Sequence[Any], breakers: Mapping[str, Any],

@@ -23,10 +23,10 @@ from typing import Any
 
 import attrs
 
+from runestone.config.orderings import ROUTER_POLICY_REGISTRY
 from runestone.resilience.breaker import refuses
 from runestone.resilience.failover import ProviderInfo, RouteState
-from runestone.resilience.ordering import (COST, HEALTH, NAME, PRIORITY, SCORE, WEIGHT, Ordering, enhanced_score,
-                                           sorted_by)
+from runestone.resilience.ordering import Ordering, Orderings, enhanced_score
 
 __all__ = [
     "POLICIES",
@@ -39,14 +39,9 @@ __all__ = [
     "enhanced_score",
 ]
 
-#: Router policies: name -> the ordering (``runestone.resilience.ordering``) it stands for. Ties fall back to
-#: priority, then name, so a decision is deterministic.
-POLICIES: Mapping[str, Ordering] = MappingProxyType({
-    "default": sorted_by(PRIORITY, WEIGHT, NAME),
-    "health": sorted_by(HEALTH, PRIORITY, NAME),
-    "enhanced": sorted_by(SCORE, PRIORITY, NAME),
-    "cost": sorted_by(COST, PRIORITY, NAME),
-})
+#: Router policies: name -> the ordering it stands for, a view of the one registry
+#: (``runestone.config.orderings.ROUTER_POLICY_REGISTRY``, what each does).
+POLICIES: Mapping[str, Ordering] = Orderings(ROUTER_POLICY_REGISTRY)
 CAPABILITIES = frozenset({"streaming", "tools", "vision", "embeddings"})
 
 _NO_SKIPS: Mapping[str, str] = MappingProxyType({})
@@ -170,11 +165,9 @@ def route(
 ) -> RouteDecision:
     """Pick and order the providers for one request for ``model``.
 
-    The client's ``requirements.policy``, when given, overrides ``policy``.
-    Policies: ``default`` orders by priority, then higher weight; ``health`` by
-    health score; ``enhanced`` by ``enhanced_score``; ``cost`` cheapest estimate
-    first (unpriced last). Ties fall back to priority, then name, so a decision is
-    deterministic. A provider whose breaker is open but due for a probe is kept:
+    The client's ``requirements.policy``, when given, overrides ``policy``; what each
+    policy does is said in its registry entry (``runestone/config/orderings.py``). Ties
+    fall back to priority, then name, so a decision is deterministic. A provider whose breaker is open but due for a probe is kept:
     the request path asks the breaker manager for the probe slot. A provider set
     aside below ``health_threshold`` whose passive probe is due goes first, unless
     the client prefers others; claiming it is the one write ``route`` makes (into

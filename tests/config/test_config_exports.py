@@ -4,7 +4,7 @@ import importlib
 
 import runestone.config as config
 
-MODULES = ["schema", "pricing", "provider_types", "load", "forms"]
+MODULES = ["schema", "pricing", "provider_types", "orderings", "load", "forms"]
 
 
 def test_every_public_name_of_a_module_is_reexported_as_the_same_object():
@@ -16,6 +16,6 @@ def test_every_public_name_of_a_module_is_reexported_as_the_same_object():
 
 def test_all_lists_exactly_what_the_package_exports():
     exported = {n for n in vars(config) if not n.startswith("_")} - {
-        "schema", "pricing", "provider_types", "load", "forms",  # the modules themselves
+        "schema", "pricing", "provider_types", "orderings", "load", "forms",  # the modules themselves
     }
     assert set(config.__all__) == exported

@@ -1,6 +1,8 @@
 """The control plane called directly (no HTTP): changes as typed values through apply(), the applied hook,
 drains woken by the in-flight table, persistence failures that change nothing, 409 on concurrent changes."""
 
+import sys
+
 import pytest
 import trio
 import trio.testing
@@ -14,6 +16,7 @@ from runestone.control import (
     RegisterProvider,
     UnregisterProvider,
 )
+from runestone.providers.supervisor import ProviderTable
 from runestone.resilience.failover import GroupSpec
 from runestone.routing.executor import GatewayError
 
@@ -158,3 +161,60 @@ async def test_apply_refuses_what_is_not_a_change(gateway_factory):
     plane, _ = await _plane(gateway_factory)
     with pytest.raises(TypeError, match="not a control change"):
         await plane.apply(("register", "x"))
+
+
+def _record_table_writers(monkeypatch) -> list[str]:
+    """The module of each caller of a ProviderTable write, from now to the end of the test."""
+    writers: list[str] = []
+    for method in ("put", "remove", "mark_draining"):
+        original = getattr(ProviderTable, method)
+
+        def recording(self, *args, _original=original, **kwargs):
+            writers.append(sys._getframe(1).f_globals["__name__"])
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ProviderTable, method, recording)
+    return writers
+
+
+def _record_supervisor_calls(sup, monkeypatch) -> list[tuple[str, str]]:
+    calls: list[tuple[str, str]] = []
+    for method in ("drain", "undrain", "unregister"):
+        original = getattr(sup, method)
+        if method == "unregister":
+            async def recording(name, _original=original, _method=method):
+                calls.append((_method, name))
+                return await _original(name)
+        else:
+            def recording(name, _original=original, _method=method):
+                calls.append((_method, name))
+                return _original(name)
+        monkeypatch.setattr(sup, method, recording)
+    return calls
+
+
+async def test_the_plane_drains_and_withdraws_through_the_supervisor_which_alone_writes_the_table(
+        gateway_factory, monkeypatch):
+    plane, app = await _plane(gateway_factory)
+    await plane.apply(RegisterProvider(_spec()))
+    writers = _record_table_writers(monkeypatch)
+    calls = _record_supervisor_calls(app.provider_supervisor, monkeypatch)
+
+    # A drain whose change cannot be persisted is undone, by the owner too.
+    saved = plane.store.save
+
+    async def broken_save(state):
+        raise ControlStoreError("disk full")
+
+    plane.store.save = broken_save
+    with pytest.raises(GatewayError):
+        await plane.apply(UnregisterProvider("extra", 0.0))
+    assert calls == [("drain", "extra"), ("undrain", "extra")]
+    assert not app.providers.value["extra"].draining
+
+    plane.store.save = saved
+    await plane.apply(UnregisterProvider("extra", 0.0))
+    assert calls[2:] == [("drain", "extra"), ("unregister", "extra")]
+    assert "extra" not in app.providers.value
+    # Every write to the table was made in the providers' own module (actors and their supervisor).
+    assert writers and set(writers) == {"runestone.providers.supervisor"}
