@@ -153,7 +153,8 @@ class Application:
                                              NamedRef(self.registry, "circuit_breaker_manager"))
                                if self.redis is not None else None)
         #: Limits and budgets shared by the fleet: the governance admits through it ([cluster] redis_url only).
-        self.fleet_limits = FleetLimits(self.redis, self.governance) if self.redis is not None else None
+        self.fleet_limits = (FleetLimits(self.redis, self.governance, hold_ttl=config.cluster.hold_ttl_ms / 1000)
+                             if self.redis is not None else None)
         self.governance.fleet = self.fleet_limits
         self.health = Published(None, owner="telemetry_handler")
         self.selector = GroupSelector()

@@ -14,7 +14,31 @@ from pathlib import Path
 import httpx
 import trio
 
-from gatewaytest import free_port, start_gateway_process, wait_ready
+from gatewaytest import free_port, provider_toml, start_gateway_process, wait_ready
+
+ADMIN = {"authorization": "Bearer admin-key"}
+#: 1 output token costs $0.001 (input is free): a request with max_tokens=4 reserves $0.004.
+PRICING = '[pricing."fake-model"]\ninput_per_mtok = 0.0\noutput_per_mtok = 1000.0\n'
+ASK = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def priced_config(upstream_port: int, api_keys: list[str], extra: str = "") -> str:
+    """An instance's config: ``api_keys``, the admin key ``admin-key``, no ledger, ``fake-model`` priced at
+    PRICING and served by one OpenAI-shaped upstream on ``upstream_port``; ``extra`` sections between."""
+    keys = ", ".join(f'"{k}"' for k in api_keys)
+    return (f'[auth]\napi_keys = [{keys}]\nadmin_key = "admin-key"\n'
+            "[telemetry]\nusage_ledger = false\n" + PRICING + extra
+            + provider_toml("up", "openai", base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="sk-up",
+                            models=["fake-model"]))
+
+
+async def until(what: str, check, bound: float = 30.0) -> None:
+    """Poll ``await check()`` until true; AssertionError naming ``what`` after ``bound`` s (only a hang)."""
+    with trio.move_on_after(bound):
+        while not await check():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"{what} not reached within {bound} s")
 
 
 class Instance:

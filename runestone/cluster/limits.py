@@ -10,8 +10,11 @@ instances are admitted exactly as far as the budget and the limits allow). Per s
 - ``:rpm``, ``:rph``, ``:tpm``: GCRA buckets, each one number, its theoretical arrival time in ms (the
   same bucket as front/limits.py's, judged by the wall-clock time the caller passes: instances agree);
 - ``:holds``: a sorted set of the subject's admitted requests (lease id -> expiry, ms). Its size is the
-  concurrency; a hold expires ``HOLD_TTL`` seconds after admission, so a killed instance's holds go by
-  themselves (expired holds are swept by the next script that touches the subject);
+  concurrency; a hold expires ``hold_ttl`` seconds (``[cluster] hold_ttl_ms``, default ``HOLD_TTL``) after
+  admission or its last renewal (each instance renews its running requests' holds every third of it, one
+  pipelined ``ZADD XX`` per holds key: :meth:`FleetLimits.renew_holds`), so a long stream keeps its place
+  and a killed instance's holds go by themselves (expired holds are swept by the next script that touches
+  the subject);
 - ``:amounts``: lease id -> "<reserved nano-USD> <period key>", the reservation each hold carries;
 - ``:p:<period start>``: a hash with ``spent``, ``reserved`` (nano-USD integers) and ``requests`` for one
   budget period (its start in the name: a new period is a new key, so rollover needs no reset). Budget
@@ -22,7 +25,10 @@ instances are admitted exactly as far as the budget and the limits allow). Per s
 period the reservation was made in, and adds the tokens to the TPM buckets. Settlements are queued and
 sent in batches by :meth:`FleetLimits.run` (off the response path; a batch is one pipelined round trip;
 while Redis is away they wait and are retried, never dropped), so a request costs exactly one Redis round
-trip, its admission.
+trip, its admission. ADMIT's reply also says how far ahead the first rate-limited subject's buckets are,
+from which the lease's ``x-ratelimit-*`` headers are made (the local limiter's builder): what an instance
+sends counts the requests and tokens of the whole fleet. A response-cache hit is counted the same way
+(:meth:`FleetLimits.admit_hit`: ADMIT at amount 0, its hold given back at once).
 
 Degradation (Redis down, stalled, or too slow: the client refuses at once or within its deadline): the
 admission falls back to *this instance's share of the fleet*: each limit divided by the number of live
@@ -45,12 +51,13 @@ from typing import Any, Callable
 
 import trio
 
-from ..front.limits import LimitValues, release_state
+from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
 from .breakers import instance_id
 from .redis import RedisClient, RedisError, RedisReplyError, RedisTimeout, RedisUnavailable, Script
 
-__all__ = ["ADMIT", "SETTLE", "BudgetShort", "Subject", "FleetLimits", "FleetLease", "HOLD_TTL", "INSTANCE_TTL"]
+__all__ = ["ADMIT", "SETTLE", "BudgetShort", "Subject", "FleetLimits", "FleetLease", "HOLD_TTL", "INSTANCE_TTL",
+           "period_key"]
 
 log = logging.getLogger("runestone.cluster")
 
@@ -67,9 +74,11 @@ BATCH = 512
 
 #: KEYS per subject: period hash, holds, amounts, rpm, rph, tpm. ARGV: now_ms, lease, hold_until_ms, amount,
 #: subjects, then per subject: budget (-1: none), period_end_ms (-1: never), spent_floor, rpm, rph, tpm,
-#: max_concurrent. Reply: {1, remaining_1, remaining_2...} (-1 for no budget) or {0, subject index, which,
-#: number} (which: "concurrent" with the count, "rpm"/"rph"/"tpm" with the wait in ms, "budget" with what
-#: remains).
+#: max_concurrent. Reply: {1, remaining_1, remaining_2..., [h, requests_ahead, tokens_ahead]} (-1 for no
+#: budget; then, when a subject has a rate limit, the first such one's index and how far ahead of now its
+#: request bucket (RPM, else RPH) and its TPM bucket are, in ms, -1 for a bucket it lacks: the
+#: ``x-ratelimit-*`` headers) or {0, subject index, which, number} (which: "concurrent" with the count,
+#: "rpm"/"rph"/"tpm" with the wait in ms, "budget" with what remains).
 ADMIT = Script("""
 local now = tonumber(ARGV[1])
 local amount = tonumber(ARGV[4])
@@ -150,6 +159,24 @@ for i = 1, n do
 end
 local out = {1}
 for i = 1, n do out[i + 1] = remaining[i] end
+for i = 1, n do
+  local k = (i - 1) * 6
+  local a = 5 + (i - 1) * 7
+  local rpm, rph, tpm = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  if rpm > 0 or rph > 0 or tpm > 0 then
+    local function ahead(key)
+      local t = tonumber(redis.call('GET', key) or now)
+      if t <= now then return 0 end
+      return math.ceil(t - now)
+    end
+    out[n + 2] = i
+    out[n + 3] = -1
+    if rpm > 0 then out[n + 3] = ahead(KEYS[k + 4]) elseif rph > 0 then out[n + 3] = ahead(KEYS[k + 5]) end
+    out[n + 4] = -1
+    if tpm > 0 then out[n + 4] = ahead(KEYS[k + 6]) end
+    break
+  end
+end
 return out
 """)
 
@@ -196,6 +223,11 @@ class BudgetShort(Exception):
 _WHICH = {"rpm": "requests per minute", "rph": "requests per hour", "tpm": "tokens per minute"}
 
 
+def period_key(name: str, period_start: float) -> str:
+    """The hash of subject ``name``'s budget period that starts at ``period_start`` (wall seconds)."""
+    return f"{PREFIX}{name}:p:{int(period_start)}"
+
+
 class Subject:
     """One holder of limits and a budget as the scripts see it (a key, a team, a configuration key)."""
 
@@ -213,7 +245,7 @@ class Subject:
         self.period_end = period_end
         base = self.base = PREFIX + name
         #: The budget period's hash ("-" without a budget); a subject is made anew for each period.
-        self.period = f"{base}:p:{int(period_start)}" if budget >= 0 else "-"
+        self.period = period_key(name, period_start) if budget >= 0 else "-"
         self.admit_keys = (self.period, base + ":holds", base + ":amounts", base + ":rpm", base + ":rph",
                            base + ":tpm")
         self.settle_keys = (base + ":holds", base + ":amounts", base + ":tpm")
@@ -259,6 +291,7 @@ class FleetLease:
 
     def _end(self, nano: int, tokens: int) -> None:
         fleet = self._fleet
+        fleet._live.pop(self._id, None)
         for share in self._shares:
             share[0] += self._amount - nano
         gov = fleet.governance
@@ -289,14 +322,24 @@ class FleetLimits:
     BudgetShort = BudgetShort
 
     def __init__(self, redis: RedisClient, governance: Any, *, instance: str | None = None,
-                 wall: Callable[[], float] | None = None) -> None:
+                 wall: Callable[[], float] | None = None, hold_ttl: float = HOLD_TTL) -> None:
         self.redis = redis
+        #: Seconds a hold lives unless renewed ([cluster] hold_ttl_ms); renewed every third of it.
+        self.hold_ttl = hold_ttl
+        #: lease id -> its subjects, for each request admitted through Redis and not yet ended here.
+        self._live: dict[str, tuple] = {}
+        self.renewals = 0
         self.governance = governance
         self.instance = instance or instance_id()
         self.wall = wall or governance.wall
         self._seq = 0
         self._queue: collections.deque = collections.deque()
         self._wake = trio.Event()
+        #: Set (and renewed) each time a batch of this instance's settlements has reached Redis: queued
+        #: admissions try again then.
+        self._released = trio.Event()
+        #: subject name -> admissions of it waiting here ([limits] queue).
+        self._waiting: dict[str, int] = {}
         #: "shared" while admissions go through Redis, "local" while this instance's share applies.
         self.mode = "shared"
         #: Live instances at the last heartbeat (1 until one was read).
@@ -319,7 +362,7 @@ class FleetLimits:
         lease_id = f"{self.instance}:{self._seq}"
         wall_ms = self.wall() * 1000
         keys: list = []
-        args: list = [int(wall_ms), lease_id, int(wall_ms + HOLD_TTL * 1000), amount, len(subjects)]
+        args: list = [int(wall_ms), lease_id, int(wall_ms + self.hold_ttl * 1000), amount, len(subjects)]
         for s in subjects:
             keys += s.admit_keys
             head, tail = s.admit_args
@@ -342,14 +385,18 @@ class FleetLimits:
             self._shares.clear()
         if reply[0] == 1:
             self.shared_admissions += 1
-            for s, left in zip(subjects, reply[1:]):
+            n = len(subjects)
+            for s, left in zip(subjects, reply[1:n + 1]):
                 if s.budget >= 0:
                     self._seen[s.name] = int(left)
             for s in subjects:
                 if s.holder is not None:
                     s.holder.requests += 1
-            return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects),
-                              team=team)
+            lease = FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), team=team)
+            self._live[lease_id] = subjects
+            if len(reply) > n + 3:
+                lease.headers = self._headers(subjects[int(reply[n + 1]) - 1], int(reply[n + 2]), int(reply[n + 3]))
+            return lease
         _, index, which, number = reply
         which = which.decode() if isinstance(which, bytes) else str(which)
         s = subjects[int(index) - 1]
@@ -358,6 +405,79 @@ class FleetLimits:
                 self._seen[s.name] = int(number)
             raise BudgetShort(s, int(number))
         raise self._limit_refusal(s, which, int(number))
+
+    async def admit_queued(self, subjects: tuple, amount: int, team: str | None = None) -> FleetLease:
+        """``[limits] queue`` with the fleet: :meth:`admit`, and while a rate limit refuses, wait and try the
+        script again, at most the limiter's ``queue_timeout`` (then its 429, saying it waited). A wait ends
+        when this instance's own settlements reach Redis (a hold here was given back), or after the
+        refusal's own retry time (a bucket refilling) or a backoff doubling from 50 ms to 1 s (a hold
+        given back by another instance): one script call per wake-up, no busy loop. At most the limiter's
+        ``queue_size`` requests of one subject wait here; more are refused at once."""
+        limiter = self.governance.limiter
+        name = subjects[0].name
+        waiting = self._waiting
+        deadline = trio.current_time() + limiter.queue_timeout
+        backoff = 0.05
+        queued = False
+        try:
+            while True:
+                released = self._released
+                try:
+                    return await self.admit(subjects, amount, team)
+                except GatewayError as exc:
+                    if exc.status != 429 or exc.code != "rate_limit_exceeded":
+                        raise
+                    now = trio.current_time()
+                    if now >= deadline:
+                        exc.message += f" (waited {limiter.queue_timeout:g}s in the queue)"
+                        exc.args = (exc.message,)
+                        raise
+                    if not queued:
+                        if waiting.get(name, 0) >= limiter.queue_size:
+                            raise
+                        queued = True
+                        waiting[name] = waiting.get(name, 0) + 1
+                        limiter.queued += 1
+                    limiter.refused -= 1  # not refused (yet): it waits
+                    wait = backoff
+                    for k, v in exc.headers:
+                        if k == b"retry-after-ms":
+                            wait = max(wait, int(v) / 1000)
+                    backoff = min(backoff * 2, 1.0)
+                    with trio.move_on_at(min(now + wait, deadline)):
+                        await released.wait()
+        finally:
+            if queued:
+                left = waiting[name] - 1
+                if left:
+                    waiting[name] = left
+                else:
+                    del waiting[name]
+
+    async def admit_hit(self, subjects: tuple, team: str | None) -> bool:
+        """Count a response-cache hit on every subject (ADMIT at amount 0: the rate limits, a budget already
+        overspent, the period's request count) and give its hold back at once; False when refused."""
+        try:
+            lease = await self.admit(subjects, 0, team)
+        except GatewayError:
+            self.governance.limiter.refused -= 1  # the pipeline serves it now, and counts its refusal
+            return False
+        except BudgetShort:
+            return False
+        lease.release()
+        return True
+
+    def _headers(self, s: Subject, requests_ahead: int, tokens_ahead: int) -> list:
+        """The ``x-ratelimit-*`` headers of ``s``'s shared buckets as ADMIT left them (ms ahead of now),
+        made by the local limiter's own builder on a view of them (a limiter state no request takes)."""
+        view = self.governance.limiter.state("fleet:" + s.name, s.limits, s.label)
+        now = trio.current_time()
+        b = view.minute or view.hour
+        if b is not None and requests_ahead >= 0:
+            b.tat = now + requests_ahead / 1000
+        if view.tokens is not None and tokens_ahead >= 0:
+            view.tokens.tat = now + tokens_ahead / 1000
+        return KeyLimiter._headers(view, now)
 
     def _admit_local(self, subjects: tuple, amount: int, team: str | None, lease_id: str,
                      why: Exception) -> FleetLease:
@@ -390,8 +510,11 @@ class FleetLimits:
                 s.holder.requests += 1
         self.local_admissions += 1
         # No hold in Redis: settling charges the spend only (SETTLE with a lease id Redis never saw).
-        return FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), states,
-                          tuple(shares), team)
+        lease = FleetLease(self, subjects, lease_id, amount, tuple(s.period for s in subjects), states,
+                           tuple(shares), team)
+        if states:
+            lease.headers = KeyLimiter._headers(states[0])
+        return lease
 
     def _limit_refusal(self, s: Subject, which: str, number: int) -> GatewayError:
         lim = s.limits
@@ -440,10 +563,69 @@ class FleetLimits:
         for _ in batch:
             queue.popleft()
         self.settled += len(batch)
+        self._released.set()
+        self._released = trio.Event()
         for reply in replies:
             if isinstance(reply, RedisReplyError):
                 log.error("fleet limits: a settlement was refused by Redis: %s", reply)
         return True
+
+    async def read_periods(self, periods: list) -> list | None:
+        """The fleet's ``(spent, reserved, requests)`` (nano-USD, nano-USD, count) of each ``(subject name,
+        period start)`` in ``periods``, None for a period Redis has no hash of (nothing admitted through it
+        yet), in one pipelined round trip; None when Redis cannot answer. For the admin views, off the
+        request path."""
+        commands = [("HMGET", period_key(name, start), "spent", "reserved", "requests") for name, start in periods]
+        try:
+            replies = await self.redis.pipeline(commands, timeout=max(self.redis.timeout, 1.0))
+        except RedisError:
+            return None
+        out = []
+        for reply in replies:
+            if isinstance(reply, Exception) or not isinstance(reply, list) or reply[0] is None:
+                out.append(None)
+            else:
+                out.append(tuple(int(v) if v is not None else 0 for v in reply))
+        return out
+
+    async def renew_holds(self) -> int:
+        """Move the expiry of every hold this instance's running requests have in Redis to a whole
+        ``hold_ttl`` from now (a request longer than it keeps its place): per holds key one ``ZADD XX``
+        (a hold already gone is not made again), the keys' own expiries after them, pipelined in batches
+        of ``BATCH`` commands. Returns how many holds it renewed; raises RedisError when Redis cannot."""
+        live = self._live
+        if not live:
+            return 0
+        until = int(self.wall() * 1000 + self.hold_ttl * 1000)
+        zadds: dict[str, list] = {}
+        keys: set[str] = set()
+        count = 0
+        for lease_id, subjects in live.items():
+            for s in subjects:
+                holds = s.admit_keys[1]
+                args = zadds.get(holds)
+                if args is None:
+                    args = zadds[holds] = ["ZADD", holds, "XX"]
+                    keys.add(holds)
+                    if s.budget >= 0:
+                        keys.add(s.admit_keys[2])  # the reservations the holds carry
+                args += (until, lease_id)
+                count += 1
+        commands = [tuple(args) for args in zadds.values()]
+        commands += [("PEXPIREAT", key, until + 1000) for key in keys]
+        timeout = max(self.redis.timeout, 1.0)
+        for i in range(0, len(commands), BATCH):
+            await self.redis.pipeline(commands[i:i + BATCH], timeout=timeout)
+        self.renewals += count
+        return count
+
+    async def _renewer(self) -> None:
+        while True:
+            await trio.sleep(self.hold_ttl / 3)
+            try:
+                await self.renew_holds()
+            except RedisError as exc:  # the holds stand until their expiry; the next round tries again
+                log.warning("fleet limits: holds not renewed (%s)", exc)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -464,6 +646,7 @@ class FleetLimits:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._sender)
+            nursery.start_soon(self._renewer)
             task_status.started(self)
             try:
                 await trio.sleep_forever()
@@ -480,7 +663,9 @@ class FleetLimits:
     def snapshot(self) -> dict:
         return {"mode": self.mode, "instances": self.instances, "queued_settlements": len(self._queue),
                 "shared_admissions": self.shared_admissions, "local_admissions": self.local_admissions,
-                "degradations": self.degradations, "settled": self.settled}
+                "degradations": self.degradations, "settled": self.settled,
+                "queued_admissions": sum(self._waiting.values()), "live_holds": len(self._live),
+                "renewed_holds": self.renewals}
 
 
 def _share(limits: LimitValues, n: int) -> LimitValues:

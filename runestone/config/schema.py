@@ -339,6 +339,9 @@ class ClusterConfig:
     ``redis_url`` is set (``RUNESTONE_REDIS_URL``). Without it, every instance keeps its own state."""
 
     redis_url: str | None = _setting(None, _server_url(("redis", "rediss")), repr_=_url_repr)
+    #: How long an admitted request's concurrency hold (and reservation) lives in Redis unless renewed (every
+    #: third of it, while the request runs) or settled: a killed instance's holds go after this long.
+    hold_ttl_ms: int = _setting(600_000, _int_between(1_000, 86_400_000))
 
 
 @attrs.frozen

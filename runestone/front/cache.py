@@ -86,7 +86,7 @@ class ResponseCache:
         self.misses = 0
         self.evictions = 0
         self.expirations = 0
-        #: ``admit(key_id, model) -> bool``: may this caller be answered from the cache now (and count it)?
+        #: ``await admit(key_id, model) -> bool``: may this caller be answered from the cache now (and count it)?
         self.admit = None
         #: The fleet's tier (``fetch(key)``, ``push(key, body, provider, ttl)``), or None.
         self.shared = None
@@ -167,7 +167,7 @@ class ResponseCache:
                 if found is not None and self.put(key, found[0], found[1], ttl=found[2]):
                     entry = self._entries[key]
             model = body.get("model")
-            if entry is not None and self.admit is not None and not self.admit(key_id, model):
+            if entry is not None and self.admit is not None and not await self.admit(key_id, model):
                 entry = None  # the pipeline serves it, and refuses or queues it as the caller's limits say
             entry = self._counted(key, entry)
             if entry is not None:

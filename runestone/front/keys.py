@@ -37,8 +37,6 @@ def _no_route(request: Request) -> GatewayError:
     return GatewayError(404, f"no route for {request.method} {request.path}", "not_found_error", code="not_found")
 
 
-async def _now(fn, *args):
-    return fn(*args)
 
 
 class KeyRoutes:
@@ -86,10 +84,10 @@ class KeyRoutes:
         return _json(await self.create_key(await self.front.read_json(request)), 201)
 
     async def list_keys(self, request: Request, caller) -> Response:
-        return _json({"object": "list", "data": self.gov.list_keys()})
+        return _json({"object": "list", "data": await self.gov.keys_view()})
 
     async def get_key(self, request: Request, caller) -> Response:
-        return _json(self.gov.describe_key(self._key_id(request)))
+        return _json(await self.gov.key_view(self._key_id(request)))
 
     async def patch_key(self, request: Request, caller) -> Response:
         key_id = self._key_id(request)
@@ -113,10 +111,10 @@ class KeyRoutes:
         return _json(await self.gov.create_team(await self.front.read_json(request)), 201)
 
     async def list_teams(self, request: Request, caller) -> Response:
-        return _json({"object": "list", "data": self.gov.list_teams()})
+        return _json({"object": "list", "data": await self.gov.teams_view()})
 
     async def get_team(self, request: Request, caller) -> Response:
-        return _json(self.gov.describe_team(self._team(request)))
+        return _json(await self.gov.team_view(self._team(request)))
 
     async def patch_team(self, request: Request, caller) -> Response:
         name = self._team(request)
@@ -128,7 +126,7 @@ class KeyRoutes:
     # -- the caller's own key -------------------------------------------------------------------------
 
     async def own_key(self, request: Request, caller) -> Response:
-        return _json(self.gov.caller_view(caller.key_id))
+        return _json(await self.gov.own_view(caller.key_id))
 
     # -- the control socket ---------------------------------------------------------------------------
 
@@ -136,14 +134,14 @@ class KeyRoutes:
         gov = self.gov
         return {
             "create_key": lambda m: self.create_key(m.get("key")),
-            "list_keys": lambda m: _now(gov.list_keys),
-            "get_key": lambda m: _now(gov.describe_key, m.get("key_id")),
+            "list_keys": lambda m: gov.keys_view(),
+            "get_key": lambda m: gov.key_view(m.get("key_id")),
             "update_key": lambda m: gov.update_key(m.get("key_id"), m.get("key")),
             "revoke_key": lambda m: gov.revoke_key(m.get("key_id")),
             "rotate_key": lambda m: gov.rotate_key(m.get("key_id"), m.get("grace_ms")),
             "create_team": lambda m: gov.create_team(m.get("team")),
-            "list_teams": lambda m: _now(gov.list_teams),
-            "get_team": lambda m: _now(gov.describe_team, m.get("name")),
+            "list_teams": lambda m: gov.teams_view(),
+            "get_team": lambda m: gov.team_view(m.get("name")),
             "update_team": lambda m: gov.update_team(m.get("name"), m.get("team")),
             "delete_team": lambda m: gov.delete_team(m.get("name")),
         }

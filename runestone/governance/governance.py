@@ -435,7 +435,10 @@ class Governance:
                 limiter = self.limiter
                 if limiter.enabled:
                     if self.fleet is not None:
-                        return await self.fleet.admit((self._static_subject(key_id or "open"),), 0)
+                        subjects = (self._static_subject(key_id or "open"),)
+                        if limiter.queue:
+                            return await self.fleet.admit_queued(subjects, 0)
+                        return await self.fleet.admit(subjects, 0)
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
@@ -468,6 +471,8 @@ class Governance:
         if subjects is None:
             subjects = acct.subjects = self._fleet_subjects(acct)
         try:
+            if self.limiter.queue:
+                return await fleet.admit_queued(subjects, amount, acct.key.team)
             return await fleet.admit(subjects, amount, acct.key.team)
         except fleet.BudgetShort as short:
             s = short.subject
@@ -541,15 +546,18 @@ class Governance:
         lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)
         return lease
 
-    def admit_cached(self, key_id: str | None, model: str) -> bool:
+    async def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
         team's request counts; it costs nothing). False when anything would refuse or make it wait: the
-        caller then serves the request through the pipeline, which refuses or queues it as it should."""
+        caller then serves the request through the pipeline, which refuses or queues it as it should.
+        With the fleet's shared limits, the count is the fleet's (see :meth:`_cached_fleet`)."""
         key = self.keys.get(key_id) if key_id is not None else None
         limiter = self.limiter
         if key is None:
             if not limiter.enabled:
                 return True
+            if self.fleet is not None:
+                return await self.fleet.admit_hit((self._static_subject(key_id or "open"),), None)
             lease = limiter.try_admit(key_id or "open")
             if lease is None:
                 return False
@@ -561,6 +569,8 @@ class Governance:
             self._check_models(key, team, model, None)
         except GatewayError:
             return False
+        if self.fleet is not None:
+            return await self._cached_fleet(key, wall)
         holders = self._holders(key, team, wall)
         if any(h.budget is not None and h.remaining() < 0 for h in holders):
             return False
@@ -585,6 +595,25 @@ class Governance:
             self._dirty.add(h)
         if self.journal is not None:
             self.journal.write(b"Q%d %s\n" % (wall, self._holder_fields[key.id]))
+        return True
+
+    async def _cached_fleet(self, key: KeyRecord, wall: float) -> bool:
+        """A cache hit counted on the fleet's shared limits: ADMIT at amount 0 (the rate limits and the
+        period's request count; a budget already overspent refuses), its hold given back at once."""
+        acct = self._accounts.get(key.id)
+        if acct is None or wall >= acct.until:
+            acct = self._account(key, wall)
+        subjects = acct.subjects
+        if subjects is None:
+            subjects = acct.subjects = self._fleet_subjects(acct)
+        if not await self.fleet.admit_hit(subjects, key.team):
+            return False
+        for h in acct.holders:  # the fleet counted the request on the holders it knows (their subjects)
+            if all(s.holder is not h for s in subjects):
+                h.requests += 1
+            self._dirty.add(h)
+        if self.journal is not None:
+            self.journal.write(b"Q%d %s\n" % (wall, acct.fields))
         return True
 
     def _active(self, key: KeyRecord, wall: float) -> Team | None:
@@ -748,6 +777,61 @@ class Governance:
         out["spend"] = self._spend_view("team", name)
         out["keys"] = sorted(k.id for k in self.keys.values() if k.team == name)
         return out
+
+    # With the fleet ([cluster] redis_url) the HTTP views show the fleet's spend: each budget's period hash
+    # in Redis (one pipelined round trip for a whole listing), "spend_source": "fleet"; while Redis cannot
+    # answer, this instance's own spend, "spend_source": "local". Without the fleet, as the sync views.
+
+    async def key_view(self, key_id: str) -> dict:
+        out = self.describe_key(key_id)
+        await self._fleet_spend([(out, "spend", "key", key_id)])
+        return out
+
+    async def team_view(self, name: str) -> dict:
+        out = self.describe_team(name)
+        await self._fleet_spend([(out, "spend", "team", name)])
+        return out
+
+    async def keys_view(self) -> list[dict]:
+        out = self.list_keys()
+        await self._fleet_spend([(doc, "spend", "key", doc["id"]) for doc in out])
+        return out
+
+    async def teams_view(self) -> list[dict]:
+        out = self.list_teams()
+        await self._fleet_spend([(doc, "spend", "team", doc["name"]) for doc in out])
+        return out
+
+    async def own_view(self, key_id: str | None) -> dict:
+        """``GET /v1/key`` (:meth:`caller_view`) with the fleet's spend."""
+        out = self.caller_view(key_id)
+        if out.get("source") == "managed":
+            slots = [(out, "spend", "key", out["id"])]
+            if out.get("team_spend") is not None:
+                slots.append((out, "team_spend", "team", out["team"]))
+            await self._fleet_spend(slots)
+        return out
+
+    async def _fleet_spend(self, slots: list) -> None:
+        """Put the fleet's spend in each ``(doc, field, scope, name)``'s ``doc[field]`` (an allowance view)."""
+        fleet = self.fleet
+        if fleet is None or not slots:
+            return
+        wall = self.wall()
+        wanted = []
+        for doc, field, scope, name in slots:
+            a = self._allowance(scope, name, wall)
+            if a is not None and a.budget is not None:  # only budgets' spend is kept in Redis
+                wanted.append((doc, field, a))
+        rows = await fleet.read_periods([(f"{a.scope}:{a.name}", a.period_start) for _, _, a in wanted]) \
+            if wanted else []
+        source = "local" if rows is None else "fleet"
+        for doc, *_ in slots:
+            doc["spend_source"] = source
+        for (doc, field, a), row in zip(wanted, rows or ()):
+            if row is not None:  # else nothing was admitted through Redis this period: the local spend stands
+                spent, reserved, requests = row
+                doc[field] = attrs.evolve(a, spent=spent, reserved=reserved, requests=requests).view()
 
     def busiest(self, scope: str, n: int) -> list[dict]:
         """The ``n`` managed keys (``scope="key"``) or teams with the most spend in their current budget period,

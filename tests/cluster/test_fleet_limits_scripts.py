@@ -192,3 +192,59 @@ async def test_redis_down_gives_this_instance_its_share(redis_server):
         await a.admit((rate, money), 0)
         assert a.mode == "shared"
         assert int(await redis.execute("HGET", "runestone:lim:team:eng:p:0", "spent")) == 40
+
+
+async def test_a_running_requests_hold_is_renewed_and_an_ended_ones_is_not(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        s = _subject(limits=LimitValues(max_concurrent=1), budget=1000, start=T0 - 100, end=T0 + 10 * HOLD_TTL)
+        long = await a.admit((s,), 400)  # a stream longer than HOLD_TTL
+        clock.t = T0 + HOLD_TTL * 2 / 3
+        assert await a.renew_holds() == 1
+        clock.t = T0 + HOLD_TTL + 1  # past its first expiry: still held, its reservation still made
+        with pytest.raises(GatewayError) as refused:
+            await b.admit((s,), 0)
+        assert "1 requests in flight across the fleet" in str(refused.value)
+        short = _subject("team:ops", LimitValues(max_concurrent=1), budget=1000, start=T0 - 100,
+                         end=T0 + 10 * HOLD_TTL)
+        with pytest.raises(BudgetShort) as over:
+            await b.admit((_subject(budget=1000, start=T0 - 100, end=T0 + 10 * HOLD_TTL),), 601)
+        assert over.value.remaining == 600
+        done = await b.admit((short,), 0)
+        done.release()  # ended here: not renewed
+        assert await b.renew_holds() == 0
+        clock.t = T0 + HOLD_TTL * 2 / 3 + HOLD_TTL  # the renewed hold's expiry: it goes by itself
+        await b.admit((s,), 0)
+        long.release()
+        assert await a.renew_holds() == 0
+        await _drain(a)
+
+
+async def test_a_queued_admission_waits_is_woken_by_a_settle_and_is_bounded(redis_server):
+    # trio's own clock: a MockClock would jump past the Redis client's timers during a slow round trip
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        # a: a queue of one whose timeout only a hang reaches; b: a short one, to be reached
+        a.governance.limiter = KeyLimiter(LimitsConfig(queue=True, queue_size=1, queue_timeout_ms=600_000))
+        b.governance.limiter = KeyLimiter(LimitsConfig(queue=True, queue_timeout_ms=200))
+        s = _subject(limits=LimitValues(max_concurrent=1))
+        holder = await a.admit((s,), 0)
+        got = []
+
+        async def waiter(fleet: FleetLimits) -> None:
+            got.append(await fleet.admit_queued((s,), 0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter, a)
+            with trio.fail_after(30):
+                while a.snapshot()["queued_admissions"] != 1:
+                    await trio.sleep(0.01)
+            with pytest.raises(GatewayError) as full:  # a second waiter of the subject on a: the queue is full
+                await a.admit_queued((s,), 0)
+            assert full.value.status == 429
+            holder.release()
+            await _drain(a)  # the settlement reached Redis: the waiter tries again then
+        assert len(got) == 1 and a.snapshot()["queued_admissions"] == 0
+        # held by a now, and never given back: b's queued admission waits its whole timeout, then says so
+        with pytest.raises(GatewayError) as waited:
+            await b.admit_queued((s,), 0)
+        assert waited.value.status == 429 and "waited 0.2s in the queue" in waited.value.message
+        assert b.governance.limiter.queued == 1 and b.snapshot()["queued_admissions"] == 0

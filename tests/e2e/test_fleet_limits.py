@@ -15,20 +15,11 @@ from __future__ import annotations
 import httpx
 import trio
 
-from fleettest import Fleet
-from gatewaytest import provider_toml
-
-ADMIN = {"authorization": "Bearer admin-key"}
-#: 1 output token costs $0.001 (input is free): a request with max_tokens=4 reserves $0.004.
-PRICING = '[pricing."fake-model"]\ninput_per_mtok = 0.0\noutput_per_mtok = 1000.0\n'
-ASK = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+from fleettest import ADMIN, ASK, Fleet, priced_config, until
 
 
 def _config(upstream_port: int, extra: str = "") -> str:
-    return ('[auth]\napi_keys = ["client-key", "load-key", "probe-key"]\nadmin_key = "admin-key"\n'
-            "[telemetry]\nusage_ledger = false\n" + PRICING + extra
-            + provider_toml("up", "openai", base_url=f"http://127.0.0.1:{upstream_port}/v1", api_key="sk-up",
-                            models=["fake-model"]))
+    return priced_config(upstream_port, ["client-key", "load-key", "probe-key"], extra)
 
 
 def _bearer(secret: str) -> dict:
@@ -42,14 +33,6 @@ async def _upstream_chats(http: httpx.AsyncClient, port: int) -> int:
 
 async def _limits(http: httpx.AsyncClient, inst) -> dict:
     return (await inst.detailed(http))["cluster"]["limits"]
-
-
-async def _until(what: str, check, bound: float = 30.0) -> None:
-    with trio.move_on_after(bound):
-        while not await check():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"{what} not reached within {bound} s")
 
 
 async def test_a_budget_for_ten_holds_under_300_concurrent_requests_over_three(tmp_path, redis_server, fake_factory):
@@ -92,7 +75,7 @@ async def test_a_budget_for_ten_holds_under_300_concurrent_requests_over_three(t
             async def settled() -> bool:
                 return int(redis_server.command("HGET", period, "reserved") or 0) == 0
 
-            await _until("every reservation settled in Redis", settled)
+            await until("every reservation settled in Redis", settled)
             spent = int(redis_server.command("HGET", period, "spent"))
             assert 0 < spent <= 40_000_000  # nano-USD: $0.04
             assert int(redis_server.command("HGET", period, "requests")) == 10
@@ -127,7 +110,7 @@ async def test_redis_killed_under_load_gives_the_local_share_and_restarted_share
             async def three_live() -> bool:
                 return all([(await _limits(http, inst))["instances"] == 3 for inst in fleet.instances])
 
-            await _until("three live instances counted by heartbeat", three_live)
+            await until("three live instances counted by heartbeat", three_live)
             bad: list[str] = []
             load_done = trio.Event()
 
@@ -148,7 +131,7 @@ async def test_redis_killed_under_load_gives_the_local_share_and_restarted_share
                     return redis_server.proc is None and all(
                         [(await inst.detailed(http))["cluster"]["redis"]["state"] != "up" for inst in fleet.instances])
 
-                await _until("every instance sees Redis down", all_see_redis_down)
+                await until("every instance sees Redis down", all_see_redis_down)
                 # Each instance admits its share of client-key's 60 per hour: 20 of 30.
                 for inst in fleet.instances:
                     statuses = []
@@ -170,7 +153,7 @@ async def test_redis_killed_under_load_gives_the_local_share_and_restarted_share
                     await http.post(inst.url + "/v1/chat/completions", headers=_bearer("probe-key"), json=ASK)
                 return all([(await _limits(http, inst))["mode"] == "shared" for inst in fleet.instances])
 
-            await _until("every instance sharing again", all_shared)
+            await until("every instance sharing again", all_shared)
             for inst in fleet.instances:
                 metrics = (await http.get(inst.url + "/metrics", headers=ADMIN)).text
                 assert "runestone_fleet_limits_shared 1" in metrics

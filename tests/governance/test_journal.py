@@ -72,7 +72,7 @@ async def test_a_kill_between_flushes_charges_the_settled_and_releases_the_rest(
     await gov.flush()  # checkpoint: a is stored; b and c are carried into the new segment
     b.settle(0, 3, 0.003)
     d = await gov.admit_request(_request(kid), PLAN)
-    assert gov.admit_cached(kid, "m")  # a cached answer: a request, no cost
+    assert await gov.admit_cached(kid, "m")  # a cached answer: a request, no cost
     d.settle(0, 0, 0.0)  # no answer: gives its reservation back, writes nothing
     _kill(gov)  # c is in flight
     with caplog.at_level(logging.WARNING, "runestone.governance"):
