@@ -23,6 +23,7 @@ actor, as a restart must.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -125,15 +126,22 @@ class Application:
             key_store = KeyStore(self.data_dir, database_url=database_url)
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
-        #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission.
+        #: Managed keys, teams and budgets (runestone.governance): the pipeline's admission. The budget journal
+        #: is the data directory's; with a database, the workers of `serve --workers N` (which share one data
+        #: directory, and whose spend is Redis's) keep none, as before.
+        journal = None if database_url and worker is not None else SpendJournal(self.data_dir)
         self.governance = Governance(key_store, KeyLimiter(config.limits), pricing=config.pricing,
                                      default_output_tokens=config.budgets.default_output_tokens,
-                                     flush_interval=config.budgets.flush_ms / 1000,
-                                     journal=SpendJournal(self.data_dir))
+                                     flush_interval=config.budgets.flush_ms / 1000, journal=journal)
         try:
             self.governance.load()
         except KeyStoreError as exc:
             raise StartupError(str(exc)) from None
+        if key_store.degraded is not None:
+            log.warning("starting without the database (%s): keys and teams from %s; changes to them are refused "
+                        "until it answers, spend and usage rows wait for it", key_store.degraded,
+                        "its local copy in the data directory" if key_store.source == "local copy"
+                        else "nowhere (no local copy yet: the configuration's keys only)")
         open_mode = not keys and not self.governance.has_keys
         if open_mode and not is_loopback(self.host):
             raise StartupError(
@@ -180,6 +188,10 @@ class Application:
             self.catalog: dict[str, ProviderSpec] = self.control_state.catalog(config.providers, config.admin.upstream_hosts)
         except ControlStoreError as exc:
             raise StartupError(str(exc)) from None
+        if self.control_store.degraded is not None:
+            log.warning("starting without the control state's database (%s): providers and groups from %s",
+                        self.control_store.degraded, "its local copy in the data directory"
+                        if self.control_store.source == "local copy" else "the configuration only (no local copy yet)")
         self.gateway = Gateway(
             config,
             providers=self.providers,
@@ -215,7 +227,8 @@ class Application:
             shared_cache=SharedCacheTier(self.redis) if self.redis is not None and config.cache.enabled else None,
             share_responses=(None if self.redis is None else
                              lambda local, days: SharedResponseStore(self.redis, local, retention_days=days)),
-            cluster_status=lambda: cluster_status(self), cluster_metrics=lambda: cluster_prometheus(self))
+            cluster_status=lambda: cluster_status(self), cluster_metrics=lambda: cluster_prometheus(self),
+            database_status=self.database_status if database_url else None)
         # Route groups beyond the chat core register themselves on the front: install(front, deps).
         installed = {name: install(self.front, self.front_deps) for name, install in _route_installers().items()}
         #: The /v1/ws routes (their connections are in the control plane's state dump).
@@ -235,6 +248,30 @@ class Application:
         self.observer = self._observer()
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
         self.server = None
+
+    async def _recheck_control_store(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Started without the control state's database: read it again every second until it answers."""
+        task_status.started()
+        for _ in itertools.count():  # a retry of a remote server every second, not a wait for a local event
+            if await trio.to_thread.run_sync(self.control_store.recheck):
+                break
+            await trio.sleep(1.0)
+        if self.control_store.degraded is None:
+            log.warning("the control state's database answers again, and holds the state this instance started from")
+        else:
+            log.error("%s", self.control_store.degraded)
+        await trio.sleep_forever()
+
+    def database_status(self) -> dict:
+        """The ``database`` object of /health/detailed ([database] url): degraded while this instance runs on
+        a local copy (or on nothing) because its database could not be read, and since."""
+        keys, control = self.governance.store, self.control_store
+        ledger = self.ledger.status() if self.ledger is not None else None
+        errors = [e for e in (keys.degraded, control.degraded) if e]
+        if ledger is not None and ledger.state != "ok" and ledger.last_error:
+            errors.append(ledger.last_error)
+        return {"state": "degraded" if errors else "ok", "keys": keys.source, "control": control.source,
+                "last_error": errors[0] if errors else None}
 
     def _observer(self) -> RequestObserver | None:
         cfg = self.config
@@ -325,6 +362,8 @@ class Application:
             _actor_child("provider_pool", provider_pool),
             _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
             ChildSpec(id="key_store", start=self.governance.run, restart="permanent", shutdown=5.0),
+            *([ChildSpec(id="control_store", start=self._recheck_control_store, shutdown=1.0)]
+              if self.control_store.degraded is not None else []),
             # after the provider supervisor: it applies the fleet's changes through the control plane
             *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
               if self.fleet_control is not None else []),

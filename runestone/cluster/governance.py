@@ -8,7 +8,12 @@ socket), once it is in force and persisted here (``Governance.subscribe``), and 
 Every instance reads the stream on a connection of its own (``XREAD BLOCK``) and applies the others'
 changes in stream order through ``Governance.apply_change``: validated again, persisted in its own key
 store (its SQLite file, or the shared Postgres database, where the write is the same row again) and
-installed in memory; they are not published again. A revocation is in force on every instance within
+installed in memory; they are not published again. The stream is the order, as for control changes
+(:mod:`runestone.cluster.control`): every change carries the key's or team's whole resulting record and
+applying it converges to it (nothing is written when the record is held already), an instance applies its
+own change again when its entry comes back behind another instance's to the same key or team, so
+concurrent changes end the same on every instance, the stream's later entry winning; a change made while
+Redis was away is ordered when it is published. A revocation is in force on every instance within
 about a second (the readers block on the server and wake at the new entry) and is final: a change to a
 key that arrives after its revocation keeps it revoked.
 
@@ -54,12 +59,14 @@ class FleetGovernance(FleetControl):
     def __init__(self, redis: RedisClient, governance: Any, data_dir: Path, *, instance: str | None = None) -> None:
         super().__init__(redis, governance, data_dir, instance=instance)
 
-    async def _apply_one(self, entry_id: str, data: bytes | None) -> None:
+    async def _apply_one(self, entry_id: str, data: bytes | None, own: bool = False) -> None:
         try:
             change = orjson.loads(data or b"")
             if not isinstance(change, dict):
                 raise TypeError("not a JSON object")
             op = await self._apply_persisted(change)
+            if op is None:
+                return  # in force here already
         except GatewayError as exc:
             self.refused += 1
             log.warning("fleet governance: %s from the fleet (%s) refused here: %s",
@@ -71,9 +78,10 @@ class FleetGovernance(FleetControl):
                         entry_id, type(exc).__name__, exc)
             return
         self.applied += 1
-        log.info("fleet governance: applied %s from the fleet (%s)", op, entry_id)
+        log.info("fleet governance: applied %s %s(%s)", op, "again, in stream order, after another instance's "
+                 "change to the same key or team " if own else "from the fleet ", entry_id)
 
-    async def _apply_persisted(self, change: dict) -> str:
+    async def _apply_persisted(self, change: dict) -> str | None:
         """``apply_change``, tried again while this instance's store cannot be written (the Postgres server
         restarting, say), for up to ``_PERSIST_FOR`` seconds: the stream's later changes wait behind it."""
         with trio.move_on_after(_PERSIST_FOR) as scope:

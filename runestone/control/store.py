@@ -13,6 +13,7 @@ one, never half of one. The file holds provider API keys, so it is created reada
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -28,7 +29,11 @@ from ..resilience.failover import GroupSpec
 
 __all__ = ["ControlState", "ControlStore", "ControlStoreError", "group_to_dict", "FILE_NAME"]
 
+log = logging.getLogger("runestone.control")
+
 FILE_NAME = "control.json"
+#: With a database url: the local copy of the database's document, in the data directory.
+COPY_NAME = "control.copy.json"
 _VERSION = 1
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -198,10 +203,18 @@ class ControlStore:
         self.dir = Path(data_dir)
         self.path = self.dir / FILE_NAME
         self._document = None
+        #: With a database: why its document could not be read at start (None once read or written).
+        self.degraded: str | None = None
+        #: Where the state loaded came from: "database", "local copy", "nothing" (no copy) or "file".
+        self.source = "file"
+        #: The document started from while degraded (a save first checks the database still holds it).
+        self._started_from: bytes | None = None
         if database_url:
             from ..storage.control import ControlDocument
 
             self._document = ControlDocument(database_url)
+            self.source = "database"
+            self.path = self.dir / COPY_NAME
 
     @property
     def where(self) -> str:
@@ -209,13 +222,28 @@ class ControlStore:
         return str(self.path) if self._document is None else self._document.where
 
     def load(self) -> ControlState:
-        """The persisted state, or an empty one when nothing was ever saved."""
+        """The persisted state, or an empty one when nothing was ever saved.
+
+        With a database that cannot be read, the local copy of its document (``control.copy.json``, written
+        after each read and save), or nothing; ``degraded`` says why."""
         if self._document is not None:
             try:
                 raw = self._document.read()
             except self._document.failures as exc:
-                raise ControlStoreError(f"cannot read the control state from {self._document.where}: {exc}") from None
-            return ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
+                self.degraded = f"cannot read the control state from {self._document.where}: {exc}"
+                state = self._read_file()
+                self.source = "local copy" if self.path.exists() else "nothing"
+                self._started_from = state.to_json() if self.path.exists() else None
+                return state
+            state = ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
+            try:
+                self._write(state.to_json())
+            except ControlStoreError as exc:
+                log.warning("the local copy of the control state was not written: %s", exc)
+            return state
+        return self._read_file()
+
+    def _read_file(self) -> ControlState:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -234,11 +262,41 @@ class ControlStore:
         data = state.to_json()
         if self._document is not None:
             try:
+                if self.degraded is not None:
+                    await trio.to_thread.run_sync(self._check_started_from)
                 await trio.to_thread.run_sync(self._document.write, data)
             except self._document.failures as exc:
                 raise ControlStoreError(f"cannot write the control state to {self._document.where}: {exc}") from None
+            self.degraded = None
+            try:
+                await trio.to_thread.run_sync(self._write, data)
+            except ControlStoreError as exc:
+                log.warning("the local copy of the control state was not written: %s", exc)
             return
         await trio.to_thread.run_sync(self._write, data)
+
+    def recheck(self) -> bool:
+        """Started without the database: read it again (blocking); True once it answers. ``degraded`` is
+        cleared when it holds the state this instance started from (or none), else says to restart."""
+        try:
+            self._check_started_from()
+        except self._document.failures as exc:
+            self.degraded = f"cannot read the control state from {self._document.where}: {exc}"
+            return False
+        except ControlStoreError as exc:
+            self.degraded = str(exc)
+            return True
+        self.degraded = None
+        self.source = "database"
+        return True
+
+    def _check_started_from(self) -> None:
+        """Started without the database: refuse to replace a document this instance never read."""
+        raw = self._document.read()
+        if raw is not None and (self._started_from is None
+                                or ControlState.from_json(raw).to_json() != self._started_from):
+            raise ControlStoreError(f"{self._document.where} holds a control state this instance has not loaded (it "
+                                    "started while the database was unreachable): restart it to load that state first")
 
     def _write(self, data: bytes) -> None:
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")

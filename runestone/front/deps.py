@@ -75,3 +75,5 @@ class FrontDeps:
     #: The ``cluster`` object of /health/detailed (None when nothing is shared), and its /metrics families.
     cluster_status: Callable[[], dict | None]
     cluster_metrics: Callable[[], str]
+    #: With ``[database] url``, the ``database`` object of /health/detailed (None without a database).
+    database_status: Callable[[], dict] | None = None

@@ -133,6 +133,7 @@ class HealthRoutes:
             "telemetry": deps.telemetry.snapshot(),
             "cluster": cluster,
             "ledger": attrs.asdict(deps.ledger.status()) if deps.ledger is not None else None,
+            "database": deps.database_status() if deps.database_status is not None else None,
         })
 
     async def providers(self, request, caller) -> Response:

@@ -19,7 +19,7 @@ import trio
 from ..resilience.breaker import DENY, check
 from ..resilience.errors import UpstreamError
 from ..routing.executor import client_error
-from ..wire.token_estimate import estimate_chat_tokens
+from ..wire.token_estimate import estimate_input_tokens
 
 __all__ = ["COUNT_HEADER", "count_input_tokens"]
 
@@ -57,4 +57,4 @@ async def count_input_tokens(gateway, model: str, chat: dict, responses_body: di
             log.info("provider %s could not count tokens (%s); answering the estimate", target.provider, exc)
         finally:
             call.close()
-    return estimate_chat_tokens(chat), b"estimate"
+    return estimate_input_tokens(chat), b"estimate"

@@ -42,8 +42,9 @@ import trio
 
 from ..front.limits import KeyLimiter, LimitValues, release_state
 from ..routing.errors import GatewayError
-from ..telemetry.costs import estimate_input_tokens, price_for
+from ..telemetry.costs import price_for
 from ..telemetry.events import BudgetExceeded
+from ..wire.token_estimate import estimate_input_tokens
 from .periods import iso, period_bounds
 from .records import (NANO, NO_LIMITS, Budget, KeyRecord, Team, allows, key_from_doc, parse_key, parse_key_patch,
                       parse_team, parse_team_patch, team_from_doc, usd)
@@ -56,9 +57,6 @@ log = logging.getLogger("runestone.governance")
 
 #: Longest grace a rotation may give the previous secret.
 MAX_GRACE_MS = 30 * 86400 * 1000
-#: Framing tokens reserved per chat message on top of its text (OpenAI counts 3-4).
-MESSAGE_TOKENS = 4
-
 
 @attrs.define(slots=True, eq=False)
 class Allowance:
@@ -322,13 +320,19 @@ class Governance:
         # Checkpoint before serving: the replayed spend is stored, the old segments go, a new one starts.
         new = journal.gen + 1
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in touched]
-        self.store.put_spend_now(rows, new)
-        journal.start(new)
-        self._journal_floor = new
-        try:
-            journal.drop_before(new)
-        except OSError as exc:
-            raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
+        if self.store.degraded is not None:
+            # The database is away: the replayed segments stay until the first flush that succeeds stores
+            # the spend (it is dirty) with a floor past them.
+            journal.start(new)
+            self._dirty |= touched
+        else:
+            self.store.put_spend_now(rows, new)
+            journal.start(new)
+            self._journal_floor = new
+            try:
+                journal.drop_before(new)
+            except OSError as exc:
+                raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
         if found.settled or found.released or found.malformed:
             log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d settled "
                         "reservation(s) charged ($%.6f); %d reservation(s) in flight at the stop released "
@@ -672,25 +676,10 @@ class Governance:
     def worst_case(self, request, plan) -> int:
         """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
         body = request.body
-        messages = body.get("messages")
-        tokens_in = -1
-        if messages.__class__ is list and "system" not in body and "prompt" not in body and "input" not in body:
-            # The common shape (string contents), counted here as estimate_input_tokens counts it.
-            chars = 0
-            for m in messages:
-                content = m.get("content") if m.__class__ is dict else None
-                if content.__class__ is not str:
-                    break
-                chars += len(content)
-            else:
-                tokens_in = chars // 4 or 1
-        if tokens_in < 0:
-            tokens_in = estimate_input_tokens(body)
+        tokens_in = estimate_input_tokens(body)
         if request.operation == "embed":
             tokens_out = 0
         else:
-            if messages.__class__ is list:
-                tokens_in += MESSAGE_TOKENS * len(messages)
             cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
             if cap.__class__ is not int or cap <= 0:
                 cap = self.default_output_tokens
@@ -941,7 +930,7 @@ class Governance:
             if "team" in patch:
                 self._known_team(patch["team"])
             new = attrs.evolve(key, **patch)
-            await self._put_key(new, {"op": "update_key", "id": key_id, "patch": data})
+            await self._put_key(new, {"op": "update_key", "id": key_id, "patch": data, "key": new.to_doc()})
         return self.describe_key(key_id)
 
     async def revoke_key(self, key_id: str) -> dict:
@@ -950,7 +939,8 @@ class Governance:
             key = self._key(key_id)
             if key.revoked_at is None:
                 new = attrs.evolve(key, revoked_at=self.wall(), previous_until=None)
-                await self._put_key(new, {"op": "revoke_key", "id": key_id, "revoked_at": new.revoked_at})
+                await self._put_key(new, {"op": "revoke_key", "id": key_id, "revoked_at": new.revoked_at,
+                                          "key": new.to_doc()})
         log.info("key %s revoked", key_id)
         return self.describe_key(key_id)
 
@@ -972,7 +962,7 @@ class Governance:
                                previous_until=now + grace_ms / 1000 if grace_ms else None)
             await self._put_key(new, {"op": "rotate_key", "id": key_id, "digest": new.digest.hex(),
                                       "previous_digest": key.digest.hex() if grace_ms else None,
-                                      "previous_until": new.previous_until})
+                                      "previous_until": new.previous_until, "key": new.to_doc()})
         log.info("key %s rotated (previous secret valid %gs more)", key_id, grace_ms / 1000)
         return {**self.describe_key(key_id), "secret": secret}
 
@@ -998,7 +988,7 @@ class Governance:
         async with self._changes:
             team = self._team(name)
             new = attrs.evolve(team, **patch)
-            await self._put_team(new, {"op": "update_team", "name": name, "patch": data})
+            await self._put_team(new, {"op": "update_team", "name": name, "patch": data, "team": new.to_doc()})
         return self.describe_team(name)
 
     async def delete_team(self, name: Any) -> dict:
@@ -1054,20 +1044,43 @@ class Governance:
             self._rebudget(a, team.budget)
         self._changed(change)
 
-    async def apply_change(self, change: dict) -> str:
+    async def apply_change(self, change: dict) -> str | None:
         """Apply a change another instance made (what a listener was given there), validated again,
         persisted in this instance's store and installed, and not told to the listeners. Returns what it
         did; raises GatewayError (or KeyError/TypeError/ValueError for a malformed change) having changed
-        nothing. A revocation is final: a change to a key revoked here keeps it revoked."""
+        nothing. A revocation is final: a change to a key revoked here keeps it revoked.
+
+        A change carrying the whole resulting record (``key`` or ``team``, as every change made here does)
+        makes this instance hold that record (nothing is written when it does already), so applying the
+        fleet's changes in stream order ends every instance in the same state, and a replay is idempotent;
+        a change from an older version (a patch, a digest) is applied to the record held here. Returns None
+        when this instance held the record already."""
         op = change["op"]
         async with self._changes:
-            if op == "create_key":
+            if op in ("update_key", "revoke_key", "rotate_key") and isinstance(change.get("key"), dict):
+                key = key_from_doc(change["key"])
+                if key.team is not None and key.team not in self.teams:
+                    raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
+                old = self._key(key.id)
+                if old.revoked_at is not None and key.revoked_at is None:
+                    key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
+                if key == old:
+                    return None
+                await self._put_key(key, None)
+            elif op == "update_team" and isinstance(change.get("team"), dict):
+                team = team_from_doc(change["team"])
+                if self._team(team.name) == team:
+                    return None
+                await self._put_team(team, None)
+            elif op == "create_key":
                 key = key_from_doc(change["key"])
                 if key.team is not None and key.team not in self.teams:
                     raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
                 old = self.keys.get(key.id)
                 if old is not None and old.revoked_at is not None:
                     key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
+                if key == old:
+                    return None
                 await self._put_key(key, None)
             elif op == "update_key":
                 key = self._key(change["id"])
@@ -1089,13 +1102,17 @@ class Governance:
                                                  previous_digest=bytes.fromhex(prev) if prev else None,
                                                  previous_until=float(until) if until is not None else None), None)
             elif op == "create_team":
-                await self._put_team(team_from_doc(change["team"]), None)
+                team = team_from_doc(change["team"])
+                if self.teams.get(team.name) == team:
+                    return None
+                await self._put_team(team, None)
             elif op == "update_team":
                 team = self._team(change["name"])
                 await self._put_team(attrs.evolve(team, **parse_team_patch(change["patch"])), None)
             elif op == "delete_team":
-                if change["name"] in self.teams:
-                    await self._drop_team(change["name"], None)
+                if change["name"] not in self.teams:
+                    return None
+                await self._drop_team(change["name"], None)
             else:
                 raise ValueError(f"unknown key or team change {op!r}")
         return op
@@ -1150,12 +1167,41 @@ class Governance:
                 log.error("budget journal: old segments not deleted (a replay skips them): %s", exc)
         return len(rows)
 
+    async def _reload(self) -> None:
+        """Started without its database (a local copy, or nothing): read the database again; once it
+        answers, its keys and teams are installed (they win over the copy's) and this instance's spend is
+        kept, dirty, for the flush that follows."""
+        try:
+            loaded = await trio.to_thread.run_sync(self.store.reload)
+        except KeyStoreError as exc:
+            log.debug("the key store's database is still unreachable: %s", exc)
+            return
+        async with self._changes:
+            first = not self.keys
+            for team in loaded.teams:
+                self.teams[team.name] = team
+            for key in loaded.keys:
+                self._install_key(key)
+            self._accounts.clear()
+            wall = self.wall()
+            for (scope, name), (start, nano, requests) in loaded.spend.items():
+                a = self._allowance(scope, name, wall)
+                if a is not None and a.period_start == start and nano > a.spent:
+                    a.spent, a.requests = nano, max(a.requests, requests)
+            self._dirty |= set(self._allowances.values())
+            if first and self.keys and self.on_first_key is not None:
+                self.on_first_key()
+        log.warning("the key store's database %s is reachable again: %d key(s) and %d team(s) read from it",
+                    self.store.path, len(loaded.keys), len(loaded.teams))
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Write spend every ``flush_interval`` until cancelled, then once more (shielded)."""
         task_status.started()
         try:
             while True:
                 await trio.sleep(self.flush_interval)
+                if self.store is not None and self.store.degraded is not None:
+                    await self._reload()
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):

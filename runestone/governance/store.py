@@ -14,7 +14,10 @@ disk error does, and the next write opens a new connection, so the store resumes
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from ..storage.sqlite import open_sqlite
 from .records import KeyRecord, Team, key_from_doc, team_from_doc
 
 __all__ = ["KeyStore", "KeyStoreError", "Loaded", "PostgresKeyBackend", "SQLiteKeyBackend"]
+
+log = logging.getLogger("runestone.governance")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -60,7 +65,8 @@ class Loaded:
 
 
 #: A write, as data: ``("team", name, doc)``, ``("delete_team", name)``, ``("key", id, digest, doc)``,
-#: ``("spend", scope, name, period_start, nano, requests)`` or ``("journal_floor", segment)`` (SQLite only);
+#: ``("spend", scope, name, period_start, nano, requests)`` or ``("journal_floor", segment)`` (in Postgres under the
+#: data directory's origin);
 #: a backend says each in its own SQL.
 Op = tuple
 
@@ -119,6 +125,12 @@ class SQLiteKeyBackend:
                 conn.execute("ROLLBACK")
             raise
 
+    def replace_all(self, team_docs: list, key_docs: list, spend_rows: list, floor: int) -> None:
+        """Make the file hold exactly this (the local copy of a Postgres store, after a read of it)."""
+        self.write([("clear",)] + [("team", orjson.loads(d)["name"], d) for (d,) in team_docs]
+                   + [("key", orjson.loads(d)["id"], orjson.loads(d)["digest"], d) for (d,) in key_docs]
+                   + [("spend", *row) for row in spend_rows] + [("journal_floor", floor)])
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -127,16 +139,23 @@ class SQLiteKeyBackend:
 
 def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
     kind, *params = op
+    if kind == "clear":  # the local copy, rewritten whole
+        return [(f"DELETE FROM {table}", ()) for table in ("teams", "keys", "spend", "journal")]
     if kind == "delete_team":
         return [(sql["delete_team"], tuple(params)), (sql["delete_team_spend"], tuple(params))]
     return [(sql[kind], tuple(params))]
 
 
 class PostgresKeyBackend:
-    """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection)."""
+    """The ``teams``, ``keys`` and ``spend`` tables of the ``[database] url`` database (one connection).
 
-    #: Shared by every instance: no instance's local budget journal is checkpointed in it.
-    keeps_journal = False
+    The spend it holds is checkpointed with this instance's budget journal too (its data directory's
+    segments): the first segment the stored spend does not include is a row of ``journal_floors`` under the
+    data directory's ``origin`` (a name made once and kept in it, ``budget-journal.origin``), written in the
+    spend's own transaction, so a SIGKILLed instance's unflushed spend is replayed into Postgres once, at
+    its next start, whether or not the previous checkpoint's commit answer arrived."""
+
+    keeps_journal = True
 
     _sql = {
         "team": "INSERT INTO teams (name, doc) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
@@ -147,14 +166,31 @@ class PostgresKeyBackend:
         "spend": "INSERT INTO spend (scope, name, period_start, nano, requests) VALUES (%s, %s, %s, %s, %s)"
                  " ON CONFLICT (scope, name) DO UPDATE SET period_start = EXCLUDED.period_start,"
                  " nano = EXCLUDED.nano, requests = EXCLUDED.requests",
+        "journal_floor": "INSERT INTO journal_floors (origin, floor) VALUES (%s, %s)"
+                         " ON CONFLICT (origin) DO UPDATE SET floor = EXCLUDED.floor",
     }
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, data_dir: str | Path | None = None) -> None:
         from .. import storage
 
         self.where = storage.redact(url)
         self.failures = storage.failure_types() + storage.row_error_types() + (storage.DatabaseError,)
         self._session = storage.Session(url, "runestone-keys")
+        self._origin_path = Path(data_dir) / ORIGIN_FILE if data_dir is not None else None
+        self._origin: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """This data directory's name among the instances sharing the database (made at the first call)."""
+        if self._origin is None:
+            self._origin = _data_dir_origin(self._origin_path) if self._origin_path is not None else "-"
+        return self._origin
+
+    def read_journal_floor(self) -> int:
+        origin = self.origin
+        row = self._session.run(lambda conn: conn.execute(
+            "SELECT floor FROM journal_floors WHERE origin = %s", (origin,)).fetchone())
+        return int(row[0]) if row else 0
 
     def read(self) -> tuple[list, list, list]:
         return self._session.run(lambda conn: (
@@ -163,6 +199,8 @@ class PostgresKeyBackend:
             conn.execute("SELECT scope, name, period_start, nano, requests FROM spend").fetchall()))
 
     def write(self, ops: list[Op]) -> None:
+        ops = [("journal_floor", self.origin, *op[1:]) if op[0] == "journal_floor" else op for op in ops]
+
         def write(conn: Any) -> None:
             with conn.transaction():
                 for op in ops:
@@ -175,37 +213,101 @@ class PostgresKeyBackend:
         self._session.close()
 
 
+#: The file in the data directory naming it among the instances that share a database.
+ORIGIN_FILE = "budget-journal.origin"
+#: With a database url: the local copy of what the database holds, in the data directory (see KeyStore).
+COPY_FILE = "keys.copy.sqlite3"
+
+
+def _data_dir_origin(path: Path) -> str:
+    """The name kept in ``path``, made (a random one) when there is none; OSError when it cannot be."""
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    origin = uuid.uuid4().hex
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(origin + "\n")
+    os.replace(tmp, path)
+    return origin
+
+
 class KeyStore:
-    """Keys, teams and spend in ``data_dir``'s SQLite file, or in Postgres at ``database_url``."""
+    """Keys, teams and spend in ``data_dir``'s SQLite file, or in Postgres at ``database_url``.
+
+    With Postgres, a local copy (``keys.copy.sqlite3`` in the data directory) is made from each read of the
+    database and follows each write to it once committed, so an instance can start while its database is
+    down: :meth:`load` then reads the copy (or, when there is none, nothing: config keys only) and says so
+    in ``degraded``; writes fail meanwhile (500 ``persistence_failed`` for a change, spend kept for the next
+    flush), and :meth:`reload` (tried by the governance's flush loop) reads the database again once it is
+    back."""
 
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None) -> None:
-        self.backend = PostgresKeyBackend(database_url) if database_url else SQLiteKeyBackend(data_dir)
+        self.backend = (PostgresKeyBackend(database_url, data_dir) if database_url
+                        else SQLiteKeyBackend(data_dir))
+        #: The local copy of a Postgres store (None in SQLite mode).
+        self.copy: SQLiteKeyBackend | None = None
+        if database_url:
+            self.copy = SQLiteKeyBackend(data_dir)
+            self.copy.path = Path(data_dir) / COPY_FILE
+            self.copy.where = str(self.copy.path)
+        #: Why the database could not be read at start (and has not been since), or None.
+        self.degraded: str | None = None
+        #: Where what was loaded came from: "database", "local copy", "nothing" (no copy) or "file".
+        self.source = "database" if database_url else "file"
         #: Where the keys are, as messages may show it (the SQLite file, or the url without credentials).
         self.path = self.backend.where
         self._lock = trio.Lock()
         #: Spend rows written since start.
         self.spend_writes = 0
-        #: Its spend is checkpointed with a budget journal (runestone.governance.journal): SQLite only.
+        #: Its spend is checkpointed with this instance's budget journal (runestone.governance.journal).
         self.keeps_journal = self.backend.keeps_journal
 
-    def load(self) -> Loaded:
+    def load(self, *, fallback: bool = True) -> Loaded:
         """Everything stored (blocking: called once at start). KeyStoreError names what is wrong.
 
-        A store that does not exist yet is empty; it (and the data directory) is made at the first write."""
+        A store that does not exist yet is empty; it (and the data directory) is made at the first write.
+        A Postgres store that cannot be read is read from its local copy instead (``fallback``)."""
         try:
-            raw = self.backend.read()
+            return self._load(self.backend)
+        except KeyStoreError as exc:
+            if self.copy is None or not fallback or "cannot be read" not in str(exc):
+                raise
+            self.degraded = str(exc)
+        loaded = self._load(self.copy)
+        self.source = "local copy" if self.copy.path.exists() else "nothing"
+        return loaded
+
+    def reload(self) -> Loaded:
+        """Read the database again (blocking: on a worker thread); clears ``degraded``. KeyStoreError."""
+        loaded = self._load(self.backend)
+        self.degraded = None
+        self.source = "database"
+        return loaded
+
+    def _load(self, backend) -> Loaded:
+        where = backend.where
+        try:
+            raw = backend.read()
             if raw is None:
                 return Loaded([], [], {})
             team_docs, key_docs, spend_rows = raw
             teams = [team_from_doc(orjson.loads(d)) for (d,) in team_docs]
             keys = [key_from_doc(orjson.loads(d)) for (d,) in key_docs]
             spend = {(s, n): (p, u, r) for s, n, p, u, r in spend_rows}
-            floor = self.backend.read_journal_floor() if self.keeps_journal else 0
+            floor = backend.read_journal_floor() if self.keeps_journal else 0
+            if backend is not self.copy and self.copy is not None:
+                self._copy(self.copy.replace_all, team_docs, key_docs, spend_rows, floor)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
-            raise KeyStoreError(f"the key store {self.path} holds a malformed record ({type(exc).__name__}: "
+            raise KeyStoreError(f"the key store {where} holds a malformed record ({type(exc).__name__}: "
                                 f"{exc}); restore it from a backup or move it away to start without keys") from None
-        except self.backend.failures as exc:
-            raise KeyStoreError(f"the key store {self.path} cannot be read: {exc}") from None
+        except backend.failures as exc:
+            raise KeyStoreError(f"the key store {where} cannot be read: {exc}") from None
+        except OSError as exc:
+            raise KeyStoreError(f"the key store's origin file in the data directory cannot be made: {exc}") from None
         return Loaded(teams, keys, spend, floor)
 
     async def _write(self, ops: list[Op]) -> None:
@@ -216,6 +318,16 @@ class KeyStore:
                     await trio.to_thread.run_sync(self.backend.write, ops)
             except self.backend.failures as exc:
                 raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
+            if self.copy is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._copy, self.copy.write, ops)
+
+    def _copy(self, write, *args) -> None:
+        """Bring the local copy along (blocking); a failure is logged: the database holds the change."""
+        try:
+            write(*args)
+        except SQLiteKeyBackend.failures as exc:
+            log.warning("the local copy of the key store (%s) was not updated: %s", self.copy.where, exc)
 
     async def put_team(self, team: Team) -> None:
         await self._write([("team", team.name, orjson.dumps(team.to_doc()).decode())])
@@ -234,10 +346,13 @@ class KeyStore:
 
     def put_spend_now(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int) -> None:
         """:meth:`put_spend`, blocking: the checkpoint after the journal's replay, at start."""
+        ops = _spend_ops(rows, journal_floor)
         try:
-            self.backend.write(_spend_ops(rows, journal_floor))
+            self.backend.write(ops)
         except self.backend.failures as exc:
             raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
+        if self.copy is not None:
+            self._copy(self.copy.write, ops)
         self.spend_writes += len(rows)
 
     async def close(self) -> None:

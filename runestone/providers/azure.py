@@ -85,20 +85,19 @@ class AzureAdapter(OpenAIAdapter):
         dep = quote(self.deployment(model), safe="-._~")
         return f"{self._base}/openai/deployments/{dep}/{operation}?api-version={self._api_version}"
 
-    def _chat_target(self, body: dict) -> tuple[str, dict]:
+    def _target(self, body: dict, path: str) -> tuple[str, dict]:
         model = body.get("model") or ""
         if self._v1:
             dep = self.deployment(model)
-            return self._url(model, "chat/completions"), (body if dep == model else {**body, "model": dep})
+            return self._url(model, path), (body if dep == model else {**body, "model": dep})
         # The deployment names the model: the body carries none (Azure ignores it; a gateway sends no more than needed).
-        return self._url(model, "chat/completions"), {k: v for k, v in body.items() if k != "model"}
+        return self._url(model, path), {k: v for k, v in body.items() if k != "model"}
+
+    def _chat_target(self, body: dict) -> tuple[str, dict]:
+        return self._target(body, "chat/completions")
 
     def _embed_target(self, body: dict) -> tuple[str, dict]:
-        model = body.get("model") or ""
-        if self._v1:
-            dep = self.deployment(model)
-            return self._url(model, "embeddings"), (body if dep == model else {**body, "model": dep})
-        return self._url(model, "embeddings"), {k: v for k, v in body.items() if k != "model"}
+        return self._target(body, "embeddings")
 
     def _http_error(self, status: int, headers, raw: bytes) -> UpstreamError:
         detail = parse_upstream_error(raw, self._secrets)

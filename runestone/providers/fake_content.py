@@ -10,8 +10,8 @@ side of the fake server translates its body first) and honours ``n``, ``stop``, 
 :func:`fake_reasoning`). With ``tool_choice`` ``auto`` (or absent) it calls a tool only
 when the last turn is the user's, and answers in text after a tool result, so agent loops end. Its text
 is ``"Echo: "``, the first words of the last user message (or tool result), and filler words picked by a
-checksum of them. Token counts come from :mod:`.tokens`, so ``usage``, ``logprobs`` and the gateway's
-``count_tokens`` estimate agree. A request a real API would refuse raises :class:`FakeRequestError`.
+checksum of them. Token counts come from the gateway's one estimate (:mod:`runestone.wire.token_estimate`),
+so ``usage``, ``logprobs`` and the gateway's ``count_tokens`` estimate agree. A request a real API would refuse raises :class:`FakeRequestError`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import attrs
 import orjson
 
+from ..wire.token_estimate import estimate_input_tokens, estimate_text_tokens, split_tokens
 from .fake_schema import schema_instance
-from .tokens import count_openai_chat, estimate_tokens, split_tokens
 
 __all__ = [
     "FakeAnswer",
@@ -99,7 +99,7 @@ class FakeChoice:
 
     @property
     def reasoning_tokens(self) -> int:
-        return estimate_tokens(self.reasoning) if self.reasoning else 0
+        return estimate_text_tokens(self.reasoning) if self.reasoning else 0
 
     @property
     def reasoning_pieces(self) -> tuple[str, ...]:
@@ -479,7 +479,7 @@ def _tool_choice(index: int, name: str, schema, seed: int, n_chunks: int) -> Fak
     digest = hashlib.blake2b(f"{name}:{text}:{index}".encode(), digest_size=8).hexdigest()
     pieces = tuple("".join(g) for g in _group(split_tokens(text), n_chunks))
     call = FakeToolCall(f"call_{digest}", name, text, pieces)
-    return FakeChoice(index, (), None, call, "tool_calls", None, estimate_tokens(name) + estimate_tokens(text))
+    return FakeChoice(index, (), None, call, "tool_calls", None, estimate_text_tokens(name) + estimate_text_tokens(text))
 
 
 _CACHE_SIZE = 256
@@ -556,7 +556,7 @@ def _answer(body: dict, chunks: int, text: str | None) -> FakeAnswer:
             reply = _echo(messages, index + user_seed, chunks)
         choices.append(attrs.evolve(_text_choice(index, reply, stops, limit, chunks, top),
                                     reasoning=reasoning, redacted=redacted))
-    return FakeAnswer(tuple(choices), count_openai_chat(body))
+    return FakeAnswer(tuple(choices), estimate_input_tokens(body))
 
 
 # -- OpenAI's wire format --------------------------------------------------------------------------------
@@ -649,14 +649,14 @@ def _embedding_items(inputs) -> list[tuple[str, int]]:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
     if isinstance(inputs, str) and inputs:
-        return [(inputs, estimate_tokens(inputs))]
+        return [(inputs, estimate_text_tokens(inputs))]
     if is_token_array(inputs):
         return [tokens_item(inputs)]
     if isinstance(inputs, list) and inputs:
         items = []
         for i, item in enumerate(inputs):
             if isinstance(item, str) and item:
-                items.append((item, estimate_tokens(item)))
+                items.append((item, estimate_text_tokens(item)))
             elif is_token_array(item):
                 items.append(tokens_item(item))
             else:

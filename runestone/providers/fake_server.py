@@ -33,9 +33,9 @@ from ..wire.anthropic import InboundError, anthropic_request_to_openai
 from ..wire.bedrock import converse_request_to_openai
 from ..wire.errors import InvalidRequest
 from ..wire.sse import encode_event
+from ..wire.token_estimate import estimate_input_tokens
 from ..resilience.failover import undated
 from .fake_vendors import VendorRoutes
-from .tokens import count_anthropic_messages
 
 __all__ = ["FakeKnobs", "FakeProvider", "FakeStats", "make_fake_handler", "serve_fake_provider"]
 
@@ -346,7 +346,7 @@ class FakeProvider:
         checked = self._anthropic_request(request, {**body, "max_tokens": 1, "stream": False})
         if isinstance(checked, Response):
             return checked
-        return Response.json({"input_tokens": count_anthropic_messages(body)})
+        return Response.json({"input_tokens": estimate_input_tokens(checked)})
 
     def _messages(self, request, body: dict) -> Response:
         translated = self._anthropic_request(request, body)

@@ -27,6 +27,7 @@ from ..wire.gemini import (
     openai_to_gemini_embeddings,
     openai_to_gemini_request,
 )
+from ..wire.token_estimate import estimate_input_tokens
 from .base import (
     ChatResult,
     UpstreamStream,
@@ -41,7 +42,6 @@ from .base import (
     secrets_of,
     usage_from,
 )
-from .tokens import estimate_tokens
 
 __all__ = ["DEFAULT_GEMINI_BASE_URL", "GeminiAdapter", "GeminiStream"]
 
@@ -200,8 +200,7 @@ class GeminiAdapter:
         if not isinstance(doc.get("embeddings"), list):
             raise UpstreamError(self.name, "malformed", "upstream embeddings response has no 'embeddings' list")
         # Gemini reports no usage for embeddings: the ledger gets the gateway's own estimate of the input.
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        tokens = sum(estimate_tokens(s) for s in inputs)
+        tokens = estimate_input_tokens({"input": body["input"]})
         resp = gemini_to_openai_embeddings(doc, model, body.get("encoding_format"), tokens)
         return ChatResult(orjson.dumps(resp), Usage(tokens, 0))
 

@@ -2,7 +2,7 @@
 
 A migration is never edited once released: a change of schema is a new migration with the next number. The
 tables mirror the SQLite ones (the ledger's ``usage``, the key store's ``teams``, ``keys`` and ``spend``, the
-control store's one document), with Postgres types: 64-bit integers for token counts and nano-USD, double
+control store's one document, the budget journals' checkpoints), with Postgres types: 64-bit integers for token counts and nano-USD, double
 precision for seconds and costs.
 """
 
@@ -67,5 +67,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             doc BYTEA NOT NULL,
             saved_at TIMESTAMPTZ NOT NULL DEFAULT now()
         );
+    """),
+    Migration(4, "budget journal floors", """
+        -- per instance (its data directory's origin): the first segment of its local budget journal that the
+        -- spend rows do not include, written in the same transaction as the spend it checkpoints
+        CREATE TABLE journal_floors (origin TEXT PRIMARY KEY, floor BIGINT NOT NULL);
     """),
 )

@@ -6,7 +6,8 @@ Layers inside: ``events`` (immutable facts) <- ``metrics``, ``health``,
 hot path's non-blocking way in. Beside them, on the request's own task:
 ``observe`` (the per-request scope and the sender's tap) feeding ``access_log``
 (one JSON line per request) and ``otel`` (OpenTelemetry spans; the SDK is
-imported only when tracing is on). The public names are re-exported here.
+imported only when tracing is on), each drained by a ``_drain.DrainThread``. The public names are
+re-exported here.
 """
 
 from .access_log import AccessLog as AccessLog

@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from collections import deque
 from datetime import datetime, timezone
 
 import orjson
 
+from ._drain import DrainThread
 from .events import RequestFinished
 
 __all__ = ["AccessLog", "access_record", "iso_time"]
@@ -92,13 +92,10 @@ class AccessLog:
         self.max_pending = max_pending
         self.lines = 0
         self.lost = 0
-        self._pending: deque[bytes] = deque()  # append and popleft are atomic: no lock
-        self._markers: deque[threading.Event] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
         self._file = open(path, "ab") if path else None  # opened now: a bad path fails at start, not later
-        self._thread = threading.Thread(target=self._run, name="runestone-access-log", daemon=True)
-        self._thread.start()
+        self._writer = DrainThread("runestone-access-log", FLUSH_INTERVAL, self._write_lines, self._close_file)
+        self._pending: deque[bytes] = self._writer.pending
+        self._wake = self._writer.wake
 
     def write(self, record: dict) -> None:
         pending = self._pending
@@ -115,43 +112,29 @@ class AccessLog:
             self._wake.set()
 
     def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
+        self._writer.stop()
 
     def sync(self, timeout: float | None = None) -> bool:
         """Wait (blocking) until every line written so far is in the file; False if ``timeout`` passed first."""
-        done = threading.Event()
-        self._markers.append(done)
-        self._wake.set()
-        return done.wait(timeout)
+        return self._writer.sync(timeout)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait (blocking: from a thread, or in tests) until the writer thread has stopped."""
-        self._thread.join(timeout)
+        self._writer.join(timeout)
 
     def _out(self):
         return self._file if self._file is not None else sys.stdout.buffer
 
-    def _run(self) -> None:
-        pending, markers, wake = self._pending, self._markers, self._wake
-        while True:
-            wake.wait(FLUSH_INTERVAL)
-            wake.clear()
-            stopping = self._stopping
-            done = [markers.popleft() for _ in range(len(markers))]
-            lines = [pending.popleft() for _ in range(len(pending))]
-            if lines:
-                try:
-                    out = self._out()
-                    out.write(b"\n".join(lines) + b"\n")
-                    out.flush()
-                except Exception as exc:
-                    self.lost += len(lines)
-                    log.error("access log: %d lines not written: %s: %s", len(lines), type(exc).__name__, exc)
-            for marker in done:
-                marker.set()
-            if stopping:
-                break
+    def _write_lines(self, lines: list[bytes]) -> None:
+        try:
+            out = self._out()
+            out.write(b"\n".join(lines) + b"\n")
+            out.flush()
+        except Exception as exc:
+            self.lost += len(lines)
+            log.error("access log: %d lines not written: %s: %s", len(lines), type(exc).__name__, exc)
+
+    def _close_file(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()

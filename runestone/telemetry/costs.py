@@ -5,8 +5,9 @@ The price type, its lookup and the arithmetic are the config's
 :func:`cost_of`, re-exported here); this module adds the cached
 :class:`Pricer` and the estimates before a request runs:
 ``estimate_costs`` is the ``cost`` routing policy's view before a request runs:
-input tokens guessed as characters / 4, output tokens from ``max_tokens``
-(or ``max_completion_tokens``) or a default of 256.
+input tokens from the gateway's one estimate
+(:func:`runestone.wire.token_estimate.estimate_input_tokens`), output tokens
+from ``max_tokens`` (or ``max_completion_tokens``) or a default of 256.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config.pricing import ModelPrice, cost_of, price_for
+from ..wire.token_estimate import estimate_input_tokens
 
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
@@ -23,7 +25,6 @@ __all__ = [
     "Pricer",
     "cost_of",
     "estimate_costs",
-    "estimate_input_tokens",
     "price_for",
 ]
 
@@ -52,42 +53,6 @@ class Pricer:
                 self._prices.clear()
             price = self._prices[key] = price_for(self.pricing, provider, model)
         return cost if price is None else cost_of(tokens_in, tokens_out, price)
-
-
-def _text_chars(content: Any) -> int:
-    """Characters of text in an OpenAI/Anthropic content value (str or parts)."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        n = 0
-        for part in content:
-            if isinstance(part, str):
-                n += len(part)
-            elif isinstance(part, Mapping):
-                text = part.get("text")
-                if isinstance(text, str):
-                    n += len(text)
-        return n
-    return 0
-
-
-def estimate_input_tokens(request_body: Mapping[str, Any]) -> int:
-    """Guess input tokens as text characters / 4 (at least 1).
-
-    Counts chat ``messages`` (string or text parts), Anthropic's ``system``,
-    completions' ``prompt`` and embeddings' ``input`` (strings or lists).
-    """
-    chars = 0
-    messages = request_body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, Mapping):
-                chars += _text_chars(message.get("content"))
-    for field in ("system", "prompt", "input"):
-        value = request_body.get(field)
-        if value is not None:
-            chars += _text_chars(value)
-    return max(1, chars // 4)
 
 
 def estimate_costs(

@@ -41,12 +41,12 @@ from __future__ import annotations
 import logging
 import random
 import struct
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._drain import DrainThread
 from .events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 
 __all__ = ["Tracing", "encode_spans", "format_traceparent", "parse_traceparent", "traces_url"]
@@ -217,18 +217,15 @@ class Tracing:
         self.system_of = system_of or (lambda provider: None)
         self._post = post or self._http_post
         self._client = None
-        #: Ended spans waiting for the exporter (deque append and popleft are atomic: no lock), and flush markers.
-        self._pending: deque[tuple] = deque()
-        self._markers: deque[threading.Event] = deque()
-        self._wake = threading.Event()
-        self._stopping = False
         #: Spans handed to the exporter, exported, dropped (queue full, or the collector refused them).
         self.spans = 0
         self.exported = 0
         self.dropped = 0
         self.export_errors = 0
-        self._thread = threading.Thread(target=self._run, name="runestone-otel", daemon=True)
-        self._thread.start()
+        #: Ended spans waiting for the exporter (deque append and popleft are atomic: no lock).
+        self._exporter = DrainThread("runestone-otel", EXPORT_INTERVAL, self._export, self._close_client, BATCH)
+        self._pending: deque[tuple] = self._exporter.pending
+        self._wake = self._exporter.wake
 
     # -- spans of one request (on its task) -------------------------------------------------------------
 
@@ -401,19 +398,7 @@ class Tracing:
             self._client = httpx.Client(timeout=EXPORT_TIMEOUT)
         return self._client.post(url, content=body, headers={"content-type": "application/x-protobuf"}).status_code
 
-    def _run(self) -> None:
-        pending, markers, wake = self._pending, self._markers, self._wake
-        while True:
-            wake.wait(EXPORT_INTERVAL)
-            wake.clear()
-            stopping = self._stopping
-            done = [markers.popleft() for _ in range(len(markers))]
-            while pending:
-                self._export([pending.popleft() for _ in range(min(len(pending), BATCH))])
-            for marker in done:
-                marker.set()
-            if stopping:
-                break
+    def _close_client(self) -> None:
         if self._client is not None:
             self._client.close()
 
@@ -433,15 +418,11 @@ class Tracing:
 
     def force_flush(self, timeout: float = 30.0) -> bool:
         """Export every span handed over so far (blocking: call it from a thread)."""
-        done = threading.Event()
-        self._markers.append(done)
-        self._wake.set()
-        return done.wait(timeout)
+        return self._exporter.sync(timeout)
 
     def shutdown(self) -> None:
         """Export what is left and stop the exporter thread (does not wait for it)."""
-        self._stopping = True
-        self._wake.set()
+        self._exporter.stop()
 
     def snapshot(self) -> dict:
         return {"endpoint": self.endpoint, "spans": self.spans, "exported": self.exported, "dropped": self.dropped,

@@ -11,6 +11,8 @@
 - :mod:`.reasoning`: how reasoning (thinking blocks, ``reasoning_content``, efforts) rides in the canonical body.
 - :mod:`.sse`: the server-sent events parser and encoder.
 - :mod:`.websocket`: what the WebSocket APIs share: a client's message id, the ``error`` message.
+- :mod:`.token_estimate`: the gateway's one token estimate (budgets, the ``cost`` policy, ``count_tokens``,
+  the fake's usage).
 """
 
 from .errors import ErrorInfo as ErrorInfo

@@ -23,7 +23,7 @@ import attrs
 import orjson
 
 from .anthropic_upstream import TranslationError
-from .reasoning import reasoning_of
+from .reasoning import put_thinking, reasoning_of
 
 __all__ = [
     "InboundError",
@@ -203,12 +203,7 @@ def anthropic_request_to_openai(body: dict) -> dict:
                     thinking.append(block)
                 else:
                     raise InboundError(f"{param}[{k}].type", f"block type {kind!r} is not supported in assistant turns")
-            msg_out: dict = {"role": "assistant", "content": "".join(texts) if texts else None}
-            if thinking:
-                text = "".join(b.get("thinking") or "" for b in thinking)
-                if text:
-                    msg_out["reasoning_content"] = text
-                msg_out["thinking_blocks"] = thinking
+            msg_out = put_thinking({"role": "assistant", "content": "".join(texts) if texts else None}, thinking)
             if tool_calls:
                 msg_out["tool_calls"] = tool_calls
             if texts or tool_calls or thinking:

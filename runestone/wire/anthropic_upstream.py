@@ -20,7 +20,7 @@ import attrs
 import orjson
 
 from .errors import InvalidRequest, loads_or_none
-from .reasoning import check_thinking_blocks, reasoning_of, signed_by, thinking_for
+from .reasoning import check_thinking_blocks, put_thinking, reasoning_of, signed_by, thinking_for
 
 __all__ = [
     "AnthropicToOpenAIStream",
@@ -28,7 +28,10 @@ __all__ = [
     "TranslationError",
     "chat_messages",
     "data_url_parts",
+    "text_parts",
     "tool_arguments",
+    "unsupported_part",
+    "user_parts",
     "UpstreamStreamError",
     "anthropic_error_to_openai",
     "anthropic_to_openai_response",
@@ -124,18 +127,7 @@ def anthropic_error_to_openai(status: int, body: bytes) -> tuple[int, dict]:
 
 def _text_of(content, param: str) -> str:
     """Plain text of an OpenAI ``content`` (string or array of text parts), for system and tool messages."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-                raise TranslationError(f"{param}[{k}]", "only text parts are allowed here")
-            texts.append(part.get("text") or part.get("refusal") or "")
-        return "\n".join(texts) if len(texts) > 1 else (texts[0] if texts else "")
-    raise TranslationError(param, "content must be a string or an array of content parts")
+    return "\n".join(text_parts(content, param))
 
 
 def _image_block(url, param: str) -> dict:
@@ -151,30 +143,20 @@ def _user_blocks(content, param: str):
     """An OpenAI user content: a string stays a string, parts become Anthropic content blocks."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise TranslationError(param, "content must be a string or an array of content parts")
     blocks = []
-    for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+    for kind, value, p, part in user_parts(content, param):
         if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise TranslationError(f"{param}[{k}].text", "text must be a string")
-            if not text:
-                continue  # Anthropic refuses empty text blocks
-            block = {"type": "text", "text": text}
+            block = {"type": "text", "text": value}
         elif kind == "image_url":
-            image = part.get("image_url")
-            block = _image_block(image.get("url") if isinstance(image, dict) else image, f"{param}[{k}].image_url")
+            block = _image_block(value, f"{p}.image_url")
         elif kind == "file":
-            file = part.get("file") or {}
-            data = file.get("file_data")
+            data = value.get("file_data")
             if not isinstance(data, str) or not data.startswith("data:"):
-                raise TranslationError(f"{param}[{k}].file", "only inline file_data (a base64 data URL) can be sent")
-            media, b64 = data_url_parts(data, f"{param}[{k}].file.file_data")
+                raise TranslationError(f"{p}.file", "only inline file_data (a base64 data URL) can be sent")
+            media, b64 = data_url_parts(data, f"{p}.file.file_data")
             block = {"type": "document", "source": {"type": "base64", "media_type": media.split(";")[0], "data": b64}}
         else:
-            raise TranslationError(f"{param}[{k}].type", f"content part type {kind!r} is not supported by this provider")
+            raise unsupported_part(kind, p)
         cache_control = part.get("cache_control")
         if cache_control is not None:
             block["cache_control"] = cache_control
@@ -207,6 +189,56 @@ def chat_messages(body: dict):
         if not isinstance(msg, dict):
             raise TranslationError(f"messages[{i}]", "each message must be an object")
         yield i, msg
+
+
+def text_parts(content, param: str) -> list[str]:
+    """The texts of an OpenAI ``content`` that may hold only text (a system or tool message): a string is one
+    text, an array its ``text`` (or ``refusal``) parts, None none; anything else a 400 naming it."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise TranslationError(param, "content must be a string or an array of content parts")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get(kind) if kind in ("text", "refusal") else None
+        if not isinstance(text, str):
+            raise TranslationError(f"{param}[{k}]", "only text parts are allowed here")
+        texts.append(text)
+    return texts
+
+
+def user_parts(content, param: str):
+    """``(kind, value, param of the part, part)`` for each part of an OpenAI user content array, checked as
+    every translation checks it: a ``text`` with its string (empty ones are skipped: no API takes them), an
+    ``image_url`` with its URL, a ``file`` with its object ({} unless one), any other kind with the part for
+    the caller to take or refuse (:func:`unsupported_part`); a 400 when ``content`` is not an array."""
+    if not isinstance(content, list):
+        raise TranslationError(param, "content must be a string or an array of content parts")
+    for k, part in enumerate(content):
+        p = f"{param}[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise TranslationError(f"{p}.text", "text must be a string")
+            if text:
+                yield kind, text, p, part
+        elif kind == "image_url":
+            image = part.get("image_url")
+            yield kind, image.get("url") if isinstance(image, dict) else image, p, part
+        elif kind == "file":
+            file = part.get("file")
+            yield kind, file if isinstance(file, dict) else {}, p, part
+        else:
+            yield kind, part, p, part
+
+
+def unsupported_part(kind, param: str, upstream: str = "this provider") -> TranslationError:
+    """The 400 for a user content part of a kind the upstream does not take."""
+    return TranslationError(f"{param}.type", f"content part type {kind!r} is not supported by {upstream}")
 
 
 def data_url_parts(url: str, param: str) -> tuple[str, str]:
@@ -313,7 +345,7 @@ def openai_to_anthropic_request(body: dict, *, model: str, default_max_tokens: i
         elif role in ("system", "developer"):
             if isinstance(content, list):
                 for k, part in enumerate(content):
-                    if not isinstance(part, dict) or part.get("type") != "text":
+                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                         raise TranslationError(f"messages[{i}].content[{k}]", "system content parts must be text")
                     if part.get("text"):
                         block = {"type": "text", "text": part["text"]}
@@ -454,12 +486,8 @@ def anthropic_to_openai_response(msg: dict, *, model: str, request_id: str, crea
                     "function": {"name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {}).decode()},
                 }
             )
-    message: dict = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None, "refusal": None}
-    if thinking:
-        text = "".join(b.get("thinking") or "" for b in thinking)
-        if text:
-            message["reasoning_content"] = text
-        message["thinking_blocks"] = thinking
+    message = put_thinking({"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None,
+                            "refusal": None}, thinking)
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = msg.get("usage") or {}

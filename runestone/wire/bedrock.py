@@ -22,9 +22,10 @@ from __future__ import annotations
 import attrs
 import orjson
 
-from .anthropic_upstream import ChunkTranslator, chat_messages, data_url_parts, tool_arguments
+from .anthropic_upstream import (ChunkTranslator, chat_messages, data_url_parts, text_parts, tool_arguments,
+                                 unsupported_part, user_parts)
 from .errors import ErrorInfo, InvalidRequest, loads_or_none
-from .reasoning import check_thinking_blocks, reasoning_of, thinking_for
+from .reasoning import check_thinking_blocks, put_thinking, reasoning_of, thinking_for
 
 __all__ = [
     "BEDROCK_ERRORS",
@@ -53,18 +54,7 @@ def _bad(param: str, message: str) -> InvalidRequest:
 # -- request: OpenAI -> Converse ----------------------------------------------------------------------
 
 def _text_of(content, param: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{param}[{k}]", "only text parts are allowed here")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _bad(param, "content must be a string or an array of content parts")
+    return "".join(text_parts(content, param))
 
 
 def _data_url(url, param: str) -> tuple[str, str]:
@@ -79,34 +69,24 @@ def _data_url(url, param: str) -> tuple[str, str]:
 def _user_blocks(content, param: str) -> list[dict]:
     if isinstance(content, str):
         return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise _bad(param, "content must be a string or an array of content parts")
     blocks: list[dict] = []
-    for k, part in enumerate(content):
-        p = f"{param}[{k}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    for kind, value, p, part in user_parts(content, param):
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise _bad(f"{p}.text", "text must be a string")
-            if not part["text"]:
-                continue  # Bedrock refuses blank text blocks
-            blocks.append({"text": part["text"]})
+            blocks.append({"text": value})
         elif kind == "image_url":
-            image = part.get("image_url")
-            media, data = _data_url(image.get("url") if isinstance(image, dict) else image, f"{p}.image_url")
+            media, data = _data_url(value, f"{p}.image_url")
             fmt = _IMAGE_FORMATS.get(media)
             if fmt is None:
                 raise _bad(f"{p}.image_url", f"image type {media!r} is not one Bedrock takes (png, jpeg, gif, webp)")
             blocks.append({"image": {"format": fmt, "source": {"bytes": data}}})
         elif kind == "file":
-            file = part.get("file") or {}
-            media, data = _data_url(file.get("file_data"), f"{p}.file.file_data")
+            media, data = _data_url(value.get("file_data"), f"{p}.file.file_data")
             fmt = _DOCUMENT_FORMATS.get(media)
             if fmt is None:
                 raise _bad(f"{p}.file", f"document type {media!r} is not one Bedrock takes")
             blocks.append({"document": {"format": fmt, "name": f"document {len(blocks) + 1}", "source": {"bytes": data}}})
         else:
-            raise _bad(f"{p}.type", f"content part type {kind!r} is not supported by Bedrock")
+            raise unsupported_part(kind, p, "Bedrock")
         if part.get("cache_control") is not None:
             blocks.append(dict(_CACHE_POINT))
     return blocks
@@ -323,12 +303,8 @@ def converse_to_openai_response(obj: dict, *, model: str, request_id: str, creat
             t = _thinking_block(block["reasoningContent"])
             if t is not None:
                 thinking.append(t)
-    message: dict = {"role": "assistant", "content": "".join(texts) if texts or not calls else None, "refusal": None}
-    if thinking:
-        text = "".join(b.get("thinking", "") for b in thinking)
-        if text:
-            message["reasoning_content"] = text
-        message["thinking_blocks"] = thinking
+    message = put_thinking({"role": "assistant", "content": "".join(texts) if texts or not calls else None,
+                            "refusal": None}, thinking)
     if calls:
         message["tool_calls"] = calls
     return {

@@ -53,7 +53,8 @@ import struct
 import attrs
 import orjson
 
-from .anthropic_upstream import ChunkTranslator, TranslationError, chat_messages, data_url_parts, tool_arguments
+from .anthropic_upstream import (ChunkTranslator, TranslationError, chat_messages, data_url_parts, text_parts,
+                                 tool_arguments, unsupported_part, user_parts)
 from .errors import UpstreamErrorBody, loads_or_none, scrub
 from .reasoning import (EFFORT_BUDGETS, GEMINI_TEXT_PREFIX, GEMINI_THOUGHT_PREFIX, check_thinking_blocks,
                         reasoning_of)
@@ -254,20 +255,7 @@ def _model_parts(msg: dict, i: int) -> tuple[list[dict], str | None]:
 
 
 def _text_parts(content, param: str) -> list[dict]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if isinstance(content, list):
-        parts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-                raise TranslationError(f"{param}[{k}]", "only text parts are allowed here")
-            text = part.get("text") or part.get("refusal") or ""
-            if text:
-                parts.append({"text": text})
-        return parts
-    raise TranslationError(param, "content must be a string or an array of content parts")
+    return [{"text": t} for t in text_parts(content, param) if t]
 
 
 def _data_url(url, param: str) -> dict:
@@ -283,31 +271,22 @@ def _data_url(url, param: str) -> dict:
 def _user_parts(content, param: str) -> list[dict]:
     if isinstance(content, str):
         return [{"text": content}]
-    if not isinstance(content, list):
-        raise TranslationError(param, "content must be a string or an array of content parts")
     parts = []
-    for k, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+    for kind, value, p, part in user_parts(content, param):
         if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise TranslationError(f"{param}[{k}].text", "text must be a string")
-            if text:
-                parts.append({"text": text})
+            parts.append({"text": value})
         elif kind == "image_url":
-            image = part.get("image_url")
-            parts.append(_data_url(image.get("url") if isinstance(image, dict) else image, f"{param}[{k}].image_url"))
+            parts.append(_data_url(value, f"{p}.image_url"))
         elif kind == "file":
-            file = part.get("file") or {}
-            parts.append(_data_url(file.get("file_data"), f"{param}[{k}].file"))
+            parts.append(_data_url(value.get("file_data"), f"{p}.file"))
         elif kind == "input_audio":
             audio = part.get("input_audio") or {}
             fmt = audio.get("format")
             if not isinstance(audio.get("data"), str) or fmt not in ("wav", "mp3"):
-                raise TranslationError(f"{param}[{k}].input_audio", "input_audio needs base64 data and a format (wav or mp3)")
+                raise TranslationError(f"{p}.input_audio", "input_audio needs base64 data and a format (wav or mp3)")
             parts.append({"inlineData": {"mimeType": f"audio/{fmt}", "data": audio["data"]}})
         else:
-            raise TranslationError(f"{param}[{k}].type", f"content part type {kind!r} is not supported by this provider")
+            raise unsupported_part(kind, p)
     return parts
 
 

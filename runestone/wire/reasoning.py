@@ -40,6 +40,7 @@ __all__ = [
     "check_thinking_blocks",
     "effort_for_thinking",
     "for_openai_upstream",
+    "put_thinking",
     "reasoning_of",
     "thinking_for",
 ]
@@ -57,6 +58,18 @@ def reasoning_of(obj: dict) -> str | None:
     if text is None:
         text = obj.get("reasoning")
     return text if isinstance(text, str) and text else None
+
+
+def put_thinking(message: dict, blocks: list[dict]) -> dict:
+    """``message`` (an assistant turn or answer in the canonical body) with its thinking ``blocks``: verbatim
+    as ``thinking_blocks`` and, where they hold text, that text joined as ``reasoning_content``; unchanged
+    when there are none."""
+    if blocks:
+        text = "".join(b.get("thinking") or "" for b in blocks)
+        if text:
+            message["reasoning_content"] = text
+        message["thinking_blocks"] = blocks
+    return message
 
 
 #: The ``thinking_blocks`` signature prefix of a Gemini thought part's signature ...

@@ -12,105 +12,28 @@ and the log has the one recovery line with its counts (the held streams among th
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 
-import httpx
 import pytest
-import trio
 
-from gatewaytest import free_port, provider_toml, start_gateway_process, wait_ready
+from budgettest import ANSWER_USD, budget_config, spend_after_restart, spend_then_sigkill
+from gatewaytest import start_gateway_process
 
 ADMIN = {"authorization": "Bearer ak-budget-kill"}
 WORKERS = 4
 HELD = 3
 ENOUGH = 200
-#: The upstream's answer is 4 output tokens at $0.001 each (input is free): every answer costs this.
-ANSWER_USD = 0.004
-PRICING = '[pricing."fake-model"]\ninput_per_mtok = 0.0\noutput_per_mtok = 1000.0\n'
 
 
 async def test_a_sigkill_loses_no_settled_spend_and_leaves_no_reservation_held(tmp_path, gated_factory):
     upstream, gate, _ = await gated_factory(after=1, text="aaa bbb ccc ddd", chunks=1)
-    data = tmp_path / "data"
-    config = tmp_path / "runestone.toml"
-    config.write_text(f'[data]\ndir = "{data}"\n[auth]\nadmin_key = "ak-budget-kill"\n[budgets]\nflush_ms = 200\n'
-                      + PRICING + provider_toml("up", "openai", base_url=f"http://127.0.0.1:{upstream.port}/v1", api_key="sk-up",
-                         models=["fake-model"]))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    received: list[float] = []  # the cost of each answer a client got, from its usage
-    held = 0
-    killed = False
+    config, url, port = budget_config(tmp_path, upstream, "ak-budget-kill", "[budgets]\nflush_ms = 200\n")
+    proc = start_gateway_process(config, port, tmp_path / "log1")
+    key_id, received = await spend_then_sigkill(url, proc, gate, admin=ADMIN, team="kill", workers=WORKERS, held=HELD,
+                                                enough=ENOUGH)
 
-    proc = start_gateway_process(str(config), port, tmp_path / "log1")
-    try:
-        await wait_ready(url, proc)
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            r = await http.post("/admin/teams", headers=ADMIN, json={"name": "kill", "budget": {"usd": 1000,
-                                                                                                "period": "month"}})
-            assert r.status_code == 201, r.text
-            r = await http.post("/admin/keys", headers=ADMIN, json={"name": "k", "team": "kill",
-                                                                    "budget": {"usd": 500, "period": "total"}})
-            assert r.status_code == 201, r.text
-            key_id, secret = r.json()["id"], r.json()["secret"]
-            auth = {"authorization": f"Bearer {secret}"}
-            body = {"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
-
-            async def worker() -> None:
-                for _ in range(100_000):
-                    if killed:
-                        return
-                    try:
-                        r = await http.post("/v1/chat/completions", json=body, headers=auth)
-                    except httpx.TransportError:
-                        return  # the gateway is gone
-                    assert r.status_code == 200, r.text
-                    received.append(r.json()["usage"]["completion_tokens"] * 0.001)
-
-            async def held_stream() -> None:
-                nonlocal held
-                try:
-                    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
-                                           headers=auth) as r:
-                        assert r.status_code == 200
-                        async for _ in r.aiter_bytes():
-                            held += 1  # its first chunk is here; the upstream holds the rest
-                            await trio.sleep_forever()
-                except httpx.TransportError:
-                    pass
-
-            async with trio.open_nursery() as n:
-                for _ in range(HELD):
-                    n.start_soon(held_stream)
-                with trio.fail_after(60):
-                    await gate.wait_held(HELD)
-                for _ in range(WORKERS):
-                    n.start_soon(worker)
-                with trio.fail_after(120):  # bounded: a slow machine only takes longer to get there
-                    while len(received) < ENOUGH or held < HELD:
-                        await trio.sleep(0.05)
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-                n.cancel_scope.cancel()
-        assert await trio.to_thread.run_sync(proc.wait, 20) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        gate.open()
-
-    proc = start_gateway_process(str(config), port, tmp_path / "log2")  # the same data directory, after the kill
-    try:
-        await wait_ready(url, proc)
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            key = (await http.get(f"/admin/keys/{key_id}", headers=ADMIN)).json()["spend"]
-            team = (await http.get("/admin/teams/kill", headers=ADMIN)).json()["spend"]
-        proc.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(proc.wait, 20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # The same data directory, after the kill.
+    key, team = await spend_after_restart(config, url, port, tmp_path / "log2", admin=ADMIN, key_id=key_id, team="kill")
 
     got = sum(received)
     assert all(c == pytest.approx(ANSWER_USD) for c in received)

@@ -337,13 +337,80 @@ async def test_a_provider_registered_on_one_instance_is_there_after_a_restart_on
     assert await second.stop() == 0
 
 
-def test_an_unreachable_database_stops_the_start_with_the_reason_and_no_secret(tmp_path):
-    from runestone.app import Application, StartupError
-    from runestone.config import load_config
+# -- an instance that starts without its database ----------------------------------------------------------
 
-    port = free_port()  # nobody listens there
-    path = _config(tmp_path, "gw", f"postgresql://runestone:pw-secret@127.0.0.1:{port}/runestone")
-    with pytest.raises(StartupError) as stopped:
-        Application(load_config(path, env={}))
-    message = str(stopped.value)
-    assert f"postgresql://***@127.0.0.1:{port}/runestone cannot be read" in message and "pw-secret" not in message
+
+async def test_an_instance_starts_without_its_database_and_catches_up_when_it_comes(tmp_path, instances):
+    from pgserver import PostgresServer, postgres_bin
+
+    server = PostgresServer(postgres_bin())  # made (initdb), not started: the first ever start finds it down
+    try:
+        await _start_without_database(tmp_path, instances, server)
+    finally:
+        server.close()
+
+
+async def _start_without_database(tmp_path, instances, server) -> None:
+    url = server.url().replace("runestone@", "runestone:pw-secret@")  # trust auth: the password only must not leak
+    inst = instances("gw", url)
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    answered: list[str] = []
+
+    async def serve(http, n: int, prefix: str, headers: dict) -> None:
+        for i in range(n):
+            rid = f"{prefix}-{i}"
+            r = await http.post("/v1/chat/completions", headers={**headers, "x-request-id": rid},
+                                json={"model": "fake-model", "stream": i % 2 == 1,
+                                      "messages": [{"role": "user", "content": rid}]})
+            assert r.status_code == 200, r.text
+            answered.append(rid)
+
+    async def database(http) -> dict:
+        r = await http.get("/health/detailed", headers=admin)
+        assert r.status_code == 200, r.text
+        assert "pw-secret" not in r.text
+        return r.json()
+
+    async def until(predicate) -> None:
+        with trio.fail_after(120):  # bounded; only a hang trips it (no timing is asserted)
+            while not await predicate():
+                await trio.sleep(0.05)
+
+    await inst.start()  # Postgres is down, and there is no local copy yet: the configuration's keys only
+    async with httpx.AsyncClient(base_url=inst.url, timeout=30) as http:
+        detailed = await database(http)
+        assert detailed["database"]["state"] == "degraded" and detailed["database"]["keys"] == "nothing"
+        assert detailed["database"]["control"] == "nothing"
+        await serve(http, 20, "down", {"authorization": f"Bearer {CLIENT_KEY}"})
+        assert (await database(http))["ledger"]["state"] == "degraded"
+        r = await http.post("/admin/keys", headers=admin, json={"name": "refused"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "persistence_failed"  # changes nothing
+        await trio.to_thread.run_sync(server.start)
+        # Migrations run on the first connection, the key store is read again, the buffered rows are flushed.
+        await until(lambda: _database_ok(database(http)))
+        await until(lambda: _async(len(_table(url, "SELECT request_id FROM usage")) >= len(answered)))
+        r = await http.post("/admin/keys", headers=admin, json={"name": "made-after"})
+        assert r.status_code == 201, r.text
+        secret = r.json()["secret"]
+        await serve(http, 10, "up", {"authorization": f"Bearer {secret}"})
+    assert await inst.stop() == 0
+    log = (tmp_path / "gw.log1").read_text()
+    assert "starting without the database" in log and "the configuration's keys only" in log
+    assert "pw-secret" not in log
+    rows = [r[0] for r in _table(url, "SELECT request_id FROM usage")]
+    assert len(rows) == len(set(rows)) == len(answered) and set(rows) == set(answered)  # each once
+    assert _table(url, "SELECT count(*) FROM schema_migrations") == [(len(MIGRATIONS),)]
+
+    # Down again: the next start reads keys from the local copy the database left in the data directory.
+    await trio.to_thread.run_sync(server.stop)
+    await inst.start()
+    async with httpx.AsyncClient(base_url=inst.url, timeout=30) as http:
+        detailed = await database(http)
+        assert detailed["database"]["state"] == "degraded" and detailed["database"]["keys"] == "local copy"
+        await serve(http, 4, "copy", {"authorization": f"Bearer {secret}"})  # the managed key, from the copy
+    assert await inst.stop() == 0
+
+
+async def _database_ok(detailed) -> bool:
+    d = await detailed
+    return d["database"]["state"] == "ok" and d["ledger"]["state"] == "ok"

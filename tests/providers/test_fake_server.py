@@ -21,10 +21,10 @@ import trio
 import trio.testing
 
 from runestone.providers.fake_content import fake_answer, fake_embedding, fake_reply_chunks
-from runestone.providers.tokens import count_anthropic_messages, count_openai_chat, estimate_tokens
 from runestone.http.server import serve_http
 from runestone.providers.fake_server import FakeKnobs, make_fake_handler, serve_fake_provider
 from runestone.wire.sse import SSEParser
+from runestone.wire.token_estimate import estimate_input_tokens, estimate_text_tokens
 
 WEATHER_TOOL = {
     "type": "function",
@@ -61,7 +61,8 @@ def test_reply_is_deterministic_echo_in_n_pieces():
 
 def test_reply_with_fixed_text():
     assert "".join(fake_reply_chunks(HELLO, 4, text="one two three four five")) == "one two three four five"
-    assert fake_reply_chunks(HELLO, 4, text="one two three four five") == ["one", " two", " three", " four five"]
+    # 6 tokens of 4 characters in 4 runs
+    assert fake_reply_chunks(HELLO, 4, text="one two three four five") == ["one ", "two thre", "e fo", "ur five"]
     assert fake_reply_chunks(HELLO, 4, text="ab") == ["ab"]  # one token: one piece
     spaced = fake_reply_chunks(HELLO, 3, text="  spaced  out ")
     assert "".join(spaced) == "  spaced  out " and len(spaced) == 3 and all(spaced)
@@ -139,8 +140,8 @@ async def test_openai_sdk_non_stream_and_stream_agree(port):
         expected = "".join(fake_reply_chunks(HELLO, 8))
         assert resp.object == "chat.completion" and resp.model == "gpt-4o-mini"
         assert resp.choices[0].message.content == expected and resp.choices[0].finish_reason == "stop"
-        assert resp.usage.prompt_tokens == count_openai_chat({"messages": HELLO})
-        assert resp.usage.completion_tokens == estimate_tokens(expected)
+        assert resp.usage.prompt_tokens == estimate_input_tokens({"messages": HELLO})
+        assert resp.usage.completion_tokens == estimate_text_tokens(expected)
         assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
         stream = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True, stream_options={"include_usage": True})
@@ -199,8 +200,8 @@ async def test_anthropic_sdk_non_stream_and_stream(port):
         expected = "".join(fake_reply_chunks(HELLO, 8))
         assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
         assert msg.content[0].type == "text" and msg.content[0].text == expected
-        assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == estimate_tokens(expected)
-        assert msg.usage.input_tokens == count_anthropic_messages({"system": "be brief", "messages": HELLO})
+        assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == estimate_text_tokens(expected)
+        assert msg.usage.input_tokens == estimate_input_tokens({"messages": [{"role": "system", "content": "be brief"}, *HELLO]})
 
         async with client.messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=HELLO) as stream:
             texts = [t async for t in stream.text_stream]

@@ -9,7 +9,6 @@ from runestone.telemetry.costs import (
     ModelPrice,
     cost_of,
     estimate_costs,
-    estimate_input_tokens,
     price_for,
 )
 
@@ -50,31 +49,18 @@ def test_price_for_dated_model_ids():
     assert price_for(pricing, "openai", "20250929") is None
 
 
-def test_input_estimate_counts_text_in_every_shape():
-    body = {
-        "system": "abcd" * 10,  # 40 chars
-        "messages": [
-            {"role": "user", "content": "x" * 80},
-            {"role": "user", "content": [{"type": "text", "text": "y" * 40}, {"type": "image_url", "image_url": {}}]},
-        ],
-    }
-    assert estimate_input_tokens(body) == (40 + 80 + 40) // 4
-    assert estimate_input_tokens({"input": ["aaaa", "bbbbbbbb"]}) == 3
-    assert estimate_input_tokens({"prompt": "z" * 400}) == 100
-    assert estimate_input_tokens({}) == 1
-
-
 def test_estimate_costs_per_candidate():
     pricing = {"cheap-model": ModelPrice(1, 2), "pricey": ModelPrice(10, 30)}
     body = {"messages": [{"role": "user", "content": "q" * 4000}], "max_tokens": 100}
     got = estimate_costs(body, {"a": "cheap-model", "b": "pricey", "c": "nobody-knows"}, pricing)
-    assert got["a"] == pytest.approx((1000 * 1 + 100 * 2) / 1e6)
-    assert got["b"] == pytest.approx((1000 * 10 + 100 * 30) / 1e6)
+    tokens_in = 3 + 4 + 1000  # the reply priming, the message's framing, 4000 characters / 4
+    assert got["a"] == pytest.approx((tokens_in * 1 + 100 * 2) / 1e6)
+    assert got["b"] == pytest.approx((tokens_in * 10 + 100 * 30) / 1e6)
     assert got["c"] == math.inf
     assert sorted(got, key=got.get) == ["a", "b", "c"]
 
 
 def test_estimate_costs_default_output_tokens():
     pricing = {"m": ModelPrice(0, 1_000_000)}  # $1 per output token: the cost is the token count
-    assert estimate_costs({"messages": []}, {"p": "m"}, pricing)["p"] == pytest.approx(DEFAULT_OUTPUT_TOKENS)
+    assert estimate_costs({"prompt": ""}, {"p": "m"}, pricing)["p"] == pytest.approx(DEFAULT_OUTPUT_TOKENS)
     assert estimate_costs({"max_completion_tokens": 7}, {"p": "m"}, pricing)["p"] == pytest.approx(7)

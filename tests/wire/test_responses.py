@@ -22,7 +22,6 @@ from runestone.wire.responses import (
     responses_to_chat,
     validate_responses,
 )
-from runestone.wire.token_estimate import estimate_chat_tokens
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city", "strict": True,
@@ -267,14 +266,3 @@ def test_a_cut_stream_ends_with_response_failed_carrying_what_was_produced():
     assert "ended early" in failed.error.message
     assert failed.output[0].status == "incomplete"
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
-
-
-def test_the_estimate_counts_text_tools_and_images():
-    plain = estimate_chat_tokens({"messages": [{"role": "user", "content": "x" * 40}]})
-    assert plain == 3 + 10
-    with_tools = estimate_chat_tokens({"messages": [{"role": "user", "content": "x" * 40}],
-                                       "tools": [{"type": "function", "function": {"name": "f" * 30}}]})
-    assert with_tools > plain
-    image = estimate_chat_tokens({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
-    assert image == 3 + 85
