@@ -54,7 +54,8 @@ class _Bucket:
     ``tat - now > slack``."""
 
     __slots__ = ("capacity", "rate", "interval", "tat", "slack", "names", "limit_text", "full", "shown",
-                 "shown_remaining", "shown_reset", "full_lines", "lines", "lines_of")
+                 "shown_remaining", "shown_reset", "full_lines", "lines_form", "lines", "lines_remaining",
+                 "lines_reset")
 
     def __init__(self, capacity: float, rate: float, now: float, need: float,
                  names: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
@@ -71,10 +72,12 @@ class _Bucket:
         #: Its last three headers otherwise, and the remaining and reset they show: made again when those change.
         self.shown: tuple = ()
         self.shown_remaining = self.shown_reset = -1
-        #: ``full`` and ``shown`` as one (HEAD_LINES, lines) pair each, in a tuple (see _bucket_lines).
-        self.full_lines = _lines_of(self.full)
+        #: ``full`` and ``shown`` as one (HEAD_LINES, lines) pair each, in a tuple (_bucket_headers' ``lines``),
+        #: made from ``lines_form`` (the lines with the remaining and the reset left to fill in).
+        self.lines_form = b"%s: %s\r\n%s: %%d\r\n%s: %%s\r\n" % (names[0], self.limit_text, names[1], names[2])
+        self.full_lines = ((HEAD_LINES, self.lines_form % (capacity, _MS_TEXT[0])),)
         self.lines: tuple = ()
-        self.lines_of: tuple = ()
+        self.lines_remaining = self.lines_reset = -1
 
     def level(self, now: float) -> float:
         ahead = self.tat - now
@@ -184,14 +187,23 @@ def _reset_text(seconds: float) -> bytes:
     return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
 
 
-def _bucket_headers(b: _Bucket, now: float) -> tuple:
-    """``b``'s three headers at ``now``: its limit, what remains, when it is full again."""
+def _bucket_headers(b: _Bucket, now: float, lines: bool = False) -> tuple:
+    """``b``'s three headers at ``now``: its limit, what remains, when it is full again. With ``lines``, as
+    one ``(HEAD_LINES, lines)`` pair (in a tuple) for the HTTP server to write as they are (the names are
+    ours, the values digits and units). Each form is made once per distinct value."""
     ahead = b.tat - now
     if ahead <= 0:
-        return b.full
+        return b.full_lines if lines else b.full
     level = b.capacity - ahead * b.rate
     remaining = int(level) if level > 0 else 0  # what b"%d" % level shows
     reset = math.ceil(ahead * 1000) if ahead < 1 else -math.ceil(ahead)  # milliseconds, or -seconds from 1 s
+    if lines:
+        if remaining == b.lines_remaining and reset == b.lines_reset:
+            return b.lines
+        text = _MS_TEXT[reset] if reset >= 0 else _reset_text(ahead)
+        made = b.lines = ((HEAD_LINES, b.lines_form % (remaining, text)),)
+        b.lines_remaining, b.lines_reset = remaining, reset
+        return made
     if remaining == b.shown_remaining and reset == b.shown_reset:
         return b.shown  # what they showed last time: the same bytes
     names = b.names
@@ -199,22 +211,6 @@ def _bucket_headers(b: _Bucket, now: float) -> tuple:
                        (names[2], _MS_TEXT[reset] if reset >= 0 else _reset_text(ahead)))
     b.shown_remaining, b.shown_reset = remaining, reset
     return shown
-
-
-def _lines_of(pairs: tuple) -> tuple:
-    return ((HEAD_LINES, b"".join(b"%s: %s\r\n" % pair for pair in pairs)),)
-
-
-def _bucket_lines(b: _Bucket, now: float) -> tuple:
-    """:func:`_bucket_headers` as one ``(HEAD_LINES, lines)`` pair (in a tuple) for the HTTP server to write
-    as it is (made once per distinct value; the names are ours, the values digits and units)."""
-    pairs = _bucket_headers(b, now)
-    if pairs is b.full:
-        return b.full_lines
-    if pairs is not b.lines_of:
-        b.lines_of = pairs
-        b.lines = _lines_of(pairs)
-    return b.lines
 
 
 _REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
@@ -272,20 +268,19 @@ class KeyLimiter:
             return b.wait(now), "tokens per minute"
         return None
 
-    #: A bucket's headers as one prebuilt block: ``_headers(st, now, KeyLimiter.lines)``.
-    lines = staticmethod(_bucket_lines)
-
     @staticmethod
-    def _headers(st: _KeyState, now: float | None = None, each=_bucket_headers) -> tuple:
+    def _headers(st: _KeyState, now: float | None = None, lines: bool = False) -> tuple:
         """The ``x-ratelimit-*`` headers of ``st`` at ``now`` (a tuple of pairs: shared, not to be changed);
-        with ``each=KeyLimiter.lines``, one prebuilt ``(HEAD_LINES, lines)`` pair per bucket."""
+        with ``lines``, one prebuilt ``(HEAD_LINES, lines)`` pair per bucket (see _bucket_headers)."""
         if now is None:
             now = trio.current_time()
         b = st.minute or st.hour
         t = st.tokens
         if b is not None:
-            return each(b, now) + each(t, now) if t is not None else each(b, now)
-        return each(t, now) if t is not None else ()
+            if t is not None:
+                return _bucket_headers(b, now, lines) + _bucket_headers(t, now, lines)
+            return _bucket_headers(b, now, lines)
+        return _bucket_headers(t, now, lines) if t is not None else ()
 
     def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:
         """``key``'s limiter state at ``limits`` (made or brought up to date): for :meth:`take`. A state lives

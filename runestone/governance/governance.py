@@ -144,7 +144,7 @@ class GovernedLease:
         headers = self._headers
         if headers is None:
             states = self._acct.states
-            headers = self._headers = KeyLimiter._headers(states[0], None, KeyLimiter.lines) if states else ()
+            headers = self._headers = KeyLimiter._headers(states[0], None, True) if states else ()
         return headers
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
@@ -182,7 +182,7 @@ class GovernedLease:
                     tat = t.tat
                     t.tat = (tat if tat > now else now) + tokens * t.interval
             if self._headers is None:
-                self._headers = KeyLimiter._headers(states[0], now, KeyLimiter.lines)
+                self._headers = KeyLimiter._headers(states[0], now, True)
 
     def release(self) -> None:
         state = self._state
