@@ -8,8 +8,9 @@ the event loop serves anything); every write runs on a worker thread (``trio.to_
 so the event loop never waits on the database and two writes never share the connection at once. SQLite is in
 WAL mode with ``synchronous=NORMAL``, as the usage ledger: a committed write survives a crash of the process.
 The database is a backend (:class:`SQLiteKeyBackend`, :class:`PostgresKeyBackend`) behind the same
-:class:`KeyStore`; a Postgres write that fails (server down or restarting) raises :class:`KeyStoreError` as a
-disk error does, and the next write opens a new connection, so the store resumes by itself.
+:class:`KeyStore`; a Postgres write that fails (server down or restarting) opens a new connection for the next
+one, so the store resumes by itself; meanwhile a change waits in the local copy's outbox (see :class:`KeyStore`)
+and a spend write raises :class:`KeyStoreError` (the spend stays dirty for the next flush).
 """
 
 from __future__ import annotations
