@@ -40,6 +40,9 @@ class LimitValues:
         return bool(self.rpm or self.rph or self.tpm or self.max_concurrent)
 
 
+_MS_TEXT = tuple(b"%dms" % max(ms, 1) for ms in range(1001))
+
+
 class _Bucket:
     """A token bucket kept as the time it is full again (GCRA's "theoretical arrival time", ``tat``): its
     level at ``now`` is ``capacity - (tat - now) * rate`` (``capacity`` once ``tat <= now``), so it refills
@@ -49,16 +52,24 @@ class _Bucket:
     ``slack`` is how far ahead ``tat`` may be while ``need`` tokens are still there: blocked iff
     ``tat - now > slack``."""
 
-    __slots__ = ("capacity", "rate", "interval", "tat", "slack", "limit_text")
+    __slots__ = ("capacity", "rate", "interval", "tat", "slack", "names", "limit_text", "full", "shown",
+                 "shown_remaining", "shown_reset")
 
-    def __init__(self, capacity: float, rate: float, now: float, need: float) -> None:
+    def __init__(self, capacity: float, rate: float, now: float, need: float,
+                 names: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
         self.capacity = capacity
         self.rate = rate
         self.interval = 1.0 / rate
         self.tat = now
         self.slack = (capacity - need) / rate
-        #: The ``x-ratelimit-limit-*`` header's value.
+        #: Its ``x-ratelimit-*`` header names (limit, remaining, reset) and the limit header's value.
+        self.names = names
         self.limit_text = b"%d" % capacity
+        #: Its three headers when it is full (as _bucket_headers makes them at ``ahead`` 0).
+        self.full = ((names[0], self.limit_text), (names[1], b"%d" % capacity), (names[2], _MS_TEXT[0]))
+        #: Its last three headers otherwise, and the remaining and reset they show: made again when those change.
+        self.shown: tuple = ()
+        self.shown_remaining = self.shown_reset = -1
 
     def level(self, now: float) -> float:
         ahead = self.tat - now
@@ -89,6 +100,22 @@ class _KeyState:
     waiters: deque = attrs.Factory(deque)
     #: Who the limits are of, as a refusal names them ("this key", "team 'eng'").
     label: str = "this key"
+    #: The buckets a request must fit (those of minute, hour, tokens that exist), and those it takes from
+    #: (minute, hour): made with the buckets (see :func:`_set_buckets`).
+    checked: tuple = ()
+    counted: tuple = ()
+    #: ``limits.max_concurrent``, kept with the limits.
+    most: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        _set_buckets(self, self.minute, self.hour, self.tokens)
+
+
+def _set_buckets(st: _KeyState, minute: _Bucket | None, hour: _Bucket | None, tokens: _Bucket | None) -> None:
+    st.most = st.limits.max_concurrent
+    st.minute, st.hour, st.tokens = minute, hour, tokens
+    st.counted = tuple(b for b in (minute, hour) if b is not None)
+    st.checked = st.counted + ((tokens,) if tokens is not None else ())
 
 
 class Lease:
@@ -144,9 +171,6 @@ def add_tokens(st: _KeyState, tokens: int, now: float) -> None:
         t.take(tokens, now)  # may go below 0: the key then waits until it has paid its debt back
 
 
-_MS_TEXT = tuple(b"%dms" % max(ms, 1) for ms in range(1001))
-
-
 def _reset_text(seconds: float) -> bytes:
     # OpenAI's format: "1s", "6m0s", "250ms". Formatted as bytes: these are made for every admitted request.
     if seconds < 1:
@@ -155,13 +179,21 @@ def _reset_text(seconds: float) -> bytes:
     return b"%dm%ds" % (s // 60, s % 60) if s >= 60 else b"%ds" % s
 
 
-def _bucket_headers(b: _Bucket, names: tuple[bytes, bytes, bytes], now: float) -> tuple:
+def _bucket_headers(b: _Bucket, now: float) -> tuple:
+    """``b``'s three headers at ``now``: its limit, what remains, when it is full again."""
     ahead = b.tat - now
-    if ahead < 0:
-        ahead = 0.0
+    if ahead <= 0:
+        return b.full
     level = b.capacity - ahead * b.rate
-    return ((names[0], b.limit_text), (names[1], b"%d" % level if level > 0 else b"0"),
-            (names[2], _MS_TEXT[math.ceil(ahead * 1000)] if ahead < 1 else _reset_text(ahead)))
+    remaining = int(level) if level > 0 else 0  # what b"%d" % level shows
+    reset = math.ceil(ahead * 1000) if ahead < 1 else -math.ceil(ahead)  # milliseconds, or -seconds from 1 s
+    if remaining == b.shown_remaining and reset == b.shown_reset:
+        return b.shown  # what they showed last time: the same bytes
+    names = b.names
+    shown = b.shown = ((names[0], b.limit_text), (names[1], b"%d" % remaining),
+                       (names[2], _MS_TEXT[reset] if reset >= 0 else _reset_text(ahead)))
+    b.shown_remaining, b.shown_reset = remaining, reset
+    return shown
 
 
 _REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
@@ -170,9 +202,9 @@ _TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", 
 
 def _buckets(limits: LimitValues, now: float) -> tuple:
     rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
-    return (_Bucket(rpm, rpm / 60.0, now, 1) if rpm else None,
-            _Bucket(rph, rph / 3600.0, now, 1) if rph else None,
-            _Bucket(tpm, tpm / 60.0, now, 0) if tpm else None)
+    return (_Bucket(rpm, rpm / 60.0, now, 1, _REQUEST_HEADERS) if rpm else None,
+            _Bucket(rph, rph / 3600.0, now, 1, _REQUEST_HEADERS) if rph else None,
+            _Bucket(tpm, tpm / 60.0, now, 0, _TOKEN_HEADERS) if tpm else None)
 
 
 class KeyLimiter:
@@ -200,7 +232,7 @@ class KeyLimiter:
         elif st.limits is not limits and st.limits != limits:
             # The key's limits were changed (PATCH): fresh buckets at the new limits; in-flight requests stay.
             st.limits = limits
-            st.minute, st.hour, st.tokens = _buckets(limits, now)
+            _set_buckets(st, *_buckets(limits, now))
         return st
 
     def _blocked(self, st: _KeyState, now: float) -> tuple[float, str] | None:
@@ -220,17 +252,15 @@ class KeyLimiter:
         return None
 
     @staticmethod
-    def _headers(st: _KeyState, now: float | None = None) -> list:
+    def _headers(st: _KeyState, now: float | None = None) -> tuple:
+        """The ``x-ratelimit-*`` headers of ``st`` at ``now`` (a tuple of pairs: shared, not to be changed)."""
         if now is None:
             now = trio.current_time()
-        headers = []
         b = st.minute or st.hour
-        if b is not None:
-            headers += _bucket_headers(b, _REQUEST_HEADERS, now)
         t = st.tokens
-        if t is not None:
-            headers += _bucket_headers(t, _TOKEN_HEADERS, now)
-        return headers
+        if b is not None:
+            return _bucket_headers(b, now) + _bucket_headers(t, now) if t is not None else _bucket_headers(b, now)
+        return _bucket_headers(t, now) if t is not None else ()
 
     def state(self, key: str, limits: LimitValues, label: str) -> _KeyState:
         """``key``'s limiter state at ``limits`` (made or brought up to date): for :meth:`take`. A state lives
@@ -240,17 +270,15 @@ class KeyLimiter:
     def take(self, states: tuple, now: float) -> None:
         """Admit one request on every state in ``states`` at once (none queues: ``queue`` is off), or raise
         the first one's 429 and take nothing. The caller ends it with :func:`release_state` on each."""
+        for st in states:  # _blocked's checks, inline
+            most = st.most
+            if most and st.active >= most:
+                raise self._refusal(st, self._blocked(st, now), "")
+            for b in st.checked:
+                if b.tat - now > b.slack:
+                    raise self._refusal(st, self._blocked(st, now), "")
         for st in states:
-            blocked = self._blocked(st, now)
-            if blocked is not None:
-                raise self._refusal(st, blocked, "")
-        for st in states:
-            b = st.minute
-            if b is not None:
-                tat = b.tat
-                b.tat = (tat if tat > now else now) + b.interval
-            b = st.hour
-            if b is not None:
+            for b in st.counted:
                 tat = b.tat
                 b.tat = (tat if tat > now else now) + b.interval
             st.active += 1
@@ -342,7 +370,7 @@ class KeyLimiter:
     def _refusal(self, st: _KeyState, blocked: tuple[float, str], key: str, *, waited: bool = False) -> GatewayError:
         self.refused += 1
         wait, which = blocked
-        headers = self._headers(st)
+        headers = list(self._headers(st))
         if math.isfinite(wait) and wait > 0:
             headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
             headers.append((b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()))

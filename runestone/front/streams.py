@@ -20,7 +20,7 @@ from ..wire.anthropic import AnthropicEventStream
 from ..wire.errors import anthropic_type
 from ..wire.openai import sse_chunks, sse_error_event
 
-__all__ = ["SSE_HEADERS", "Relay", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
+__all__ = ["SSE_HEADERS", "Encoded", "Relay", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -63,28 +63,45 @@ class Relay:
 
 
 def encoded(streaming: Streaming, feed: Callable[[list, bool], bytes],
-            failure: Callable[[GatewayError], bytes]) -> Relay:
+            failure: Callable[[GatewayError], bytes]) -> "Encoded":
     """``streaming``'s events through ``feed(payloads, last)`` and ``failure(error)``, as write-ready bytes."""
-    return Relay(_encode(streaming, feed, failure), streaming)
+    return Encoded(streaming, feed, failure)
 
 
-async def _encode(streaming: Streaming, feed, failure) -> AsyncIterator[bytes]:
-    try:
-        async for event in streaming:
-            if type(event) is Chunks:
-                data = feed(event.payloads, event.last)
+class Encoded:
+    """The relay loop of :func:`encoded`: one layer between the upstream read and the client's write (no
+    generator), whose ``aclose()`` closes ``streaming`` however the loop ended, as :class:`Relay`'s does."""
+
+    __slots__ = ("_streaming", "_feed", "_failure")
+
+    def __init__(self, streaming: Streaming, feed, failure) -> None:
+        self._streaming = streaming
+        self._feed = feed
+        self._failure = failure
+
+    def __aiter__(self) -> "Encoded":
+        return self
+
+    async def __anext__(self) -> bytes:
+        streaming = self._streaming
+        while True:
+            event = await streaming.__anext__()  # StopAsyncIteration after the end event ends the body
+            cls = event.__class__
+            if cls is Chunks:
+                data = self._feed(event.payloads, event.last)
                 if event.last and streaming.ended:
                     # The request is over and recorded: these bytes and the end of the body go in one write.
-                    yield LastItem(data)
-                elif data:
-                    yield data
-            elif type(event) is Failed:
-                yield failure(event.error)
-    finally:
-        await streaming.aclose()
+                    return LastItem(data)
+                if data:
+                    return data
+            elif cls is Failed:
+                return self._failure(event.error)
+
+    async def aclose(self) -> None:
+        await self._streaming.aclose()
 
 
-def openai_sse(streaming: Streaming) -> Relay:
+def openai_sse(streaming: Streaming) -> Encoded:
     """A chat stream as OpenAI's SSE: the upstream's chunk payloads framed, then ``[DONE]``."""
     return encoded(streaming, sse_chunks, openai_failure)
 

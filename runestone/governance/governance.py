@@ -40,7 +40,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..front.limits import KeyLimiter, LimitValues, release_state
+from ..front.limits import KeyLimiter, LimitValues
 from ..routing.errors import GatewayError
 from ..telemetry.costs import price_for
 from ..telemetry.events import BudgetExceeded
@@ -69,11 +69,15 @@ class Allowance:
     period_start: float
     resets_at: float
     spent: int = 0
+    #: The outstanding reservations' sum (integers: exactly 0 once each is settled or released).
     reserved: int = 0
-    #: Reservations outstanding; at 0, ``reserved`` is exactly 0.
-    holds: int = 0
     #: Requests admitted in the current period (cached answers included).
     requests: int = 0
+    #: ``budget.nano`` (None without a budget): what admission checks, kept with the budget.
+    cap: int | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.cap = self.budget.nano if self.budget is not None else None
 
     def roll(self, wall: float) -> bool:
         """Start a new period if ``wall`` is past this one's end; True when it did."""
@@ -115,33 +119,32 @@ _UNPRICED = object()
 
 
 class GovernedLease:
-    """A managed key's admitted request: its reservation on each budget and its place in the limiter
-    states (the key's and its team's, each with a request taken).
+    """A managed key's admitted request: its reservation on each budget (its account's holders) and its
+    place in the limiter states it was taken on (the key's and its team's, each with a request taken).
 
     ``seq`` and ``line`` are its reservation's number and line in the budget journal (0 and b"" without one).
     """
 
-    __slots__ = ("_gov", "_holders", "_amount", "_states", "_team", "_state", "seq", "line", "_headers")
+    __slots__ = ("_gov", "_acct", "_amount", "_state", "seq", "line", "_headers")
 
-    def __init__(self, gov: "Governance", holders: tuple, amount: int, states: tuple, team: str | None,
-                 seq: int = 0, line: bytes = b"") -> None:
+    def __init__(self, gov: "Governance", acct: "_Account", amount: int, seq: int = 0, line: bytes = b"") -> None:
         self._gov = gov
-        self._holders = holders
+        self._acct = acct
         self._amount = amount
-        self._states = states
-        self._team = team
         self._state = 0  # 0 reserved, 1 settled, 2 released
         self.seq = seq
         self.line = line
         self._headers = None
 
     @property
-    def headers(self) -> list:
+    def headers(self) -> tuple:
         """The ``x-ratelimit-*`` headers of the first limiter state (the key's when it has limits), as its
-        buckets are when first read."""
+        buckets are when first read, or at the settlement if that comes first (in the same step as the
+        answer's headers are made: one clock reading for both)."""
         headers = self._headers
         if headers is None:
-            headers = self._headers = KeyLimiter._headers(self._states[0]) if self._states else []
+            states = self._acct.states
+            headers = self._headers = KeyLimiter._headers(states[0]) if states else ()
         return headers
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
@@ -151,42 +154,52 @@ class GovernedLease:
         self._state = 1
         nano = round(cost * NANO) if cost > 0 else 0
         gov = self._gov
-        if self.seq:
-            del gov._open[self.seq]
+        acct = self._acct
+        seq = self.seq
+        if seq:
+            del gov._open[seq]
             if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
-                gov.journal.write(b"S%d %d\n" % (self.seq, nano))
+                gov.journal.write(b"S%d %d\n" % (seq, nano))
         amount = self._amount
-        dirty = gov._dirty
-        for h in self._holders:
-            h.holds -= 1
-            h.reserved = h.reserved - amount if h.holds > 0 else 0
-            h.spent += nano
-            dirty.add(h)
         if nano:
-            team = self._team or ""
+            dirty = gov._dirty
+            for h in acct.holders:
+                h.reserved -= amount
+                h.spent += nano
+                dirty.add(h)
+            team = acct.team_name
             gov.spend_by_team[team] = gov.spend_by_team.get(team, 0) + nano
+        else:
+            for h in acct.holders:
+                h.reserved -= amount
         tokens = tokens_in + tokens_out
-        if tokens and self._states:
+        states = acct.states
+        if tokens and states:
             now = trio.current_time()
-            for st in self._states:
+            for st in states:
                 t = st.tokens
                 if t is not None:  # add_tokens, inline: a debt may build up, paid back at the bucket's rate
                     tat = t.tat
                     t.tat = (tat if tat > now else now) + tokens * t.interval
+            if self._headers is None:
+                self._headers = KeyLimiter._headers(states[0], now)
 
     def release(self) -> None:
-        if self._state == 2:
+        state = self._state
+        if state == 2:
             return
-        if self._state == 0:
+        acct = self._acct
+        if state == 0:
             amount = self._amount
-            for h in self._holders:
-                h.holds -= 1
-                h.reserved = h.reserved - amount if h.holds > 0 else 0
+            for h in acct.holders:
+                h.reserved -= amount
             if self.seq:
                 del self._gov._open[self.seq]
         self._state = 2
-        for st in self._states:
-            release_state(st)
+        for st in acct.states:  # release_state, inline
+            st.active -= 1
+            if st.waiters:
+                st.waiters[0].set()
 
 
 @attrs.define(slots=True, eq=False)
@@ -207,6 +220,8 @@ class _Account:
     allowed: set = attrs.Factory(set)
     #: Its subjects in the fleet's shared limits (runestone.cluster.limits), made at its first admission there.
     subjects: tuple | None = None
+    #: Its team's name, "" without one (``spend_by_team``'s key).
+    team_name: str = ""
 
 
 def new_key_id() -> str:
@@ -258,6 +273,8 @@ class Governance:
         #: key id -> its admission account (cleared by every change of a key, a team or a budget).
         self._accounts: dict[str, _Account] = {}
         self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
+        #: The last plan worst_case priced, and its targets' prices.
+        self._plan_prices: tuple = (None, ())
         self._dirty: set[Allowance] = set()
         self._changes = trio.Lock()
         #: Called when the first managed key exists (the app closes open mode then).
@@ -374,6 +391,7 @@ class Governance:
 
     def _rebudget(self, a: Allowance, budget: Budget | None) -> None:
         a.budget = budget
+        a.cap = budget.nano if budget is not None else None
         period = budget.period if budget else "total"
         if period != a.period:
             # A new kind of period starts its spend afresh: a day's spend is not a month's.
@@ -421,7 +439,8 @@ class Governance:
         until = min(h.resets_at for h in holders)
         if key.expires_at is not None and key.expires_at < until:
             until = key.expires_at
-        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until)
+        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until,
+                                                 team_name=key.team or "")
         return acct
 
     async def admit_request(self, request, plan):
@@ -446,20 +465,19 @@ class Governance:
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
-        key, team = acct.key, acct.team
         model = request.model
         if model not in acct.allowed:
+            key, team = acct.key, acct.team
             self._check_models(key, team, model, plan)
             if allows(key.models, model) and (team is None or allows(team.models, model)) and len(acct.allowed) < 64:
                 acct.allowed.add(model)
         amount = self.worst_case(request, plan)
         if self.fleet is not None:
             return await self._admit_fleet(acct, amount, model)
-        holders = acct.holders
-        for h in holders:
-            budget = h.budget
-            if budget is not None and budget.nano - h.spent - h.reserved < amount:
-                raise self._refusal(h, budget.nano - h.spent - h.reserved, amount, key, team, model)
+        for h in acct.holders:
+            cap = h.cap
+            if cap is not None and cap - h.spent - h.reserved < amount:
+                raise self._refusal(h, cap - h.spent - h.reserved, amount, acct.key, acct.team, model)
         states = acct.states
         if states:
             limiter = self.limiter
@@ -528,26 +546,22 @@ class Governance:
                 lease.release()
             raise
         # The states the requests were taken on (the key's team may have changed during the wait).
-        return self._reserve(acct, amount, wall, tuple(lease.state for lease in leases))
+        return self._reserve(attrs.evolve(acct, states=tuple(lease.state for lease in leases)), amount, wall)
 
-    def _reserve(self, acct: _Account, amount: int, wall: float, states: tuple | None = None) -> GovernedLease:
-        if states is None:
-            states = acct.states
-        holders = acct.holders
+    def _reserve(self, acct: _Account, amount: int, wall: float) -> GovernedLease:
         dirty = self._dirty
-        for h in holders:
+        for h in acct.holders:
             h.reserved += amount
-            h.holds += 1
             h.requests += 1
             dirty.add(h)
         journal = self.journal
         if journal is None:
-            return GovernedLease(self, holders, amount, states, acct.key.team)
+            return GovernedLease(self, acct, amount)
         # In the journal before dispatch (see .journal); no checkpoint since the fit was judged.
         seq = journal.seq = journal.seq + 1
         line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
         journal.write(line)
-        lease = self._open[seq] = GovernedLease(self, holders, amount, states, acct.key.team, seq, line)
+        lease = self._open[seq] = GovernedLease(self, acct, amount, seq, line)
         return lease
 
     async def admit_cached(self, key_id: str | None, model: str) -> bool:
@@ -673,6 +687,21 @@ class Governance:
         self._prices[k] = parts
         return parts
 
+    def _plan_prices_of(self, plan) -> tuple:
+        """The (input, output) prices of ``plan``'s priced targets, kept for the next request with that plan
+        (the router keeps a plan per model; the price table does not change while serving)."""
+        prices = self._prices
+        out = []
+        for target in plan.targets:
+            price = prices.get((target.provider, target.model), _UNPRICED)
+            if price is _UNPRICED:
+                price = self._price(target.provider, target.model)
+            if price is not None:
+                out.append(price)
+        out = tuple(out)
+        self._plan_prices = (plan, out)
+        return out
+
     def worst_case(self, request, plan) -> int:
         """The most ``request`` may cost as ``plan`` would serve it, in nano-USD (see the module docstring)."""
         body = request.body
@@ -687,16 +716,16 @@ class Governance:
             if n.__class__ is int and n > 1:
                 cap *= n
             tokens_out = cap
+        last = self._plan_prices
+        if last[0] is plan:
+            prices = last[1]
+        else:
+            prices = self._plan_prices_of(plan)
         dearest = 0.0
-        prices = self._prices
-        for target in plan.targets:
-            price = prices.get((target.provider, target.model), _UNPRICED)
-            if price is _UNPRICED:
-                price = self._price(target.provider, target.model)
-            if price is not None:
-                c = tokens_in * price[0] + tokens_out * price[1]
-                if c > dearest:
-                    dearest = c
+        for price_in, price_out in prices:
+            c = tokens_in * price_in + tokens_out * price_out
+            if c > dearest:
+                dearest = c
         # USD per million tokens -> nano-USD: x 1e-6 x 1e9; the tiny epsilon absorbs float noise.
         return math.ceil(dearest * 1000 - 1e-6) if dearest > 0 else 0
 

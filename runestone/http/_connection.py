@@ -692,12 +692,14 @@ class _Connection:
                         await send(head)
                         raise
                     ended = item.__class__ is LastItem
+                    parts = [head]  # joined once: the item is the whole answer, as a rule
                     if item and frame is not None:
-                        head += frame(item)
+                        parts += (b"%x\r\n" % len(item), item, b"\r\n")
                     elif item:
-                        head += item
+                        parts.append(item)
                     if ended and chunked:
-                        head += wire.LAST_CHUNK
+                        parts.append(wire.LAST_CHUNK)
+                    head = b"".join(parts)
                 await send(head)
                 if not ended:
                     checkpoint = trio.lowlevel.checkpoint

@@ -64,32 +64,60 @@ class OpenAIStream(UpstreamStream):
 
     _END = "its [DONE] marker"
 
-    def _event(self, ev, out: list[bytes]) -> bool:
-        data = ev.data
-        if data == b"[DONE]":
-            return True
+    async def __anext__(self) -> list[bytes]:
+        """The chunk payloads the next upstream read(s) give to relay (see ``UpstreamStream.__anext__``): one
+        loop over the read's events, which are split without event objects in the usual case."""
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        parser = self._parser
+        while True:
+            raw = await self._read()
+            if raw is None:
+                raise UpstreamError(self._provider, "stream_cut", f"upstream stream ended before {self._END}")
+            payloads = parser.data_only(raw)
+            if payloads is None:
+                payloads = [ev.data for ev in self._feed(raw)]
+            out: list[bytes] = []
+            if self._relay(payloads, out):
+                self.finished = True
+                return out
+            if out:
+                return out
+
+    def _relay(self, payloads: list, out: list[bytes]) -> bool:
+        """Append to ``out`` what each event's data relays, each validated; True at the ``[DONE]`` marker."""
         provider = self._provider
-        obj = loads_object(provider, data, "a stream chunk")
-        err = obj.get("error")
-        if err is not None:
-            raise upstream_stream_error(provider, err, self._secrets)
-        choices = obj.get("choices")
-        if not isinstance(choices, list):
-            raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
-        if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
-            check_name(provider, obj, "id")
-            check_name(provider, obj, "model")
-        if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
-            note_finish_reasons(choices)
-        u = obj.get("usage")
-        if u:
-            usage_from(provider, u, self.usage)
-            if not choices and not self._include_usage:
-                return False
-        if self._reasoning_field is not None:
-            data = rename_reasoning(obj, data, self._reasoning_field)
-        out.append(data)
+        loads = orjson.loads
+        for data in payloads:
+            if data == b"[DONE]":
+                return True
+            try:
+                obj = loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if obj.__class__ is not dict:
+                loads_object(provider, data, "a stream chunk")  # raises the malformed error that says why
+            err = obj.get("error")
+            if err is not None:
+                raise upstream_stream_error(provider, err, self._secrets)
+            choices = obj.get("choices")
+            if choices.__class__ is not list:
+                raise UpstreamError(provider, "malformed", "upstream stream chunk has no 'choices' list")
+            if len(data) > MAX_NAME_CHARS:  # a shorter chunk cannot hold an over-long id or model
+                check_name(provider, obj, "id")
+                check_name(provider, obj, "model")
+            if choices and choices[0].__class__ is dict and choices[0].get("finish_reason"):
+                note_finish_reasons(choices)
+            u = obj.get("usage")
+            if u:
+                usage_from(provider, u, self.usage)
+                if not choices and not self._include_usage:
+                    continue
+            if self._reasoning_field is not None:
+                data = rename_reasoning(obj, data, self._reasoning_field)
+            out.append(data)
         return False
+
 
 class ResponsesStream(UpstreamStream):
     """A Responses API event stream relayed event by event (native pass-through), its usage captured."""

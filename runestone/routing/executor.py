@@ -190,6 +190,8 @@ class Plan:
     skipped: dict
     #: Set when the request named a split: the arm it was assigned.
     variant: Any = None
+    #: (reason, the route as ``run`` records it): a reused plan's route is joined once, not per request.
+    route: tuple | None = None
 
 
 class Gateway:
@@ -600,7 +602,10 @@ class Gateway:
                                code="no_provider_available")
         # The decision as the client's x-runestone-route header and telemetry show it: why, and in what
         # order the providers would be tried.
-        ctx.route_reason = plan.reason + "; candidates=" + ",".join([t.provider for t in targets])
+        route = plan.route
+        if route is None or route[0] is not plan.reason:
+            route = plan.route = (plan.reason, plan.reason + "; candidates=" + ",".join([t.provider for t in targets]))
+        ctx.route_reason = route[1]
         table = self.providers.value
         telemetry = self.telemetry
         failed: dict[str, int] = {}

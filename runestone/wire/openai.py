@@ -243,8 +243,12 @@ def validate_embeddings(body: dict) -> tuple[str, Any]:
 
 def sse_chunks(payloads: list, last: bool) -> bytes:
     """One upstream read's chunk payloads as OpenAI SSE events (and ``[DONE]`` when it was the last)."""
-    out = b"".join([b"data: " + p + b"\n\n" for p in payloads])
-    return out + DONE if last else out
+    if not payloads:
+        return DONE if last else b""
+    return b"".join((b"data: ", b"\n\ndata: ".join(payloads), _THEN_DONE if last else b"\n\n"))
+
+
+_THEN_DONE = b"\n\n" + DONE
 
 
 def sse_error_event(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:

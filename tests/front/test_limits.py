@@ -34,6 +34,36 @@ async def test_requests_per_minute_bucket_refills_continuously(autojump_clock):
     assert dict(lease.headers)[b"x-ratelimit-remaining-requests"] == b"0"
 
 
+async def test_limit_headers_follow_the_buckets_and_a_refusal_changes_no_other_answer(autojump_clock):
+    # The headers are made once per distinct value (kept with the bucket): each answer still shows its own.
+    lim = limiter(requests_per_minute=3, tokens_per_minute=100)
+
+    def shown(lease) -> tuple:
+        h = dict(lease.headers)
+        return (h[b"x-ratelimit-remaining-requests"], h[b"x-ratelimit-reset-requests"],
+                h[b"x-ratelimit-remaining-tokens"], h[b"x-ratelimit-reset-tokens"])
+
+    first = await lim.admit("a")
+    assert shown(first) == (b"2", b"20s", b"100", b"1ms")
+    first.settle(30, 0, 0.0)  # 30 of 100 tokens: full again in 18 s
+    first.release()
+    second = await lim.admit("a")
+    assert shown(second) == (b"1", b"40s", b"70", b"18s")
+    await trio.sleep(0.7)  # the tokens' reset still shows 18 s, what remains is one more
+    third = await lim.admit("a")
+    assert shown(third) == (b"0", b"1m0s", b"71", b"18s")
+    assert shown(first) == (b"2", b"20s", b"100", b"1ms")  # what an answer showed stays as it was
+    with pytest.raises(GatewayError) as err:
+        await lim.admit("a")
+    assert dict(err.value.headers)[b"retry-after"] == b"20"
+    await trio.sleep(20)
+    fourth = await lim.admit("a")
+    assert shown(fourth) == (b"0", b"1m0s", b"100", b"1ms")
+    for lease in (second, third, fourth):
+        assert b"retry-after" not in dict(lease.headers)
+        lease.release()
+
+
 async def test_requests_per_hour(autojump_clock):
     lim = limiter(requests_per_hour=2)
     (await lim.admit("a")).release()

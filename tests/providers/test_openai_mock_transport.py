@@ -101,3 +101,41 @@ async def test_a_stream_that_stalls_past_the_read_timeout_is_a_timeout_error(aut
     finally:
         await stream.aclose()
     assert info.value.kind == "timeout"
+
+
+async def _one_read_stream(read: bytes, include_usage: bool = False):
+    """The adapter's stream over an upstream that sends ``read`` (whole events) in one read; its items or error."""
+    async def events():
+        yield read
+
+    adapter = OpenAIAdapter("openai-mock", CONFIG, MockTransport(
+        lambda request: MockResponse(200, [(b"content-type", b"text/event-stream")], events())))
+    stream = await adapter.open_stream(dict(ASK), request_id="r1", include_usage=include_usage)
+    try:
+        return [batch async for batch in stream], stream
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_stream_in_one_read_is_one_item_ending_at_done(include_usage) -> None:
+    usage = chunk(usage={"prompt_tokens": 4, "completion_tokens": 2})
+    read = chunk("Hel") + chunk("lo") + usage + b"data: [DONE]\n\n" + chunk("after the end")
+    items, stream = await _one_read_stream(read, include_usage)
+    assert items == [[chunk("Hel")[6:-2], chunk("lo")[6:-2]] + ([usage[6:-2]] if include_usage else [])]
+    assert stream.finished and (stream.usage.prompt_tokens, stream.usage.completion_tokens) == (4, 2)
+
+
+@pytest.mark.parametrize("bad, kind, said", [
+    (b"data: {not json\n\n", "malformed", "upstream sent invalid JSON in a stream chunk"),
+    (b"data: [1, 2]\n\n", "malformed", "upstream sent a list where a stream chunk should be an object"),
+    (b'data: {"id": "x"}\n\n', "malformed", "upstream stream chunk has no 'choices' list"),
+    (b'data: {"error": {"message": "overloaded"}}\n\n', "stream_cut", "overloaded"),
+    (b'data: {"choices": [], "usage": {"prompt_tokens": -1}}\n\n', "protocol", "out-of-range usage.prompt_tokens"),
+])
+async def test_a_bad_chunk_among_whole_events_fails_the_read(bad, kind, said) -> None:
+    """However the read is split (the usual one-split path, or line by line), a bad chunk fails the stream."""
+    for read in (chunk("ok") + bad + b"data: [DONE]\n\n", b": ping\n\n" + chunk("ok") + bad + b"data: [DONE]\n\n"):
+        with pytest.raises(UpstreamError) as info:
+            await _one_read_stream(read)
+        assert info.value.kind == kind and said in str(info.value), read

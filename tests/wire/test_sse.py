@@ -123,3 +123,37 @@ def test_encode_event_round_trips():
     assert encode_event(b"{}", "ping") == b"event: ping\ndata: {}\n\n"
     wire = encode_event(b"line1\nline2\r\nline3", "x") + encode_event(b"")
     assert parse_in_pieces(wire, []) == [SSEEvent("x", b"line1\nline2\nline3"), SSEEvent(None, b"")]
+
+
+# A read as an upstream sends it: whole events, each "data: ..." (the fast path), or anything else.
+wire_piece = st.sampled_from([b"data: ", b"data:", b"data", b"event: x", b": c", b"id: 1", b"\n", b"\n\n", b"\r",
+                              b"{}", b"[DONE]", b"a\nb", b"\xef\xbb\xbf"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(wire_piece, max_size=12), st.lists(wire_piece, max_size=6))
+def test_data_only_is_feed_without_event_objects_or_declines_and_changes_nothing(before, read):
+    """``data_only`` gives exactly the data ``feed`` would for a read of whole "data: ..." events, after any
+    earlier read; for anything else it gives None and leaves the parser as it was."""
+    first, chunk = b"".join(before), b"".join(read)
+    fast, slow = SSEParser(), SSEParser()
+    fast.feed(first)
+    slow.feed(first)
+    got = fast.data_only(chunk)
+    expected = [ev.data for ev in slow.feed(chunk)]
+    if got is None:
+        assert [ev.data for ev in fast.feed(chunk)] == expected
+    else:
+        assert got == expected and all(ev.event is None for ev in SSEParser().feed(chunk))
+    tail = b"data: after\n\n"
+    assert fast.feed(tail) == slow.feed(tail)
+
+
+def test_data_only_takes_an_openai_read_and_declines_the_rest():
+    parser = SSEParser()
+    assert parser.data_only(b'data: {"a":1}\n\ndata: \n\ndata: [DONE]\n\n') == [b'{"a":1}', b"", b"[DONE]"]
+    for other in (b"data: x\n\n: keep-alive\n\n", b"event: e\ndata: x\n\n", b"data: x\ndata: y\n\n",
+                  b"data: x\r\n\r\n", b"data: x\n\n\n\ndata: y\n\n", b"data:x\n\n", b"data: x\n", b""):
+        assert parser.data_only(other) is None, other
+    parser.feed(b"data: partial")  # an event is pending: the next read is not whole events
+    assert parser.data_only(b"\n\ndata: y\n\n") is None
