@@ -138,8 +138,8 @@ class Application:
         except KeyStoreError as exc:
             raise StartupError(str(exc)) from None
         if key_store.degraded is not None:
-            log.warning("starting without the database (%s): keys and teams from %s; changes to them are refused "
-                        "until it answers, spend and usage rows wait for it", key_store.degraded,
+            log.warning("starting without the database (%s): keys and teams from %s; changes to them, spend and "
+                        "usage rows wait for it in the data directory", key_store.degraded,
                         "its local copy in the data directory" if key_store.source == "local copy"
                         else "nowhere (no local copy yet: the configuration's keys only)")
         open_mode = not keys and not self.governance.has_keys
@@ -170,11 +170,13 @@ class Application:
         tel = config.telemetry
         #: The usage ledger: made once, so its buffer outlives telemetry handler restarts; the request path
         #: adds rows to it through the sender, the handler writes them.
-        #: With a database url its rows go to Postgres; what it cannot store goes to the local quarantine file.
+        #: With a database url its rows go to Postgres; what it cannot store goes to the local quarantine file,
+        #: and batches a failed flush leaves wait in the local spool (they outlive a SIGKILL).
         self.ledger = UsageLedger(
             str(self.data_dir / "usage.sqlite3"), pricing=config.pricing, batch=tel.ledger_batch,
             backend=PostgresLedgerBackend(database_url) if database_url else None,
             quarantine_path=str(self.data_dir / "usage.quarantine.jsonl") if database_url else None,
+            spool_path=str(self.data_dir / "usage.spool.sqlite3") if database_url else None,
         ) if tel.usage_ledger else None
         self.telemetry = Telemetry(self.registry, ledger=self.ledger, in_flight=self.inflight.counts)
         self.governance.telemetry = self.telemetry
@@ -249,18 +251,28 @@ class Application:
         self.provider_supervisor: EnhancedProviderSupervisor | None = None
         self.server = None
 
+    def configured_groups(self) -> list[GroupSpec]:
+        """The failover groups of the configuration (``default`` made from ``[failover]`` when not listed)."""
+        cfg = self.config
+        groups = [GroupSpec.from_config(g) for g in cfg.failover.groups]
+        if not any(g.name == "default" for g in groups):
+            groups.append(GroupSpec.from_config(cfg.failover, "default"))
+        return groups
+
     async def _recheck_control_store(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Started without the control state's database: read it again every second until it answers."""
+        """With a database: while it has not taken everything (this instance started without it, or changes
+        wait in the outbox), try it again every second; the state it then holds is made this instance's."""
         task_status.started()
         for _ in itertools.count():  # a retry of a remote server every second, not a wait for a local event
-            if await trio.to_thread.run_sync(self.control_store.recheck):
-                break
+            if self.control_store.pending:
+                try:
+                    state = await self.control_store.recheck()
+                except ControlStoreError as exc:
+                    log.error("%s", exc)
+                    state = None
+                if state is not None:
+                    await self.control.adopt(state)
             await trio.sleep(1.0)
-        if self.control_store.degraded is None:
-            log.warning("the control state's database answers again, and holds the state this instance started from")
-        else:
-            log.error("%s", self.control_store.degraded)
-        await trio.sleep_forever()
 
     def database_status(self) -> dict:
         """The ``database`` object of /health/detailed ([database] url): degraded while this instance runs on
@@ -270,8 +282,11 @@ class Application:
         errors = [e for e in (keys.degraded, control.degraded) if e]
         if ledger is not None and ledger.state != "ok" and ledger.last_error:
             errors.append(ledger.last_error)
+        outbox = {"keys": keys.outbox, "control": control.outbox}
+        if any(outbox.values()) and not errors:
+            errors.append("changes wait in the local outbox for the database")
         return {"state": "degraded" if errors else "ok", "keys": keys.source, "control": control.source,
-                "last_error": errors[0] if errors else None}
+                "outbox": outbox, "last_error": errors[0] if errors else None}
 
     def _observer(self) -> RequestObserver | None:
         cfg = self.config
@@ -305,10 +320,7 @@ class Application:
             s.name: attrs.evolve(breaker_settings, enabled=False)
             for s in self.catalog.values() if not s.config.circuit_breaker
         }
-        groups = [GroupSpec.from_config(g) for g in cfg.failover.groups]
-        if not any(g.name == "default" for g in groups):
-            groups.append(GroupSpec.from_config(cfg.failover, "default"))
-        groups = self.control_state.groups_over(groups)
+        groups = self.control_state.groups_over(self.configured_groups())
 
         def telemetry_handler():
             return TelemetryHandler(
@@ -363,7 +375,7 @@ class Application:
             _actor_child("alias_watcher", lambda: AliasWatcher(self.gateway.aliases, aliases_path(), registry=reg)),
             ChildSpec(id="key_store", start=self.governance.run, restart="permanent", shutdown=5.0),
             *([ChildSpec(id="control_store", start=self._recheck_control_store, shutdown=1.0)]
-              if self.control_store.degraded is not None else []),
+              if self.config.database.url else []),
             # after the provider supervisor: it applies the fleet's changes through the control plane
             *([ChildSpec(id="fleet_control", start=self.fleet_control.run, shutdown=1.0)]
               if self.fleet_control is not None else []),

@@ -181,6 +181,37 @@ class ControlPlane:
                 log.exception("a control-change hook failed on %r", change)
         return result
 
+    async def adopt(self, state: ControlState) -> int:
+        """Make ``state`` (what the database holds once it took this instance's outbox, see
+        :mod:`runestone.control.store`) the one in force here: the providers and groups it sets, changes or
+        removes are applied as changes (origin ``"database"``); returns how many. A step refused is logged
+        and skipped (the next change's save writes this instance's state)."""
+        app = self.app
+        desired = state.catalog(app.config.providers, app.config.admin.upstream_hosts)
+        steps: list[ControlChange] = []
+        for name, spec in desired.items():
+            current = app.catalog.get(name)
+            if current != spec:
+                steps.append(RegisterProvider(spec) if current is None and name not in app.providers.value
+                             else UpdateProvider(spec, self.default_grace))
+        steps += [UnregisterProvider(name, self.default_grace) for name in list(app.catalog) if name not in desired]
+        groups = {g.name: g for g in state.groups_over(app.configured_groups())}
+        running = self._groups()
+        for name, group in groups.items():
+            if running.get(name) != group:
+                steps.append(CreateGroup(group) if name not in running else UpdateGroup(group))
+        steps += [DeleteGroup(name) for name in running if name not in groups]
+        done = 0
+        for step in steps:
+            try:
+                await self.apply(step, origin="database")
+                done += 1
+            except GatewayError as exc:
+                log.warning("the database's control state: %s not applied here: %s", type(step).__name__, exc)
+        if steps:
+            log.warning("the database's control state is in force here (%d change(s) made by other instances)", done)
+        return done
+
     # -- plumbing ---------------------------------------------------------------------------------------
 
     @contextlib.contextmanager

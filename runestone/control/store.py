@@ -9,12 +9,25 @@ time wins over the file until it is undone at run time. :class:`ControlStore` ke
 document, ``control.json`` in the data directory, replaced atomically (written to a temporary file in the
 same directory, flushed to disk, then ``os.replace``): a crash leaves either the old document or the new
 one, never half of one. The file holds provider API keys, so it is created readable by its owner only.
+
+With ``[database] url`` the document is in Postgres and ``control.copy.json`` is its local copy. A change the
+database cannot take (it is down, or this instance started without it and has not read it yet) is applied
+here and answered as done: the new state goes to the local copy, and the names it changed (``kind``,
+``name``: no settings, so no secret) are appended to the *outbox*, ``control.outbox.json``, both written
+and flushed to disk before the answer. Once the database answers, the outbox is *merged* into its document
+in one transaction holding the row: the database's document is read (it may hold changes other instances
+made meanwhile, which this instance never loaded), each name in the outbox is set to this instance's
+value for it, in order, and the result is saved, with each entry's ``(origin, seq)`` in
+``outbox_applied`` so a retried merge applies it once. **What wins**: for a name this instance changed
+while cut off, this instance's value (the outbox is newer than anything it read); for every other name,
+the database's. The merged state is then this instance's (:meth:`ControlPlane.adopt` applies the rest).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -34,6 +47,8 @@ log = logging.getLogger("runestone.control")
 FILE_NAME = "control.json"
 #: With a database url: the local copy of the database's document, in the data directory.
 COPY_NAME = "control.copy.json"
+#: With a database url: the changes waiting for it, in the data directory.
+OUTBOX_NAME = "control.outbox.json"
 _VERSION = 1
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -207,8 +222,12 @@ class ControlStore:
         self.degraded: str | None = None
         #: Where the state loaded came from: "database", "local copy", "nothing" (no copy) or "file".
         self.source = "file"
-        #: The document started from while degraded (a save first checks the database still holds it).
-        self._started_from: bytes | None = None
+        #: The state last loaded or saved here (what the local copy holds).
+        self._current = ControlState()
+        #: The outbox, once read: {"origin": ..., "next": seq, "entries": [{"seq", "kind", "name"}, ...]}.
+        self._outbox: dict | None = None
+        self.outbox_path = self.dir / OUTBOX_NAME
+        self._lock = trio.Lock()
         if database_url:
             from ..storage.control import ControlDocument
 
@@ -227,21 +246,93 @@ class ControlStore:
         With a database that cannot be read, the local copy of its document (``control.copy.json``, written
         after each read and save), or nothing; ``degraded`` says why."""
         if self._document is not None:
+            self._read_outbox()
             try:
+                if self.outbox:  # left by a previous run: merged first
+                    self._current = self._read_file()
+                    self._current = state = self._merge_sync()
+                    return state
                 raw = self._document.read()
             except self._document.failures as exc:
                 self.degraded = f"cannot read the control state from {self._document.where}: {exc}"
-                state = self._read_file()
+                self._current = state = self._read_file()
                 self.source = "local copy" if self.path.exists() else "nothing"
-                self._started_from = state.to_json() if self.path.exists() else None
                 return state
-            state = ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
+            self._current = state = ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
             try:
                 self._write(state.to_json())
             except ControlStoreError as exc:
                 log.warning("the local copy of the control state was not written: %s", exc)
             return state
         return self._read_file()
+
+    @property
+    def outbox(self) -> int:
+        """Changes waiting in the outbox for the database."""
+        return len(self._outbox["entries"]) if self._outbox else 0
+
+    @property
+    def pending(self) -> bool:
+        """The database has not taken everything yet: never read since start, or changes wait."""
+        return self._document is not None and (self.degraded is not None or self.outbox > 0)
+
+    def _read_outbox(self) -> dict:
+        if self._outbox is None:
+            try:
+                data = orjson.loads(self.outbox_path.read_bytes())
+                if not (isinstance(data, dict) and isinstance(data.get("origin"), str)
+                        and isinstance(data.get("next"), int) and isinstance(data.get("entries"), list)):
+                    raise ValueError("not an outbox")
+            except FileNotFoundError:
+                data = {"origin": uuid.uuid4().hex, "next": 1, "entries": []}
+            except (OSError, ValueError) as exc:
+                raise ControlStoreError(f"cannot read {self.outbox_path} ({exc}): fix or remove it") from None
+            self._outbox = data
+        return self._outbox
+
+    def _queue(self, state: ControlState) -> None:
+        """``state`` as the local copy, and the names it changes appended to the outbox (blocking)."""
+        outbox = self._read_outbox()
+        added = []
+        for kind, name in _changed(self._current, state):
+            added.append({"seq": outbox["next"], "kind": kind, "name": name})
+            outbox["next"] += 1
+        outbox["entries"].extend(added)
+        try:
+            self._write(orjson.dumps(outbox), self.outbox_path)
+            self._write(state.to_json())
+        except ControlStoreError:
+            del outbox["entries"][len(outbox["entries"]) - len(added):]
+            raise
+        self._current = state
+
+    def _merge_sync(self) -> ControlState:
+        """Merge the outbox into the database's document (blocking; see the module docstring), make the
+        result the local copy and empty the outbox; the merged state. The database's failures propagate."""
+        outbox = self._read_outbox()
+        entries = {e["seq"]: e for e in outbox["entries"]}
+        local, where = self._current, self._document.where
+
+        def change(doc: bytes | None, todo: list[int]) -> bytes:
+            state = ControlState() if doc is None else ControlState.from_json(doc, where)
+            for seq in todo:
+                state = state.reverted(entries[seq]["kind"], entries[seq]["name"], local)
+            return state.to_json()
+
+        raw = self._document.merge(outbox["origin"], sorted(entries), change)
+        state = ControlState() if raw is None else ControlState.from_json(raw, where)
+        self.degraded = None
+        self.source = "database"
+        log.warning("the control state's database took the %d change(s) that waited in the local outbox",
+                    len(entries))
+        outbox["entries"] = [e for e in outbox["entries"] if e["seq"] not in entries]
+        try:
+            self._write(state.to_json())
+            self._write(orjson.dumps(outbox), self.outbox_path)
+        except ControlStoreError as exc:  # merged once: a retry skips the entries by (origin, seq)
+            log.warning("the local copy of the control state was not written: %s", exc)
+        self._current = state
+        return state
 
     def _read_file(self) -> ControlState:
         try:
@@ -260,46 +351,54 @@ class ControlStore:
         ends up either old or new, and the caller learns which by whether this returned.
         """
         data = state.to_json()
-        if self._document is not None:
-            try:
-                if self.degraded is not None:
-                    await trio.to_thread.run_sync(self._check_started_from)
-                await trio.to_thread.run_sync(self._document.write, data)
-            except self._document.failures as exc:
-                raise ControlStoreError(f"cannot write the control state to {self._document.where}: {exc}") from None
-            self.degraded = None
-            try:
-                await trio.to_thread.run_sync(self._write, data)
-            except ControlStoreError as exc:
-                log.warning("the local copy of the control state was not written: %s", exc)
+        if self._document is None:
+            await trio.to_thread.run_sync(self._write, data)
             return
-        await trio.to_thread.run_sync(self._write, data)
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                if not self.pending:
+                    try:
+                        await trio.to_thread.run_sync(self._document.write, data)
+                    except self._document.failures as exc:
+                        log.warning("cannot write the control state to %s (%s): the change is in force here and "
+                                    "waits in the local outbox", self._document.where, exc)
+                    else:
+                        self._current = state
+                        try:
+                            await trio.to_thread.run_sync(self._write, data)
+                        except ControlStoreError as exc:
+                            log.warning("the local copy of the control state was not written: %s", exc)
+                        return
+                await trio.to_thread.run_sync(self._queue, state)
 
-    def recheck(self) -> bool:
-        """Started without the database: read it again (blocking); True once it answers. ``degraded`` is
-        cleared when it holds the state this instance started from (or none), else says to restart."""
-        try:
-            self._check_started_from()
-        except self._document.failures as exc:
-            self.degraded = f"cannot read the control state from {self._document.where}: {exc}"
-            return False
-        except ControlStoreError as exc:
-            self.degraded = str(exc)
-            return True
+    async def recheck(self) -> ControlState | None:
+        """While :attr:`pending`: try the database again (merging the outbox into its document, or reading it
+        when nothing waits); the state it then holds, to be made this instance's, or None while it cannot
+        answer. ControlStoreError when its document is not valid."""
+        async with self._lock:
+            if not self.pending:
+                return None
+            try:
+                return await trio.to_thread.run_sync(self._recheck_sync)
+            except self._document.failures as exc:
+                self.degraded = self.degraded and f"cannot read the control state from {self._document.where}: {exc}"
+                return None
+
+    def _recheck_sync(self) -> ControlState:
+        if self.outbox:
+            return self._merge_sync()
+        raw = self._document.read()
+        state = ControlState() if raw is None else ControlState.from_json(raw, self._document.where)
         self.degraded = None
         self.source = "database"
-        return True
+        self._write(state.to_json())
+        self._current = state
+        return state
 
-    def _check_started_from(self) -> None:
-        """Started without the database: refuse to replace a document this instance never read."""
-        raw = self._document.read()
-        if raw is not None and (self._started_from is None
-                                or ControlState.from_json(raw).to_json() != self._started_from):
-            raise ControlStoreError(f"{self._document.where} holds a control state this instance has not loaded (it "
-                                    "started while the database was unreachable): restart it to load that state first")
-
-    def _write(self, data: bytes) -> None:
-        tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+    def _write(self, data: bytes, path: Path | None = None) -> None:
+        """``data`` as the file at ``path`` (the state's file by default), replaced atomically and on disk."""
+        path = self.path if path is None else path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -310,7 +409,7 @@ class ControlStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
             # The rename itself must reach the disk too, or a crash could bring the old file back.
             dir_fd = os.open(self.dir, os.O_RDONLY)
             try:
@@ -322,4 +421,15 @@ class ControlStore:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise ControlStoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise ControlStoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _changed(old: ControlState, new: ControlState) -> list[tuple[str, str]]:
+    """The (kind, name) whose entries differ between ``old`` and ``new``, sorted."""
+    out = []
+    for kind, a, b, ra, rb in (("provider", old.providers, new.providers, old.removed_providers, new.removed_providers),
+                               ("group", old.groups, new.groups, old.removed_groups, new.removed_groups)):
+        for name in sorted(set(a) | set(b) | ra | rb):
+            if a.get(name) != b.get(name) or (name in ra) != (name in rb):
+                out.append((kind, name))
+    return out

@@ -1246,6 +1246,8 @@ class Governance:
                 await trio.sleep(self.flush_interval)
                 if self.store is not None and self.store.degraded is not None:
                     await self._reload()
+                elif self.store is not None and self.store.outbox:
+                    await self.store.drain()
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):

@@ -8,8 +8,9 @@ the event loop serves anything); every write runs on a worker thread (``trio.to_
 so the event loop never waits on the database and two writes never share the connection at once. SQLite is in
 WAL mode with ``synchronous=NORMAL``, as the usage ledger: a committed write survives a crash of the process.
 The database is a backend (:class:`SQLiteKeyBackend`, :class:`PostgresKeyBackend`) behind the same
-:class:`KeyStore`; a Postgres write that fails (server down or restarting) raises :class:`KeyStoreError` as a
-disk error does, and the next write opens a new connection, so the store resumes by itself.
+:class:`KeyStore`; a Postgres write that fails (server down or restarting) opens a new connection for the next
+one, so the store resumes by itself; meanwhile a change waits in the local copy's outbox (see :class:`KeyStore`)
+and a spend write raises :class:`KeyStoreError` (the spend stays dirty for the next flush).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import trio
 from ..storage.sqlite import open_sqlite
 from .records import KeyRecord, Team, key_from_doc, team_from_doc
 
-__all__ = ["KeyStore", "KeyStoreError", "Loaded", "PostgresKeyBackend", "SQLiteKeyBackend"]
+__all__ = ["KeyStore", "KeyStoreError", "LocalCopy", "Loaded", "PostgresKeyBackend", "SQLiteKeyBackend"]
 
 log = logging.getLogger("runestone.governance")
 
@@ -82,9 +83,13 @@ class SQLiteKeyBackend:
         "key": "INSERT OR REPLACE INTO keys (id, digest, doc) VALUES (?, ?, ?)",
         "spend": "INSERT OR REPLACE INTO spend (scope, name, period_start, nano, requests) VALUES (?, ?, ?, ?, ?)",
         "journal_floor": "INSERT OR REPLACE INTO journal (id, floor) VALUES (0, ?)",
+        "outbox": "INSERT INTO outbox (ops) VALUES (?)",
     }
     #: The spend it holds is checkpointed with this instance's budget journal (one instance per database).
     keeps_journal = True
+
+    _schema = _SCHEMA
+    _pragmas: tuple[str, ...] = ()
 
     def __init__(self, data_dir: str | Path) -> None:
         self.path = Path(data_dir) / "keys.sqlite3"
@@ -93,7 +98,7 @@ class SQLiteKeyBackend:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = open_sqlite(str(self.path), _SCHEMA)
+            self._conn = open_sqlite(str(self.path), self._schema, pragmas=self._pragmas)
         return self._conn
 
     def read(self) -> tuple[list, list, list] | None:
@@ -137,6 +142,54 @@ class SQLiteKeyBackend:
             conn.close()
 
 
+#: The changes (not spend) that wait in the local copy's outbox while the database cannot take them.
+CHANGE_OPS = frozenset({"team", "delete_team", "key"})
+
+_OUTBOX_SCHEMA = """
+-- Changes made while the database could not take them, in order, each the list of ops of one write (JSON);
+-- written to the database once each under (origin, seq), then deleted.
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, ops TEXT NOT NULL);
+-- The outbox's origin: made with the file, so a new file never reuses the (origin, seq) of an old one.
+CREATE TABLE IF NOT EXISTS outbox_origin (id INTEGER PRIMARY KEY CHECK (id = 0), origin TEXT NOT NULL);
+"""
+
+
+class LocalCopy(SQLiteKeyBackend):
+    """``keys.copy.sqlite3``: the local copy of a Postgres store, and its outbox (``synchronous=FULL``: a
+    change queued here is on the disk before it is answered)."""
+
+    _schema = _SCHEMA + _OUTBOX_SCHEMA
+    _pragmas = ("synchronous=FULL",)
+
+    def __init__(self, data_dir: str | Path) -> None:
+        super().__init__(data_dir)
+        self.path = Path(data_dir) / COPY_FILE
+        self.where = str(self.path)
+
+    def origin(self) -> str:
+        conn = self._connect()
+        row = conn.execute("SELECT origin FROM outbox_origin WHERE id = 0").fetchone()
+        if row is None:
+            conn.execute("INSERT OR IGNORE INTO outbox_origin (id, origin) VALUES (0, ?)", (uuid.uuid4().hex,))
+            row = conn.execute("SELECT origin FROM outbox_origin WHERE id = 0").fetchone()
+        return row[0]
+
+    def queue(self, ops: list[Op]) -> None:
+        """Apply ``ops`` to the copy and append them to the outbox, in one transaction."""
+        self.write(ops + [("outbox", orjson.dumps(ops).decode())])
+
+    def pending(self) -> list[tuple[int, list[Op]]]:
+        """The outbox, oldest first: (seq, ops)."""
+        if self._conn is None and not self.path.exists():
+            return []
+        return [(seq, [tuple(op) for op in orjson.loads(ops)])
+                for seq, ops in self._connect().execute("SELECT seq, ops FROM outbox ORDER BY seq")]
+
+    def done(self, last: int) -> None:
+        """Delete the outbox up to ``last`` (written to the database)."""
+        self._connect().execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+
+
 def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
     kind, *params = op
     if kind == "clear":  # the local copy, rewritten whole
@@ -175,6 +228,8 @@ class PostgresKeyBackend:
 
         self.where = storage.redact(url)
         self.failures = storage.failure_types() + storage.row_error_types() + (storage.DatabaseError,)
+        #: The failures that mean the database cannot answer now (a change then waits in the outbox).
+        self.unavailable = storage.failure_types()
         self._session = storage.Session(url, "runestone-keys")
         self._origin_path = Path(data_dir) / ORIGIN_FILE if data_dir is not None else None
         self._origin: str | None = None
@@ -206,6 +261,23 @@ class PostgresKeyBackend:
                 for op in ops:
                     for sql, params in _statements(self._sql, op):
                         conn.execute(sql, params)
+
+        self._session.run(write)
+
+    def drain(self, origin: str, entries: list[tuple[int, list[Op]]]) -> None:
+        """Write a local outbox's ``entries`` in order, in one transaction, each once: an entry whose
+        ``(origin, seq)`` is already in ``outbox_applied`` (a drain whose commit answer was lost) is skipped."""
+
+        def write(conn: Any) -> None:
+            with conn.transaction():
+                for seq, ops in entries:
+                    cur = conn.execute("INSERT INTO outbox_applied (origin, seq) VALUES (%s, %s)"
+                                       " ON CONFLICT DO NOTHING", (origin, seq))
+                    if cur.rowcount == 0:
+                        continue
+                    for op in ops:
+                        for sql, params in _statements(self._sql, op):
+                            conn.execute(sql, params)
 
         self._session.run(write)
 
@@ -241,9 +313,16 @@ class KeyStore:
     With Postgres, a local copy (``keys.copy.sqlite3`` in the data directory) is made from each read of the
     database and follows each write to it once committed, so an instance can start while its database is
     down: :meth:`load` then reads the copy (or, when there is none, nothing: config keys only) and says so
-    in ``degraded``; writes fail meanwhile (500 ``persistence_failed`` for a change, spend kept for the next
-    flush), and :meth:`reload` (tried by the governance's flush loop) reads the database again once it is
-    back."""
+    in ``degraded``, and :meth:`reload` (tried by the governance's flush loop) reads the database again once
+    it is back.
+
+    A change (a key or team written or a team deleted) that the database cannot take, at start or later, is
+    applied to the copy and appended to the copy's *outbox* in one SQLite transaction (``synchronous=FULL``),
+    and answered as done: it is in force here at once. The outbox is written to the database in order, each
+    entry once (``outbox_applied`` holds its ``(origin, seq)``, in the same transaction), before anything else
+    is (:meth:`drain`, tried before each write, by the governance's flush loop, and by :meth:`reload` before
+    it reads), then cleared. Keys are in it as in the tables: digests, never a secret. Spend is not queued:
+    it stays dirty in memory (and in the budget journal) for the next flush."""
 
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None) -> None:
         self.backend = (PostgresKeyBackend(database_url, data_dir) if database_url
@@ -251,9 +330,10 @@ class KeyStore:
         #: The local copy of a Postgres store (None in SQLite mode).
         self.copy: SQLiteKeyBackend | None = None
         if database_url:
-            self.copy = SQLiteKeyBackend(data_dir)
-            self.copy.path = Path(data_dir) / COPY_FILE
-            self.copy.where = str(self.copy.path)
+            self.copy = LocalCopy(data_dir)
+        #: Changes waiting in the local copy's outbox for the database.
+        self.outbox = 0
+        self._drain_error: BaseException | None = None
         #: Why the database could not be read at start (and has not been since), or None.
         self.degraded: str | None = None
         #: Where what was loaded came from: "database", "local copy", "nothing" (no copy) or "file".
@@ -270,8 +350,11 @@ class KeyStore:
         """Everything stored (blocking: called once at start). KeyStoreError names what is wrong.
 
         A store that does not exist yet is empty; it (and the data directory) is made at the first write.
-        A Postgres store that cannot be read is read from its local copy instead (``fallback``)."""
+        A Postgres store that cannot be read is read from its local copy instead (``fallback``). An outbox
+        left by a previous run is written to the database first."""
         try:
+            if self.copy is not None and not self._drain_sync():
+                raise KeyStoreError(f"the key store {self.path} cannot be read: {self._drain_error}")
             return self._load(self.backend)
         except KeyStoreError as exc:
             if self.copy is None or not fallback or "cannot be read" not in str(exc):
@@ -282,7 +365,10 @@ class KeyStore:
         return loaded
 
     def reload(self) -> Loaded:
-        """Read the database again (blocking: on a worker thread); clears ``degraded``. KeyStoreError."""
+        """Read the database again (blocking: on a worker thread), after writing the outbox to it; clears
+        ``degraded``. KeyStoreError."""
+        if not self._drain_sync():
+            raise KeyStoreError(f"the key store {self.path} cannot be written: {self._drain_error}")
         loaded = self._load(self.backend)
         self.degraded = None
         self.source = "database"
@@ -311,16 +397,64 @@ class KeyStore:
         return Loaded(teams, keys, spend, floor)
 
     async def _write(self, ops: list[Op]) -> None:
-        async with self._lock:
-            try:
-                # Shielded: once started, a write finishes (or fails) whole even if its caller goes away.
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.backend.write, ops)
-            except self.backend.failures as exc:
+        # Shielded: once started, a write finishes (or fails) whole even if its caller goes away.
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                await trio.to_thread.run_sync(self._write_sync, ops)
+
+    def _write_sync(self, ops: list[Op]) -> None:
+        change = all(op[0] in CHANGE_OPS for op in ops)
+        try:
+            if self.copy is not None and not self._drain_sync():
+                raise self._drain_error
+            self.backend.write(ops)
+        except self.backend.failures as exc:
+            if self.copy is None or not change or not isinstance(exc, self.backend.unavailable):
                 raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
-            if self.copy is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._copy, self.copy.write, ops)
+            try:
+                self.copy.queue(ops)
+            except SQLiteKeyBackend.failures as local:
+                raise KeyStoreError(f"the key store {self.path} could not be written ({exc}), nor its local "
+                                    f"outbox {self.copy.where} ({local})") from None
+            self.outbox += 1
+            log.warning("the key store %s cannot be written (%s): the change is in force here and waits in "
+                        "the local outbox (%d waiting)", self.path, exc, self.outbox)
+            return
+        if self.copy is not None:
+            self._copy(self.copy.write, ops)
+
+    async def drain(self) -> bool:
+        """Write the outbox to the database (a worker thread); True when it is empty."""
+        if self.copy is None:
+            return True
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                return await trio.to_thread.run_sync(self._drain_sync)
+
+    def _drain_sync(self) -> bool:
+        """The outbox to the database, in order, once each, then cleared (blocking); False when the database
+        failed (``_drain_error`` says how)."""
+        try:
+            entries = self.copy.pending()
+        except SQLiteKeyBackend.failures as exc:
+            log.error("the key store's local outbox %s cannot be read: %s", self.copy.where, exc)
+            entries = []
+        self.outbox = len(entries)
+        if not entries:
+            return True
+        try:
+            self.backend.drain(self.copy.origin(), entries)
+        except self.backend.failures as exc:
+            self._drain_error = exc
+            return False
+        try:
+            self.copy.done(entries[-1][0])
+        except SQLiteKeyBackend.failures as exc:  # written once: a retry skips them by (origin, seq)
+            log.warning("the key store's local outbox %s was not cleared: %s", self.copy.where, exc)
+        self.outbox = 0
+        log.warning("the key store's database %s took the %d change(s) that waited in the local outbox",
+                    self.path, len(entries))
+        return True
 
     def _copy(self, write, *args) -> None:
         """Bring the local copy along (blocking); a failure is logged: the database holds the change."""
@@ -346,13 +480,7 @@ class KeyStore:
 
     def put_spend_now(self, rows: list[tuple[str, str, float, int, int]], journal_floor: int) -> None:
         """:meth:`put_spend`, blocking: the checkpoint after the journal's replay, at start."""
-        ops = _spend_ops(rows, journal_floor)
-        try:
-            self.backend.write(ops)
-        except self.backend.failures as exc:
-            raise KeyStoreError(f"the key store {self.path} could not be written: {exc}") from None
-        if self.copy is not None:
-            self._copy(self.copy.write, ops)
+        self._write_sync(_spend_ops(rows, journal_floor))
         self.spend_writes += len(rows)
 
     async def close(self) -> None:

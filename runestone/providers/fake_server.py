@@ -67,6 +67,9 @@ class FakeKnobs:
     #: Write a whole stream at once when it has no pacing and no mid-stream fault (a fast upstream, for load tests).
     coalesce: bool = False
     text: str | None = None
+    #: Chat answers carry ``usage`` (False: none, and no usage chunk whatever ``stream_options`` ask, as an
+    #: OpenAI-compatible server that ignores ``include_usage`` does).
+    report_usage: bool = True
     embedding_dims: int = 256
     models: tuple[str, ...] = ("fake-model", "gpt-4o-mini", "claude-haiku-4-5", "fake-embedding",
                                "anthropic.claude-haiku-4-5-20251001-v1:0")
@@ -84,7 +87,7 @@ _KNOB_TYPES: dict[str, tuple[type, ...]] = {
     "chunks": (int,), "coalesce": (bool,), "ttfb_ms": (int, float), "chunk_delay_ms": (int, float), "fault_status": (int,),
     "fault_probability": (int, float), "retry_after": (int, float, type(None)), "hang": (bool,),
     "drop_mid_stream": (bool,), "drop_before_response": (bool,), "malformed_sse": (bool,), "stream_error": (bool,),
-    "seed": (int,), "text": (str, type(None)), "embedding_dims": (int,), "models": (list,),
+    "seed": (int,), "text": (str, type(None)), "report_usage": (bool,), "embedding_dims": (int,), "models": (list,),
     "content_filter": (str, type(None)), "azure_deployments": (dict,), "aws_access_key_id": (str,), "aws_secret_access_key": (str,),
 }
 
@@ -315,8 +318,11 @@ class FakeProvider:
         head = {"id": self._next_id("chatcmpl-"), "created": int(time.time()), "model": model,
                 "service_tier": "default", "system_fingerprint": "fp_fake"}
         if not body.get("stream"):
-            return Response.json(openai_completion(answer, head))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            completion = openai_completion(answer, head)
+            if not self.knobs.report_usage:
+                del completion["usage"]
+            return Response.json(completion)
+        include_usage = self.knobs.report_usage and bool((body.get("stream_options") or {}).get("include_usage"))
         opening, pieces, closing = openai_stream_frames(answer, head, include_usage=include_usage)
         error = b'data: {"error":{"message":"injected mid-stream fault","type":"server_error","param":null,"code":null}}\n\n'
         return self._streamed(_SSE_HEADERS, [*opening, *pieces, *closing], error)

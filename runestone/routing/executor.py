@@ -42,6 +42,7 @@ from ..resilience.retry import RetryPolicy
 from ..telemetry.costs import cost_of, estimate_costs, price_for
 from ..telemetry.events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 from ..wire.errors import InvalidRequest
+from ..wire.token_estimate import estimate_input_tokens, estimate_output_tokens
 from .errors import GatewayError
 from .policies import NO_REQUIREMENTS, Requirements, route
 from .pool import InFlightRequest, InFlightTable
@@ -229,6 +230,8 @@ class Gateway:
         self._streams: set = set()
         #: (provider, model) -> (input, output) USD per token, from the static pricing table.
         self._prices: dict = {}
+        #: Providers seen answering without usage (warned once each; bounded: providers are configured).
+        self._no_usage: set[str] = set()
         #: model -> (snapshots it was decided on, Plan): the default policy's decisions while they hold.
         self._plans: dict = {}
 
@@ -485,8 +488,9 @@ class Gateway:
             self.finish(ctx, status="error", http_status=499, error_type="cancelled")
             raise
         usage = result.usage
-        self.finish(ctx, status="ok", http_status=200, error_type=None, tokens_in=usage.prompt_tokens,
-                    tokens_out=usage.completion_tokens, model=attempt.model)
+        tokens_in, tokens_out = self.charged(ctx, request.body, usage, lambda: estimate_output_tokens(result.body))
+        self.finish(ctx, status="ok", http_status=200, error_type=None, tokens_in=tokens_in, tokens_out=tokens_out,
+                    model=attempt.model)
         if ctx.lease is not None:
             ctx.lease.release()
         return Completed(attempt.provider, attempt.model, result.body, usage, _answer_headers(ctx), attempt.native)
@@ -525,7 +529,7 @@ class Gateway:
         except BaseException:
             self.finish(ctx, status="error", http_status=499, error_type="cancelled", stream=True)
             raise
-        return Streaming(self, ctx, attempt, stream, first)
+        return Streaming(self, ctx, attempt, stream, first, request.body)
 
     def _refused(self, ctx: RequestContext, exc: GatewayError, *, stream: bool) -> None:
         if ctx.variant is not None:
@@ -722,6 +726,20 @@ class Gateway:
         self.inflight.add(InFlightRequest(request_id, model, key_id, endpoint, stream, now))
         return ctx
 
+    def charged(self, ctx: RequestContext, body: dict, usage: Usage, output) -> tuple[int, int]:
+        """The (input, output) tokens a finished answer is charged by: the upstream's usage, or, when it
+        reported none (an OpenAI-compatible server that ignores ``stream_options.include_usage`` or sends
+        no ``usage``), the one estimate (wire.token_estimate: the request's input, ``output()`` for the
+        answer), so that budgets, TPM limits and the ledger never settle an answer at nothing."""
+        if usage.prompt_tokens or usage.completion_tokens:
+            return usage.prompt_tokens, usage.completion_tokens
+        provider = ctx.provider or ""
+        if provider not in self._no_usage:
+            self._no_usage.add(provider)
+            log.warning("provider %s answered without token usage; charging the gateway's estimate for its "
+                        "answers", provider)
+        return estimate_input_tokens(body), output()
+
     def finish(self, ctx: RequestContext, *, status: str, http_status: int, error_type: str | None,
                tokens_in: int = 0, tokens_out: int = 0, ttft: float | None = None, stream: bool = False,
                model: str | None = None) -> None:
@@ -776,10 +794,15 @@ class Streaming:
     """
 
     __slots__ = ("_gw", "_ctx", "attempt", "_stream", "_first", "_ended", "_closed", "provider", "model", "headers",
-                 "native", "_final")
+                 "native", "_final", "_body", "_pieces")
 
-    def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes]) -> None:
+    def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes],
+                 body: dict | None = None) -> None:
         self._gw = gw
+        #: The request's canonical body and the chunk payloads relayed so far: what the answer is charged
+        #: by if the upstream reports no usage (a chunk is about a token).
+        self._body = body if body is not None else {}
+        self._pieces = 0
         self._ctx = ctx
         self.attempt = attempt
         self._stream = stream
@@ -850,6 +873,7 @@ class Streaming:
 
     def _chunks(self, items: list) -> Chunks:
         stream = self._stream
+        self._pieces += len(items)
         if not stream.finished:
             return Chunks(items, False)
         if stream.at_end:
@@ -876,8 +900,11 @@ class Streaming:
         gw, ctx, attempt = self._gw, self._ctx, self.attempt
         gw._streams.discard(self)
         usage = self._stream.usage
-        common = dict(tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens, ttft=attempt.ttft,
-                      stream=True, model=attempt.model)
+        if error is None:
+            tokens_in, tokens_out = gw.charged(ctx, self._body, usage, lambda: self._pieces)
+        else:
+            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+        common = dict(tokens_in=tokens_in, tokens_out=tokens_out, ttft=attempt.ttft, stream=True, model=attempt.model)
         if error is _STOPPING:
             gw.report(attempt, None, cancelled=True)
             gw.finish(ctx, status="error", http_status=503, error_type="shutdown", **common)

@@ -2,7 +2,7 @@
 
 A migration is never edited once released: a change of schema is a new migration with the next number. The
 tables mirror the SQLite ones (the ledger's ``usage``, the key store's ``teams``, ``keys`` and ``spend``, the
-control store's one document, the budget journals' checkpoints), with Postgres types: 64-bit integers for token counts and nano-USD, double
+control store's one document, the budget journals' checkpoints, the outbox entries applied), with Postgres types: 64-bit integers for token counts and nano-USD, double
 precision for seconds and costs.
 """
 
@@ -72,5 +72,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         -- per instance (its data directory's origin): the first segment of its local budget journal that the
         -- spend rows do not include, written in the same transaction as the spend it checkpoints
         CREATE TABLE journal_floors (origin TEXT PRIMARY KEY, floor BIGINT NOT NULL);
+    """),
+    Migration(5, "outbox entries applied", """
+        -- the entries of an instance's local outbox (changes made while the database could not answer) that
+        -- are written: one row per (origin, seq), in the transaction that applies the entry, so a retried
+        -- drain applies each once
+        CREATE TABLE outbox_applied (
+            origin TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (origin, seq)
+        );
     """),
 )

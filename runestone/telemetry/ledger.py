@@ -29,6 +29,12 @@ new connection for Postgres, so the ledger resumes by itself one flush interval 
 Meanwhile it is *degraded* (:meth:`UsageLedger.status`). The buffer is bounded (``max_buffer``): past it the
 oldest rows are quarantined (``overflowed``, with the reason "buffer full") instead of kept in memory.
 
+With a ``spool_path`` (Postgres: ``usage.spool.sqlite3`` in the data directory) a batch the database failed
+does not wait in memory: it is *spooled*, committed to that local SQLite file with its ``(origin, seq)``, so
+a SIGKILL meanwhile loses none of it. Each flush first writes the spool to the database, oldest first (each
+row once, by its ``(origin, seq)``, whichever process spooled it), then deletes what was written; a restarted
+gateway does so at its first flush. ``spooled`` in the status counts what waits there.
+
 Records are any objects with the attributes of :class:`~runestone.telemetry.events.RequestFinished` used by the
 schema (``wall_time`` becomes ``ts``, ``latency`` seconds become ``latency_ms``); a missing attribute makes a
 row that is quarantined, not an error.
@@ -63,6 +69,11 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 1_000_000_000
 #: The longest id or model name an upstream may send, and the ledger store.
 MAX_NAME_CHARS = 512
+
+#: The spool: batches the database failed, each row (its fields as JSON) under the origin it was numbered in.
+_SPOOL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, row TEXT NOT NULL);
+"""
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -286,6 +297,7 @@ class PostgresLedgerBackend(LedgerBackend):
     def __init__(self, url: str) -> None:
         from .. import storage
 
+        #: The origin of the rows this backend numbers (a spooled row keeps the one it was numbered under).
         self.origin = uuid.uuid4().hex
         self.where = storage.redact(url)
         self.failures = storage.failure_types()
@@ -295,13 +307,13 @@ class PostgresLedgerBackend(LedgerBackend):
     def open(self) -> None:
         self._session.run(lambda conn: None)
 
-    def insert(self, rows: list[tuple]) -> list[tuple[int, str]]:
-        return self._session.run(lambda conn: self._insert_rows(conn, rows))
+    def insert(self, rows: list[tuple], origin: str | None = None) -> list[tuple[int, str]]:
+        return self._session.run(lambda conn: self._insert_rows(conn, rows, origin or self.origin))
 
-    def _insert_rows(self, conn: Any, rows: list[tuple]) -> list[tuple[int, str]]:
+    def _insert_rows(self, conn: Any, rows: list[tuple], origin: str) -> list[tuple[int, str]]:
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(self._insert, [(*row[:-1], self.origin, row[-1]) for row in rows])
+                cur.executemany(self._insert, [(*row[:-1], origin, row[-1]) for row in rows])
             return []
         except self._row_errors:
             pass
@@ -311,7 +323,7 @@ class PostgresLedgerBackend(LedgerBackend):
             for i, row in enumerate(rows):
                 try:
                     with conn.transaction():
-                        conn.execute(self._insert, (*row[:-1], self.origin, row[-1]))
+                        conn.execute(self._insert, (*row[:-1], origin, row[-1]))
                 except self._row_errors as exc:
                     refused.append((i, _reason(exc)))
         return refused
@@ -349,6 +361,8 @@ class LedgerStatus:
     """Wall time of the first failure of the current degraded spell."""
     last_error: str | None
     """The last failure, as ``Type: message``."""
+    spooled: int = 0
+    """Rows a failed flush committed to the local spool, waiting for the database."""
 
 
 class UsageLedger:
@@ -363,8 +377,13 @@ class UsageLedger:
 
     def __init__(self, path: str, *, pricing: Mapping[str, Any] | None = None, batch: int = 500,
                  max_buffer: int = 100_000, backend: LedgerBackend | None = None,
-                 quarantine_path: str | None = None):
+                 quarantine_path: str | None = None, spool_path: str | None = None):
         self.path = path
+        #: Where batches the database failed wait, committed (see the module docstring), or None.
+        self.spool_path = spool_path
+        self._spool: sqlite3.Connection | None = None
+        #: Rows waiting in the spool.
+        self.spooled = 0
         self.backend = backend if backend is not None else SQLiteLedgerBackend(path)
         #: Where rows that cannot be stored are kept, one JSON object per line.
         self.quarantine_path = quarantine_path or (None if path == ":memory:" else path + ".quarantine.jsonl")
@@ -409,7 +428,8 @@ class UsageLedger:
     def status(self) -> LedgerStatus:
         return LedgerStatus(
             backend=self.backend.name, where=self.backend.where, state="degraded" if self.degraded else "ok",
-            pending=len(self._buffer) + len(self._overflow), written=self.written, quarantined=self.quarantined,
+            pending=len(self._buffer) + len(self._overflow), spooled=self.spooled, written=self.written,
+            quarantined=self.quarantined,
             overflowed=self.overflowed, lost=self.lost, failures=self.database_failures,
             degraded_since=self.degraded_since, last_error=self.last_error)
 
@@ -434,6 +454,8 @@ class UsageLedger:
         async with self._lock:
             if self._opened:
                 return
+            if self.spool_path is not None and self._spool is None:
+                self._spool = await trio.to_thread.run_sync(self._open_spool)
             try:
                 await trio.to_thread.run_sync(self.backend.open)
             except self.backend.failures as exc:
@@ -441,6 +463,48 @@ class UsageLedger:
                     raise
                 self._failed(exc)
             self._opened = True
+
+    def _open_spool(self) -> sqlite3.Connection:
+        conn = open_sqlite(self.spool_path, _SPOOL_SCHEMA)
+        self.spooled = conn.execute("SELECT count(*) FROM spool").fetchone()[0]
+        if self.spooled:
+            log.warning("usage ledger: %d row(s) spooled in %s wait for %s", self.spooled, self.spool_path,
+                        self.backend.where)
+        return conn
+
+    def _spool_sync(self, rows: list[tuple]) -> None:
+        """Commit ``rows`` (numbered under the backend's current origin) to the spool (blocking)."""
+        origin = getattr(self.backend, "origin", "-")
+        conn = self._spool
+        conn.execute("BEGIN")
+        try:
+            conn.executemany("INSERT INTO spool (origin, row) VALUES (?, ?)",
+                             [(origin, json.dumps(row, default=repr)) for row in rows])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.spooled += len(rows)
+
+    def _unspool_sync(self) -> tuple[int, int, int]:
+        """Write the spool to the database, oldest first, deleting what was written (blocking); the
+        database's failures propagate, leaving the rest spooled."""
+        conn = self._spool
+        written = quarantined = lost = 0
+        while True:
+            chunk = conn.execute("SELECT id, origin, row FROM spool ORDER BY id LIMIT ?", (self.batch,)).fetchall()
+            if not chunk:
+                break
+            for origin in dict.fromkeys(o for _, o, _ in chunk):
+                rows = [tuple(json.loads(r)) for _, o, r in chunk if o == origin]
+                w, refused = self._write_sync(rows, origin)
+                lost_now = self._quarantine_sync(refused) if refused else 0
+                written, quarantined, lost = written + w, quarantined + len(refused) - lost_now, lost + lost_now
+            conn.execute("DELETE FROM spool WHERE id <= ?", (chunk[-1][0],))
+            self.spooled = max(0, self.spooled - len(chunk))
+        self.spooled = 0
+        return written, quarantined, lost
 
     def add(self, record: Any, cost: float | None = None) -> None:
         """Buffer one record for the next flush. Never does I/O, never raises.
@@ -485,7 +549,7 @@ class UsageLedger:
         cost = self._price(cost, provider, model, tin, tout)
         return (ts, rid, key, provider, model, endpoint, tin, tout, cost, latency * 1000.0, status, http, team, seq)
 
-    def _write_sync(self, rows: list[tuple]) -> tuple[int, list[tuple[tuple, str]]]:
+    def _write_sync(self, rows: list[tuple], origin: str | None = None) -> tuple[int, list[tuple[tuple, str]]]:
         """Store ``rows`` in one transaction; return how many were stored and the refused ones with why."""
         refused: list[tuple[tuple, str]] = []
         good: list[tuple] = []
@@ -507,7 +571,7 @@ class UsageLedger:
             originals.append(row)
         if not good:
             return 0, refused
-        rejected = self.backend.insert(good)
+        rejected = self.backend.insert(good) if origin is None else self.backend.insert(good, origin)
         refused.extend((originals[i], reason) for i, reason in rejected)
         return len(good) - len(rejected), refused
 
@@ -533,9 +597,23 @@ class UsageLedger:
         return 0
 
     def _flush_sync(self, rows: list[tuple]) -> tuple[int, int, int]:
+        spooled = self._unspool_sync() if self.spooled else (0, 0, 0)
+        if not rows:
+            return spooled
         written, refused = self._write_sync(rows)
         lost = self._quarantine_sync(refused) if refused else 0
-        return written, len(refused) - lost, lost
+        return written + spooled[0], len(refused) - lost + spooled[1], lost + spooled[2]
+
+    def _spool_failed(self, batch: list[tuple]) -> bool:
+        """A batch the database failed, to the spool (blocking); False when there is none or it failed too."""
+        if self._spool is None or not batch:
+            return False
+        try:
+            self._spool_sync(batch)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("usage ledger: rows not spooled in %s (kept in memory): %s", self.spool_path, exc)
+            return False
+        return True
 
     def _counted(self, quarantined: int, lost: int) -> None:
         if quarantined or lost:
@@ -565,7 +643,7 @@ class UsageLedger:
         async with self._lock:
             if self._overflow:
                 await self._quarantine_overflow()
-            if not self._buffer:
+            if not self._buffer and not self.spooled:
                 return 0
             if not self._opened:
                 raise RuntimeError("UsageLedger.flush before open()")
@@ -574,6 +652,10 @@ class UsageLedger:
             try:
                 written, quarantined, lost = await trio.to_thread.run_sync(self._flush_sync, batch)
             except BaseException as exc:
+                if isinstance(exc, Exception):
+                    with trio.CancelScope(shield=True):
+                        if await trio.to_thread.run_sync(self._spool_failed, batch):
+                            batch = []
                 self._buffer[:0] = batch
                 overflow = len(self._buffer) - self.max_buffer
                 if overflow > 0:
@@ -590,13 +672,17 @@ class UsageLedger:
             return written
 
     async def quarantine_pending(self, reason: str) -> int:
-        """Move every row still buffered to the quarantine file (the gateway stops while its database fails,
-        and the buffer would die with the process); return how many moved."""
+        """Move every row still buffered to the spool, or without one to the quarantine file (the gateway
+        stops while its database fails, and the buffer would die with the process); return how many moved."""
         async with self._lock:
             rows, self._buffer = self._overflow + self._buffer, []
             self._overflow = []
             if not rows:
                 return 0
+            if await trio.to_thread.run_sync(self._spool_failed, rows):
+                log.warning("usage ledger: %d row(s) not stored in %s (%s) are spooled in %s", len(rows),
+                            self.backend.where, reason, self.spool_path)
+                return len(rows)
             lost = await trio.to_thread.run_sync(self._quarantine_sync, [(row, reason) for row in rows])
             self._counted(len(rows) - lost, lost)
             log.error("usage ledger: %d rows not stored in %s (%s) are in %s", len(rows) - lost, self.backend.where,

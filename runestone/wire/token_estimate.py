@@ -4,7 +4,8 @@ without a tokenizer.
 No real tokenizer ships with the gateway. Every count that is not an upstream's own comes from here: the
 budget reservation's and the ``cost`` routing policy's input estimate, the ``count_tokens`` /
 ``input_tokens`` answer when no upstream can count (``x-runestone-token-count: estimate``), the usage of
-an upstream that reports none (Gemini embeddings), and the fake models' ``usage``, ``logprobs`` and length
+an upstream that reports none (Gemini embeddings; an OpenAI-compatible server that ignores
+``stream_options.include_usage`` or sends no ``usage``: :func:`estimate_output_tokens`), and the fake models' ``usage``, ``logprobs`` and length
 cut. So the same request is the same number everywhere.
 
 The rule, as OpenAI documents it and as gateways without a tokenizer use it:
@@ -37,6 +38,7 @@ __all__ = [
     "MESSAGE_TOKENS",
     "REPLY_TOKENS",
     "estimate_input_tokens",
+    "estimate_output_tokens",
     "estimate_text_tokens",
     "split_tokens",
 ]
@@ -161,3 +163,38 @@ def estimate_input_tokens(body: dict) -> int:
         if value is not None:
             total += _texts_tokens(value)
     return total
+
+
+#: Fields whose text an answer's output tokens are made of (chat, completions, Responses and Messages
+#: answers alike): message and part texts, refusals, reasoning and tool-call arguments.
+_OUTPUT_TEXT = frozenset(("content", "text", "refusal", "reasoning_content", "arguments", "thinking",
+                          "output_text", "partial_json"))
+
+
+def _output_tokens(value: Any, depth: int = 0) -> int:
+    if depth > 32:  # a bound on nesting (an upstream's answer, not ours)
+        return 0
+    total = 0
+    if value.__class__ is dict:
+        for key, item in value.items():
+            if item.__class__ is str:
+                if key in _OUTPUT_TEXT:
+                    total += estimate_text_tokens(item)
+            elif item.__class__ in (dict, list):
+                total += _output_tokens(item, depth + 1)
+    elif value.__class__ is list:
+        for item in value:
+            total += _output_tokens(item, depth + 1)
+    return total
+
+
+def estimate_output_tokens(answer: bytes | dict) -> int:
+    """Output tokens of an answer whose upstream reported no usage: the texts it carries (message and part
+    contents, refusals, reasoning, tool-call arguments), at least 1. Bytes that are not JSON count by their
+    length."""
+    if isinstance(answer, (bytes, bytearray, memoryview)):
+        try:
+            answer = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            return max(1, (len(answer) + 3) >> 2)
+    return max(1, _output_tokens(answer))

@@ -564,3 +564,35 @@ async def test_keys_and_teams_commands(gateway_factory, fake_factory):
     assert status == 1 and "no key with id" in err
     status, out, err, _ = await run_cli("teams", "delete", "cli-team", *admin)
     assert (status, out) == (0, "deleted team cli-team\n")
+
+
+# -- an upstream that reports no usage --------------------------------------------------------------------
+
+
+async def test_an_answer_without_usage_is_charged_the_estimate_not_nothing(gateway_factory, fake_factory, caplog):
+    """An OpenAI-compatible server that sends no ``usage`` (and ignores ``stream_options.include_usage``):
+    the budget, the ledger and the key's tokens are charged the gateway's estimate, never $0."""
+    from runestone.wire.token_estimate import estimate_input_tokens, estimate_text_tokens
+
+    gw, _ = await _gateway(gateway_factory, fake_factory, report_usage=False)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        key = await _admin(http, "POST", "/admin/keys", {"name": "k", "budget": {"usd": 1, "period": "total"}}, 201)
+        client = _client(gw, key["secret"])
+        reply = await _chat(client)
+        assert reply.usage is None and reply.choices[0].message.content == REPLY  # the client's answer as sent
+        stream = await client.chat.completions.create(model="fake-model", messages=ASK, max_tokens=4, stream=True,
+                                                      stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        assert all(c.usage is None for c in chunks) and "".join(
+            c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+        spend = (await _admin(http, "GET", f"/admin/keys/{key['id']}"))["spend"]
+        assert spend["requests"] == 2 and spend["reserved_usd"] == 0
+        # Non-stream: the reply's text, 15 bytes = 4 tokens; the stream: one token per relayed chunk
+        # (role, content, finish: 3), each at $0.001 an output token.
+        assert spend["spent_usd"] == pytest.approx((estimate_text_tokens(REPLY) + 3) * TOKEN_USD)
+        usage = (await http.get("/v1/usage", headers=ADMIN, params={"group_by": "key_id"})).json()
+        assert usage["totals"]["requests"] == 2
+        assert usage["totals"]["tokens_in"] == 2 * estimate_input_tokens({"messages": ASK})
+        assert usage["totals"]["tokens_out"] == estimate_text_tokens(REPLY) + 3
+        assert usage["totals"]["cost"] == pytest.approx(spend["spent_usd"])
+    assert sum("answered without token usage" in r.getMessage() for r in caplog.records) == 1  # once per provider

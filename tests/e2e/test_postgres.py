@@ -383,12 +383,16 @@ async def _start_without_database(tmp_path, instances, server) -> None:
         assert detailed["database"]["control"] == "nothing"
         await serve(http, 20, "down", {"authorization": f"Bearer {CLIENT_KEY}"})
         assert (await database(http))["ledger"]["state"] == "degraded"
-        r = await http.post("/admin/keys", headers=admin, json={"name": "refused"})
-        assert r.status_code == 500 and r.json()["error"]["code"] == "persistence_failed"  # changes nothing
+        r = await http.post("/admin/keys", headers=admin, json={"name": "made-while-down"})
+        assert r.status_code == 201, r.text  # in force here, waiting in the local outbox for the database
+        early = r.json()
+        await serve(http, 2, "early", {"authorization": f"Bearer {early['secret']}"})
+        assert (await database(http))["database"]["outbox"]["keys"] == 1
         await trio.to_thread.run_sync(server.start)
         # Migrations run on the first connection, the key store is read again, the buffered rows are flushed.
         await until(lambda: _database_ok(database(http)))
         await until(lambda: _async(len(_table(url, "SELECT request_id FROM usage")) >= len(answered)))
+        assert _table(url, f"SELECT id FROM keys WHERE id = '{early['id']}'") == [(early["id"],)]
         r = await http.post("/admin/keys", headers=admin, json={"name": "made-after"})
         assert r.status_code == 201, r.text
         secret = r.json()["secret"]

@@ -114,3 +114,24 @@ def test_an_anthropic_request_counts_as_its_translation():
                                                                   "data": "AAAA"}}]}]}
     chat = anthropic_request_to_openai(body)
     assert estimate_input_tokens(chat) == 3 + (4 + 2) + (4 + 3 + IMAGE_TOKENS)
+
+
+def test_output_estimate_counts_the_texts_an_answer_carries():
+    from runestone.wire.token_estimate import estimate_output_tokens
+
+    chat = {"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "a" * 40, "reasoning_content": "b" * 8,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"q":"cc"}'}}]},
+        "finish_reason": "stop"}]}
+    assert estimate_output_tokens(chat) == 10 + 2 + 3  # content, reasoning, arguments; ids and names not
+    assert estimate_output_tokens(orjson.dumps(chat)) == 15
+    messages = {"type": "message", "content": [{"type": "text", "text": "d" * 12}, {"type": "thinking", "thinking": "e" * 4}]}
+    assert estimate_output_tokens(messages) == 3 + 1
+    responses = {"output": [{"type": "message", "content": [{"type": "output_text", "text": "f" * 16}]}]}
+    assert estimate_output_tokens(responses) == 4
+    assert estimate_output_tokens({"choices": []}) == 1  # never nothing
+    assert estimate_output_tokens(b"not json at all") == 4
+    nested: dict = {"content": "g" * 4}
+    for _ in range(100):
+        nested = {"x": [nested]}
+    assert estimate_output_tokens(nested) == 1  # nesting past the bound counts nothing (and never recurses away)
