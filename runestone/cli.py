@@ -253,6 +253,7 @@ credentials).""",
   malformed_sse         send a broken event there
   seed                  seeds the fault draws (reproducible runs)
   text                  fix the reply text (null: echo the last user message)
+  report_usage          false: chat answers carry no usage (as a server that ignores include_usage)
   embedding_dims        default embedding size (256)
   models                the model ids served
   content_filter        Azure: "prompt" (the filter refuses the prompt: its 400) or "completion" (finish_reason
