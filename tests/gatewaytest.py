@@ -70,6 +70,18 @@ class RecordingUpstream:
         return orjson.loads(self.requests[-1][2])
 
 
+async def fake_requests(port: int, route: str = "POST /v1/chat/completions",
+                        http: httpx.AsyncClient | None = None) -> int:
+    """How many ``route`` requests the fake provider on ``port`` has served (its ``/_fake/stats``)."""
+    url = f"http://127.0.0.1:{port}/_fake/stats"
+    if http is None:
+        async with httpx.AsyncClient() as own:
+            stats = (await own.get(url)).json()
+    else:
+        stats = (await http.get(url)).json()
+    return stats["requests"].get(route, 0)
+
+
 def fail_next_ledger_write(ledger) -> list:
     """Make ``ledger``'s next write fail as a broken disk would; the returned list gets an item when it did."""
     write = ledger._write_sync

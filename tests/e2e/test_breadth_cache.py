@@ -4,7 +4,7 @@ import httpx
 import pytest
 import trio
 
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 from runestone.front.cache import ResponseCache
 from runestone.runtime import Registry
 from runestone.telemetry.sender import Telemetry
@@ -83,11 +83,6 @@ def test_bounds_must_be_positive(ttl, entries):
         ResponseCache(ttl, entries)
 
 
-async def _requests_seen(http: httpx.AsyncClient, port: int) -> int:
-    stats = (await http.get(f"http://127.0.0.1:{port}/_fake/stats")).json()
-    return stats["requests"].get("POST /v1/chat/completions", 0)
-
-
 async def test_hit_and_miss_headers_end_to_end(gateway_factory, fake_factory):
     upstream, _ = await fake_factory()
     gw = await gateway_factory(
@@ -104,14 +99,14 @@ async def test_hit_and_miss_headers_end_to_end(gateway_factory, fake_factory):
         assert second.status_code == 200 and second.headers["x-runestone-cache"] == "hit"
         assert second.content == first.content
         assert second.headers["x-runestone-provider"] == "up-openai" and second.headers["x-request-id"]
-        assert await _requests_seen(http, upstream.port) == 1
+        assert await fake_requests(upstream.port, http=http) == 1
 
         # Opting out: no-cache asks upstream again (and refreshes the entry), no-store bypasses the cache.
         fresh = await http.post("/v1/chat/completions", json=body, headers={**k1, "cache-control": "no-cache"})
         assert fresh.headers["x-runestone-cache"] == "miss"
         bypass = await http.post("/v1/chat/completions", json=body, headers={**k1, "cache-control": "no-store"})
         assert bypass.status_code == 200 and "x-runestone-cache" not in bypass.headers
-        assert await _requests_seen(http, upstream.port) == 3
+        assert await fake_requests(upstream.port, http=http) == 3
 
         # Another key does not see the first key's entries; a changed field is another entry; streams pass by.
         other = await http.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer k2"})
@@ -120,7 +115,7 @@ async def test_hit_and_miss_headers_end_to_end(gateway_factory, fake_factory):
         assert warmer.headers["x-runestone-cache"] == "miss"
         streamed = await http.post("/v1/chat/completions", json={**body, "stream": True}, headers=k1)
         assert streamed.status_code == 200 and "x-runestone-cache" not in streamed.headers
-        assert await _requests_seen(http, upstream.port) == 6
+        assert await fake_requests(upstream.port, http=http) == 6
 
         # Errors are not cached.
         bad = {**body, "model": "no-such-model"}

@@ -20,7 +20,7 @@ import trio
 from runestone.cluster.breakers import STATE_KEY
 
 from fleettest import Fleet
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
@@ -36,12 +36,6 @@ def _config(primary_port: int, backup_port: int, recovery_ms: int) -> str:
         + provider_toml("backup", "openai", base_url=f"http://127.0.0.1:{backup_port}/v1", api_key="k",
                         models=[MODEL], priority=2)
     )
-
-
-async def _primary_requests(port: int) -> int:
-    async with httpx.AsyncClient() as http:
-        stats = (await http.get(f"http://127.0.0.1:{port}/_fake/stats")).json()
-    return stats["requests"].get("POST /v1/chat/completions", 0)
 
 
 async def _until(predicate, what: str, fleet: Fleet, bound: float = 20.0) -> None:
@@ -64,7 +58,7 @@ async def test_breaker_opened_on_one_instance_routes_all_away(tmp_path, redis_se
             for _ in range(3):
                 r = await http.post(fleet[0].url + "/v1/chat/completions", json=BODY)
                 assert r.status_code == 200 and r.headers["x-runestone-provider"] == "backup", r.text
-            assert await _primary_requests(primary.port) == 3
+            assert await fake_requests(primary.port) == 3
             assert await _circuit(http, fleet[0]) == "open"
 
             async def all_open():
@@ -75,7 +69,7 @@ async def test_breaker_opened_on_one_instance_routes_all_away(tmp_path, redis_se
                 for _ in range(3):
                     r = await http.post(inst.url + "/v1/chat/completions", json=BODY)
                     assert r.status_code == 200 and r.headers["x-runestone-provider"] == "backup", r.text
-            assert await _primary_requests(primary.port) == 3  # nobody tried primary again
+            assert await fake_requests(primary.port) == 3  # nobody tried primary again
             metrics = (await http.get(fleet[1].url + "/metrics")).text
             assert "runestone_redis_up 1" in metrics
             cluster = (await fleet[1].detailed(http))["cluster"]
@@ -107,7 +101,7 @@ async def test_half_open_probes_are_budgeted_fleet_wide(tmp_path, redis_server, 
             # The probe is held at the upstream while the other two instances ask for theirs.
             knobs.fault_status = 0
             knobs.ttfb_ms = 3000
-            before = await _primary_requests(primary.port)
+            before = await fake_requests(primary.port)
             answered = []
 
             async def ask(inst):
@@ -119,7 +113,7 @@ async def test_half_open_probes_are_budgeted_fleet_wide(tmp_path, redis_server, 
                 for inst in fleet.instances:
                     nursery.start_soon(ask, inst)
             assert sorted(answered) == ["backup", "backup", "primary"]
-            assert await _primary_requests(primary.port) == before + 1
+            assert await fake_requests(primary.port) == before + 1
             # The probe succeeded (success_threshold 1): closed there, and so everywhere.
 
             async def all_closed():

@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from fleettest import ADMIN, ASK, Fleet, priced_config, until
+from gatewaytest import fake_requests
 
 
 def _config(upstream_port: int, extra: str = "") -> str:
@@ -24,11 +25,6 @@ def _config(upstream_port: int, extra: str = "") -> str:
 
 def _bearer(secret: str) -> dict:
     return {"authorization": f"Bearer {secret}"}
-
-
-async def _upstream_chats(http: httpx.AsyncClient, port: int) -> int:
-    stats = (await http.get(f"http://127.0.0.1:{port}/_fake/stats")).json()
-    return stats["requests"].get("POST /v1/chat/completions", 0)
 
 
 async def _limits(http: httpx.AsyncClient, inst) -> dict:
@@ -48,7 +44,7 @@ async def test_a_budget_for_ten_holds_under_300_concurrent_requests_over_three(t
                 r = await http.post(inst.url + "/admin/keys", headers=ADMIN, json={"name": f"k{i}", "team": "eng"})
                 assert r.status_code == 201, r.text
                 secrets.append(r.json()["secret"])
-            before = await _upstream_chats(http, upstream.port)
+            before = await fake_requests(upstream.port, http=http)
             outcomes: list[str] = []
 
             async def one(n: int) -> None:
@@ -68,7 +64,7 @@ async def test_a_budget_for_ten_holds_under_300_concurrent_requests_over_three(t
             odd = [o for o in outcomes if o not in ("ok", "refused")]
             assert odd == [], odd[:5]
             assert outcomes.count("ok") == 10 and outcomes.count("refused") == 290
-            assert await _upstream_chats(http, upstream.port) - before == 10
+            assert await fake_requests(upstream.port, http=http) - before == 10
 
             period = "runestone:lim:team:eng:p:0"
 

@@ -12,7 +12,7 @@ import httpx
 import trio
 
 from fleettest import Fleet
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 
 CONFIG = ("[telemetry]\nusage_ledger = false\n[cache]\nenabled = true\nttl_ms = 600000\n"
           + provider_toml("fake", "fake", models=["fake-model"]))
@@ -59,8 +59,7 @@ async def test_cached_answer_is_a_hit_on_another_instance(tmp_path, redis_server
     async with Fleet(tmp_path, redis_server.url, config) as fleet:
         async with httpx.AsyncClient(timeout=30) as http:
             async def upstream_requests() -> int:
-                stats = (await http.get(f"http://127.0.0.1:{upstream.port}/_fake/stats")).json()
-                return stats["requests"].get("POST /v1/chat/completions", 0)
+                return await fake_requests(upstream.port, http=http)
 
             r = await http.post(fleet[0].url + "/v1/chat/completions", json=CHAT)
             assert r.status_code == 200 and r.headers["x-runestone-cache"] == "miss"

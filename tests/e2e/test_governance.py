@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio_websocket
 
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 from runestone.app import Application
 from runestone.config import load_config
 from runestone.http.server import Response, serve_http
@@ -179,8 +179,7 @@ async def test_exact_admission_under_200_concurrent_requests_at_the_budget_edge(
                 outcomes.append("refused")
 
         async def upstream_chats() -> int:
-            stats = (await http.get(f"http://127.0.0.1:{fake_port(gw)}/_fake/stats")).json()
-            return stats["requests"].get("POST /v1/chat/completions", 0)
+            return await fake_requests(fake_port(gw), http=http)
 
         upstream_before = await upstream_chats()
         async with trio.open_nursery() as n:

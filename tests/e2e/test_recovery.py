@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
@@ -37,12 +37,6 @@ def clock():
 def _openai(name: str, port: int, **config) -> str:
     return provider_toml(name, "openai", base_url=f"http://127.0.0.1:{port}/v1", api_key="k", models=[MODEL],
                          **config)
-
-
-async def _upstream_requests(port: int) -> int:
-    async with httpx.AsyncClient() as http:
-        stats = (await http.get(f"http://127.0.0.1:{port}/_fake/stats")).json()
-    return stats["requests"].get("POST /v1/chat/completions", 0)
 
 
 async def _until(predicate, what: str) -> None:
@@ -88,7 +82,7 @@ async def test_a_provider_set_aside_for_health_is_probed_and_back_within_35s_of_
         # A burst of failures: (0 + 2) / (3 + 2) = 0.4 after three, below the 0.5 threshold.
         for n in (1, 2, 3):
             assert await _who(http) == "backup"
-            assert await _upstream_requests(primary_port) == n
+            assert await fake_requests(primary_port) == n
         await _until(lambda: _score(app, "primary") < 0.5, "primary below the threshold")
 
         # Set aside, still broken: its first probe at once, then one per 5 s however many requests come
@@ -104,7 +98,7 @@ async def test_a_provider_set_aside_for_health_is_probed_and_back_within_35s_of_
         assert claims[0] == started
         assert len(claims) >= 2 and all(b - a >= 5.0 for a, b in zip(claims, claims[1:])), claims
         assert all(b - a <= 5.0 + 0.2 + CADENCE_SLACK for a, b in zip(claims, claims[1:])), claims
-        assert await _upstream_requests(primary_port) == 3 + len(claims)
+        assert await fake_requests(primary_port) == 3 + len(claims)
         assert _score(app, "primary") < 0.5
 
         # Healed. One request every 0.5 s: the probes now succeed (and answer their clients), the failures
@@ -152,9 +146,9 @@ async def test_a_priority_group_member_whose_breaker_opened_is_first_again_after
         for _ in range(3):
             assert await _who(http, "chat") == "alpha"
         await _until(breaker("open"), "zeta's breaker open")
-        seen = await _upstream_requests(first.port)
+        seen = await fake_requests(first.port)
         assert await _who(http, "chat") == "alpha"
-        assert await _upstream_requests(first.port) == seen  # open: not even tried
+        assert await fake_requests(first.port) == seen  # open: not even tried
 
         # Healed: the first request after recovery_timeout is its half-open probe, the next one closes it
         # (success_threshold 2), and it is first again. One request every 0.5 s.
@@ -194,7 +188,7 @@ async def test_a_priority_group_tries_the_second_member_when_the_first_is_refuse
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_who, http, "chat")
             for _ in range(200):
-                if await _upstream_requests(first.port) == 2:
+                if await fake_requests(first.port) == 2:
                     break
                 await trio.testing.wait_all_tasks_blocked(0.001)
             # ... so the breaker refuses p1 to the next request, which must go to p2, the next listed.
@@ -219,14 +213,14 @@ async def test_a_provider_unregistered_and_registered_again_is_first_again_at_on
             assert await _who(v1) == "backup"
             # Fixed and registered again: it starts afresh and is first at once.
             knobs.fault_status = 0
-            seen = await _upstream_requests(primary_port)
+            seen = await fake_requests(primary_port)
             r = await http.post("/admin/providers", headers=ADMIN, json={
                 "name": "primary", "type": "openai",
                 "config": {"base_url": f"http://127.0.0.1:{primary_port}/v1", "api_key": "k", "models": [MODEL],
                            "priority": 1}})
             assert r.status_code == 201, r.text
             assert [await _who(v1) for _ in range(5)] == ["primary"] * 5
-            assert await _upstream_requests(primary_port) == seen + 5
+            assert await fake_requests(primary_port) == seen + 5
 
 
 async def test_a_provider_updated_while_set_aside_for_health_is_first_again_at_once(

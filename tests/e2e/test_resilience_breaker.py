@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from gatewaytest import provider_toml
+from gatewaytest import fake_requests, provider_toml
 
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
@@ -37,12 +37,6 @@ def _config(primary_port: int, backup_port: int) -> str:
         + provider_toml("backup", "openai", base_url=f"http://127.0.0.1:{backup_port}/v1", api_key="k",
                         models=[MODEL], priority=2)
     )
-
-
-async def _chat_requests(port: int) -> int:
-    async with httpx.AsyncClient() as http:
-        stats = (await http.get(f"http://127.0.0.1:{port}/_fake/stats")).json()
-    return stats["requests"].get("POST /v1/chat/completions", 0)
 
 
 async def _state(app, provider: str, want: str) -> None:
@@ -69,7 +63,7 @@ async def test_breaker_opens_skips_probes_and_closes(clock, gateway_factory, fak
         # Closed: every request tries primary first, fails over to backup.
         for n in (1, 2, 3):
             assert await ask() == "backup"
-            assert await _chat_requests(primary.port) == n
+            assert await fake_requests(primary.port) == n
             if n < 3:
                 await _state(app, "primary", "closed")
         await _state(app, "primary", "open")
@@ -77,30 +71,30 @@ async def test_breaker_opens_skips_probes_and_closes(clock, gateway_factory, fak
         # Open: primary is skipped, streamed or not, and pinning it is refused at once.
         assert await ask() == "backup"
         assert await ask(stream=True) == "backup"
-        assert await _chat_requests(primary.port) == 3
+        assert await fake_requests(primary.port) == 3
         r = await http.post("/chat/completions", json={**BODY, "model": f"primary:{MODEL}"})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "no_provider_available"
         assert "circuit open" in r.json()["error"]["message"]
-        assert await _chat_requests(primary.port) == 3
+        assert await fake_requests(primary.port) == 3
 
         # Still open just before the recovery timeout ...
         clock.jump(RECOVERY - 1.5)
         assert await ask() == "backup"
-        assert await _chat_requests(primary.port) == 3
+        assert await fake_requests(primary.port) == 3
         # ... then one probe; it fails and the breaker opens again for another period.
         clock.jump(2.0)
         assert await ask() == "backup"
-        assert await _chat_requests(primary.port) == 4
+        assert await fake_requests(primary.port) == 4
         await _state(app, "primary", "open")
         assert await ask() == "backup"
-        assert await _chat_requests(primary.port) == 4
+        assert await fake_requests(primary.port) == 4
 
         # The upstream recovers: the next probe succeeds, but one success is not enough to close.
         knobs.fault_status = 0
         clock.jump(RECOVERY + 0.5)
         assert await ask() == "primary"
-        assert await _chat_requests(primary.port) == 5
+        assert await fake_requests(primary.port) == 5
         await _state(app, "primary", "half_open")
 
         # Half-open lets one probe through at a time: a slow probe in flight sends the next request on.
@@ -111,12 +105,12 @@ async def test_breaker_opens_skips_probes_and_closes(clock, gateway_factory, fak
                 providers.append(await ask())
             nursery.start_soon(probe)
             for _ in range(100):
-                if await _chat_requests(primary.port) == 6:
+                if await fake_requests(primary.port) == 6:
                     break
                 await trio.testing.wait_all_tasks_blocked(0.001)
             providers.append(await ask())
         assert providers == ["backup", "primary"]
-        assert await _chat_requests(primary.port) == 6
+        assert await fake_requests(primary.port) == 6
 
         # Two successful probes: closed, primary is first again without any wait.
         await _state(app, "primary", "closed")
@@ -150,6 +144,6 @@ async def test_breaker_counts_faults_of_every_kind_and_not_client_errors(clock, 
         assert r.status_code == 200 and '"error"' in r.text and "[DONE]" not in r.text
         await _state(gw.app, "primary", "open")
         knobs.malformed_sse = False
-        seen = await _chat_requests(primary.port)
+        seen = await fake_requests(primary.port)
         assert (await http.post("/chat/completions", json=BODY)).headers["x-runestone-provider"] == "backup"
-        assert await _chat_requests(primary.port) == seen
+        assert await fake_requests(primary.port) == seen
