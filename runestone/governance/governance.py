@@ -55,6 +55,8 @@ __all__ = ["Allowance", "Governance", "GovernedLease"]
 
 log = logging.getLogger("runestone.governance")
 
+#: Key changes whose fleet entry carries the whole resulting record (``apply_change``).
+_KEY_OPS = frozenset(("create_key", "update_key", "revoke_key", "rotate_key"))
 #: Longest grace a rotation may give the previous secret.
 MAX_GRACE_MS = 30 * 86400 * 1000
 
@@ -472,10 +474,7 @@ class Governance:
                 limiter = self.limiter
                 if limiter.enabled:
                     if self.fleet is not None:
-                        subjects = (self._static_subject(key_id or "open"),)
-                        if limiter.queue:
-                            return await self.fleet.admit_queued(subjects, 0)
-                        return await self.fleet.admit(subjects, 0)
+                        return await self._fleet_admission((self._static_subject(key_id or "open"),), 0)
                     return await limiter.admit(key_id or "open")
                 return FREE
             acct = self._account(key, wall)
@@ -503,16 +502,25 @@ class Governance:
     async def _admit_fleet(self, acct: _Account, amount: int, model: str):
         """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
         fleet = self.fleet
-        subjects = acct.subjects
-        if subjects is None:
-            subjects = acct.subjects = self._fleet_subjects(acct)
         try:
-            if self.limiter.queue:
-                return await fleet.admit_queued(subjects, amount, acct.key.team)
-            return await fleet.admit(subjects, amount, acct.key.team)
+            return await self._fleet_admission(self._subjects_of(acct), amount, acct.key.team)
         except fleet.BudgetShort as short:
             s = short.subject
             raise self._refusal(s.holder, short.remaining, amount, acct.key, acct.team, model) from None
+
+    def _fleet_admission(self, subjects: tuple, amount: int, team: str | None = None):
+        """The fleet's admission of ``subjects`` (an awaitable): waiting in its queue when ``[limits] queue``
+        is on, else at once."""
+        if self.limiter.queue:
+            return self.fleet.admit_queued(subjects, amount, team)
+        return self.fleet.admit(subjects, amount, team)
+
+    def _subjects_of(self, acct: _Account) -> tuple:
+        """``acct``'s subjects in the fleet's shared limits, made at its first admission there."""
+        subjects = acct.subjects
+        if subjects is None:
+            subjects = acct.subjects = self._fleet_subjects(acct)
+        return subjects
 
     def _fleet_subjects(self, acct: _Account) -> tuple:
         Subject = self.fleet.Subject
@@ -635,9 +643,7 @@ class Governance:
         acct = self._accounts.get(key.id)
         if acct is None or wall >= acct.until:
             acct = self._account(key, wall)
-        subjects = acct.subjects
-        if subjects is None:
-            subjects = acct.subjects = self._fleet_subjects(acct)
+        subjects = self._subjects_of(acct)
         if not await self.fleet.admit_hit(subjects, key.team):
             return False
         for h in acct.holders:  # the fleet counted the request on the holders it knows (their subjects)
@@ -1100,31 +1106,22 @@ class Governance:
         when this instance held the record already."""
         op = change["op"]
         async with self._changes:
-            if op in ("update_key", "revoke_key", "rotate_key") and isinstance(change.get("key"), dict):
+            if op in _KEY_OPS and isinstance(change.get("key"), dict):  # the whole record (a create's always)
                 key = key_from_doc(change["key"])
                 if key.team is not None and key.team not in self.teams:
                     raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
-                old = self._key(key.id)
-                if old.revoked_at is not None and key.revoked_at is None:
+                old = self.keys.get(key.id) if op == "create_key" else self._key(key.id)
+                if old is not None and old.revoked_at is not None and key.revoked_at is None:  # final
                     key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
                 if key == old:
                     return None
                 await self._put_key(key, None)
-            elif op == "update_team" and isinstance(change.get("team"), dict):
+            elif op in ("create_team", "update_team") and isinstance(change.get("team"), dict):
                 team = team_from_doc(change["team"])
-                if self._team(team.name) == team:
+                held = self.teams.get(team.name) if op == "create_team" else self._team(team.name)
+                if held == team:
                     return None
                 await self._put_team(team, None)
-            elif op == "create_key":
-                key = key_from_doc(change["key"])
-                if key.team is not None and key.team not in self.teams:
-                    raise GatewayError(400, f"no team named {key.team!r} here", code="team_not_found")
-                old = self.keys.get(key.id)
-                if old is not None and old.revoked_at is not None:
-                    key = attrs.evolve(key, revoked_at=old.revoked_at, previous_until=None)
-                if key == old:
-                    return None
-                await self._put_key(key, None)
             elif op == "update_key":
                 key = self._key(change["id"])
                 patch = parse_key_patch(change["patch"])
@@ -1144,11 +1141,6 @@ class Governance:
                 await self._put_key(attrs.evolve(key, digest=bytes.fromhex(change["digest"]),
                                                  previous_digest=bytes.fromhex(prev) if prev else None,
                                                  previous_until=float(until) if until is not None else None), None)
-            elif op == "create_team":
-                team = team_from_doc(change["team"])
-                if self.teams.get(team.name) == team:
-                    return None
-                await self._put_team(team, None)
             elif op == "update_team":
                 team = self._team(change["name"])
                 await self._put_team(attrs.evolve(team, **parse_team_patch(change["patch"])), None)
@@ -1157,7 +1149,7 @@ class Governance:
                     return None
                 await self._drop_team(change["name"], None)
             else:
-                raise ValueError(f"unknown key or team change {op!r}")
+                raise ValueError(f"unknown or malformed key or team change {op!r}")
         return op
 
     def _team(self, name: Any) -> Team:
