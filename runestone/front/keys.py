@@ -37,8 +37,6 @@ def _no_route(request: Request) -> GatewayError:
     return GatewayError(404, f"no route for {request.method} {request.path}", "not_found_error", code="not_found")
 
 
-
-
 class KeyRoutes:
     def __init__(self, front, deps: FrontDeps) -> None:
         self.front = front

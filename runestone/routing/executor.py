@@ -797,11 +797,11 @@ class Streaming:
                  "native", "_final", "_body", "_pieces")
 
     def __init__(self, gw: Gateway, ctx: RequestContext, attempt: Attempt, stream, first: list[bytes],
-                 body: dict | None = None) -> None:
+                 body: dict) -> None:
         self._gw = gw
         #: The request's canonical body and the chunk payloads relayed so far: what the answer is charged
         #: by if the upstream reports no usage (a chunk is about a token).
-        self._body = body if body is not None else {}
+        self._body = body
         self._pieces = 0
         self._ctx = ctx
         self.attempt = attempt
