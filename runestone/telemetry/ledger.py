@@ -75,9 +75,11 @@ _SPOOL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, row TEXT NOT NULL);
 """
 
+#: The usage table as a new file has it. ``id`` is the rowid (no AUTOINCREMENT: the table is append-only, so ids
+#: are never reused anyway, and the extra bookkeeping table cost every insert ~15%); files made before keep theirs.
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
     key_id TEXT,
     provider TEXT NOT NULL,
@@ -211,6 +213,10 @@ class SQLiteLedgerBackend(LedgerBackend):
     aggregates = ("COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost), 0.0),"
                   " COALESCE(SUM(status != 'ok'), 0)")
     _insert = f"INSERT INTO usage ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    #: Rows per multi-row INSERT: one statement step stores them all (executemany steps, and gives up the
+    #: GIL, once per row: 1.7x the CPU per row). 50 rows are 650 parameters, under every SQLite's limit (999).
+    _chunk = 50
+    _insert_chunk = f"INSERT INTO usage ({_COLUMNS}) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * _chunk)
     # What SQLite may still refuse about one row (beyond the checks): the row is quarantined. An
     # OperationalError is the database failing, not the row, and fails the flush instead.
     _row_errors = (OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError,
@@ -232,7 +238,9 @@ class SQLiteLedgerBackend(LedgerBackend):
                 conn.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
             if "team" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN team TEXT")
-            conn.execute("CREATE INDEX IF NOT EXISTS usage_team_ts ON usage (team, ts)")
+            # Partial: only rows of a team are looked up by team (``team = ?`` implies it), and most rows have
+            # none, so they cost the index nothing. A file made before keeps its full index (same name).
+            conn.execute("CREATE INDEX IF NOT EXISTS usage_team_ts ON usage (team, ts) WHERE team IS NOT NULL")
         except BaseException:
             conn.close()
             raise
@@ -244,7 +252,12 @@ class SQLiteLedgerBackend(LedgerBackend):
         conn.execute("BEGIN")
         try:
             try:
-                conn.executemany(self._insert, [row[:-1] for row in rows])
+                n = len(rows)
+                full = n - n % self._chunk
+                for start in range(0, full, self._chunk):
+                    conn.execute(self._insert_chunk, [v for row in rows[start:start + self._chunk] for v in row[:-1]])
+                if full < n:
+                    conn.executemany(self._insert, [row[:-1] for row in rows[full:]])
             except sqlite3.OperationalError:
                 raise
             except self._row_errors:

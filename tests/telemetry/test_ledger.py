@@ -286,6 +286,42 @@ async def test_a_row_the_database_refuses_after_the_checks_is_quarantined_alone(
     await ledger.close()
 
 
+async def test_a_batch_of_many_rows_is_stored_whole_in_order_and_a_refused_row_alone_is_set_aside(store):
+    # More rows than one multi-row statement holds, and a remainder: each row once, in order, fields intact.
+    ledger = store.ledger()
+    await ledger.open()
+    if store.kind == "sqlite":
+        store.sql("CREATE TRIGGER no_bad BEFORE INSERT ON usage WHEN NEW.key_id = 'bad' "
+                  "BEGIN SELECT RAISE(ABORT, 'bad refused'); END")
+    else:
+        store.sql("ALTER TABLE usage ADD CONSTRAINT no_bad CHECK (key_id <> 'bad')")
+    for i in range(123):
+        ledger.add(rec(key="bad" if i == 70 else f"k{i}", tin=i))
+    assert await ledger.flush() == 122
+    assert store.rows() == [(f"k{i}", "gpt-4o", i, 250.0, "ok", 200) for i in range(123) if i != 70]
+    [line] = [json.loads(line) for line in open(ledger.quarantine_path)]
+    assert line["row"]["key_id"] == "bad" and line["row"]["tokens_in"] == 70
+    for i in range(100):  # exactly two statements' worth, no remainder
+        ledger.add(rec(key="again", tin=i))
+    assert await ledger.flush() == 100
+    assert [r[2] for r in store.rows() if r[0] == "again"] == list(range(100))
+    await ledger.close()
+
+
+async def test_a_new_file_indexes_by_team_only_the_rows_of_a_team(tmp_path):
+    ledger = UsageLedger(str(tmp_path / "u.db"))
+    await ledger.open()
+    with sqlite3.connect(ledger.path) as c:
+        (sql,) = c.execute("SELECT sql FROM sqlite_master WHERE name = 'usage_team_ts'").fetchone()
+        assert sql.endswith("WHERE team IS NOT NULL")
+        plan = " ".join(r[-1] for r in c.execute(
+            "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM usage WHERE team = ? AND ts >= ?", ("t", 0.0)))
+        assert "usage_team_ts" in plan  # a lookup by team still uses it
+        # Append-only ids need no AUTOINCREMENT bookkeeping table.
+        assert c.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone() == (0,)
+    await ledger.close()
+
+
 async def test_a_database_from_before_request_ids_gets_the_column(tmp_path):
     path = str(tmp_path / "usage.db")
     with sqlite3.connect(path) as c:
