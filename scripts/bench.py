@@ -374,6 +374,11 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
 """
 
 
+#: The gateway's per-key limits in the benchmark: far above the load, so every request goes through them and none
+#: is refused (scripts/bench_keys.py --static-limits gives its static key the same).
+LIMITS = "[limits]\nmax_concurrent_per_tenant = 100000\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000000"
+
+
 def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_port: int | None = None,
                  redis_port: int | None = None) -> None:
     cluster = "" if redis_port is None else f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_port}/0"\n'
@@ -384,7 +389,7 @@ def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_p
         [otel]
         endpoint = "http://127.0.0.1:{sink_port}"
     """)
-    path.write_text(cluster + observe + textwrap.dedent(f"""
+    path.write_text(cluster + observe + LIMITS + "\n" + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {gw_port}
@@ -395,11 +400,6 @@ def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_p
         dir = "{workdir / 'data'}"
         [router]
         policy = "default"
-        [limits]
-        # far above the load: every request goes through the per-key limits, none is refused
-        max_concurrent_per_tenant = 100000
-        requests_per_minute = 1000000000
-        tokens_per_minute = 1000000000000
         [[providers]]
         name = "upstream"
         type = "openai"

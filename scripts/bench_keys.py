@@ -52,12 +52,15 @@ def start_redis(runner: bench.Runner, workdir: Path) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str, redis_url: str = "") -> tuple:
+def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str, redis_url: str = "",
+                  static_limits: bool = False) -> tuple:
     """A gateway with the static key and a managed key (team, budgets, limits): (process, port, managed secret,
-    budgets-only secret). With ``redis_url``, its limits and budgets are shared through that Redis."""
+    budgets-only secret). With ``redis_url``, its limits and budgets are shared through that Redis; with
+    ``static_limits``, the static key has scripts/bench's per-key limits (without, it has none)."""
     port = bench.free_port()
     config = workdir / f"{name}.toml"
     cluster = f'[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
+    cluster += bench.LIMITS + "\n" if static_limits else ""
     config.write_text(cluster + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
@@ -152,6 +155,9 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--variants", action="store_true", help="also a managed key with budgets only (no limits)")
     p.add_argument("--paired", action="store_true", help="two gateways loaded at once, one per key (see above)")
+    p.add_argument("--static-limits", action="store_true",
+                   help="give the static key scripts/bench's per-key limits ([limits] far above the load, as "
+                        "scripts/bench runs it); without, the static key has no limits at all")
     p.add_argument("--redis", action="store_true",
                    help="limits and budgets shared through a redis-server the benchmark starts ([cluster] redis_url)")
     args = p.parse_args()
@@ -165,9 +171,11 @@ def main() -> None:
         bench.wait_port(fake_port, fake)
         redis_url = start_redis(runner, workdir) if args.redis else ""
         if args.paired:
-            paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url) for n in ("gw-a", "gw-b")], body)
+            paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url, args.static_limits)
+                                  for n in ("gw-a", "gw-b")], body)
             return
-        gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway", redis_url)
+        gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway", redis_url,
+                                                        args.static_limits)
         cases = [("static", bench.KEY), ("managed", managed)]
         if args.variants:
             cases.append(("budgets", budgets_only))
