@@ -56,7 +56,7 @@ log = logging.getLogger("runestone.routing")
 _EMPTY: dict = {}
 
 
-@attrs.frozen
+@attrs.define(slots=True)  # not frozen: one per request (see Chunks)
 class ModelRequest:
     """One client request as every front door hands it to :meth:`Gateway.serve`."""
 
@@ -101,7 +101,7 @@ class Admission(Protocol):
         """A lease, or raise GatewayError (429 and its headers, 403 for a model not allowed, ...)."""
 
 
-@attrs.frozen
+@attrs.define(slots=True)  # not frozen: one per request (see Chunks)
 class Completed:
     """A finished non-streaming answer: the upstream's JSON (OpenAI-shaped) and who gave it."""
 
@@ -115,7 +115,7 @@ class Completed:
     native: bool = False
 
 
-@attrs.define(slots=True)  # not frozen: one per upstream read, and a frozen class's __init__ costs twice as much
+@attrs.define(slots=True)  # not frozen: one per upstream read, and a frozen class's __init__ costs 2-6x as much
 class Chunks:
     """One upstream read's ``chat.completion.chunk`` payloads; ``last`` when the upstream's end came with it."""
 

@@ -2,9 +2,12 @@
 
 The request path, the breaker, the failover manager and the supervisors build
 these and hand them to :class:`runestone.telemetry.Telemetry`, which casts them
-to the ``TelemetryHandler`` without ever blocking. They are frozen, slotted
-attrs classes without validators because one or two are built per request:
-construction must cost a plain ``__init__`` and nothing else. Every event has a
+to the ``TelemetryHandler`` without ever blocking. They are slotted attrs classes
+without validators because one or two are built per request: construction must
+cost a plain ``__init__`` and nothing else. They are not ``frozen``: a frozen
+class's ``__init__`` sets each field through ``object.__setattr__`` (2.1 us for a
+``RequestFinished`` against 0.36 us); an event is a fact all the same, and no
+one changes it once it is built. Every event has a
 ``kind`` (a class constant, or a field where one class carries several kinds)
 and ``to_dict()``, the plain-data form forwarded to live subscribers.
 """
@@ -46,10 +49,10 @@ class _EventBase:
 
 
 def _event(kind: str | None):
-    """Make a frozen slotted event class; ``kind`` None means it is a field."""
+    """Make a slotted event class (see the module docstring); ``kind`` None means it is a field."""
 
     def wrap(cls):
-        cls = attrs.frozen(cls)
+        cls = attrs.define(cls, slots=True)
         cls._field_names = tuple(f.name for f in attrs.fields(cls) if f.name != "kind")
         if kind is not None:
             cls.kind = kind

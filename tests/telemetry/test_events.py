@@ -1,4 +1,6 @@
-"""Events are cheap frozen values with a kind and a plain-data form."""
+"""Events are cheap slotted values with a kind and a plain-data form."""
+
+import inspect
 
 import attrs
 import orjson
@@ -20,7 +22,8 @@ def test_kinds_and_plain_data():
     orjson.dumps(ev.ActorRestarted("provider:a", 2).to_dict())
 
 
-def test_every_event_is_frozen_slotted_and_has_a_kind():
+def test_every_event_is_slotted_without_validators_and_has_a_kind():
+    # Not frozen (see runestone.telemetry.events): built once or twice per request, with a plain __init__.
     classes = [ev.RequestFinished, ev.AttemptFinished, ev.BreakerTransition, ev.RetryScheduled,
                ev.FailoverEvent, ev.ProviderStatusEvent, ev.ActorRestarted, ev.ProviderRegistered,
                ev.ProviderUnregistered]
@@ -28,8 +31,7 @@ def test_every_event_is_frozen_slotted_and_has_a_kind():
         fields = attrs.fields(cls)
         event = cls(*["x"] * len(fields))
         assert not hasattr(event, "__dict__")
-        with pytest.raises(attrs.exceptions.FrozenInstanceError):
-            setattr(event, fields[0].name, "y")
+        assert "_setattr" not in inspect.getsource(cls.__init__)  # attrs' frozen __init__ goes through it
         assert all(f.validator is None for f in fields)
         assert event.to_dict()["kind"] == event.kind
     constant = [cls.kind for cls in classes if "kind" not in attrs.fields_dict(cls)]
