@@ -174,6 +174,8 @@ class RequestContext:
     asked: str = ""
     #: Upstream attempts made so far.
     attempts: int = 0
+    #: The answering attempt's ``AttemptFinished``, sent with the request's record (``Gateway.report``).
+    held: Any = None
 
 
 @attrs.frozen
@@ -556,9 +558,12 @@ class Gateway:
             return True, False
         return bool(granted), bool(granted)
 
-    def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False) -> None:
+    def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False,
+               ctx: RequestContext | None = None) -> None:
         """The attempt's one outcome: in-flight count, breaker (success, failure, or the probe slot given
-        back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it."""
+        back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it. With ``ctx``
+        (the request's, whose ``finish`` comes next), a success's event waits there and ``finish`` sends
+        it with the request's record in one cast."""
         if attempt.reported:
             return
         attempt.reported = True
@@ -573,7 +578,11 @@ class Gateway:
             return
         if error is None:
             self.breaker_ref.try_cast(outcome(provider, True))
-            telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
+            event = AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft)
+            if ctx is not None:
+                ctx.held = event
+            else:
+                telemetry.emit(event)
             return
         if not counts_as_failure(error):
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
@@ -696,7 +705,7 @@ class Gateway:
                 self.report(attempt, None, cancelled=True)
                 raise
             if not keep_open:
-                self.report(attempt, None)
+                self.report(attempt, None, ctx=ctx)  # _complete's finish comes next
             if plan.group:
                 self.groups_outcome(plan.group, (*failed_order, provider), True)
             ctx.provider = provider
@@ -763,11 +772,17 @@ class Gateway:
         latency = trio.current_time() - ctx.started
         if ctx.variant is not None:
             ctx.variant.metrics.record(status, http_status, latency, ttft, tokens_in, tokens_out, cost)
-        self.telemetry.emit(RequestFinished(
+        record = RequestFinished(
             ctx.request_id, ctx.key_id, provider, model, ctx.endpoint, stream, status, http_status,
             error_type, latency, ttft, tokens_in, tokens_out, cost, ctx.retries,
             ctx.failovers, ctx.route_reason, time.time(), ctx.asked, ctx.attempts,
-        ))
+        )
+        held = ctx.held
+        if held is not None:
+            ctx.held = None
+            self.telemetry.emit_pair(held, record)
+        else:
+            self.telemetry.emit(record)
 
     # -- graceful stop --------------------------------------------------------------------------------
 
@@ -912,7 +927,7 @@ class Streaming:
                                         "retry the request", "server_error", code="gateway_stopping",
                                         provider=self.provider))
         else:
-            gw.report(attempt, error)
+            gw.report(attempt, error, ctx=ctx)  # finish comes next
             if error is None:
                 gw.finish(ctx, status="ok", http_status=200, error_type=None, **common)
                 event = Done(usage)

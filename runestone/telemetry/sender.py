@@ -95,14 +95,33 @@ class Telemetry:
                 tap(event)
             except Exception:
                 pass
+        if not self._cast(event):
+            self.dropped += 1
+
+    def _cast(self, message: Any) -> bool:
         try:
             ref = self._resolve()
-            if ref is not None and ref.try_cast(event):
-                return
+            return ref is not None and ref.try_cast(message)
         except Exception:
             # A dead or missing handler must cost the request nothing but a count.
-            pass
-        self.dropped += 1
+            return False
+
+    def emit_pair(self, attempt: Any, request: Any) -> None:
+        """``emit(attempt)`` then ``emit(request)`` as one cast (a tuple the handler folds in that order): a
+        request's last attempt and its record end at the same moment, and a cast each cost every request
+        a second trip through the handler's mailbox."""
+        ledger = self.ledger
+        if ledger is not None and type(request) is RequestFinished:
+            ledger.add(request)
+        tap = self.tap
+        if tap is not None:
+            for event in (attempt, request):
+                try:
+                    tap(event)
+                except Exception:
+                    pass
+        if not self._cast((attempt, request)):
+            self.dropped += 2
 
     def cache_result(self, hit: bool) -> None:
         if hit:

@@ -38,6 +38,28 @@ async def test_full_mailbox_counts_drops_without_blocking(autojump_clock):
         ref.request_stop()
 
 
+async def test_a_pair_is_one_cast_folded_in_order(autojump_clock):
+    from runestone.telemetry import AttemptFinished, RequestFinished
+
+    registry = Registry()
+    telemetry = Telemetry(registry)
+    tapped = []
+    telemetry.tap = tapped.append
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(TelemetryHandler(registry=registry, mailbox_size=3).run)
+        for i in range(6):  # no checkpoint: 1 pair to the waiting handler, 3 queued, 2 dropped (2 events each)
+            telemetry.emit_pair(AttemptFinished("openai", "m", True, None, 0.1, 0.05),
+                                RequestFinished(f"r{i}", None, "openai", "m", "chat", False, "ok", 200, None, 0.1,
+                                                None, 3, 2, 0.0, 0, 0, "default", 1.0))
+        assert telemetry.dropped == 4
+        assert [type(e) for e in tapped[:2]] == [AttemptFinished, RequestFinished] and len(tapped) == 12
+        body = await telemetry.metrics_text()
+        assert scalar(body, "runestone_telemetry_events_dropped", "runestone_telemetry_events_dropped_total") == 4
+        summary = await ref.call(Summary())
+        assert summary.requests == 4
+        ref.request_stop()
+
+
 async def test_handler_down_or_missing_counts_drops(autojump_clock):
     registry = Registry()
     telemetry = Telemetry(registry)
