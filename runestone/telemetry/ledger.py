@@ -153,6 +153,25 @@ def _problem(row: tuple) -> str | None:
     return None
 
 
+def _usual(row: tuple) -> bool:
+    """True when ``row`` passes every check of :func:`_problem` in the shape the gateway's own records have
+    (floats for the clock, cost and latency, ints for counts, text or None where allowed); a row of any other
+    shape is judged field by field. One pass with no call per field: it runs for every row stored."""
+    ts, rid, key, provider, model, endpoint, tin, tout, cost, latency, status, http, team = row[:13]
+    inf = math.inf
+    return (ts.__class__ is float and 0.0 <= ts < inf and cost.__class__ is float and 0.0 <= cost < inf
+            and latency.__class__ is float and 0.0 <= latency < inf
+            and tin.__class__ is int and tout.__class__ is int and 0 <= tin <= MAX_TOKENS and 0 <= tout <= MAX_TOKENS
+            and http.__class__ is int and 0 <= http <= 999
+            and provider.__class__ is str and model.__class__ is str and endpoint.__class__ is str
+            and status.__class__ is str
+            and len(provider) <= MAX_NAME_CHARS and len(model) <= MAX_NAME_CHARS
+            and len(endpoint) <= MAX_NAME_CHARS and len(status) <= MAX_NAME_CHARS
+            and (rid is None or (rid.__class__ is str and len(rid) <= MAX_NAME_CHARS))
+            and (key is None or (key.__class__ is str and len(key) <= MAX_NAME_CHARS))
+            and (team is None or (team.__class__ is str and len(team) <= MAX_NAME_CHARS)))
+
+
 def _plain(v: Any) -> Any:
     """``v`` as JSON can hold it, for the quarantine file: long text cut, odd numbers and objects as text."""
     if v is None or type(v) in (bool, int):
@@ -568,10 +587,11 @@ class UsageLedger:
         good: list[tuple] = []
         originals: list[tuple] = []
         for row in rows:
-            field = _problem(row)
-            if field is not None:
-                refused.append((row, f"{field} out of range"))
-                continue
+            if not _usual(row):
+                field = _problem(row)
+                if field is not None:
+                    refused.append((row, f"{field} out of range"))
+                    continue
             try:
                 stored = self._stored(row)
             except Exception as exc:
