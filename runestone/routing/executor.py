@@ -34,7 +34,7 @@ from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, CLOSED, DENY, check
 from ..resilience.breaker_manager import Acquire, Release, outcome
-from ..runtime import Published
+from ..runtime import Coalescer, Published
 from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.failover_manager import GroupOutcome
@@ -174,8 +174,6 @@ class RequestContext:
     asked: str = ""
     #: Upstream attempts made so far.
     attempts: int = 0
-    #: The answering attempt's ``AttemptFinished``, sent with the request's record (``Gateway.report``).
-    held: Any = None
 
 
 @attrs.frozen
@@ -207,6 +205,9 @@ class Gateway:
         self.providers = providers
         self.breakers = breakers
         self.breaker_ref = breaker_ref
+        #: Attempt outcomes and probe releases, batched while the last batch waits in the breaker manager's
+        #: mailbox (runestone.runtime.Coalescer): one mailbox trip for many requests' outcomes, in order.
+        self._outcomes = Coalescer(lambda: breaker_ref)
         self.groups = groups
         self.failover_ref = failover_ref
         self._view_cache: tuple | None = None
@@ -558,12 +559,9 @@ class Gateway:
             return True, False
         return bool(granted), bool(granted)
 
-    def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False,
-               ctx: RequestContext | None = None) -> None:
+    def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False) -> None:
         """The attempt's one outcome: in-flight count, breaker (success, failure, or the probe slot given
-        back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it. With ``ctx``
-        (the request's, whose ``finish`` comes next), a success's event waits there and ``finish`` sends
-        it with the request's record in one cast."""
+        back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it."""
         if attempt.reported:
             return
         attempt.reported = True
@@ -574,23 +572,19 @@ class Gateway:
         if cancelled:
             # The client left or the gateway is stopping: nothing was learned about the provider.
             if attempt.probe:
-                self.breaker_ref.try_cast(Release(provider))
+                self._outcomes.try_cast(Release(provider))
             return
         if error is None:
-            self.breaker_ref.try_cast(outcome(provider, True))
-            event = AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft)
-            if ctx is not None:
-                ctx.held = event
-            else:
-                telemetry.emit(event)
+            self._outcomes.try_cast(outcome(provider, True))
+            telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
             return
         if not counts_as_failure(error):
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
             # against its health it would let one client's bad requests demote it for everyone.
             if attempt.probe:
-                self.breaker_ref.try_cast(Release(provider))
+                self._outcomes.try_cast(Release(provider))
             return
-        self.breaker_ref.try_cast(outcome(provider, False))
+        self._outcomes.try_cast(outcome(provider, False))
         telemetry.emit(AttemptFinished(provider, attempt.model, False, _error_kind(error), latency, None))
 
     async def run(self, ctx: RequestContext, body: dict, plan: Plan, call, *, keep_open: bool = False):
@@ -654,7 +648,7 @@ class Gateway:
                     delay = self.retry.delay(failed[provider], retry_after)
                     if now + delay >= ctx.deadline:
                         if probe:
-                            self.breaker_ref.try_cast(Release(provider))
+                            self._outcomes.try_cast(Release(provider))
                         break
                     ctx.retries += 1
                     telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
@@ -705,7 +699,7 @@ class Gateway:
                 self.report(attempt, None, cancelled=True)
                 raise
             if not keep_open:
-                self.report(attempt, None, ctx=ctx)  # _complete's finish comes next
+                self.report(attempt, None)
             if plan.group:
                 self.groups_outcome(plan.group, (*failed_order, provider), True)
             ctx.provider = provider
@@ -772,17 +766,11 @@ class Gateway:
         latency = trio.current_time() - ctx.started
         if ctx.variant is not None:
             ctx.variant.metrics.record(status, http_status, latency, ttft, tokens_in, tokens_out, cost)
-        record = RequestFinished(
+        self.telemetry.emit(RequestFinished(
             ctx.request_id, ctx.key_id, provider, model, ctx.endpoint, stream, status, http_status,
             error_type, latency, ttft, tokens_in, tokens_out, cost, ctx.retries,
             ctx.failovers, ctx.route_reason, time.time(), ctx.asked, ctx.attempts,
-        )
-        held = ctx.held
-        if held is not None:
-            ctx.held = None
-            self.telemetry.emit_pair(held, record)
-        else:
-            self.telemetry.emit(record)
+        ))
 
     # -- graceful stop --------------------------------------------------------------------------------
 
@@ -927,7 +915,7 @@ class Streaming:
                                         "retry the request", "server_error", code="gateway_stopping",
                                         provider=self.provider))
         else:
-            gw.report(attempt, error, ctx=ctx)  # finish comes next
+            gw.report(attempt, error)
             if error is None:
                 gw.finish(ctx, status="ok", http_status=200, error_type=None, **common)
                 event = Done(usage)

@@ -13,6 +13,8 @@ Actor); ``_supervisor`` (strategies, restart types, intensity, shutdown: OTP's
 from ._actor import Actor as Actor
 from ._actor import ActorLifecycle as ActorLifecycle
 from ._actor import ActorRef as ActorRef
+from ._actor import Batch as Batch
+from ._actor import Coalescer as Coalescer
 from ._actor import NamedRef as NamedRef
 from ._dump import dump_state as dump_state
 from ._errors import ActorDead as ActorDead
@@ -38,6 +40,8 @@ __all__ = [
     "ActorError",
     "ActorLifecycle",
     "ActorRef",
+    "Batch",
+    "Coalescer",
     "CallTimeout",
     "ChildInfo",
     "ChildSpec",

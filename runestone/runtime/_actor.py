@@ -20,6 +20,11 @@ and then every 1000th, by type name only (a message may carry a secret).
 Neither crashes the actor: a bad message from one sender must not take the
 state that every other sender relies on down with it. A handler's ``case _:``
 hands the message to those two methods, as the default callbacks do.
+
+A hot path that casts to one actor on every request (telemetry events, breaker
+outcomes) sends through a :class:`Coalescer`: casts made while its last
+:class:`Batch` still waits in the mailbox join it, and the actor handles the
+batch's casts in order, one ``handle_cast`` each, in one mailbox trip.
 """
 
 from __future__ import annotations
@@ -46,6 +51,49 @@ _CLOSED = (trio.ClosedResourceError, trio.BrokenResourceError)
 
 # Queued messages an actor takes in a row before it lets the scheduler run others.
 _BURST = 64
+
+
+class Batch(list):
+    """Casts gathered into one mailbox message by a :class:`Coalescer`: the actor handles each item with
+    ``handle_cast``, in order, as if each had been cast alone. ``open`` while its sender may still add to it:
+    the actor closes it when it takes it in hand (or drops it, closed, when it exits)."""
+
+    __slots__ = ("open",)
+
+
+class Coalescer:
+    """Casts from one hot path to one actor, gathered while the last batch still waits in the mailbox: a
+    cast is a ``list.append`` then, and the actor takes all of them in one mailbox trip (a trip each cost
+    more than most handlers). ``resolve()`` gives the actor's ref (an ActorRef or NamedRef) or None.
+
+    The order of this coalescer's casts is kept (a batch is closed before anything after it is sent). A
+    batch holds at most ``limit`` casts, so the mailbox's bound still bounds memory: ``limit`` times its
+    capacity. ``try_cast`` is False when a new batch found no room (the cast is dropped, as a full
+    mailbox drops one) or no actor. Casts sent to the actor some other way may overtake those in an
+    open batch; only use it for messages whose order relative to other senders' does not matter.
+    """
+
+    __slots__ = ("_resolve", "_batch", "limit")
+
+    def __init__(self, resolve, limit: int = 64) -> None:
+        self._resolve = resolve
+        self._batch: Batch | None = None
+        self.limit = limit
+
+    def try_cast(self, message: Any) -> bool:
+        batch = self._batch
+        if batch is not None and batch.open and len(batch) < self.limit:
+            batch.append(message)
+            return True
+        batch = Batch((message,))
+        batch.open = True
+        try:
+            ref = self._resolve()
+            sent = ref is not None and ref.try_cast(batch)
+        except Exception:
+            sent = False
+        self._batch = batch if sent else None
+        return sent
 
 
 class _Call:
@@ -540,6 +588,13 @@ class Actor:
                     self._in_hand = message
                     raise
                 message.resolve(reply)
+            elif type(message) is Batch:
+                message.open = False  # what its sender casts from now on goes in a new one, after this
+                for item in message:
+                    try:
+                        await self.handle_cast(item)
+                    except Exception as exc:
+                        return exc
             else:
                 try:
                     await self.handle_cast(message)
@@ -570,6 +625,8 @@ class Actor:
                 break
             if type(message) is _Call:
                 message.fail(_dead(name, reason))
+            elif type(message) is Batch:
+                message.open = False  # dropped with the incarnation: its sender starts a new one
         recv.close()
         self.registry.unregister(name, ref)
         if isinstance(reason, Exception):

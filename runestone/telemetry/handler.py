@@ -189,14 +189,6 @@ class TelemetryHandler(Actor):
     # -- casts ----------------------------------------------------------------
 
     async def handle_cast(self, msg: Any) -> None:
-        """Fold one event in, or each of a tuple of them in order (``Telemetry.emit_pair``)."""
-        if msg.__class__ is tuple:
-            for event in msg:
-                self._fold(event)
-        else:
-            self._fold(msg)
-
-    def _fold(self, msg: Any) -> None:
         """Fold one event in. A malformed event is counted and skipped: it must
         not crash the handler and wipe every metric with it."""
         # The two events of every request come first: a class pattern is one type check.

@@ -69,10 +69,14 @@ class Telemetry:
     synchronous, O(1) and never raise.
     """
 
-    __slots__ = ("_resolve", "ledger", "tap", "dropped", "in_flight", "cache_hits", "cache_misses")
+    __slots__ = ("_resolve", "_casts", "ledger", "tap", "dropped", "in_flight", "cache_hits", "cache_misses")
 
     def __init__(self, target: Any, ledger: Any = None, in_flight: Mapping[str, int] | None = None):
+        from runestone.runtime import Coalescer
+
         self._resolve = _resolver(target)
+        #: Events go to the handler in batches: one mailbox trip for all those sent while the last waits.
+        self._casts = Coalescer(lambda: self._resolve())
         self.ledger = ledger
         #: Called with every event, synchronously on the emitting task, before it is cast (the access log
         #: and traces: telemetry/observe.py); None when nobody listens. Must be cheap; what it raises is ignored.
@@ -95,33 +99,9 @@ class Telemetry:
                 tap(event)
             except Exception:
                 pass
-        if not self._cast(event):
+        if not self._casts.try_cast(event):
+            # A dead or missing handler (or a full mailbox) must cost the request nothing but a count.
             self.dropped += 1
-
-    def _cast(self, message: Any) -> bool:
-        try:
-            ref = self._resolve()
-            return ref is not None and ref.try_cast(message)
-        except Exception:
-            # A dead or missing handler must cost the request nothing but a count.
-            return False
-
-    def emit_pair(self, attempt: Any, request: Any) -> None:
-        """``emit(attempt)`` then ``emit(request)`` as one cast (a tuple the handler folds in that order): a
-        request's last attempt and its record end at the same moment, and a cast each cost every request
-        a second trip through the handler's mailbox."""
-        ledger = self.ledger
-        if ledger is not None and type(request) is RequestFinished:
-            ledger.add(request)
-        tap = self.tap
-        if tap is not None:
-            for event in (attempt, request):
-                try:
-                    tap(event)
-                except Exception:
-                    pass
-        if not self._cast((attempt, request)):
-            self.dropped += 2
 
     def cache_result(self, hit: bool) -> None:
         if hit:

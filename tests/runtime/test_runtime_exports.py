@@ -7,7 +7,8 @@ import types
 import runestone.runtime as runtime
 
 PUBLIC = {
-    "Actor", "ActorDead", "ActorError", "ActorLifecycle", "ActorRef", "CallTimeout", "ChildInfo", "ChildSpec",
+    "Actor", "ActorDead", "ActorError", "ActorLifecycle", "ActorRef", "Batch", "CallTimeout", "ChildInfo", "ChildSpec",
+    "Coalescer",
     "MailboxFull", "NamedRef", "Published", "Registry", "Rejected", "Shutdown", "Supervisor",
     "SupervisorEscalation", "SupervisorSnapshot", "default_registry", "dump_state", "plain", "unwrap",
 }

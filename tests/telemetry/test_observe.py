@@ -27,14 +27,16 @@ def test_the_tap_sees_every_event_first_and_cannot_break_emit():
     sender.tap = seen.append
     ev = BreakerTransition("p", "closed", "open", "x")
     sender.emit(ev)
-    assert seen == [ev] and ref.casts == [ev] and sender.dropped == 0
+    # The events reach the handler in batches (runestone.runtime.Coalescer): this ref never takes them in
+    # hand, so they gather in the first.
+    assert seen == [ev] and ref.casts == [[ev]] and sender.dropped == 0
 
     def broken(event):
         raise RuntimeError("a bug in the tap")
 
     sender.tap = broken
     sender.emit(ev)
-    assert ref.casts == [ev, ev] and sender.dropped == 0
+    assert ref.casts == [[ev, ev]] and sender.dropped == 0
 
 
 @pytest.mark.parametrize("header,expected", [
