@@ -22,6 +22,7 @@ subscriber misses events, it never slows the handler.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from .events import (
     RequestFinished,
     RetryScheduled,
 )
-from .health import HealthParams, HealthTracker, HealthView, LatencyWindow
+from .health import HealthParams, HealthTracker, HealthView, nearest_rank
 from .ledger import UsageLedger
 from .messages import Flush, Health, Metrics, Subscribe, Summary, Unsubscribe, Usage
 from .metrics import MetricLabels, TelemetryMetrics, render_prometheus
@@ -174,7 +175,9 @@ class TelemetryHandler(Actor):
         self._tokens_in = 0
         self._tokens_out = 0
         self._cost = 0.0
-        self._latencies = LatencyWindow(self.latency_window)
+        #: The last requests' latencies in arrival order: sorted when a summary is asked (rarely), not kept
+        #: sorted on every request.
+        self._latencies: deque[float] = deque(maxlen=self.latency_window)
         self._health_dirty = False
         ledger = self._given_ledger
         if ledger is None and self.ledger_path is not None:
@@ -241,7 +244,7 @@ class TelemetryHandler(Actor):
         self._tokens_in += ev.tokens_in
         self._tokens_out += ev.tokens_out
         self._cost += cost
-        self._latencies.add(ev.latency)
+        self._latencies.append(ev.latency)
 
     def _on_attempt(self, ev: AttemptFinished) -> None:
         self.metrics.record_attempt(ev)
@@ -338,7 +341,7 @@ class TelemetryHandler(Actor):
 
     def overall(self) -> OverallSummary:
         n = self._requests
-        lat = self._latencies
+        lat = sorted(self._latencies)
         return OverallSummary(
             requests=n,
             errors=self._errors,
@@ -346,9 +349,9 @@ class TelemetryHandler(Actor):
             tokens_in=self._tokens_in,
             tokens_out=self._tokens_out,
             cost=self._cost,
-            p50=lat.percentile(50),
-            p95=lat.percentile(95),
-            p99=lat.percentile(99),
+            p50=nearest_rank(lat, 50),
+            p95=nearest_rank(lat, 95),
+            p99=nearest_rank(lat, 99),
         )
 
     async def usage(self, key_id: str | None, group_by: Sequence[str] = ("model", "day"),

@@ -161,12 +161,16 @@ class LatencyWindow:
 
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile, ``q`` in (0, 100]; None when empty."""
-        s = self._sorted
-        if not s:
-            return None
-        # ceil(q/100 * n) as a 1-based rank, done in integers to dodge float fuzz.
-        rank = -(-int(q * len(s)) // 100)
-        return s[min(len(s), max(rank, 1)) - 1]
+        return nearest_rank(self._sorted, q)
+
+
+def nearest_rank(s: list[float], q: float) -> float | None:
+    """The nearest-rank percentile ``q`` (in (0, 100]) of the sorted ``s``; None when it is empty."""
+    if not s:
+        return None
+    # ceil(q/100 * n) as a 1-based rank, done in integers to dodge float fuzz.
+    rank = -(-int(q * len(s)) // 100)
+    return s[min(len(s), max(rank, 1)) - 1]
 
 
 @attrs.define

@@ -58,6 +58,7 @@ import trio
 
 from ..storage.sqlite import open_sqlite
 from .costs import Pricer
+from .events import RequestFinished
 
 __all__ = ["MAX_NAME_CHARS", "MAX_TOKENS", "SUMMARY_COLUMNS", "LedgerBackend", "LedgerStatus",
            "PostgresLedgerBackend", "SQLiteLedgerBackend", "UsageLedger"]
@@ -546,22 +547,25 @@ class UsageLedger:
         buffer = self._buffer
         if len(buffer) >= self.max_buffer:
             self._spill(1)  # the oldest goes; only when writes keep failing
-        g = getattr
-        key_id = g(record, "key_id", None)
-        team = g(record, "team", None)
+        if record.__class__ is RequestFinished:  # the gateway's own record: its fields, read directly
+            r = record
+            key_id, team = r.key_id, None
+            row = [r.wall_time, r.request_id, key_id, r.provider, r.model, r.endpoint, r.tokens_in, r.tokens_out,
+                   r.cost, r.latency, r.status, r.http_status]
+        else:
+            g = getattr
+            key_id = g(record, "key_id", None)
+            team = g(record, "team", None)
+            row = [g(record, name, None) for name in _FIELDS[:12]]
+        if cost is not None:
+            row[8] = cost
         if team is None and self.team_of is not None and key_id is not None:
             try:
                 team = self.team_of(key_id)
             except Exception:
                 team = None
-        buffer.append((
-            g(record, "wall_time", None), g(record, "request_id", None), key_id,
-            g(record, "provider", None), g(record, "model", None), g(record, "endpoint", None),
-            g(record, "tokens_in", None), g(record, "tokens_out", None),
-            g(record, "cost", None) if cost is None else cost,
-            g(record, "latency", None), g(record, "status", None), g(record, "http_status", None), team,
-            next(self._seq),
-        ))
+        row += (team, next(self._seq))
+        buffer.append(tuple(row))
         if len(buffer) >= self.batch:
             self.batch_full.set()
 
