@@ -178,7 +178,8 @@ class Application:
             quarantine_path=str(self.data_dir / "usage.quarantine.jsonl") if database_url else None,
             spool_path=str(self.data_dir / "usage.spool.sqlite3") if database_url else None,
         ) if tel.usage_ledger else None
-        self.telemetry = Telemetry(self.registry, ledger=self.ledger, in_flight=self.inflight.counts)
+        self.telemetry = Telemetry(self.registry, ledger=self.ledger, in_flight=self.inflight.counts,
+                                   max_pending=tel.mailbox_size)
         self.governance.telemetry = self.telemetry
         if self.ledger is not None:
             self.ledger.team_of = self.governance.team_of

@@ -33,7 +33,7 @@ import trio
 from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, CLOSED, DENY, check
-from ..resilience.breaker_manager import Acquire, Release, outcome
+from ..resilience.breaker_manager import Acquire, CircuitBreakerManager, Release, outcome
 from ..runtime import Coalescer, Published
 from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
@@ -207,7 +207,7 @@ class Gateway:
         self.breaker_ref = breaker_ref
         #: Attempt outcomes and probe releases, batched while the last batch waits in the breaker manager's
         #: mailbox (runestone.runtime.Coalescer): one mailbox trip for many requests' outcomes, in order.
-        self._outcomes = Coalescer(lambda: breaker_ref)
+        self._outcomes = Coalescer(lambda: breaker_ref, max_pending=CircuitBreakerManager.mailbox_size)
         self.groups = groups
         self.failover_ref = failover_ref
         self._view_cache: tuple | None = None

@@ -67,24 +67,42 @@ class Coalescer:
     more than most handlers). ``resolve()`` gives the actor's ref (an ActorRef or NamedRef) or None.
 
     The order of this coalescer's casts is kept (a batch is closed before anything after it is sent). A
-    batch holds at most ``limit`` casts, so the mailbox's bound still bounds memory: ``limit`` times its
-    capacity. ``try_cast`` is False when a new batch found no room (the cast is dropped, as a full
-    mailbox drops one) or no actor. Casts sent to the actor some other way may overtake those in an
-    open batch; only use it for messages whose order relative to other senders' does not matter.
+    batch holds at most ``limit`` casts, and at most ``max_pending`` casts wait in batches the actor has not
+    taken yet (None: as many as ``limit`` times its mailbox's capacity), so memory stays bounded by casts,
+    as a mailbox of single casts bounds it. ``try_cast`` is False when the cast finds no room (it is
+    dropped, as a full mailbox drops one) or no actor. Casts sent to the actor some other way may overtake
+    those in an open batch; only use it for messages whose order relative to other senders' does not matter.
     """
 
-    __slots__ = ("_resolve", "_batch", "limit")
+    __slots__ = ("_resolve", "_batch", "limit", "max_pending", "_queued", "_pending")
 
-    def __init__(self, resolve, limit: int = 64) -> None:
+    def __init__(self, resolve, limit: int = 64, max_pending: int | None = None) -> None:
         self._resolve = resolve
         self._batch: Batch | None = None
         self.limit = limit
+        self.max_pending = math.inf if max_pending is None else max_pending
+        #: Batches sent and not yet taken (oldest first; taken ones are dropped when counting).
+        self._queued: collections.deque[Batch] = collections.deque()
+        #: Casts in them.
+        self._pending = 0
+
+    def _prune(self) -> int:
+        """Forget the batches the actor took (in mailbox order, so from the oldest); the casts still waiting."""
+        queued = self._queued
+        while queued and not queued[0].open:
+            self._pending -= len(queued.popleft())
+        return self._pending
 
     def try_cast(self, message: Any) -> bool:
         batch = self._batch
         if batch is not None and batch.open and len(batch) < self.limit:
+            if self._pending >= self.max_pending and self._prune() >= self.max_pending:
+                return False
             batch.append(message)
+            self._pending += 1
             return True
+        if self._prune() >= self.max_pending:
+            return False
         batch = Batch((message,))
         batch.open = True
         try:
@@ -92,7 +110,12 @@ class Coalescer:
             sent = ref is not None and ref.try_cast(batch)
         except Exception:
             sent = False
-        self._batch = batch if sent else None
+        if sent:
+            self._batch = batch
+            self._queued.append(batch)
+            self._pending += 1
+        else:
+            self._batch = None
         return sent
 
 

@@ -71,12 +71,14 @@ class Telemetry:
 
     __slots__ = ("_resolve", "_casts", "ledger", "tap", "dropped", "in_flight", "cache_hits", "cache_misses")
 
-    def __init__(self, target: Any, ledger: Any = None, in_flight: Mapping[str, int] | None = None):
+    def __init__(self, target: Any, ledger: Any = None, in_flight: Mapping[str, int] | None = None,
+                 max_pending: int | None = 10_000):
         from runestone.runtime import Coalescer
 
         self._resolve = _resolver(target)
-        #: Events go to the handler in batches: one mailbox trip for all those sent while the last waits.
-        self._casts = Coalescer(lambda: self._resolve())
+        #: Events go to the handler in batches: one mailbox trip for all those sent while the last waits; at
+        #: most ``max_pending`` events wait (the handler's mailbox size: as many as single casts could).
+        self._casts = Coalescer(lambda: self._resolve(), max_pending=max_pending)
         self.ledger = ledger
         #: Called with every event, synchronously on the emitting task, before it is cast (the access log
         #: and traces: telemetry/observe.py); None when nobody listens. Must be cheap; what it raises is ignored.

@@ -112,3 +112,21 @@ async def test_a_batch_left_by_a_dead_incarnation_is_closed_and_the_next_goes_to
         await trio.testing.wait_all_tasks_blocked()
         assert actor.seen == [3]
         named.request_stop()
+
+
+async def test_at_most_max_pending_casts_wait_and_room_comes_back_as_the_actor_takes_them():
+    actor = Recorder("rec", registry=Registry())
+    async with trio.open_nursery() as nursery:
+        ref = await nursery.start(actor.run)
+        counting = CountingRef(ref)
+        casts = Coalescer(lambda: counting, limit=4, max_pending=6)
+        results = [casts.try_cast(Note(n)) for n in range(10)]
+        assert results == [True] * 6 + [False] * 4  # the mailbox had room; the bound on waiting casts had not
+        assert counting.sizes == [4, 2]
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.seen == list(range(6))
+        assert all(casts.try_cast(Note(n)) for n in range(10, 16))  # taken in hand: room for 6 again
+        assert not casts.try_cast(Note(16))
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.seen == [*range(6), *range(10, 16)]
+        ref.request_stop()
