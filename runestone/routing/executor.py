@@ -541,16 +541,14 @@ class Gateway:
 
     # -- attempts -------------------------------------------------------------------------------------
 
-    async def _admit(self, provider: str, now: float) -> tuple[bool, bool]:
-        """May an attempt go to ``provider``? Returns (allowed, holds a half-open probe slot).
+    async def _admit(self, provider: str, verdict: str) -> tuple[bool, bool]:
+        """May an attempt go to ``provider``, whose breaker's published view said ``verdict`` (not ALLOW: the
+        run loop takes that one without a call)? Returns (allowed, holds a half-open probe slot).
 
         Fails open: when the breaker manager cannot answer (it is restarting), the attempt goes ahead;
         a gateway that refuses traffic because its own bookkeeping restarts would turn a hiccup into an
         outage, and the attempt's outcome is still reported.
         """
-        verdict = check(self.breakers.value, provider, now)
-        if verdict == ALLOW:
-            return True, False
         if verdict == DENY:
             return False, False
         try:
@@ -636,7 +634,12 @@ class Gateway:
                 del targets[i]
                 continue
             now = trio.current_time()
-            allowed, probe = await self._admit(provider, now)
+            verdict = check(self.breakers.value, provider, now)
+            if verdict == ALLOW:  # the usual case, decided here: no coroutine, no wait, `now` still holds
+                allowed, probe, waited = True, False, False
+            else:
+                allowed, probe = await self._admit(provider, verdict)
+                waited = True
             if not allowed:
                 denied.append(provider)
                 del targets[i]
@@ -653,6 +656,7 @@ class Gateway:
                     ctx.retries += 1
                     telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
                     await trio.sleep(delay)
+                    waited = True
                 else:
                     ctx.failovers += 1
                     telemetry.emit(FailoverEvent("failover", plan.group or "", last_target and
@@ -663,7 +667,7 @@ class Gateway:
                 entry_row.provider = provider
                 entry_row.attempts = attempts
             upstream = body if body.get("model") == target.model else {**body, "model": target.model}
-            attempt = Attempt(provider, target.model, trio.current_time(), probe)
+            attempt = Attempt(provider, target.model, trio.current_time() if waited else now, probe)
             self.inflight.attempt_started(provider)
             timeout = entry.spec.config.timeout_ms / 1000
             attempt_deadline = min(ctx.deadline, attempt.started + timeout)
