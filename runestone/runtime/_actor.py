@@ -611,18 +611,17 @@ class Actor:
                     self._in_hand = message
                     raise
                 message.resolve(reply)
-            elif type(message) is Batch:
-                message.open = False  # what its sender casts from now on goes in a new one, after this
-                for item in message:
+            else:
+                if type(message) is Batch:
+                    message.open = False  # what its sender casts from now on goes in a new one, after this
+                    casts = message
+                else:
+                    casts = (message,)
+                for cast in casts:
                     try:
-                        await self.handle_cast(item)
+                        await self.handle_cast(cast)
                     except Exception as exc:
                         return exc
-            else:
-                try:
-                    await self.handle_cast(message)
-                except Exception as exc:
-                    return exc
         return None
 
     async def _exit(

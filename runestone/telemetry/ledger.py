@@ -108,6 +108,9 @@ _COLUMNS = ("ts, request_id, key_id, provider, model, endpoint, tokens_in, token
 _FIELDS = ("wall_time", "request_id", "key_id", "provider", "model", "endpoint", "tokens_in", "tokens_out",
            "cost", "latency", "status", "http_status", "team")
 
+#: The fields ``add`` reads from a record (``team`` is looked up when the record has none).
+_RECORD_FIELDS = _FIELDS[:12]
+
 #: What ``summary`` may group by, and the SQL for each (a whitelist: these are pasted into the query, so
 #: nothing else may be). ``day`` is SQLite's expression; a backend may say it its own way (``day_sql``).
 SUMMARY_COLUMNS = {
@@ -556,7 +559,7 @@ class UsageLedger:
             g = getattr
             key_id = g(record, "key_id", None)
             team = g(record, "team", None)
-            row = [g(record, name, None) for name in _FIELDS[:12]]
+            row = [g(record, name, None) for name in _RECORD_FIELDS]
         if cost is not None:
             row[8] = cost
         if team is None and self.team_of is not None and key_id is not None:

@@ -78,7 +78,7 @@ class Telemetry:
         self._resolve = _resolver(target)
         #: Events go to the handler in batches: one mailbox trip for all those sent while the last waits; at
         #: most ``max_pending`` events wait (the handler's mailbox size: as many as single casts could).
-        self._casts = Coalescer(lambda: self._resolve(), max_pending=max_pending)
+        self._casts = Coalescer(self._resolve, max_pending=max_pending)
         self.ledger = ledger
         #: Called with every event, synchronously on the emitting task, before it is cast (the access log
         #: and traces: telemetry/observe.py); None when nobody listens. Must be cheap; what it raises is ignored.

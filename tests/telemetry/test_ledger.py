@@ -54,6 +54,16 @@ class Store:
         return [tuple(r) for r in self.sql(
             "SELECT key_id, model, tokens_in, latency_ms, status, http_status FROM usage ORDER BY id")]
 
+    def refuse_key(self, key: str) -> str:
+        """Make the database refuse rows of ``key`` (a constraint the ledger's checks know nothing of); the
+        start of the reason the ledger then records."""
+        if self.kind == "sqlite":
+            self.sql(f"CREATE TRIGGER no_{key} BEFORE INSERT ON usage WHEN NEW.key_id = '{key}' "
+                     f"BEGIN SELECT RAISE(ABORT, '{key} refused'); END")
+            return f"IntegrityError: {key} refused"
+        self.sql(f"ALTER TABLE usage ADD CONSTRAINT no_{key} CHECK (key_id <> '{key}')")
+        return "CheckViolation: "
+
     @property
     def failure(self):
         if self.kind == "sqlite":
@@ -269,14 +279,7 @@ async def test_rows_it_cannot_store_are_quarantined_and_the_rest_of_the_batch_is
 async def test_a_row_the_database_refuses_after_the_checks_is_quarantined_alone(store):
     ledger = store.ledger()
     await ledger.open()
-    # A constraint the checks know nothing of.
-    if store.kind == "sqlite":
-        store.sql("CREATE TRIGGER no_k2 BEFORE INSERT ON usage WHEN NEW.key_id = 'k2' "
-                  "BEGIN SELECT RAISE(ABORT, 'k2 refused'); END")
-        reason = "IntegrityError: k2 refused"
-    else:
-        store.sql("ALTER TABLE usage ADD CONSTRAINT no_k2 CHECK (key_id <> 'k2')")
-        reason = "CheckViolation: "
+    reason = store.refuse_key("k2")  # a constraint the checks know nothing of
     for key in ("k1", "k2", "k3"):
         ledger.add(rec(key=key))
     assert await ledger.flush() == 2
@@ -290,11 +293,7 @@ async def test_a_batch_of_many_rows_is_stored_whole_in_order_and_a_refused_row_a
     # More rows than one multi-row statement holds, and a remainder: each row once, in order, fields intact.
     ledger = store.ledger()
     await ledger.open()
-    if store.kind == "sqlite":
-        store.sql("CREATE TRIGGER no_bad BEFORE INSERT ON usage WHEN NEW.key_id = 'bad' "
-                  "BEGIN SELECT RAISE(ABORT, 'bad refused'); END")
-    else:
-        store.sql("ALTER TABLE usage ADD CONSTRAINT no_bad CHECK (key_id <> 'bad')")
+    store.refuse_key("bad")
     for i in range(123):
         ledger.add(rec(key="bad" if i == 70 else f"k{i}", tin=i))
     assert await ledger.flush() == 122
