@@ -22,7 +22,7 @@ from collections import deque
 import attrs
 import trio
 
-from ..http._server_wire import HEAD_LINES
+from ..http import HEAD_LINES
 from ..routing.executor import GatewayError
 
 __all__ = ["KeyLimiter", "Lease", "LimitValues", "add_tokens", "release_state"]

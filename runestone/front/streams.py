@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Callable
 
-from ..http import LastItem
+from ..http import LastItem, header_block
 from ..routing.errors import GatewayError
 from ..routing.executor import Chunks, Failed, Streaming
 from ..wire.anthropic import AnthropicEventStream
@@ -22,11 +22,12 @@ from ..wire.openai import sse_chunks, sse_error_event
 
 __all__ = ["SSE_HEADERS", "Encoded", "Relay", "anthropic_failure", "encoded", "openai_failure", "openai_sse"]
 
-SSE_HEADERS = [
+#: An event stream's headers, as one block of header lines (written with one append).
+SSE_HEADERS = [header_block((
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
-]
+))]
 
 
 def openai_failure(error: GatewayError) -> bytes:

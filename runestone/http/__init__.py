@@ -31,8 +31,10 @@ from ._messages import (
 from .client import (
     FastTransport as FastTransport,
     OriginStatistics as OriginStatistics,
+    PreparedHeaders as PreparedHeaders,
     TransportStatistics as TransportStatistics,
     make_transport as make_transport,
+    prepared_headers as prepared_headers,
 )
 from .errors import (
     BadRequest as BadRequest,
@@ -55,6 +57,7 @@ from .errors import (
     local_resource_kind as local_resource_kind,
 )
 from .httpx_transport import HttpxTransport as HttpxTransport
+from ._server_wire import HEAD_LINES as HEAD_LINES, header_block as header_block
 from .server import (
     HttpServer as HttpServer,
     ServerStatistics as ServerStatistics,
@@ -81,6 +84,8 @@ __all__ = [
     "ErrorBody",
     "FastTransport",
     "Handler",
+    "HEAD_LINES",
+    "header_block",
     "HeaderList",
     "HttpError",
     "HttpServer",
@@ -98,6 +103,8 @@ __all__ = [
     "MockTransport",
     "OriginStatistics",
     "PoolLimits",
+    "PreparedHeaders",
+    "prepared_headers",
     "PoolTimeout",
     "ReadTimeout",
     "RemoteProtocolError",

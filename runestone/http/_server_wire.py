@@ -64,6 +64,17 @@ _NAMES_MAX = 512
 HEAD_LINES = b":lines"
 
 
+def header_block(headers) -> tuple[bytes, bytes]:
+    """``headers`` (bytes pairs) as one ``(HEAD_LINES, lines)`` pair, checked once here: for header lines
+    that do not change between responses, written with one append instead of a step per header."""
+    lines = []
+    for name, value in headers:
+        if not _check_name(name) or name.lower() in _SERVER_OWNED or b"\n" in value or b"\r" in value:
+            raise ValueError(f"invalid header for a block {name!r}: {value!r}")
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return HEAD_LINES, b"".join(lines)
+
+
 def _check_name(name: bytes) -> bool:
     if not name or b"\n" in name or b"\r" in name or b":" in name:
         return False
@@ -82,18 +93,23 @@ def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes
     """
     parts = [status_line(status)]
     names = _NAMES
-    lines = 0
+    blocks = 0  # lines written by (HEAD_LINES, block) pairs, and their count
+    nblocks = 0
     for name, value in headers:
+        if names.get(name):  # a name seen before, to write (the usual case: one lookup)
+            if value.__class__ is not bytes:
+                value = value.encode("latin-1")
+            parts += (name, b": ", value, b"\r\n")
+            continue
+        if name is HEAD_LINES:  # lines made whole (the final count below still checks their CR and LF)
+            parts.append(value)
+            blocks += value.count(b"\n")
+            nblocks += 1
+            continue
         if name.__class__ is not bytes:
             name = name.encode("latin-1")
-        if value.__class__ is not bytes:
-            value = value.encode("latin-1")
         keep = names.get(name)
         if keep is None:
-            if name is HEAD_LINES:  # lines made whole (the final count below still checks their CR and LF)
-                parts.append(value)
-                lines += value.count(b"\n")
-                continue
             if not _check_name(name):
                 raise ValueError(f"invalid response header {name!r}: {value!r}")
             keep = name.lower() not in _SERVER_OWNED
@@ -101,8 +117,11 @@ def build_head(status: int, headers, framing: bytes, connection: bytes) -> bytes
                 names.clear()
             names[name] = keep
         if keep:
+            if value.__class__ is not bytes:
+                value = value.encode("latin-1")
             parts += (name, b": ", value, b"\r\n")
-            lines += 1
+    # Four parts per header line written, one per block, and the status line.
+    lines = (len(parts) - 1 - nblocks) // 4 + blocks
     parts += (date_server_lines(), framing, connection)
     head = b"".join(parts)
     # Values are checked all at once: a CR or LF in one shows up as more of them than the lines written here

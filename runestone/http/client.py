@@ -54,11 +54,13 @@ __all__ = [
     "FastTransport",
     "OriginStatistics",
     "PoolLimits",
+    "PreparedHeaders",
     "Timeouts",
     "Transport",
     "TransportStatistics",
     "UpstreamResponse",
     "make_transport",
+    "prepared_headers",
 ]
 
 _USER_AGENT = b"runestone/0.1"
@@ -111,15 +113,37 @@ _HOST = b"host"
 _USER_AGENT_NAME = b"user-agent"
 
 
-def _build_request(method: str, target: bytes, host: bytes, headers: HeaderList, body: bytes) -> bytes:
-    """The request head (and body) as one bytes object, ready for one ``send``."""
-    method_b = _METHODS.get(method)
-    if method_b is None:
-        if not method or not method.isascii() or " " in method:
-            raise LocalProtocolError(f"invalid HTTP method {method!r}")
-        method_b = method.encode("ascii")
-    parts = [method_b, b" ", target, b" HTTP/1.1\r\n"]
-    lines = 2  # the request line and the blank line ending the head
+class PreparedHeaders(tuple):
+    """Request headers that do not change between requests (a provider's content type, accept and
+    credential), as the pairs they are and as the header lines :class:`FastTransport` writes, made and
+    checked once (:func:`prepared_headers`). Any transport takes them as a tuple of pairs."""
+
+    #: The header lines, the Host and User-Agent lines still to add (none given), and how many lines.
+    lines: bytes
+    need_host: bool
+    need_agent: bool
+    count: int
+
+
+def prepared_headers(headers: HeaderList) -> tuple:
+    """``headers`` as :class:`PreparedHeaders`; as a plain tuple when one of them is not a valid header (each
+    request that sends them then fails with the LocalProtocolError that says why)."""
+    pairs = PreparedHeaders(tuple(headers))
+    parts: list[bytes] = []
+    try:
+        count, need_host, need_agent = _header_lines(headers, parts)
+    except LocalProtocolError:
+        return tuple(headers)
+    lines = b"".join(parts)
+    if lines.count(b"\n") != count or lines.count(b"\r") != count:
+        return tuple(headers)
+    pairs.lines, pairs.need_host, pairs.need_agent, pairs.count = lines, need_host, need_agent, count
+    return pairs
+
+
+def _header_lines(headers, parts: list) -> tuple[int, bool, bool]:
+    """Append ``headers``' lines to ``parts`` (framing names dropped); (lines, need Host, need User-Agent)."""
+    lines = 0
     need_host = need_agent = True
     try:
         for name, value in headers:
@@ -138,6 +162,24 @@ def _build_request(method: str, target: bytes, host: bytes, headers: HeaderList,
             lines += 1
     except UnicodeEncodeError as exc:
         raise LocalProtocolError(f"header not encodable: {exc}") from None
+    return lines, need_host, need_agent
+
+
+def _build_request(method: str, target: bytes, host: bytes, headers: HeaderList, body: bytes) -> bytes:
+    """The request head (and body) as one bytes object, ready for one ``send``."""
+    method_b = _METHODS.get(method)
+    if method_b is None:
+        if not method or not method.isascii() or " " in method:
+            raise LocalProtocolError(f"invalid HTTP method {method!r}")
+        method_b = method.encode("ascii")
+    parts = [method_b, b" ", target, b" HTTP/1.1\r\n"]
+    if headers.__class__ is PreparedHeaders:
+        parts.append(headers.lines)
+        need_host, need_agent = headers.need_host, headers.need_agent
+        lines = headers.count + 2  # the request line and the blank line ending the head
+    else:
+        lines, need_host, need_agent = _header_lines(headers, parts)
+        lines += 2
     if need_host:
         parts += (b"Host: ", host, b"\r\n")
         lines += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import orjson
 
+from ..http import prepared_headers
 from ..resilience.errors import UpstreamError
 from ..telemetry.observe import note_finish_reasons, outgoing_traceparent
 from ..wire.errors import UpstreamErrorBody, scrub
@@ -112,7 +113,7 @@ class AnthropicAdapter:
         key = getattr(config, "api_key", None)
         if key:
             headers.append((b"x-api-key", key.encode()))
-        self._headers = headers
+        self._headers = prepared_headers(headers)
         self._secrets = secrets_of(config)
         self._default_max_tokens = int(getattr(config, "default_max_tokens", None) or 4096)
         self._transport = transport

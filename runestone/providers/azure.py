@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from ..http import prepared_headers
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
 from ..wire.errors import UpstreamErrorBody, loads_or_none, parse_upstream_error
@@ -70,7 +71,7 @@ class AzureAdapter(OpenAIAdapter):
                 headers.append((b"authorization", b"Bearer " + key.encode()))
             else:
                 headers.append((b"api-key", key.encode()))
-        self._headers = headers
+        self._headers = prepared_headers(headers)
         if self._v1:
             self._models_url = base + "/models"
         else:  # the Responses API of the deployment scheme has other paths; /v1/responses is translated to chat

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import orjson
 
+from ..http import prepared_headers
 from ..resilience.errors import UpstreamError
 from ..resilience.retry import parse_retry_after
 from ..telemetry.observe import note_finish_reasons
@@ -142,7 +143,7 @@ class GeminiAdapter:
         key = getattr(config, "api_key", None)
         if key:
             headers.append((b"x-goog-api-key", key.encode()))
-        self._headers = headers
+        self._headers = prepared_headers(headers)
         self._secrets = secrets_of(config)
         self._transport = transport
         self._timeouts = timeouts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import orjson
 
+from ..http import prepared_headers
 from ..http.errors import TransportError
 from ..resilience.errors import UpstreamError
 from .presets import preset_base_url, preset_of, rename_reasoning
@@ -162,7 +163,7 @@ class OpenAIAdapter:
         key = getattr(config, "api_key", None)
         if key:
             headers.append((b"authorization", b"Bearer " + key.encode()))
-        self._headers = headers
+        self._headers = prepared_headers(headers)
         self._secrets = secrets_of(config)
         self._transport = transport
         self._timeouts = timeouts

@@ -154,8 +154,13 @@ def for_openai_upstream(body: dict) -> dict:
     counterpart there: a 400 naming it.
     """
     messages = body.get("messages")
-    marked = isinstance(messages, list) and any(isinstance(m, dict) and "thinking_blocks" in m for m in messages)
-    if "thinking" not in body and not marked:
+    marked = False
+    if isinstance(messages, list):
+        for m in messages:  # (a loop, not any() over a generator: this runs for every request)
+            if isinstance(m, dict) and "thinking_blocks" in m:
+                marked = True
+                break
+    if not marked and "thinking" not in body:
         return body
     out = dict(body)
     thinking = out.pop("thinking", None)

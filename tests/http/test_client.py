@@ -18,7 +18,14 @@ import pytest
 import trio
 import trustme
 
-from runestone.http.client import FastTransport, PoolLimits, Timeouts, UpstreamResponse
+from runestone.http.client import (
+    FastTransport,
+    PoolLimits,
+    PreparedHeaders,
+    Timeouts,
+    UpstreamResponse,
+    prepared_headers,
+)
 from runestone.http.errors import (
     ConnectError,
     ConnectTimeout,
@@ -136,14 +143,18 @@ async def test_sequential_requests_share_one_connection() -> None:
         assert (stats.open, stats.idle, stats.in_use, stats.waiting) == (1, 1, 0, 0)
 
 
-async def test_request_head_carries_host_length_agent_and_caller_headers() -> None:
+@pytest.mark.parametrize("prepare", [list, prepared_headers], ids=["list", "prepared"])
+async def test_request_head_carries_host_length_agent_and_caller_headers(prepare) -> None:
     async with serving(keep_alive) as server, FastTransport() as transport:
-        headers = [("Authorization", "Bearer k"), (b"X-Trace", b"7"), ("content-length", "999")]
-        async with transport.stream("POST", server.url("/v1/chat?x=1"), headers, b'{"a":1}') as response:
-            assert await response.read() == b"hello"
-        async with transport.stream("POST", server.url("/e"), [("User-Agent", "sdk/2"), ("Host", "api.test")]):
+        headers = prepare([("Authorization", "Bearer k"), (b"X-Trace", b"7"), ("content-length", "999")])
+        assert isinstance(headers, PreparedHeaders) is (prepare is prepared_headers)
+        for _ in range(2):  # prepared once, sent as they are each time
+            async with transport.stream("POST", server.url("/v1/chat?x=1"), headers, b'{"a":1}') as response:
+                assert await response.read() == b"hello"
+        async with transport.stream("POST", server.url("/e"), prepare([("User-Agent", "sdk/2"), ("Host", "api.test")])):
             pass
-    first, second = server.requests
+    first, again, second = server.requests
+    assert again == first
     lines = first.split(b"\r\n")
     assert lines[0] == b"POST /v1/chat?x=1 HTTP/1.1"
     assert sorted(lines[1:]) == sorted(
@@ -666,9 +677,11 @@ async def test_closed_transport_closes_idle_connections_and_refuses_requests() -
 )
 async def test_invalid_requests_fail_before_connecting(url: str, headers: list[tuple[str, str]]) -> None:
     async with FastTransport() as transport:
-        with pytest.raises(LocalProtocolError):
-            async with transport.stream("GET", url, headers):
-                pass
+        # Prepared or not, an invalid header fails each request that would send it (preparing them does not).
+        for given in (headers, prepared_headers(headers)):
+            with pytest.raises(LocalProtocolError):
+                async with transport.stream("GET", url, given):
+                    pass
         assert all(stats.open == 0 for stats in transport.statistics().origins)
 
 

@@ -646,7 +646,7 @@ async def test_handler_headers_of_framing_names_are_dropped_in_any_case(start_se
 
 async def test_prebuilt_header_lines_are_written_as_they_are_and_a_bare_line_feed_in_them_is_a_500(start_server,
                                                                                                    connect):
-    from runestone.http._server_wire import HEAD_LINES
+    from runestone.http import HEAD_LINES
 
     block = b"x-ratelimit-limit-requests: 10\r\nx-ratelimit-remaining-requests: 9\r\n"
     answers = iter([[(b"x-before", b"1"), (HEAD_LINES, block), (b"x-after", b"2")],
@@ -665,6 +665,30 @@ async def test_prebuilt_header_lines_are_written_as_they_are_and_a_bare_line_fee
     second, _ = await client.request("GET", "/")
     assert second.status_code == 500
     assert header(second, b"set-cookie") is None
+
+
+async def test_a_header_block_is_checked_when_made_and_written_beside_headers_seen_before_and_new(start_server,
+                                                                                                   connect):
+    from runestone.http import header_block
+
+    block = header_block(((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")))
+    for bad in ((b"x-a", b"1\r\nset-cookie: evil"), (b"x:b", b"1"), (b"Content-Length", b"9"), (b"", b"1")):
+        with pytest.raises(ValueError):
+            header_block((bad,))
+
+    async def handler(request: Request) -> Response:
+        # A name written before, a block, a str pair, a new name each time, and a dropped framing name.
+        return Response(200, [(b"x-seen", b"1"), block, ("x-str", "s"), (request.path[1:].encode(), b"v"),
+                              (b"connection", b"close")], b"ok")
+
+    server = await start_server(handler)
+    client = await connect(server)
+    for path in ("/x-first", "/x-second", "/x-first"):
+        response, body = await client.request("GET", path)
+        assert (response.status_code, body) == (200, b"ok")
+        assert [(n, v) for n, v in response.headers if n not in (b"date", b"server", b"content-length")] == [
+            (b"x-seen", b"1"), (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-str", b"s"), (path[1:].encode(), b"v"), (b"connection", b"keep-alive")]
 
 
 # -- limits -------------------------------------------------------------------------------
