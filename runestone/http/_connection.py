@@ -147,7 +147,7 @@ class _Connection:
 
     __slots__ = (
         "_server", "_limits", "_stream", "client", "_parser", "_ready", "_parsing", "_in_head",
-        "_url", "_head_size", "_head_raw", "_error", "_error_request", "_upgrade_tail", "_eof",
+        "_url", "_head_raw", "_error", "_error_request", "_upgrade_tail", "_eof",
         "_reading", "_read_done", "_response_started", "_served", "_fd", "_scope", "_phase",
         "deadline", "_expired_phase", "handler_since", "watching",
     )
@@ -166,7 +166,6 @@ class _Connection:
         self._parsing: Request | None = None
         self._in_head = False
         self._url = b""
-        self._head_size = 0
         self._head_raw = 0
         self._error: HttpError | None = None
         self._error_request: Request | None = None
@@ -195,7 +194,6 @@ class _Connection:
         self._parsing = Request(self, self.client)
         self._in_head = True
         self._url = b""
-        self._head_size = 0
         self._head_raw = 0
 
     def on_url(self, url: bytes) -> None:
@@ -204,38 +202,39 @@ class _Connection:
             raise BadRequest(f"request line exceeds the limit of {self._limits.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._parsing
-        name = name.lower()
+        # The headers' size is judged at the end of the head (on_headers_complete); until then the raw bytes
+        # read bound it (see _feed), and their count is bounded here.
         if value and value[-1] in (32, 9):
             value = value.rstrip(b" \t")
-        headers = request.headers
-        headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
-        limits = self._limits
-        if self._head_size > limits.max_header_bytes:
-            raise _HeadersTooLarge(f"request headers exceed the limit of {limits.max_header_bytes} bytes")
-        if len(headers) > limits.max_headers:
-            raise _HeadersTooLarge(f"request has more than {limits.max_headers} headers")
-        if name == b"content-length":
-            request._content_length = int(value)
-        elif name == b"expect" and value.lower() == b"100-continue":
-            request._expect_continue = True
+        headers = self._parsing.headers
+        headers.append((name.lower(), value))
+        if len(headers) > self._limits.max_headers:
+            raise _HeadersTooLarge(f"request has more than {self._limits.max_headers} headers")
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         parser = self._parser
+        limits = self._limits
+        headers = request.headers
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1")
         hosts = 0
-        for name, _ in request.headers:
+        size = 4 * len(headers)  # ": " and CRLF, as each header line is counted
+        for name, value in headers:
+            size += len(name) + len(value)
             if name == b"host":
                 hosts += 1
+            elif name == b"content-length":
+                request._content_length = int(value)
+            elif name == b"expect" and value.lower() == b"100-continue":
+                request._expect_continue = True
+        if size > limits.max_header_bytes:
+            raise _HeadersTooLarge(f"request headers exceed the limit of {limits.max_header_bytes} bytes")
         if hosts != 1 and (hosts or version == "1.1"):
             # RFC 9112 section 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it.
             raise BadRequest("an HTTP/1.1 request needs a Host header" if not hosts
                              else "a request may carry only one Host header")
-        limits = self._limits
         if request._content_length > limits.max_body_bytes:
             raise BodyTooLarge(f"request body exceeds the limit of {limits.max_body_bytes} bytes")
         method = parser.get_method()

@@ -719,6 +719,17 @@ async def test_too_large_headers_is_431(start_server):
     assert error_message(body) == "request headers exceed the limit of 256 bytes"
 
 
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-limit", "one-byte-over"])
+async def test_the_header_size_limit_counts_each_line_as_name_value_and_four_bytes(start_server, extra):
+    # As counted: "host: t" 4 + 1 + 4 bytes, "connection: close" 10 + 5 + 4, "x-big: b..." 5 + n + 4.
+    server = await start_server(echo, max_header_bytes=256)
+    n = 256 - 9 - 19 - 9 + extra
+    data = await raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Big: "
+                              + b"b" * n + b"\r\n\r\n")
+    [(response, body)] = parse_responses(data, ["GET"])
+    assert response.status_code == (200 if not extra else 431)
+
+
 async def test_never_ending_header_line_is_cut_off_with_431(start_server):
     server = await start_server(echo, max_header_bytes=1024)
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
