@@ -189,7 +189,7 @@ class MetricLabels:
     dict lookups.
     """
 
-    __slots__ = ("catalog", "route_name", "cap", "_version", "_models", "_any_model", "_seen")
+    __slots__ = ("catalog", "route_name", "cap", "_version", "_models", "_any_model", "_seen", "_pairs")
 
     def __init__(self, catalog: Any = None, route_name: Callable[[str], bool] | None = None, cap: int = 100):
         self.catalog = catalog
@@ -200,6 +200,9 @@ class MetricLabels:
         self._any_model: frozenset[str] = frozenset()
         #: Without a catalog: the names of each kind let through so far, at most ``cap`` of each.
         self._seen: dict[str, set[str]] = {"provider": set(), "model": set()}
+        #: (provider, model) -> their labels, for the catalog's version in ``_version`` (a served pair: a
+        #: provider that answered; bounded, cleared with each new version).
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
 
     def _refresh(self) -> None:
         catalog = self.catalog
@@ -214,6 +217,7 @@ class MetricLabels:
             models[name] = frozenset(names)
         self._models = models
         self._any_model = frozenset().union(*models.values())
+        self._pairs = {}
         self._version = version
 
     def _capped(self, kind: str, name: str) -> str:
@@ -236,14 +240,24 @@ class MetricLabels:
 
     def pair(self, provider: str, model: str) -> tuple[str, str]:
         """The (provider, model) labels of a request or attempt."""
-        if self.catalog is None:
+        catalog = self.catalog
+        if catalog is None:
             return self.provider(provider), self._capped("model", model)
-        self._refresh()
         if provider:
+            if catalog.version == self._version:
+                labels = self._pairs.get((provider, model))
+                if labels is not None:
+                    return labels
+            else:
+                self._refresh()
             served = self._models.get(provider)
-            if served is None:
-                return OTHER, OTHER
-            return provider, model if model in served else OTHER
+            labels = (OTHER, OTHER) if served is None else (provider, model if model in served else OTHER)
+            pairs = self._pairs
+            if len(pairs) >= 4096:  # bounded: model names come from clients
+                pairs.clear()
+            pairs[(provider, model)] = labels
+            return labels
+        self._refresh()
         if model in self._any_model:
             return provider, model
         pinned, sep, upstream = model.partition(":")

@@ -185,6 +185,9 @@ def test_labels_keep_registered_names_and_fold_the_rest_into_other():
     catalog.publish(openai=_Entry(["gpt-4o"]), mistral=_Entry(["mistral-small"]))
     assert labels.pair("mistral", "mistral-small") == ("mistral", "mistral-small")
     assert labels.pair("vllm", "anything") == (OTHER, OTHER)
+    # A pair labelled before is labelled anew for the new table (openai no longer has a default model).
+    assert labels.pair("openai", "gpt-4o-mini") == ("openai", OTHER)
+    assert labels.pair("openai", "gpt-4o") == ("openai", "gpt-4o")
 
 
 def test_made_up_names_add_no_series():
