@@ -67,7 +67,7 @@ class Request:
     __slots__ = (
         "method", "path", "query", "http_version", "headers", "client", "keep_alive", "websocket",
         "_conn", "_chunks", "_received", "_complete", "_expect_continue", "_content_length",
-        "_body", "_discard",
+        "_body", "_discard", "_index",
     )
 
     def __init__(self, conn: _Connection, client: tuple[str, int] | None) -> None:
@@ -87,16 +87,18 @@ class Request:
         self._content_length = -1
         self._body: bytes | None = None
         self._discard = False
+        self._index: dict[bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path}{'?' if self.query else ''}{self.query} HTTP/{self.http_version}>"
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lowercase bytes), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        index = self._index
+        if index is None:
+            # Made at the first lookup (a request's handler asks for a few): the first value of each name.
+            index = self._index = dict(reversed(self.headers))
+        return index.get(name)
 
     async def body(self) -> bytes:
         """The whole request body (what :meth:`iter_body` has not yet yielded).
