@@ -23,7 +23,11 @@ soak also by count; all traffic is on 127.0.0.1.
 
 ``--baseline DIR`` runs a second gateway from another checkout of the project (``git worktree add DIR main``)
 on the same upstream and config, as a fourth target in every round: a before/after comparison measured
-interleaved, each side's CPU ratio taken against the relay of the same round.
+interleaved, each side's CPU ratio taken against the relay of the same round. With ``--paired`` the two
+gateways are loaded *at the same time* in each round (a wrk each, both on core 0; direct and the relay still
+run on their own): both then see the same contention from whatever else the machine runs, so their ratio holds
+where back-to-back runs drift by more than a small difference (the two gateways' req/s and latency are then a
+shared core's, and their ratios to the relay are taken against a relay that had the core to itself).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -277,6 +282,24 @@ def measured(runner: Runner, pid: int, port: int, body: dict, connections: int, 
     return result
 
 
+def measured_together(runner: Runner, servers: dict, body: dict, connections: int, seconds: float) -> dict:
+    """:func:`measured` for every ``servers`` entry (name -> (pid, port)) at the same time, a wrk each."""
+    out: dict = {}
+
+    def one(name: str, pid: int, port: int) -> None:
+        out[name] = measured(runner, pid, port, body, connections, seconds)
+
+    threads = [threading.Thread(target=one, args=(name, pid, port)) for name, (pid, port) in servers.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 90)
+    missing = set(servers) - set(out)
+    if missing:
+        raise SystemExit(f"bench: no result from the paired run of {', '.join(sorted(missing))}")
+    return out
+
+
 def ttfb_probe(port: int, body: dict, n: int) -> float:
     """Median milliseconds from sending a streaming request to reading its first event (one connection)."""
     payload = json.dumps(body).encode()
@@ -330,9 +353,12 @@ def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
     return out
 
 
-def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
+def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = False) -> None:
     print(f"\nmedians of {rounds} interleaved rounds of {math.ceil(seconds)} s per target; CPU = server process "
           "CPU per request; ratio = Runestone / relay, per round: median (lowest-highest)\n")
+    if paired:
+        print("--paired: Runestone and the baseline were loaded at the same time, sharing core 0 (their req/s, "
+              "latency and CPU are a shared core's); their ratio to each other is the figure, not to the relay\n")
     header = (f"{'case':<24} | {'direct req/s':>12} {'p50':>7} | {'relay req/s':>11} {'CPU':>8} | "
               f"{'Runestone req/s':>15} {'CPU':>8} {'p50':>7} {'p99':>7} | {'CPU ratio':>16} {'req/s ratio':>11}")
     print(header)
@@ -341,17 +367,23 @@ def print_table(cases: list[dict], rounds: int, seconds: float) -> None:
         d, r, g = case["direct"], case["relay"], case["gateway"]
         ratio = case["cpu_ratio"]
         ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
+        if paired:  # the gateways shared core 0, the relay had it to itself: no ratio of the two
+            ratio_text = "(paired)"
         print(f"{case['case']:<24} | {d['rps']:>12.0f} {d['p50_ms']:>5.2f}ms | {r['rps']:>11.0f} "
               f"{r['cpu_ms_per_request']:>6.3f}ms | {g['rps']:>15.0f} {g['cpu_ms_per_request']:>6.3f}ms "
               f"{g['p50_ms']:>5.2f}ms {g['p99_ms']:>5.2f}ms | {ratio_text:>16} {case['rps_ratio'] or 0:>10.2f}x")
         if "baseline" in case:
             b, ratio = case["baseline"], case["baseline_cpu_ratio"]
             ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
+            if paired:
+                ratio_text = "(paired)"
             print(f"{'  baseline':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {b['rps']:>15.0f} "
                   f"{b['cpu_ms_per_request']:>6.3f}ms {b['p50_ms']:>5.2f}ms {b['p99_ms']:>5.2f}ms | {ratio_text:>16}")
             v = case["vs_baseline"]
             if v:
-                print(f"  Runestone CPU / baseline CPU, per round: {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})")
+                how = " (the two loaded at the same time)" if paired else ""
+                print(f"  Runestone CPU / baseline CPU, per round{how}: {v['median']:.2f}x "
+                      f"({v['min']:.2f}-{v['max']:.2f})")
         targets = [t for t in (*TARGETS, "baseline") if t in case]
         errors = {t: case[t]["errors"] for t in targets if case[t]["errors"] or case[t]["socket_errors"]}
         if errors:
@@ -446,6 +478,8 @@ def main() -> None:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--baseline", metavar="DIR",
                    help="also run a gateway from the checkout in DIR (e.g. `git worktree add DIR main`), interleaved")
+    p.add_argument("--paired", action="store_true",
+                   help="with --baseline: load the two gateways at the same time in each round (see above)")
     p.add_argument("--observe", action="store_true",
                    help="run the gateway with the access log and OpenTelemetry tracing on (to an OTLP sink)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
@@ -456,6 +490,8 @@ def main() -> None:
     if args.rounds < 1 or args.seconds <= 0 or args.workers < 0:
         p.error("--rounds and --seconds must be positive, --workers 0 or more")
     baseline = Path(args.baseline).resolve() if args.baseline else None
+    if args.paired and baseline is None:
+        p.error("--paired compares the gateway with --baseline DIR: give both")
     if baseline is not None and not (baseline / "runestone" / "__init__.py").is_file():
         p.error(f"--baseline {args.baseline}: not a checkout of the project (no runestone/__init__.py)")
     targets = TARGETS + ("baseline",) if baseline is not None else TARGETS
@@ -473,7 +509,8 @@ def main() -> None:
           flush=True)
     print(f"bench: relay {relay}; wrk {runner.wrk}; workdir {workdir}", flush=True)
     results: dict = {"machine": machine(), "pinned": runner.pin, "rounds": args.rounds, "seconds": args.seconds,
-                     "relay": str(relay), "observe": args.observe, "workers": args.workers, "cases": []}
+                     "relay": str(relay), "observe": args.observe, "workers": args.workers,
+                     "paired": args.paired, "cases": []}
     try:
         # The fake upstream writes each stream at once (--coalesce): a fast upstream, so that what is measured
         # is the gateway, which still parses and validates every one of the 20 events it relays.
@@ -518,9 +555,18 @@ def main() -> None:
             body = {**CHAT, "stream": True} if stream else CHAT
             rounds = []
             for i in range(args.rounds):
-                k = i % len(targets)
-                order = targets[k:] + targets[:k]
-                rounds.append({t: measured(runner, *servers[t], body, conns, args.seconds) for t in order})
+                # With --paired, the two gateways are one step of the round, loaded together.
+                steps = [t for t in targets if t != "baseline" and not (args.paired and t == "gateway")]
+                if args.paired:
+                    steps.append(("gateway", "baseline"))
+                k = i % len(steps)
+                r = {}
+                for step in steps[k:] + steps[:k]:
+                    if isinstance(step, tuple):
+                        r.update(measured_together(runner, {t: servers[t] for t in step}, body, conns, args.seconds))
+                    else:
+                        r[step] = measured(runner, *servers[step], body, conns, args.seconds)
+                rounds.append(r)
                 r = rounds[-1]
                 print(f"  {label} round {i + 1}: " + "  ".join(
                     f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in targets)
@@ -542,7 +588,7 @@ def main() -> None:
             results["peak_rss_mib"]["gateway"] = round(rss_kib(gw.pid, "VmHWM") / 1024, 1)
     finally:
         runner.stop_all()
-    print_table(results["cases"], args.rounds, args.seconds)
+    print_table(results["cases"], args.rounds, args.seconds, args.paired)
     if args.workers:
         print(f"Runestone ran {args.workers} worker(s): req/s per worker "
               + ", ".join(f"{c['case']} {c['gateway']['rps'] / args.workers:.0f}" for c in results["cases"])
