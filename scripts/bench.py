@@ -556,9 +556,9 @@ def main() -> None:
             rounds = []
             for i in range(args.rounds):
                 # With --paired, the two gateways are one step of the round, loaded together.
-                steps = [t for t in targets if t != "baseline" and not (args.paired and t == "gateway")]
+                steps: list = list(targets)
                 if args.paired:
-                    steps.append(("gateway", "baseline"))
+                    steps = [t for t in targets if t not in ("gateway", "baseline")] + [("gateway", "baseline")]
                 k = i % len(steps)
                 r = {}
                 for step in steps[k:] + steps[:k]:
