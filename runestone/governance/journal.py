@@ -190,7 +190,6 @@ class SpendJournal:
         have = os.fstat(fd).st_size
         if have >= size:
             return have
-            return
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
