@@ -46,6 +46,7 @@ import json
 import logging
 import itertools
 import math
+import operator
 import os
 import sqlite3
 import time
@@ -224,6 +225,10 @@ class LedgerBackend:
         raise NotImplementedError
 
 
+#: A stored row without its seq (the last field), as the SQLite table holds it.
+_BUT_SEQ = operator.itemgetter(slice(0, -1))
+
+
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -278,7 +283,9 @@ class SQLiteLedgerBackend(LedgerBackend):
                 n = len(rows)
                 full = n - n % self._chunk
                 for start in range(0, full, self._chunk):
-                    conn.execute(self._insert_chunk, [v for row in rows[start:start + self._chunk] for v in row[:-1]])
+                    # Each row's fields but the last (its seq), flattened in C.
+                    conn.execute(self._insert_chunk,
+                                 list(itertools.chain.from_iterable(map(_BUT_SEQ, rows[start:start + self._chunk]))))
                 if full < n:
                     conn.executemany(self._insert, [row[:-1] for row in rows[full:]])
             except sqlite3.OperationalError:
