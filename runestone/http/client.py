@@ -115,8 +115,8 @@ _USER_AGENT_NAME = b"user-agent"
 
 class PreparedHeaders(tuple):
     """Request headers that do not change between requests (a provider's content type, accept and
-    credential), as the pairs they are and as the header lines :class:`FastTransport` writes, made and
-    checked once (:func:`prepared_headers`). Any transport takes them as a tuple of pairs."""
+    credential), as the pairs they are and as the header lines :class:`FastTransport` writes, made once
+    (:func:`prepared_headers`). Any transport takes them as a tuple of pairs."""
 
     #: The header lines, the Host and User-Agent lines still to add (none given), and how many lines.
     lines: bytes
@@ -126,18 +126,16 @@ class PreparedHeaders(tuple):
 
 
 def prepared_headers(headers: HeaderList) -> tuple:
-    """``headers`` as :class:`PreparedHeaders`; as a plain tuple when one of them is not a valid header (each
-    request that sends them then fails with the LocalProtocolError that says why)."""
-    pairs = PreparedHeaders(tuple(headers))
+    """``headers`` as :class:`PreparedHeaders`; as a plain tuple when one of them cannot be encoded (each
+    request that sends them then fails with the LocalProtocolError that says why). A CR or LF in them is
+    caught where every head is checked, in :func:`_build_request`, prepared or not."""
     parts: list[bytes] = []
     try:
         count, need_host, need_agent = _header_lines(headers, parts)
     except LocalProtocolError:
         return tuple(headers)
-    lines = b"".join(parts)
-    if lines.count(b"\n") != count or lines.count(b"\r") != count:
-        return tuple(headers)
-    pairs.lines, pairs.need_host, pairs.need_agent, pairs.count = lines, need_host, need_agent, count
+    pairs = PreparedHeaders(tuple(headers))
+    pairs.lines, pairs.need_host, pairs.need_agent, pairs.count = b"".join(parts), need_host, need_agent, count
     return pairs
 
 

@@ -313,13 +313,8 @@ def usage_from(provider: str, u: Any, usage: Usage) -> None:
     """Copy an OpenAI-shaped ``usage`` object's counts into ``usage``, each checked by :func:`token_count`."""
     if not isinstance(u, dict):
         raise UpstreamError(provider, "malformed", "upstream usage is not an object")
-    prompt = u.get("prompt_tokens")
-    completion = u.get("completion_tokens")
-    # The usual shape, judged inline; anything else (missing, null, a float, out of range) by token_count.
-    if prompt.__class__ is not int or not 0 <= prompt <= MAX_TOKENS:
-        prompt = token_count(provider, u, "prompt_tokens")
-    if completion.__class__ is not int or not 0 <= completion <= MAX_TOKENS:
-        completion = token_count(provider, u, "completion_tokens")
+    prompt = token_count(provider, u, "prompt_tokens")
+    completion = token_count(provider, u, "completion_tokens")
     usage.prompt_tokens, usage.completion_tokens = prompt, completion  # both or neither
 
 

@@ -266,11 +266,9 @@ class HealthTracker:
         n = len(h.outcomes)
         success = (h.ok_in_window + p.prior) / (n + p.prior) if n + p.prior > 0 else 1.0
         latency = 1.0
-        s = h.latencies._sorted
-        if s:
-            p50 = s[(len(s) - 1) >> 1]  # nearest_rank(s, 50), inline: the rank ceil(n / 2)
-            if p50 > p.latency_ref:
-                latency = p.latency_ref / p50
+        p50 = h.latencies.percentile(50)
+        if p50 is not None and p50 > p.latency_ref:
+            latency = p.latency_ref / p50
         score = success * ((1.0 - p.latency_weight) + p.latency_weight * latency)
         if h.breaker == "half_open" and score > p.half_open_cap:
             score = p.half_open_cap
