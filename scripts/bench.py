@@ -273,21 +273,26 @@ class Runner:
         return result
 
 
-def measured(runner: Runner, pid: int, port: int, body: dict, connections: int, seconds: float) -> dict:
-    """One wrk run against ``port`` with the CPU the process ``pid`` (and its workers) spent on it, per request."""
+def measured(runner: Runner, pid: int, port: int, body: dict, connections: int, seconds: float,
+             key: str | None = None) -> dict:
+    """One wrk run against ``port`` (with client key ``key``, default ``KEY``) with the CPU the process ``pid``
+    (and its workers) spent on it, per request."""
     cpu0 = tree_cpu_seconds(pid)
-    result = runner.wrk_run(port, body, connections=connections, seconds=seconds)
+    result = runner.wrk_run(port, body, connections=connections, seconds=seconds, key=key)
     cpu = tree_cpu_seconds(pid) - cpu0
     result["cpu_ms_per_request"] = cpu * 1000 / max(result["requests"], 1)
     return result
 
 
-def measured_together(runner: Runner, servers: dict, body: dict, connections: int, seconds: float) -> dict:
-    """:func:`measured` for every ``servers`` entry (name -> (pid, port)) at the same time, a wrk each."""
+def measured_together(runner: Runner, servers: dict, body: dict, connections: int, seconds: float,
+                      keys: dict | None = None) -> dict:
+    """:func:`measured` for every ``servers`` entry (name -> (pid, port)) at the same time, a wrk each (with
+    the client key ``keys[name]`` where given)."""
     out: dict = {}
+    keys = keys or {}
 
     def one(name: str, pid: int, port: int) -> None:
-        out[name] = measured(runner, pid, port, body, connections, seconds)
+        out[name] = measured(runner, pid, port, body, connections, seconds, keys.get(name))
 
     threads = [threading.Thread(target=one, args=(name, pid, port)) for name, (pid, port) in servers.items()]
     for t in threads:
@@ -353,6 +358,12 @@ def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
     return out
 
 
+def _ratio_text(ratio: dict | None, paired: bool) -> str:
+    if paired:  # the gateways shared core 0, the relay had it to itself: no ratio of the two
+        return "(paired)"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
+
+
 def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = False) -> None:
     print(f"\nmedians of {rounds} interleaved rounds of {math.ceil(seconds)} s per target; CPU = server process "
           "CPU per request; ratio = Runestone / relay, per round: median (lowest-highest)\n")
@@ -365,18 +376,13 @@ def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = F
     print("-" * len(header))
     for case in cases:
         d, r, g = case["direct"], case["relay"], case["gateway"]
-        ratio = case["cpu_ratio"]
-        ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
-        if paired:  # the gateways shared core 0, the relay had it to itself: no ratio of the two
-            ratio_text = "(paired)"
+        ratio_text = _ratio_text(case["cpu_ratio"], paired)
         print(f"{case['case']:<24} | {d['rps']:>12.0f} {d['p50_ms']:>5.2f}ms | {r['rps']:>11.0f} "
               f"{r['cpu_ms_per_request']:>6.3f}ms | {g['rps']:>15.0f} {g['cpu_ms_per_request']:>6.3f}ms "
               f"{g['p50_ms']:>5.2f}ms {g['p99_ms']:>5.2f}ms | {ratio_text:>16} {case['rps_ratio'] or 0:>10.2f}x")
         if "baseline" in case:
-            b, ratio = case["baseline"], case["baseline_cpu_ratio"]
-            ratio_text = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
-            if paired:
-                ratio_text = "(paired)"
+            b = case["baseline"]
+            ratio_text = _ratio_text(case["baseline_cpu_ratio"], paired)
             print(f"{'  baseline':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {b['rps']:>15.0f} "
                   f"{b['cpu_ms_per_request']:>6.3f}ms {b['p50_ms']:>5.2f}ms {b['p99_ms']:>5.2f}ms | {ratio_text:>16}")
             v = case["vs_baseline"]
@@ -567,7 +573,6 @@ def main() -> None:
                     else:
                         r[step] = measured(runner, *servers[step], body, conns, args.seconds)
                 rounds.append(r)
-                r = rounds[-1]
                 print(f"  {label} round {i + 1}: " + "  ".join(
                     f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in targets)
                     + "  ratio " + " ".join(

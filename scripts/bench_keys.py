@@ -22,7 +22,6 @@ import json
 import sys
 import tempfile
 import textwrap
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -121,27 +120,20 @@ def paired(args, runner: bench.Runner, gateways: list, body: dict) -> None:
     ratios: list[float] = []
     figures: dict[str, list[float]] = {"static": [], "managed": []}
 
-    def load(gw, port: int, key: str, out: dict) -> None:
-        cpu0 = bench.cpu_seconds(gw.pid)
-        run = runner.wrk_run(port, body, connections=args.connections, seconds=args.seconds, key=key)
-        out.update(run, cpu_ms=(bench.cpu_seconds(gw.pid) - cpu0) * 1000 / max(run.get("requests", 0), 1))
-
     for gw, port, managed, _ in gateways:  # warm both paths of both up
         for key in (bench.KEY, managed):
             runner.wrk_run(port, body, connections=8, seconds=1, key=key)
     for r in range(args.rounds):
         (a, b) = gateways if r % 2 == 0 else gateways[::-1]
-        jobs = {"static": (a[0], a[1], bench.KEY, {}), "managed": (b[0], b[1], b[2], {})}
-        threads = [threading.Thread(target=load, args=job) for job in jobs.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(args.seconds + 90)
+        outs = bench.measured_together(runner, {"static": (a[0].pid, a[1]), "managed": (b[0].pid, b[1])}, body,
+                                       args.connections, args.seconds, keys={"static": bench.KEY, "managed": b[2]})
         line = []
-        for name, (_, _, _, out) in jobs.items():
-            figures[name].append(out["cpu_ms"])
-            line.append(f"{name} {out['rps']:>6.0f} req/s cpu {out['cpu_ms']:.4f} ms/req errors {out['non_2xx']}")
-        ratios.append(jobs["managed"][3]["cpu_ms"] / jobs["static"][3]["cpu_ms"])
+        for name in ("static", "managed"):
+            out = outs[name]
+            figures[name].append(out["cpu_ms_per_request"])
+            line.append(f"{name} {out['rps']:>6.0f} req/s cpu {out['cpu_ms_per_request']:.4f} ms/req "
+                        f"errors {out['non_2xx']}")
+        ratios.append(outs["managed"]["cpu_ms_per_request"] / outs["static"]["cpu_ms_per_request"])
         print(f"  round {r + 1}: " + "  |  ".join(line) + f"  managed/static {ratios[-1]:.3f}", flush=True)
     print(f"median CPU per request, static: {median(figures['static']):.4f} ms; managed: "
           f"{median(figures['managed']):.4f} ms; median of the rounds' ratios: {(median(ratios) - 1) * 100:+.1f}% "
