@@ -569,7 +569,9 @@ def main() -> None:
                 r = {}
                 for step in steps[k:] + steps[:k]:
                     if isinstance(step, tuple):
-                        r.update(measured_together(runner, {t: servers[t] for t in step}, body, conns, args.seconds))
+                        # Their wrk runs start in turn, one then the other first, round by round.
+                        pair = step if i % 2 == 0 else step[::-1]
+                        r.update(measured_together(runner, {t: servers[t] for t in pair}, body, conns, args.seconds))
                     else:
                         r[step] = measured(runner, *servers[step], body, conns, args.seconds)
                 rounds.append(r)
