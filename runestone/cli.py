@@ -24,9 +24,6 @@ import trio
 from . import __version__
 from .config import ConfigError, load_config
 
-#: The collector's young-generation threshold while serving (see cmd_serve's run).
-GC_YOUNG = 7000
-
 log = logging.getLogger("runestone")
 
 
@@ -64,12 +61,6 @@ async def _serve(app, control_fd: int | None = None) -> int:
         # Everything built at start lives as long as the process: keep it out of the collector's scans, so
         # that a full collection under load walks only what requests allocate (shorter pauses, lower p99).
         gc.freeze()
-        # A young collection every GC_YOUNG allocations, not Python's 700. Measured (2 vCPU Xeon, 3,000
-        # chat requests on one connection): at 700 one every ~70 requests, 0.35 ms each (most of it a cost
-        # per collection, whatever its size), 5 µs of CPU a request; at 7,000 one every ~600 requests, up
-        # to 1.7 ms, 2.5 µs a request. Two gateways loaded at once, with and without: -3.2% CPU per request
-        # with managed keys and the ledger's pricing (bench_keys' config), -1% in scripts/bench's cases.
-        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         worker = "" if app.worker is None else f", worker {app.worker.index} of {app.worker.count}"
         log.info("runestone %s ready on http://%s:%d (pid %d%s)", __version__, app.host, app.port, os.getpid(), worker)
         if control_fd is not None:

@@ -460,6 +460,7 @@ class _Connection:
                     await self._linger()
             finally:
                 # also when cancelled (hard stop, drain deadline) while lingering
+                self._parser = None  # it holds our bound callbacks: a cycle only the collector would free
                 await trio.aclose_forcefully(self._stream)
 
     async def _next_request(self) -> Request | None:
