@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from functools import partial
 
@@ -121,3 +122,26 @@ async def connect(hang_guard):
     yield open_client
     for client in clients:
         await trio.aclose_forcefully(client.stream)
+
+
+@pytest.fixture
+def collector_off():
+    """The cycle collector off for the test (as it was again after it), after one collection; yields
+    ``left(cls)``: how many instances of ``cls`` a collection would free now (those only a reference cycle
+    keeps)."""
+    def count(cls: type) -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, cls))
+
+    def left(cls: type) -> int:
+        before = count(cls)
+        gc.collect()
+        return before - count(cls)
+
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield left
+    finally:
+        if was:
+            gc.enable()

@@ -144,31 +144,21 @@ async def test_sequential_requests_share_one_connection() -> None:
         assert (stats.open, stats.idle, stats.in_use, stats.waiting) == (1, 1, 0, 0)
 
 
-async def test_a_finished_response_is_freed_at_once_not_left_to_the_collector() -> None:
+async def test_a_finished_response_is_freed_at_once_not_left_to_the_collector(collector_off) -> None:
     # httptools' parser holds its response's bound callbacks: unless aclose() lets go of the parser, every
     # response is a reference cycle (with its headers and chunks) that only a collection frees.
     from runestone.http._response import _FastResponse
 
-    def lingering() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, _FastResponse))
-
     async with serving(keep_alive) as server, FastTransport() as transport:
-        await get(transport, server.url("/"))
-        gc.collect()
-        was = gc.isenabled()
-        gc.disable()
-        try:
-            for _ in range(20):
-                response, body = await get(transport, server.url("/v1/models"))
-                assert body == b"hello"
-            for _ in range(5):
-                async with transport.stream("GET", server.url("/"), []) as response:
-                    assert b"".join([chunk async for chunk in response]) == b"hello"
-            del response
-            assert lingering() == 0
-        finally:
-            if was:
-                gc.enable()
+        for _ in range(20):
+            response, body = await get(transport, server.url("/v1/models"))
+            assert body == b"hello"
+        for _ in range(5):
+            async with transport.stream("GET", server.url("/"), []) as response:
+                assert b"".join([chunk async for chunk in response]) == b"hello"
+        del response
+        assert sum(1 for o in gc.get_objects() if isinstance(o, _FastResponse)) == 0
+        assert collector_off(_FastResponse) == 0
 
 
 @pytest.mark.parametrize("prepare", [list, prepared_headers], ids=["list", "prepared"])
