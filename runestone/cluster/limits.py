@@ -301,8 +301,7 @@ class FleetLease:
                 h.spent += nano
                 gov._dirty.add(h)
         if nano:
-            team = self._team or ""
-            gov.spend_by_team[team] = gov.spend_by_team.get(team, 0) + nano
+            gov.add_team_spend(self._team or "", nano)
         if self._states and tokens:
             now = trio.current_time()
             for st in self._states:

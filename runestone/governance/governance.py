@@ -133,7 +133,7 @@ class GovernedLease:
         self._gov = gov
         self._acct = acct
         self._amount = amount
-        self._state = 0  # 0 reserved, 1 settled, 2 released
+        self._state = 0  # 0 reserved, 2 ended (settled or released)
         self.seq = seq
         self.line = line
         self._headers = None
@@ -150,54 +150,55 @@ class GovernedLease:
         return headers
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
-        """Turn the reservation into the real cost (0 for a request that got no answer)."""
+        """Turn the reservation into the real cost (0 for a request that got no answer) and end the lease:
+        the request is over (its recording is the last thing done with it), so its place in the limiter
+        states is given back in the same step as its tokens are added to them; ``release`` then does
+        nothing. The holders stay in the flush's set while they have reservations (see :meth:`flush`):
+        nothing to mark here."""
         if self._state:
             return
-        self._state = 1
-        nano = round(cost * NANO) if cost > 0 else 0
-        gov = self._gov
+        self._state = 2
         acct = self._acct
+        amount = self._amount
+        nano = round(cost * NANO) if cost > 0 else 0
         seq = self.seq
         if seq:
+            gov = self._gov
             del gov._open[seq]
             if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
                 gov.journal.write(b"S%d %d\n" % (seq, nano))
-        amount = self._amount
+        for h in acct.holders:
+            h.reserved -= amount
+            h.spent += nano
         if nano:
-            dirty = gov._dirty
-            for h in acct.holders:
-                h.reserved -= amount
-                h.spent += nano
-                dirty.add(h)
-            team = acct.team_name
-            gov.spend_by_team[team] = gov.spend_by_team.get(team, 0) + nano
-        else:
-            for h in acct.holders:
-                h.reserved -= amount
-        tokens = tokens_in + tokens_out
+            acct.team_spend[0] += nano
         states = acct.states
-        if tokens and states:
+        if states:
             now = trio.current_time()
-            for st in states:
+            tokens = tokens_in + tokens_out
+            for st in states:  # release_state and add_tokens, inline: a debt may build up, paid back at its rate
+                st.active -= 1
+                if st.waiters:
+                    st.waiters[0].set()
                 t = st.tokens
-                if t is not None:  # add_tokens, inline: a debt may build up, paid back at the bucket's rate
+                if t is not None:
                     tat = t.tat
                     t.tat = (tat if tat > now else now) + tokens * t.interval
             if self._headers is None:
                 self._headers = KeyLimiter._headers(states[0], now, True)
 
     def release(self) -> None:
-        state = self._state
-        if state == 2:
+        """End the lease without an answer (refused, failed, cancelled): its reservation given back. After
+        :meth:`settle`, nothing."""
+        if self._state:
             return
-        acct = self._acct
-        if state == 0:
-            amount = self._amount
-            for h in acct.holders:
-                h.reserved -= amount
-            if self.seq:
-                del self._gov._open[self.seq]
         self._state = 2
+        acct = self._acct
+        amount = self._amount
+        for h in acct.holders:
+            h.reserved -= amount
+        if self.seq:
+            del self._gov._open[self.seq]
         for st in acct.states:  # release_state, inline
             st.active -= 1
             if st.waiters:
@@ -224,6 +225,8 @@ class _Account:
     subjects: tuple | None = None
     #: Its team's name, "" without one (``spend_by_team``'s key).
     team_name: str = ""
+    #: That team's cell of spend (nano-USD, one element): what ``spend_by_team`` shows (see Governance).
+    team_spend: list = attrs.Factory(lambda: [0])
 
 
 def _checkpointed(journal: SpendJournal, floor: int, drop: bool) -> None:
@@ -289,14 +292,18 @@ class Governance:
         #: key id -> its admission account (cleared by every change of a key, a team or a budget).
         self._accounts: dict[str, _Account] = {}
         self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
-        #: The last plan worst_case priced, and its targets' prices.
-        self._plan_prices: tuple = (None, ())
+        #: The last plan worst_case priced, its one price (when it has one), and its targets' prices.
+        self._plan_prices: tuple = (None, None, ())
         self._dirty: set[Allowance] = set()
+        #: The accounts that reserved since the last flush (their holders are written by it).
+        self._touched: set[_Account] = set()
         self._changes = trio.Lock()
         #: Called when the first managed key exists (the app closes open mode then).
         self.on_first_key: Callable[[], None] | None = None
-        #: nano-USD spent per team ("" for keys without one), and refusals per (team, which budget).
-        self.spend_by_team: dict[str, int] = {}
+        #: nano-USD spent per team ("" for keys without one): a one-element cell each, which the team's
+        #: accounts share (a settlement adds to it at once); ``spend_by_team`` reads them.
+        self._team_spend: dict[str, list] = {}
+        #: Refusals per (team, which budget).
         self.refusals: dict[tuple[str, str], int] = {}
         self.spend_write_failures = 0
         #: Hooks told of each key or team change made here, once in force and persisted (see subscribe).
@@ -455,8 +462,12 @@ class Governance:
         until = min(h.resets_at for h in holders)
         if key.expires_at is not None and key.expires_at < until:
             until = key.expires_at
+        team_name = key.team or ""
+        cell = self._team_spend.get(team_name)
+        if cell is None:
+            cell = self._team_spend[team_name] = [0]
         acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until,
-                                                 team_name=key.team or "")
+                                                 team_name=team_name, team_spend=cell)
         return acct
 
     async def admit_request(self, request, plan):
@@ -571,11 +582,10 @@ class Governance:
         return self._reserve(attrs.evolve(acct, states=tuple(lease.state for lease in leases)), amount, wall)
 
     def _reserve(self, acct: _Account, amount: int, wall: float) -> GovernedLease:
-        dirty = self._dirty
         for h in acct.holders:
             h.reserved += amount
             h.requests += 1
-            dirty.add(h)
+        self._touched.add(acct)
         journal = self.journal
         if journal is None:
             return GovernedLease(self, acct, amount)
@@ -719,7 +729,7 @@ class Governance:
             if price is not None:
                 out.append(price)
         out = tuple(out)
-        self._plan_prices = (plan, out)
+        self._plan_prices = (plan, out[0] if len(out) == 1 else None, out)
         return out
 
     def worst_case(self, request, plan) -> int:
@@ -738,7 +748,11 @@ class Governance:
             tokens_out = cap
         last = self._plan_prices
         if last[0] is plan:
-            prices = last[1]
+            one = last[1]
+            if one is not None:  # the common plan: one priced target
+                dearest = tokens_in * one[0] + tokens_out * one[1]
+                return math.ceil(dearest * 1000 - 1e-6) if dearest > 0 else 0
+            prices = last[2]
         else:
             prices = self._plan_prices_of(plan)
         dearest = 0.0
@@ -928,7 +942,7 @@ class Governance:
         """For the state dump: counts and spend, never a secret or a digest."""
         journal = self.journal
         return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
-                "unwritten_spend": len(self._dirty), "spend_write_failures": self.spend_write_failures,
+                "unwritten_spend": len(self._dirty) + len(self._touched), "spend_write_failures": self.spend_write_failures,
                 "open_reservations": len(self._open), "recovered": self.recovered,
                 "journal": {"segment": journal.gen, "writes": journal.writes, "failures": journal.failures}
                 if journal is not None else None,
@@ -939,6 +953,18 @@ class Governance:
         from ..telemetry.metrics import budget_families
 
         return budget_families({t: usd(n) for t, n in self.spend_by_team.items()}, self.refusals)
+
+    @property
+    def spend_by_team(self) -> dict[str, int]:
+        """nano-USD spent per team since the start ("" for keys without a team)."""
+        return {t: cell[0] for t, cell in self._team_spend.items() if cell[0]}
+
+    def add_team_spend(self, team: str, nano: int) -> None:
+        """``nano`` spent by ``team`` ("" for none): the fleet's settlements (runestone.cluster.limits)."""
+        cell = self._team_spend.get(team)
+        if cell is None:
+            cell = self._team_spend[team] = [0]
+        cell[0] += nano
 
     # -- management (admin API, control socket, CLI) --------------------------------------------------
 
@@ -1169,8 +1195,15 @@ class Governance:
         new one; they are stored with that segment's number, and then the older segments are deleted."""
         if self.store is None:
             self._dirty.clear()
+            self._touched.clear()
             return 0
         journal = self.journal
+        touched = self._touched
+        if touched:
+            self._touched = set()
+            dirty = self._dirty
+            for acct in touched:
+                dirty.update(acct.holders)
         if not self._dirty and (journal is None or not journal.pending):
             return 0
         floor = None
@@ -1188,6 +1221,8 @@ class Governance:
         dirty, self._dirty = self._dirty, set()
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in dirty
                 if self._allowances.get((a.scope, a.name)) is a]
+        # A holder with a reservation out is written again at the next flush (its settlement marks nothing).
+        self._dirty.update(a for a in dirty if a.reserved)
         try:
             await self.store.put_spend(rows, floor)
         except KeyStoreError as exc:

@@ -132,6 +132,10 @@ def _message_tokens(msg: dict) -> int:
     return total
 
 
+#: The fields besides ``messages`` that count as input (see :func:`estimate_input_tokens`).
+_OTHER_INPUT = frozenset(("tools", "response_format", "prompt", "input"))
+
+
 def estimate_input_tokens(body: dict) -> int:
     """Input tokens of a canonical (OpenAI-shaped) request body: a chat body's messages, their tool calls,
     the tool definitions and a ``json_schema`` response format; a completions ``prompt``; an embeddings
@@ -149,6 +153,8 @@ def estimate_input_tokens(body: dict) -> int:
                 total += MESSAGE_TOKENS + ((n + 3) >> 2)
             else:
                 total += _message_tokens(msg)
+    if _OTHER_INPUT.isdisjoint(body):  # the common chat body: its messages are its whole input
+        return total
     tools = body.get("tools")
     if tools:
         for tool in tools if isinstance(tools, list) else ():
