@@ -1,5 +1,5 @@
 """Benchmark (not a test): the gateway's CPU per request with a managed key (a team, budgets on both, limits on
-both) against a static key from the configuration.
+both; ``--team-without-limits``: on the key only) against a static key from the configuration.
 
 Two ways, both interleaved on the same machine:
 
@@ -52,10 +52,11 @@ def start_redis(runner: bench.Runner, workdir: Path) -> str:
 
 
 def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str, redis_url: str = "",
-                  static_limits: bool = False) -> tuple:
+                  static_limits: bool = False, team_limits: bool = True) -> tuple:
     """A gateway with the static key and a managed key (team, budgets, limits): (process, port, managed secret,
     budgets-only secret). With ``redis_url``, its limits and budgets are shared through that Redis; with
-    ``static_limits``, the static key has scripts/bench's per-key limits (without, it has none)."""
+    ``static_limits``, the static key has scripts/bench's per-key limits (without, it has none); without
+    ``team_limits``, the managed key's team has its budget only (the key keeps its own limits)."""
     port = bench.free_port()
     config = workdir / f"{name}.toml"
     cluster = f'[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
@@ -84,7 +85,8 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
     gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log")
     bench.wait_port(port, gw)
     limits = {"rpm": BIG, "rph": BIG, "tpm": BIG, "max_concurrent": 10_000}
-    admin(port, "/admin/teams", {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}, "limits": limits})
+    team = {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}}
+    admin(port, "/admin/teams", {**team, "limits": limits} if team_limits else team)
     managed = admin(port, "/admin/keys", {"name": "bench", "team": "bench-team", "models": ["fake-model"],
                                           "budget": {"usd": 1e6, "period": "day"}, "limits": limits})["secret"]
     admin(port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}})
@@ -150,6 +152,9 @@ def main() -> None:
     p.add_argument("--static-limits", action="store_true",
                    help="give the static key scripts/bench's per-key limits ([limits] far above the load, as "
                         "scripts/bench runs it); without, the static key has no limits at all")
+    p.add_argument("--team-without-limits", action="store_true",
+                   help="the managed key's team has a budget and no limits (the key has a team, a budget and "
+                        "limits); without, the team has limits too")
     p.add_argument("--redis", action="store_true",
                    help="limits and budgets shared through a redis-server the benchmark starts ([cluster] redis_url)")
     args = p.parse_args()
@@ -163,11 +168,12 @@ def main() -> None:
         bench.wait_port(fake_port, fake)
         redis_url = start_redis(runner, workdir) if args.redis else ""
         if args.paired:
-            paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url, args.static_limits)
+            paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url, args.static_limits,
+                                                not args.team_without_limits)
                                   for n in ("gw-a", "gw-b")], body)
             return
         gw, port, managed, budgets_only = start_gateway(runner, workdir, fake_port, "gateway", redis_url,
-                                                        args.static_limits)
+                                                        args.static_limits, not args.team_without_limits)
         cases = [("static", bench.KEY), ("managed", managed)]
         if args.variants:
             cases.append(("budgets", budgets_only))
