@@ -312,6 +312,23 @@ class FleetLease:
             fleet.queue_settle(self._subjects, self._id, self._periods, nano, tokens)
 
 
+class _Queue(collections.deque):
+    """One subject's admissions waiting on this instance ([limits] queue), oldest first (the head tries the
+    script), each a ``trio.Event`` set when its turn comes; ``refusal`` is the last 429 the head got."""
+
+    __slots__ = ("refusal",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusal: GatewayError | None = None
+
+
+def _again(refusal: GatewayError, suffix: str) -> GatewayError:
+    """A copy of the queue head's last refusal, for a waiter that did not try itself (``suffix`` added)."""
+    return GatewayError(refusal.status, refusal.message + suffix, refusal.type, param=refusal.param,
+                        code=refusal.code, headers=list(refusal.headers))
+
+
 class FleetLimits:
     """The shared admission backend (see the module docstring). ``governance`` is the Governance it serves
     (its limiter keeps the local share's buckets; its allowances the spend this instance stores)."""
@@ -337,8 +354,8 @@ class FleetLimits:
         #: Set (and renewed) each time a batch of this instance's settlements has reached Redis: queued
         #: admissions try again then.
         self._released = trio.Event()
-        #: subject name -> admissions of it waiting here ([limits] queue).
-        self._waiting: dict[str, int] = {}
+        #: subject name -> the admissions of it waiting here, in order ([limits] queue; see admit_queued).
+        self._waiting: dict[str, _Queue] = {}
         #: "shared" while admissions go through Redis, "local" while this instance's share applies.
         self.mode = "shared"
         #: Live instances at the last heartbeat (1 until one was read).
@@ -407,19 +424,37 @@ class FleetLimits:
 
     async def admit_queued(self, subjects: tuple, amount: int, team: str | None = None) -> FleetLease:
         """``[limits] queue`` with the fleet: :meth:`admit`, and while a rate limit refuses, wait and try the
-        script again, at most the limiter's ``queue_timeout`` (then its 429, saying it waited). A wait ends
-        when this instance's own settlements reach Redis (a hold here was given back), or after the
-        refusal's own retry time (a bucket refilling) or a backoff doubling from 50 ms to 1 s (a hold
-        given back by another instance): one script call per wake-up, no busy loop. At most the limiter's
-        ``queue_size`` requests of one subject wait here; more are refused at once."""
+        script again, at most the limiter's ``queue_timeout`` (then its 429, saying it waited).
+
+        This instance's waiters of one subject (the key's, ``subjects[0]``) are a FIFO queue, as the local
+        limiter's are: only its head tries the script again, and a request that finds others waiting joins
+        the end without trying (no overtaking). A head that leaves (admitted, refused otherwise, timed out,
+        cancelled) hands the turn to the next at once. The head tries again when this instance's own
+        settlements reach Redis (a hold here was given back), after the refusal's own retry time (a bucket
+        refilling) or after a backoff doubling from 50 ms to 1 s (a hold given back by another instance): one
+        script call per wake-up, no busy loop. A waiter that never got to try is answered with the last
+        refusal its queue's head got. At most the limiter's ``queue_size`` requests of one subject wait here;
+        more are refused at once. Across instances there is no order: each instance's head competes in the
+        script."""
         limiter = self.governance.limiter
         name = subjects[0].name
-        waiting = self._waiting
         deadline = trio.current_time() + limiter.queue_timeout
-        backoff = 0.05
-        queued = False
+        queue = self._waiting.get(name)
+        me = None
         try:
+            if queue is not None:  # others wait: to the end of the queue, or refused when it is full
+                if len(queue) >= limiter.queue_size:
+                    limiter.refused += 1
+                    raise _again(queue.refusal, "")
+                me = self._join(queue)
+            backoff = 0.05
             while True:
+                if me is not None and queue[0] is not me:  # others ahead: its turn, without trying
+                    with trio.move_on_at(deadline):
+                        await me.wait()
+                    if queue[0] is not me:  # its time ran out before its turn came
+                        limiter.refused += 1
+                        raise _again(queue.refusal, f" (waited {limiter.queue_timeout:g}s in the queue)")
                 released = self._released
                 try:
                     return await self.admit(subjects, amount, team)
@@ -428,16 +463,23 @@ class FleetLimits:
                         raise
                     now = trio.current_time()
                     if now >= deadline:
-                        exc.message += f" (waited {limiter.queue_timeout:g}s in the queue)"
-                        exc.args = (exc.message,)
+                        if me is not None:
+                            exc.message += f" (waited {limiter.queue_timeout:g}s in the queue)"
+                            exc.args = (exc.message,)
                         raise
-                    if not queued:
-                        if waiting.get(name, 0) >= limiter.queue_size:
+                    if me is None:
+                        queue = self._waiting.get(name)  # another may have made it while this one tried
+                        if queue is None:
+                            if limiter.queue_size < 1:
+                                raise
+                            queue = self._waiting[name] = _Queue()
+                        elif len(queue) >= limiter.queue_size:
                             raise
-                        queued = True
-                        waiting[name] = waiting.get(name, 0) + 1
-                        limiter.queued += 1
+                        me = self._join(queue)
+                    queue.refusal = exc
                     limiter.refused -= 1  # not refused (yet): it waits
+                    if queue[0] is not me:
+                        continue
                     wait = backoff
                     for k, v in exc.headers:
                         if k == b"retry-after-ms":
@@ -446,12 +488,20 @@ class FleetLimits:
                     with trio.move_on_at(min(now + wait, deadline)):
                         await released.wait()
         finally:
-            if queued:
-                left = waiting[name] - 1
-                if left:
-                    waiting[name] = left
-                else:
-                    del waiting[name]
+            if me is not None:
+                head = queue[0] is me
+                queue.remove(me)
+                if not queue:
+                    del self._waiting[name]
+                elif head:
+                    queue[0].set()
+
+    def _join(self, queue: "_Queue") -> trio.Event:
+        """A place at the end of ``queue``: an event set when it is the head's turn."""
+        me = trio.Event()
+        queue.append(me)
+        self.governance.limiter.queued += 1
+        return me
 
     async def admit_hit(self, subjects: tuple, team: str | None) -> bool:
         """Count a response-cache hit on every subject (ADMIT at amount 0: the rate limits, a budget already
@@ -663,7 +713,7 @@ class FleetLimits:
         return {"mode": self.mode, "instances": self.instances, "queued_settlements": len(self._queue),
                 "shared_admissions": self.shared_admissions, "local_admissions": self.local_admissions,
                 "degradations": self.degradations, "settled": self.settled,
-                "queued_admissions": sum(self._waiting.values()), "live_holds": len(self._live),
+                "queued_admissions": sum(map(len, self._waiting.values())), "live_holds": len(self._live),
                 "renewed_holds": self.renewals}
 
 

@@ -248,3 +248,70 @@ async def test_a_queued_admission_waits_is_woken_by_a_settle_and_is_bounded(redi
             await b.admit_queued((s,), 0)
         assert waited.value.status == 429 and "waited 0.2s in the queue" in waited.value.message
         assert b.governance.limiter.queued == 1 and b.snapshot()["queued_admissions"] == 0
+
+
+async def test_queued_admissions_of_one_subject_are_first_in_first_out(redis_server):
+    # The place is held on another instance and given back there: only the queue's head on `a` polls the
+    # script; the two behind it never try before their turn (a request that found others waiting used to try
+    # at once, and every waiter polled on its own backoff: the newest, polling most often, overtook).
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        a.governance.limiter = KeyLimiter(LimitsConfig(queue=True, queue_size=3, queue_timeout_ms=600_000))
+        s = _subject(limits=LimitValues(max_concurrent=1))
+        holder = await b.admit((s,), 0)
+        tries: list[str] = []
+        admitted: list[str] = []
+        admit = a.admit
+
+        async def counted(*args):
+            tries.append(trio.lowlevel.current_task().name)
+            return await admit(*args)
+
+        a.admit = counted
+
+        async def waiter() -> None:
+            lease = await a.admit_queued((s,), 0)
+            admitted.append(trio.lowlevel.current_task().name)
+            lease.release()  # its settlement reaching Redis (sent below) lets the next head in
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(waiter, name=f"w{i}")
+                with trio.fail_after(30):
+                    while a.snapshot()["queued_admissions"] != i + 1:
+                        await trio.sleep(0.01)
+            with pytest.raises(GatewayError) as full:  # a fourth: the queue is full, refused without trying
+                await a.admit_queued((s,), 0)
+            assert full.value.status == 429 and "1 requests in flight across the fleet" in full.value.message
+            assert set(tries) == {"w0"}  # only the head tried, as often as its backoff said
+            holder.release()
+            await _drain(b)
+            with trio.fail_after(30):
+                while len(admitted) < 3:  # what run()'s sender does: a's settlements sent, one caller at a time
+                    await _drain(a)
+                    await trio.sleep(0.01)
+        assert admitted == ["w0", "w1", "w2"] and a.snapshot()["queued_admissions"] == 0
+        assert not a._waiting
+
+
+async def test_a_waiter_whose_turn_never_comes_gets_the_heads_refusal_saying_it_waited(redis_server):
+    async with _fleets(redis_server, "a", "b") as (clock, redis, (a, b)):
+        a.governance.limiter = limiter = KeyLimiter(LimitsConfig(queue=True, queue_timeout_ms=300))
+        s = _subject(limits=LimitValues(max_concurrent=1))
+        await b.admit((s,), 0)  # held, never given back
+        errors: list[GatewayError] = []
+
+        async def waiter() -> None:
+            with pytest.raises(GatewayError) as refused:
+                await a.admit_queued((s,), 0)
+            errors.append(refused.value)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                while a.snapshot()["queued_admissions"] != 1:
+                    await trio.sleep(0.01)
+                nursery.start_soon(waiter)  # behind the first: never its turn
+        assert [(e.status, e.code) for e in errors] == [(429, "rate_limit_exceeded")] * 2
+        assert all("waited 0.3s in the queue" in e.message and "in flight across the fleet" in e.message
+                   for e in errors)
+        assert limiter.queued == 2 and limiter.refused == 2 and not a._waiting
