@@ -426,9 +426,9 @@ class FleetLimits:
         """``[limits] queue`` with the fleet: :meth:`admit`, and while a rate limit refuses, wait and try the
         script again, at most the limiter's ``queue_timeout`` (then its 429, saying it waited).
 
-        This instance's waiters of one subject (the key's, ``subjects[0]``) are a FIFO queue, as the local
-        limiter's are: only its head tries the script again, and a request that finds others waiting joins
-        the end without trying (no overtaking). A head that leaves (admitted, refused otherwise, timed out,
+        This instance's waiters of one subject (``subjects[0]``: the key's, or its team's for a key with no
+        limits or budget of its own) are a FIFO queue, as the local limiter's are: only its head tries the
+        script again, and a request that finds others waiting joins the end without trying (no overtaking). A head that leaves (admitted, refused otherwise, timed out,
         cancelled) hands the turn to the next at once. The head tries again when this instance's own
         settlements reach Redis (a hold here was given back), after the refusal's own retry time (a bucket
         refilling) or after a backoff doubling from 50 ms to 1 s (a hold given back by another instance): one
