@@ -428,14 +428,14 @@ class FleetLimits:
 
         This instance's waiters of one subject (``subjects[0]``: the key's, or its team's for a key with no
         limits or budget of its own) are a FIFO queue, as the local limiter's are: only its head tries the
-        script again, and a request that finds others waiting joins the end without trying (no overtaking). A head that leaves (admitted, refused otherwise, timed out,
-        cancelled) hands the turn to the next at once. The head tries again when this instance's own
-        settlements reach Redis (a hold here was given back), after the refusal's own retry time (a bucket
-        refilling) or after a backoff doubling from 50 ms to 1 s (a hold given back by another instance): one
-        script call per wake-up, no busy loop. A waiter that never got to try is answered with the last
-        refusal its queue's head got. At most the limiter's ``queue_size`` requests of one subject wait here;
-        more are refused at once. Across instances there is no order: each instance's head competes in the
-        script."""
+        script again, and a request that finds others waiting joins the end without trying (no overtaking). A
+        head that leaves (admitted, refused otherwise, timed out, cancelled) hands the turn to the next at once.
+        The head tries again when this instance's own settlements reach Redis (a hold here was given back),
+        after the refusal's own retry time (a bucket refilling) or after a backoff doubling from 50 ms to 1 s (a
+        hold given back by another instance): one script call per wake-up, no busy loop. A waiter that never got
+        to try is answered with the last refusal its queue's head got. At most the limiter's ``queue_size``
+        requests of one subject wait here; more are refused at once. Across instances there is no order: each
+        instance's head competes in the script."""
         limiter = self.governance.limiter
         name = subjects[0].name
         deadline = trio.current_time() + limiter.queue_timeout
