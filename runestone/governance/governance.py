@@ -223,10 +223,9 @@ class _Account:
     allowed: set = attrs.Factory(set)
     #: Its subjects in the fleet's shared limits (runestone.cluster.limits), made at its first admission there.
     subjects: tuple | None = None
-    #: Its team's name, "" without one (``spend_by_team``'s key).
-    team_name: str = ""
-    #: That team's cell of spend (nano-USD, one element): what ``spend_by_team`` shows (see Governance).
-    team_spend: list = attrs.Factory(lambda: [0])
+    #: Its team's cell of spend (nano-USD, one element; "" for a key without a team): what
+    #: ``spend_by_team`` shows (see Governance._team_cell).
+    team_spend: list = attrs.field(kw_only=True)
 
 
 def _checkpointed(journal: SpendJournal, floor: int, drop: bool) -> None:
@@ -462,12 +461,8 @@ class Governance:
         until = min(h.resets_at for h in holders)
         if key.expires_at is not None and key.expires_at < until:
             until = key.expires_at
-        team_name = key.team or ""
-        cell = self._team_spend.get(team_name)
-        if cell is None:
-            cell = self._team_spend[team_name] = [0]
         acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until,
-                                                 team_name=team_name, team_spend=cell)
+                                                 team_spend=self._team_cell(key.team or ""))
         return acct
 
     async def admit_request(self, request, plan):
@@ -942,7 +937,8 @@ class Governance:
         """For the state dump: counts and spend, never a secret or a digest."""
         journal = self.journal
         return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
-                "unwritten_spend": len(self._dirty) + len(self._touched), "spend_write_failures": self.spend_write_failures,
+                "unwritten_spend": len(self._dirty) + len(self._touched),
+                "spend_write_failures": self.spend_write_failures,
                 "open_reservations": len(self._open), "recovered": self.recovered,
                 "journal": {"segment": journal.gen, "writes": journal.writes, "failures": journal.failures}
                 if journal is not None else None,
@@ -961,10 +957,14 @@ class Governance:
 
     def add_team_spend(self, team: str, nano: int) -> None:
         """``nano`` spent by ``team`` ("" for none): the fleet's settlements (runestone.cluster.limits)."""
+        self._team_cell(team)[0] += nano
+
+    def _team_cell(self, team: str) -> list:
+        """``team``'s cell of spend ("" for keys without a team), made at its first use."""
         cell = self._team_spend.get(team)
         if cell is None:
             cell = self._team_spend[team] = [0]
-        cell[0] += nano
+        return cell
 
     # -- management (admin API, control socket, CLI) --------------------------------------------------
 
