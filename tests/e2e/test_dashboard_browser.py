@@ -253,9 +253,11 @@ async def test_the_page_shows_the_busiest_keys_and_teams_by_spend(gateway_factor
         await browser.run(_wait_for('#teams tr[data-team="support"]'))
 
         def order(chrome):
-            from selenium.webdriver.common.by import By
-            return ([r.get_attribute("data-key") for r in chrome.find_elements(By.CSS_SELECTOR, "#keys tr[data-key]")],
-                    [r.get_attribute("data-team") for r in chrome.find_elements(By.CSS_SELECTOR, "#teams tr[data-team]")])
+            # Read in one script, on the page's own thread: the page re-renders its tables on every update, so
+            # rows found by one WebDriver call may be gone (stale) by the next one that reads them.
+            return chrome.execute_script(
+                "const rows = (sel, attr) => [...document.querySelectorAll(sel)].map(r => r.getAttribute(attr));"
+                "return [rows('#keys tr[data-key]', 'data-key'), rows('#teams tr[data-team]', 'data-team')];")
 
         key_rows, team_rows = await browser.run(order)
         assert key_rows == [keys[n]["id"] for n in ("indexer", "helpdesk", "ranker", "lonely")]
