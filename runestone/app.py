@@ -336,10 +336,12 @@ class Application:
         def breaker_manager():
             if fleet is None:
                 return CircuitBreakerManager(self.breaker_views, emit=emit, settings=breaker_settings,
-                                             overrides=overrides, providers=list(self.catalog), registry=reg)
+                                             overrides=overrides, providers=list(self.catalog), registry=reg,
+                                             successes=self.gateway.successes)
             return CircuitBreakerManager(self.breaker_views, emit=fleet.observe(emit), settings=breaker_settings,
                                          overrides=overrides, providers=list(self.catalog), registry=reg,
-                                         probe_gate=fleet.probe_gate, probe_done=fleet.probe_done)
+                                         probe_gate=fleet.probe_gate, probe_done=fleet.probe_done,
+                                         successes=self.gateway.successes)
 
         def provider_supervisor():
             sup = EnhancedProviderSupervisor(list(self.catalog.values()), self.providers, registry=reg,

@@ -272,6 +272,26 @@ class CircuitBreaker:
                 return [self._move(CLOSED, "probes_succeeded", now)]
         return []
 
+    def record_successes(self, count: int, now: float) -> list[Transition]:
+        """``count`` requests succeeded (one ``Successes`` message); what ``count`` calls of ``record_success``
+        would do, the usual case (closed) without a loop over the window."""
+        if self.state != CLOSED:
+            transitions: list[Transition] = []
+            for _ in range(count):
+                transitions += self.record_success(now)
+            return transitions
+        self.successes += count
+        self.consecutive_failures = 0
+        window = self.window
+        if count >= window.maxlen:
+            window.clear()
+            self.window_failures = 0
+            window.extend([False] * window.maxlen)
+            return []
+        for _ in range(count):
+            self._push(False)
+        return []
+
     def record_failure(self, now: float) -> list[Transition]:
         """A request failed in a way that counts (see ``counts_as_failure``).
 

@@ -33,7 +33,7 @@ import trio
 from ..providers.base import Usage
 from ..providers.supervisor import ProviderTable, canonical_provider
 from ..resilience.breaker import ALLOW, CLOSED, DENY, check
-from ..resilience.breaker_manager import Acquire, CircuitBreakerManager, Release, outcome
+from ..resilience.breaker_manager import Acquire, CircuitBreakerManager, Release, SuccessTally, outcome
 from ..runtime import Coalescer, Published
 from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_failure
 from ..resilience.failover import GroupSelector, RouteState
@@ -208,6 +208,9 @@ class Gateway:
         #: Attempt outcomes and probe releases, batched while the last batch waits in the breaker manager's
         #: mailbox (runestone.runtime.Coalescer): one mailbox trip for many requests' outcomes, in order.
         self._outcomes = Coalescer(lambda: breaker_ref, max_pending=CircuitBreakerManager.mailbox_size)
+        #: Successes of attempts that were not probes, counted here and sent through ``_outcomes`` in one cast
+        #: per provider (the breaker manager's tick flushes it; see SuccessTally).
+        self.successes = SuccessTally(self._outcomes.try_cast)
         self.groups = groups
         self.failover_ref = failover_ref
         self._view_cache: tuple | None = None
@@ -557,6 +560,11 @@ class Gateway:
             return True, False
         return bool(granted), bool(granted)
 
+    def _release(self, provider: str) -> None:
+        """Give a probe slot back (behind the successes counted before it)."""
+        self.successes.send(provider)
+        self._outcomes.try_cast(Release(provider))
+
     def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False) -> None:
         """The attempt's one outcome: in-flight count, breaker (success, failure, or the probe slot given
         back) and ``AttemptFinished``. Later calls do nothing, so every exit path may call it."""
@@ -570,18 +578,23 @@ class Gateway:
         if cancelled:
             # The client left or the gateway is stopping: nothing was learned about the provider.
             if attempt.probe:
-                self._outcomes.try_cast(Release(provider))
+                self._release(provider)
             return
         if error is None:
-            self._outcomes.try_cast(outcome(provider, True))
+            if attempt.probe:
+                self.successes.send(provider)
+                self._outcomes.try_cast(outcome(provider, True))
+            else:
+                self.successes.add(provider)
             telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
             return
         if not counts_as_failure(error):
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
             # against its health it would let one client's bad requests demote it for everyone.
             if attempt.probe:
-                self._outcomes.try_cast(Release(provider))
+                self._release(provider)
             return
+        self.successes.send(provider)
         self._outcomes.try_cast(outcome(provider, False))
         telemetry.emit(AttemptFinished(provider, attempt.model, False, _error_kind(error), latency, None))
 
@@ -651,7 +664,7 @@ class Gateway:
                     delay = self.retry.delay(failed[provider], retry_after)
                     if now + delay >= ctx.deadline:
                         if probe:
-                            self._outcomes.try_cast(Release(provider))
+                            self._release(provider)
                         break
                     ctx.retries += 1
                     telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))

@@ -250,3 +250,31 @@ def test_settings_from_config_converts_milliseconds():
         failure_rate_threshold=0.6,
         minimum_requests=5,
     )
+
+
+@pytest.mark.parametrize("pattern", ["", "F", "FF", "FSF", "SFFSF", "FFFFF", "FSFSFFF"])
+@pytest.mark.parametrize("count", [1, 3, 19, 20, 21, 64])
+def test_a_count_of_successes_does_what_as_many_single_successes_do(pattern, count):
+    # Closed (threshold out of reach), with failures before in the window: the window, its failures, the
+    # totals and the consecutive run end the same.
+    one, many = (make(failure_threshold=100, window_size=20, minimum_requests=20, failure_rate_threshold=1.0)
+                 for _ in range(2))
+    for b in (one, many):
+        for c in pattern:
+            b.record_success(0.0) if c == "S" else b.record_failure(0.0)
+    for _ in range(count):
+        assert one.record_success(0.0) == []
+    assert many.record_successes(count, 0.0) == []
+    assert list(many.window) == list(one.window)
+    assert (many.window_failures, many.successes, many.failures, many.consecutive_failures) == (
+        one.window_failures, one.successes, one.failures, one.consecutive_failures)
+    assert many.window_failures == sum(many.window)
+
+
+def test_a_count_of_successes_on_a_half_open_breaker_is_taken_as_that_many_probes():
+    b = make(failure_threshold=1, recovery_timeout=1.0, success_threshold=2, half_open_limit=2)
+    b.record_failure(0.0)
+    assert b.acquire(2.0) and b.state == "half_open"
+    moved = b.record_successes(2, 2.0)
+    assert [(t.from_state, t.to_state, t.reason) for t in moved] == [("half_open", "closed", "probes_succeeded")]
+    assert b.successes == 2

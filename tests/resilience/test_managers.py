@@ -7,7 +7,7 @@ import trio
 
 from runestone.resilience.breaker import ALLOW, ASK, DENY, BreakerSettings, BreakerView, check
 from runestone.resilience.breaker_manager import (Acquire, CircuitBreakerManager, Configure, GetState, Outcome,
-                                                  Release, Remove, Reset, outcome)
+                                                  Release, Remove, Reset, Successes, SuccessTally, outcome)
 from runestone.resilience.failover import GroupSelector, GroupSpec, ProviderInfo, RouteState
 from runestone.resilience.failover_manager import (CreateGroup, DeleteGroup, FailoverManager, FailoverStats, GetGroup,
                                                    GetStats, GroupOutcome, GroupStats, ListGroups, ProviderStats,
@@ -52,6 +52,43 @@ async def test_outcome_casts_update_the_published_views_and_emit_transitions(aut
         assert mgr.views.value["p1"] == opened
         assert events == [BreakerTransition("p1", "closed", "open", "consecutive_failures")]
         assert check(mgr.views.value, "p1", trio.current_time()) == DENY
+
+
+async def test_a_tally_of_successes_is_sent_at_its_limit_before_other_outcomes_and_on_the_tick(autojump_clock):
+    sent = []
+    tally = SuccessTally(lambda m: sent.append(m) or True, limit=3)
+    tally.add("p1")
+    tally.add("p1")
+    tally.add("p2")
+    assert sent == []
+    tally.add("p1")  # the third: at the limit
+    assert sent == [Successes("p1", 3)]
+    tally.send("p2")  # before another outcome of p2
+    tally.send("p2")  # nothing counted: nothing sent
+    assert sent == [Successes("p1", 3), Successes("p2", 1)]
+    tally.add("p1")
+    tally.discard("p1")  # its breaker was reset
+    tally.flush()
+    assert sent == [Successes("p1", 3), Successes("p2", 1)]
+
+    # The manager's tick flushes the request path's tally into its own mailbox, in order, and counts them.
+    mgr, events = breaker_manager()
+    real = SuccessTally(lambda m: mgr.ref.try_cast(m))
+    mgr.successes = real
+    async with running(mgr) as ref:
+        ref.cast(Outcome("p1", False))
+        for _ in range(5):
+            real.add("p1")
+        assert (await ref.call(GetState("p1"))).successes == 0
+        await trio.sleep(0.3)
+        await ref.call(GetState("p1"))
+        view = await ref.call(GetState("p1"))
+        assert (view.successes, view.failures, view.consecutive_failures, view.window_outcomes) == (5, 1, 0, 6)
+        real.add("p1")
+        await ref.call(Reset("p1"))  # an operator's reset forgets the count, as it zeroes the totals
+        await trio.sleep(0.3)
+        assert (await ref.call(GetState("p1"))).successes == 0
+    assert events == []
 
 
 async def gate(views, ref, provider):

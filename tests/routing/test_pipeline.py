@@ -275,18 +275,19 @@ async def test_a_stream_body_closed_before_its_first_item_still_ends_the_request
     _settled(app)
 
 
-async def test_concurrent_outcomes_reach_the_breaker_in_batches_and_each_counts(clock, world):
+async def test_successes_reach_the_breaker_counted_in_one_cast_and_each_counts(clock, world):
+    from runestone.resilience.breaker_manager import Successes
     from runestone.runtime import Batch
 
     app, adapters, calls = world
     gw = app.gateway
-    batches = []
+    casts = []
     breaker = gw.breaker_ref
 
     class Counting:
         def try_cast(self, message):
             assert type(message) is Batch
-            batches.append(message)
+            casts.extend(message)
             return breaker.try_cast(message)
 
     gw._outcomes._resolve = Counting
@@ -294,7 +295,32 @@ async def test_concurrent_outcomes_reach_the_breaker_in_batches_and_each_counts(
     async with trio.open_nursery() as nursery:
         for _ in range(50):
             nursery.start_soon(gw.serve, ask())
-    await trio.sleep(1)  # the manager publishes its views every 250 ms (MockClock: a jump)
-    assert sum(len(b) for b in batches) == 50 and len(batches) < 50  # fewer mailbox trips than outcomes
+    await trio.sleep(1)  # the manager flushes the tally and publishes its views every 250 ms (MockClock: a jump)
+    # A cast per success was a mailbox trip and a handler pass each: they are counted, then sent as one.
+    assert casts == [Successes("a", 50)]
     assert app.breaker_views.value["a"].successes - before == 50
+    _settled(app)
+
+
+async def test_a_providers_outcomes_reach_its_breaker_in_the_order_they_happened(clock, world):
+    from runestone.resilience.breaker import BreakerSettings
+    from runestone.resilience.breaker_manager import Configure, GetState
+
+    app, adapters, calls = world
+    gw = app.gateway
+    await gw.breaker_ref.call(Configure("a", BreakerSettings(failure_threshold=3, recovery_timeout=60.0)))
+    before = await gw.breaker_ref.call(GetState("a"))
+    # Two successes (counted on the request path), then a failure (cast at once): the failure must not
+    # overtake them, or the successes would reset its consecutive-failure count when the tally came.
+    adapters["a"].script = ["ok", "ok", http("a", 500)]
+    for _ in range(3):
+        await gw.serve(ask())
+    await trio.sleep(1)
+    view = await gw.breaker_ref.call(GetState("a"))
+    assert (view.successes - before.successes, view.failures - before.failures) == (2, 1)
+    assert (view.state, view.consecutive_failures) == ("closed", 1)
+    # A success after it resets the count, as before.
+    await gw.serve(ask())
+    await trio.sleep(1)
+    assert (await gw.breaker_ref.call(GetState("a"))).consecutive_failures == 0
     _settled(app)
