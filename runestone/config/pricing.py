@@ -34,6 +34,8 @@ class ModelPrice:
 
 
 def _parts(price: Any) -> tuple[float, float]:
+    if price.__class__ is ModelPrice:  # the table's own (an isinstance against an ABC costs more than the rest)
+        return float(price.input_per_mtok), float(price.output_per_mtok)
     if isinstance(price, Mapping):
         return float(price["input_per_mtok"]), float(price["output_per_mtok"])
     return float(price.input_per_mtok), float(price.output_per_mtok)

@@ -34,25 +34,30 @@ _NO_PRICE = object()
 
 class Pricer:
     """A finished request's cost: the one it carries, or, when that is 0 and it used tokens, its price from
-    ``pricing`` (looked up by :func:`price_for`, cached per provider and model). Used by one task (or one
-    thread) at a time."""
+    ``pricing`` (looked up by :func:`price_for`, cached per provider and model as USD per input and per output
+    token). Used by one task (or one thread) at a time. A model priced at nothing (the fake provider's) has
+    its records' cost 0 and comes here every time: a cached pair of floats keeps that as cheap as the rest."""
 
     __slots__ = ("pricing", "_prices")
 
     def __init__(self, pricing: Mapping[str, Any] | None) -> None:
         self.pricing = pricing
-        self._prices: dict[tuple[str, str], Any] = {}
+        #: (provider, model) -> (USD per input token, USD per output token), or None: no price.
+        self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
 
     def __call__(self, cost: float, provider: str, model: str, tokens_in: int, tokens_out: int) -> float:
         if cost or not (tokens_in or tokens_out) or not self.pricing:
             return cost
         key = (provider, model)
-        price = self._prices.get(key, _NO_PRICE)
-        if price is _NO_PRICE:
+        per_token = self._prices.get(key, _NO_PRICE)
+        if per_token is _NO_PRICE:
             if len(self._prices) >= 10_000:  # bounded, whatever names come by
                 self._prices.clear()
-            price = self._prices[key] = price_for(self.pricing, provider, model)
-        return cost if price is None else cost_of(tokens_in, tokens_out, price)
+            price = price_for(self.pricing, provider, model)
+            per_token = self._prices[key] = None if price is None else (cost_of(1, 0, price), cost_of(0, 1, price))
+        if per_token is None:
+            return cost
+        return tokens_in * per_token[0] + tokens_out * per_token[1]
 
 
 def estimate_costs(
