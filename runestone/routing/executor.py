@@ -39,7 +39,7 @@ from ..resilience.errors import CREDENTIAL_REFUSED, UpstreamError, counts_as_fai
 from ..resilience.failover import GroupSelector, RouteState
 from ..resilience.failover_manager import GroupOutcome
 from ..resilience.retry import RetryPolicy
-from ..telemetry.costs import cost_of, estimate_costs, price_for
+from ..telemetry.costs import Pricer, estimate_costs
 from ..telemetry.events import AttemptFinished, FailoverEvent, RequestFinished, RetryScheduled
 from ..wire.errors import InvalidRequest
 from ..wire.token_estimate import estimate_input_tokens, estimate_output_tokens
@@ -234,8 +234,9 @@ class Gateway:
         self.stop_deadline = float("inf")
         #: The streams reading now: their read deadlines are moved to ``stop_deadline`` when it is set.
         self._streams: set = set()
-        #: (provider, model) -> (input, output) USD per token, from the static pricing table.
-        self._prices: dict = {}
+        #: A finished request's cost from the static pricing table (the handler and the ledger price with the
+        #: same class; bounded: models come from upstream answers).
+        self._pricer = Pricer(self.pricing, limit=4096)
         #: Providers seen answering without usage (warned once each; bounded: providers are configured).
         self._no_usage: set[str] = set()
         #: model -> (snapshots it was decided on, Plan): the default policy's decisions while they hold.
@@ -560,10 +561,11 @@ class Gateway:
             return True, False
         return bool(granted), bool(granted)
 
-    def _release(self, provider: str) -> None:
-        """Give a probe slot back (behind the successes counted before it)."""
+    def _tell(self, provider: str, message) -> None:
+        """Cast ``provider``'s outcome ``message`` (an Outcome or a Release) behind the successes of it counted
+        before: the breaker sees a provider's outcomes in the order they happened."""
         self.successes.send(provider)
-        self._outcomes.try_cast(Release(provider))
+        self._outcomes.try_cast(message)
 
     def report(self, attempt: Attempt, error: BaseException | None, *, cancelled: bool = False) -> None:
         """The attempt's one outcome: in-flight count, breaker (success, failure, or the probe slot given
@@ -578,12 +580,11 @@ class Gateway:
         if cancelled:
             # The client left or the gateway is stopping: nothing was learned about the provider.
             if attempt.probe:
-                self._release(provider)
+                self._tell(provider, Release(provider))
             return
         if error is None:
             if attempt.probe:
-                self.successes.send(provider)
-                self._outcomes.try_cast(outcome(provider, True))
+                self._tell(provider, outcome(provider, True))
             else:
                 self.successes.add(provider)
             telemetry.emit(AttemptFinished(provider, attempt.model, True, None, latency, attempt.ttft))
@@ -592,10 +593,9 @@ class Gateway:
             # The upstream refused a request it judged wrong: that is the provider working, and as evidence
             # against its health it would let one client's bad requests demote it for everyone.
             if attempt.probe:
-                self._release(provider)
+                self._tell(provider, Release(provider))
             return
-        self.successes.send(provider)
-        self._outcomes.try_cast(outcome(provider, False))
+        self._tell(provider, outcome(provider, False))
         telemetry.emit(AttemptFinished(provider, attempt.model, False, _error_kind(error), latency, None))
 
     async def run(self, ctx: RequestContext, body: dict, plan: Plan, call, *, keep_open: bool = False):
@@ -664,7 +664,7 @@ class Gateway:
                     delay = self.retry.delay(failed[provider], retry_after)
                     if now + delay >= ctx.deadline:
                         if probe:
-                            self._release(provider)
+                            self._tell(provider, Release(provider))
                         break
                     ctx.retries += 1
                     telemetry.emit(RetryScheduled(provider, attempts + 1, delay, _error_kind(last_error)))
@@ -767,17 +767,7 @@ class Gateway:
         self.inflight.remove(ctx.request_id)
         model = model or ctx.model
         provider = ctx.provider or ""
-        cost = 0.0
-        if tokens_in or tokens_out:
-            key = (provider, model)
-            prices = self._prices
-            per_token = prices.get(key)
-            if per_token is None:
-                price = price_for(self.pricing, provider, model)
-                per_token = (cost_of(1, 0, price), cost_of(0, 1, price))
-                if len(prices) < 4096:  # bounded: models come from upstream answers
-                    prices[key] = per_token
-            cost = tokens_in * per_token[0] + tokens_out * per_token[1]
+        cost = self._pricer(0.0, provider, model, tokens_in, tokens_out)
         if ctx.lease is not None:
             ctx.lease.settle(tokens_in, tokens_out, cost)
         latency = trio.current_time() - ctx.started

@@ -38,10 +38,12 @@ class Pricer:
     token). Used by one task (or one thread) at a time. A model priced at nothing (the fake provider's) has
     its records' cost 0 and comes here every time: a cached pair of floats keeps that as cheap as the rest."""
 
-    __slots__ = ("pricing", "_prices")
+    __slots__ = ("pricing", "_prices", "_limit")
 
-    def __init__(self, pricing: Mapping[str, Any] | None) -> None:
+    def __init__(self, pricing: Mapping[str, Any] | None, limit: int = 10_000) -> None:
         self.pricing = pricing
+        #: Entries cached at most (bounded, whatever names come by): a full cache starts again.
+        self._limit = limit
         #: (provider, model) -> (USD per input token, USD per output token), or None: no price.
         self._prices: dict[tuple[str, str], tuple[float, float] | None] = {}
 
@@ -51,7 +53,7 @@ class Pricer:
         key = (provider, model)
         per_token = self._prices.get(key, _NO_PRICE)
         if per_token is _NO_PRICE:
-            if len(self._prices) >= 10_000:  # bounded, whatever names come by
+            if len(self._prices) >= self._limit:
                 self._prices.clear()
             price = price_for(self.pricing, provider, model)
             per_token = self._prices[key] = None if price is None else (cost_of(1, 0, price), cost_of(0, 1, price))

@@ -266,9 +266,7 @@ class HealthTracker:
         n = len(h.outcomes)
         success = (h.ok_in_window + p.prior) / (n + p.prior) if n + p.prior > 0 else 1.0
         latency = 1.0
-        s = h.latencies._sorted
-        # nearest_rank(s, 50), inline (it runs for every attempt): the ceil(n / 2)-th smallest.
-        p50 = s[(len(s) + 1) // 2 - 1] if s else None
+        p50 = h.latencies.percentile(50)
         if p50 is not None and p50 > p.latency_ref:
             latency = p.latency_ref / p50
         score = success * ((1.0 - p.latency_weight) + p.latency_weight * latency)
