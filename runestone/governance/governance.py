@@ -19,10 +19,11 @@ checked again after it. Money is nano-USD integers, so sums are exact.
 Nothing here waits on a mailbox or the disk: key lookup is a dict hit on the secret's digest, the
 allowances are in memory, and spend reaches the store through a batch written by :meth:`Governance.run`
 on a worker thread every ``flush_interval`` (and at stop). Between two batches the budget journal
-(:mod:`.journal`) holds every reservation (written before dispatch) and settlement (written before the
-answer goes out), each a copy into a memory-mapped file, so a SIGKILL loses no spend: the next start replays it, charges
-what was settled, releases what was in flight (no complete answer reached its client), and logs one
-line with the counts. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
+(:mod:`.journal`) holds every request's end (its cost, written before the answer goes out), a copy into a
+memory-mapped file, so a SIGKILL loses no spend: the next start replays it, charges and counts what
+ended, and logs one line with the counts. A reservation is in memory only: one in flight at a SIGKILL
+is gone with the process (its request never ended: no complete answer reached its client). A request
+counts in a period when it ends, as its row in the usage ledger does. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
 get the configured limits and no budget, as before.
 """
 
@@ -73,7 +74,7 @@ class Allowance:
     spent: int = 0
     #: The outstanding reservations' sum (integers: exactly 0 once each is settled or released).
     reserved: int = 0
-    #: Requests admitted in the current period (cached answers included).
+    #: Requests ended in the current period (answered, failed or cancelled; cached answers included).
     requests: int = 0
     #: ``budget.nano`` (None without a budget): what admission checks, kept with the budget.
     cap: int | None = attrs.field(init=False, default=None)
@@ -123,19 +124,15 @@ _UNPRICED = object()
 class GovernedLease:
     """A managed key's admitted request: its reservation on each budget (its account's holders) and its
     place in the limiter states it was taken on (the key's and its team's, each with a request taken).
+    Its end is one line in the budget journal, when there is one."""
 
-    ``seq`` and ``line`` are its reservation's number and line in the budget journal (0 and b"" without one).
-    """
+    __slots__ = ("_gov", "_acct", "_amount", "_state", "_headers")
 
-    __slots__ = ("_gov", "_acct", "_amount", "_state", "seq", "line", "_headers")
-
-    def __init__(self, gov: "Governance", acct: "_Account", amount: int, seq: int = 0, line: bytes = b"") -> None:
+    def __init__(self, gov: "Governance", acct: "_Account", amount: int) -> None:
         self._gov = gov
         self._acct = acct
         self._amount = amount
         self._state = 0  # 0 reserved, 2 ended (settled or released)
-        self.seq = seq
-        self.line = line
         self._headers = None
 
     @property
@@ -151,25 +148,23 @@ class GovernedLease:
 
     def settle(self, tokens_in: int, tokens_out: int, cost: float) -> None:
         """Turn the reservation into the real cost (0 for a request that got no answer) and end the lease:
-        the request is over (its recording is the last thing done with it), so its place in the limiter
-        states is given back in the same step as its tokens are added to them; ``release`` then does
-        nothing. The holders stay in the flush's set while they have reservations (see :meth:`flush`):
-        nothing to mark here."""
+        the request is over (its recording is the last thing done with it), so it is counted, its end
+        journaled, and its place in the limiter states given back in the same step as its tokens are added
+        to them; ``release`` then does nothing. The holders stay in the flush's set while they have
+        reservations (see :meth:`flush`): nothing to mark here."""
         if self._state:
             return
         self._state = 2
         acct = self._acct
         amount = self._amount
         nano = round(cost * NANO) if cost > 0 else 0
-        seq = self.seq
-        if seq:
-            gov = self._gov
-            del gov._open[seq]
-            if nano:  # a reservation with no settlement line is given back at a replay: no line for 0
-                gov.journal.write(b"S%d %d\n" % (seq, nano))
+        journal = self._gov.journal
+        if journal is not None:
+            journal.write(b"%s%d\n" % (acct.ended, nano))
         for h in acct.holders:
             h.reserved -= amount
             h.spent += nano
+            h.requests += 1
         if nano:
             acct.team_spend[0] += nano
         states = acct.states
@@ -195,10 +190,12 @@ class GovernedLease:
         self._state = 2
         acct = self._acct
         amount = self._amount
+        journal = self._gov.journal
+        if journal is not None:
+            journal.write(acct.ended + b"0\n")
         for h in acct.holders:
             h.reserved -= amount
-        if self.seq:
-            del self._gov._open[self.seq]
+            h.requests += 1
         for st in acct.states:  # release_state, inline
             st.active -= 1
             if st.waiters:
@@ -219,6 +216,11 @@ class _Account:
     #: The journal's holder fields: b"<key id> <team or ->".
     fields: bytes
     until: float
+    #: Its requests' end line in the budget journal, but for the cost: b"E<wall> <key id> <team or -> ", where
+    #: <wall> is the latest start of its holders' periods: a line counts in the period of each holder
+    #: that holds this wall, which is the period its account was made in (the account is made again at
+    #: ``until``).
+    ended: bytes
     #: Model names both allow-lists allow as they are (a bounded cache of the check).
     allowed: set = attrs.Factory(set)
     #: Its subjects in the fleet's shared limits (runestone.cluster.limits), made at its first admission there.
@@ -267,8 +269,6 @@ class Governance:
         self.store = store
         #: Reservations and settlements on disk until the next flush (None: spend is in memory until then).
         self.journal = journal if store is not None and store.keeps_journal else None
-        #: The open reservations the journal has, by sequence number (carried into each new segment).
-        self._open: dict[int, GovernedLease] = {}
         #: key id -> b"<key id> <team or ->" (the journal's holder fields).
         self._holder_fields: dict[str, bytes] = {}
         #: What the last start recovered from the journal (the state dump shows it).
@@ -351,9 +351,10 @@ class Governance:
             if a is not None:
                 a.spent += sum(nano for w, nano in items if w >= a.period_start)
                 touched.add(a)
-        self.recovered = {"segments": found.segments, "settled": found.settled, "settled_usd": usd(found.settled_nano),
-                          "released": found.released, "released_usd": usd(found.released_nano),
+        self.recovered = {"segments": found.segments, "ended": found.settled, "charged_usd": usd(found.settled_nano),
                           "malformed_lines": found.malformed}
+        if found.released:  # an earlier version's segments (see .journal)
+            self.recovered.update(released=found.released, released_usd=usd(found.released_nano))
         if not found.segments:
             return
         # Checkpoint before serving: the replayed spend is stored, the old segments go, a new one starts.
@@ -373,12 +374,13 @@ class Governance:
             except OSError as exc:
                 raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
         if found.settled or found.released or found.malformed:
-            log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d settled "
-                        "reservation(s) charged ($%.6f); %d reservation(s) in flight at the stop released "
-                        "($%.6f given back); %d unreadable line(s)", found.segments, found.settled,
-                        usd(found.settled_nano), found.released, usd(found.released_nano), found.malformed)
+            log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d ended "
+                        "request(s) counted, $%.6f charged%s; %d unreadable line(s)", found.segments, found.settled,
+                        usd(found.settled_nano), f"; {found.released} reservation(s) of an earlier version in flight "
+                        f"at the stop released (${usd(found.released_nano):.6f})" if found.released else "",
+                        found.malformed)
         else:
-            log.info("budget journal: nothing was in flight at the last stop (%d empty segment(s))", found.segments)
+            log.info("budget journal: nothing to replay (%d empty segment(s))", found.segments)
 
     def _install_key(self, key: KeyRecord) -> None:
         old = self.keys.get(key.id)
@@ -461,7 +463,9 @@ class Governance:
         until = min(h.resets_at for h in holders)
         if key.expires_at is not None and key.expires_at < until:
             until = key.expires_at
-        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), self._holder_fields[key.id], until,
+        fields = self._holder_fields[key.id]
+        ended = b"E%d %s " % (max(h.period_start for h in holders), fields)
+        acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), fields, until, ended,
                                                  team_spend=self._team_cell(key.team or ""))
         return acct
 
@@ -503,7 +507,7 @@ class Governance:
             if limiter.queue:
                 return await self._admit_queued(request, acct, amount)
             limiter.take(states, trio.current_time())
-        return self._reserve(acct, amount, wall)
+        return self._reserve(acct, amount)
 
     async def _admit_fleet(self, acct: _Account, amount: int, model: str):
         """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
@@ -574,22 +578,15 @@ class Governance:
                 lease.release()
             raise
         # The states the requests were taken on (the key's team may have changed during the wait).
-        return self._reserve(attrs.evolve(acct, states=tuple(lease.state for lease in leases)), amount, wall)
+        return self._reserve(attrs.evolve(acct, states=tuple(lease.state for lease in leases)), amount)
 
-    def _reserve(self, acct: _Account, amount: int, wall: float) -> GovernedLease:
+    def _reserve(self, acct: _Account, amount: int) -> GovernedLease:
+        """Reserve ``amount`` on ``acct``'s holders (in memory only: see the module docstring); no
+        checkpoint since the fit was judged. The request is counted, and journaled, when it ends."""
         for h in acct.holders:
             h.reserved += amount
-            h.requests += 1
         self._touched.add(acct)
-        journal = self.journal
-        if journal is None:
-            return GovernedLease(self, acct, amount)
-        # In the journal before dispatch (see .journal); no checkpoint since the fit was judged.
-        seq = journal.seq = journal.seq + 1
-        line = b"R%d %d %d %s\n" % (seq, amount, wall, acct.fields)
-        journal.write(line)
-        lease = self._open[seq] = GovernedLease(self, acct, amount, seq, line)
-        return lease
+        return GovernedLease(self, acct, amount)
 
     async def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
@@ -939,7 +936,7 @@ class Governance:
         return {"keys": len(self.keys), "teams": len(self.teams), "allowances": len(self._allowances),
                 "unwritten_spend": len(self._dirty) + len(self._touched),
                 "spend_write_failures": self.spend_write_failures,
-                "open_reservations": len(self._open), "recovered": self.recovered,
+                "recovered": self.recovered,
                 "journal": {"segment": journal.gen, "writes": journal.writes, "failures": journal.failures}
                 if journal is not None else None,
                 "refusals": {f"{t or '-'}/{s}": n for (t, s), n in sorted(self.refusals.items())}}
@@ -1190,8 +1187,7 @@ class Governance:
     async def flush(self) -> int:
         """Write the spend changed since the last flush (on a worker thread); how many rows.
 
-        With the journal: a new segment starts first (the open reservations carried into it), in the same
-        step as the rows are taken, so the rows hold every event of the older segments and none of the
+        With the journal: a new segment starts first, in the same step as the rows are taken, so the rows hold every event of the older segments and none of the
         new one; they are stored with that segment's number, and then the older segments are deleted."""
         if self.store is None:
             self._dirty.clear()
@@ -1214,9 +1210,9 @@ class Governance:
                         await trio.to_thread.run_sync(journal.prepare, journal.gen + 1)
                     except OSError as exc:
                         log.error("budget journal: the next segment could not be made: %s", exc)
-                journal.rotate([lease.line for lease in self._open.values()])
+                journal.rotate()
             # The rows hold every event before the current segment (which, unless it was just started,
-            # has had nothing but carried-over reservations: no spend, no request).
+            # has had nothing written to it yet).
             floor = journal.gen
         dirty, self._dirty = self._dirty, set()
         rows = [(a.scope, a.name, a.period_start, a.spent, a.requests) for a in dirty

@@ -1,12 +1,21 @@
-"""The budget journal: reservations and settlements on disk the instant they happen, so a SIGKILL loses none.
+"""The budget journal: each request's spend on disk the instant it ends, so a SIGKILL loses none.
 
 Spend reaches the key store in batches (every ``[budgets] flush_ms``); between two batches, what changed
 lives in this journal, segments ``budget-journal.<n>`` in the data directory, one line per event:
 
-- ``R<seq> <nano> <wall> <key id> <team or ->``: a reservation, written before the request is dispatched;
-- ``S<seq> <nano>``: its settlement to the real cost (a request with no answer, or 0 cost, writes none);
-- ``C...``: a reservation carried over into a new segment, still open (its request is counted already);
-- ``Q<wall> <key id> <team or ->``: a cached answer (it reserves nothing but counts as a request).
+- ``E<wall> <key id> <team or -> <nano>``: a request ended, and what it cost (0: no answer, or free),
+  written before its answer goes out; the request counts from then on (as its row in the usage ledger
+  does). ``<wall>`` need only say which period of each holder the line is in: it is a second of the key's
+  and its team's periods when the request was admitted (the latest of their starts: runestone.governance);
+- ``Q<wall> <key id> <team or ->``: a cached answer (it costs nothing, and counts as a request).
+
+A reservation is not a line: it lives in memory only, between the admission and the end. If the process
+dies meanwhile, its request never ended (no complete answer reached its client, the ledger has no row for
+it), so there is nothing to charge and nothing to count: the reservation is simply gone with the process,
+which is what giving it back means. (An earlier version wrote a line per reservation too, ``R<seq> <nano>
+<wall> <key id> <team or ->``, its settlement ``S<seq> <nano>``, and carried open ones into each new
+segment as ``C...``: a replay still reads segments written that way, so an upgrade after a SIGKILL loses
+nothing; it charges their settled reservations and releases the others, as that version did.)
 
 Segments are files with their blocks allocated up front (so a full disk is an error at a rotation,
 never a SIGBUS), each of a size fixed when it is made: 256 KiB, or more (up to 4 MiB) when the last one
@@ -14,20 +23,22 @@ held more than half that; mapped into memory (``mmap``, shared): a line is a cop
 straight from the request's task, with no system call. The mapping's pages are the kernel's page cache
 of the file, so once the copy is done the line survives the death of the process; a SIGKILL during the
 copy leaves a torn last line, which a replay recognises (no newline before the zeros that follow) and
-ignores: the request it was for had not been dispatched (a reservation) or its answer had not been sent
-(a settlement). A power cut can lose what the kernel had not written back, as for the ledger's SQLite WAL
+ignores: the answer of the request it was for had not been sent. A power cut can lose what the kernel had not written back, as for the ledger's SQLite WAL
 at ``synchronous=NORMAL``. Measured: a copy costs about 0.2 µs, an ``os.write`` about 1 µs on a quiet
 core, and the first version, an ``os.write`` per line, cost a managed request about 9 points more CPU than
 no journal at all (scripts/bench_keys.py --paired on a busy machine, where a system call costs far more);
 a batch on a worker thread would cost a hand-off and a wake-up per request, and the request would have
-to wait for it.
+to wait for it. One line per request instead of two (a reservation's and its settlement's), with no
+table of open reservations to keep and the line's fixed part made once per account, brought a managed
+key's premium over a static key from +9.8% to +7.2% CPU per request (scripts/bench_keys.py --paired
+--static-limits, 2 vCPU Intel Xeon, 2026-12-07).
 
-Checkpoints: each flush starts a new segment (carrying the open reservations over), writes the spend
-with "the journal from segment n on" in one store transaction, then deletes the older segments. A crash
-anywhere in between replays exactly the segments the stored spend does not include. At start,
-:meth:`SpendJournal.replay` reads them: a settled reservation is charged, one without a settlement was in
-flight when the process died and is *released* (its client got no complete answer, and the ledger has
-no row for it), and the caller checkpoints the result before serving.
+Checkpoints: each flush starts a new segment, writes the spend with "the journal from segment n on" in
+one store transaction, then deletes the older segments. A crash anywhere in between replays exactly the
+segments the stored spend does not include: the spend and the request counts a flush stores are those of
+the requests ended before its new segment started (a request is charged and counted in the same step as
+its line is written), and those of the cached answers. At start, :meth:`SpendJournal.replay` reads them,
+and the caller checkpoints the result before serving.
 """
 
 from __future__ import annotations
@@ -56,19 +67,18 @@ FIRST_SEGMENT_BYTES = 256 << 10
 class Replayed:
     """What the segments after the last checkpoint held."""
 
-    #: (scope, name) -> [(wall of its reservation, nano spent)], for the settled reservations.
+    #: (scope, name) -> [(wall, nano spent)], for the requests that cost something.
     spent: dict = attrs.Factory(dict)
-    #: (scope, name) -> [wall], one per request newly counted (reservations and cached answers).
+    #: (scope, name) -> [wall], one per request newly counted (ended requests and cached answers).
     requests: dict = attrs.Factory(dict)
+    #: Requests ended (``E`` lines; an earlier version's settled reservations), and what they cost.
     settled: int = 0
     settled_nano: int = 0
-    #: Reservations with no settlement: in flight at the stop, given back.
+    #: An earlier version's reservations with no settlement: in flight at the stop, given back.
     released: int = 0
     released_nano: int = 0
     #: Lines that could not be read (a torn last line after a power cut).
     malformed: int = 0
-    #: The highest sequence number seen (a new process numbers on from it).
-    last_seq: int = 0
     segments: int = 0
 
 
@@ -103,8 +113,6 @@ class SpendJournal:
         self.pending = 0
         self.writes = 0
         self.failures = 0
-        #: The last reservation's sequence number (the admission numbers them: ``seq += 1``).
-        self.seq = 0
 
     # -- the hot path ---------------------------------------------------------------------------------
 
@@ -217,15 +225,11 @@ class SpendJournal:
         self.close()
         self.gen, self.pending, self._broken = gen, 0, False
 
-    def rotate(self, carried: list[bytes]) -> int:
-        """Start the next segment with the open reservations (``R`` lines, rewritten as ``C``); its number.
-
-        The stored spend checkpointed with this number covers every event of the segments before it."""
+    def rotate(self) -> int:
+        """Start the next segment; its number. The stored spend checkpointed with this number covers every
+        event of the segments before it."""
         self._last = self._off
         self.start(self.gen + 1)
-        for line in carried:
-            self.write(b"C" + line[1:])
-        self.pending = 0
         return self.gen
 
     def drop_before(self, gen: int) -> None:
@@ -251,6 +255,7 @@ class SpendJournal:
     def replay(self, floor: int) -> Replayed:
         """Read segments ``floor`` and up (blocking: once, at start, before anything is written)."""
         out = Replayed()
+        #: An earlier version's open reservations (see the module), and those settled.
         open_: dict[int, tuple[int, float, list]] = {}
         done: set[int] = set()
         gens = [g for g in self._segments() if g >= floor]
@@ -269,18 +274,28 @@ class SpendJournal:
                     continue
                 try:
                     kind, rest = line[:1], line[1:].split(b" ")
-                    if kind in (b"R", b"C"):
+                    if kind == b"E":
+                        wall, nano = float(rest[0]), int(rest[3])
+                        out.settled += 1
+                        out.settled_nano += nano
+                        for h in _holders(rest[1], rest[2]):
+                            out.requests.setdefault(h, []).append(wall)
+                            if nano:
+                                out.spent.setdefault(h, []).append((wall, nano))
+                    elif kind == b"Q":
+                        wall = float(rest[0])
+                        for h in _holders(rest[1], rest[2]):
+                            out.requests.setdefault(h, []).append(wall)
+                    elif kind in (b"R", b"C"):  # an earlier version's reservation (see the module)
                         seq, nano, wall = int(rest[0]), int(rest[1]), float(rest[2])
                         holders = _holders(rest[3], rest[4])
-                        if seq > out.last_seq:
-                            out.last_seq = seq
                         if seq in open_ or seq in done:
                             continue  # carried over: seen already
                         open_[seq] = (nano, wall, holders)
                         if kind == b"R":
                             for h in holders:
                                 out.requests.setdefault(h, []).append(wall)
-                    elif kind == b"S":
+                    elif kind == b"S":  # and its settlement
                         seq, nano = int(rest[0]), int(rest[1])
                         item = open_.pop(seq, None)
                         if item is None:
@@ -290,16 +305,11 @@ class SpendJournal:
                         out.settled_nano += nano
                         for h in item[2]:
                             out.spent.setdefault(h, []).append((item[1], nano))
-                    elif kind == b"Q":
-                        wall = float(rest[0])
-                        for h in _holders(rest[1], rest[2]):
-                            out.requests.setdefault(h, []).append(wall)
                     else:
                         raise ValueError(kind)
                 except (ValueError, IndexError, UnicodeDecodeError):
                     out.malformed += 1
         out.released = len(open_)
         out.released_nano = sum(item[0] for item in open_.values())
-        self.seq = out.last_seq
         self.gen = max(gens[-1] if gens else 0, floor)
         return out
