@@ -74,7 +74,8 @@ class Allowance:
     spent: int = 0
     #: The outstanding reservations' sum (integers: exactly 0 once each is settled or released).
     reserved: int = 0
-    #: Requests ended in the current period (answered, failed or cancelled; cached answers included).
+    #: Requests ended in the current period (answered, failed or cancelled; cached answers included). With
+    #: the fleet's shared limits, runestone.cluster.limits counts them at admission instead, as Redis does.
     requests: int = 0
     #: ``budget.nano`` (None without a budget): what admission checks, kept with the budget.
     cap: int | None = attrs.field(init=False, default=None)
