@@ -23,8 +23,8 @@ on a worker thread every ``flush_interval`` (and at stop). Between two batches t
 memory-mapped file, so a SIGKILL loses no spend: the next start replays it, charges and counts what
 ended, and logs one line with the counts. A reservation is in memory only: one in flight at a SIGKILL
 is gone with the process (its request never ended: no complete answer reached its client). A request
-counts in a period when it ends, as its row in the usage ledger does. Keys from the configuration (and ``RUNESTONE_API_KEYS``) are not managed here: they
-get the configured limits and no budget, as before.
+counts in a period when it ends, as its row in the usage ledger does. Keys from the configuration (and
+``RUNESTONE_API_KEYS``) are not managed here: they get the configured limits and no budget, as before.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ class Governance:
             if a is not None:
                 a.spent += sum(nano for w, nano in items if w >= a.period_start)
                 touched.add(a)
-        self.recovered = {"segments": found.segments, "ended": found.settled, "charged_usd": usd(found.settled_nano),
+        self.recovered = {"segments": found.segments, "ended": found.ended, "charged_usd": usd(found.charged_nano),
                           "malformed_lines": found.malformed}
         if found.released:  # an earlier version's segments (see .journal)
             self.recovered.update(released=found.released, released_usd=usd(found.released_nano))
@@ -374,10 +374,10 @@ class Governance:
                 journal.drop_before(new)
             except OSError as exc:
                 raise KeyStoreError(f"the budget journal in {journal.dir} cannot be cleaned up: {exc}") from None
-        if found.settled or found.released or found.malformed:
+        if found.ended or found.released or found.malformed:
             log.warning("budget journal replayed (%d segment(s) since the last stored spend): %d ended "
-                        "request(s) counted, $%.6f charged%s; %d unreadable line(s)", found.segments, found.settled,
-                        usd(found.settled_nano), f"; {found.released} reservation(s) of an earlier version in flight "
+                        "request(s) counted, $%.6f charged%s; %d unreadable line(s)", found.segments, found.ended,
+                        usd(found.charged_nano), f"; {found.released} reservation(s) of an earlier version in flight "
                         f"at the stop released (${usd(found.released_nano):.6f})" if found.released else "",
                         found.malformed)
         else:
@@ -1188,8 +1188,8 @@ class Governance:
     async def flush(self) -> int:
         """Write the spend changed since the last flush (on a worker thread); how many rows.
 
-        With the journal: a new segment starts first, in the same step as the rows are taken, so the rows hold every event of the older segments and none of the
-        new one; they are stored with that segment's number, and then the older segments are deleted."""
+        With the journal: a new segment starts first, in the same step as the rows are taken, so the rows
+        hold every event of the older segments and none of the new one; they are stored with that segment's number, and then the older segments are deleted."""
         if self.store is None:
             self._dirty.clear()
             self._touched.clear()

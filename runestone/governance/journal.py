@@ -23,8 +23,8 @@ held more than half that; mapped into memory (``mmap``, shared): a line is a cop
 straight from the request's task, with no system call. The mapping's pages are the kernel's page cache
 of the file, so once the copy is done the line survives the death of the process; a SIGKILL during the
 copy leaves a torn last line, which a replay recognises (no newline before the zeros that follow) and
-ignores: the answer of the request it was for had not been sent. A power cut can lose what the kernel had not written back, as for the ledger's SQLite WAL
-at ``synchronous=NORMAL``. Measured: a copy costs about 0.2 µs, an ``os.write`` about 1 µs on a quiet
+ignores: the answer of the request it was for had not been sent. A power cut can lose what the kernel
+had not written back, as for the ledger's SQLite WAL at ``synchronous=NORMAL``. Measured: a copy costs about 0.2 µs, an ``os.write`` about 1 µs on a quiet
 core, and the first version, an ``os.write`` per line, cost a managed request about 9 points more CPU than
 no journal at all (scripts/bench_keys.py --paired on a busy machine, where a system call costs far more);
 a batch on a worker thread would cost a hand-off and a wake-up per request, and the request would have
@@ -72,8 +72,8 @@ class Replayed:
     #: (scope, name) -> [wall], one per request newly counted (ended requests and cached answers).
     requests: dict = attrs.Factory(dict)
     #: Requests ended (``E`` lines; an earlier version's settled reservations), and what they cost.
-    settled: int = 0
-    settled_nano: int = 0
+    ended: int = 0
+    charged_nano: int = 0
     #: An earlier version's reservations with no settlement: in flight at the stop, given back.
     released: int = 0
     released_nano: int = 0
@@ -276,8 +276,8 @@ class SpendJournal:
                     kind, rest = line[:1], line[1:].split(b" ")
                     if kind == b"E":
                         wall, nano = float(rest[0]), int(rest[3])
-                        out.settled += 1
-                        out.settled_nano += nano
+                        out.ended += 1
+                        out.charged_nano += nano
                         for h in _holders(rest[1], rest[2]):
                             out.requests.setdefault(h, []).append(wall)
                             if nano:
@@ -301,8 +301,8 @@ class SpendJournal:
                         if item is None:
                             continue
                         done.add(seq)
-                        out.settled += 1
-                        out.settled_nano += nano
+                        out.ended += 1
+                        out.charged_nano += nano
                         for h in item[2]:
                             out.spent.setdefault(h, []).append((item[1], nano))
                     else:
