@@ -7,11 +7,14 @@ Two ways, both interleaved on the same machine:
 - ``--paired``: two identical gateway processes on the same core, loaded *at the same time*, one with each
   key, the roles swapped every round. Both see the same contention from whatever else the machine runs,
   so their ratio holds on a busy machine where the alternating rounds' CPU per request drifts by more than
-  the difference measured.
+  the difference measured;
+- ``--baseline DIR``: this checkout's gateway and one from another checkout, loaded at the same time, both
+  with the managed key (``--static``: both with the static key): what a change does to the managed path,
+  more finely than the managed/static ratio shows it.
 
 Uses scripts/bench.py's process runner and wrk driver (gateways pinned to core 0, fake upstream and wrk on
 core 1). Each round is bounded in time; all traffic is on 127.0.0.1. Run: ``.venv/bin/python
-scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired] [--redis]``; ``--redis`` starts a redis-server and
+scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired | --baseline DIR] [--redis]``; ``--redis`` starts a redis-server and
 shares the limits and budgets through it ([cluster] redis_url: the managed key's admission is one script call).
 """
 
@@ -52,11 +55,13 @@ def start_redis(runner: bench.Runner, workdir: Path) -> str:
 
 
 def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str, redis_url: str = "",
-                  static_limits: bool = False, team_limits: bool = True) -> tuple:
+                  static_limits: bool = False, team_limits: bool = True, checkout: Path | None = None) -> tuple:
     """A gateway with the static key and a managed key (team, budgets, limits): (process, port, managed secret,
     budgets-only secret). With ``redis_url``, its limits and budgets are shared through that Redis; with
     ``static_limits``, the static key has scripts/bench's per-key limits (without, it has none); without
-    ``team_limits``, the managed key's team has its budget only (the key keeps its own limits)."""
+    ``team_limits``, the managed key's team has its budget only (the key keeps its own limits); with
+    ``checkout``, the gateway runs that checkout's code (its own first on the path, as scripts/bench's
+    ``--baseline``)."""
     port = bench.free_port()
     config = workdir / f"{name}.toml"
     cluster = f'[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
@@ -82,7 +87,8 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
         models = ["fake-model"]
     """))
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
-    gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log")
+    where = {"env": {"PYTHONPATH": str(checkout)}, "cwd": checkout} if checkout is not None else {}
+    gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log", **where)
     bench.wait_port(port, gw)
     limits = {"rpm": BIG, "rph": BIG, "tpm": BIG, "max_concurrent": 10_000}
     team = {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}}
@@ -142,6 +148,25 @@ def paired(args, runner: bench.Runner, gateways: list, body: dict) -> None:
           f"(lowest {(min(ratios) - 1) * 100:+.1f}%, highest {(max(ratios) - 1) * 100:+.1f}%)")
 
 
+def against_baseline(args, runner: bench.Runner, gateways: list, body: dict) -> None:
+    """This checkout's gateway and the baseline's loaded at once, both with their managed key (or both
+    with the static key: ``--static``): the ratio of their CPU per request, per round."""
+    ratios: list[float] = []
+    which = "static" if args.static else "managed"
+    keys = {name: bench.KEY if args.static else gw[2] for name, gw in zip(("gateway", "baseline"), gateways)}
+    servers = {name: (gw[0].pid, gw[1]) for name, gw in zip(("gateway", "baseline"), gateways)}
+    for name, (_pid, port) in servers.items():  # warm up
+        runner.wrk_run(port, body, connections=8, seconds=1, key=keys[name])
+    for r in range(args.rounds):
+        outs = bench.measured_together(runner, servers, body, args.connections, args.seconds, keys=keys)
+        g, b = outs["gateway"]["cpu_ms_per_request"], outs["baseline"]["cpu_ms_per_request"]
+        ratios.append(g / b)
+        print(f"  round {r + 1}: gateway {g:.4f} ms/req (errors {outs['gateway']['non_2xx']})  |  baseline "
+              f"{b:.4f} ms/req (errors {outs['baseline']['non_2xx']})  gateway/baseline {ratios[-1]:.3f}", flush=True)
+    print(f"{which} key, CPU per request, this checkout / the baseline: median of the rounds' ratios "
+          f"{median(ratios):.3f}x (lowest {min(ratios):.3f}x, highest {max(ratios):.3f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seconds", type=float, default=5.0)
@@ -157,7 +182,18 @@ def main() -> None:
                         "limits); without, the team has limits too")
     p.add_argument("--redis", action="store_true",
                    help="limits and budgets shared through a redis-server the benchmark starts ([cluster] redis_url)")
+    p.add_argument("--baseline", metavar="DIR", type=Path,
+                   help="load this checkout's gateway and one from DIR (another checkout: git worktree add DIR "
+                        "<rev>) at the same time, both with the managed key: how a change moves the managed "
+                        "path itself, which the managed/static ratio shows only within its wider noise")
+    p.add_argument("--static", action="store_true", help="with --baseline: both with the static key instead")
     args = p.parse_args()
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "runestone" / "__init__.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a checkout of the project (no runestone/__init__.py)")
+    elif args.static:
+        p.error("--static goes with --baseline DIR")
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
     runner = bench.Runner(workdir)
     fake_port = bench.free_port()
@@ -167,6 +203,12 @@ def main() -> None:
         fake = runner.spawn([*exe, "fake-provider", "--port", str(fake_port), "--coalesce"], 1, "fake.log")
         bench.wait_port(fake_port, fake)
         redis_url = start_redis(runner, workdir) if args.redis else ""
+        if args.baseline is not None:
+            against_baseline(args, runner, [start_gateway(runner, workdir, fake_port, name, redis_url,
+                                                          args.static_limits, not args.team_without_limits, where)
+                                            for name, where in (("gateway", None), ("baseline", args.baseline))],
+                             body)
+            return
         if args.paired:
             paired(args, runner, [start_gateway(runner, workdir, fake_port, n, redis_url, args.static_limits,
                                                 not args.team_without_limits)
