@@ -127,9 +127,10 @@ class GovernedLease:
     place in the limiter states it was taken on (the key's and its team's, each with a request taken).
     Its end is one line in the budget journal, when there is one."""
 
-    __slots__ = ("_acct", "_amount", "_state", "_headers")
+    __slots__ = ("_gov", "_acct", "_amount", "_state", "_headers")
 
-    def __init__(self, acct: "_Account", amount: int) -> None:
+    def __init__(self, gov: "Governance", acct: "_Account", amount: int) -> None:
+        self._gov = gov
         self._acct = acct
         self._amount = amount
         self._state = 0  # 0 reserved, 2 ended (settled or released)
@@ -158,7 +159,7 @@ class GovernedLease:
         acct = self._acct
         amount = self._amount
         nano = round(cost * NANO) if cost > 0 else 0
-        journal = acct.journal
+        journal = self._gov.journal
         if journal is not None:
             journal.write(b"%s%d\n" % (acct.ended, nano))
         for h in acct.holders:
@@ -190,7 +191,7 @@ class GovernedLease:
         self._state = 2
         acct = self._acct
         amount = self._amount
-        journal = acct.journal
+        journal = self._gov.journal
         if journal is not None:
             journal.write(acct.ended + b"0\n")
         for h in acct.holders:
@@ -228,8 +229,6 @@ class _Account:
     #: Its team's cell of spend (nano-USD, one element; "" for a key without a team): what
     #: ``spend_by_team`` shows (see Governance._team_cell).
     team_spend: list = attrs.field(kw_only=True)
-    #: The budget journal its requests' ends are written to (Governance.journal).
-    journal: Any = attrs.field(kw_only=True, default=None)
 
 
 def _checkpointed(journal: SpendJournal, floor: int, drop: bool) -> None:
@@ -468,7 +467,7 @@ class Governance:
         fields = self._holder_fields[key.id]
         ended = b"E%d %s " % (max(h.period_start for h in holders), fields)
         acct = self._accounts[key.id] = _Account(key, team, holders, tuple(states), fields, until, ended,
-                                                 team_spend=self._team_cell(key.team or ""), journal=self.journal)
+                                                 team_spend=self._team_cell(key.team or ""))
         return acct
 
     async def admit_request(self, request, plan):
@@ -509,10 +508,7 @@ class Governance:
             if limiter.queue:
                 return await self._admit_queued(request, acct, amount)
             limiter.take(states, trio.current_time())
-        for h in acct.holders:  # _reserve, inline
-            h.reserved += amount
-        self._touched.add(acct)
-        return GovernedLease(acct, amount)
+        return self._reserve(acct, amount)
 
     async def _admit_fleet(self, acct: _Account, amount: int, model: str):
         """Admission through the fleet's shared limits and budgets (runestone.cluster.limits, wired by app)."""
@@ -591,7 +587,7 @@ class Governance:
         for h in acct.holders:
             h.reserved += amount
         self._touched.add(acct)
-        return GovernedLease(acct, amount)
+        return GovernedLease(self, acct, amount)
 
     async def admit_cached(self, key_id: str | None, model: str) -> bool:
         """May ``key_id`` be answered from the cache now? Counts the request (rate limits and the key's and
