@@ -119,6 +119,20 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int:
     return 0
 
 
+def checkout(p: argparse.ArgumentParser, value: str | Path) -> Path:
+    """``--baseline``'s directory, resolved, or the parser's error when it is not a checkout of the project."""
+    path = Path(value).resolve()
+    if not (path / "runestone" / "__init__.py").is_file():
+        p.error(f"--baseline {value}: not a checkout of the project (no runestone/__init__.py)")
+    return path
+
+
+def from_checkout(path: Path) -> dict:
+    """``Runner.spawn``'s arguments that run a gateway from the checkout at ``path`` (its own code first on
+    the path)."""
+    return {"env": {"PYTHONPATH": str(path)}, "cwd": path}
+
+
 def wait_port(port: int, proc: subprocess.Popen, seconds: float = 15.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -495,11 +509,9 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1 or args.seconds <= 0 or args.workers < 0:
         p.error("--rounds and --seconds must be positive, --workers 0 or more")
-    baseline = Path(args.baseline).resolve() if args.baseline else None
+    baseline = checkout(p, args.baseline) if args.baseline else None
     if args.paired and baseline is None:
         p.error("--paired compares the gateway with --baseline DIR: give both")
-    if baseline is not None and not (baseline / "runestone" / "__init__.py").is_file():
-        p.error(f"--baseline {args.baseline}: not a checkout of the project (no runestone/__init__.py)")
     targets = TARGETS + ("baseline",) if baseline is not None else TARGETS
 
     relay = find_relay(args.relay)
@@ -550,7 +562,7 @@ def main() -> None:
             base_config = workdir / "baseline.toml"
             write_config(base_config, base_dir, base_port, fake_port, sink_port)
             bl = runner.spawn([*exe, "serve", "--config", str(base_config)], 0, "baseline.log",
-                              env={"PYTHONPATH": str(baseline)}, cwd=baseline)
+                              **from_checkout(baseline))
             wait_port(base_port, bl)
             servers["baseline"] = (bl.pid, base_port)
             print(f"bench: baseline gateway from {baseline}", flush=True)

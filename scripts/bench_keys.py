@@ -14,8 +14,9 @@ Two ways, both interleaved on the same machine:
 
 Uses scripts/bench.py's process runner and wrk driver (gateways pinned to core 0, fake upstream and wrk on
 core 1). Each round is bounded in time; all traffic is on 127.0.0.1. Run: ``.venv/bin/python
-scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired | --baseline DIR] [--redis]``; ``--redis`` starts a redis-server and
-shares the limits and budgets through it ([cluster] redis_url: the managed key's admission is one script call).
+scripts/bench_keys.py [--seconds 5] [--rounds 3] [--paired | --baseline DIR] [--redis]``; ``--redis`` starts
+a redis-server and shares the limits and budgets through it ([cluster] redis_url: the managed key's admission
+is one script call).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
         models = ["fake-model"]
     """))
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
-    where = {"env": {"PYTHONPATH": str(checkout)}, "cwd": checkout} if checkout is not None else {}
+    where = bench.from_checkout(checkout) if checkout is not None else {}
     gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log", **where)
     bench.wait_port(port, gw)
     limits = {"rpm": BIG, "rph": BIG, "tpm": BIG, "max_concurrent": 10_000}
@@ -182,16 +183,14 @@ def main() -> None:
                         "limits); without, the team has limits too")
     p.add_argument("--redis", action="store_true",
                    help="limits and budgets shared through a redis-server the benchmark starts ([cluster] redis_url)")
-    p.add_argument("--baseline", metavar="DIR", type=Path,
+    p.add_argument("--baseline", metavar="DIR",
                    help="load this checkout's gateway and one from DIR (another checkout: git worktree add DIR "
                         "<rev>) at the same time, both with the managed key: how a change moves the managed "
                         "path itself, which the managed/static ratio shows only within its wider noise")
     p.add_argument("--static", action="store_true", help="with --baseline: both with the static key instead")
     args = p.parse_args()
     if args.baseline is not None:
-        args.baseline = args.baseline.resolve()
-        if not (args.baseline / "runestone" / "__init__.py").is_file():
-            p.error(f"--baseline {args.baseline}: not a checkout of the project (no runestone/__init__.py)")
+        args.baseline = bench.checkout(p, args.baseline)
     elif args.static:
         p.error("--static goes with --baseline DIR")
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-keys-"))
