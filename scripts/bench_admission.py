@@ -33,7 +33,8 @@ from runestone.routing.executor import ModelRequest  # noqa: E402
 MODEL = "fake-model"
 PRICING = {MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.60}}  # scripts/bench_keys.py's
 BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
-LIMITS = {"rpm": BIG, "rph": BIG, "tpm": BIG, "max_concurrent": 10_000}
+#: The static key's set of limits (per minute, tokens per minute, concurrency: scripts/bench's), never refusing.
+LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello benchmark"}], "max_tokens": 64}
 STATIC_KEY = "bench-key"
 
