@@ -277,7 +277,8 @@ class Application:
 
     def database_status(self) -> dict:
         """The ``database`` object of /health/detailed ([database] url): degraded while this instance runs on
-        a local copy (or on nothing) because its database could not be read, and since."""
+        a local copy (or on nothing) because its database could not be read, and since. ``refused``: outbox
+        changes the database refused, set aside (they do not make it degraded: nothing would undo that)."""
         keys, control = self.governance.store, self.control_store
         ledger = self.ledger.status() if self.ledger is not None else None
         errors = [e for e in (keys.degraded, control.degraded) if e]
@@ -287,7 +288,7 @@ class Application:
         if any(outbox.values()) and not errors:
             errors.append("changes wait in the local outbox for the database")
         return {"state": "degraded" if errors else "ok", "keys": keys.source, "control": control.source,
-                "outbox": outbox, "last_error": errors[0] if errors else None}
+                "outbox": outbox, "refused": {"keys": keys.refused}, "last_error": errors[0] if errors else None}
 
     def _observer(self) -> RequestObserver | None:
         cfg = self.config

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ _OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, ops TEXT NOT NULL);
 -- The outbox's origin: made with the file, so a new file never reuses the (origin, seq) of an old one.
 CREATE TABLE IF NOT EXISTS outbox_origin (id INTEGER PRIMARY KEY CHECK (id = 0), origin TEXT NOT NULL);
+-- Outbox entries the database refused (a constraint, a value: not its being unavailable), set aside with its
+-- reason and when (unix seconds), so the entries after them go on; kept for an operator, never retried.
+CREATE TABLE IF NOT EXISTS outbox_refused (seq INTEGER PRIMARY KEY, ops TEXT NOT NULL, reason TEXT NOT NULL,
+                                           refused_at REAL NOT NULL);
 """
 
 
@@ -160,6 +165,10 @@ class LocalCopy(SQLiteKeyBackend):
 
     _schema = _SCHEMA + _OUTBOX_SCHEMA
     _pragmas = ("synchronous=FULL",)
+    _sql = {**SQLiteKeyBackend._sql,
+            "refuse": "INSERT INTO outbox_refused (seq, ops, reason, refused_at) SELECT seq, ops, ?, ? FROM outbox"
+                      " WHERE seq = ?",
+            "unqueue": "DELETE FROM outbox WHERE seq = ?"}
 
     def __init__(self, data_dir: str | Path) -> None:
         super().__init__(data_dir)
@@ -188,6 +197,16 @@ class LocalCopy(SQLiteKeyBackend):
     def done(self, last: int) -> None:
         """Delete the outbox up to ``last`` (written to the database)."""
         self._connect().execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+
+    def set_aside(self, seq: int, reason: str) -> None:
+        """Move the outbox entry ``seq`` (the database refused it, for ``reason``) to ``outbox_refused``."""
+        self.write([("refuse", reason, time.time(), seq), ("unqueue", seq)])
+
+    def refused(self) -> int:
+        """How many outbox entries were set aside (see :meth:`set_aside`)."""
+        if self._conn is None and not self.path.exists():
+            return 0
+        return self._connect().execute("SELECT count(*) FROM outbox_refused").fetchone()[0]
 
 
 def _statements(sql: dict[str, str], op: Op) -> list[tuple[str, tuple]]:
@@ -230,6 +249,8 @@ class PostgresKeyBackend:
         self.failures = storage.failure_types() + storage.row_error_types() + (storage.DatabaseError,)
         #: The failures that mean the database cannot answer now (a change then waits in the outbox).
         self.unavailable = storage.failure_types()
+        #: What the database (or the driver) refuses about a change itself: an outbox entry is then set aside.
+        self.refusals = storage.row_error_types()
         self._session = storage.Session(url, "runestone-keys")
         self._origin_path = Path(data_dir) / ORIGIN_FILE if data_dir is not None else None
         self._origin: str | None = None
@@ -322,7 +343,15 @@ class KeyStore:
     entry once (``outbox_applied`` holds its ``(origin, seq)``, in the same transaction), before anything else
     is (:meth:`drain`, tried before each write, by the governance's flush loop, and by :meth:`reload` before
     it reads), then cleared. Keys are in it as in the tables: digests, never a secret. Spend is not queued:
-    it stays dirty in memory (and in the budget journal) for the next flush."""
+    it stays dirty in memory (and in the budget journal) for the next flush.
+
+    An entry the database *refuses* (a constraint or a value it will never take, not its being unavailable)
+    would block every later drain, and so every later write, spend included: when the outbox fails so, its
+    entries are written one by one, each in its own transaction, and one refused is *set aside*, moved to the
+    copy's ``outbox_refused`` table with the database's reason, logged at ERROR (its kind and key id or team
+    name, never its document) and counted in :attr:`refused`; the others go on. The change set aside stays in
+    force on this instance (in memory and in the copy) until its next read of the database replaces the copy
+    (a restart, or a :meth:`reload` after a start without the database)."""
 
     def __init__(self, data_dir: str | Path, *, database_url: str | None = None) -> None:
         self.backend = (PostgresKeyBackend(database_url, data_dir) if database_url
@@ -333,6 +362,8 @@ class KeyStore:
             self.copy = LocalCopy(data_dir)
         #: Changes waiting in the local copy's outbox for the database.
         self.outbox = 0
+        #: Outbox changes the database refused, set aside in the copy's ``outbox_refused`` (since it was made).
+        self.refused = 0
         self._drain_error: BaseException | None = None
         #: Why the database could not be read at start (and has not been since), or None.
         self.degraded: str | None = None
@@ -352,6 +383,11 @@ class KeyStore:
         A store that does not exist yet is empty; it (and the data directory) is made at the first write.
         A Postgres store that cannot be read is read from its local copy instead (``fallback``). An outbox
         left by a previous run is written to the database first."""
+        if self.copy is not None:
+            try:
+                self.refused = self.copy.refused()
+            except SQLiteKeyBackend.failures as exc:
+                log.error("the key store's local outbox %s cannot be read: %s", self.copy.where, exc)
         try:
             if self.copy is not None and not self._drain_sync():
                 raise KeyStoreError(f"the key store {self.path} cannot be read: {self._drain_error}")
@@ -433,7 +469,8 @@ class KeyStore:
 
     def _drain_sync(self) -> bool:
         """The outbox to the database, in order, once each, then cleared (blocking); False when the database
-        failed (``_drain_error`` says how)."""
+        failed (``_drain_error`` says how): what it took by then is cleared, the rest kept. An entry it refuses
+        is set aside (see :class:`KeyStore`)."""
         try:
             entries = self.copy.pending()
         except SQLiteKeyBackend.failures as exc:
@@ -443,17 +480,59 @@ class KeyStore:
         if not entries:
             return True
         try:
-            self.backend.drain(self.copy.origin(), entries)
+            origin = self.copy.origin()
+            self.backend.drain(origin, entries)
+            through, taken = entries[-1][0], len(entries)
+        except self.backend.refusals:  # one entry at least: each alone, to set aside the refused ones
+            through, taken = self._drain_each(origin, entries)
         except self.backend.failures as exc:
             self._drain_error = exc
             return False
+        if through is not None:
+            try:
+                self.copy.done(through)
+            except SQLiteKeyBackend.failures as exc:  # written once: a retry skips them by (origin, seq)
+                log.warning("the key store's local outbox %s was not cleared: %s", self.copy.where, exc)
+        self.outbox = sum(1 for seq, _ in entries if through is None or seq > through)
+        if taken:
+            log.warning("the key store's database %s took the %d change(s) that waited in the local outbox",
+                        self.path, taken)
+        return self.outbox == 0
+
+    def _drain_each(self, origin: str, entries: list[tuple[int, list[Op]]]) -> tuple[int | None, int]:
+        """The outbox's ``entries`` one by one, each in its own transaction, a refused one set aside; stops
+        at a failure of the database (``_drain_error``). The last seq through (taken or set aside) and how
+        many were taken."""
+        through, taken = None, 0
+        for seq, ops in entries:
+            try:
+                self.backend.drain(origin, [(seq, ops)])
+                taken += 1
+            except self.backend.refusals as exc:
+                if not self._set_aside(seq, ops, exc):
+                    break
+            except self.backend.failures as exc:
+                self._drain_error = exc
+                break
+            through = seq
+        return through, taken
+
+    def _set_aside(self, seq: int, ops: list[Op], exc: BaseException) -> bool:
+        """Move the refused outbox entry ``seq`` to the copy's ``outbox_refused``; False (``_drain_error``) when
+        the copy could not take it (it stays at the outbox's head for the next drain)."""
+        reason = _refusal(exc)
         try:
-            self.copy.done(entries[-1][0])
-        except SQLiteKeyBackend.failures as exc:  # written once: a retry skips them by (origin, seq)
-            log.warning("the key store's local outbox %s was not cleared: %s", self.copy.where, exc)
-        self.outbox = 0
-        log.warning("the key store's database %s took the %d change(s) that waited in the local outbox",
-                    self.path, len(entries))
+            self.copy.set_aside(seq, reason)
+        except SQLiteKeyBackend.failures as local:
+            self._drain_error = KeyStoreError(
+                f"the key store's database {self.path} refused a change of the local outbox ({reason}), and "
+                f"the outbox {self.copy.where} could not set it aside: {local}")
+            return False
+        self.refused += 1
+        log.error("the key store's database %s refused a change that waited in the local outbox, %s: %s; it is "
+                  "set aside in outbox_refused of %s, and in force on this instance only until its next read of "
+                  "the database (%d set aside so far)", self.path, _described(ops), reason, self.copy.where,
+                  self.refused)
         return True
 
     def _copy(self, write, *args) -> None:
@@ -486,6 +565,18 @@ class KeyStore:
     async def close(self) -> None:
         async with self._lock:
             await trio.to_thread.run_sync(self.backend.close)
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why the database refused a change: its primary message, not its detail (which repeats the row)."""
+    text = getattr(getattr(exc, "diag", None), "message_primary", None) or str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _described(ops: list[Op]) -> str:
+    """The changes of ``ops`` by kind and key id or team name (never their documents)."""
+    names = {"team": "team {!r}", "delete_team": "deletion of team {!r}", "key": "key {!r}"}
+    return ", ".join(names[op[0]].format(op[1]) if op[0] in names else str(op[0]) for op in ops)
 
 
 def _spend_ops(rows: list[tuple[str, str, float, int, int]], journal_floor: int | None) -> list[Op]:

@@ -8,6 +8,8 @@ Real Postgres servers on loopback (``pgserver``), real ``runestone serve`` proce
 
 from __future__ import annotations
 
+import sqlite3
+
 import httpx
 import psycopg
 import pytest
@@ -186,3 +188,52 @@ async def test_a_control_document_another_instance_changed_meanwhile_is_merged(p
         names = sorted(p["name"] for p in (await b.get("/admin/providers", headers=ADMIN)).json()["data"])
         assert names == ["from-a", "from-b"]
     assert await second.stop() == 0
+
+
+async def test_an_outbox_change_postgres_refuses_is_set_aside_and_the_changes_after_it_reach_it(tmp_path, server,
+                                                                                             instances):
+    url = server.url()
+    inst = instances("gw", url)
+    await inst.start()
+    _exec(url, "ALTER TABLE teams ADD CONSTRAINT no_refused CHECK (name <> 'refused')")
+    await trio.to_thread.run_sync(server.stop)
+    async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+        for name in ("refused", "ok"):
+            r = await http.post("/admin/teams", headers=ADMIN, json={"name": name})
+            assert r.status_code == 201, r.text
+        r = await http.post("/admin/keys", headers=ADMIN, json={"name": "after-refused", "team": "ok"})
+        assert r.status_code == 201, r.text
+        secret, kid = r.json()["secret"], r.json()["id"]
+        assert (await _detailed(http))["database"]["outbox"]["keys"] == 3
+
+        await trio.to_thread.run_sync(server.start)
+
+        async def drained() -> bool:
+            d = (await _detailed(http))["database"]
+            return d["state"] == "ok" and d["outbox"]["keys"] == 0
+
+        await _until(drained)  # the refused change at the outbox's head did not hold up the two after it
+        assert (await _detailed(http))["database"]["refused"] == {"keys": 1}
+        assert _table(url, "SELECT name FROM teams ORDER BY name") == [("ok",)]
+        assert _table(url, "SELECT id FROM keys") == [(kid,)]
+        assert _table(url, "SELECT count(*) FROM outbox_applied") == [(2,)]  # the refused one left no trace
+        # Later changes reach Postgres directly, and the key made after the refused change authenticates.
+        r = await http.post("/admin/teams", headers=ADMIN, json={"name": "later"})
+        assert r.status_code == 201, r.text
+        assert _table(url, "SELECT name FROM teams ORDER BY name") == [("later",), ("ok",)]
+        assert (await _detailed(http))["database"]["outbox"]["keys"] == 0
+        r = await _chat(http, "fake-model", {"authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+    assert await inst.stop() == 0
+    # Set aside in the local copy with the database's reason, counted again after a restart.
+    with sqlite3.connect(tmp_path / "gw" / "keys.copy.sqlite3") as copy:
+        [(ops, reason)] = copy.execute("SELECT ops, reason FROM outbox_refused").fetchall()
+    assert '"refused"' in ops and "no_refused" in reason
+    log = (tmp_path / "gw.log1").read_text()
+    assert "refused a change that waited in the local outbox, team 'refused'" in log
+    await inst.start()
+    async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+        assert (await _detailed(http))["database"]["refused"] == {"keys": 1}
+        # This start read the database: the refused team is no longer in force here.
+        assert (await http.get("/admin/teams/refused", headers=ADMIN)).status_code == 404
+    assert await inst.stop() == 0
