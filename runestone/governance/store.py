@@ -479,8 +479,8 @@ class KeyStore:
         self.outbox = len(entries)
         if not entries:
             return True
+        origin = self.copy.origin()
         try:
-            origin = self.copy.origin()
             self.backend.drain(origin, entries)
             through, taken = entries[-1][0], len(entries)
         except self.backend.refusals:  # one entry at least: each alone, to set aside the refused ones
