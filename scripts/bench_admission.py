@@ -30,11 +30,11 @@ from runestone.front.limits import KeyLimiter  # noqa: E402
 from runestone.governance import Governance, KeyStore, SpendJournal  # noqa: E402
 from runestone.routing.executor import ModelRequest  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_keys import BIG, LIMITS  # noqa: E402 - the managed key's limits, the same in both benchmarks
+
 MODEL = "fake-model"
 PRICING = {MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.60}}  # scripts/bench_keys.py's
-BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
-#: The static key's set of limits (per minute, tokens per minute, concurrency: scripts/bench's), never refusing.
-LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello benchmark"}], "max_tokens": 64}
 STATIC_KEY = "bench-key"
 

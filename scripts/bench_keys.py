@@ -34,6 +34,11 @@ import bench  # noqa: E402
 
 ADMIN = "bench-admin"
 BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
+#: The managed key's limits (and its team's, unless --team-without-limits): the static key's set (scripts/bench's
+#: LIMITS: per minute, tokens per minute, concurrency; none per hour), never refusing. What the two keys are compared
+#: on is the managed key's budgets and bookkeeping, not a fourth limit (an hourly bucket, checked and charged, cost
+#: about half a point on its own: 2026-12-07). scripts/bench_admission.py uses the same.
+LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
 
 
 def admin(port: int, path: str, body: dict) -> dict:
@@ -91,14 +96,10 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
     where = bench.from_checkout(checkout) if checkout is not None else {}
     gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log", **where)
     bench.wait_port(port, gw)
-    # The static key's set of limits (scripts/bench's LIMITS: per minute, tokens per minute, concurrency; none per
-    # hour), never refusing: what the two keys are compared on is the managed key's budgets and bookkeeping, not a
-    # fourth limit (an hourly bucket, checked and charged, cost about half a point on its own: 2026-12-07).
-    limits = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
     team = {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}}
-    admin(port, "/admin/teams", {**team, "limits": limits} if team_limits else team)
+    admin(port, "/admin/teams", {**team, "limits": LIMITS} if team_limits else team)
     managed = admin(port, "/admin/keys", {"name": "bench", "team": "bench-team", "models": ["fake-model"],
-                                          "budget": {"usd": 1e6, "period": "day"}, "limits": limits})["secret"]
+                                          "budget": {"usd": 1e6, "period": "day"}, "limits": LIMITS})["secret"]
     admin(port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}})
     budgets_only = admin(port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
                                                "budget": {"usd": 1e6, "period": "day"}})["secret"]
