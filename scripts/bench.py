@@ -21,6 +21,13 @@ rounds with the lowest and highest. CPU is the server process's user + system ti
 divided by the requests wrk completed. Every run is bounded by time (wrk ``-d``, and a subprocess timeout), the
 soak also by count; all traffic is on 127.0.0.1.
 
+``--managed-key`` adds a fourth target in every round: the same gateway process, loaded with a managed key (in a
+team with a monthly budget; a daily budget, its model listed and the static key's set of limits of its own: issue
+15's "key that has a team, a budget and limits"), measured back to back with its static key in the round's rotating
+order; the table shows its CPU per request beside the static key's and the relay's, and the per-round ratio of
+the two keys. The fake model is priced for both keys then (0.15 and 0.60 USD per million tokens), so that each
+reservation and settlement is a real amount.
+
 ``--baseline DIR`` runs a second gateway from another checkout of the project (``git worktree add DIR main``)
 on the same upstream and config, as a fourth target in every round: a before/after comparison measured
 interleaved, each side's CPU ratio taken against the relay of the same round. With ``--paired`` the two
@@ -47,6 +54,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,12 +354,12 @@ def ttfb_probe(port: int, body: dict, n: int) -> float:
     return samples[len(samples) // 2]
 
 
-def ratio_of(rounds: list[dict], target: str, floor: str = "relay") -> dict | None:
+def ratio_of(rounds: list[dict], target: str, floor: str = "relay", digits: int = 2) -> dict | None:
     """The per-round CPU ratio ``target`` / ``floor``: median, lowest, highest."""
     ratios = [r[target]["cpu_ms_per_request"] / r[floor]["cpu_ms_per_request"]
               for r in rounds if r[floor]["cpu_ms_per_request"] > 0]
-    return {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
-            "max": round(max(ratios), 2)} if ratios else None
+    return {"median": round(statistics.median(ratios), digits), "min": round(min(ratios), digits),
+            "max": round(max(ratios), digits)} if ratios else None
 
 
 def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
@@ -368,6 +376,9 @@ def summarize(rounds: list[dict], targets: tuple = TARGETS) -> dict:
     if "baseline" in targets:
         out["baseline_cpu_ratio"] = ratio_of(rounds, "baseline")
         out["vs_baseline"] = ratio_of(rounds, "gateway", "baseline")
+    if "managed" in targets:
+        out["managed_cpu_ratio"] = ratio_of(rounds, "managed")
+        out["managed_vs_static"] = ratio_of(rounds, "managed", "gateway", 3)
     out["rps_ratio"] = round(statistics.median(rps_ratios), 2) if rps_ratios else None
     return out
 
@@ -404,7 +415,16 @@ def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = F
                 how = " (the two loaded at the same time)" if paired else ""
                 print(f"  Runestone CPU / baseline CPU, per round{how}: {v['median']:.2f}x "
                       f"({v['min']:.2f}-{v['max']:.2f})")
-        targets = [t for t in (*TARGETS, "baseline") if t in case]
+        if "managed" in case:
+            m = case["managed"]
+            print(f"{'  managed key':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {m['rps']:>15.0f} "
+                  f"{m['cpu_ms_per_request']:>6.3f}ms {m['p50_ms']:>5.2f}ms {m['p99_ms']:>5.2f}ms | "
+                  f"{_ratio_text(case['managed_cpu_ratio'], False):>16}")
+            v = case["managed_vs_static"]
+            if v:
+                print(f"  managed key CPU / static key CPU, per round: {(v['median'] - 1) * 100:+.1f}% "
+                      f"({(v['min'] - 1) * 100:+.1f}% to {(v['max'] - 1) * 100:+.1f}%)")
+        targets = [t for t in (*TARGETS, "baseline", "managed") if t in case]
         errors = {t: case[t]["errors"] for t in targets if case[t]["errors"] or case[t]["socket_errors"]}
         if errors:
             print(f"  errors in {case['case']}: " + ", ".join(
@@ -430,10 +450,39 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
 #: is refused (scripts/bench_keys.py --static-limits gives its static key the same).
 LIMITS = "[limits]\nmax_concurrent_per_tenant = 100000\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000000"
 
+ADMIN = "bench-admin"
+BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
+#: A managed key's limits (and its team's, where it has some): the static key's set above (per minute, tokens per
+#: minute, concurrency; none per hour), never refusing, so that what the two keys are compared on is the managed
+#: key's team, budgets and bookkeeping, not a fourth limit (an hourly bucket, checked and charged, cost about half
+#: a point on its own: 2026-12-07). scripts/bench_keys.py and scripts/bench_admission.py use the same.
+KEY_LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
+#: The fake model's price when a managed key is measured (a price of 0 would make every reservation 0).
+PRICING = '[pricing."fake-model"]\ninput_per_mtok = 0.15\noutput_per_mtok = 0.60\n'
+
+
+def admin(port: int, path: str, body: dict) -> dict:
+    """POST ``body`` to the gateway's admin API (``path``) with the benchmark's admin key: the answer."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def managed_key(port: int, team_limits: bool = False) -> str:
+    """Make a managed key on the gateway at ``port``, as issue 15 measures it: in a team with a monthly budget
+    (and, with ``team_limits``, the key's limits too), with a daily budget of its own, its models listed and
+    :data:`KEY_LIMITS`; its secret. Neither budget nor any limit ever refuses the benchmark's load."""
+    team = {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}}
+    admin(port, "/admin/teams", {**team, "limits": KEY_LIMITS} if team_limits else team)
+    return admin(port, "/admin/keys", {"name": "bench", "team": "bench-team", "models": ["fake-model"],
+                                       "budget": {"usd": 1e6, "period": "day"}, "limits": KEY_LIMITS})["secret"]
+
 
 def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_port: int | None = None,
-                 redis_port: int | None = None) -> None:
+                 redis_port: int | None = None, priced: bool = False) -> None:
     cluster = "" if redis_port is None else f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_port}/0"\n'
+    cluster += PRICING if priced else ""
     observe = "" if sink_port is None else textwrap.dedent(f"""
         [log]
         access = true
@@ -447,7 +496,7 @@ def write_config(path: Path, workdir: Path, gw_port: int, fake_port: int, sink_p
         port = {gw_port}
         [auth]
         api_keys = ["{KEY}"]
-        admin_key = "bench-admin"
+        admin_key = "{ADMIN}"
         [data]
         dir = "{workdir / 'data'}"
         [router]
@@ -502,6 +551,10 @@ def main() -> None:
                    help="with --baseline: load the two gateways at the same time in each round (see above)")
     p.add_argument("--observe", action="store_true",
                    help="run the gateway with the access log and OpenTelemetry tracing on (to an OTLP sink)")
+    p.add_argument("--managed-key", action="store_true",
+                   help="also measure the gateway with a managed key (a team with a budget, a budget and limits of "
+                        "its own: issue 15's case) as a fourth target in every round, beside its static key; the "
+                        "fake model is priced (both keys' requests are) so that every reservation is real")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="run the gateway as `serve --workers N` (with a redis-server for [cluster] redis_url when "
                         "N > 1), pinned to cores 0..N-1; CPU is the parent's and its workers' (default: one "
@@ -512,7 +565,11 @@ def main() -> None:
     baseline = checkout(p, args.baseline) if args.baseline else None
     if args.paired and baseline is None:
         p.error("--paired compares the gateway with --baseline DIR: give both")
+    if args.managed_key and args.workers > 1:
+        p.error("--managed-key measures one gateway process: not with --workers N > 1")
     targets = TARGETS + ("baseline",) if baseline is not None else TARGETS
+    if args.managed_key:
+        targets += ("managed",)
 
     relay = find_relay(args.relay)
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-"))
@@ -521,14 +578,14 @@ def main() -> None:
     sink_port = free_port() if args.observe else None
     redis_port = free_port() if args.workers > 1 else None
     config = workdir / "gateway.toml"
-    write_config(config, workdir, gw_port, fake_port, sink_port, redis_port)
+    write_config(config, workdir, gw_port, fake_port, sink_port, redis_port, args.managed_key)
     exe = [sys.executable, "-m", "runestone.cli", "--log-level", "WARNING"]
     print(f"bench: {machine()}; gateway and relay pinned to core 0, upstream and wrk to core 1: {runner.pin}",
           flush=True)
     print(f"bench: relay {relay}; wrk {runner.wrk}; workdir {workdir}", flush=True)
     results: dict = {"machine": machine(), "pinned": runner.pin, "rounds": args.rounds, "seconds": args.seconds,
                      "relay": str(relay), "observe": args.observe, "workers": args.workers,
-                     "paired": args.paired, "cases": []}
+                     "paired": args.paired, "managed_key": args.managed_key, "cases": []}
     try:
         # The fake upstream writes each stream at once (--coalesce): a fast upstream, so that what is measured
         # is the gateway, which still parses and validates every one of the 20 events it relays.
@@ -560,15 +617,22 @@ def main() -> None:
             base_dir = workdir / "baseline"
             base_dir.mkdir()
             base_config = workdir / "baseline.toml"
-            write_config(base_config, base_dir, base_port, fake_port, sink_port)
+            write_config(base_config, base_dir, base_port, fake_port, sink_port, None, args.managed_key)
             bl = runner.spawn([*exe, "serve", "--config", str(base_config)], 0, "baseline.log",
                               **from_checkout(baseline))
             wait_port(base_port, bl)
             servers["baseline"] = (bl.pid, base_port)
             print(f"bench: baseline gateway from {baseline}", flush=True)
-        for _pid, port in servers.values():  # warm up: connection pools, code paths
+        keys = {}
+        if args.managed_key:
+            # The same gateway process, its requests made with the managed key: a target of its own.
+            keys["managed"] = managed_key(gw_port)
+            servers["managed"] = servers["gateway"]
+            print("bench: a managed key (team with a budget; a budget and limits of its own) is the target "
+                  "'managed' on the same gateway", flush=True)
+        for name, (_pid, port) in servers.items():  # warm up: connection pools, code paths
             for body in (CHAT, {**CHAT, "stream": True}):
-                runner.wrk_run(port, body, connections=8, seconds=1)
+                runner.wrk_run(port, body, connections=8, seconds=1, key=keys.get(name))
         for label, stream, conns in (CASES[name] for name in (args.case or CASES)):
             body = {**CHAT, "stream": True} if stream else CHAT
             rounds = []
@@ -585,18 +649,19 @@ def main() -> None:
                         pair = step if i % 2 == 0 else step[::-1]
                         r.update(measured_together(runner, {t: servers[t] for t in pair}, body, conns, args.seconds))
                     else:
-                        r[step] = measured(runner, *servers[step], body, conns, args.seconds)
+                        r[step] = measured(runner, *servers[step], body, conns, args.seconds, keys.get(step))
                 rounds.append(r)
                 print(f"  {label} round {i + 1}: " + "  ".join(
                     f"{t} {r[t]['rps']:.0f} req/s {r[t]['cpu_ms_per_request']:.3f} ms" for t in targets)
                     + "  ratio " + " ".join(
                         f"{r[t]['cpu_ms_per_request'] / max(r['relay']['cpu_ms_per_request'], 1e-9):.2f}"
-                        for t in targets if t in ("gateway", "baseline")), flush=True)
+                        for t in targets if t in ("gateway", "baseline", "managed")), flush=True)
             case = {"case": label, "stream": stream, "connections": conns, **summarize(rounds, targets),
                     "rounds": rounds}
             results["cases"].append(case)
         stream_body = {**CHAT, "stream": True}
-        results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()}
+        results["ttfb_ms"] = {t: round(ttfb_probe(port, stream_body, 300), 3) for t, (_, port) in servers.items()
+                              if t != "managed"}
         # With --workers: the parent's and every worker's peaks, summed.
         gateway_peak = rss_kib(gw.pid, "VmHWM") + sum(rss_kib(c, "VmHWM") for c in children(gw.pid))
         results["peak_rss_mib"] = {"gateway": round(gateway_peak / 1024, 1),

@@ -22,30 +22,16 @@ is one script call).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import textwrap
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
-ADMIN = "bench-admin"
-BIG = 10**9  # limits and budgets that are checked and charged on every request but never refuse
-#: The managed key's limits (and its team's, unless --team-without-limits): the static key's set (scripts/bench's
-#: LIMITS: per minute, tokens per minute, concurrency; none per hour), never refusing. What the two keys are compared
-#: on is the managed key's budgets and bookkeeping, not a fourth limit (an hourly bucket, checked and charged, cost
-#: about half a point on its own: 2026-12-07). scripts/bench_admission.py uses the same.
-LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
-
-
-def admin(port: int, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"authorization": f"Bearer {ADMIN}", "content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+#: The managed key's limits (and its team's, unless --team-without-limits): scripts/bench's, defined there.
+LIMITS = bench.KEY_LIMITS
 
 
 def start_redis(runner: bench.Runner, workdir: Path) -> str:
@@ -72,18 +58,15 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
     config = workdir / f"{name}.toml"
     cluster = f'[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
     cluster += bench.LIMITS + "\n" if static_limits else ""
-    config.write_text(cluster + textwrap.dedent(f"""
+    config.write_text(cluster + bench.PRICING + textwrap.dedent(f"""
         [server]
         host = "127.0.0.1"
         port = {port}
         [auth]
         api_keys = ["{bench.KEY}"]
-        admin_key = "{ADMIN}"
+        admin_key = "{bench.ADMIN}"
         [data]
         dir = "{workdir / (name + '-data')}"
-        [pricing."fake-model"]
-        input_per_mtok = 0.15
-        output_per_mtok = 0.60
         [[providers]]
         name = "upstream"
         type = "openai"
@@ -96,13 +79,10 @@ def start_gateway(runner: bench.Runner, workdir: Path, fake_port: int, name: str
     where = bench.from_checkout(checkout) if checkout is not None else {}
     gw = runner.spawn([*exe, "serve", "--config", str(config)], 0, f"{name}.log", **where)
     bench.wait_port(port, gw)
-    team = {"name": "bench-team", "budget": {"usd": 1e6, "period": "month"}}
-    admin(port, "/admin/teams", {**team, "limits": LIMITS} if team_limits else team)
-    managed = admin(port, "/admin/keys", {"name": "bench", "team": "bench-team", "models": ["fake-model"],
-                                          "budget": {"usd": 1e6, "period": "day"}, "limits": LIMITS})["secret"]
-    admin(port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}})
-    budgets_only = admin(port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
-                                               "budget": {"usd": 1e6, "period": "day"}})["secret"]
+    managed = bench.managed_key(port, team_limits)
+    bench.admin(port, "/admin/teams", {"name": "bench-budget", "budget": {"usd": 1e6, "period": "month"}})
+    budgets_only = bench.admin(port, "/admin/keys", {"name": "budgets only", "team": "bench-budget",
+                                                     "budget": {"usd": 1e6, "period": "day"}})["secret"]
     return gw, port, managed, budgets_only
 
 
