@@ -23,8 +23,8 @@ soak also by count; all traffic is on 127.0.0.1.
 
 ``--managed-key`` adds a fourth target in every round: the same gateway process, loaded with a managed key (in a
 team with a monthly budget; a daily budget, its model listed and the static key's set of limits of its own: issue
-15's "key that has a team, a budget and limits"), measured back to back with its static key in the round's rotating
-order; the table shows its CPU per request beside the static key's and the relay's, and the per-round ratio of
+15's "key that has a team, a budget and limits"), measured right after or right before its static key (in turns, round by
+round); the table shows its CPU per request beside the static key's and the relay's, and the per-round ratio of
 the two keys. The fake model is priced for both keys then (0.15 and 0.60 USD per million tokens), so that each
 reservation and settlement is a real amount.
 
@@ -565,8 +565,9 @@ def main() -> None:
     baseline = checkout(p, args.baseline) if args.baseline else None
     if args.paired and baseline is None:
         p.error("--paired compares the gateway with --baseline DIR: give both")
-    if args.managed_key and args.workers > 1:
-        p.error("--managed-key measures one gateway process: not with --workers N > 1")
+    if args.managed_key and (args.workers > 1 or args.paired):
+        p.error("--managed-key measures one gateway process, its two keys back to back: not with --workers N > 1 "
+                "or --paired")
     targets = TARGETS + ("baseline",) if baseline is not None else TARGETS
     if args.managed_key:
         targets += ("managed",)
@@ -640,11 +641,18 @@ def main() -> None:
                 # With --paired, the two gateways are one step of the round, loaded together.
                 steps: list = list(targets)
                 if args.paired:
-                    steps = [t for t in targets if t not in ("gateway", "baseline")] + [("gateway", "baseline")]
+                    steps = [t for t in steps if t not in ("gateway", "baseline")] + [("gateway", "baseline")]
+                if args.managed_key:
+                    # The gateway's two keys back to back (a list: one after the other, in turns), so that
+                    # their ratio is taken over the shortest stretch of the machine's drift.
+                    steps = [t for t in steps if t not in ("gateway", "managed")] + [["gateway", "managed"]]
                 k = i % len(steps)
                 r = {}
                 for step in steps[k:] + steps[:k]:
-                    if isinstance(step, tuple):
+                    if isinstance(step, list):
+                        for t in step if i % 2 == 0 else step[::-1]:
+                            r[t] = measured(runner, *servers[t], body, conns, args.seconds, keys.get(t))
+                    elif isinstance(step, tuple):
                         # Their wrk runs start in turn, one then the other first, round by round.
                         pair = step if i % 2 == 0 else step[::-1]
                         r.update(measured_together(runner, {t: servers[t] for t in pair}, body, conns, args.seconds))
