@@ -23,8 +23,8 @@ soak also by count; all traffic is on 127.0.0.1.
 
 ``--managed-key`` adds a fourth target in every round: the same gateway process, loaded with a managed key (in a
 team with a monthly budget; a daily budget, its model listed and the static key's set of limits of its own: issue
-15's "key that has a team, a budget and limits"), measured right after or right before its static key (in turns, round by
-round); the table shows its CPU per request beside the static key's and the relay's, and the per-round ratio of
+15's "key that has a team, a budget and limits"), measured right after or right before its static key (in turns,
+round by round); the table shows its CPU per request beside the static key's and the relay's, and the per-round ratio of
 the two keys. The fake model is priced for both keys then (0.15 and 0.60 USD per million tokens), so that each
 reservation and settlement is a real amount.
 
@@ -389,6 +389,12 @@ def _ratio_text(ratio: dict | None, paired: bool) -> str:
     return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else "n/a"
 
 
+def _side_row(label: str, run: dict, ratio_text: str) -> None:
+    """A row under a case's for another gateway target (the baseline, the managed key): its own columns only."""
+    print(f"{'  ' + label:<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {run['rps']:>15.0f} "
+          f"{run['cpu_ms_per_request']:>6.3f}ms {run['p50_ms']:>5.2f}ms {run['p99_ms']:>5.2f}ms | {ratio_text:>16}")
+
+
 def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = False) -> None:
     print(f"\nmedians of {rounds} interleaved rounds of {math.ceil(seconds)} s per target; CPU = server process "
           "CPU per request; ratio = Runestone / relay, per round: median (lowest-highest)\n")
@@ -406,20 +412,14 @@ def print_table(cases: list[dict], rounds: int, seconds: float, paired: bool = F
               f"{r['cpu_ms_per_request']:>6.3f}ms | {g['rps']:>15.0f} {g['cpu_ms_per_request']:>6.3f}ms "
               f"{g['p50_ms']:>5.2f}ms {g['p99_ms']:>5.2f}ms | {ratio_text:>16} {case['rps_ratio'] or 0:>10.2f}x")
         if "baseline" in case:
-            b = case["baseline"]
-            ratio_text = _ratio_text(case["baseline_cpu_ratio"], paired)
-            print(f"{'  baseline':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {b['rps']:>15.0f} "
-                  f"{b['cpu_ms_per_request']:>6.3f}ms {b['p50_ms']:>5.2f}ms {b['p99_ms']:>5.2f}ms | {ratio_text:>16}")
+            _side_row("baseline", case["baseline"], _ratio_text(case["baseline_cpu_ratio"], paired))
             v = case["vs_baseline"]
             if v:
                 how = " (the two loaded at the same time)" if paired else ""
                 print(f"  Runestone CPU / baseline CPU, per round{how}: {v['median']:.2f}x "
                       f"({v['min']:.2f}-{v['max']:.2f})")
         if "managed" in case:
-            m = case["managed"]
-            print(f"{'  managed key':<24} | {'':>12} {'':>7} | {'':>11} {'':>8} | {m['rps']:>15.0f} "
-                  f"{m['cpu_ms_per_request']:>6.3f}ms {m['p50_ms']:>5.2f}ms {m['p99_ms']:>5.2f}ms | "
-                  f"{_ratio_text(case['managed_cpu_ratio'], False):>16}")
+            _side_row("managed key", case["managed"], _ratio_text(case["managed_cpu_ratio"], False))
             v = case["managed_vs_static"]
             if v:
                 print(f"  managed key CPU / static key CPU, per round: {(v['median'] - 1) * 100:+.1f}% "
@@ -457,8 +457,10 @@ BIG = 10**9  # limits and budgets that are checked and charged on every request 
 #: key's team, budgets and bookkeeping, not a fourth limit (an hourly bucket, checked and charged, cost about half
 #: a point on its own: 2026-12-07). scripts/bench_keys.py and scripts/bench_admission.py use the same.
 KEY_LIMITS = {"rpm": BIG, "tpm": BIG, "max_concurrent": 100_000}
-#: The fake model's price when a managed key is measured (a price of 0 would make every reservation 0).
-PRICING = '[pricing."fake-model"]\ninput_per_mtok = 0.15\noutput_per_mtok = 0.60\n'
+#: The fake model's price when a managed key is measured (a price of 0 would make every reservation 0), and as
+#: the configuration's table; scripts/bench_admission.py prices its requests with the same.
+FAKE_PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.60}
+PRICING = '[pricing."fake-model"]\n' + "".join(f"{k} = {v}\n" for k, v in FAKE_PRICE.items())
 
 
 def admin(port: int, path: str, body: dict) -> dict:

@@ -31,10 +31,10 @@ from runestone.governance import Governance, KeyStore, SpendJournal  # noqa: E40
 from runestone.routing.executor import ModelRequest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BIG, KEY_LIMITS as LIMITS  # noqa: E402 - the managed key's limits, as scripts/bench's
+from bench import BIG, FAKE_PRICE, KEY_LIMITS as LIMITS  # noqa: E402 - the managed key's, as scripts/bench's
 
 MODEL = "fake-model"
-PRICING = {MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.60}}  # scripts/bench_keys.py's
+PRICING = {MODEL: FAKE_PRICE}
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello benchmark"}], "max_tokens": 64}
 STATIC_KEY = "bench-key"
 

@@ -30,9 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
-#: The managed key's limits (and its team's, unless --team-without-limits): scripts/bench's, defined there.
-LIMITS = bench.KEY_LIMITS
-
 
 def start_redis(runner: bench.Runner, workdir: Path) -> str:
     """A redis-server of the benchmark's own (core 1, nothing saved): its URL."""
